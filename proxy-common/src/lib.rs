@@ -1,0 +1,127 @@
+//! Types shared by the eBPF programs (kernel) and the daemon (user space).
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields, so the bytes the kernel hashes
+//! for a key are exactly the bytes user space builds: an implicit padding byte with garbage
+//! in it would make lookups miss.
+#![no_std]
+
+/// Port of the per-pod outbound listener when nothing else is configured.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+
+/// How deep below the cgroup2 root the connect4 program looks for an enrolled ancestor.
+/// kubelet's deepest layout is `kubepods.slice/kubepods-<qos>.slice/<pod>.slice/<container>`;
+/// the slack covers a test or nested root above it.
+pub const MAX_CGROUP_DEPTH: i32 = 12;
+
+/// Map names, shared so user space never spells them differently from the programs.
+pub mod maps {
+    /// cgroup id → [`super::Enrolment`].
+    pub const ENROLLED: &str = "PD_ENROLLED";
+    /// socket cookie of a redirected client socket → [`super::OrigDst`].
+    pub const SOCK_ORIG_DST: &str = "PD_SOCK_DST";
+    /// [`super::ClientKey`] (as the accepting side sees it) → [`super::OrigDst`].
+    pub const CLIENT_ORIG_DST: &str = "PD_CLIENT_DST";
+    /// per-CPU counters indexed by [`super::CaptureStat`].
+    pub const CAPTURE_STATS: &str = "PD_STATS";
+    /// Every map the daemon pins, in one place for cleanup.
+    pub const ALL: [&str; 4] = [ENROLLED, SOCK_ORIG_DST, CLIENT_ORIG_DST, CAPTURE_STATS];
+}
+
+/// Program names (the Rust function names in proxy-ebpf).
+pub mod programs {
+    pub const CONNECT4: &str = "pd_connect4";
+    pub const SOCK_OPS: &str = "pd_sock_ops";
+    pub const GETPEERNAME4: &str = "pd_getpeername4";
+}
+
+/// Capacity of the enrolment map (pods per node; kubelet's default limit is 110).
+pub const MAX_ENROLLED: u32 = 4096;
+/// Capacity of each original-destination map (concurrent redirected connections).
+pub const MAX_TRACKED_CONNECTIONS: u32 = 262_144;
+
+/// What the kernel does when an enrolled pod's listener is gone.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailMode {
+    /// connect directly to the original destination
+    Open = 0,
+    /// refuse the connect (EPERM), at once
+    Closed = 1,
+}
+
+/// Enrolment of one pod: value of [`maps::ENROLLED`], keyed by the pod cgroup's id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enrolment {
+    /// Cookie of the pod's network namespace; connects from another netns are left alone.
+    pub netns_cookie: u64,
+    /// Daemon-assigned pod number (diagnostics only).
+    pub pod_id: u32,
+    /// Port of the daemon's listener on 127.0.0.1 inside the pod netns (host order).
+    pub listener_port: u16,
+    /// [`FailMode`] as u8.
+    pub fail_mode: u8,
+    pub _pad: u8,
+}
+
+/// Where a redirected connection was going, and who opened it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Cookie of the client's network namespace.
+    pub netns_cookie: u64,
+    /// The enrolled (pod) cgroup the connecting task belongs to.
+    pub cgroup_id: u64,
+    /// Original IPv4 destination, network byte order.
+    pub ip4_be: u32,
+    /// Original destination port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key by which the accepting side finds a connection's [`OrigDst`]: the listener's netns
+/// plus the client's ephemeral port. Two pods may use the same port at once; their netns
+/// cookies differ, so they never collide.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub netns_cookie: u64,
+    /// Client (local) port of the redirected socket, host byte order.
+    pub client_port: u16,
+    pub _pad: [u8; 6],
+}
+
+impl ClientKey {
+    pub const fn new(netns_cookie: u64, client_port: u16) -> Self {
+        Self {
+            netns_cookie,
+            client_port,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// Indexes of [`maps::CAPTURE_STATS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureStat {
+    /// Rewritten to the pod's listener.
+    Redirected = 0,
+    /// Listener absent, namespace fail-open: connected directly.
+    BypassFailOpen = 1,
+    /// Listener absent, namespace fail-closed: connect refused.
+    RefusedFailClosed = 2,
+    /// Task in an enrolled cgroup but another netns (e.g. host network): left alone.
+    NetnsMismatch = 3,
+}
+
+/// Number of [`CaptureStat`] slots.
+pub const CAPTURE_STAT_SLOTS: u32 = 4;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all are #[repr(C)], Copy, built only of integers, with padding spelled out.
+    unsafe impl aya::Pod for super::Enrolment {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ClientKey {}
+}

@@ -1,0 +1,162 @@
+//! The three small HTTP endpoints (SPEC.md): admin (config_dump, logging, quitquitquit),
+//! metrics (Prometheus text) and health (readiness). Handlers are synchronous: each
+//! answers from in-memory state and never waits on the data path.
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming, header, server::conn::http1, service::service_fn, Method, Request, Response,
+    StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::{metrics::Metrics, readiness::Ready, telemetry::LogControl};
+
+type Body = Full<Bytes>;
+pub type Handler = Arc<dyn Fn(&Method, &str, Option<&str>) -> Response<Body> + Send + Sync>;
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    if let Ok(v) = header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn not_found() -> Response<Body> {
+    respond(StatusCode::NOT_FOUND, "text/plain", "not found\n")
+}
+
+/// Serves `handler` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, handler: Handler) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let handler = handler.clone();
+                async move {
+                    let resp = handler(req.method(), req.uri().path(), req.uri().query());
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "admin connection");
+            }
+        });
+    }
+}
+
+/// A named section of /config_dump, produced on demand (ztunnel's config_dump handlers).
+pub type DumpSection = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+#[derive(Default)]
+pub struct ConfigDump {
+    sections: Vec<(&'static str, DumpSection)>,
+}
+
+impl ConfigDump {
+    pub fn add(&mut self, name: &'static str, section: DumpSection) {
+        self.sections.push((name, section));
+    }
+
+    pub fn render(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        for (name, section) in &self.sections {
+            map.insert((*name).to_string(), section());
+        }
+        serde_json::Value::Object(map)
+    }
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+pub fn admin_handler(
+    dump: Arc<ConfigDump>,
+    logs: LogControl,
+    quit: tokio::sync::watch::Sender<bool>,
+) -> Handler {
+    Arc::new(move |method, path, query| match (method, path) {
+        (&Method::GET, "/config_dump") => {
+            let body = serde_json::to_vec_pretty(&dump.render()).unwrap_or_default();
+            respond(StatusCode::OK, "application/json", body)
+        }
+        (_, "/logging") => match query_param(query, "level") {
+            Some(level) => {
+                let level = level.replace("%3D", "=").replace("%2C", ",");
+                match logs.set_filter(&level) {
+                    Ok(()) => {
+                        info!(filter = %level, "log filter changed");
+                        respond(
+                            StatusCode::OK,
+                            "text/plain",
+                            format!("log filter: {level}\n"),
+                        )
+                    }
+                    Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+                }
+            }
+            None => respond(
+                StatusCode::OK,
+                "text/plain",
+                format!("log filter: {}\n", logs.current()),
+            ),
+        },
+        (&Method::POST, "/quitquitquit") => {
+            let _ = quit.send(true);
+            respond(StatusCode::OK, "text/plain", "draining\n")
+        }
+        (_, "/quitquitquit") => respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n"),
+        _ => not_found(),
+    })
+}
+
+pub fn metrics_handler(
+    metrics: Arc<Metrics>,
+    before_scrape: Arc<dyn Fn() + Send + Sync>,
+) -> Handler {
+    Arc::new(move |_, path, _| match path {
+        "/metrics" | "/stats/prometheus" => {
+            before_scrape();
+            respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.encode(),
+            )
+        }
+        _ => not_found(),
+    })
+}
+
+pub fn health_handler(ready: Ready) -> Handler {
+    Arc::new(move |_, path, _| match path {
+        "/healthz/ready" => {
+            let pending = ready.pending();
+            if pending.is_empty() {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {}\n", pending.join(", ")),
+                )
+            }
+        }
+        _ => not_found(),
+    })
+}

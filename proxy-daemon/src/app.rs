@@ -1,0 +1,458 @@
+//! Wiring, in one place: preflight checks, config source, eBPF, enrolment, data path,
+//! endpoints, and the shutdown order (drain, then detach).
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, ConfigDump},
+    bpf, cgroup,
+    cli::{FailModeArg, RunArgs},
+    config::{local, ConfigError},
+    enrol::Enroller,
+    metrics::Metrics,
+    proxy::ProxyInputs,
+    readiness::Ready,
+    state::{self, CaptureSettings, Published},
+    telemetry::{self, LogControl},
+};
+use proxy_common::FailMode;
+
+const CONFIG_POLL: Duration = Duration::from_millis(250);
+
+/// Startup problems the operator must fix (exit 2) versus failures at run time (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Startup(String),
+    #[error("{0}")]
+    Runtime(#[from] anyhow::Error),
+}
+
+pub fn main(args: RunArgs) -> ExitCode {
+    let logs = match telemetry::init(args.log_format, &args.log_level) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("proxy-daemon: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("proxy-daemon: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args, logs)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(AppError::Startup(msg)) => {
+            eprintln!("proxy-daemon: {msg}");
+            ExitCode::from(2)
+        }
+        Err(AppError::Runtime(e)) => {
+            eprintln!("proxy-daemon: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The settings `run` works with, after defaults are resolved.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Settings {
+    pub config_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub capture: CaptureSettings,
+    pub outbound_port: u16,
+    pub outbound_traffic_policy: crate::cli::OutboundTrafficPolicyArg,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    pub bpf_pin_dir: PathBuf,
+    pub drain_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+fn startup(msg: impl Into<String>) -> AppError {
+    AppError::Startup(msg.into())
+}
+
+fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(startup(
+            "must run as root (needs CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run with sudo, or as the privileged DaemonSet",
+        ));
+    }
+    let config_dir = match (&args.config_dir, args.kubernetes) {
+        (Some(dir), _) => dir.clone(),
+        (None, true) => return Err(startup(
+            "--kubernetes: cluster mode is not available in this build yet; use --config-dir DIR",
+        )),
+        (None, false) => {
+            return Err(startup(
+                "one of --config-dir DIR or --kubernetes is required",
+            ))
+        }
+    };
+    match std::fs::read_dir(&config_dir) {
+        Ok(_) => {}
+        Err(e) => {
+            return Err(startup(format!(
+                "config dir {}: {e} (create it or point --config-dir at your YAML)",
+                config_dir.display()
+            )))
+        }
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(startup(
+            "kernel has no BTF (/sys/kernel/btf/vmlinux missing): use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        ));
+    }
+    let cgroup_root = match &args.cgroup_root {
+        Some(root) => root.clone(),
+        None => cgroup::cgroup2_mount().map_err(|e| {
+            startup(format!(
+                "{e}: mount one (mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup-root"
+            ))
+        })?,
+    };
+    cgroup::check_cgroup2_dir(&cgroup_root).map_err(|e| startup(format!("--cgroup-root: {e}")))?;
+    let (label_key, label_value) = args
+        .capture_label
+        .split_once('=')
+        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        .ok_or_else(|| {
+            startup(format!(
+                "--capture-label {:?}: expected KEY=VALUE",
+                args.capture_label
+            ))
+        })?;
+    let node_name = args
+        .node_name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_default();
+    Ok(Settings {
+        config_dir,
+        cgroup_root,
+        capture: CaptureSettings {
+            label_key: label_key.to_string(),
+            label_value: label_value.to_string(),
+            node_name,
+            default_fail_mode: match args.fail_mode {
+                FailModeArg::Open => FailMode::Open,
+                FailModeArg::Closed => FailMode::Closed,
+            },
+        },
+        outbound_port: args.outbound_port,
+        outbound_traffic_policy: args.outbound_traffic_policy,
+        admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        health_addr: args.health_addr,
+        bpf_pin_dir: args.bpf_pin_dir.clone(),
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+    })
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        startup(format!(
+            "{flag} {addr}: {e} (is another proxy-daemon running? pick another address)"
+        ))
+    })
+}
+
+/// State of the configuration source, for /config_dump and metrics.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ConfigStatus {
+    pub generation: u64,
+    pub last_success_unix_ms: u128,
+    pub last_error: Vec<String>,
+    pub last_error_unix_ms: Option<u128>,
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Loads and compiles the config dir; on any problem the caller keeps what it had.
+fn load_config(
+    settings: &Settings,
+    published: &Published,
+) -> Result<state::Snapshot, Vec<ConfigError>> {
+    let loaded = local::load_path(&settings.config_dir);
+    if !loaded.errors.is_empty() {
+        return Err(loaded.errors);
+    }
+    state::compile(
+        &loaded.objects,
+        &settings.capture,
+        published.next_generation(),
+    )
+}
+
+/// Watches the config dir and publishes each good snapshot; a bad one is reported and the
+/// last good one keeps serving.
+async fn watch_config(
+    settings: Arc<Settings>,
+    published: Arc<Published>,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<ConfigStatus>>,
+) {
+    let mut loaded_print = local::fingerprint(&settings.config_dir);
+    let mut last_seen = loaded_print.clone();
+    loop {
+        tokio::time::sleep(CONFIG_POLL).await;
+        let print = local::fingerprint(&settings.config_dir);
+        // Debounce: act once the directory has stopped changing for one poll interval.
+        let stable = print == last_seen;
+        last_seen = print.clone();
+        if !stable || print == loaded_print {
+            continue;
+        }
+        loaded_print = print;
+        let started = Instant::now();
+        match load_config(&settings, &published) {
+            Ok(snap) => {
+                let generation = snap.generation;
+                published.store(snap);
+                metrics.daemon.config_reloads.inc();
+                metrics
+                    .daemon
+                    .config_last_success
+                    .set((now_ms() / 1000) as i64);
+                let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+                st.generation = generation;
+                st.last_success_unix_ms = now_ms();
+                st.last_error.clear();
+                info!(
+                    generation,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "configuration reloaded"
+                );
+            }
+            Err(errors) => {
+                metrics.daemon.config_errors.inc();
+                for e in &errors {
+                    error!("{e}");
+                }
+                warn!(
+                    problems = errors.len(),
+                    "configuration rejected; keeping the last good one"
+                );
+                let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+                st.last_error = errors.iter().map(ToString::to_string).collect();
+                st.last_error_unix_ms = Some(now_ms());
+            }
+        }
+    }
+}
+
+async fn drain_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+async fn shutdown_signal(mut quit: watch::Receiver<bool>) -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        let _ = quit.changed().await;
+        return "quitquitquit";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = quit.changed() => "quitquitquit",
+    }
+}
+
+pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
+    let settings = Arc::new(preflight(&args)?);
+    let ready = Ready::new();
+    let startup_block = ready.register_task("startup");
+
+    let admin_listener = bind(settings.admin_addr, "--admin-addr").await?;
+    let metrics_listener = bind(settings.metrics_addr, "--metrics-addr").await?;
+    let health_listener = bind(settings.health_addr, "--health-addr").await?;
+
+    let metrics = Arc::new(Metrics::new());
+    let published = Arc::new(Published::new());
+    let config_status = Arc::new(Mutex::new(ConfigStatus::default()));
+    match load_config(&settings, &published) {
+        Ok(snap) => {
+            let mut st = config_status.lock().unwrap_or_else(|p| p.into_inner());
+            st.generation = snap.generation;
+            st.last_success_unix_ms = now_ms();
+            published.store(snap);
+            metrics.daemon.config_reloads.inc();
+            metrics
+                .daemon
+                .config_last_success
+                .set((now_ms() / 1000) as i64);
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            return Err(startup(format!(
+                "configuration in {} has {} problem(s) (listed above)",
+                settings.config_dir.display(),
+                errors.len()
+            )));
+        }
+    }
+
+    let loaded = bpf::load_and_attach(&settings.cgroup_root, &settings.bpf_pin_dir)
+        .map_err(|e| AppError::Runtime(anyhow::anyhow!("attaching eBPF programs: {e}")))?;
+    let bpf::Loaded {
+        attached,
+        enrolment,
+        logger,
+    } = loaded;
+    if let Some(logger) = logger {
+        tokio::spawn(drain_ebpf_logs(logger));
+    }
+    let inputs = Arc::new(ProxyInputs {
+        orig_dst: attached
+            .orig_dst_table()
+            .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?,
+        metrics: metrics.clone(),
+        connect_timeout: settings.connect_timeout,
+    });
+    let enroller = Enroller::new(
+        settings.cgroup_root.clone(),
+        settings.outbound_port,
+        enrolment,
+        published.clone(),
+        inputs.clone(),
+        ready.clone(),
+    );
+    let workload_status = enroller.status();
+
+    let mut dump = ConfigDump::default();
+    {
+        let s = settings.clone();
+        dump.add(
+            "settings",
+            Box::new(move || serde_json::to_value(&*s).unwrap_or_default()),
+        );
+        let info = attached.info.clone();
+        dump.add(
+            "ebpf",
+            Box::new(move || serde_json::to_value(&info).unwrap_or_default()),
+        );
+        let ws = workload_status.clone();
+        dump.add(
+            "workloads",
+            Box::new(move || serde_json::to_value(&**ws.load()).unwrap_or_default()),
+        );
+        let p = published.clone();
+        dump.add(
+            "snapshot",
+            Box::new(move || serde_json::to_value(&*p.load()).unwrap_or_default()),
+        );
+        let cs = config_status.clone();
+        dump.add(
+            "config",
+            Box::new(move || {
+                serde_json::to_value(&*cs.lock().unwrap_or_else(|p| p.into_inner()))
+                    .unwrap_or_default()
+            }),
+        );
+        let r = ready.clone();
+        dump.add(
+            "readiness",
+            Box::new(move || serde_json::json!({ "pending": r.pending() })),
+        );
+    }
+    let (quit_tx, quit_rx) = watch::channel(false);
+    let servers = [
+        tokio::spawn(admin::serve(
+            admin_listener,
+            admin::admin_handler(Arc::new(dump), logs, quit_tx),
+        )),
+        tokio::spawn(admin::serve(
+            metrics_listener,
+            admin::metrics_handler(metrics.clone(), Arc::new(|| {})),
+        )),
+        tokio::spawn(admin::serve(
+            health_listener,
+            admin::health_handler(ready.clone()),
+        )),
+    ];
+    let watcher = tokio::spawn(watch_config(
+        settings.clone(),
+        published.clone(),
+        metrics.clone(),
+        config_status.clone(),
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let enroller_task = tokio::spawn(enroller.run(stop_rx));
+    drop(startup_block);
+    info!(
+        config_dir = %settings.config_dir.display(),
+        cgroup_root = %settings.cgroup_root.display(),
+        node = %settings.capture.node_name,
+        "proxy-daemon running"
+    );
+
+    let why = shutdown_signal(quit_rx).await;
+    info!(
+        signal = why,
+        "shutting down: closing listeners, draining connections"
+    );
+    watcher.abort();
+    let _ = stop_tx.send(true);
+    let maps = enroller_task.await.ok();
+    let deadline = Instant::now() + settings.drain_timeout;
+    while metrics.daemon.active_connections.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let left = metrics.daemon.active_connections.get();
+    if left > 0 {
+        warn!(
+            connections = left,
+            "drain timeout: closing remaining connections"
+        );
+    }
+    drop(maps);
+    attached.detach();
+    for s in servers {
+        s.abort();
+    }
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! Loading, attaching, pinning and detaching the eBPF programs; typed handles on their maps.
+//! This is the only module that names an eBPF map or program.
+//!
+//! Links and maps are pinned under `--bpf-pin-dir`, so capture outlives the daemon: after a
+//! crash, fail-closed pods stay refused and fail-open pods go direct (the programs check
+//! the listener per connect). A restarted daemon reuses the pinned maps, attaches its new
+//! links first and only then drops the old ones, so no connect slips through in between.
+use std::{
+    fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+// bpf_link_create on a cgroup takes no attach flags: a link never replaces another, so
+// "Single" (flags 0) is the right mode even though several daemons may attach side by side.
+use aya::{
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use proxy_common::{maps, programs, CaptureStat, ClientKey, Enrolment, OrigDst};
+use tracing::{info, warn};
+
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("bpffs: {0}")]
+    Bpffs(String),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("program or map {0} missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pinning {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+}
+
+/// Counters of what the connect4 program decided, summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct CaptureCounts {
+    pub redirected: u64,
+    pub bypass_fail_open: u64,
+    pub refused_fail_closed: u64,
+    pub netns_mismatch: u64,
+}
+
+/// Ids of what is loaded, for /config_dump.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadedInfo {
+    pub pin_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub programs: Vec<(String, u32)>,
+    pub adopted_previous: bool,
+}
+
+/// What `load_and_attach` gives: the attachment (owned by the app, detached at shutdown),
+/// the enrolment maps (owned by the enroller) and the eBPF log reader.
+pub struct Loaded {
+    pub attached: Attached,
+    pub enrolment: EnrolmentMaps,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// The attached programs and their pinned links.
+pub struct Attached {
+    _ebpf: Ebpf,
+    links: Vec<(PathBuf, PinnedLink)>,
+    pub info: LoadedInfo,
+}
+
+/// Handles the enrolment side writes through (one owner).
+pub struct EnrolmentMaps {
+    enrolled: HashMap<MapData, u64, Enrolment>,
+    client_dst: HashMap<MapData, ClientKey, OrigDst>,
+    sock_dst: HashMap<MapData, u64, OrigDst>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// Read-only handle the data path uses to find a connection's original destination.
+pub struct OrigDstTable {
+    map: HashMap<MapData, ClientKey, OrigDst>,
+}
+
+impl OrigDstTable {
+    pub fn get(&self, key: &ClientKey) -> Option<OrigDst> {
+        self.map.get(key, 0).ok()
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
+    move |source| BpfError::Map { name, source }
+}
+
+fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, BpfError> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
+impl Attached {
+    /// A second, independent handle on the original-destination map for the data path.
+    pub fn orig_dst_table(&self) -> Result<OrigDstTable, BpfError> {
+        let name = maps::CLIENT_ORIG_DST;
+        let map = open_pinned(&self.info.pin_dir, name)?;
+        Ok(OrigDstTable {
+            map: HashMap::try_from(map).map_err(map_err(name))?,
+        })
+    }
+
+    /// Detaches the programs and removes every pin: pods connect directly from now on.
+    pub fn detach(self) {
+        for (path, link) in self.links {
+            match link.unpin() {
+                Ok(fd_link) => drop(fd_link),
+                Err(e) => warn!(path = %path.display(), error = %e, "unpinning link"),
+            }
+        }
+        for name in maps::ALL {
+            let _ = fs::remove_file(self.info.pin_dir.join(name));
+        }
+        let _ = fs::remove_dir(&self.info.pin_dir);
+        info!("eBPF programs detached");
+    }
+}
+
+impl EnrolmentMaps {
+    pub fn enrol(&mut self, cgroup_id: u64, enrolment: Enrolment) -> Result<(), BpfError> {
+        self.enrolled
+            .insert(cgroup_id, enrolment, 0)
+            .map_err(map_err(maps::ENROLLED))
+    }
+
+    pub fn unenrol(&mut self, cgroup_id: u64) {
+        let _ = self.enrolled.remove(&cgroup_id);
+    }
+
+    pub fn enrolled(&self) -> Vec<(u64, Enrolment)> {
+        self.enrolled.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Drops the connection entries of a network namespace (its pod is gone).
+    pub fn forget_netns(&mut self, netns_cookie: u64) -> usize {
+        let client_keys: Vec<ClientKey> = self
+            .client_dst
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.netns_cookie == netns_cookie)
+            .map(|(k, _)| k)
+            .collect();
+        let sock_keys: Vec<u64> = self
+            .sock_dst
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.netns_cookie == netns_cookie)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &client_keys {
+            let _ = self.client_dst.remove(k);
+        }
+        for k in &sock_keys {
+            let _ = self.sock_dst.remove(k);
+        }
+        client_keys.len() + sock_keys.len()
+    }
+
+    /// Entries per map, for metrics and /config_dump.
+    pub fn entry_counts(&self) -> [(&'static str, usize); 3] {
+        [
+            (maps::ENROLLED, self.enrolled.keys().count()),
+            (maps::SOCK_ORIG_DST, self.sock_dst.keys().count()),
+            (maps::CLIENT_ORIG_DST, self.client_dst.keys().count()),
+        ]
+    }
+
+    pub fn capture_counts(&self) -> CaptureCounts {
+        let sum = |stat: CaptureStat| -> u64 {
+            self.stats
+                .get(&(stat as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        CaptureCounts {
+            redirected: sum(CaptureStat::Redirected),
+            bypass_fail_open: sum(CaptureStat::BypassFailOpen),
+            refused_fail_closed: sum(CaptureStat::RefusedFailClosed),
+            netns_mismatch: sum(CaptureStat::NetnsMismatch),
+        }
+    }
+}
+
+/// Makes sure `pin_dir` sits on a bpffs, mounting /sys/fs/bpf when it is not one yet.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    let mount_point = Path::new(BPFFS_MOUNT);
+    if pin_dir.starts_with(mount_point) && !is_bpffs(mount_point) {
+        fs::create_dir_all(mount_point).map_err(|e| BpfError::Bpffs(e.to_string()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            mount_point,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| BpfError::Bpffs(format!("mount -t bpf bpf {BPFFS_MOUNT}: {e}")))?;
+        info!("mounted bpffs at {BPFFS_MOUNT}");
+    }
+    fs::create_dir_all(pin_dir)
+        .map_err(|e| BpfError::Bpffs(format!("creating {}: {e}", pin_dir.display())))?;
+    if !is_bpffs(pin_dir) {
+        return Err(BpfError::Bpffs(format!(
+            "{} is not on a bpf filesystem (mount -t bpf bpf <dir>)",
+            pin_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn load_object(pin_dir: &Path) -> Result<Ebpf, BpfError> {
+    let load = || {
+        EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(PROGRAM_OBJECT)
+    };
+    match load() {
+        Ok(ebpf) => Ok(ebpf),
+        Err(first) => {
+            // Maps pinned by an older build may have another layout; they are only reusable
+            // if compatible. Drop the stale pins (programs still attached keep their own
+            // copies alive) and load fresh.
+            warn!(error = %first, "loading with pinned maps failed; replacing stale map pins");
+            for name in maps::ALL {
+                let _ = fs::remove_file(pin_dir.join(name));
+            }
+            Ok(load()?)
+        }
+    }
+}
+
+/// Attaches `link` and replaces whatever link an earlier daemon pinned at `path`: new one
+/// first, old one after, so capture never has a gap.
+fn pin_replacing(fd_link: FdLink, path: &Path) -> Result<(PinnedLink, bool), BpfError> {
+    let mut adopted = false;
+    if path.exists() {
+        match PinnedLink::from_pin(path) {
+            Ok(old) => {
+                adopted = true;
+                if let Ok(old) = old.unpin() {
+                    drop(old);
+                }
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "stale pin is not a link; removing");
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+    let pinned = fd_link.pin(path).map_err(|e| BpfError::Pin {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok((pinned, adopted))
+}
+
+/// Loads the programs, attaches them to `cgroup_root` and pins links and maps in `pin_dir`.
+pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, BpfError> {
+    ensure_bpffs(pin_dir)?;
+    let mut ebpf = load_object(pin_dir)?;
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => Some(logger),
+        Err(e) => {
+            warn!(error = %e, "eBPF log forwarding unavailable");
+            None
+        }
+    };
+    let cgroup = fs::File::open(cgroup_root).map_err(|source| BpfError::Cgroup {
+        path: cgroup_root.to_owned(),
+        source,
+    })?;
+
+    let mut links = Vec::new();
+    let mut program_ids = Vec::new();
+    let mut adopted_previous = false;
+    for name in [programs::CONNECT4, programs::GETPEERNAME4] {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(|source| BpfError::Program { name, source })?;
+        let perr = |source| BpfError::Program { name, source };
+        program.load().map_err(perr)?;
+        let link_id = program
+            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+            .map_err(perr)?;
+        let link = program.take_link(link_id).map_err(perr)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
+            path: pin_dir.to_owned(),
+            message: format!("{name} link is not fd-based: {e}"),
+        })?;
+        let path = pin_dir.join(format!("link_{name}"));
+        let (pinned, adopted) = pin_replacing(fd_link, &path)?;
+        adopted_previous |= adopted;
+        links.push((path, pinned));
+        if let Ok(info) = program.info() {
+            program_ids.push((name.to_string(), info.id()));
+        }
+    }
+    {
+        let name = programs::SOCK_OPS;
+        let perr = |source| BpfError::Program { name, source };
+        let program: &mut SockOps = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(perr)?;
+        program.load().map_err(perr)?;
+        let link_id = program
+            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+            .map_err(perr)?;
+        let link = program.take_link(link_id).map_err(perr)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
+            path: pin_dir.to_owned(),
+            message: format!("{name} link is not fd-based: {e}"),
+        })?;
+        let path = pin_dir.join(format!("link_{name}"));
+        let (pinned, adopted) = pin_replacing(fd_link, &path)?;
+        adopted_previous |= adopted;
+        links.push((path, pinned));
+        if let Ok(info) = program.info() {
+            program_ids.push((name.to_string(), info.id()));
+        }
+    }
+
+    let take =
+        |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(BpfError::Missing(name));
+    let enrolment = EnrolmentMaps {
+        enrolled: HashMap::try_from(take(&mut ebpf, maps::ENROLLED)?)
+            .map_err(map_err(maps::ENROLLED))?,
+        client_dst: HashMap::try_from(take(&mut ebpf, maps::CLIENT_ORIG_DST)?)
+            .map_err(map_err(maps::CLIENT_ORIG_DST))?,
+        sock_dst: HashMap::try_from(take(&mut ebpf, maps::SOCK_ORIG_DST)?)
+            .map_err(map_err(maps::SOCK_ORIG_DST))?,
+        stats: PerCpuArray::try_from(take(&mut ebpf, maps::CAPTURE_STATS)?)
+            .map_err(map_err(maps::CAPTURE_STATS))?,
+    };
+    info!(
+        cgroup_root = %cgroup_root.display(),
+        pin_dir = %pin_dir.display(),
+        adopted_previous,
+        "eBPF programs attached"
+    );
+    Ok(Loaded {
+        attached: Attached {
+            _ebpf: ebpf,
+            links,
+            info: LoadedInfo {
+                pin_dir: pin_dir.to_owned(),
+                cgroup_root: cgroup_root.to_owned(),
+                programs: program_ids,
+                adopted_previous,
+            },
+        },
+        enrolment,
+        logger,
+    })
+}

@@ -1,0 +1,160 @@
+//! cgroup v2: where it is mounted, where kubelet put a pod, which processes are in it.
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")]
+    NoCgroup2,
+    #[error("{path} is not a directory on a cgroup2 filesystem")]
+    NotCgroup2 { path: PathBuf },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// The mount point of the cgroup2 filesystem (`/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones).
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let path = PathBuf::from("/proc/self/mountinfo");
+    let text = fs::read_to_string(&path).map_err(|source| CgroupError::Io { path, source })?;
+    parse_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPER
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Checks that `path` is a cgroup2 directory.
+pub fn check_cgroup2_dir(path: &Path) -> Result<(), CgroupError> {
+    match nix::sys::statfs::statfs(path) {
+        Ok(s) if s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC => Ok(()),
+        _ => Err(CgroupError::NotCgroup2 {
+            path: path.to_owned(),
+        }),
+    }
+}
+
+/// The id the kernel uses for a cgroup (`bpf_get_current_cgroup_id`): its kernfs inode.
+pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
+    fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| CgroupError::Io {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Directory names kubelet gives a pod's cgroup:
+/// systemd driver `kubepods-<qos>-pod<uid with _>.slice`, cgroupfs driver `pod<uid>`.
+fn matches_pod_dir(name: &str, uid: &str) -> bool {
+    let systemd_uid = uid.replace('-', "_");
+    if let Some(stem) = name.strip_suffix(".slice") {
+        return stem.ends_with(&format!("pod{systemd_uid}"));
+    }
+    name == format!("pod{uid}")
+}
+
+/// Kubelet nests pods at most this deep below the root (plus room for a test root above).
+const POD_SEARCH_DEPTH: usize = 6;
+
+/// Finds the cgroup of the pod with `uid` below `root`, if it exists.
+pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
+    fn walk(dir: &Path, uid: &str, depth: usize) -> Option<PathBuf> {
+        if depth == 0 {
+            return None;
+        }
+        let entries = fs::read_dir(dir).ok()?;
+        let mut subdirs = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(ft) = entry.file_type() else { continue };
+            if !ft.is_dir() {
+                continue;
+            }
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if matches_pod_dir(&name, uid) {
+                return Some(entry.path());
+            }
+            // Only descend into kubelet's tree and our own test roots, not every service.
+            if name.starts_with("kubepods")
+                || name.starts_with("besteffort")
+                || name.starts_with("burstable")
+                || depth == POD_SEARCH_DEPTH
+            {
+                subdirs.push(entry.path());
+            }
+        }
+        subdirs.into_iter().find_map(|d| walk(&d, uid, depth - 1))
+    }
+    walk(root, uid, POD_SEARCH_DEPTH)
+}
+
+/// A process in the cgroup or any cgroup below it (containers sit one level down).
+pub fn any_process(cgroup: &Path) -> Option<u32> {
+    let procs = fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
+    if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
+        return Some(pid);
+    }
+    fs::read_dir(cgroup)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .find_map(|e| any_process(&e.path()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_mountinfo() {
+        let text = "30 24 0:26 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs ro,mode=755\n\
+                    31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn kubelet_pod_dir_names() {
+        let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        assert!(matches_pod_dir(
+            "kubepods-besteffort-pod1b4e28ba_2fa1_11d2_883f_0016d3cca427.slice",
+            uid
+        ));
+        assert!(matches_pod_dir(
+            "kubepods-pod1b4e28ba_2fa1_11d2_883f_0016d3cca427.slice",
+            uid
+        ));
+        assert!(matches_pod_dir(
+            "pod1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+            uid
+        ));
+        assert!(!matches_pod_dir(
+            "pod1b4e28ba-2fa1-11d2-883f-0016d3cca428",
+            uid
+        ));
+        assert!(!matches_pod_dir("kubepods-besteffort.slice", uid));
+    }
+}

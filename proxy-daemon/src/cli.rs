@@ -1,0 +1,121 @@
+//! Command line (SPEC.md): every flag is also an environment variable `PROXY_<FLAG>`.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "proxy-daemon",
+    about = "Node-level transparent proxy for Kubernetes pods"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Capture the pods of labelled namespaces on this node and proxy their connections.
+    Run(RunArgs),
+    /// Check YAML files or directories; print `PATH:LINE: KIND/NAMESPACE/NAME: message`.
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailModeArg {
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboundTrafficPolicyArg {
+    AllowAny,
+    RegistryOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Local mode: read the Kubernetes YAML in DIR (recursively), reload on change.
+    #[arg(long, env = "PROXY_CONFIG_DIR", conflicts_with = "kubernetes")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Cluster mode: watch the Kubernetes API (in-cluster config or KUBECONFIG).
+    #[arg(long, env = "PROXY_KUBERNETES")]
+    pub kubernetes: bool,
+
+    /// Only pods with this spec.nodeName (or none, in local mode) are enrolled.
+    /// Defaults to $NODE_NAME, else the hostname.
+    #[arg(long, env = "PROXY_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Where pod cgroups are found and programs attached. Defaults to the cgroup2 mount.
+    #[arg(long, env = "PROXY_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Namespaces with this label are captured.
+    #[arg(
+        long,
+        env = "PROXY_CAPTURE_LABEL",
+        default_value = "nodeproxy.io/capture=enabled"
+    )]
+    pub capture_label: String,
+
+    /// When a captured pod's listener is gone: connect directly (open) or refuse (closed).
+    #[arg(long, env = "PROXY_FAIL_MODE", value_enum, default_value_t = FailModeArg::Open)]
+    pub fail_mode: FailModeArg,
+
+    /// Unknown destinations: pass through (allow-any) or refuse (registry-only).
+    #[arg(long, env = "PROXY_OUTBOUND_TRAFFIC_POLICY", value_enum, default_value_t = OutboundTrafficPolicyArg::AllowAny)]
+    pub outbound_traffic_policy: OutboundTrafficPolicyArg,
+
+    /// Listener port on 127.0.0.1 inside each captured pod's network namespace.
+    #[arg(long, env = "PROXY_OUTBOUND_PORT", default_value_t = proxy_common::DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    #[arg(long, env = "PROXY_ADMIN_ADDR", default_value = "127.0.0.1:15300")]
+    pub admin_addr: SocketAddr,
+
+    #[arg(long, env = "PROXY_METRICS_ADDR", default_value = "0.0.0.0:15320")]
+    pub metrics_addr: SocketAddr,
+
+    #[arg(long, env = "PROXY_HEALTH_ADDR", default_value = "0.0.0.0:15321")]
+    pub health_addr: SocketAddr,
+
+    #[arg(long, env = "PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax); changeable at run time via admin /logging.
+    #[arg(long, env = "PROXY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// bpffs directory where programs' links and maps are pinned, so capture (and
+    /// fail-closed) outlives a crash and a restarted daemon adopts them.
+    #[arg(
+        long,
+        env = "PROXY_BPF_PIN_DIR",
+        default_value = "/sys/fs/bpf/proxy-daemon"
+    )]
+    pub bpf_pin_dir: PathBuf,
+
+    /// How long SIGTERM waits for open connections before closing them.
+    #[arg(long, env = "PROXY_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
+    pub drain_timeout_secs: u64,
+
+    /// Upstream connect timeout.
+    #[arg(long, env = "PROXY_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub connect_timeout_ms: u64,
+}

@@ -1,0 +1,314 @@
+//! Local source: every `*.yaml`/`*.yml` below a directory, multi-document, each document
+//! remembered with its file and starting line so every message can point at it.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::Deserialize;
+
+use super::{k8s, ConfigError, Located, Object, ObjectRef, Origin};
+
+/// One YAML document of a file.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub path: PathBuf,
+    /// 1-based line of the document's first line.
+    pub first_line: usize,
+    pub text: String,
+}
+
+/// Every YAML file below `root` (or `root` itself if it is a file), sorted for stable order.
+pub fn yaml_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if root.is_file() {
+        out.push(root.to_owned());
+        return Ok(out);
+    }
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                // Kubernetes ConfigMap mounts keep the real files in hidden ..data dirs and
+                // link them from the top; skipping hidden entries avoids reading twice.
+                if !entry.file_name().to_string_lossy().starts_with('.') {
+                    stack.push(path);
+                }
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml") | Some("yml")
+            ) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Splits a multi-document YAML text at `---` lines.
+pub fn split_documents(path: &Path, text: &str) -> Vec<Document> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut first_line = 1;
+    for (idx, line) in text.lines().enumerate() {
+        let is_separator = line == "---" || line.starts_with("--- ") || line.starts_with("---\t");
+        if is_separator {
+            docs.push(Document {
+                path: path.to_owned(),
+                first_line,
+                text: std::mem::take(&mut current),
+            });
+            first_line = idx + 2;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push(Document {
+        path: path.to_owned(),
+        first_line,
+        text: current,
+    });
+    docs.retain(|d| {
+        d.text
+            .lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    docs
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: k8s::ObjectMeta,
+}
+
+impl Document {
+    fn error(
+        &self,
+        line_in_doc: Option<usize>,
+        object: Option<ObjectRef>,
+        message: String,
+    ) -> ConfigError {
+        ConfigError {
+            path: self.path.clone(),
+            line: self.first_line + line_in_doc.unwrap_or(1).saturating_sub(1),
+            object,
+            message,
+        }
+    }
+
+    /// The line (1-based, in the file) of the document's first non-blank, non-comment line.
+    fn head_line(&self) -> usize {
+        let offset = self
+            .text
+            .lines()
+            .position(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .unwrap_or(0);
+        self.first_line + offset
+    }
+}
+
+/// A serde-saphyr error as (line within the document, message without the location suffix).
+fn yaml_error(e: &serde_saphyr::Error) -> (Option<usize>, String) {
+    let line = e.location().map(|l| l.line() as usize).filter(|l| *l > 0);
+    let text = e.to_string();
+    let message = text.lines().next().unwrap_or(&text).to_string();
+    (line, message)
+}
+
+/// Parses one document into an object of a kind we understand.
+/// Kinds this build does not handle come back as `Ok(None)` with their reference.
+pub fn parse_document(
+    doc: &Document,
+    default_namespace: &str,
+) -> Result<Option<Located<Object>>, ConfigError> {
+    let meta: TypeMeta = serde_saphyr::from_str(&doc.text).map_err(|e| {
+        let (line, message) = yaml_error(&e);
+        doc.error(line, None, format!("invalid YAML: {message}"))
+    })?;
+    let object_ref = ObjectRef {
+        kind: meta.kind.clone(),
+        namespace: meta
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| default_namespace.to_string()),
+        name: meta.metadata.name.clone(),
+    };
+    let origin = Origin {
+        path: doc.path.clone(),
+        line: doc.head_line(),
+    };
+    let at_head = |message: String| ConfigError {
+        path: doc.path.clone(),
+        line: origin.line,
+        object: Some(object_ref.clone()),
+        message,
+    };
+    if meta.kind.is_empty() || meta.api_version.is_empty() {
+        return Err(at_head("apiVersion and kind are required".into()));
+    }
+    if meta.metadata.name.is_empty() {
+        return Err(at_head("metadata.name is required".into()));
+    }
+    let typed = |e: serde_saphyr::Error| {
+        let (line, message) = yaml_error(&e);
+        doc.error(line, Some(object_ref.clone()), message)
+    };
+    let value = match (meta.api_version.as_str(), meta.kind.as_str()) {
+        ("v1", "Namespace") => {
+            let mut ns: k8s::Namespace = serde_saphyr::from_str(&doc.text).map_err(typed)?;
+            // A Namespace is cluster-scoped; its own name is its namespace in references.
+            ns.metadata.namespace = None;
+            Object::Namespace(ns)
+        }
+        ("v1", "Pod") => {
+            let mut pod: k8s::Pod = serde_saphyr::from_str(&doc.text).map_err(typed)?;
+            pod.metadata.namespace = Some(object_ref.namespace.clone());
+            Object::Pod(pod)
+        }
+        _ => return Ok(None),
+    };
+    let object_ref = match &value {
+        Object::Namespace(_) => ObjectRef {
+            namespace: String::new(),
+            ..object_ref
+        },
+        Object::Pod(_) => object_ref,
+    };
+    Ok(Some(Located {
+        origin,
+        object_ref,
+        value,
+    }))
+}
+
+/// Everything read from a directory: the objects that parsed, and one error per problem.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    pub objects: Vec<Located<Object>>,
+    pub errors: Vec<ConfigError>,
+    pub documents: usize,
+    /// Documents of kinds this build does not act on (reported by `validate`).
+    pub other_kinds: Vec<(Origin, ObjectRef)>,
+}
+
+pub fn load_path(root: &Path) -> LoadResult {
+    let mut result = LoadResult::default();
+    let files = match yaml_files(root) {
+        Ok(files) => files,
+        Err(e) => {
+            result.errors.push(ConfigError {
+                path: root.to_owned(),
+                line: 0,
+                object: None,
+                message: format!("cannot read: {e}"),
+            });
+            return result;
+        }
+    };
+    for file in files {
+        let text = match fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                result.errors.push(ConfigError {
+                    path: file.clone(),
+                    line: 0,
+                    object: None,
+                    message: format!("cannot read: {e}"),
+                });
+                continue;
+            }
+        };
+        for doc in split_documents(&file, &text) {
+            result.documents += 1;
+            match parse_document(&doc, "default") {
+                Ok(Some(obj)) => result.objects.push(obj),
+                Ok(None) => {
+                    if let Ok(meta) = serde_saphyr::from_str::<TypeMeta>(&doc.text) {
+                        result.other_kinds.push((
+                            Origin {
+                                path: doc.path.clone(),
+                                line: doc.head_line(),
+                            },
+                            ObjectRef {
+                                kind: meta.kind,
+                                namespace: meta
+                                    .metadata
+                                    .namespace
+                                    .unwrap_or_else(|| "default".into()),
+                                name: meta.metadata.name,
+                            },
+                        ))
+                    }
+                }
+                Err(e) => result.errors.push(e),
+            }
+        }
+    }
+    result
+}
+
+/// Cheap fingerprint of a directory's YAML (paths, sizes, mtimes) to notice changes.
+pub fn fingerprint(root: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+    yaml_files(root)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| {
+            let m = fs::metadata(&p).ok()?;
+            Some((p, (m.len(), m.modified().ok())))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_keep_their_lines() {
+        let text = "# c\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n---\n\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: a\n";
+        let docs = split_documents(Path::new("x.yaml"), text);
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].head_line(), 2);
+        assert_eq!(docs[1].head_line(), 8);
+        let pod = parse_document(&docs[1], "default").unwrap().unwrap();
+        assert_eq!(pod.object_ref.to_string(), "Pod/a/p");
+        assert_eq!(pod.origin.line, 8);
+    }
+
+    #[test]
+    fn type_error_points_at_its_line() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: [1, 2]\n";
+        let docs = split_documents(Path::new("x.yaml"), text);
+        let err = parse_document(&docs[0], "default").unwrap_err();
+        assert_eq!(err.line, 5, "{err}");
+        assert!(
+            err.to_string().starts_with("x.yaml:5: Pod/default/p: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_name_is_reported() {
+        let docs = split_documents(
+            Path::new("x.yaml"),
+            "\n\napiVersion: v1\nkind: Pod\nmetadata: {}\n",
+        );
+        let err = parse_document(&docs[0], "default").unwrap_err();
+        assert_eq!(err.line, 3);
+        assert!(err.message.contains("metadata.name"));
+    }
+}

@@ -1,0 +1,20 @@
+//! proxy-daemon: a node-level transparent proxy for Kubernetes pods.
+//!
+//! Data flows one way: config source → store → compile ([`state`]) → snapshot →
+//! enrolment ([`enrol`]) and data path ([`proxy`]) → metrics/admin.
+pub mod admin;
+pub mod app;
+pub mod bpf;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod enrol;
+pub mod metrics;
+pub mod netns;
+pub mod proxy;
+pub mod readiness;
+pub mod state;
+pub mod telemetry;
+pub mod validate;
+pub mod version;
+pub mod workload;

@@ -1,0 +1,161 @@
+//! Network namespaces of pods, and sockets made inside them.
+//!
+//! A socket belongs to the netns its creator was in at `socket()` time, and stays there.
+//! Each enrolled pod gets one small OS thread that enters the pod's netns once (setns is
+//! per thread; never done on a tokio worker) and makes sockets on request: the pod's
+//! listener, and every upstream socket, so destinations see the pod's own IP.
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::PathBuf,
+    sync::mpsc,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("opening {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("entering netns of pid {pid}: {source}")]
+    Setns { pid: u32, source: nix::Error },
+    #[error("netns worker is gone")]
+    WorkerGone,
+    #[error("socket in pod netns: {0}")]
+    Socket(#[from] std::io::Error),
+}
+
+/// SO_NETNS_COOKIE (linux/asm-generic/socket.h); libc does not export it everywhere.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie the kernel gives a socket's network namespace (`bpf_get_netns_cookie`).
+pub fn socket_netns_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out pointer and length of a u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Identity of a netns file: same inode, same namespace.
+pub fn netns_inode_of_pid(pid: u32) -> Option<u64> {
+    std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+enum Request {
+    Listener {
+        addr: SocketAddr,
+        reply: oneshot::Sender<std::io::Result<std::net::TcpListener>>,
+    },
+    Stream {
+        domain: Domain,
+        reply: oneshot::Sender<std::io::Result<OwnedFd>>,
+    },
+}
+
+/// A thread living inside one pod's network namespace, making sockets there.
+pub struct NetnsWorker {
+    tx: mpsc::Sender<Request>,
+    pub inode: u64,
+}
+
+impl NetnsWorker {
+    /// Enters the netns of `pid` on a new thread. The thread holds the netns file, so the
+    /// namespace stays valid for our sockets while we use it.
+    pub fn spawn(pid: u32, label: &str) -> Result<Self, NetnsError> {
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let file = File::open(&path).map_err(|source| NetnsError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let inode = file
+            .metadata()
+            .map_err(|source| NetnsError::Open { path, source })?
+            .ino();
+        let (tx, rx) = mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("netns-{label}"))
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let entered = nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if !ok {
+                    return;
+                }
+                // Ends when the worker handle (the only sender) is dropped.
+                while let Ok(req) = rx.recv() {
+                    match req {
+                        Request::Listener { addr, reply } => {
+                            let _ = reply.send(make_listener(addr));
+                        }
+                        Request::Stream { domain, reply } => {
+                            let _ = reply.send(make_stream(domain));
+                        }
+                    }
+                }
+            })
+            .map_err(NetnsError::Socket)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self { tx, inode }),
+            Ok(Err(source)) => Err(NetnsError::Setns { pid, source }),
+            Err(_) => Err(NetnsError::WorkerGone),
+        }
+    }
+
+    /// A non-blocking listener bound inside the pod netns.
+    pub async fn listener(&self, addr: SocketAddr) -> Result<std::net::TcpListener, NetnsError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Listener { addr, reply })
+            .map_err(|_| NetnsError::WorkerGone)?;
+        Ok(rx.await.map_err(|_| NetnsError::WorkerGone)??)
+    }
+
+    /// A fresh non-blocking TCP socket inside the pod netns, ready to connect.
+    pub async fn tcp_socket(&self, domain: Domain) -> Result<OwnedFd, NetnsError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Stream { domain, reply })
+            .map_err(|_| NetnsError::WorkerGone)?;
+        Ok(rx.await.map_err(|_| NetnsError::WorkerGone)??)
+    }
+}
+
+fn make_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn make_stream(domain: Domain) -> std::io::Result<OwnedFd> {
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,131 @@
+//! The data path: accept on a pod's listener → original destination → upstream from the
+//! pod's netns → copy. (L7 handling arrives with the routing work; today every
+//! connection is proxied as opaque TCP to where it was going.)
+pub mod tcp;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use socket2::Domain;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, warn};
+
+use crate::{bpf::OrigDstTable, metrics::Metrics, netns::NetnsWorker, workload::WorkloadInfo};
+use proxy_common::{ClientKey, OrigDst};
+
+/// Where the client meant to connect (recovered from the eBPF maps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrigDstAddr(pub SocketAddrV4);
+
+/// The client's address as the pod-local listener sees it (127.0.0.1:<ephemeral>).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl From<OrigDst> for OrigDstAddr {
+    fn from(o: OrigDst) -> Self {
+        Self(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(o.ip4_be)),
+            o.port,
+        ))
+    }
+}
+
+/// One captured pod, as the data path needs it.
+pub struct PodContext {
+    pub workload: Arc<WorkloadInfo>,
+    pub netns: Arc<NetnsWorker>,
+    pub netns_cookie: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no original destination recorded for client {0:?}")]
+    NoOrigDst(ClientAddr),
+    #[error("upstream socket: {0}")]
+    Socket(#[from] crate::netns::NetnsError),
+    #[error("connecting to {0:?}: {1}")]
+    Connect(OrigDstAddr, std::io::Error),
+    #[error("connecting to {0:?}: timed out")]
+    ConnectTimeout(OrigDstAddr),
+}
+
+/// What every connection handler shares.
+pub struct ProxyInputs {
+    pub orig_dst: OrigDstTable,
+    pub metrics: Arc<Metrics>,
+    pub connect_timeout: Duration,
+}
+
+impl ProxyInputs {
+    fn orig_dst(&self, pod: &PodContext, client: ClientAddr) -> Result<OrigDstAddr, ProxyError> {
+        let key = ClientKey::new(pod.netns_cookie, client.0.port());
+        self.orig_dst
+            .get(&key)
+            .map(OrigDstAddr::from)
+            .ok_or(ProxyError::NoOrigDst(client))
+    }
+}
+
+/// Opens a connection to `dst` from inside the pod's network namespace, so the
+/// destination sees the pod's IP (and NetworkPolicy keeps applying).
+pub async fn connect_from_pod(
+    pod: &PodContext,
+    dst: OrigDstAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ProxyError> {
+    let fd = pod.netns.tcp_socket(Domain::IPV4).await?;
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+    match tokio::time::timeout(timeout, socket.connect(SocketAddr::V4(dst.0))).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(ProxyError::Connect(dst, e)),
+        Err(_) => Err(ProxyError::ConnectTimeout(dst)),
+    }
+}
+
+/// Accepts on one pod's listener until the task is aborted (un-enrolment or shutdown).
+pub async fn run_outbound_listener(
+    inputs: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    listener: TcpListener,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let inputs = inputs.clone();
+                let pod = pod.clone();
+                tokio::spawn(async move {
+                    let client = ClientAddr(peer);
+                    if let Err(e) = handle_connection(&inputs, &pod, stream, client).await {
+                        debug!(pod = %pod.workload.pod_name, error = %e, "connection ended with error");
+                    }
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(pod = %pod.workload.pod_name, error = %e, "accept failed");
+                inputs.metrics.daemon.listener_failures.inc();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle_connection(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    stream: TcpStream,
+    client: ClientAddr,
+) -> Result<(), ProxyError> {
+    let dst = match inputs.orig_dst(pod, client) {
+        Ok(dst) => dst,
+        Err(e) => {
+            inputs.metrics.daemon.orig_dst_missing.inc();
+            return Err(e);
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    tcp::proxy(inputs, pod, stream, dst).await
+}

@@ -1,0 +1,102 @@
+//! Opaque TCP: copy both ways, half-close faithfully, count bytes as they pass.
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+use tracing::debug;
+
+use super::{connect_from_pod, OrigDstAddr, PodContext, ProxyError, ProxyInputs};
+use crate::metrics::{DestinationLabels, IstioTcpLabels, PASSTHROUGH_CLUSTER};
+
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Labels for a destination we know nothing about (no registry match yet).
+pub fn passthrough_destination(dst: OrigDstAddr) -> DestinationLabels {
+    DestinationLabels {
+        service: dst.0.to_string(),
+        service_name: PASSTHROUGH_CLUSTER.to_string(),
+        service_namespace: crate::workload::UNKNOWN.to_string(),
+    }
+}
+
+/// Keeps `proxy_daemon_active_connections` right however the handler ends.
+struct ActiveGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub async fn proxy(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    mut client: TcpStream,
+    dst: OrigDstAddr,
+) -> Result<(), ProxyError> {
+    let daemon = &inputs.metrics.daemon;
+    daemon.active_connections.inc();
+    let _active = ActiveGuard(&daemon.active_connections);
+    let destination = passthrough_destination(dst);
+    let tcp = &inputs.metrics.tcp;
+    let labels = IstioTcpLabels::new(&pod.workload, &destination, "");
+    tcp.opened.get_or_create(&labels).inc();
+
+    let mut upstream = match connect_from_pod(pod, dst, inputs.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            daemon.upstream_connect_failures.inc();
+            let failed = IstioTcpLabels::new(&pod.workload, &destination, "UF");
+            tcp.closed.get_or_create(&failed).inc();
+            // Reset, so the app sees the connection fail rather than a clean empty close.
+            // (SO_LINGER 0 never blocks on drop: it discards instead of waiting.)
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            return Err(e);
+        }
+    };
+    let received = tcp.received_bytes.get_or_create(&labels).clone();
+    let sent = tcp.sent_bytes.get_or_create(&labels).clone();
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.split();
+    let result = tokio::try_join!(
+        copy_counted(&mut client_read, &mut upstream_write, &received),
+        copy_counted(&mut upstream_read, &mut client_write, &sent),
+    );
+    let flags = match &result {
+        Ok(_) => "",
+        Err(_) => "UC",
+    };
+    if let Err(e) = &result {
+        debug!(dst = %dst.0, error = %e, "copy ended with error");
+    }
+    tcp.closed
+        .get_or_create(&IstioTcpLabels::new(&pod.workload, &destination, flags))
+        .inc();
+    Ok(())
+}
+
+/// Copies until EOF, then shuts down the write side (half-close), counting as it goes.
+async fn copy_counted<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    counter: &Counter,
+) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            writer.shutdown().await?;
+            return Ok(total);
+        }
+        writer.write_all(&buf[..n]).await?;
+        total += n as u64;
+        counter.inc_by(n as u64);
+    }
+}

@@ -1,0 +1,241 @@
+//! Store → compile → snapshot. The store holds what the source last gave us; compiling
+//! turns it into an immutable [`Snapshot`] the rest of the daemon reads without locks.
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::{
+    config::{ConfigError, Located, Object, ObjectRef, Origin},
+    workload::WorkloadInfo,
+};
+use proxy_common::FailMode;
+
+pub const FAIL_MODE_ANNOTATION: &str = "nodeproxy.io/fail-mode";
+pub const CAPTURE_LABEL_KEY: &str = "nodeproxy.io/capture";
+
+/// Settings that decide which pods are captured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaptureSettings {
+    pub label_key: String,
+    pub label_value: String,
+    /// Pods with another spec.nodeName are not ours; pods with none are (local mode).
+    pub node_name: String,
+    #[serde(serialize_with = "ser_fail_mode")]
+    pub default_fail_mode: FailMode,
+}
+
+fn ser_fail_mode<S: serde::Serializer>(m: &FailMode, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(fail_mode_name(*m))
+}
+
+pub fn fail_mode_name(m: FailMode) -> &'static str {
+    match m {
+        FailMode::Open => "open",
+        FailMode::Closed => "closed",
+    }
+}
+
+/// A pod the daemon must capture.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CapturedPod {
+    pub workload: Arc<WorkloadInfo>,
+    #[serde(serialize_with = "ser_fail_mode")]
+    pub fail_mode: FailMode,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NamespaceState {
+    pub captured: bool,
+    #[serde(serialize_with = "ser_fail_mode")]
+    pub fail_mode: FailMode,
+}
+
+/// The compiled configuration.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub namespaces: BTreeMap<String, NamespaceState>,
+    /// Captured pods on this node, by uid.
+    pub pods: BTreeMap<String, CapturedPod>,
+    /// Pods seen but not captured, with the reason (for /config_dump).
+    pub not_captured: BTreeMap<String, String>,
+}
+
+fn parse_fail_mode(v: &str) -> Option<FailMode> {
+    match v {
+        "open" => Some(FailMode::Open),
+        "closed" => Some(FailMode::Closed),
+        _ => None,
+    }
+}
+
+/// Compiles objects into a snapshot, or every problem found (then nothing changes).
+pub fn compile(
+    objects: &[Located<Object>],
+    settings: &CaptureSettings,
+    generation: u64,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut seen: BTreeMap<ObjectRef, &Origin> = BTreeMap::new();
+    let err = |o: &Located<Object>, message: String| ConfigError {
+        path: o.origin.path.clone(),
+        line: o.origin.line,
+        object: Some(o.object_ref.clone()),
+        message,
+    };
+    for o in objects {
+        if let Some(first) = seen.insert(o.object_ref.clone(), &o.origin) {
+            errors.push(err(
+                o,
+                format!(
+                    "duplicate object (first defined at {}:{})",
+                    first.path.display(),
+                    first.line
+                ),
+            ));
+        }
+    }
+
+    let mut snap = Snapshot {
+        generation,
+        ..Default::default()
+    };
+    for o in objects {
+        if let Object::Namespace(ns) = &o.value {
+            let captured =
+                ns.metadata.labels.get(&settings.label_key) == Some(&settings.label_value);
+            let fail_mode = match ns.metadata.annotations.get(FAIL_MODE_ANNOTATION) {
+                None => settings.default_fail_mode,
+                Some(v) => match parse_fail_mode(v) {
+                    Some(m) => m,
+                    None => {
+                        errors.push(err(
+                            o,
+                            format!("annotation {FAIL_MODE_ANNOTATION}: {v:?} is neither \"open\" nor \"closed\""),
+                        ));
+                        settings.default_fail_mode
+                    }
+                },
+            };
+            snap.namespaces.insert(
+                ns.metadata.name.clone(),
+                NamespaceState {
+                    captured,
+                    fail_mode,
+                },
+            );
+        }
+    }
+    let mut uids: BTreeMap<String, ObjectRef> = BTreeMap::new();
+    for o in objects {
+        let Object::Pod(pod) = &o.value else { continue };
+        let key = o.object_ref.to_string();
+        let Some(uid) = pod.metadata.uid.clone().filter(|u| !u.is_empty()) else {
+            errors.push(err(
+                o,
+                "metadata.uid is required to find the pod's cgroup".into(),
+            ));
+            continue;
+        };
+        if let Some(other) = uids.insert(uid.clone(), o.object_ref.clone()) {
+            errors.push(err(
+                o,
+                format!("metadata.uid {uid} is also used by {other}"),
+            ));
+            continue;
+        }
+        let reason = match (
+            snap.namespaces.get(&o.object_ref.namespace),
+            pod.spec.node_name.as_deref(),
+        ) {
+            (_, Some(node)) if node != settings.node_name => Some(format!("on node {node}")),
+            (None, _) => Some("namespace not defined".to_string()),
+            (Some(ns), _) if !ns.captured => Some("namespace not captured".to_string()),
+            _ if pod
+                .metadata
+                .labels
+                .get(CAPTURE_LABEL_KEY)
+                .map(String::as_str)
+                == Some("disabled") =>
+            {
+                Some(format!("pod opted out ({CAPTURE_LABEL_KEY}=disabled)"))
+            }
+            _ if pod.spec.host_network => Some("host network".to_string()),
+            _ if matches!(
+                pod.status.phase.as_deref(),
+                Some("Succeeded") | Some("Failed")
+            ) =>
+            {
+                Some("pod finished".to_string())
+            }
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            snap.not_captured.insert(key, reason);
+            continue;
+        }
+        let fail_mode = snap.namespaces[&o.object_ref.namespace].fail_mode;
+        snap.pods.insert(
+            uid,
+            CapturedPod {
+                workload: Arc::new(WorkloadInfo::from_pod(pod)),
+                fail_mode,
+                origin: o.origin.clone(),
+            },
+        );
+    }
+    if errors.is_empty() {
+        Ok(snap)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The published snapshot plus change notification. Readers load; one writer stores.
+pub struct Published {
+    current: ArcSwap<Snapshot>,
+    changed: watch::Sender<u64>,
+    generation: AtomicU64,
+}
+
+impl Published {
+    pub fn new() -> Self {
+        Self {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            changed: watch::channel(0).0,
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn store(&self, snap: Snapshot) {
+        let generation = snap.generation;
+        self.current.store(Arc::new(snap));
+        self.changed.send_replace(generation);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+impl Default for Published {
+    fn default() -> Self {
+        Self::new()
+    }
+}
