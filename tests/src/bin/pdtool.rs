@@ -1,0 +1,236 @@
+//! Client side of the end-to-end tests, run inside a pod's netns and cgroup. Prints one JSON
+//! object per run, so tests assert on what the app itself observed.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use proxy_tests::fill;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One connection: send a line, read the identity reply.
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+        /// Keep trying until a connect succeeds or this much time passed.
+        #[arg(long, default_value_t = 0)]
+        retry_for_ms: u64,
+    },
+    /// Many concurrent connections, spread over targets; each checks it reached its own.
+    Probe {
+        #[arg(long, required = true, num_args = 1..)]
+        to: Vec<SocketAddr>,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        concurrency: usize,
+    },
+    /// Send N pseudo-random bytes, half-close, read everything back; report hashes.
+    Xfer {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn classify(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "eperm",
+        Some(libc::ECONNREFUSED) => "refused",
+        Some(libc::ECONNRESET) => "reset",
+        Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "timeout",
+        _ if e.kind() == std::io::ErrorKind::TimedOut
+            || e.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            "timeout"
+        }
+        _ if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
+        _ => "error",
+    }
+}
+
+/// Connects, sends `id`, and returns (reply line, local addr, peer addr as the app sees it).
+fn exchange(
+    to: SocketAddr,
+    id: &str,
+    timeout: Duration,
+) -> std::io::Result<(String, SocketAddr, SocketAddr)> {
+    let mut s = TcpStream::connect_timeout(&to, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    let local = s.local_addr()?;
+    let peer = s.peer_addr()?;
+    s.write_all(format!("{id}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "no reply",
+        ));
+    }
+    Ok((line.trim_end().to_string(), local, peer))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let out = match cli.cmd {
+        Cmd::Connect {
+            to,
+            timeout_ms,
+            retry_for_ms,
+        } => {
+            let started = Instant::now();
+            let mut attempts = 0u32;
+            loop {
+                attempts += 1;
+                let attempt_started = Instant::now();
+                match exchange(to, "connect", Duration::from_millis(timeout_ms)) {
+                    Ok((reply, local, peer)) => {
+                        break json!({"result": "ok", "reply": reply, "local": local.to_string(),
+                            "peer": peer.to_string(), "attempts": attempts,
+                            "elapsed_ms": started.elapsed().as_secs_f64() * 1e3});
+                    }
+                    Err(e) => {
+                        if started.elapsed() >= Duration::from_millis(retry_for_ms) {
+                            break json!({"result": classify(&e), "error": e.to_string(), "attempts": attempts,
+                                "attempt_ms": attempt_started.elapsed().as_secs_f64() * 1e3,
+                                "elapsed_ms": started.elapsed().as_secs_f64() * 1e3});
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+        }
+        Cmd::Probe {
+            to,
+            count,
+            concurrency,
+        } => {
+            let next = Arc::new(Mutex::new(0usize));
+            let results = Arc::new(Mutex::new((0usize, 0usize, Vec::<String>::new())));
+            let barrier = Arc::new(std::sync::Barrier::new(concurrency));
+            let threads: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    let (to, next, results, barrier) =
+                        (to.clone(), next.clone(), results.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        // All threads connect at once: the connections really are concurrent.
+                        barrier.wait();
+                        loop {
+                            let i = {
+                                let mut n = next.lock().unwrap();
+                                if *n >= count {
+                                    return;
+                                }
+                                *n += 1;
+                                *n - 1
+                            };
+                            let target = to[i % to.len()];
+                            let id = format!("conn-{i}");
+                            let r = exchange(target, &id, Duration::from_secs(10));
+                            let mut res = results.lock().unwrap();
+                            match r {
+                                // The server answers "<its own local addr> <peer ip> <id>".
+                                Ok((reply, _, _))
+                                    if reply.starts_with(&format!("{target} "))
+                                        && reply.ends_with(&id) =>
+                                {
+                                    res.0 += 1
+                                }
+                                Ok((reply, _, _)) => {
+                                    res.1 += 1;
+                                    if res.2.len() < 10 {
+                                        res.2.push(format!("{id} to {target}: got {reply}"))
+                                    }
+                                }
+                                Err(e) => {
+                                    res.1 += 1;
+                                    if res.2.len() < 10 {
+                                        res.2.push(format!("{id} to {target}: {e}"))
+                                    }
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                let _ = t.join();
+            }
+            let res = results.lock().unwrap();
+            json!({"ok": res.0, "failed": res.1, "errors": res.2})
+        }
+        Cmd::Xfer { to, bytes, seed } => {
+            let started = Instant::now();
+            match TcpStream::connect(to) {
+                Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
+                Ok(s) => {
+                    let mut reader = s.try_clone().expect("clone socket");
+                    let recv = std::thread::spawn(move || {
+                        let mut h = Sha256::new();
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut total = 0u64;
+                        loop {
+                            match reader.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    h.update(&buf[..n]);
+                                    total += n as u64;
+                                }
+                                Err(e) => return Err(e.to_string()),
+                            }
+                        }
+                        Ok((hex::encode(h.finalize()), total))
+                    });
+                    let mut w = s;
+                    let mut h = Sha256::new();
+                    let mut state = seed;
+                    let mut left = bytes;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut send_err = None;
+                    while left > 0 {
+                        let n = left.min(buf.len() as u64) as usize;
+                        fill(&mut state, &mut buf[..n]);
+                        if let Err(e) = w.write_all(&buf[..n]) {
+                            send_err = Some(e.to_string());
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                        left -= n as u64;
+                    }
+                    // Half-close: we are done sending but keep reading the reply stream.
+                    let _ = w.shutdown(Shutdown::Write);
+                    let received = recv.join().expect("receiver thread");
+                    match (send_err, received) {
+                        (None, Ok((rh, rn))) => {
+                            json!({"result": "ok", "sent_sha256": hex::encode(h.finalize()),
+                            "sent_bytes": bytes, "received_sha256": rh, "received_bytes": rn,
+                            "elapsed_ms": started.elapsed().as_secs_f64() * 1e3})
+                        }
+                        (s, r) => {
+                            json!({"result": "error", "send_error": s, "receive": format!("{r:?}")})
+                        }
+                    }
+                }
+            }
+        }
+    };
+    println!("{out}");
+}

@@ -1,0 +1,206 @@
+//! The daemon as a real process, on ports of its own, with a log file to show on failure.
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{http_get, http_request, node::Node, wait_for};
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+    pub log: PathBuf,
+    pub started: Instant,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind :0")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Daemon {
+    /// The command line the tests use, before spawning (so tests can vary it).
+    pub fn command(
+        node: &Node,
+        extra: &[&str],
+    ) -> (Command, SocketAddr, SocketAddr, SocketAddr, PathBuf) {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = node.work_dir.join(format!("daemon-{}.log", admin.port()));
+        let mut cmd = Command::new(crate::target_bin("proxy-daemon"));
+        cmd.arg("run")
+            .arg("--config-dir")
+            .arg(&node.config_dir)
+            .arg("--cgroup-root")
+            .arg(&node.cgroup_root)
+            .arg("--bpf-pin-dir")
+            .arg(&node.pin_dir)
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(["--health-addr", &health.to_string()])
+            .args([
+                "--node-name",
+                "test-node",
+                "--log-level",
+                "info,proxy_daemon=debug",
+            ])
+            .args(extra)
+            .env_remove("NODE_NAME");
+        (cmd, admin, metrics, health, log)
+    }
+
+    pub fn start(node: &Node, extra: &[&str]) -> Self {
+        let (mut cmd, admin, metrics, health, log) = Self::command(node, extra);
+        let log_file = fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log clone"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn proxy-daemon");
+        let d = Self {
+            child: Some(child),
+            admin,
+            metrics,
+            health,
+            log,
+            started: Instant::now(),
+        };
+        d.wait_ready(Duration::from_secs(20));
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(http_get(self.health, "/healthz/ready"), Ok((200, _)))
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) {
+        if wait_for(timeout, || self.is_ready().then_some(())).is_none() {
+            panic!(
+                "daemon not ready within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    pub fn config_dump(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.admin, "/config_dump").expect("config_dump");
+        assert_eq!(status, 200, "config_dump: {body}");
+        serde_json::from_str(&body).expect("config_dump JSON")
+    }
+
+    pub fn metrics_text(&self) -> String {
+        http_get(self.metrics, "/metrics").expect("metrics").1
+    }
+
+    /// Sum of a metric's samples whose labels contain every `key="value"` given.
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sum_samples(&self.metrics_text(), name, labels)
+    }
+
+    /// The enrolment state of a pod in /config_dump.
+    pub fn workload_state(&self, uid: &str) -> Option<serde_json::Value> {
+        self.config_dump()["workloads"]
+            .as_array()?
+            .iter()
+            .find(|w| w["uid"] == uid)
+            .cloned()
+    }
+
+    pub fn wait_enrolled(&self, uid: &str, timeout: Duration) -> serde_json::Value {
+        wait_for(timeout, || {
+            self.workload_state(uid)
+                .filter(|w| w["state"] == "enrolled")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "pod {uid} not enrolled within {timeout:?}; log:\n{}",
+                self.log_text()
+            )
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn quit(&self) -> u16 {
+        http_request(self.admin, "POST", "/quitquitquit")
+            .map(|r| r.0)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon log {} ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+        self.kill9();
+    }
+}
+
+/// Parses Prometheus text and sums `name`'s samples matching all `labels`.
+pub fn sum_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, r)) => (m, r),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}

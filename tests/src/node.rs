@@ -1,0 +1,332 @@
+//! Bridge + network namespaces + cgroups, named per test.
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use crate::{sh, sh_quiet};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The cgroup2 mount point (hybrid hosts have it at /sys/fs/cgroup/unified).
+pub fn cgroup2_mount() -> PathBuf {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    text.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// A network namespace with one veth on the node's bridge.
+pub struct Host {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Host {
+    /// Runs `program args` inside this netns (and optionally a cgroup), capturing output.
+    pub fn command(&self, cgroup: Option<&Path>, program: &Path, args: &[&str]) -> Command {
+        let ns = fs::File::open(format!("/run/netns/{}", self.netns)).expect("netns file");
+        let cg = cgroup.map(|c| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(c.join("cgroup.procs"))
+                .expect("cgroup.procs")
+        });
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        // SAFETY: only async-signal-safe syscalls (write, setns) between fork and exec;
+        // the files were opened before the fork and live in the closure.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(cg) = &cg {
+                    // "0" moves the writing process itself.
+                    if libc::write(cg.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// A listener bound inside this netns (a socket keeps the netns it was made in).
+    pub fn listen(&self, port: u16) -> std::net::TcpListener {
+        let path = format!("/run/netns/{}", self.netns);
+        let addr = SocketAddr::from((self.ip, port));
+        std::thread::spawn(move || {
+            let ns = fs::File::open(path).expect("netns file");
+            // SAFETY: setns on this short-lived thread only.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            let l =
+                std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            l.set_nonblocking(true).expect("nonblocking");
+            l
+        })
+        .join()
+        .expect("listener thread")
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
+}
+
+/// A pod: a host plus a kubelet-like cgroup with a long-running "pause" process in it.
+pub struct Pod {
+    pub host: Host,
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub cgroup: PathBuf,
+    pause: Option<Child>,
+}
+
+impl Pod {
+    /// The container cgroup app processes run in (one below the pod's, as with kubelet).
+    pub fn app_cgroup(&self) -> PathBuf {
+        self.cgroup.join("cri-containerd-app.scope")
+    }
+
+    /// Runs pdtool inside the pod and parses its JSON answer.
+    pub fn pdtool(&self, args: &[&str]) -> serde_json::Value {
+        let out = self
+            .host
+            .command(Some(&self.app_cgroup()), &crate::target_bin("pdtool"), args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pdtool");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "pdtool {args:?} in pod {}: bad output ({e}): {stdout} {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Kills the pod's processes and removes its cgroup (the pod is gone from the node).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.pause.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        remove_cgroup_tree(&self.cgroup);
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    // Kill stragglers first: a cgroup with processes cannot be removed.
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    for _ in 0..50 {
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+pub struct Node {
+    pub id: String,
+    pub bridge: String,
+    /// `--cgroup-root` for this node's daemon: pods live below it.
+    pub cgroup_root: PathBuf,
+    pub config_dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub work_dir: PathBuf,
+    netns: Vec<String>,
+    next_host: u32,
+}
+
+impl Node {
+    pub fn new(tag: &str) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the end-to-end tests need root (eBPF, netns, cgroups)"
+        );
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:04x}{:02x}", std::process::id() & 0xffff, n & 0xff);
+        let bridge = format!("pdb{id}");
+        let work_dir = std::env::temp_dir().join(format!("pdt-{id}-{tag}"));
+        let _ = fs::remove_dir_all(&work_dir);
+        let config_dir = work_dir.join("config");
+        fs::create_dir_all(&config_dir).expect("config dir");
+        let cgroup_root = cgroup2_mount().join(format!("pdt-{id}"));
+        fs::create_dir_all(cgroup_root.join("kubepods.slice/kubepods-besteffort.slice"))
+            .expect("cgroup root");
+        sh(&["ip", "link", "add", &bridge, "type", "bridge"]);
+        sh(&["ip", "link", "set", &bridge, "up"]);
+        Self {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/pdt-{id}")),
+            id,
+            bridge,
+            cgroup_root,
+            config_dir,
+            work_dir,
+            netns: Vec::new(),
+            next_host: 2,
+        }
+    }
+
+    /// A plain host (a service or an "external" machine) on the bridge.
+    pub fn host(&mut self, name: &str) -> Host {
+        let idx = self.next_host;
+        self.next_host += 1;
+        assert!(idx < 250, "too many hosts");
+        let netns = format!("pdt-{}-{name}", self.id);
+        let ip = Ipv4Addr::new(198, 18, 0, idx as u8);
+        let outer = format!("pdv{}{:02x}a", self.id, idx);
+        let inner = format!("pdv{}{:02x}b", self.id, idx);
+        sh(&["ip", "netns", "add", &netns]);
+        self.netns.push(netns.clone());
+        sh(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ]);
+        sh(&["ip", "link", "set", &inner, "netns", &netns]);
+        sh(&["ip", "link", "set", &outer, "master", &self.bridge, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &inner,
+        ]);
+        sh(&["ip", "-n", &netns, "link", "set", &inner, "up"]);
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        Host { netns, ip }
+    }
+
+    /// A pod: host + cgroup `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice`
+    /// with a pause process in a container cgroup below it. No YAML is written.
+    pub fn pod(&mut self, namespace: &str, name: &str) -> Pod {
+        let host = self.host(name);
+        let uid = format!(
+            "{:08x}-{}-4000-8000-{:012x}",
+            rand::random::<u32>(),
+            &self.id[..4],
+            rand::random::<u64>() & 0xffff_ffff_ffff
+        );
+        let cgroup = self.cgroup_root.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let pause_cg = cgroup.join("cri-containerd-pause.scope");
+        fs::create_dir_all(&pause_cg).expect("pod cgroup");
+        fs::create_dir_all(cgroup.join("cri-containerd-app.scope")).expect("app cgroup");
+        let pause = host
+            .command(Some(&pause_cg), Path::new("/bin/sleep"), &["infinity"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pause process");
+        Pod {
+            host,
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            uid,
+            cgroup,
+            pause: Some(pause),
+        }
+    }
+
+    /// Writes YAML into the daemon's config dir.
+    pub fn write_config(&self, file: &str, yaml: &str) {
+        let path = self.config_dir.join(file);
+        let tmp = self.config_dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).expect("write config");
+        fs::rename(tmp, path).expect("rename config");
+    }
+
+    pub fn remove_config(&self, file: &str) {
+        let _ = fs::remove_file(self.config_dir.join(file));
+    }
+}
+
+/// YAML for a namespace, captured or not, with an optional fail mode annotation.
+pub fn namespace_yaml(name: &str, captured: bool, fail_mode: Option<&str>) -> String {
+    let labels = if captured {
+        "  labels:\n    nodeproxy.io/capture: enabled\n"
+    } else {
+        ""
+    };
+    let annotations = fail_mode
+        .map(|m| format!("  annotations:\n    nodeproxy.io/fail-mode: {m}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n{labels}{annotations}---\n"
+    )
+}
+
+/// YAML for a pod as kubectl would show it (labels included), bound to no node.
+pub fn pod_yaml(pod: &Pod, labels: &[(&str, &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n",
+        pod.name, pod.namespace, pod.uid
+    );
+    if !labels.is_empty() {
+        y.push_str("  labels:\n");
+        for (k, v) in labels {
+            y.push_str(&format!("    {k}: \"{v}\"\n"));
+        }
+    }
+    y.push_str(&format!(
+        "spec:\n  containers:\n  - name: app\n    image: example/app:1\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
+        pod.host.ip
+    ));
+    y
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.cgroup_root);
+        for ns in &self.netns {
+            sh_quiet(&["ip", "netns", "del", ns]);
+        }
+        sh_quiet(&["ip", "link", "del", &self.bridge]);
+        if let Ok(entries) = fs::read_dir(&self.pin_dir) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_dir(&self.pin_dir);
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.work_dir);
+        }
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,145 @@
+//! Upstream servers living in service namespaces, run by the test process on a background
+//! runtime (the test process is in no pod cgroup, so its sockets are never captured).
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+
+use crate::node::Host;
+
+pub struct Servers {
+    rt: tokio::runtime::Runtime,
+}
+
+/// What an identity server saw: one (peer address, first line) per connection.
+#[derive(Clone, Default)]
+pub struct Seen(pub Arc<Mutex<Vec<(SocketAddr, String)>>>);
+
+impl Seen {
+    pub fn peers(&self) -> Vec<(SocketAddr, String)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// What a transfer server saw and sent.
+#[derive(Clone, Debug, Default)]
+pub struct XferRecord {
+    pub received_sha256: String,
+    pub received_bytes: u64,
+    pub sent_sha256: String,
+    pub sent_bytes: u64,
+}
+
+impl Default for Servers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Servers {
+    pub fn new() -> Self {
+        Self {
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("server runtime"),
+        }
+    }
+
+    /// Answers each connection's first line with `"<its own addr> <peer ip> <line>"`, so a
+    /// client can check it reached the server it meant to and the test can see who came.
+    pub fn identity(&self, host: &Host, port: u16) -> Seen {
+        let std_listener = host.listen(port);
+        let seen = Seen::default();
+        let record = seen.clone();
+        self.rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            let local = listener.local_addr().expect("local addr");
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    continue;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut line = String::new();
+                    if BufReader::new(r).read_line(&mut line).await.is_err() {
+                        return;
+                    }
+                    let line = line.trim_end().to_string();
+                    record.0.lock().unwrap().push((peer, line.clone()));
+                    let _ = w
+                        .write_all(format!("{local} {} {line}\n", peer.ip()).as_bytes())
+                        .await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        seen
+    }
+
+    /// Reads everything (hashing it) while sending `send_bytes` of seeded data, then closes
+    /// its write side: the peer's half-close must not cut our direction short.
+    pub fn xfer(
+        &self,
+        host: &Host,
+        port: u16,
+        send_bytes: u64,
+        seed: u64,
+    ) -> Arc<Mutex<Vec<XferRecord>>> {
+        let std_listener = host.listen(port);
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let out = records.clone();
+        self.rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let records = records.clone();
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.into_split();
+                    let reader = tokio::spawn(async move {
+                        let mut h = Sha256::new();
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut total = 0u64;
+                        while let Ok(n) = r.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            h.update(&buf[..n]);
+                            total += n as u64;
+                        }
+                        (hex::encode(h.finalize()), total)
+                    });
+                    let mut h = Sha256::new();
+                    let mut state = seed;
+                    let mut left = send_bytes;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while left > 0 {
+                        let n = left.min(buf.len() as u64) as usize;
+                        crate::fill(&mut state, &mut buf[..n]);
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                        left -= n as u64;
+                    }
+                    let _ = w.shutdown().await;
+                    let (received_sha256, received_bytes) = reader.await.unwrap_or_default();
+                    records.lock().unwrap().push(XferRecord {
+                        received_sha256,
+                        received_bytes,
+                        sent_sha256: hex::encode(h.finalize()),
+                        sent_bytes: send_bytes - left,
+                    });
+                });
+            }
+        });
+        out
+    }
+}
