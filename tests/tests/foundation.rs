@@ -80,3 +80,276 @@ fn captured_pod_reaches_upstream_through_daemon_with_its_own_ip() {
     );
     assert_eq!(daemon.metric_sum("proxy_daemon_enrolled_pods", &[]), 1.0);
 }
+
+#[test]
+fn uncaptured_namespace_and_opted_out_pod_are_not_intercepted() {
+    let mut node = Node::new("nocap");
+    let servers = Servers::new();
+    let upstream = node.host("upstream");
+    let _seen = servers.identity(&upstream, 80);
+    let captured = node.pod("shop", "web-1");
+    let opted_out = node.pod("shop", "batch-1");
+    let other_ns = node.pod("plain", "cron-1");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, None)
+            + &namespace_yaml("plain", false, None)
+            + &pod_yaml(&captured, &[("app", "web")])
+            + &pod_yaml(
+                &opted_out,
+                &[("app", "batch"), ("nodeproxy.io/capture", "disabled")],
+            )
+            + &pod_yaml(&other_ns, &[("app", "cron")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&captured.uid, Duration::from_secs(5));
+    let dump = daemon.config_dump();
+    let not_captured = &dump["snapshot"]["not_captured"];
+    assert_eq!(
+        not_captured["Pod/shop/batch-1"], "pod opted out (nodeproxy.io/capture=disabled)",
+        "{dump}"
+    );
+    assert_eq!(
+        not_captured["Pod/plain/cron-1"], "namespace not captured",
+        "{dump}"
+    );
+
+    let to = upstream.addr(80).to_string();
+    for pod in [&opted_out, &other_ns] {
+        let out = pod.pdtool(&["connect", "--to", &to]);
+        assert_eq!(out["result"], "ok", "{out}");
+        // Direct: the app's own socket carries the pod IP, not the pod-local listener.
+        assert!(
+            out["local"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{}:", pod.host.ip)),
+            "{} was intercepted: {out}",
+            pod.name
+        );
+    }
+    let out = captured.pdtool(&["connect", "--to", &to]);
+    assert!(
+        out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{out}"
+    );
+    let opened = |workload| {
+        daemon.metric_sum(
+            "istio_tcp_connections_opened_total",
+            &[("source_workload", workload)],
+        )
+    };
+    assert_eq!(opened("batch"), 0.0);
+    assert_eq!(opened("cron"), 0.0);
+    assert_eq!(opened("web"), 1.0);
+}
+
+#[test]
+fn two_pods_with_200_concurrent_connections_each_reach_their_own_destinations() {
+    let mut node = Node::new("conc");
+    let servers = Servers::new();
+    let mut targets = Vec::new();
+    for i in 0..4 {
+        let host = node.host(&format!("svc{i}"));
+        for port in [8080, 9090] {
+            let _ = servers.identity(&host, port);
+            targets.push(host.addr(port).to_string());
+        }
+    }
+    let a = node.pod("shop", "a-1");
+    let b = node.pod("shop", "b-1");
+    node.write_config(
+        "shop.yaml",
+        &(namespace_yaml("shop", true, None)
+            + &pod_yaml(&a, &[("app", "a")])
+            + &pod_yaml(&b, &[("app", "b")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&a.uid, Duration::from_secs(5));
+    daemon.wait_enrolled(&b.uid, Duration::from_secs(5));
+
+    let mut args = vec!["probe", "--count", "200", "--concurrency", "200", "--to"];
+    args.extend(targets.iter().map(String::as_str));
+    let (ra, rb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| a.pdtool(&args));
+        // b targets the same set rotated, so both pods hit every upstream at once.
+        let hb = s.spawn(|| b.pdtool(&args));
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    for (name, r) in [("a", &ra), ("b", &rb)] {
+        assert_eq!(r["ok"], 200, "pod {name}: {r}");
+        assert_eq!(r["failed"], 0, "pod {name}: {r}");
+    }
+    let opened = |w| {
+        daemon.metric_sum(
+            "istio_tcp_connections_opened_total",
+            &[("source_workload", w)],
+        )
+    };
+    assert_eq!(opened("a"), 200.0);
+    assert_eq!(opened("b"), 200.0);
+    // Every redirected connection was found by its key: none went missing.
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_orig_dst_missing_total", &[]),
+        0.0
+    );
+}
+
+#[test]
+fn fifty_megabytes_each_way_with_half_close_arrive_byte_identical() {
+    const SIZE: u64 = 50 * 1024 * 1024;
+    let mut node = Node::new("xfer");
+    let servers = Servers::new();
+    let upstream = node.host("store");
+    let records = servers.xfer(&upstream, 7000, SIZE, 0x5eed);
+    let pod = node.pod("shop", "uploader-1");
+    node.write_config(
+        "shop.yaml",
+        &(namespace_yaml("shop", true, None) + &pod_yaml(&pod, &[("app", "uploader")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+
+    let out = pod.pdtool(&[
+        "xfer",
+        "--to",
+        &upstream.addr(7000).to_string(),
+        "--bytes",
+        &SIZE.to_string(),
+        "--seed",
+        "42",
+    ]);
+    assert_eq!(out["result"], "ok", "{out}");
+    let rec = wait_for(Duration::from_secs(5), || {
+        records.lock().unwrap().first().cloned()
+    })
+    .expect("server record");
+    assert_eq!(rec.received_bytes, SIZE);
+    assert_eq!(
+        out["sent_sha256"], rec.received_sha256,
+        "client→server bytes differ"
+    );
+    assert_eq!(out["received_bytes"], SIZE);
+    assert_eq!(
+        out["received_sha256"], rec.sent_sha256,
+        "server→client bytes differ"
+    );
+    let labels = [("source_workload", "uploader")];
+    assert!(wait_for(Duration::from_secs(3), || {
+        (daemon.metric_sum("istio_tcp_connections_closed_total", &labels) == 1.0).then_some(())
+    })
+    .is_some());
+    assert_eq!(
+        daemon.metric_sum("istio_tcp_received_bytes_total", &labels),
+        SIZE as f64
+    );
+    assert_eq!(
+        daemon.metric_sum("istio_tcp_sent_bytes_total", &labels),
+        SIZE as f64
+    );
+    eprintln!(
+        "50 MiB each way through the proxy: {:.0} ms",
+        out["elapsed_ms"].as_f64().unwrap()
+    );
+}
+
+fn program_ids(dump: &serde_json::Value) -> Vec<u32> {
+    dump["ebpf"]["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn loaded_program_ids() -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id())
+        .collect()
+}
+
+#[test]
+fn kill_9_leaves_fail_open_pods_direct_and_fail_closed_pods_refused_then_restart_adopts() {
+    let mut node = Node::new("kill9");
+    let servers = Servers::new();
+    let upstream = node.host("upstream");
+    let _seen = servers.identity(&upstream, 80);
+    let open_pod = node.pod("relaxed", "open-1");
+    let closed_pod = node.pod("strict", "closed-1");
+    node.write_config(
+        "ns.yaml",
+        &(namespace_yaml("relaxed", true, None)
+            + &namespace_yaml("strict", true, Some("closed"))
+            + &pod_yaml(&open_pod, &[("app", "open")])
+            + &pod_yaml(&closed_pod, &[("app", "closed")])),
+    );
+    let mut daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&open_pod.uid, Duration::from_secs(5));
+    daemon.wait_enrolled(&closed_pod.uid, Duration::from_secs(5));
+    let first_programs = program_ids(&daemon.config_dump());
+    let to = upstream.addr(80).to_string();
+    for pod in [&open_pod, &closed_pod] {
+        let out = pod.pdtool(&["connect", "--to", &to]);
+        assert!(
+            out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{out}"
+        );
+    }
+
+    daemon.kill9();
+    let killed = Instant::now();
+    // Programs stay attached (pinned), so the kernel decides per connect.
+    let out = open_pod.pdtool(&["connect", "--to", &to, "--retry-for-ms", "3000"]);
+    let open_ok_after = killed.elapsed();
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(
+        out["local"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", open_pod.host.ip)),
+        "went direct: {out}"
+    );
+    assert!(
+        open_ok_after < Duration::from_secs(1),
+        "fail-open pod connected only after {open_ok_after:?}"
+    );
+    let out = closed_pod.pdtool(&["connect", "--to", &to, "--timeout-ms", "3000"]);
+    assert_eq!(
+        out["result"], "eperm",
+        "fail-closed pod must be refused: {out}"
+    );
+    assert!(
+        out["attempt_ms"].as_f64().unwrap() < 100.0,
+        "refusal must be immediate: {out}"
+    );
+    eprintln!("after kill -9: fail-open direct connect after {open_ok_after:?}, fail-closed refused in {} ms", out["attempt_ms"]);
+
+    // A new daemon adopts the pinned programs instead of stacking a second copy.
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&open_pod.uid, Duration::from_secs(5));
+    daemon.wait_enrolled(&closed_pod.uid, Duration::from_secs(5));
+    let dump = daemon.config_dump();
+    assert_eq!(dump["ebpf"]["adopted_previous"], true, "{dump}");
+    let loaded = loaded_program_ids();
+    for id in first_programs {
+        assert!(
+            !loaded.contains(&id),
+            "program {id} of the killed daemon is still loaded"
+        );
+    }
+    let links: Vec<_> = std::fs::read_dir(&node.pin_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
+        .collect();
+    assert_eq!(links.len(), 3);
+    for pod in [&open_pod, &closed_pod] {
+        let out = pod.pdtool(&["connect", "--to", &to]);
+        assert_eq!(out["result"], "ok", "{out}");
+        assert!(
+            out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "captured again: {out}"
+        );
+    }
+}

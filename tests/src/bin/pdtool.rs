@@ -39,6 +39,13 @@ enum Cmd {
         #[arg(long)]
         concurrency: usize,
     },
+    /// Connect and keep the connection open (idle) for a while.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        ms: u64,
+    },
     /// Send N pseudo-random bytes, half-close, read everything back; report hashes.
     Xfer {
         #[arg(long)]
@@ -177,6 +184,14 @@ fn main() {
             let res = results.lock().unwrap();
             json!({"ok": res.0, "failed": res.1, "errors": res.2})
         }
+        Cmd::Hold { to, ms } => match TcpStream::connect(to) {
+            Ok(s) => {
+                let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                std::thread::sleep(Duration::from_millis(ms));
+                json!({"result": "ok", "local": local})
+            }
+            Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
+        },
         Cmd::Xfer { to, bytes, seed } => {
             let started = Instant::now();
             match TcpStream::connect(to) {
