@@ -36,25 +36,25 @@ impl Daemon {
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = node.work_dir.join(format!("daemon-{}.log", admin.port()));
+        let defaults: Vec<(&str, String)> = vec![
+            ("--config-dir", node.config_dir.display().to_string()),
+            ("--cgroup-root", node.cgroup_root.display().to_string()),
+            ("--bpf-pin-dir", node.pin_dir.display().to_string()),
+            ("--admin-addr", admin.to_string()),
+            ("--metrics-addr", metrics.to_string()),
+            ("--health-addr", health.to_string()),
+            ("--node-name", "test-node".to_string()),
+            ("--log-level", "info,proxy_daemon=debug".to_string()),
+        ];
         let mut cmd = Command::new(crate::target_bin("proxy-daemon"));
-        cmd.arg("run")
-            .arg("--config-dir")
-            .arg(&node.config_dir)
-            .arg("--cgroup-root")
-            .arg(&node.cgroup_root)
-            .arg("--bpf-pin-dir")
-            .arg(&node.pin_dir)
-            .args(["--admin-addr", &admin.to_string()])
-            .args(["--metrics-addr", &metrics.to_string()])
-            .args(["--health-addr", &health.to_string()])
-            .args([
-                "--node-name",
-                "test-node",
-                "--log-level",
-                "info,proxy_daemon=debug",
-            ])
-            .args(extra)
-            .env_remove("NODE_NAME");
+        cmd.arg("run");
+        // A flag the test passes itself replaces the default.
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value.as_str()]);
+            }
+        }
+        cmd.args(extra).env_remove("NODE_NAME");
         (cmd, admin, metrics, health, log)
     }
 

@@ -121,6 +121,26 @@ impl Pod {
         })
     }
 
+    /// Creates the pod's cgroups and starts its pause process (what kubelet does for a
+    /// sandbox). A pod made by [`Node::pod`] is already started.
+    pub fn start(&mut self) {
+        if self.pause.is_some() {
+            return;
+        }
+        let pause_cg = self.cgroup.join("cri-containerd-pause.scope");
+        fs::create_dir_all(&pause_cg).expect("pod cgroup");
+        fs::create_dir_all(self.app_cgroup()).expect("app cgroup");
+        let pause = self
+            .host
+            .command(Some(&pause_cg), Path::new("/bin/sleep"), &["infinity"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pause process");
+        self.pause = Some(pause);
+    }
+
     /// Kills the pod's processes and removes its cgroup (the pod is gone from the node).
     pub fn stop(&mut self) {
         if let Some(mut p) = self.pause.take() {
@@ -239,24 +259,16 @@ impl Node {
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
             uid.replace('-', "_")
         ));
-        let pause_cg = cgroup.join("cri-containerd-pause.scope");
-        fs::create_dir_all(&pause_cg).expect("pod cgroup");
-        fs::create_dir_all(cgroup.join("cri-containerd-app.scope")).expect("app cgroup");
-        let pause = host
-            .command(Some(&pause_cg), Path::new("/bin/sleep"), &["infinity"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pause process");
-        Pod {
+        let mut pod = Pod {
             host,
             name: name.to_string(),
             namespace: namespace.to_string(),
             uid,
             cgroup,
-            pause: Some(pause),
-        }
+            pause: None,
+        };
+        pod.start();
+        pod
     }
 
     /// Writes YAML into the daemon's config dir.

@@ -353,3 +353,268 @@ fn kill_9_leaves_fail_open_pods_direct_and_fail_closed_pods_refused_then_restart
         );
     }
 }
+
+/// Entries of the daemon's pinned maps, read straight from the kernel (not via the daemon).
+struct PinnedMaps {
+    enrolled: aya::maps::HashMap<aya::maps::MapData, u64, proxy_common::Enrolment>,
+    client: aya::maps::HashMap<aya::maps::MapData, proxy_common::ClientKey, proxy_common::OrigDst>,
+    sock: aya::maps::HashMap<aya::maps::MapData, u64, proxy_common::OrigDst>,
+}
+
+impl PinnedMaps {
+    fn open(node: &Node) -> Self {
+        use aya::maps::{HashMap, Map, MapData};
+        use proxy_common::maps;
+        let open = |name: &str| {
+            Map::from_map_data(MapData::from_pin(node.pin_dir.join(name)).expect("pinned map"))
+                .expect("map")
+        };
+        Self {
+            enrolled: HashMap::try_from(open(maps::ENROLLED)).unwrap(),
+            client: HashMap::try_from(open(maps::CLIENT_ORIG_DST)).unwrap(),
+            sock: HashMap::try_from(open(maps::SOCK_ORIG_DST)).unwrap(),
+        }
+    }
+
+    /// (enrolment entries for the cgroup, connection entries for the netns)
+    fn entries_for(&self, cgroup_id: u64, netns_cookie: u64) -> (usize, usize) {
+        let enrolled = self
+            .enrolled
+            .keys()
+            .flatten()
+            .filter(|k| *k == cgroup_id)
+            .count();
+        let conns = self
+            .client
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.netns_cookie == netns_cookie)
+            .count()
+            + self
+                .sock
+                .iter()
+                .flatten()
+                .filter(|(_, v)| v.netns_cookie == netns_cookie)
+                .count();
+        (enrolled, conns)
+    }
+}
+
+#[test]
+fn late_pod_is_enrolled_quickly_and_deleted_pods_leave_nothing_behind() {
+    let mut node = Node::new("late");
+    let servers = Servers::new();
+    let upstream = node.host("upstream");
+    let _seen = servers.identity(&upstream, 80);
+    node.write_config("ns.yaml", &namespace_yaml("shop", true, None));
+    let daemon = Daemon::start(&node, &[]);
+    let to = upstream.addr(80).to_string();
+
+    // 1. The pod's YAML arrives first, its cgroup and process after: enrolled within 1 s.
+    let mut late = node.pod("shop", "late-1");
+    late.stop(); // no cgroup or process yet, as before kubelet starts the sandbox
+    let late_uid = late.uid.clone();
+    node.write_config("late.yaml", &pod_yaml(&late, &[("app", "late")]));
+    assert!(wait_for(Duration::from_secs(3), || {
+        daemon
+            .workload_state(&late_uid)
+            .filter(|w| w["state"] == "waiting for cgroup")
+    })
+    .is_some());
+    late.start();
+    let appeared = Instant::now();
+    let state = daemon.wait_enrolled(&late_uid, Duration::from_secs(1));
+    eprintln!(
+        "late pod enrolled {:?} after its cgroup and process appeared",
+        appeared.elapsed()
+    );
+    let out = late.pdtool(&["connect", "--to", &to]);
+    assert!(
+        out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured: {out}"
+    );
+
+    // 2. Removed from the configuration while still running: un-enrolled, listener closed,
+    //    no map entries left, even with a connection open at the time.
+    let cgroup_id = state["cgroup_id"].as_u64().unwrap();
+    let cookie = state["netns_cookie"].as_u64().unwrap();
+    let hold = {
+        let cmd_pod = &late;
+        let mut c = cmd_pod.host.command(
+            Some(&cmd_pod.app_cgroup()),
+            &proxy_tests::target_bin("pdtool"),
+            &["hold", "--to", &to, "--ms", "3000"],
+        );
+        c.stdout(std::process::Stdio::null()).spawn().expect("hold")
+    };
+    let maps = PinnedMaps::open(&node);
+    assert!(wait_for(Duration::from_secs(2), || (maps
+        .entries_for(cgroup_id, cookie)
+        .1
+        > 0)
+    .then_some(()))
+    .is_some());
+    node.remove_config("late.yaml");
+    assert!(wait_for(Duration::from_secs(2), || daemon
+        .workload_state(&late_uid)
+        .is_none()
+        .then_some(()))
+    .is_some());
+    assert_eq!(
+        maps.entries_for(cgroup_id, cookie),
+        (0, 0),
+        "map entries left behind"
+    );
+    let out = late.pdtool(&["connect", "--to", "127.0.0.1:15001", "--timeout-ms", "500"]);
+    assert_eq!(out["result"], "refused", "listener must be closed: {out}");
+    let out = late.pdtool(&["connect", "--to", &to]);
+    assert!(
+        out["local"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", late.host.ip)),
+        "direct now: {out}"
+    );
+    let mut hold = hold;
+    let _ = hold.kill();
+    let _ = hold.wait();
+
+    // 3. A pod whose cgroup disappears (deleted from the node) while its YAML stays.
+    let mut gone = node.pod("shop", "gone-1");
+    node.write_config("gone.yaml", &pod_yaml(&gone, &[("app", "gone")]));
+    let state = daemon.wait_enrolled(&gone.uid, Duration::from_secs(2));
+    let (cgroup_id, cookie) = (
+        state["cgroup_id"].as_u64().unwrap(),
+        state["netns_cookie"].as_u64().unwrap(),
+    );
+    gone.stop();
+    assert!(wait_for(Duration::from_secs(2), || {
+        daemon
+            .workload_state(&gone.uid)
+            .filter(|w| w["state"] != "enrolled")
+    })
+    .is_some());
+    assert_eq!(maps.entries_for(cgroup_id, cookie), (0, 0));
+    assert_eq!(daemon.metric_sum("proxy_daemon_enrolled_pods", &[]), 0.0);
+}
+
+fn run_daemon_expecting_exit(node: &Node, extra: &[&str], uid: Option<u32>) -> (i32, String) {
+    use std::os::unix::process::CommandExt as _;
+    let (mut cmd, ..) = Daemon::command(node, extra);
+    if let Some(uid) = uid {
+        cmd.uid(uid);
+    }
+    let out = cmd.output().expect("run daemon");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+#[test]
+fn startup_errors_exit_2_with_one_line_saying_what_to_do() {
+    let node = Node::new("errs");
+    std::fs::remove_dir(&node.config_dir).unwrap();
+    let (code, stderr) = run_daemon_expecting_exit(&node, &[], None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "proxy-daemon: config dir {}: No such file",
+            node.config_dir.display()
+        )),
+        "{stderr}"
+    );
+    std::fs::create_dir(&node.config_dir).unwrap();
+    let cases: Vec<(Vec<String>, Option<u32>, &str)> = vec![
+        (
+            vec!["--cgroup-root".into(), "/tmp".into()],
+            None,
+            "not a directory on a cgroup2 filesystem",
+        ),
+        (vec![], Some(65534), "must run as root"),
+        (
+            vec!["--capture-label".into(), "oops".into()],
+            None,
+            "expected KEY=VALUE",
+        ),
+    ];
+    for (extra, uid, expect) in cases {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (code, stderr) = run_daemon_expecting_exit(&node, &extra, uid);
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{extra:?}: one line expected, got: {stderr}"
+        );
+        assert!(stderr.contains(expect), "{extra:?}: {stderr}");
+    }
+    // A port already taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = run_daemon_expecting_exit(&node, &["--admin-addr", &addr], None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--admin-addr") && stderr.contains("in use"),
+        "{stderr}"
+    );
+    // A broken file at startup: exit 2, the problem named by file and line.
+    node.write_config(
+        "bad.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\n  labels: [1]\n",
+    );
+    let (code, stderr) = run_daemon_expecting_exit(&node, &[], None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("bad.yaml:5: Pod/default/x:"), "{stderr}");
+}
+
+#[test]
+fn sigterm_and_quitquitquit_drain_detach_and_leave_pods_connecting_directly() {
+    let mut node = Node::new("term");
+    let servers = Servers::new();
+    let upstream = node.host("upstream");
+    let _seen = servers.identity(&upstream, 80);
+    let pod = node.pod("strict", "api-1");
+    // Even fail-closed pods connect directly after a clean shutdown: programs are detached.
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("strict", true, Some("closed")) + &pod_yaml(&pod, &[("app", "api")])),
+    );
+    let to = upstream.addr(80).to_string();
+
+    let mut daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert!(pod.pdtool(&["connect", "--to", &to])["local"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert_eq!(daemon.terminate(), Some(0), "log:\n{}", daemon.log_text());
+    assert!(
+        !node.pin_dir.exists(),
+        "pins must be removed on clean shutdown"
+    );
+    let out = pod.pdtool(&["connect", "--to", &to]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(
+        out["local"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", pod.host.ip)),
+        "{out}"
+    );
+
+    let mut daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert_eq!(daemon.quit(), 200);
+    let pid = daemon.pid().unwrap();
+    assert!(wait_for(Duration::from_secs(10), || (!std::path::Path::new(
+        &format!("/proc/{pid}")
+    )
+    .exists()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true))
+    .then_some(()))
+    .is_some());
+    assert_eq!(daemon.terminate(), Some(0));
+}

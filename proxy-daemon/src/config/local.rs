@@ -91,7 +91,17 @@ struct TypeMeta {
     #[serde(default)]
     kind: String,
     #[serde(default)]
-    metadata: k8s::ObjectMeta,
+    metadata: HeadMeta,
+}
+
+/// Just enough of `metadata` to name the object; anything wrong elsewhere in it is reported
+/// by the typed parse, with the object named.
+#[derive(Debug, Default, Deserialize)]
+struct HeadMeta {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
 }
 
 impl Document {
@@ -124,7 +134,18 @@ impl Document {
 fn yaml_error(e: &serde_saphyr::Error) -> (Option<usize>, String) {
     let line = e.location().map(|l| l.line() as usize).filter(|l| *l > 0);
     let text = e.to_string();
-    let message = text.lines().next().unwrap_or(&text).to_string();
+    let first = text.lines().next().unwrap_or(&text);
+    // "error: line 5 column 11: expected …": our prefix already says where.
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    let message = match message.strip_prefix("line ") {
+        Some(rest) => rest.split_once(": ").map(|(_, m)| m).unwrap_or(rest),
+        None => message,
+    };
+    let column = e.location().map(|l| l.column()).filter(|c| *c > 0);
+    let message = match column {
+        Some(c) => format!("{message} (column {c})"),
+        None => message.to_string(),
+    };
     (line, message)
 }
 
