@@ -300,8 +300,22 @@ async fn shutdown_signal(mut quit: watch::Receiver<bool>) -> &'static str {
     }
 }
 
+/// Every proxied connection holds two sockets; the usual soft limit of 1024 would cap a
+/// node at ~500 connections. Raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "could not raise the open-file limit");
+            }
+        }
+    }
+}
+
 pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     let settings = Arc::new(preflight(&args)?);
+    raise_fd_limit();
     let ready = Ready::new();
     let startup_block = ready.register_task("startup");
 
@@ -362,6 +376,9 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         ready.clone(),
     );
     let workload_status = enroller.status();
+    let map_stats = attached
+        .map_stats()
+        .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?;
 
     let mut dump = ConfigDump::default();
     {
@@ -407,7 +424,10 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         )),
         tokio::spawn(admin::serve(
             metrics_listener,
-            admin::metrics_handler(metrics.clone(), Arc::new(|| {})),
+            admin::metrics_handler(metrics.clone(), {
+                let metrics = metrics.clone();
+                Arc::new(move || metrics.refresh_from_maps(&map_stats))
+            }),
         )),
         tokio::spawn(admin::serve(
             health_listener,

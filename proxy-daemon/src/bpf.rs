@@ -94,7 +94,6 @@ pub struct EnrolmentMaps {
     enrolled: HashMap<MapData, u64, Enrolment>,
     client_dst: HashMap<MapData, ClientKey, OrigDst>,
     sock_dst: HashMap<MapData, u64, OrigDst>,
-    stats: PerCpuArray<MapData, u64>,
 }
 
 /// Read-only handle the data path uses to find a connection's original destination.
@@ -124,6 +123,21 @@ impl Attached {
         let map = open_pinned(&self.info.pin_dir, name)?;
         Ok(OrigDstTable {
             map: HashMap::try_from(map).map_err(map_err(name))?,
+        })
+    }
+
+    /// Independent read-only handles on the maps, for the metrics endpoint.
+    pub fn map_stats(&self) -> Result<MapStats, BpfError> {
+        let dir = &self.info.pin_dir;
+        Ok(MapStats {
+            enrolled: HashMap::try_from(open_pinned(dir, maps::ENROLLED)?)
+                .map_err(map_err(maps::ENROLLED))?,
+            client_dst: HashMap::try_from(open_pinned(dir, maps::CLIENT_ORIG_DST)?)
+                .map_err(map_err(maps::CLIENT_ORIG_DST))?,
+            sock_dst: HashMap::try_from(open_pinned(dir, maps::SOCK_ORIG_DST)?)
+                .map_err(map_err(maps::SOCK_ORIG_DST))?,
+            stats: PerCpuArray::try_from(open_pinned(dir, maps::CAPTURE_STATS)?)
+                .map_err(map_err(maps::CAPTURE_STATS))?,
         })
     }
 
@@ -182,7 +196,17 @@ impl EnrolmentMaps {
         }
         client_keys.len() + sock_keys.len()
     }
+}
 
+/// Read-only handles for metrics: entries per map and the kernel's capture counters.
+pub struct MapStats {
+    enrolled: HashMap<MapData, u64, Enrolment>,
+    client_dst: HashMap<MapData, ClientKey, OrigDst>,
+    sock_dst: HashMap<MapData, u64, OrigDst>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl MapStats {
     /// Entries per map, for metrics and /config_dump.
     pub fn entry_counts(&self) -> [(&'static str, usize); 3] {
         [
@@ -363,8 +387,6 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
             .map_err(map_err(maps::CLIENT_ORIG_DST))?,
         sock_dst: HashMap::try_from(take(&mut ebpf, maps::SOCK_ORIG_DST)?)
             .map_err(map_err(maps::SOCK_ORIG_DST))?,
-        stats: PerCpuArray::try_from(take(&mut ebpf, maps::CAPTURE_STATS)?)
-            .map_err(map_err(maps::CAPTURE_STATS))?,
     };
     info!(
         cgroup_root = %cgroup_root.display(),

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::{
     bpf::EnrolmentMaps,
     cgroup,
-    metrics::{Decision, DecisionLabels, MapLabels, Metrics},
+    metrics::Metrics,
     netns::{self, NetnsWorker},
     proxy::{self, PodContext, ProxyInputs},
     readiness::Ready,
@@ -28,7 +28,6 @@ use crate::{
 use proxy_common::{Enrolment, FailMode};
 
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
-const MAP_STATS_EVERY: u32 = 5;
 const READY_CONDITION: &str = "pod listeners";
 
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +85,6 @@ pub struct Enroller {
     waiting: BTreeMap<String, String>,
     next_pod_id: u32,
     status: Arc<ArcSwap<Vec<WorkloadStatus>>>,
-    passes: u32,
 }
 
 impl Enroller {
@@ -111,7 +109,6 @@ impl Enroller {
             waiting: BTreeMap::new(),
             next_pod_id: 1,
             status: Arc::new(ArcSwap::from_pointee(Vec::new())),
-            passes: 0,
         }
     }
 
@@ -225,10 +222,6 @@ impl Enroller {
             .enrolled_pods
             .set(self.pods.len() as i64);
         self.metrics.daemon.listeners.set(self.pods.len() as i64);
-        if self.passes % MAP_STATS_EVERY == 0 {
-            self.export_map_stats();
-        }
-        self.passes = self.passes.wrapping_add(1);
         self.publish_status(&snapshot.pods);
     }
 
@@ -318,26 +311,6 @@ impl Enroller {
             took_us = started.elapsed().as_micros() as u64,
             "pod unenrolled"
         );
-    }
-
-    fn export_map_stats(&self) {
-        let d = &self.metrics.daemon;
-        for (map, n) in self.maps.entry_counts() {
-            d.map_entries
-                .get_or_create(&MapLabels { map })
-                .set(n as i64);
-        }
-        let c = self.maps.capture_counts();
-        for (decision, v) in [
-            (Decision::Redirected, c.redirected),
-            (Decision::FailOpenBypass, c.bypass_fail_open),
-            (Decision::FailClosedRefused, c.refused_fail_closed),
-            (Decision::NetnsMismatch, c.netns_mismatch),
-        ] {
-            d.capture_decisions
-                .get_or_create(&DecisionLabels { decision })
-                .set(v as i64);
-        }
     }
 
     fn publish_status(&self, wanted: &BTreeMap<String, CapturedPod>) {

@@ -1,7 +1,7 @@
 //! Prometheus metrics: Istio's standard ones (`reporter="source"`) at the root of the
 //! registry, the daemon's own under `proxy_daemon_`.
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -87,17 +87,10 @@ pub struct MapLabels {
     pub map: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum Decision {
-    Redirected,
-    FailOpenBypass,
-    FailClosedRefused,
-    NetnsMismatch,
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
-    pub decision: Decision,
+    /// redirected | fail_open_bypass | fail_closed_refused | netns_mismatch
+    pub decision: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -246,6 +239,29 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+impl Metrics {
+    /// Copies the kernel-side numbers into gauges; called on each scrape.
+    pub fn refresh_from_maps(&self, maps: &crate::bpf::MapStats) {
+        let d = &self.daemon;
+        for (map, n) in maps.entry_counts() {
+            d.map_entries
+                .get_or_create(&MapLabels { map })
+                .set(n as i64);
+        }
+        let c = maps.capture_counts();
+        for (decision, v) in [
+            ("redirected", c.redirected),
+            ("fail_open_bypass", c.bypass_fail_open),
+            ("fail_closed_refused", c.refused_fail_closed),
+            ("netns_mismatch", c.netns_mismatch),
+        ] {
+            d.capture_decisions
+                .get_or_create(&DecisionLabels { decision })
+                .set(v as i64);
+        }
     }
 }
 

@@ -248,13 +248,19 @@ impl Node {
     /// A pod: host + cgroup `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice`
     /// with a pause process in a container cgroup below it. No YAML is written.
     pub fn pod(&mut self, namespace: &str, name: &str) -> Pod {
-        let host = self.host(name);
         let uid = format!(
             "{:08x}-{}-4000-8000-{:012x}",
             rand::random::<u32>(),
             &self.id[..4],
             rand::random::<u64>() & 0xffff_ffff_ffff
         );
+        self.pod_with_uid(namespace, name, &uid)
+    }
+
+    /// A pod whose uid is given (to match YAML written beforehand).
+    pub fn pod_with_uid(&mut self, namespace: &str, name: &str, uid: &str) -> Pod {
+        let host = self.host(name);
+        let uid = uid.to_string();
         let cgroup = self.cgroup_root.join(format!(
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
             uid.replace('-', "_")

@@ -79,6 +79,13 @@ fn captured_pod_reaches_upstream_through_daemon_with_its_own_ip() {
         reply_len
     );
     assert_eq!(daemon.metric_sum("proxy_daemon_enrolled_pods", &[]), 1.0);
+    assert_eq!(
+        daemon.metric_sum(
+            "proxy_daemon_capture_decisions",
+            &[("decision", "redirected")]
+        ),
+        1.0
+    );
 }
 
 #[test]

@@ -1,1 +1,206 @@
-fn main() {}
+//! `cargo xtask …`: the project's own commands. Each installs what it needs first, so a
+//! fresh machine needs nothing but Rust (and root, for eBPF and network namespaces).
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install prerequisites (rust-src, bpf-linker built against rustc's LLVM, apt packages).
+    Setup,
+    /// Set up, build once, then run formatting, lints, unit and end-to-end tests.
+    Test {
+        /// Skip fmt and clippy (quicker local iterations).
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Set up, build, and run the demo node: pods as network namespaces, the daemon
+    /// capturing them with deploy/examples/demo.yaml, some traffic, the metrics it made.
+    Demo,
+    /// Quick measurements: captured vs direct connects, latency, daemon memory.
+    Bench,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn cargo_home_bin() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    if !nix_is_root() {
+        bail!(
+            "run as root: the daemon loads eBPF programs and the tests create network namespaces"
+        );
+    }
+    // Debian packages the tests and demo use.
+    let mut missing = Vec::new();
+    for (program, package) in [("ip", "iproute2")] {
+        if !have(program) {
+            missing.push(package);
+        }
+    }
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    // The eBPF crate builds `core` from source.
+    let components = output(Command::new("rustup").args(["component", "list", "--installed"]))
+        .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src"]))?;
+    }
+    // bpf-linker linked against the LLVM that rustc itself ships (../shared/TOOLCHAIN.md).
+    let linker = cargo_home_bin().join("bpf-linker");
+    let version = output(Command::new(&linker).arg("--version")).unwrap_or_default();
+    if !version.contains(BPF_LINKER_VERSION) {
+        let sysroot = output(Command::new("rustc").args(["--print", "sysroot"]))
+            .context("rustc --print sysroot")?;
+        let libdir = Path::new(&sysroot).join("lib");
+        let libllvm = std::fs::read_dir(&libdir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+            })
+            .with_context(|| format!("no libLLVM.so.* in {}", libdir.display()))?;
+        let prefix = workspace_root().join("target/llvm-prefix");
+        std::fs::create_dir_all(prefix.join("lib"))?;
+        for name in [
+            "libLLVM.so".to_string(),
+            libllvm.file_name().unwrap().to_string_lossy().to_string(),
+        ] {
+            let link = prefix.join("lib").join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&libllvm, &link)?;
+        }
+        let major = libllvm
+            .to_string_lossy()
+            .rsplit("libLLVM.so.")
+            .next()
+            .unwrap_or("")
+            .split(['.', '-'])
+            .next()
+            .unwrap_or("")
+            .to_string();
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix))?;
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    output(Command::new("id").arg("-u")).as_deref() == Some("0")
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.args(args).current_dir(workspace_root());
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![cargo_home_bin()];
+    paths.extend(std::env::split_paths(&path));
+    cmd.env("PATH", std::env::join_paths(paths).expect("PATH"));
+    cmd
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test {
+            no_lint,
+            cargo_args,
+        } => {
+            setup()?;
+            if !no_lint {
+                run(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
+                run(&mut cargo(&[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
+            }
+            // Build once: the end-to-end tests run the daemon and pdtool binaries.
+            run(&mut cargo(&["build", "--workspace", "--bins"]))?;
+            let mut test = cargo(&["test", "--workspace"]);
+            test.args(&cargo_args);
+            run(&mut test)
+        }
+        Cmd::Demo => {
+            setup()?;
+            run(&mut cargo(&["build", "--workspace", "--bins"]))?;
+            run(Command::new(workspace_root().join("target/debug/demo"))
+                .current_dir(workspace_root()))
+        }
+        Cmd::Bench => {
+            setup()?;
+            run(&mut cargo(&["build", "--release", "--workspace", "--bins"]))?;
+            run(Command::new(workspace_root().join("target/release/bench"))
+                .current_dir(workspace_root())
+                .env("PROXY_BIN_DIR", workspace_root().join("target/release")))
+        }
+    }
+}

@@ -39,6 +39,22 @@ enum Cmd {
         #[arg(long)]
         concurrency: usize,
     },
+    /// Sequential connect + one exchange, N times: latency percentiles and rate.
+    Latency {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// Open N connections and keep them all open for a while.
+    HoldMany {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        ms: u64,
+    },
     /// Connect and keep the connection open (idle) for a while.
     Hold {
         #[arg(long)]
@@ -93,6 +109,20 @@ fn exchange(
         ));
     }
     Ok((line.trim_end().to_string(), local, peer))
+}
+
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn main() {
@@ -183,6 +213,43 @@ fn main() {
             }
             let res = results.lock().unwrap();
             json!({"ok": res.0, "failed": res.1, "errors": res.2})
+        }
+        Cmd::Latency { to, count } => {
+            let started = Instant::now();
+            let mut samples = Vec::with_capacity(count);
+            let mut failed = 0;
+            for i in 0..count {
+                let t = Instant::now();
+                match exchange(to, &format!("lat-{i}"), Duration::from_secs(5)) {
+                    Ok(_) => samples.push(t.elapsed().as_secs_f64() * 1e6),
+                    Err(_) => failed += 1,
+                }
+            }
+            let total = started.elapsed().as_secs_f64();
+            samples.sort_by(f64::total_cmp);
+            let pct = |p: f64| {
+                samples
+                    .get(((samples.len() as f64 - 1.0) * p) as usize)
+                    .copied()
+                    .unwrap_or(0.0)
+            };
+            json!({"ok": samples.len(), "failed": failed, "per_sec": samples.len() as f64 / total,
+                "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99)})
+        }
+        Cmd::HoldMany { to, count, ms } => {
+            raise_nofile();
+            let mut held = Vec::new();
+            let mut failed = 0;
+            for _ in 0..count {
+                match TcpStream::connect(to) {
+                    Ok(s) => held.push(s),
+                    Err(_) => failed += 1,
+                }
+            }
+            // Tell the caller we are holding, then hold.
+            println!("{}", json!({"holding": held.len(), "failed": failed}));
+            std::thread::sleep(Duration::from_millis(ms));
+            return;
         }
         Cmd::Hold { to, ms } => match TcpStream::connect(to) {
             Ok(s) => {
