@@ -36,7 +36,7 @@ pub enum AppError {
     Runtime(#[from] anyhow::Error),
 }
 
-pub fn main(args: RunArgs) -> ExitCode {
+pub fn main(args: Box<RunArgs>) -> ExitCode {
     let logs = match telemetry::init(args.log_format, &args.log_level) {
         Ok(l) => l,
         Err(e) => {
@@ -54,7 +54,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(args, logs)) {
+    match runtime.block_on(run(*args, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(AppError::Startup(msg)) => {
             eprintln!("proxy-daemon: {msg}");

@@ -236,7 +236,12 @@ impl MapStats {
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
     let is_bpffs = |p: &Path| {
         nix::sys::statfs::statfs(p)
-            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            // __fsword_t is i64 on x86_64 but not on every arch.
+            .map(|s| {
+                #[allow(clippy::unnecessary_cast)]
+                let magic = s.filesystem_type().0 as i64;
+                magic == BPF_FS_MAGIC
+            })
             .unwrap_or(false)
     };
     let mount_point = Path::new(BPFFS_MOUNT);

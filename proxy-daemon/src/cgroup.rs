@@ -42,8 +42,11 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 
 /// Checks that `path` is a cgroup2 directory.
 pub fn check_cgroup2_dir(path: &Path) -> Result<(), CgroupError> {
-    match nix::sys::statfs::statfs(path) {
-        Ok(s) if s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC => Ok(()),
+    // __fsword_t is i64 on x86_64 but not on every arch.
+    #[allow(clippy::unnecessary_cast)]
+    let magic = nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64);
+    match magic {
+        Ok(m) if m == CGROUP2_SUPER_MAGIC => Ok(()),
         _ => Err(CgroupError::NotCgroup2 {
             path: path.to_owned(),
         }),

@@ -16,7 +16,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Capture the pods of labelled namespaces on this node and proxy their connections.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check YAML files or directories; print `PATH:LINE: KIND/NAMESPACE/NAME: message`.
     Validate {
         #[arg(required = true)]

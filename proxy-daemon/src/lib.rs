@@ -2,6 +2,10 @@
 //!
 //! Data flows one way: config source → store → compile ([`state`]) → snapshot →
 //! enrolment ([`enrol`]) and data path ([`proxy`]) → metrics/admin.
+// ConfigError carries file, line, object and message by design; it is built on the
+// configuration path, never per connection.
+#![allow(clippy::result_large_err)]
+
 pub mod admin;
 pub mod app;
 pub mod bpf;

@@ -160,6 +160,7 @@ fn main() {
             count,
             concurrency,
         } => {
+            let started = Instant::now();
             let next = Arc::new(Mutex::new(0usize));
             let results = Arc::new(Mutex::new((0usize, 0usize, Vec::<String>::new())));
             let barrier = Arc::new(std::sync::Barrier::new(concurrency));
@@ -212,7 +213,8 @@ fn main() {
                 let _ = t.join();
             }
             let res = results.lock().unwrap();
-            json!({"ok": res.0, "failed": res.1, "errors": res.2})
+            let secs = started.elapsed().as_secs_f64();
+            json!({"ok": res.0, "failed": res.1, "errors": res.2, "elapsed_ms": secs * 1e3, "per_sec": res.0 as f64 / secs})
         }
         Cmd::Latency { to, count } => {
             let started = Instant::now();
