@@ -115,10 +115,9 @@ fn main() {
     println!("  connects/s, 32 concurrent (5000):           direct {:.0}/s | captured {:.0}/s | ratio {:.2}",
         cps(0), cps(1), cps(1) / cps(0));
     println!(
-        "  daemon RSS: idle {} KiB, with 1000 open proxied connections {} KiB ({}: {})",
+        "  daemon RSS: idle {} KiB, with 1000 open proxied connections {} KiB (client: {})",
         rss_idle,
         rss_1000,
-        "holding",
         first.trim()
     );
     println!(
