@@ -120,9 +120,12 @@ impl Enroller {
     /// maps back.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> EnrolmentMaps {
         let mut changed = self.published.subscribe();
+        // Entries an earlier daemon left stay until this first pass has replaced them:
+        // meanwhile the kernel finds no listener and applies each pod's fail mode, so a
+        // fail-closed pod is never let through during a restart.
+        self.reconcile().await;
         self.forget_foreign_entries();
         loop {
-            self.reconcile().await;
             tokio::select! {
                 _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
                 r = changed.changed() => { if r.is_err() { break } }
@@ -131,6 +134,7 @@ impl Enroller {
             if *stop.borrow() {
                 break;
             }
+            self.reconcile().await;
         }
         for (_, pod) in std::mem::take(&mut self.pods) {
             pod.listener_task.abort();
@@ -139,8 +143,7 @@ impl Enroller {
         self.maps
     }
 
-    /// Enrolment entries left by an earlier daemon for cgroups we have not (yet) enrolled
-    /// would make the kernel look for listeners that do not exist; start clean.
+    /// Enrolment entries left by an earlier daemon for pods that are no longer wanted.
     fn forget_foreign_entries(&mut self) {
         for (cgroup_id, e) in self.maps.enrolled() {
             if !self.pods.values().any(|p| p.cgroup_id == cgroup_id) {

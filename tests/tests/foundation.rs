@@ -332,8 +332,31 @@ fn kill_9_leaves_fail_open_pods_direct_and_fail_closed_pods_refused_then_restart
     );
     eprintln!("after kill -9: fail-open direct connect after {open_ok_after:?}, fail-closed refused in {} ms", out["attempt_ms"]);
 
-    // A new daemon adopts the pinned programs instead of stacking a second copy.
+    // A new daemon adopts the pinned programs instead of stacking a second copy. While it
+    // starts, the fail-closed pod keeps trying: refused or captured, never direct.
+    let watcher = {
+        let mut c = closed_pod.host.command(
+            Some(&closed_pod.app_cgroup()),
+            &proxy_tests::target_bin("pdtool"),
+            &["watch", "--to", &to, "--ms", "2500"],
+        );
+        c.stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("watch")
+    };
+    std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&node, &[]);
+    let watched: serde_json::Value =
+        serde_json::from_slice(&watcher.wait_with_output().expect("watch output").stdout)
+            .expect("watch JSON");
+    assert_eq!(
+        watched.get("direct"),
+        None,
+        "fail-closed pod bypassed the proxy during restart: {watched}"
+    );
+    assert!(watched["eperm"].as_u64().unwrap_or(0) > 0, "{watched}");
+    assert!(watched["captured"].as_u64().unwrap_or(0) > 0, "{watched}");
+    eprintln!("fail-closed pod during restart: {watched}");
     daemon.wait_enrolled(&open_pod.uid, Duration::from_secs(5));
     daemon.wait_enrolled(&closed_pod.uid, Duration::from_secs(5));
     let dump = daemon.config_dump();

@@ -55,6 +55,14 @@ enum Cmd {
         #[arg(long)]
         ms: u64,
     },
+    /// Connect over and over for a while; count how each attempt went
+    /// (captured = via the pod-local listener, direct, or the error).
+    Watch {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        ms: u64,
+    },
     /// Connect and keep the connection open (idle) for a while.
     Hold {
         #[arg(long)]
@@ -252,6 +260,20 @@ fn main() {
             println!("{}", json!({"holding": held.len(), "failed": failed}));
             std::thread::sleep(Duration::from_millis(ms));
             return;
+        }
+        Cmd::Watch { to, ms } => {
+            let started = Instant::now();
+            let mut counts = std::collections::BTreeMap::<String, u64>::new();
+            while started.elapsed() < Duration::from_millis(ms) {
+                let kind = match exchange(to, "watch", Duration::from_secs(2)) {
+                    Ok((_, local, _)) if local.ip().is_loopback() => "captured".to_string(),
+                    Ok(_) => "direct".to_string(),
+                    Err(e) => classify(&e).to_string(),
+                };
+                *counts.entry(kind).or_default() += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            json!(counts)
         }
         Cmd::Hold { to, ms } => match TcpStream::connect(to) {
             Ok(s) => {
