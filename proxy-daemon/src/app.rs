@@ -210,6 +210,25 @@ fn load_config(
     )
 }
 
+/// Makes a good snapshot current and records that it was.
+fn publish(
+    snap: state::Snapshot,
+    published: &Published,
+    metrics: &Metrics,
+    status: &Mutex<ConfigStatus>,
+) {
+    let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+    st.generation = snap.generation;
+    st.last_success_unix_ms = now_ms();
+    st.last_error.clear();
+    published.store(snap);
+    metrics.daemon.config_reloads.inc();
+    metrics
+        .daemon
+        .config_last_success
+        .set((now_ms() / 1000) as i64);
+}
+
 /// Watches the config dir and publishes each good snapshot; a bad one is reported and the
 /// last good one keeps serving.
 async fn watch_config(
@@ -234,16 +253,7 @@ async fn watch_config(
         match load_config(&settings, &published) {
             Ok(snap) => {
                 let generation = snap.generation;
-                published.store(snap);
-                metrics.daemon.config_reloads.inc();
-                metrics
-                    .daemon
-                    .config_last_success
-                    .set((now_ms() / 1000) as i64);
-                let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-                st.generation = generation;
-                st.last_success_unix_ms = now_ms();
-                st.last_error.clear();
+                publish(snap, &published, &metrics, &status);
                 info!(
                     generation,
                     took_ms = started.elapsed().as_millis() as u64,
@@ -327,17 +337,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     let published = Arc::new(Published::new());
     let config_status = Arc::new(Mutex::new(ConfigStatus::default()));
     match load_config(&settings, &published) {
-        Ok(snap) => {
-            let mut st = config_status.lock().unwrap_or_else(|p| p.into_inner());
-            st.generation = snap.generation;
-            st.last_success_unix_ms = now_ms();
-            published.store(snap);
-            metrics.daemon.config_reloads.inc();
-            metrics
-                .daemon
-                .config_last_success
-                .set((now_ms() / 1000) as i64);
-        }
+        Ok(snap) => publish(snap, &published, &metrics, &config_status),
         Err(errors) => {
             for e in &errors {
                 eprintln!("{e}");

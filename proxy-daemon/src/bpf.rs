@@ -314,6 +314,31 @@ fn pin_replacing(fd_link: FdLink, path: &Path) -> Result<(PinnedLink, bool), Bpf
     Ok((pinned, adopted))
 }
 
+/// Loads program `$name` (of aya type `$ty`), attaches it to the cgroup and returns its
+/// fd-based link with the program's id. A macro because aya's program types share these
+/// methods without a common trait.
+macro_rules! load_attach {
+    ($ebpf:expr, $ty:ty, $name:expr, $cgroup:expr, $pin_dir:expr) => {{
+        let name: &'static str = $name;
+        let perr = |source| BpfError::Program { name, source };
+        let program: &mut $ty = $ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(perr)?;
+        program.load().map_err(perr)?;
+        let link_id = program
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(perr)?;
+        let link = program.take_link(link_id).map_err(perr)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
+            path: $pin_dir.to_owned(),
+            message: format!("{name} link is not fd-based: {e}"),
+        })?;
+        (fd_link, program.info().ok().map(|info| info.id()))
+    }};
+}
+
 /// Loads the programs, attaches them to `cgroup_root` and pins links and maps in `pin_dir`.
 pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, BpfError> {
     ensure_bpffs(pin_dir)?;
@@ -330,56 +355,38 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
         source,
     })?;
 
+    // Attach every new link before any old one is dropped: no connect slips through.
+    let cgroup = cgroup.as_fd();
+    let new_links = [
+        (
+            programs::CONNECT4,
+            load_attach!(ebpf, CgroupSockAddr, programs::CONNECT4, cgroup, pin_dir),
+        ),
+        (
+            programs::GETPEERNAME4,
+            load_attach!(
+                ebpf,
+                CgroupSockAddr,
+                programs::GETPEERNAME4,
+                cgroup,
+                pin_dir
+            ),
+        ),
+        (
+            programs::SOCK_OPS,
+            load_attach!(ebpf, SockOps, programs::SOCK_OPS, cgroup, pin_dir),
+        ),
+    ];
     let mut links = Vec::new();
     let mut program_ids = Vec::new();
     let mut adopted_previous = false;
-    for name in [programs::CONNECT4, programs::GETPEERNAME4] {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Missing(name))?
-            .try_into()
-            .map_err(|source| BpfError::Program { name, source })?;
-        let perr = |source| BpfError::Program { name, source };
-        program.load().map_err(perr)?;
-        let link_id = program
-            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-            .map_err(perr)?;
-        let link = program.take_link(link_id).map_err(perr)?;
-        let fd_link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
-            path: pin_dir.to_owned(),
-            message: format!("{name} link is not fd-based: {e}"),
-        })?;
+    for (name, (fd_link, program_id)) in new_links {
         let path = pin_dir.join(format!("link_{name}"));
         let (pinned, adopted) = pin_replacing(fd_link, &path)?;
         adopted_previous |= adopted;
         links.push((path, pinned));
-        if let Ok(info) = program.info() {
-            program_ids.push((name.to_string(), info.id()));
-        }
-    }
-    {
-        let name = programs::SOCK_OPS;
-        let perr = |source| BpfError::Program { name, source };
-        let program: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Missing(name))?
-            .try_into()
-            .map_err(perr)?;
-        program.load().map_err(perr)?;
-        let link_id = program
-            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-            .map_err(perr)?;
-        let link = program.take_link(link_id).map_err(perr)?;
-        let fd_link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
-            path: pin_dir.to_owned(),
-            message: format!("{name} link is not fd-based: {e}"),
-        })?;
-        let path = pin_dir.join(format!("link_{name}"));
-        let (pinned, adopted) = pin_replacing(fd_link, &path)?;
-        adopted_previous |= adopted;
-        links.push((path, pinned));
-        if let Ok(info) = program.info() {
-            program_ids.push((name.to_string(), info.id()));
+        if let Some(id) = program_id {
+            program_ids.push((name.to_string(), id));
         }
     }
 

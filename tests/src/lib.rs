@@ -7,6 +7,7 @@ pub mod servers;
 
 pub use daemon::Daemon;
 pub use node::{Host, Node, Pod};
+pub use servers::{Seen, Servers};
 
 /// Deterministic byte stream (xorshift64) so both ends of a transfer can make and check the
 /// same data without storing it.

@@ -4,17 +4,46 @@ use std::time::{Duration, Instant};
 
 use proxy_tests::{
     daemon::Daemon,
-    node::{namespace_yaml, pod_yaml, Node},
-    servers::Servers,
+    node::{namespace_yaml, pod_yaml, Host, Node},
+    servers::{Seen, Servers},
     wait_for,
 };
 
-#[test]
-fn captured_pod_reaches_upstream_through_daemon_with_its_own_ip() {
-    let mut node = Node::new("basic");
+/// The app's socket is connected to the pod-local listener: the connect was captured.
+#[track_caller]
+fn assert_captured(out: &serde_json::Value) {
+    assert_eq!(out["result"], "ok", "{out}");
+    let local = out["local"].as_str().unwrap_or("");
+    assert!(
+        local.starts_with("127.0.0.1:"),
+        "expected a captured connection: {out}"
+    );
+}
+
+/// The app's socket carries the pod IP: the connect went directly to its destination.
+#[track_caller]
+fn assert_direct(out: &serde_json::Value, pod: &proxy_tests::Pod) {
+    assert_eq!(out["result"], "ok", "{out}");
+    let local = out["local"].as_str().unwrap_or("");
+    assert!(
+        local.starts_with(&format!("{}:", pod.host.ip)),
+        "expected {} to connect directly: {out}",
+        pod.name
+    );
+}
+
+/// A node with one upstream host running an identity server on `port`.
+fn node_with_upstream(tag: &str, port: u16) -> (Node, Servers, Host, Seen) {
+    let mut node = Node::new(tag);
     let servers = Servers::new();
     let upstream = node.host("upstream");
-    let seen = servers.identity(&upstream, 8080);
+    let seen = servers.identity(&upstream, port);
+    (node, servers, upstream, seen)
+}
+
+#[test]
+fn captured_pod_reaches_upstream_through_daemon_with_its_own_ip() {
+    let (mut node, _servers, upstream, seen) = node_with_upstream("basic", 8080);
     let pod = node.pod("shop", "web-1");
     node.write_config(
         "shop.yaml",
@@ -36,10 +65,7 @@ fn captured_pod_reaches_upstream_through_daemon_with_its_own_ip() {
     );
     assert_eq!(out["peer"], upstream.addr(8080).to_string());
     // Captured: the app's socket is connected to the pod-local listener...
-    assert!(
-        out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
-        "{out}"
-    );
+    assert_captured(&out);
     // ...and the upstream saw the pod's own IP, not the node's.
     let peers = seen.peers();
     assert_eq!(peers.len(), 1);
@@ -90,10 +116,7 @@ fn captured_pod_reaches_upstream_through_daemon_with_its_own_ip() {
 
 #[test]
 fn uncaptured_namespace_and_opted_out_pod_are_not_intercepted() {
-    let mut node = Node::new("nocap");
-    let servers = Servers::new();
-    let upstream = node.host("upstream");
-    let _seen = servers.identity(&upstream, 80);
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("nocap", 80);
     let captured = node.pod("shop", "web-1");
     let opted_out = node.pod("shop", "batch-1");
     let other_ns = node.pod("plain", "cron-1");
@@ -124,22 +147,10 @@ fn uncaptured_namespace_and_opted_out_pod_are_not_intercepted() {
     let to = upstream.addr(80).to_string();
     for pod in [&opted_out, &other_ns] {
         let out = pod.pdtool(&["connect", "--to", &to]);
-        assert_eq!(out["result"], "ok", "{out}");
-        // Direct: the app's own socket carries the pod IP, not the pod-local listener.
-        assert!(
-            out["local"]
-                .as_str()
-                .unwrap()
-                .starts_with(&format!("{}:", pod.host.ip)),
-            "{} was intercepted: {out}",
-            pod.name
-        );
+        assert_direct(&out, pod);
     }
     let out = captured.pdtool(&["connect", "--to", &to]);
-    assert!(
-        out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
-        "{out}"
-    );
+    assert_captured(&out);
     let opened = |workload| {
         daemon.metric_sum(
             "istio_tcp_connections_opened_total",
@@ -278,10 +289,7 @@ fn loaded_program_ids() -> Vec<u32> {
 
 #[test]
 fn kill_9_leaves_fail_open_pods_direct_and_fail_closed_pods_refused_then_restart_adopts() {
-    let mut node = Node::new("kill9");
-    let servers = Servers::new();
-    let upstream = node.host("upstream");
-    let _seen = servers.identity(&upstream, 80);
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("kill9", 80);
     let open_pod = node.pod("relaxed", "open-1");
     let closed_pod = node.pod("strict", "closed-1");
     node.write_config(
@@ -298,10 +306,7 @@ fn kill_9_leaves_fail_open_pods_direct_and_fail_closed_pods_refused_then_restart
     let to = upstream.addr(80).to_string();
     for pod in [&open_pod, &closed_pod] {
         let out = pod.pdtool(&["connect", "--to", &to]);
-        assert!(
-            out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
-            "{out}"
-        );
+        assert_captured(&out);
     }
 
     daemon.kill9();
@@ -310,13 +315,7 @@ fn kill_9_leaves_fail_open_pods_direct_and_fail_closed_pods_refused_then_restart
     let out = open_pod.pdtool(&["connect", "--to", &to, "--retry-for-ms", "3000"]);
     let open_ok_after = killed.elapsed();
     assert_eq!(out["result"], "ok", "{out}");
-    assert!(
-        out["local"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", open_pod.host.ip)),
-        "went direct: {out}"
-    );
+    assert_direct(&out, &open_pod);
     assert!(
         open_ok_after < Duration::from_secs(1),
         "fail-open pod connected only after {open_ok_after:?}"
@@ -377,10 +376,7 @@ fn kill_9_leaves_fail_open_pods_direct_and_fail_closed_pods_refused_then_restart
     for pod in [&open_pod, &closed_pod] {
         let out = pod.pdtool(&["connect", "--to", &to]);
         assert_eq!(out["result"], "ok", "{out}");
-        assert!(
-            out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
-            "captured again: {out}"
-        );
+        assert_captured(&out);
     }
 }
 
@@ -432,10 +428,7 @@ impl PinnedMaps {
 
 #[test]
 fn late_pod_is_enrolled_quickly_and_deleted_pods_leave_nothing_behind() {
-    let mut node = Node::new("late");
-    let servers = Servers::new();
-    let upstream = node.host("upstream");
-    let _seen = servers.identity(&upstream, 80);
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("late", 80);
     node.write_config("ns.yaml", &namespace_yaml("shop", true, None));
     let daemon = Daemon::start(&node, &[]);
     let to = upstream.addr(80).to_string();
@@ -459,10 +452,7 @@ fn late_pod_is_enrolled_quickly_and_deleted_pods_leave_nothing_behind() {
         appeared.elapsed()
     );
     let out = late.pdtool(&["connect", "--to", &to]);
-    assert!(
-        out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
-        "captured: {out}"
-    );
+    assert_captured(&out);
 
     // 2. Removed from the configuration while still running: un-enrolled, listener closed,
     //    no map entries left, even with a connection open at the time.
@@ -498,13 +488,7 @@ fn late_pod_is_enrolled_quickly_and_deleted_pods_leave_nothing_behind() {
     let out = late.pdtool(&["connect", "--to", "127.0.0.1:15001", "--timeout-ms", "500"]);
     assert_eq!(out["result"], "refused", "listener must be closed: {out}");
     let out = late.pdtool(&["connect", "--to", &to]);
-    assert!(
-        out["local"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", late.host.ip)),
-        "direct now: {out}"
-    );
+    assert_direct(&out, &late);
     let mut hold = hold;
     let _ = hold.kill();
     let _ = hold.wait();
@@ -600,10 +584,7 @@ fn startup_errors_exit_2_with_one_line_saying_what_to_do() {
 
 #[test]
 fn sigterm_and_quitquitquit_drain_detach_and_leave_pods_connecting_directly() {
-    let mut node = Node::new("term");
-    let servers = Servers::new();
-    let upstream = node.host("upstream");
-    let _seen = servers.identity(&upstream, 80);
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("term", 80);
     let pod = node.pod("strict", "api-1");
     // Even fail-closed pods connect directly after a clean shutdown: programs are detached.
     node.write_config(
@@ -614,10 +595,7 @@ fn sigterm_and_quitquitquit_drain_detach_and_leave_pods_connecting_directly() {
 
     let mut daemon = Daemon::start(&node, &[]);
     daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
-    assert!(pod.pdtool(&["connect", "--to", &to])["local"]
-        .as_str()
-        .unwrap()
-        .starts_with("127.0.0.1:"));
+    assert_captured(&pod.pdtool(&["connect", "--to", &to]));
     assert_eq!(daemon.terminate(), Some(0), "log:\n{}", daemon.log_text());
     assert!(
         !node.pin_dir.exists(),
@@ -625,13 +603,7 @@ fn sigterm_and_quitquitquit_drain_detach_and_leave_pods_connecting_directly() {
     );
     let out = pod.pdtool(&["connect", "--to", &to]);
     assert_eq!(out["result"], "ok", "{out}");
-    assert!(
-        out["local"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{}:", pod.host.ip)),
-        "{out}"
-    );
+    assert_direct(&out, &pod);
 
     let mut daemon = Daemon::start(&node, &[]);
     daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
