@@ -60,6 +60,46 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, passing its output through, and ends with one line that totals every
+/// test binary's result (cargo prints one "test result" per binary, the last often empty).
+fn run_tests_with_total(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim()
+                                .trim_start_matches("ok. ")
+                                .trim_start_matches("FAILED. ")
+                                .strip_suffix(word)
+                        })
+                        .and_then(|n| n.trim().parse().ok())
+                        .unwrap_or(0)
+                };
+                passed += count(" passed");
+                failed += count(" failed");
+                ignored += count(" ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
@@ -185,9 +225,10 @@ fn main() -> Result<()> {
             }
             // Build once: the end-to-end tests run the daemon and pdtool binaries.
             run(&mut cargo(&["build", "--workspace", "--bins"]))?;
-            let mut test = cargo(&["test", "--workspace"]);
+            // No doc tests (there are none); every other target's tests run.
+            let mut test = cargo(&["test", "--workspace", "--lib", "--bins", "--tests"]);
             test.args(&cargo_args);
-            run(&mut test)
+            run_tests_with_total(&mut test)
         }
         Cmd::Demo => {
             setup()?;
