@@ -200,7 +200,7 @@ fn load_config(
     published: &Published,
 ) -> Result<state::Snapshot, Vec<ConfigError>> {
     let loaded = local::load_path(&settings.config_dir);
-    if !loaded.errors.is_empty() {
+    if loaded.errors.iter().any(ConfigError::is_error) {
         return Err(loaded.errors);
     }
     state::compile(

@@ -17,6 +17,8 @@ pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod readiness;
+pub mod registry;
+pub mod routes;
 pub mod state;
 pub mod telemetry;
 pub mod validate;

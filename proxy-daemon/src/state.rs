@@ -62,6 +62,10 @@ pub struct NamespaceState {
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Snapshot {
     pub generation: u64,
+    pub registry: crate::registry::Registry,
+    pub routes: crate::routes::RouteTable,
+    /// Warnings and notes of the compile that produced this snapshot.
+    pub findings: Vec<String>,
     pub namespaces: BTreeMap<String, NamespaceState>,
     /// Captured pods on this node, by uid.
     pub pods: BTreeMap<String, CapturedPod>,
@@ -85,12 +89,7 @@ pub fn compile(
 ) -> Result<Snapshot, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let mut seen: BTreeMap<ObjectRef, &Origin> = BTreeMap::new();
-    let err = |o: &Located<Object>, message: String| ConfigError {
-        path: o.origin.path.clone(),
-        line: o.origin.line,
-        object: Some(o.object_ref.clone()),
-        message,
-    };
+    let err = |o: &Located<Object>, message: String| o.error(0, message);
     for o in objects {
         if let Some(first) = seen.insert(o.object_ref.clone(), &o.origin) {
             errors.push(err(
@@ -192,11 +191,19 @@ pub fn compile(
             },
         );
     }
-    if errors.is_empty() {
-        Ok(snap)
-    } else {
-        Err(errors)
+    snap.registry = crate::registry::build(objects, &mut errors);
+    snap.routes = crate::routes::build(objects, &snap.registry, &mut errors);
+    sort_findings(&mut errors);
+    if errors.iter().any(ConfigError::is_error) {
+        return Err(errors);
     }
+    snap.findings = errors.iter().map(ToString::to_string).collect();
+    Ok(snap)
+}
+
+/// File order, then line, so messages read top to bottom.
+pub fn sort_findings(findings: &mut [ConfigError]) {
+    findings.sort_by(|a, b| (&a.path, a.line, a.severity).cmp(&(&b.path, b.line, b.severity)));
 }
 
 /// The published snapshot plus change notification. Readers load; one writer stores.

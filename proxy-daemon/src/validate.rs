@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
-    config::{local, ConfigError},
+    config::{local, ConfigError, Severity},
     state::{self, CaptureSettings},
 };
 use proxy_common::FailMode;
@@ -18,8 +18,9 @@ pub fn problems(paths: &[PathBuf]) -> Vec<ConfigError> {
             out.push(ConfigError {
                 path: origin.path,
                 line: origin.line,
-                message: format!("kind {} is not supported by this build", object.kind),
+                message: format!("kind {} is not used by proxy-daemon; ignored", object.kind),
                 object: Some(object),
+                severity: Severity::Note,
             });
         }
         let settings = CaptureSettings {
@@ -28,11 +29,19 @@ pub fn problems(paths: &[PathBuf]) -> Vec<ConfigError> {
             node_name: String::new(),
             default_fail_mode: FailMode::Open,
         };
-        if let Err(errors) = state::compile(&loaded.objects, &settings, 0) {
-            out.extend(errors);
+        match state::compile(&loaded.objects, &settings, 0) {
+            Err(errors) => out.extend(errors),
+            Ok(_) => {
+                // Compile again only for its findings: warnings and notes do not fail it.
+                let mut findings = Vec::new();
+                let registry = crate::registry::build(&loaded.objects, &mut findings);
+                crate::routes::build(&loaded.objects, &registry, &mut findings);
+                out.extend(findings);
+            }
         }
     }
-    out.sort_by(|a, b| (&a.path, a.line).cmp(&(&b.path, b.line)));
+    state::sort_findings(&mut out);
+    out.dedup();
     out
 }
 
@@ -41,7 +50,7 @@ pub fn run(paths: &[PathBuf]) -> ExitCode {
     for p in &problems {
         println!("{p}");
     }
-    if problems.is_empty() {
+    if !problems.iter().any(ConfigError::is_error) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -58,6 +58,8 @@ pub struct PodSpec {
     #[serde(default)]
     pub node_name: Option<String>,
     #[serde(default)]
+    pub containers: Vec<Container>,
+    #[serde(default)]
     pub host_network: bool,
 }
 
@@ -66,6 +68,139 @@ pub struct PodSpec {
 pub struct PodStatus {
     #[serde(default)]
     pub phase: Option<String>,
-    #[serde(default)]
+    #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<PodCondition>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodCondition {
+    #[serde(default, rename = "type")]
+    pub condition_type: String,
+    #[serde(default)]
+    pub status: String,
+}
+
+/// `targetPort`: a number or a container port name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(u32),
+    String(String),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u32,
+    #[serde(default)]
+    pub target_port: Option<IntOrString>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePortSpec>,
+    #[serde(default)]
+    pub selector: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "type")]
+    pub service_type: Option<String>,
+    #[serde(default)]
+    pub external_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointConditions {
+    #[serde(default)]
+    pub ready: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectReference {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub conditions: EndpointConditions,
+    #[serde(default)]
+    pub target_ref: Option<ObjectReference>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub address_type: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub ports: Vec<EndpointPort>,
+}
+
+/// Label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodContainerPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub container_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<PodContainerPort>,
 }

@@ -116,6 +116,7 @@ impl Document {
             line: self.first_line + line_in_doc.unwrap_or(1).saturating_sub(1),
             object,
             message,
+            severity: Default::default(),
         }
     }
 
@@ -130,7 +131,7 @@ impl Document {
     }
 }
 
-/// A serde-saphyr error as (line within the document, message without the location suffix).
+/// A serde-saphyr error as (line within the document, message without the location prefix).
 fn yaml_error(e: &serde_saphyr::Error) -> (Option<usize>, String) {
     let line = e.location().map(|l| l.line() as usize).filter(|l| *l > 0);
     let text = e.to_string();
@@ -141,16 +142,42 @@ fn yaml_error(e: &serde_saphyr::Error) -> (Option<usize>, String) {
         Some(rest) => rest.split_once(": ").map(|(_, m)| m).unwrap_or(rest),
         None => message,
     };
-    let column = e.location().map(|l| l.column()).filter(|c| *c > 0);
-    let message = match column {
-        Some(c) => format!("{message} (column {c})"),
-        None => message.to_string(),
-    };
+    let mut message = explain_unknown_field(message);
+    if let Some(col) = e.location().map(|l| l.column()).filter(|c| *c > 0) {
+        message.push_str(&format!(" (column {col}"));
+        if message.contains("did not find expected") {
+            message.push_str("; check the indentation");
+        }
+        message.push(')');
+    }
     (line, message)
 }
 
+/// serde says "unknown field `x`, expected one of …"; say whether `x` is an Istio field we do
+/// not implement, or not a field at all.
+fn explain_unknown_field(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((field, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    if super::istio::KNOWN_UNSUPPORTED_FIELDS.contains(&field) {
+        format!("field `{field}` is not supported by proxy-daemon")
+    } else {
+        let expected = expected.trim_start_matches(", ");
+        format!("unknown field `{field}` ({expected})")
+    }
+}
+
+const ISTIO_NETWORKING: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
+
 /// Parses one document into an object of a kind we understand.
-/// Kinds this build does not handle come back as `Ok(None)` with their reference.
+/// Kinds outside Kubernetes' and Istio's groups come back as `Ok(None)`: they are not ours.
 pub fn parse_document(
     doc: &Document,
     default_namespace: &str,
@@ -159,24 +186,30 @@ pub fn parse_document(
         let (line, message) = yaml_error(&e);
         doc.error(line, None, format!("invalid YAML: {message}"))
     })?;
+    let cluster_scoped = meta.kind == "Namespace";
     let object_ref = ObjectRef {
         kind: meta.kind.clone(),
-        namespace: meta
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| default_namespace.to_string()),
+        namespace: if cluster_scoped {
+            String::new()
+        } else {
+            meta.metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| default_namespace.to_string())
+        },
         name: meta.metadata.name.clone(),
     };
     let origin = Origin {
         path: doc.path.clone(),
         line: doc.head_line(),
+        doc_first_line: doc.first_line,
     };
     let at_head = |message: String| ConfigError {
         path: doc.path.clone(),
         line: origin.line,
         object: Some(object_ref.clone()),
         message,
+        severity: Default::default(),
     };
     if meta.kind.is_empty() || meta.api_version.is_empty() {
         return Err(at_head("apiVersion and kind are required".into()));
@@ -188,26 +221,56 @@ pub fn parse_document(
         let (line, message) = yaml_error(&e);
         doc.error(line, Some(object_ref.clone()), message)
     };
-    let value = match (meta.api_version.as_str(), meta.kind.as_str()) {
+    let ns = object_ref.namespace.clone();
+    let api = meta.api_version.as_str();
+    let istio = ISTIO_NETWORKING.contains(&api);
+    macro_rules! istio_kind {
+        ($variant:ident) => {{
+            let mut o: super::istio::IstioObject<_> =
+                serde_saphyr::from_str(&doc.text).map_err(typed)?;
+            o.metadata.namespace = Some(ns.clone());
+            Object::$variant(o)
+        }};
+    }
+    let value = match (api, meta.kind.as_str()) {
         ("v1", "Namespace") => {
-            let mut ns: k8s::Namespace = serde_saphyr::from_str(&doc.text).map_err(typed)?;
-            // A Namespace is cluster-scoped; its own name is its namespace in references.
-            ns.metadata.namespace = None;
-            Object::Namespace(ns)
+            let mut o: k8s::Namespace = serde_saphyr::from_str(&doc.text).map_err(typed)?;
+            o.metadata.namespace = None;
+            Object::Namespace(o)
         }
         ("v1", "Pod") => {
-            let mut pod: k8s::Pod = serde_saphyr::from_str(&doc.text).map_err(typed)?;
-            pod.metadata.namespace = Some(object_ref.namespace.clone());
-            Object::Pod(pod)
+            let mut o: k8s::Pod = serde_saphyr::from_str(&doc.text).map_err(typed)?;
+            o.metadata.namespace = Some(ns.clone());
+            Object::Pod(o)
+        }
+        ("v1", "Service") => {
+            let mut o: k8s::Service = serde_saphyr::from_str(&doc.text).map_err(typed)?;
+            o.metadata.namespace = Some(ns.clone());
+            Object::Service(o)
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let mut o: k8s::EndpointSlice = serde_saphyr::from_str(&doc.text).map_err(typed)?;
+            o.metadata.namespace = Some(ns.clone());
+            Object::EndpointSlice(o)
+        }
+        (_, "VirtualService") if istio => istio_kind!(VirtualService),
+        (_, "DestinationRule") if istio => istio_kind!(DestinationRule),
+        (_, "ServiceEntry") if istio => istio_kind!(ServiceEntry),
+        (_, "Sidecar") if istio => istio_kind!(Sidecar),
+        (_, "EnvoyFilter") if istio => istio_kind!(EnvoyFilter),
+        (_, "Gateway") if istio => Object::Gateway,
+        ("rbac.istio.io/v1alpha1", kind) => {
+            return Err(at_head(format!(
+                "{kind} ({api}) is not supported: rbac.istio.io was removed in Istio 1.6 (use security.istio.io AuthorizationPolicy, enforced at the destination)"
+            )))
+        }
+        (api, kind) if api.contains("istio.io") => {
+            return Err(at_head(format!("{kind} ({api}) is not supported by proxy-daemon")))
+        }
+        (api, kind) if istio || api == "v1" || api == "discovery.k8s.io/v1" => {
+            return Err(at_head(format!("unknown kind {kind} for apiVersion {api}")))
         }
         _ => return Ok(None),
-    };
-    let object_ref = match &value {
-        Object::Namespace(_) => ObjectRef {
-            namespace: String::new(),
-            ..object_ref
-        },
-        Object::Pod(_) => object_ref,
     };
     Ok(Some(Located {
         origin,
@@ -236,6 +299,7 @@ pub fn load_path(root: &Path) -> LoadResult {
                 line: 0,
                 object: None,
                 message: format!("cannot read: {e}"),
+                severity: Default::default(),
             });
             return result;
         }
@@ -249,6 +313,7 @@ pub fn load_path(root: &Path) -> LoadResult {
                     line: 0,
                     object: None,
                     message: format!("cannot read: {e}"),
+                    severity: Default::default(),
                 });
                 continue;
             }
@@ -263,6 +328,7 @@ pub fn load_path(root: &Path) -> LoadResult {
                             Origin {
                                 path: doc.path.clone(),
                                 line: doc.head_line(),
+                                doc_first_line: doc.first_line,
                             },
                             ObjectRef {
                                 kind: meta.kind,

@@ -1,4 +1,6 @@
 //! Configuration objects (the same YAML a user would `kubectl apply`) and where they come from.
+pub mod duration;
+pub mod istio;
 pub mod k8s;
 pub mod local;
 
@@ -22,16 +24,40 @@ impl fmt::Display for ObjectRef {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Origin {
     pub path: PathBuf,
+    /// Line of the object's first significant line (`apiVersion:` usually).
     pub line: usize,
+    /// Line the YAML document starts on (after its `---`), for positions within it.
+    #[serde(skip)]
+    pub doc_first_line: usize,
 }
 
-/// A problem with one object, printed as `PATH:LINE: KIND/NAMESPACE/NAME: message`.
+/// How bad a finding is: errors reject the configuration; warnings and notes are reported
+/// and the configuration is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Error,
+    Warning,
+    Note,
+}
+
+/// A problem with one object, printed as `PATH:LINE: KIND/NAMESPACE/NAME: message`
+/// (warnings and notes say so at the start of the message).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ConfigError {
     pub path: PathBuf,
     pub line: usize,
     pub object: Option<ObjectRef>,
     pub message: String,
+    #[serde(default)]
+    pub severity: Severity,
+}
+
+impl ConfigError {
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -39,6 +65,11 @@ impl fmt::Display for ConfigError {
         write!(f, "{}:{}: ", self.path.display(), self.line)?;
         if let Some(obj) = &self.object {
             write!(f, "{obj}: ")?;
+        }
+        match self.severity {
+            Severity::Error => {}
+            Severity::Warning => f.write_str("warning: ")?,
+            Severity::Note => f.write_str("note: ")?,
         }
         f.write_str(&self.message)
     }
@@ -49,6 +80,15 @@ impl fmt::Display for ConfigError {
 pub enum Object {
     Namespace(k8s::Namespace),
     Pod(k8s::Pod),
+    Service(k8s::Service),
+    EndpointSlice(k8s::EndpointSlice),
+    VirtualService(istio::IstioObject<istio::VirtualServiceSpec>),
+    DestinationRule(istio::IstioObject<istio::DestinationRuleSpec>),
+    ServiceEntry(istio::IstioObject<istio::ServiceEntrySpec>),
+    Sidecar(istio::IstioObject<istio::SidecarSpec>),
+    EnvoyFilter(istio::IstioObject<istio::EnvoyFilterSpec>),
+    /// Ingress gateways are not the node proxy's job; kept to explain what is ignored.
+    Gateway,
 }
 
 #[derive(Debug, Clone)]
@@ -56,4 +96,31 @@ pub struct Located<T> {
     pub origin: Origin,
     pub object_ref: ObjectRef,
     pub value: T,
+}
+
+impl<T> Located<T> {
+    /// A finding about this object at `line` (0: the object's first line).
+    pub fn finding(
+        &self,
+        severity: Severity,
+        line: u64,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            path: self.origin.path.clone(),
+            // Spanned lines count from the document's start; the origin knows the offset.
+            line: if line == 0 {
+                self.origin.line
+            } else {
+                self.origin.doc_first_line + line as usize - 1
+            },
+            object: Some(self.object_ref.clone()),
+            message: message.into(),
+            severity,
+        }
+    }
+
+    pub fn error(&self, line: u64, message: impl Into<String>) -> ConfigError {
+        self.finding(Severity::Error, line, message)
+    }
 }

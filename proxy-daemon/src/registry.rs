@@ -1,0 +1,535 @@
+//! The service registry compiled from Services, EndpointSlices, Pods and ServiceEntries:
+//! what a destination address or host name is, its ports, and its endpoints with the pod
+//! labels subsets select on.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+};
+
+use crate::config::{
+    istio::{Location, Resolution},
+    k8s::{self, IntOrString},
+    ConfigError, Located, Object, Severity,
+};
+
+pub const CLUSTER_DOMAIN: &str = "svc.cluster.local";
+
+/// Istio's rule: a name without dots is short for `<name>.<namespace>.svc.cluster.local`;
+/// anything with a dot (or a wildcard) is taken as written.
+pub fn resolve_host(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host.contains('*') {
+        host.to_ascii_lowercase()
+    } else {
+        format!("{}.{namespace}.{CLUSTER_DOMAIN}", host.to_ascii_lowercase())
+    }
+}
+
+/// Does `pattern` (a host or `*.suffix` / `*`) cover `host`?
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
+        None => pattern == host,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ServiceKind {
+    Kubernetes,
+    ServiceEntry {
+        location: Location,
+        resolution: Resolution,
+    },
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PortInfo {
+    pub name: String,
+    pub port: u32,
+    /// Port on the endpoints (Service targetPort / ServiceEntry targetPort), when known.
+    pub target_port: Option<u32>,
+    /// Named targetPort, resolved per endpoint from the pod's container ports.
+    pub target_port_name: Option<String>,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointInfo {
+    pub address: String,
+    /// port name → port, when the endpoint overrides (ServiceEntry endpoints, named ports).
+    pub ports: BTreeMap<String, u32>,
+    pub labels: BTreeMap<String, String>,
+    pub pod: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServiceInfo {
+    pub hostname: String,
+    pub name: String,
+    pub namespace: String,
+    pub kind: ServiceKind,
+    pub addresses: Vec<String>,
+    pub ports: Vec<PortInfo>,
+    pub endpoints: Vec<EndpointInfo>,
+    pub source: String,
+}
+
+impl ServiceInfo {
+    pub fn port(&self, port: u32) -> Option<&PortInfo> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// An address range of a ServiceEntry (`addresses` may be CIDRs).
+#[derive(Debug, Clone, serde::Serialize)]
+struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+    hostname: String,
+}
+
+fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let (ip, prefix) = match text.split_once('/') {
+        Some((ip, p)) => (ip.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
+        None => {
+            let ip = text.parse::<IpAddr>().ok()?;
+            (ip, if ip.is_ipv4() { 32 } else { 128 })
+        }
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (prefix <= max).then_some((ip, prefix))
+}
+
+fn cidr_contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - prefix)
+            };
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - prefix)
+            };
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Registry {
+    /// By hostname (FQDN for Kubernetes services; as written for ServiceEntry hosts).
+    pub services: BTreeMap<String, ServiceInfo>,
+    #[serde(skip)]
+    by_addr: HashMap<SocketAddr, String>,
+    #[serde(skip)]
+    wildcard_hosts: Vec<String>,
+    #[serde(skip)]
+    cidrs: Vec<Cidr>,
+}
+
+impl Registry {
+    /// The service an original destination `ip:port` belongs to.
+    pub fn by_addr(&self, addr: SocketAddr) -> Option<&ServiceInfo> {
+        if let Some(host) = self.by_addr.get(&addr) {
+            return self.services.get(host);
+        }
+        self.cidrs
+            .iter()
+            .filter(|c| cidr_contains(c.net, c.prefix, addr.ip()))
+            .max_by_key(|c| c.prefix)
+            .and_then(|c| self.services.get(&c.hostname))
+            .filter(|s| s.port(addr.port() as u32).is_some())
+    }
+
+    /// The service for a Host/authority or SNI, exact names before wildcard entries
+    /// (the longest wildcard suffix wins).
+    pub fn by_host(&self, host: &str) -> Option<&ServiceInfo> {
+        let host = host.to_ascii_lowercase();
+        if let Some(s) = self.services.get(&host) {
+            return Some(s);
+        }
+        self.wildcard_hosts
+            .iter()
+            .filter(|p| host_matches(p, &host))
+            .max_by_key(|p| p.len())
+            .and_then(|p| self.services.get(p))
+    }
+
+    pub fn contains_host(&self, host: &str) -> bool {
+        self.by_host(host).is_some()
+    }
+
+    fn insert(
+        &mut self,
+        svc: ServiceInfo,
+        findings: &mut Vec<ConfigError>,
+        at: &dyn Fn(String) -> ConfigError,
+    ) {
+        if let Some(existing) = self.services.get(&svc.hostname) {
+            findings.push(at(format!(
+                "host {} is already defined by {}",
+                svc.hostname, existing.source
+            )));
+            return;
+        }
+        for a in &svc.addresses {
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                for p in &svc.ports {
+                    self.by_addr
+                        .insert(SocketAddr::new(ip, p.port as u16), svc.hostname.clone());
+                }
+            } else if let Some((net, prefix)) = parse_cidr(a) {
+                self.cidrs.push(Cidr {
+                    net,
+                    prefix,
+                    hostname: svc.hostname.clone(),
+                });
+            }
+        }
+        if svc.hostname.starts_with('*') {
+            self.wildcard_hosts.push(svc.hostname.clone());
+        }
+        self.services.insert(svc.hostname.clone(), svc);
+    }
+}
+
+fn pod_ready(pod: &k8s::Pod) -> bool {
+    let phase_ok = matches!(pod.status.phase.as_deref(), None | Some("Running"));
+    let ready_cond = pod
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.condition_type == "Ready")
+        .map(|c| c.status == "True")
+        .unwrap_or(true);
+    phase_ok && ready_cond
+}
+
+fn named_container_port(pod: &k8s::Pod, name: &str) -> Option<u32> {
+    pod.spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter())
+        .find(|p| p.name.as_deref() == Some(name))
+        .and_then(|p| p.container_port)
+}
+
+/// Builds the registry; problems are pushed to `findings`.
+pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Registry {
+    let mut reg = Registry::default();
+    let pods: Vec<&k8s::Pod> = objects
+        .iter()
+        .filter_map(|o| match &o.value {
+            Object::Pod(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let pod_by_name: HashMap<(String, String), &k8s::Pod> = pods
+        .iter()
+        .map(|p| {
+            (
+                (
+                    p.metadata.namespace.clone().unwrap_or_default(),
+                    p.metadata.name.clone(),
+                ),
+                *p,
+            )
+        })
+        .collect();
+    let mut slices: HashMap<(String, String), Vec<&k8s::EndpointSlice>> = HashMap::new();
+    for o in objects {
+        if let Object::EndpointSlice(es) = &o.value {
+            match es.metadata.labels.get(k8s::SERVICE_NAME_LABEL) {
+                Some(svc) => slices
+                    .entry((o.object_ref.namespace.clone(), svc.clone()))
+                    .or_default()
+                    .push(es),
+                None => findings.push(o.finding(
+                    Severity::Warning,
+                    0,
+                    format!(
+                        "no {} label: not attached to any Service",
+                        k8s::SERVICE_NAME_LABEL
+                    ),
+                )),
+            }
+        }
+    }
+
+    for o in objects {
+        match &o.value {
+            Object::Service(svc) => {
+                let ns = o.object_ref.namespace.clone();
+                let name = svc.metadata.name.clone();
+                let ports: Vec<PortInfo> = svc
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| PortInfo {
+                        name: p.name.clone().unwrap_or_default(),
+                        port: p.port,
+                        target_port: match &p.target_port {
+                            Some(IntOrString::Int(n)) => Some(*n),
+                            Some(IntOrString::String(_)) => None,
+                            None => Some(p.port),
+                        },
+                        target_port_name: match &p.target_port {
+                            Some(IntOrString::String(s)) => Some(s.clone()),
+                            _ => None,
+                        },
+                        protocol: p
+                            .app_protocol
+                            .clone()
+                            .or_else(|| infer_protocol(p.name.as_deref()))
+                            .unwrap_or_else(|| p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                    })
+                    .collect();
+                let endpoints = match slices.get(&(ns.clone(), name.clone())) {
+                    Some(list) => {
+                        let mut out = Vec::new();
+                        for es in list {
+                            let port_map: BTreeMap<String, u32> = es
+                                .ports
+                                .iter()
+                                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?)))
+                                .collect();
+                            for e in es
+                                .endpoints
+                                .iter()
+                                .filter(|e| e.conditions.ready.unwrap_or(true))
+                            {
+                                let pod = e.target_ref.as_ref().and_then(|t| {
+                                    let key = (
+                                        t.namespace.clone().unwrap_or_else(|| ns.clone()),
+                                        t.name.clone().unwrap_or_default(),
+                                    );
+                                    pod_by_name.get(&key)
+                                });
+                                for a in &e.addresses {
+                                    out.push(EndpointInfo {
+                                        address: a.clone(),
+                                        ports: port_map.clone(),
+                                        labels: pod
+                                            .map(|p| p.metadata.labels.clone())
+                                            .unwrap_or_default(),
+                                        pod: pod.map(|p| p.metadata.name.clone()),
+                                    });
+                                }
+                            }
+                        }
+                        out
+                    }
+                    // Local mode without slices: ready pods matching the selector.
+                    None => match &svc.spec.selector {
+                        Some(sel) if !sel.is_empty() => pods
+                            .iter()
+                            .filter(|p| p.metadata.namespace.as_deref() == Some(&ns))
+                            .filter(|p| {
+                                sel.iter().all(|(k, v)| p.metadata.labels.get(k) == Some(v))
+                            })
+                            .filter(|p| pod_ready(p))
+                            .filter_map(|p| {
+                                let ip = p.status.pod_ip.clone()?;
+                                let ports = ports
+                                    .iter()
+                                    .filter_map(|sp| {
+                                        let target = sp.target_port.or_else(|| {
+                                            named_container_port(p, sp.target_port_name.as_deref()?)
+                                        })?;
+                                        Some((sp.name.clone(), target))
+                                    })
+                                    .collect();
+                                Some(EndpointInfo {
+                                    address: ip,
+                                    ports,
+                                    labels: p.metadata.labels.clone(),
+                                    pod: Some(p.metadata.name.clone()),
+                                })
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    },
+                };
+                let mut addresses: Vec<String> = svc.spec.cluster_ips.clone();
+                if let Some(ip) = &svc.spec.cluster_ip {
+                    if ip != "None" && !addresses.contains(ip) {
+                        addresses.insert(0, ip.clone());
+                    }
+                }
+                addresses.retain(|a| a != "None" && !a.is_empty());
+                let info = ServiceInfo {
+                    hostname: format!("{name}.{ns}.{CLUSTER_DOMAIN}"),
+                    name,
+                    namespace: ns,
+                    kind: ServiceKind::Kubernetes,
+                    addresses,
+                    ports,
+                    endpoints,
+                    source: format!(
+                        "{} ({}:{})",
+                        o.object_ref,
+                        o.origin.path.display(),
+                        o.origin.line
+                    ),
+                };
+                reg.insert(info, findings, &|m| o.error(0, m));
+            }
+            Object::ServiceEntry(se) => {
+                let spec = &se.spec;
+                if spec.hosts.is_empty() {
+                    findings.push(o.error(0, "spec.hosts is required"));
+                    continue;
+                }
+                if spec.ports.is_empty() {
+                    findings.push(o.error(0, "spec.ports is required"));
+                }
+                let resolution = spec.resolution.unwrap_or(Resolution::None);
+                let location = spec.location.unwrap_or(Location::MeshExternal);
+                if resolution == Resolution::Static && spec.endpoints.is_empty() {
+                    findings.push(o.error(0, "resolution STATIC needs spec.endpoints"));
+                }
+                for a in &spec.addresses {
+                    if parse_cidr(&a.value).is_none() {
+                        findings.push(o.error(
+                            a.referenced.line(),
+                            format!("address {:?} is not an IP or CIDR", a.value),
+                        ));
+                    }
+                }
+                let mut port_names = BTreeMap::new();
+                for p in &spec.ports {
+                    let name = p.value.name.clone().unwrap_or_default();
+                    if let Some(prev) = port_names.insert(p.value.number, name) {
+                        let _ = prev;
+                        findings.push(o.error(
+                            p.referenced.line(),
+                            format!("port {} is listed twice", p.value.number),
+                        ));
+                    }
+                    if p.value.number == 0 || p.value.number > 65535 {
+                        findings.push(o.error(
+                            p.referenced.line(),
+                            format!("port {} is out of range", p.value.number),
+                        ));
+                    }
+                }
+                let ports: Vec<PortInfo> = spec
+                    .ports
+                    .iter()
+                    .map(|p| PortInfo {
+                        name: p.value.name.clone().unwrap_or_default(),
+                        port: p.value.number,
+                        target_port: p.value.target_port,
+                        target_port_name: None,
+                        protocol: p
+                            .value
+                            .protocol
+                            .clone()
+                            .unwrap_or_else(|| "TCP".into())
+                            .to_ascii_uppercase(),
+                    })
+                    .collect();
+                let endpoints: Vec<EndpointInfo> = spec
+                    .endpoints
+                    .iter()
+                    .map(|e| EndpointInfo {
+                        address: e.value.address.clone(),
+                        ports: e.value.ports.clone(),
+                        labels: e.value.labels.clone(),
+                        pod: None,
+                    })
+                    .collect();
+                for h in &spec.hosts {
+                    if h.value.contains('*')
+                        && matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin)
+                        && spec.endpoints.is_empty()
+                    {
+                        findings.push(o.error(
+                            h.referenced.line(),
+                            format!(
+                                "wildcard host {} cannot be resolved by DNS; use resolution NONE",
+                                h.value
+                            ),
+                        ));
+                    }
+                    let info = ServiceInfo {
+                        hostname: h.value.to_ascii_lowercase(),
+                        name: h.value.clone(),
+                        namespace: o.object_ref.namespace.clone(),
+                        kind: ServiceKind::ServiceEntry {
+                            location,
+                            resolution,
+                        },
+                        addresses: spec.addresses.iter().map(|a| a.value.clone()).collect(),
+                        ports: ports.clone(),
+                        endpoints: endpoints.clone(),
+                        source: format!(
+                            "{} ({}:{})",
+                            o.object_ref,
+                            o.origin.path.display(),
+                            o.origin.line
+                        ),
+                    };
+                    reg.insert(info, findings, &|m| o.error(h.referenced.line(), m));
+                }
+            }
+            _ => {}
+        }
+    }
+    reg
+}
+
+/// Istio's protocol selection by port name prefix (`http-web`, `grpc`, `tcp-db`…).
+fn infer_protocol(name: Option<&str>) -> Option<String> {
+    let name = name?.to_ascii_lowercase();
+    let prefix = name.split('-').next().unwrap_or("");
+    let proto = match prefix {
+        "http" => "HTTP",
+        "http2" => "HTTP2",
+        "https" => "HTTPS",
+        "grpc" | "grpc-web" => "GRPC",
+        "tcp" => "TCP",
+        "tls" => "TLS",
+        "mongo" | "mysql" | "redis" => "TCP",
+        _ => return None,
+    };
+    Some(proto.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_resolve_the_istio_way() {
+        assert_eq!(
+            resolve_host("reviews", "default"),
+            "reviews.default.svc.cluster.local"
+        );
+        assert_eq!(
+            resolve_host("api.azar-mirror.svc.cluster.local", "azar"),
+            "api.azar-mirror.svc.cluster.local"
+        );
+        assert_eq!(resolve_host("httpbin.org", "x"), "httpbin.org");
+        assert!(host_matches("*.example.com", "a.example.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(host_matches("*", "anything"));
+    }
+
+    #[test]
+    fn cidrs() {
+        let (n, p) = parse_cidr("10.0.0.0/8").unwrap();
+        assert!(cidr_contains(n, p, "10.1.2.3".parse().unwrap()));
+        assert!(!cidr_contains(n, p, "11.1.2.3".parse().unwrap()));
+        assert!(parse_cidr("10.0.0.0/40").is_none());
+        assert!(parse_cidr("nope").is_none());
+    }
+}
