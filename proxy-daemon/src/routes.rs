@@ -497,7 +497,11 @@ impl Ctx<'_> {
                     m.referenced.line(),
                     format!(
                         "{what}: invalid regex {r:?}: {}",
-                        e.to_string().lines().last().unwrap_or("")
+                        e.to_string()
+                            .lines()
+                            .last()
+                            .unwrap_or("")
+                            .trim_start_matches("error: ")
                     ),
                 );
                 None
@@ -962,18 +966,13 @@ fn compile_virtual_service(
     })
 }
 
-fn compile_policy(
-    cx: &mut Ctx,
-    tp: &istio::TrafficPolicy,
-    line: u64,
-) -> (Policy, BTreeMap<u32, Policy>) {
+fn compile_policy(cx: &mut Ctx, tp: &istio::TrafficPolicy) -> (Policy, BTreeMap<u32, Policy>) {
     let base = level_policy(
         cx,
         &tp.load_balancer,
         &tp.connection_pool,
         &tp.outlier_detection,
         &tp.tls,
-        line,
     );
     let mut ports = BTreeMap::new();
     for p in &tp.port_level_settings {
@@ -984,7 +983,6 @@ fn compile_policy(
             &pl.connection_pool,
             &pl.outlier_detection,
             &pl.tls,
-            p.referenced.line(),
         );
         if ports.insert(pl.port.number, policy).is_some() {
             cx.err(
@@ -998,13 +996,15 @@ fn compile_policy(
 
 fn level_policy(
     cx: &mut Ctx,
-    lb: &Option<istio::LoadBalancerSettings>,
+    lb: &Option<Spanned<istio::LoadBalancerSettings>>,
     pool: &Option<istio::ConnectionPoolSettings>,
-    outlier: &Option<istio::OutlierDetection>,
-    tls: &Option<istio::ClientTlsSettings>,
-    line: u64,
+    outlier: &Option<Spanned<istio::OutlierDetection>>,
+    tls: &Option<Spanned<istio::ClientTlsSettings>>,
 ) -> Policy {
-    let load_balancer = lb.as_ref().and_then(|lb| match (&lb.simple, &lb.consistent_hash) {
+    let load_balancer = lb.as_ref().and_then(|lb| {
+        let line = lb.referenced.line();
+        let lb = &lb.value;
+        match (&lb.simple, &lb.consistent_hash) {
         (Some(_), Some(_)) => {
             cx.err(line, "loadBalancer: simple and consistentHash exclude each other");
             None
@@ -1037,6 +1037,7 @@ fn level_policy(
             Some(LoadBalancer::ConsistentHash { key, algorithm })
         }
         (None, None) => None,
+        }
     });
     let u = |v: Option<i64>| v.map(|v| v.clamp(0, u32::MAX as i64) as u32);
     let connection_pool = pool.as_ref().map(|p| ConnectionPool {
@@ -1051,6 +1052,8 @@ fn level_policy(
         max_retries: u(p.http.as_ref().and_then(|h| h.max_retries)),
     });
     let outlier_detection = outlier.as_ref().map(|od| {
+        let line = od.referenced.line();
+        let od = &od.value;
         let max = od.max_ejection_percent.unwrap_or(10);
         if !(0..=100).contains(&max) {
             cx.err(line, format!("maxEjectionPercent {max} is outside 0–100"));
@@ -1065,6 +1068,8 @@ fn level_policy(
         }
     });
     let tls = tls.as_ref().map(|t| {
+        let line = t.referenced.line();
+        let t = &t.value;
         if t.mode == TlsMode::Mutual
             && t.credential_name.is_none()
             && (t.client_certificate.is_none() || t.private_key.is_none())
@@ -1115,13 +1120,13 @@ fn compile_destination_rule(
         );
     }
     let (policy, port_policies) = match &dr.spec.traffic_policy {
-        Some(tp) => compile_policy(&mut cx, tp, dr.spec.host.referenced.line()),
+        Some(tp) => compile_policy(&mut cx, tp),
         None => (Policy::default(), BTreeMap::new()),
     };
     let mut subsets = BTreeMap::new();
     for s in &dr.spec.subsets {
         let (p, pp) = match &s.value.traffic_policy {
-            Some(tp) => compile_policy(&mut cx, tp, s.referenced.line()),
+            Some(tp) => compile_policy(&mut cx, tp),
             None => (Policy::default(), BTreeMap::new()),
         };
         let sp = SubsetPolicy {

@@ -402,19 +402,19 @@ pub struct ClientTlsSettings {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortTrafficPolicy {
     pub port: PortSelector,
-    pub load_balancer: Option<LoadBalancerSettings>,
+    pub load_balancer: Option<Spanned<LoadBalancerSettings>>,
     pub connection_pool: Option<ConnectionPoolSettings>,
-    pub outlier_detection: Option<OutlierDetection>,
-    pub tls: Option<ClientTlsSettings>,
+    pub outlier_detection: Option<Spanned<OutlierDetection>>,
+    pub tls: Option<Spanned<ClientTlsSettings>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicy {
-    pub load_balancer: Option<LoadBalancerSettings>,
+    pub load_balancer: Option<Spanned<LoadBalancerSettings>>,
     pub connection_pool: Option<ConnectionPoolSettings>,
-    pub outlier_detection: Option<OutlierDetection>,
-    pub tls: Option<ClientTlsSettings>,
+    pub outlier_detection: Option<Spanned<OutlierDetection>>,
+    pub tls: Option<Spanned<ClientTlsSettings>>,
     #[serde(default)]
     pub port_level_settings: Vec<Spanned<PortTrafficPolicy>>,
 }

@@ -143,6 +143,18 @@ fn yaml_error(e: &serde_saphyr::Error) -> (Option<usize>, String) {
         None => message,
     };
     let mut message = explain_unknown_field(message);
+    // "invalid i64" says what failed to parse, not what was wanted.
+    for (ty, wanted) in [
+        ("i64", "an integer"),
+        ("u32", "a non-negative integer"),
+        ("u64", "a non-negative integer"),
+        ("f64", "a number"),
+        ("bool", "true or false"),
+    ] {
+        if message == format!("invalid {ty}") {
+            message = format!("expected {wanted}");
+        }
+    }
     if let Some(col) = e.location().map(|l| l.column()).filter(|c| *c > 0) {
         message.push_str(&format!(" (column {col}"));
         if message.contains("did not find expected") {
@@ -264,11 +276,11 @@ pub fn parse_document(
                 "{kind} ({api}) is not supported: rbac.istio.io was removed in Istio 1.6 (use security.istio.io AuthorizationPolicy, enforced at the destination)"
             )))
         }
-        (api, kind) if api.contains("istio.io") => {
-            return Err(at_head(format!("{kind} ({api}) is not supported by proxy-daemon")))
-        }
         (api, kind) if istio || api == "v1" || api == "discovery.k8s.io/v1" => {
             return Err(at_head(format!("unknown kind {kind} for apiVersion {api}")))
+        }
+        (api, kind) if api.contains("istio.io") => {
+            return Err(at_head(format!("{kind} ({api}) is not supported by proxy-daemon")))
         }
         _ => return Ok(None),
     };

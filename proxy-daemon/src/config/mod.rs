@@ -76,6 +76,8 @@ impl fmt::Display for ConfigError {
 }
 
 /// One parsed object of a kind we understand.
+// Built once per load and read by the compiler; boxing would only add indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Object {
     Namespace(k8s::Namespace),

@@ -1,0 +1,286 @@
+//! Every published example parses, validates and compiles to what its authors meant.
+//! (Copies of ../shared/fixtures/seed-examples live in tests/fixtures/seed-examples.)
+use std::path::{Path, PathBuf};
+
+use proxy_common::FailMode;
+use proxy_daemon::{
+    config::local,
+    routes::{ClusterRef, HashAlgorithm, HashKey, HttpAction, LoadBalancer, Matcher, RoutePatch},
+    state::{self, CaptureSettings, Snapshot},
+    validate,
+};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/seed-examples")
+        .join(name)
+}
+
+fn settings() -> CaptureSettings {
+    CaptureSettings {
+        label_key: "nodeproxy.io/capture".into(),
+        label_value: "enabled".into(),
+        node_name: "n".into(),
+        default_fail_mode: FailMode::Open,
+    }
+}
+
+fn compile(name: &str) -> Snapshot {
+    let loaded = local::load_path(&fixture(name));
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    state::compile(&loaded.objects, &settings(), 1).unwrap_or_else(|e| panic!("{name}: {e:?}"))
+}
+
+fn messages(name: &str) -> Vec<String> {
+    validate::problems(&[fixture(name)])
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn mirror_api_mirrors_everything_to_the_mirror_namespace() {
+    let snap = compile("mirror-api.yaml");
+    let vs = &snap
+        .routes
+        .virtual_services_for("api.azar.svc.cluster.local")[0];
+    let rule = &vs.http[0];
+    assert!(rule.matches.is_empty());
+    let HttpAction::Route { destinations } = &rule.action else {
+        panic!("route expected")
+    };
+    assert_eq!(
+        destinations[0].destination.host,
+        "api.azar.svc.cluster.local"
+    );
+    assert_eq!(destinations[0].weight, 100);
+    assert_eq!(rule.mirrors.len(), 1);
+    assert_eq!(
+        rule.mirrors[0].destination.host,
+        "api.azar-mirror.svc.cluster.local"
+    );
+    assert_eq!(rule.mirrors[0].percent, 100.0);
+    // Only warnings (hosts defined elsewhere): validate passes.
+    assert!(messages("mirror-api.yaml")
+        .iter()
+        .all(|m| m.contains(": warning: ")));
+}
+
+#[test]
+fn route_by_source_sends_test_and_mirror_pods_to_the_cache_with_a_header() {
+    let snap = compile("route-by-source.yaml");
+    let rules = &snap
+        .routes
+        .virtual_services_for("tiny-microservice.azar.svc.cluster.local")[0]
+        .http;
+    assert_eq!(rules.len(), 3);
+    for (rule, stack, header) in [(&rules[0], "mirror", "true"), (&rules[1], "test", "false")] {
+        assert_eq!(
+            rule.matches[0].source_labels.get("app").map(String::as_str),
+            Some("api")
+        );
+        assert_eq!(
+            rule.matches[0]
+                .source_labels
+                .get("stack")
+                .map(String::as_str),
+            Some(stack)
+        );
+        assert_eq!(
+            rule.headers.request.set,
+            vec![("x-azar-mirror".to_string(), header.to_string())]
+        );
+        let HttpAction::Route { destinations } = &rule.action else {
+            panic!()
+        };
+        assert_eq!(
+            destinations[0].destination.host,
+            "mirror-cache.azar.svc.cluster.local"
+        );
+    }
+    assert!(rules[2].matches.is_empty(), "last rule is the catch-all");
+    let HttpAction::Route { destinations } = &rules[2].action else {
+        panic!()
+    };
+    assert_eq!(
+        destinations[0].destination.host,
+        "tiny-microservice.azar.svc.cluster.local"
+    );
+    assert!(
+        rules[1].source.ends_with("route-by-source.yaml:21)"),
+        "{}",
+        rules[1].source
+    );
+}
+
+#[test]
+fn subsets_and_weights_split_10_90_for_mesh_traffic() {
+    let snap = compile("subsets-weights.yaml");
+    let host = "httpping-without-sidecar.infra-jinsu-lab.svc.cluster.local";
+    let svc = snap.registry.by_host(host).expect("service");
+    assert_eq!(svc.ports[0].port, 8080);
+    assert_eq!(svc.ports[0].target_port, Some(80));
+    let dr = snap
+        .routes
+        .destination_rule(host, "infra-jinsu-lab")
+        .expect("DR");
+    assert_eq!(dr.subsets["v1"].labels["version"], "v1");
+    assert_eq!(dr.subsets["v2"].labels["version"], "v2");
+    let rule = &snap.routes.virtual_services_for(host)[0].http[0];
+    assert!(matches!(rule.matches[0].uri, Some(Matcher::Prefix(ref p)) if p == "/"));
+    let HttpAction::Route { destinations } = &rule.action else {
+        panic!()
+    };
+    let split: Vec<_> = destinations
+        .iter()
+        .map(|d| {
+            (
+                d.destination.subset.clone().unwrap(),
+                d.weight,
+                d.destination.port,
+            )
+        })
+        .collect();
+    assert_eq!(
+        split,
+        vec![("v1".into(), 10, Some(8080)), ("v2".into(), 90, Some(8080))]
+    );
+    assert!(messages("subsets-weights.yaml").is_empty());
+}
+
+#[test]
+fn consistent_hash_on_header_foo() {
+    let snap = compile("consistent-hash.yaml");
+    let dr = snap
+        .routes
+        .destination_rule(
+            "httpping-without-sidecar.infra-jinsu-lab.svc.cluster.local",
+            "infra-jinsu-lab",
+        )
+        .expect("DR");
+    match &dr.effective(None, None).load_balancer {
+        Some(LoadBalancer::ConsistentHash {
+            key: HashKey::Header { name },
+            algorithm: HashAlgorithm::RingHash { minimum_ring_size },
+        }) => {
+            assert_eq!(name, "foo");
+            assert_eq!(*minimum_ring_size, 1024);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn service_entry_with_tls_origination_on_port_80() {
+    use proxy_daemon::config::istio::{Resolution, TlsMode};
+    let snap = compile("serviceentry-tls-origination.yaml");
+    let se = snap
+        .registry
+        .by_host("httpbin.org")
+        .expect("ServiceEntry host");
+    let p80 = se.port(80).expect("port 80");
+    assert_eq!(
+        (p80.target_port, p80.protocol.as_str()),
+        (Some(443), "HTTP")
+    );
+    assert_eq!(se.port(443).expect("443").protocol, "HTTPS");
+    assert!(matches!(
+        se.kind,
+        proxy_daemon::registry::ServiceKind::ServiceEntry {
+            resolution: Resolution::Dns,
+            ..
+        }
+    ));
+    let dr = snap
+        .routes
+        .destination_rule("httpbin.org", "test-ext-svc")
+        .expect("DR");
+    let tls80 = dr.effective(Some(80), None).tls.expect("tls on 80");
+    assert_eq!(tls80.mode, TlsMode::Simple);
+    assert!(
+        dr.effective(Some(443), None).tls.is_none(),
+        "443 carries the app's own TLS"
+    );
+    assert!(messages("serviceentry-tls-origination.yaml").is_empty());
+}
+
+#[test]
+fn envoy_filter_overrides_port_80_and_passes_the_metadata_address_through() {
+    let snap = compile("envoyfilter-override.yaml");
+    let filters = &snap.routes.envoy_filters;
+    assert_eq!(filters.len(), 2);
+    for (f, ns, stack, header) in [
+        (&filters[0], "azar", "test", "false"),
+        (&filters[1], "azar-mirror", "mirror", "true"),
+    ] {
+        assert_eq!(f.namespace, ns);
+        assert_eq!(f.selector["app"], "api");
+        assert_eq!(f.selector["stack"], stack);
+        assert_eq!(f.patches.len(), 2);
+        assert_eq!(f.patches[0].port, Some(80));
+        match &f.patches[0].patch {
+            RoutePatch::MergeHttpRoute {
+                cluster,
+                request_headers_to_add,
+                ..
+            } => {
+                assert_eq!(
+                    cluster,
+                    &Some(ClusterRef::Service {
+                        port: 80,
+                        subset: None,
+                        host: "mirror-cache.azar.svc.cluster.local".into()
+                    })
+                );
+                assert_eq!(
+                    request_headers_to_add,
+                    &vec![("x-azar-mirror".into(), header.into(), true)]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match &f.patches[1].patch {
+            RoutePatch::AddVirtualHost {
+                domains, routes, ..
+            } => {
+                assert_eq!(
+                    domains,
+                    &vec![
+                        "169.254.169.254".to_string(),
+                        "169.254.169.254:80".to_string()
+                    ]
+                );
+                assert!(
+                    matches!(&routes[0], (Matcher::Prefix(p), ClusterRef::Passthrough) if p == "/")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn gateway_bound_virtual_service_is_not_applied_to_mesh_traffic() {
+    let snap = compile("bookinfo-gateway.yaml");
+    assert!(snap.routes.virtual_services.is_empty());
+    let m = messages("bookinfo-gateway.yaml");
+    assert!(
+        m.iter().any(|l| l.contains(
+            "bookinfo-gateway.yaml:16: VirtualService/default/bookinfo: note: bound to gateways [bookinfo-gateway]"
+        )),
+        "{m:?}"
+    );
+}
+
+#[test]
+fn broken_examples_fail_validate_at_the_right_line() {
+    let m = messages("route-by-source.broken.yaml");
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(m[0].contains("route-by-source.broken.yaml:32: "), "{m:?}");
+    assert!(m[0].contains("check the indentation"), "{m:?}");
+    let m = messages("rbac-v1alpha1.broken.yaml");
+    assert!(
+        m[0].contains("rbac-v1alpha1.broken.yaml:1: ServiceRole/default/products-viewer: ServiceRole (rbac.istio.io/v1alpha1) is not supported"),
+        "{m:?}"
+    );
+}

@@ -1,0 +1,65 @@
+//! `proxy-daemon validate` on one file per kind of mistake: the output must match
+//! tests/fixtures/mistakes/expected.txt line by line (exit code included).
+use std::{path::Path, process::Command};
+
+#[test]
+fn validate_reports_each_mistake_at_its_line() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let mut files: Vec<String> = std::fs::read_dir(fixtures.join("mistakes"))
+        .expect("mistakes dir")
+        .flatten()
+        .map(|e| format!("mistakes/{}", e.file_name().to_string_lossy()))
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "at least ten kinds of mistake");
+    let mut actual = String::new();
+    for f in &files {
+        // One file at a time: a directory is one configuration, where names would collide.
+        let out = Command::new(env!("CARGO_BIN_EXE_proxy-daemon"))
+            .args(["validate", f])
+            .current_dir(&fixtures)
+            .output()
+            .expect("run validate");
+        actual.push_str(&String::from_utf8_lossy(&out.stdout));
+        actual.push_str(&format!("exit {}\n", out.status.code().unwrap_or(-1)));
+    }
+    let expected =
+        std::fs::read_to_string(fixtures.join("mistakes/expected.txt")).expect("expected.txt");
+    for (i, (a, e)) in actual.lines().zip(expected.lines()).enumerate() {
+        assert_eq!(a, e, "line {} differs", i + 1);
+    }
+    assert_eq!(
+        actual.lines().count(),
+        expected.lines().count(),
+        "output:\n{actual}"
+    );
+}
+
+#[test]
+fn validate_passes_good_files_and_fails_on_a_directory_with_a_bad_one() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/seed-examples");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_proxy-daemon"))
+            .arg("validate")
+            .args(args)
+            .current_dir(&fixtures)
+            .output()
+            .expect("run validate")
+    };
+    let ok = run(&["subsets-weights.yaml", "serviceentry-tls-origination.yaml"]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert!(ok.stdout.is_empty());
+    let bad = run(&["."]);
+    assert_eq!(bad.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        text.contains("./route-by-source.broken.yaml:32: "),
+        "{text}"
+    );
+}
