@@ -25,7 +25,8 @@ use crate::{
 };
 use proxy_common::FailMode;
 
-const CONFIG_POLL: Duration = Duration::from_millis(250);
+// A stat per YAML file per poll; a change counts once it has been stable for one poll.
+const CONFIG_POLL: Duration = Duration::from_millis(100);
 
 /// Startup problems the operator must fix (exit 2) versus failures at run time (exit 1).
 #[derive(Debug, thiserror::Error)]
