@@ -28,10 +28,14 @@ fn ser_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::O
 pub enum Matcher {
     Exact(String),
     Prefix(String),
-    Regex(#[serde(serialize_with = "ser_regex")] regex::Regex),
+    /// Shared: one compiled automaton (and cache pool) per distinct pattern.
+    Regex(#[serde(serialize_with = "ser_regex")] std::sync::Arc<regex::Regex>),
 }
 
-fn ser_regex<S: serde::Serializer>(r: &regex::Regex, s: S) -> Result<S::Ok, S::Error> {
+fn ser_regex<S: serde::Serializer>(
+    r: &std::sync::Arc<regex::Regex>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.serialize_str(r.as_str())
 }
 
@@ -301,7 +305,8 @@ pub struct CompiledDestinationRule {
     pub host: String,
     pub policy: Policy,
     pub port_policies: BTreeMap<u32, Policy>,
-    pub subsets: BTreeMap<String, SubsetPolicy>,
+    /// Boxed: a B-tree node reserves room for eleven values, and a policy is ~500 bytes.
+    pub subsets: BTreeMap<String, Box<SubsetPolicy>>,
     pub source: String,
 }
 
@@ -433,6 +438,8 @@ impl RouteTable {
 struct Ctx<'a> {
     o: &'a Located<Object>,
     findings: &'a mut Vec<ConfigError>,
+    /// Compiled regexes by pattern: the same pattern in many rules shares one automaton.
+    regexes: &'a mut std::collections::HashMap<String, std::sync::Arc<regex::Regex>>,
 }
 
 impl Ctx<'_> {
@@ -490,8 +497,15 @@ impl Ctx<'_> {
             return Some(Matcher::Prefix(p.clone()));
         }
         let r = sm.regex.as_deref().unwrap_or("");
+        if let Some(re) = self.regexes.get(r) {
+            return Some(Matcher::Regex(re.clone()));
+        }
         match regex::Regex::new(&format!("^(?:{r})$")) {
-            Ok(re) => Some(Matcher::Regex(re)),
+            Ok(re) => {
+                let re = std::sync::Arc::new(re);
+                self.regexes.insert(r.to_string(), re.clone());
+                Some(Matcher::Regex(re))
+            }
             Err(e) => {
                 self.err(
                     m.referenced.line(),
@@ -653,8 +667,13 @@ fn compile_virtual_service(
     vs: &istio::IstioObject<istio::VirtualServiceSpec>,
     check: &DestCheck,
     findings: &mut Vec<ConfigError>,
+    regexes: &mut std::collections::HashMap<String, std::sync::Arc<regex::Regex>>,
 ) -> Option<CompiledVirtualService> {
-    let mut cx = Ctx { o, findings };
+    let mut cx = Ctx {
+        o,
+        findings,
+        regexes,
+    };
     let ns = o.object_ref.namespace.clone();
     let spec = &vs.spec;
     if spec.hosts.is_empty() {
@@ -1110,7 +1129,12 @@ fn compile_destination_rule(
     registry: &Registry,
     findings: &mut Vec<ConfigError>,
 ) -> CompiledDestinationRule {
-    let mut cx = Ctx { o, findings };
+    let mut regexes = std::collections::HashMap::new();
+    let mut cx = Ctx {
+        o,
+        findings,
+        regexes: &mut regexes,
+    };
     let ns = o.object_ref.namespace.clone();
     let host = resolve_host(&dr.spec.host.value, &ns);
     if !registry.contains_host(&host) {
@@ -1129,11 +1153,11 @@ fn compile_destination_rule(
             Some(tp) => compile_policy(&mut cx, tp),
             None => (Policy::default(), BTreeMap::new()),
         };
-        let sp = SubsetPolicy {
+        let sp = Box::new(SubsetPolicy {
             labels: s.value.labels.clone(),
             policy: p,
             port_policies: pp,
-        };
+        });
         if subsets.insert(s.value.name.clone(), sp).is_some() {
             cx.err(
                 s.referenced.line(),
@@ -1176,7 +1200,12 @@ fn compile_envoy_filter(
     registry: &Registry,
     findings: &mut Vec<ConfigError>,
 ) -> CompiledEnvoyFilter {
-    let mut cx = Ctx { o, findings };
+    let mut regexes = std::collections::HashMap::new();
+    let mut cx = Ctx {
+        o,
+        findings,
+        regexes: &mut regexes,
+    };
     let mut patches = Vec::new();
     for (i, cp) in ef.spec.config_patches.iter().enumerate() {
         let line = cp.referenced.line();
@@ -1414,10 +1443,11 @@ pub fn build(
         registry,
         subsets: &subsets,
     };
+    let mut regexes = std::collections::HashMap::new();
     for o in objects {
         match &o.value {
             Object::VirtualService(vs) => {
-                if let Some(c) = compile_virtual_service(o, vs, &check, findings) {
+                if let Some(c) = compile_virtual_service(o, vs, &check, findings, &mut regexes) {
                     let c = std::sync::Arc::new(c);
                     for (h, spanned) in c.hosts.iter().zip(&vs.spec.hosts) {
                         let list = table.virtual_services.entry(h.clone()).or_default();

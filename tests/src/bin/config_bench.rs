@@ -1,0 +1,152 @@
+//! Compile time and snapshot memory for a synthetic config of N services × 5 routes
+//! (Service + DestinationRule with two subsets + VirtualService with five rules each).
+//! Memory is counted by a wrapping allocator: bytes the snapshot keeps, not RSS noise.
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    sync::atomic::{AtomicIsize, Ordering},
+    time::Instant,
+};
+
+use proxy_common::FailMode;
+use proxy_daemon::{
+    config::local,
+    state::{self, Snapshot},
+};
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator, only counting.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn synthetic(n: usize) -> String {
+    let mut y = String::from("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bench\n  labels: {nodeproxy.io/capture: enabled}\n");
+    for i in 0..n {
+        let (a, b) = (i / 250, i % 250);
+        y.push_str(&format!(
+            "---
+apiVersion: v1
+kind: Service
+metadata: {{name: svc-{i}, namespace: bench}}
+spec:
+  clusterIP: 10.96.{a}.{b}
+  selector: {{app: svc-{i}}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: svc-{i}, namespace: bench}}
+spec:
+  host: svc-{i}
+  trafficPolicy:
+    loadBalancer: {{simple: LEAST_REQUEST}}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: svc-{i}, namespace: bench}}
+spec:
+  hosts: [svc-{i}]
+  http:
+  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+    route: [{{destination: {{host: svc-{i}, subset: v2}}}}]
+  - match: [{{uri: {{prefix: /api/v2}}}}]
+    rewrite: {{uri: /api}}
+    route: [{{destination: {{host: svc-{i}, subset: v2}}}}]
+  - match: [{{uri: {{regex: \"/items/[0-9]+\"}}}}]
+    timeout: 2s
+    route: [{{destination: {{host: svc-{i}, subset: v1}}}}]
+  - match: [{{sourceLabels: {{app: canary}}}}]
+    route: [{{destination: {{host: svc-{i}, subset: v1}}, weight: 10}}, {{destination: {{host: svc-{i}, subset: v2}}, weight: 90}}]
+  - route: [{{destination: {{host: svc-{i}, subset: v1}}}}]
+"
+        ));
+    }
+    y
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1000);
+    let dir = std::env::temp_dir().join(format!("pd-config-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("bench.yaml"), synthetic(n)).expect("write");
+    let settings = state::CaptureSettings {
+        label_key: "nodeproxy.io/capture".into(),
+        label_value: "enabled".into(),
+        node_name: "n".into(),
+        default_fail_mode: FailMode::Open,
+    };
+    let mut parse_ms = Vec::new();
+    let mut compile_ms = Vec::new();
+    let mut held = 0isize;
+    for round in 0..5 {
+        let t = Instant::now();
+        let loaded = local::load_path(&dir);
+        parse_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(loaded.errors.is_empty(), "{:?}", &loaded.errors[..1]);
+        let before = LIVE.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let snap = state::compile(&loaded.objects, &settings, round).expect("compile");
+        compile_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        // What the snapshot itself keeps once the parsed objects are gone.
+        drop(loaded);
+        let after_drop = LIVE.load(Ordering::Relaxed);
+        let _ = before;
+        held = after_drop;
+        assert_eq!(snap.registry.services.len(), n);
+        if round == 0 {
+            let Snapshot {
+                registry, routes, ..
+            } = snap;
+            let a = LIVE.load(Ordering::Relaxed);
+            drop(registry);
+            let b = LIVE.load(Ordering::Relaxed);
+            let vs = routes.virtual_services;
+            let drs = routes.destination_rules;
+            drop(vs);
+            let c = LIVE.load(Ordering::Relaxed);
+            drop(drs);
+            let d = LIVE.load(Ordering::Relaxed);
+            eprintln!(
+                "registry {} KiB, virtual services {} KiB, destination rules {} KiB",
+                (a - b) / 1024,
+                (b - c) / 1024,
+                (c - d) / 1024
+            );
+            continue;
+        }
+        assert_eq!(snap.routes.virtual_services.len(), n);
+        drop(snap);
+        held -= LIVE.load(Ordering::Relaxed);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "config of {n} services x 5 routes ({} documents): parse {:.0} ms, compile {:.0} ms (medians of 5), snapshot holds {:.1} MiB ({:.0} bytes/service)",
+        n * 3 + 1,
+        median(parse_ms),
+        median(compile_ms),
+        held as f64 / (1024.0 * 1024.0),
+        held as f64 / n as f64
+    );
+}
