@@ -241,7 +241,8 @@ fn main() -> Result<()> {
             run(&mut cargo(&["build", "--release", "--workspace", "--bins"]))?;
             run(Command::new(workspace_root().join("target/release/bench"))
                 .current_dir(workspace_root())
-                .env("PROXY_BIN_DIR", workspace_root().join("target/release")))
+                .env("PROXY_BIN_DIR", workspace_root().join("target/release")))?;
+            run(Command::new(workspace_root().join("target/release/config-bench")).arg("1000"))
         }
     }
 }
