@@ -419,6 +419,35 @@ impl RouteTable {
             .or_else(|| list.first())
     }
 
+    /// The Sidecar governing a workload: one in its namespace whose selector matches wins
+    /// over the namespace's selector-less default (Istio's rule).
+    pub fn sidecar_for(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<&CompiledSidecar> {
+        let in_ns = || {
+            self.sidecars
+                .iter()
+                .filter(move |s| s.namespace == namespace)
+        };
+        in_ns()
+            .find(|s| s.selector.as_ref().is_some_and(|sel| selects(sel, labels)))
+            .or_else(|| in_ns().find(|s| s.selector.is_none()))
+    }
+
+    /// EnvoyFilters applying to a workload, in configuration order: those of its namespace
+    /// whose workloadSelector matches (an empty selector selects every workload there).
+    pub fn envoy_filters_for<'a>(
+        &'a self,
+        namespace: &'a str,
+        labels: &'a BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a CompiledEnvoyFilter> + 'a {
+        self.envoy_filters
+            .iter()
+            .filter(move |f| f.namespace == namespace && selects(&f.selector, labels))
+    }
+
     /// VirtualServices for a host, exact name first, then the longest wildcard.
     pub fn virtual_services_for(&self, host: &str) -> &[std::sync::Arc<CompiledVirtualService>] {
         if let Some(v) = self.virtual_services.get(host) {
@@ -431,6 +460,11 @@ impl RouteTable {
             .map(|(_, v)| v.as_slice())
             .unwrap_or(&[])
     }
+}
+
+/// Label selector semantics: every selector label present with the same value.
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 // ---- compile

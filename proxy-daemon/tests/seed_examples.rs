@@ -284,3 +284,121 @@ fn broken_examples_fail_validate_at_the_right_line() {
         "{m:?}"
     );
 }
+
+#[test]
+fn envoy_filters_apply_only_to_the_selected_workloads_of_their_namespace() {
+    let snap = compile("envoyfilter-override.yaml");
+    let labels = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let test_api = labels(&[("app", "api"), ("stack", "test")]);
+    let mirror_api = labels(&[("app", "api"), ("stack", "mirror")]);
+    let other = labels(&[("app", "web")]);
+    let names = |ns: &str, l| {
+        snap.routes
+            .envoy_filters_for(ns, l)
+            .map(|f| f.namespace.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names("azar", &test_api), vec!["azar"]);
+    assert_eq!(names("azar-mirror", &mirror_api), vec!["azar-mirror"]);
+    assert!(names("azar", &mirror_api).is_empty(), "selector must match");
+    assert!(
+        names("azar-mirror", &test_api).is_empty(),
+        "filters never leave their namespace"
+    );
+    assert!(names("azar", &other).is_empty());
+}
+
+#[test]
+fn service_lookups_by_address_and_host() {
+    use std::net::SocketAddr;
+    let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.96.0.7
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partners, namespace: shop}
+spec:
+  hosts: ['*.partners.example']
+  addresses: [192.0.2.0/24]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: shop}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: legacy, namespace: shop}
+spec:
+  workloadSelector: {labels: {app: legacy}}
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
+";
+    let dir = std::env::temp_dir().join(format!("pd-lookup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("x.yaml"), yaml).unwrap();
+    let loaded = local::load_path(&dir);
+    let snap = state::compile(&loaded.objects, &settings(), 1).expect("compile");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    assert_eq!(
+        snap.registry
+            .by_addr(addr("10.96.0.7:9080"))
+            .unwrap()
+            .hostname,
+        "reviews.shop.svc.cluster.local"
+    );
+    assert!(
+        snap.registry.by_addr(addr("10.96.0.7:80")).is_none(),
+        "port must be a service port"
+    );
+    assert_eq!(
+        snap.registry
+            .by_addr(addr("192.0.2.55:443"))
+            .unwrap()
+            .hostname,
+        "*.partners.example"
+    );
+    assert!(snap.registry.by_addr(addr("192.0.3.1:443")).is_none());
+    assert_eq!(
+        snap.registry
+            .by_host("API.partners.example")
+            .unwrap()
+            .hostname,
+        "*.partners.example"
+    );
+    assert!(snap.registry.by_host("partners.example").is_none());
+    use proxy_daemon::config::istio::OutboundMode;
+    let l = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        snap.routes
+            .sidecar_for("shop", &l(&[("app", "legacy")]))
+            .unwrap()
+            .outbound_mode,
+        Some(OutboundMode::AllowAny)
+    );
+    assert_eq!(
+        snap.routes
+            .sidecar_for("shop", &l(&[("app", "web")]))
+            .unwrap()
+            .outbound_mode,
+        Some(OutboundMode::RegistryOnly)
+    );
+    assert!(snap.routes.sidecar_for("other", &l(&[])).is_none());
+}
