@@ -403,6 +403,24 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             "snapshot",
             Box::new(move || serde_json::to_value(&*p.load()).unwrap_or_default()),
         );
+        let p = published.clone();
+        dump.add(
+            "effective_policies",
+            Box::new(move || {
+                let snap = p.load();
+                let mut out = serde_json::Map::new();
+                for (host, rules) in &snap.routes.destination_rules {
+                    for r in rules {
+                        let key = format!("{host} ({}/{})", r.namespace, r.name);
+                        out.insert(
+                            key,
+                            serde_json::to_value(r.effective_all()).unwrap_or_default(),
+                        );
+                    }
+                }
+                serde_json::Value::Object(out)
+            }),
+        );
         let cs = config_status.clone();
         dump.add(
             "config",

@@ -311,6 +311,33 @@ pub struct CompiledDestinationRule {
 }
 
 impl CompiledDestinationRule {
+    /// Every merged policy this rule can produce, keyed `*`, `port 80`, `subset v1`,
+    /// `subset v1 port 80` (for /config_dump; the data path calls [`Self::effective`]).
+    pub fn effective_all(&self) -> BTreeMap<String, Policy> {
+        let mut ports: Vec<Option<u32>> = vec![None];
+        ports.extend(self.port_policies.keys().copied().map(Some));
+        for s in self.subsets.values() {
+            ports.extend(s.port_policies.keys().copied().map(Some));
+        }
+        ports.sort();
+        ports.dedup();
+        let mut subsets: Vec<Option<&str>> = vec![None];
+        subsets.extend(self.subsets.keys().map(|s| Some(s.as_str())));
+        let mut out = BTreeMap::new();
+        for subset in &subsets {
+            for port in &ports {
+                let key = match (subset, port) {
+                    (None, None) => "*".to_string(),
+                    (None, Some(p)) => format!("port {p}"),
+                    (Some(s), None) => format!("subset {s}"),
+                    (Some(s), Some(p)) => format!("subset {s} port {p}"),
+                };
+                out.insert(key, self.effective(*port, *subset));
+            }
+        }
+        out
+    }
+
     /// The policy for traffic to `port` of `subset`: subset-level over host-level, and at each
     /// level port-level settings over the level's defaults (Istio's precedence).
     pub fn effective(&self, port: Option<u32>, subset: Option<&str>) -> Policy {

@@ -402,3 +402,65 @@ spec:
     );
     assert!(snap.routes.sidecar_for("other", &l(&[])).is_none());
 }
+
+#[test]
+fn destination_rule_precedence_is_subset_over_port_over_host() {
+    use proxy_daemon::config::istio::{SimpleLb, TlsMode};
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool: {tcp: {maxConnections: 100}}
+    portLevelSettings:
+    - port: {number: 80}
+      loadBalancer: {simple: RANDOM}
+  subsets:
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {simple: LEAST_REQUEST}
+      portLevelSettings:
+      - port: {number: 80}
+        tls: {mode: SIMPLE}
+";
+    let dir = std::env::temp_dir().join(format!("pd-precedence-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("dr.yaml"), yaml).unwrap();
+    let loaded = local::load_path(&dir);
+    let snap = state::compile(&loaded.objects, &settings(), 1).expect("compile");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let dr = snap
+        .routes
+        .destination_rule("reviews.shop.svc.cluster.local", "shop")
+        .unwrap();
+    let lb = |p: &proxy_daemon::routes::Policy| match &p.load_balancer {
+        Some(LoadBalancer::Simple { algorithm }) => *algorithm,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(lb(&dr.effective(None, None)), SimpleLb::RoundRobin);
+    assert_eq!(
+        lb(&dr.effective(Some(80), None)),
+        SimpleLb::Random,
+        "port-level over host-level"
+    );
+    assert_eq!(
+        lb(&dr.effective(Some(80), Some("v2"))),
+        SimpleLb::LeastRequest,
+        "subset over port-level"
+    );
+    let v2_80 = dr.effective(Some(80), Some("v2"));
+    assert_eq!(
+        v2_80.tls.unwrap().mode,
+        TlsMode::Simple,
+        "subset port-level applies"
+    );
+    assert!(dr.effective(Some(9080), Some("v2")).tls.is_none());
+    assert_eq!(
+        v2_80.connection_pool.unwrap().max_connections,
+        Some(100),
+        "unset fields inherit"
+    );
+}
