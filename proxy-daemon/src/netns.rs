@@ -64,6 +64,8 @@ pub fn netns_inode_of_pid(pid: u32) -> Option<u64> {
 }
 
 enum Request {
+    /// Top up the stock of spare IPv4 sockets.
+    Refill,
     Listener {
         addr: SocketAddr,
         reply: oneshot::Sender<std::io::Result<std::net::TcpListener>>,
@@ -74,9 +76,14 @@ enum Request {
     },
 }
 
+/// Ready-made upstream sockets kept per pod, so a connection usually takes one without a
+/// round trip to the netns thread; the thread tops the stock up in the background.
+const SPARE_SOCKETS: usize = 16;
+
 /// A thread living inside one pod's network namespace, making sockets there.
 pub struct NetnsWorker {
     tx: mpsc::Sender<Request>,
+    spares: std::sync::Arc<std::sync::Mutex<Vec<OwnedFd>>>,
     pub inode: u64,
 }
 
@@ -95,6 +102,8 @@ impl NetnsWorker {
             .ino();
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let spares = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(SPARE_SOCKETS)));
+        let stock = spares.clone();
         std::thread::Builder::new()
             .name(format!("netns-{label}"))
             .stack_size(128 * 1024)
@@ -108,6 +117,7 @@ impl NetnsWorker {
                 // Ends when the worker handle (the only sender) is dropped.
                 while let Ok(req) = rx.recv() {
                     match req {
+                        Request::Refill => refill(&stock),
                         Request::Listener { addr, reply } => {
                             let _ = reply.send(make_listener(addr));
                         }
@@ -119,7 +129,10 @@ impl NetnsWorker {
             })
             .map_err(NetnsError::Socket)?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { tx, inode }),
+            Ok(Ok(())) => {
+                let _ = tx.send(Request::Refill);
+                Ok(Self { tx, spares, inode })
+            }
             Ok(Err(source)) => Err(NetnsError::Setns { pid, source }),
             Err(_) => Err(NetnsError::WorkerGone),
         }
@@ -136,11 +149,34 @@ impl NetnsWorker {
 
     /// A fresh non-blocking TCP socket inside the pod netns, ready to connect.
     pub async fn tcp_socket(&self, domain: Domain) -> Result<OwnedFd, NetnsError> {
+        if domain == Domain::IPV4 {
+            let (spare, left) = {
+                let mut stock = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+                (stock.pop(), stock.len())
+            };
+            if left < SPARE_SOCKETS / 2 {
+                let _ = self.tx.send(Request::Refill);
+            }
+            if let Some(fd) = spare {
+                return Ok(fd);
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Stream { domain, reply })
             .map_err(|_| NetnsError::WorkerGone)?;
         Ok(rx.await.map_err(|_| NetnsError::WorkerGone)??)
+    }
+}
+
+fn refill(stock: &std::sync::Mutex<Vec<OwnedFd>>) {
+    let missing =
+        SPARE_SOCKETS.saturating_sub(stock.lock().map(|s| s.len()).unwrap_or(SPARE_SOCKETS));
+    let fresh: Vec<OwnedFd> = (0..missing)
+        .filter_map(|_| make_stream(Domain::IPV4).ok())
+        .collect();
+    if let Ok(mut s) = stock.lock() {
+        s.extend(fresh);
     }
 }
 
