@@ -169,6 +169,30 @@ pub struct L4Match {
     pub source_namespace: Option<String>,
 }
 
+impl From<&istio::L4MatchAttributes> for L4Match {
+    fn from(m: &istio::L4MatchAttributes) -> Self {
+        Self {
+            destination_subnets: m.destination_subnets.clone(),
+            sni_hosts: Vec::new(),
+            port: m.port,
+            source_labels: m.source_labels.clone(),
+            source_namespace: m.source_namespace.clone(),
+        }
+    }
+}
+
+impl From<&istio::TlsMatchAttributes> for L4Match {
+    fn from(m: &istio::TlsMatchAttributes) -> Self {
+        Self {
+            destination_subnets: m.destination_subnets.clone(),
+            sni_hosts: m.sni_hosts.clone(),
+            port: m.port,
+            source_labels: m.source_labels.clone(),
+            source_namespace: m.source_namespace.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct L4Rule {
     pub matches: Vec<L4Match>,
@@ -985,49 +1009,31 @@ fn compile_virtual_service(
                 })
                 .collect()
         };
-    let tcp = spec
+    let l4_rule = |cx: &mut Ctx,
+                   matches: Vec<L4Match>,
+                   route: &[istio::RouteDestination],
+                   line: u64| L4Rule {
+        matches,
+        destinations: l4(cx, route, line),
+        source: cx.source(line),
+    };
+    let tcp: Vec<L4Rule> = spec
         .tcp
         .iter()
-        .map(|t| L4Rule {
-            matches: t
-                .value
-                .matches
-                .iter()
-                .map(|m| L4Match {
-                    destination_subnets: m.destination_subnets.clone(),
-                    sni_hosts: Vec::new(),
-                    port: m.port,
-                    source_labels: m.source_labels.clone(),
-                    source_namespace: m.source_namespace.clone(),
-                })
-                .collect(),
-            destinations: l4(&mut cx, &t.value.route, t.referenced.line()),
-            source: cx.source(t.referenced.line()),
+        .map(|t| {
+            let matches = t.value.matches.iter().map(L4Match::from).collect();
+            l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
         })
         .collect();
-    let tls = spec
+    let tls: Vec<L4Rule> = spec
         .tls
         .iter()
         .map(|t| {
             if t.value.matches.iter().all(|m| m.sni_hosts.is_empty()) {
                 cx.err(t.referenced.line(), "tls routes need match[].sniHosts");
             }
-            L4Rule {
-                matches: t
-                    .value
-                    .matches
-                    .iter()
-                    .map(|m| L4Match {
-                        destination_subnets: m.destination_subnets.clone(),
-                        sni_hosts: m.sni_hosts.clone(),
-                        port: m.port,
-                        source_labels: m.source_labels.clone(),
-                        source_namespace: m.source_namespace.clone(),
-                    })
-                    .collect(),
-                destinations: l4(&mut cx, &t.value.route, t.referenced.line()),
-                source: cx.source(t.referenced.line()),
-            }
+            let matches = t.value.matches.iter().map(L4Match::from).collect();
+            l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
         })
         .collect();
     Some(CompiledVirtualService {

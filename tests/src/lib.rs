@@ -9,6 +9,15 @@ pub use daemon::Daemon;
 pub use node::{Host, Node, Pod};
 pub use servers::{Seen, Servers};
 
+/// A node with one upstream host ("upstream") running an identity server on `port`.
+pub fn node_with_upstream(tag: &str, port: u16) -> (Node, Servers, Host, Seen) {
+    let mut node = Node::new(tag);
+    let servers = Servers::new();
+    let upstream = node.host("upstream");
+    let seen = servers.identity(&upstream, port);
+    (node, servers, upstream, seen)
+}
+
 /// Deterministic byte stream (xorshift64) so both ends of a transfer can make and check the
 /// same data without storing it.
 pub fn fill(seed: &mut u64, buf: &mut [u8]) {

@@ -4,8 +4,7 @@ use std::time::{Duration, Instant};
 use proxy_tests::{
     daemon::Daemon,
     node::{namespace_yaml, pod_yaml, Node},
-    servers::Servers,
-    wait_for,
+    node_with_upstream, wait_for,
 };
 
 fn generation(d: &Daemon) -> u64 {
@@ -71,10 +70,7 @@ fn destination_rule_with(versions: u32) -> String {
 
 #[test]
 fn twenty_reloads_under_traffic_lose_no_connection() {
-    let mut node = Node::new("reload");
-    let servers = Servers::new();
-    let upstream = node.host("upstream");
-    let _seen = servers.identity(&upstream, 80);
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("reload", 80);
     let pod = node.pod("shop", "client-1");
     node.write_config(
         "ns.yaml",
@@ -140,10 +136,7 @@ fn twenty_reloads_under_traffic_lose_no_connection() {
 
 #[test]
 fn a_broken_file_keeps_the_last_good_config_serving_until_fixed() {
-    let mut node = Node::new("broken");
-    let servers = Servers::new();
-    let upstream = node.host("upstream");
-    let _seen = servers.identity(&upstream, 80);
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("broken", 80);
     let pod = node.pod("shop", "client-1");
     node.write_config(
         "ns.yaml",

@@ -4,9 +4,8 @@ use std::time::{Duration, Instant};
 
 use proxy_tests::{
     daemon::Daemon,
-    node::{namespace_yaml, pod_yaml, Host, Node},
-    servers::{Seen, Servers},
-    wait_for,
+    node::{namespace_yaml, pod_yaml, Node},
+    node_with_upstream, wait_for, Servers,
 };
 
 /// The app's socket is connected to the pod-local listener: the connect was captured.
@@ -30,15 +29,6 @@ fn assert_direct(out: &serde_json::Value, pod: &proxy_tests::Pod) {
         "expected {} to connect directly: {out}",
         pod.name
     );
-}
-
-/// A node with one upstream host running an identity server on `port`.
-fn node_with_upstream(tag: &str, port: u16) -> (Node, Servers, Host, Seen) {
-    let mut node = Node::new(tag);
-    let servers = Servers::new();
-    let upstream = node.host("upstream");
-    let seen = servers.identity(&upstream, port);
-    (node, servers, upstream, seen)
 }
 
 #[test]
