@@ -464,3 +464,93 @@ spec:
         "unset fields inherit"
     );
 }
+
+fn compile_yaml(yaml: &str) -> Snapshot {
+    let dir = std::env::temp_dir().join(format!("pd-yaml-{}-{}", std::process::id(), yaml.len()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("x.yaml"), yaml).unwrap();
+    let loaded = local::load_path(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    state::compile(&loaded.objects, &settings(), 1).expect("compile")
+}
+
+const PODS: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1-abc, namespace: shop, uid: u1, labels: {app: reviews, version: v1}}
+spec:
+  containers: [{name: app, ports: [{name: http-web, containerPort: 9080}]}]
+status: {phase: Running, podIP: 198.18.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2-def, namespace: shop, uid: u2, labels: {app: reviews, version: v2}}
+spec:
+  containers: [{name: app, ports: [{name: http-web, containerPort: 9080}]}]
+status:
+  phase: Running
+  podIP: 198.18.0.12
+  conditions: [{type: Ready, status: 'False'}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.96.0.9
+  selector: {app: reviews}
+  ports: [{name: http, port: 80, targetPort: http-web}]
+";
+
+#[test]
+fn service_without_slices_takes_ready_pods_matching_its_selector() {
+    let snap = compile_yaml(PODS);
+    let svc = snap
+        .registry
+        .by_host("reviews.shop.svc.cluster.local")
+        .unwrap();
+    assert_eq!(
+        svc.endpoints.len(),
+        1,
+        "the unready pod is left out: {:?}",
+        svc.endpoints
+    );
+    let ep = &svc.endpoints[0];
+    assert_eq!(ep.address, "198.18.0.11");
+    assert_eq!(ep.labels["version"], "v1", "pod labels, for subsets");
+    assert_eq!(
+        ep.ports["http"], 9080,
+        "named targetPort resolved from the pod"
+    );
+}
+
+#[test]
+fn endpoint_slices_win_over_selectors_and_carry_pod_labels() {
+    let yaml = format!(
+        "{PODS}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: reviews-x1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{{name: http, port: 9080}}]
+endpoints:
+- addresses: [198.18.0.12]
+  conditions: {{ready: true}}
+  targetRef: {{kind: Pod, name: reviews-v2-def}}
+- addresses: [198.18.0.13]
+  conditions: {{ready: false}}
+"
+    );
+    let snap = compile_yaml(&yaml);
+    let svc = snap
+        .registry
+        .by_host("reviews.shop.svc.cluster.local")
+        .unwrap();
+    assert_eq!(svc.endpoints.len(), 1, "{:?}", svc.endpoints);
+    assert_eq!(svc.endpoints[0].address, "198.18.0.12");
+    assert_eq!(svc.endpoints[0].labels["version"], "v2");
+    assert_eq!(svc.endpoints[0].pod.as_deref(), Some("reviews-v2-def"));
+    assert_eq!(svc.endpoints[0].ports["http"], 9080);
+}
