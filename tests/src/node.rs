@@ -82,6 +82,23 @@ impl Host {
         .expect("listener thread")
     }
 
+    /// A listener on 127.0.0.1:`port` inside this netns (e.g. to occupy the proxy's port).
+    pub fn listen_loopback(&self, port: u16) -> std::net::TcpListener {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(path).expect("netns file");
+            // SAFETY: setns on this short-lived thread only.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind loopback")
+        })
+        .join()
+        .expect("listener thread")
+    }
+
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip, port))
     }

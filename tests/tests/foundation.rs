@@ -610,3 +610,59 @@ fn sigterm_and_quitquitquit_drain_detach_and_leave_pods_connecting_directly() {
     .is_some());
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+#[test]
+fn readiness_waits_for_every_pod_listener_and_recovers() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("ready", 80);
+    let pod = node.pod("shop", "squatter-1");
+    // Something in the pod already listens on the outbound port.
+    let squatter = pod.host.listen_loopback(15001);
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, None) + &pod_yaml(&pod, &[("app", "squatter")])),
+    );
+    let (mut cmd, _admin, _metrics, health, log) = Daemon::command(&node, &[]);
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut child = cmd
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let not_ready = wait_for(Duration::from_secs(5), || {
+        match proxy_tests::http_get(health, "/healthz/ready") {
+            Ok((503, body)) if body.contains("pod listeners") => Some(body),
+            _ => None,
+        }
+    });
+    assert!(
+        not_ready.is_some(),
+        "expected 503 naming the pod listeners; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Not redirected meanwhile: no enrolment entry without our listener.
+    let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_direct(&out, &pod);
+    drop(squatter);
+    let ready = wait_for(Duration::from_secs(5), || {
+        matches!(
+            proxy_tests::http_get(health, "/healthz/ready"),
+            Ok((200, _))
+        )
+        .then_some(())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        ready.is_some(),
+        "ready once the port is free; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("enrolment failed; will retry"), "{text}");
+    assert!(
+        text.contains("Address in use")
+            || text.contains("address already in use")
+            || text.contains("os error 98"),
+        "{text}"
+    );
+}
