@@ -382,6 +382,8 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?,
         metrics: metrics.clone(),
         connect_timeout: settings.connect_timeout,
+        config: published.clone(),
+        outbound_policy: settings.outbound_traffic_policy,
     });
     let enroller = Enroller::new(
         settings.cgroup_root.clone(),

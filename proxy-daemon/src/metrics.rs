@@ -37,7 +37,7 @@ pub struct IstioTcpLabels {
 }
 
 /// What the data path knows of where a connection went.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DestinationLabels {
     pub service: String,
     pub service_name: String,

@@ -67,7 +67,7 @@ impl Daemon {
             .stderr(log_file)
             .spawn()
             .expect("spawn proxy-daemon");
-        let d = Self {
+        let mut d = Self {
             child: Some(child),
             admin,
             metrics,
@@ -75,7 +75,20 @@ impl Daemon {
             log,
             started: Instant::now(),
         };
-        d.wait_ready(Duration::from_secs(20));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.is_ready() {
+            // A daemon that exited will never be ready: say so now, with its log.
+            if let Some(Ok(Some(status))) = d.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "daemon exited ({status}) before becoming ready; log:\n{}",
+                    d.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!("daemon not ready within 20s; log:\n{}", d.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         d
     }
 

@@ -341,6 +341,27 @@ pub fn pod_yaml(pod: &Pod, labels: &[(&str, &str)]) -> String {
     y
 }
 
+/// YAML for a pod that only serves (an endpoint on a plain host), not captured itself.
+pub fn endpoint_pod_yaml(
+    host: &Host,
+    name: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  uid: ep-{name}-{}\n  labels:\n",
+        host.ip
+    );
+    for (k, v) in labels {
+        y.push_str(&format!("    {k}: \"{v}\"\n"));
+    }
+    y.push_str(&format!(
+        "spec:\n  containers: [{{name: app}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
+        host.ip
+    ));
+    y
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         remove_cgroup_tree(&self.cgroup_root);

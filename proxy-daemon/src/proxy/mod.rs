@@ -1,6 +1,7 @@
 //! The data path: accept on a pod's listener → original destination → upstream from the
 //! pod's netns → copy. (L7 handling arrives with the routing work; today every
 //! connection is proxied as opaque TCP to where it was going.)
+pub mod route;
 pub mod tcp;
 
 use std::{
@@ -46,10 +47,12 @@ pub enum ProxyError {
     NoOrigDst(ClientAddr),
     #[error("upstream socket: {0}")]
     Socket(#[from] crate::netns::NetnsError),
-    #[error("connecting to {0:?}: {1}")]
-    Connect(OrigDstAddr, std::io::Error),
-    #[error("connecting to {0:?}: timed out")]
-    ConnectTimeout(OrigDstAddr),
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("connecting to {0}: timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("refused by policy ({0}) for {1:?}")]
+    Refused(&'static str, OrigDstAddr),
 }
 
 /// What every connection handler shares.
@@ -57,6 +60,9 @@ pub struct ProxyInputs {
     pub orig_dst: OrigDstTable,
     pub metrics: Arc<Metrics>,
     pub connect_timeout: Duration,
+    /// The compiled configuration; loaded once per connection, never locked.
+    pub config: Arc<crate::state::Published>,
+    pub outbound_policy: crate::cli::OutboundTrafficPolicyArg,
 }
 
 impl ProxyInputs {
@@ -73,12 +79,12 @@ impl ProxyInputs {
 /// destination sees the pod's IP (and NetworkPolicy keeps applying).
 pub async fn connect_from_pod(
     pod: &PodContext,
-    dst: OrigDstAddr,
+    dst: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream, ProxyError> {
-    let fd = pod.netns.tcp_socket(Domain::IPV4).await?;
+    let fd = pod.netns.tcp_socket(Domain::for_address(dst)).await?;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-    match tokio::time::timeout(timeout, socket.connect(SocketAddr::V4(dst.0))).await {
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(ProxyError::Connect(dst, e)),
         Err(_) => Err(ProxyError::ConnectTimeout(dst)),

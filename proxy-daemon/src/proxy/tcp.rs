@@ -8,19 +8,14 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{connect_from_pod, OrigDstAddr, PodContext, ProxyError, ProxyInputs};
-use crate::metrics::{DestinationLabels, IstioTcpLabels, PASSTHROUGH_CLUSTER};
+use super::{
+    connect_from_pod,
+    route::{self, L4Decision},
+    OrigDstAddr, PodContext, ProxyError, ProxyInputs,
+};
+use crate::metrics::IstioTcpLabels;
 
 const COPY_BUFFER: usize = 64 * 1024;
-
-/// Labels for a destination we know nothing about (no registry match yet).
-pub fn passthrough_destination(dst: OrigDstAddr) -> DestinationLabels {
-    DestinationLabels {
-        service: dst.0.to_string(),
-        service_name: PASSTHROUGH_CLUSTER.to_string(),
-        service_namespace: crate::workload::UNKNOWN.to_string(),
-    }
-}
 
 /// Keeps `proxy_daemon_active_connections` right however the handler ends.
 struct ActiveGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
@@ -39,12 +34,31 @@ pub async fn proxy(
     let daemon = &inputs.metrics.daemon;
     daemon.active_connections.inc();
     let _active = ActiveGuard(&daemon.active_connections);
-    let destination = passthrough_destination(dst);
+    let snapshot = inputs.config.load();
+    let decision = route::decide(
+        &snapshot,
+        &pod.workload,
+        dst.0,
+        inputs.outbound_policy,
+        route::next_roll(),
+    );
+    drop(snapshot);
     let tcp = &inputs.metrics.tcp;
+    let (upstream_addr, destination) = match decision {
+        L4Decision::Forward { upstream, labels } => (upstream, labels),
+        L4Decision::Refuse { labels, flags } => {
+            let refused = IstioTcpLabels::new(&pod.workload, &labels, flags);
+            tcp.opened.get_or_create(&refused).inc();
+            tcp.closed.get_or_create(&refused).inc();
+            // Reset: the app sees the connection refused, as Envoy's BlackHole does.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            return Err(ProxyError::Refused(flags, dst));
+        }
+    };
     let labels = IstioTcpLabels::new(&pod.workload, &destination, "");
     tcp.opened.get_or_create(&labels).inc();
 
-    let mut upstream = match connect_from_pod(pod, dst, inputs.connect_timeout).await {
+    let mut upstream = match connect_from_pod(pod, upstream_addr, inputs.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             daemon.upstream_connect_failures.inc();

@@ -63,6 +63,13 @@ enum Cmd {
         #[arg(long)]
         ms: u64,
     },
+    /// Sequential connections; counts which server answered (first word of its reply).
+    Spread {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
     /// Connect and keep the connection open (idle) for a while.
     Hold {
         #[arg(long)]
@@ -274,6 +281,20 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(2));
             }
             json!(counts)
+        }
+        Cmd::Spread { to, count } => {
+            let mut servers = std::collections::BTreeMap::<String, u64>::new();
+            let mut errors = std::collections::BTreeMap::<String, u64>::new();
+            for i in 0..count {
+                match exchange(to, &format!("spread-{i}"), Duration::from_secs(5)) {
+                    Ok((reply, _, _)) => {
+                        let server = reply.split_whitespace().next().unwrap_or("").to_string();
+                        *servers.entry(server).or_default() += 1;
+                    }
+                    Err(e) => *errors.entry(classify(&e).to_string()).or_default() += 1,
+                }
+            }
+            json!({"servers": servers, "errors": errors})
         }
         Cmd::Hold { to, ms } => match TcpStream::connect(to) {
             Ok(s) => {

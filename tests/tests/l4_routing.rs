@@ -1,0 +1,206 @@
+//! L4 routing from the snapshot, end to end: Service cluster IPs load-balanced over
+//! endpoints (nothing listens on a cluster IP: only the proxy can make it work),
+//! VirtualService `tcp[]` weights, subsets and `sourceLabels`, and the outbound traffic
+//! policy for unregistered destinations.
+use std::time::Duration;
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{endpoint_pod_yaml, namespace_yaml, pod_yaml, Host, Node},
+    servers::Servers,
+};
+
+const CLUSTER_IP: &str = "198.18.0.250";
+
+fn backend(node: &mut Node, servers: &Servers) -> (Host, Host, String) {
+    let b1 = node.host("reviews-v1");
+    let b2 = node.host("reviews-v2");
+    let _ = servers.identity(&b1, 9080);
+    let _ = servers.identity(&b2, 9080);
+    let yaml = namespace_yaml("backend", false, None)
+        + &endpoint_pod_yaml(
+            &b1,
+            "reviews-v1-a",
+            "backend",
+            &[("app", "reviews"), ("version", "v1")],
+        )
+        + &endpoint_pod_yaml(
+            &b2,
+            "reviews-v2-a",
+            "backend",
+            &[("app", "reviews"), ("version", "v2")],
+        )
+        + &format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  clusterIP: {CLUSTER_IP}
+  selector: {{app: reviews}}
+  ports: [{{name: tcp-reviews, port: 80, targetPort: 9080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  host: reviews.backend.svc.cluster.local
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+"
+        );
+    (b1, b2, yaml)
+}
+
+fn count(spread: &serde_json::Value, server: &Host) -> u64 {
+    spread["servers"][server.addr(9080).to_string()]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn service_cluster_ip_is_balanced_over_its_ready_endpoints() {
+    let mut node = Node::new("svc");
+    let servers = Servers::new();
+    let (b1, b2, yaml) = backend(&mut node, &servers);
+    let client = node.pod("shop", "client-1");
+    node.write_config(
+        "all.yaml",
+        &(yaml + &namespace_yaml("shop", true, None) + &pod_yaml(&client, &[("app", "client")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(5));
+
+    let spread = client.pdtool(&[
+        "spread",
+        "--to",
+        &format!("{CLUSTER_IP}:80"),
+        "--count",
+        "100",
+    ]);
+    assert!(spread["errors"].as_object().unwrap().is_empty(), "{spread}");
+    let (n1, n2) = (count(&spread, &b1), count(&spread, &b2));
+    assert_eq!(n1 + n2, 100, "{spread}");
+    assert!(n1 >= 40 && n2 >= 40, "both endpoints serve: {spread}");
+    let labels = [
+        ("source_workload", "client"),
+        ("destination_service", "reviews.backend.svc.cluster.local"),
+        ("destination_service_name", "reviews"),
+        ("destination_service_namespace", "backend"),
+    ];
+    assert_eq!(
+        daemon.metric_sum("istio_tcp_connections_opened_total", &labels),
+        100.0
+    );
+}
+
+#[test]
+fn tcp_routes_split_by_weight_and_pin_by_source_labels() {
+    let mut node = Node::new("tcproute");
+    let servers = Servers::new();
+    let (b1, b2, yaml) = backend(&mut node, &servers);
+    let client = node.pod("shop", "client-1");
+    let canary = node.pod("shop", "canary-1");
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: backend}
+spec:
+  hosts: [reviews.backend.svc.cluster.local]
+  tcp:
+  - match: [{sourceLabels: {track: canary}}]
+    route: [{destination: {host: reviews.backend.svc.cluster.local, subset: v2}}]
+  - route:
+    - {destination: {host: reviews.backend.svc.cluster.local, subset: v1}, weight: 10}
+    - {destination: {host: reviews.backend.svc.cluster.local, subset: v2}, weight: 90}
+---
+";
+    node.write_config(
+        "all.yaml",
+        &(yaml
+            + vs
+            + &namespace_yaml("shop", true, None)
+            + &pod_yaml(&client, &[("app", "client")])
+            + &pod_yaml(&canary, &[("app", "client"), ("track", "canary")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(5));
+    daemon.wait_enrolled(&canary.uid, Duration::from_secs(5));
+
+    let to = format!("{CLUSTER_IP}:80");
+    let (split, pinned) = std::thread::scope(|s| {
+        let a = s.spawn(|| client.pdtool(&["spread", "--to", &to, "--count", "400"]));
+        let b = s.spawn(|| canary.pdtool(&["spread", "--to", &to, "--count", "100"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let v1_share = count(&split, &b1) as f64 / 400.0 * 100.0;
+    assert!(
+        (7.0..=13.0).contains(&v1_share),
+        "v1 share {v1_share}%: {split}"
+    );
+    assert_eq!(count(&split, &b1) + count(&split, &b2), 400, "{split}");
+    assert_eq!(
+        count(&pinned, &b2),
+        100,
+        "canary pod always goes to v2: {pinned}"
+    );
+}
+
+#[test]
+fn registry_only_refuses_unknown_destinations_unless_a_sidecar_allows_them() {
+    let mut node = Node::new("regonly");
+    let servers = Servers::new();
+    let (_b1, _b2, yaml) = backend(&mut node, &servers);
+    let external = node.host("external");
+    let _ = servers.identity(&external, 443);
+    let strict = node.pod("shop", "strict-1");
+    let legacy = node.pod("shop", "legacy-1");
+    let sidecar = "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: legacy, namespace: shop}
+spec:
+  workloadSelector: {labels: {app: legacy}}
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
+---
+";
+    node.write_config(
+        "all.yaml",
+        &(yaml
+            + sidecar
+            + &namespace_yaml("shop", true, None)
+            + &pod_yaml(&strict, &[("app", "strict")])
+            + &pod_yaml(&legacy, &[("app", "legacy")])),
+    );
+    let daemon = Daemon::start(&node, &["--outbound-traffic-policy", "registry-only"]);
+    daemon.wait_enrolled(&strict.uid, Duration::from_secs(5));
+    daemon.wait_enrolled(&legacy.uid, Duration::from_secs(5));
+    let unknown = external.addr(443).to_string();
+
+    let out = strict.pdtool(&["connect", "--to", &unknown]);
+    assert!(
+        matches!(out["result"].as_str(), Some("reset") | Some("eof")),
+        "refused: {out}"
+    );
+    let out = legacy.pdtool(&["connect", "--to", &unknown]);
+    assert_eq!(out["result"], "ok", "the Sidecar allows any: {out}");
+    let out = strict.pdtool(&["connect", "--to", &format!("{CLUSTER_IP}:80")]);
+    assert_eq!(out["result"], "ok", "registered services still work: {out}");
+
+    let blackhole = [
+        ("source_workload", "strict"),
+        ("destination_service_name", "BlackHoleCluster"),
+        ("response_flags", "NR"),
+    ];
+    assert_eq!(
+        daemon.metric_sum("istio_tcp_connections_opened_total", &blackhole),
+        1.0
+    );
+    let passthrough = [
+        ("source_workload", "legacy"),
+        ("destination_service_name", "PassthroughCluster"),
+    ];
+    assert_eq!(
+        daemon.metric_sum("istio_tcp_connections_opened_total", &passthrough),
+        1.0
+    );
+}
