@@ -267,6 +267,7 @@ impl Enroller {
             workload: want.workload.clone(),
             netns: Arc::new(worker),
             netns_cookie,
+            http_pool: Default::default(),
         });
         let listener_task = tokio::spawn(proxy::run_outbound_listener(
             self.inputs.clone(),

@@ -2,7 +2,7 @@
 //! registry, the daemon's own under `proxy_daemon_`.
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -82,6 +82,39 @@ impl IstioTcpLabels {
     }
 }
 
+/// Istio's request metric labels: the TCP set plus the response code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub response_code: u16,
+    // Flattened fields must come last (the derive hands its encoder over to them).
+    #[prometheus(flatten)]
+    pub base: IstioTcpLabels,
+}
+
+/// Istio's buckets for istio_request_duration_milliseconds.
+pub const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+pub struct HttpMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
@@ -129,6 +162,7 @@ pub struct DaemonMetrics {
 pub struct Metrics {
     pub registry: Registry,
     pub tcp: TcpMetrics,
+    pub http: HttpMetrics,
     pub daemon: DaemonMetrics,
 }
 
@@ -155,6 +189,13 @@ impl Metrics {
             "istio_tcp_received_bytes",
             "Total bytes received during request in case of a TCP connection",
             tcp.received_bytes.clone(),
+        );
+        let http = HttpMetrics::default();
+        registry.register("istio_requests", "Total requests", http.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration in milliseconds",
+            http.duration.clone(),
         );
         let daemon = DaemonMetrics::default();
         let sub = registry.sub_registry_with_prefix("proxy_daemon");
@@ -229,6 +270,7 @@ impl Metrics {
         Self {
             registry,
             tcp,
+            http,
             daemon,
         }
     }

@@ -1,7 +1,10 @@
 //! The data path: accept on a pod's listener → original destination → upstream from the
 //! pod's netns → copy. (L7 handling arrives with the routing work; today every
 //! connection is proxied as opaque TCP to where it was going.)
+pub mod http;
+pub mod http_route;
 pub mod route;
+pub mod sniff;
 pub mod tcp;
 
 use std::{
@@ -39,6 +42,8 @@ pub struct PodContext {
     pub workload: Arc<WorkloadInfo>,
     pub netns: Arc<NetnsWorker>,
     pub netns_cookie: u64,
+    /// Idle HTTP/1 upstream connections, made in this pod's netns.
+    pub http_pool: http::UpstreamPool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +109,7 @@ pub async fn run_outbound_listener(
                 let pod = pod.clone();
                 tokio::spawn(async move {
                     let client = ClientAddr(peer);
-                    if let Err(e) = handle_connection(&inputs, &pod, stream, client).await {
+                    if let Err(e) = handle_connection(inputs, pod.clone(), stream, client).await {
                         debug!(pod = %pod.workload.pod_name, error = %e, "connection ended with error");
                     }
                 });
@@ -120,12 +125,12 @@ pub async fn run_outbound_listener(
 }
 
 async fn handle_connection(
-    inputs: &ProxyInputs,
-    pod: &PodContext,
+    inputs: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
     stream: TcpStream,
     client: ClientAddr,
 ) -> Result<(), ProxyError> {
-    let dst = match inputs.orig_dst(pod, client) {
+    let dst = match inputs.orig_dst(&pod, client) {
         Ok(dst) => dst,
         Err(e) => {
             inputs.metrics.daemon.orig_dst_missing.inc();
@@ -133,5 +138,9 @@ async fn handle_connection(
         }
     };
     let _ = stream.set_nodelay(true);
-    tcp::proxy(inputs, pod, stream, dst).await
+    match sniff::detect(&stream).await {
+        sniff::Protocol::Http1 => http::serve(inputs, pod, stream, dst).await,
+        // h2c and TLS are proxied as TCP (routed by original destination) for now.
+        _ => tcp::proxy(&inputs, &pod, stream, dst).await,
+    }
 }

@@ -43,7 +43,7 @@ pub fn next_roll() -> u32 {
     (NEXT_ROLL.fetch_add(1, Ordering::Relaxed) % 100) as u32
 }
 
-fn labels_for(svc: &ServiceInfo) -> DestinationLabels {
+pub fn labels_for(svc: &ServiceInfo) -> DestinationLabels {
     match svc.kind {
         ServiceKind::Kubernetes => DestinationLabels {
             service: svc.hostname.clone(),
@@ -87,7 +87,7 @@ fn subnet_contains(cidr: &str, ip: IpAddr) -> bool {
 }
 
 /// Weighted pick; `roll` in 0..100.
-fn pick_weighted(dests: &[WeightedDestination], roll: u32) -> Option<&WeightedDestination> {
+pub fn pick_weighted(dests: &[WeightedDestination], roll: u32) -> Option<&WeightedDestination> {
     let total: u32 = dests.iter().map(|d| d.weight).sum();
     if total == 0 {
         return dests.first();
@@ -165,59 +165,57 @@ pub fn decide(
         None => (svc, None, dst.port() as u32),
     };
     let labels = labels_for(target);
-    if target.endpoints.is_empty() {
+    if target.endpoints.is_empty()
+        && matches!(target.kind, ServiceKind::ServiceEntry { .. })
+        && std::ptr::eq(target, svc)
+    {
         // A ServiceEntry without endpoints, dialled by its own address: the app resolved it
         // itself, so the original destination is the endpoint.
-        if matches!(target.kind, ServiceKind::ServiceEntry { .. }) && std::ptr::eq(target, svc) {
-            return L4Decision::Forward {
-                upstream: SocketAddr::V4(dst),
-                labels,
-            };
-        }
-        return L4Decision::Refuse {
+        return L4Decision::Forward {
+            upstream: SocketAddr::V4(dst),
             labels,
-            flags: "UH",
         };
     }
-    let subset_labels = subset.and_then(|s| {
-        snap.routes
-            .destination_rule(&target.hostname, &src.namespace)
-            .and_then(|dr| dr.subsets.get(s))
-            .map(|sp| sp.labels.clone())
-    });
-    if subset.is_some() && subset_labels.is_none() {
-        return L4Decision::Refuse {
-            labels,
-            flags: "NR",
-        };
+    match endpoint_for(snap, target, subset, port, &src.namespace) {
+        Ok(upstream) => L4Decision::Forward { upstream, labels },
+        Err(flags) => L4Decision::Refuse { labels, flags },
     }
-    let port_info = target.port(port);
+}
+
+/// An endpoint of `target` (of `subset`, if given) for service port `port`, at its target
+/// port. Err carries Envoy's flag: NR (no such subset), UH (no healthy upstream).
+pub fn endpoint_for(
+    snap: &Snapshot,
+    target: &ServiceInfo,
+    subset: Option<&str>,
+    port: u32,
+    client_namespace: &str,
+) -> Result<SocketAddr, &'static str> {
+    let subset_labels = match subset {
+        Some(s) => Some(
+            snap.routes
+                .destination_rule(&target.hostname, client_namespace)
+                .and_then(|dr| dr.subsets.get(s))
+                .map(|sp| sp.labels.clone())
+                .ok_or("NR")?,
+        ),
+        None => None,
+    };
     let endpoints: Vec<_> = target
         .endpoints
         .iter()
         .filter(|e| subset_labels.as_ref().is_none_or(|l| selects(l, &e.labels)))
         .collect();
     if endpoints.is_empty() {
-        // Envoy's "no healthy upstream".
-        return L4Decision::Refuse {
-            labels,
-            flags: "UH",
-        };
+        return Err("UH");
     }
     let ep = endpoints[NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
-    let target_port = port_info
+    let target_port = target
+        .port(port)
         .and_then(|p| ep.ports.get(&p.name).copied().or(p.target_port))
         .unwrap_or(port);
-    match ep.address.parse::<IpAddr>() {
-        Ok(ip) => L4Decision::Forward {
-            upstream: SocketAddr::new(ip, target_port as u16),
-            labels,
-        },
-        Err(_) => L4Decision::Refuse {
-            labels,
-            flags: "UH",
-        },
-    }
+    let ip = ep.address.parse::<IpAddr>().map_err(|_| "UH")?;
+    Ok(SocketAddr::new(ip, target_port as u16))
 }
 
 #[cfg(test)]

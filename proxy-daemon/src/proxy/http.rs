@@ -1,0 +1,398 @@
+//! HTTP/1 on a captured connection: hyper serves the client, each request is routed on
+//! its own (Host, VirtualService rules, the real source pod), and forwarded on a pooled
+//! upstream connection opened from the pod's network namespace.
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
+use hyper::{
+    body::Incoming, client::conn::http1 as client_http1, server::conn::http1 as server_http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{
+    connect_from_pod,
+    http_route::{self, HttpDecision, RequestEdits, RequestView},
+    route, OrigDstAddr, PodContext, ProxyError, ProxyInputs,
+};
+use crate::{
+    metrics::{DestinationLabels, IstioTcpLabels, RequestLabels},
+    routes::HeaderOps,
+};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+type Sender = client_http1::SendRequest<Incoming>;
+
+/// Idle upstream connections per pod and upstream address (sockets live in the pod netns).
+#[derive(Default)]
+pub struct UpstreamPool {
+    idle: Mutex<HashMap<SocketAddr, Vec<Sender>>>,
+}
+
+const MAX_IDLE_PER_UPSTREAM: usize = 32;
+
+impl UpstreamPool {
+    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&addr)?;
+        while let Some(s) = list.pop() {
+            if !s.is_closed() && s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, s: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_UPSTREAM {
+            list.push(s);
+        }
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded, except for an Upgrade handshake.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn is_upgrade(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, keep_upgrade: bool) {
+    // Headers named by Connection are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .collect();
+    for h in HOP_BY_HOP {
+        if keep_upgrade && (h == "connection" || h == "upgrade") {
+            continue;
+        }
+        headers.remove(h);
+    }
+    for h in named {
+        if keep_upgrade && (h == "upgrade" || h == "connection") {
+            continue;
+        }
+        headers.remove(h.as_str());
+    }
+}
+
+fn apply_ops(headers: &mut http::HeaderMap, ops: &HeaderOps) {
+    for name in &ops.remove {
+        headers.remove(name.as_str());
+    }
+    for (k, v) in &ops.set {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            headers.insert(k, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            headers.append(k, v);
+        }
+    }
+}
+
+fn new_request_id() -> String {
+    let b: [u8; 16] = rand::random();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        u16::from_be_bytes([b[4], b[5]]),
+        u16::from_be_bytes([b[6], b[7]]) & 0x0fff,
+        (u16::from_be_bytes([b[8], b[9]]) & 0x3fff) | 0x8000,
+        u64::from_be_bytes([0, 0, b[10], b[11], b[12], b[13], b[14], b[15]])
+    )
+}
+
+fn local_response(status: u16, body: String, location: Option<String>) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Some(loc) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    resp
+}
+
+fn rewrite(req: &mut Request<Incoming>, edits: &RequestEdits) {
+    for ops in &edits.headers {
+        apply_ops(req.headers_mut(), ops);
+    }
+    for (k, v) in &edits.add_headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            req.headers_mut().append(k, v);
+        }
+    }
+    if let Some(authority) = edits
+        .rewrite_authority
+        .as_ref()
+        .and_then(|a| HeaderValue::from_str(a).ok())
+    {
+        req.headers_mut().insert(header::HOST, authority);
+    }
+    if let Some((prefix, replacement)) = &edits.rewrite_uri {
+        let path = req.uri().path();
+        let new_path = match prefix {
+            Some(p) if path.starts_with(p.as_str()) => format!("{replacement}{}", &path[p.len()..]),
+            _ => replacement.clone(),
+        };
+        let pq = match req.uri().query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        if let Ok(uri) = pq.parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+pub async fn serve(
+    inputs: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    stream: TcpStream,
+    dst: OrigDstAddr,
+) -> Result<(), ProxyError> {
+    let service = service_fn(move |req| {
+        let (inputs, pod) = (inputs.clone(), pod.clone());
+        async move { Ok::<_, Infallible>(handle(&inputs, &pod, dst, req).await) }
+    });
+    if let Err(e) = server_http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await
+    {
+        debug!(error = %e, "http connection ended");
+    }
+    Ok(())
+}
+
+async fn handle(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    dst: OrigDstAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    if !req.headers().contains_key("x-request-id") {
+        if let Ok(v) = HeaderValue::from_str(&new_request_id()) {
+            req.headers_mut().insert("x-request-id", v);
+        }
+    }
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| dst.0.to_string());
+    let decision = {
+        let snap = inputs.config.load();
+        let view = RequestView {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            authority: &authority,
+            headers: req.headers(),
+            dst: dst.0,
+        };
+        http_route::decide(
+            &snap,
+            &pod.workload,
+            &view,
+            inputs.outbound_policy,
+            route::next_roll(),
+        )
+    };
+    let (resp, labels, flags) = match decision {
+        HttpDecision::Respond {
+            status,
+            body,
+            location,
+            labels,
+            flags,
+        } => (local_response(status, body, location), labels, flags),
+        HttpDecision::Forward {
+            upstream,
+            labels,
+            edits,
+            response_headers,
+            timeout,
+        } => {
+            rewrite(&mut req, &edits);
+            match forward(inputs, pod, upstream, req, timeout).await {
+                Ok(mut resp) => {
+                    for ops in &response_headers {
+                        apply_ops(resp.headers_mut(), ops);
+                    }
+                    (resp, labels, "")
+                }
+                Err((status, flags, message)) => {
+                    debug!(%upstream, flags, message, "upstream request failed");
+                    (
+                        local_response(status, format!("{message}\n"), None),
+                        labels,
+                        flags,
+                    )
+                }
+            }
+        }
+    };
+    record(
+        inputs,
+        pod,
+        &labels,
+        flags,
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
+    resp
+}
+
+fn record(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    dest: &DestinationLabels,
+    flags: &str,
+    code: u16,
+    took: Duration,
+) {
+    let mut base = IstioTcpLabels::new(&pod.workload, dest, flags);
+    base.request_protocol = "http";
+    let labels = RequestLabels {
+        base,
+        response_code: code,
+    };
+    let m = &inputs.metrics.http;
+    m.requests.get_or_create(&labels).inc();
+    m.duration
+        .get_or_create(&labels)
+        .observe(took.as_secs_f64() * 1000.0);
+}
+
+/// A new upstream HTTP/1 connection from the pod's netns.
+async fn connect_upstream(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    upstream: SocketAddr,
+) -> Result<Sender, (u16, &'static str, String)> {
+    let stream = connect_from_pod(pod, upstream, inputs.connect_timeout)
+        .await
+        .map_err(|e| (503u16, "UF", format!("upstream connect error: {e}")))?;
+    let (sender, conn) = client_http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| (503u16, "UF", format!("upstream handshake: {e}")))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// Sends the request upstream; Err is (status, Envoy flag, message) for the client.
+async fn forward(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    upstream: SocketAddr,
+    mut req: Request<Incoming>,
+    timeout: Option<Duration>,
+) -> Result<Response<Body>, (u16, &'static str, String)> {
+    let upgrade = is_upgrade(req.headers());
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // A pooled connection the server closed meanwhile hands the request back unsent.
+    let pooled = if upgrade {
+        None
+    } else {
+        pod.http_pool.take(upstream)
+    };
+    let send = async {
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => connect_upstream(inputs, pod, upstream).await?,
+        };
+        let resp = match sender.try_send_request(req).await {
+            Ok(r) => r,
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    sender = connect_upstream(inputs, pod, upstream).await?;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| (503, "UC", format!("upstream reset: {e}")))?
+                }
+                None => {
+                    return Err((
+                        503,
+                        "UC",
+                        format!("upstream reset before headers: {}", e.error()),
+                    ))
+                }
+            },
+        };
+        Ok((sender, resp))
+    };
+    let (sender, mut resp) = match timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| (504u16, "UT", "upstream request timeout".to_string()))??,
+        None => send.await?,
+    };
+    if let Some(client_upgrade) = client_upgrade {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let server_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(s)) = tokio::join!(client_upgrade, server_upgrade) {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s))
+                            .await;
+                }
+            });
+        }
+    } else {
+        pod.http_pool.put(upstream, sender);
+    }
+    Ok(resp.map(|b| b.boxed()))
+}

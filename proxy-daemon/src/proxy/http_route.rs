@@ -1,0 +1,478 @@
+//! Where one HTTP request goes: Host → service, EnvoyFilter route overrides, the first
+//! matching VirtualService rule (evaluated against the real source pod), weighted
+//! destinations, subsets, rewrites, redirects and direct responses.
+use std::{net::SocketAddr, time::Duration};
+
+use http::HeaderMap;
+
+use super::route::{endpoint_for, labels_for, pick_weighted};
+use crate::{
+    cli::OutboundTrafficPolicyArg,
+    config::istio::OutboundMode,
+    metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
+    registry::{ServiceInfo, CLUSTER_DOMAIN},
+    routes::{
+        selects, ClusterRef, HeaderOps, HttpAction, HttpMatch, HttpRule, Matcher, RoutePatch,
+    },
+    state::Snapshot,
+    workload::{WorkloadInfo, UNKNOWN},
+};
+
+/// The parts of a request routing looks at.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// Host header (or :authority) as sent, port included.
+    pub authority: &'a str,
+    pub headers: &'a HeaderMap,
+    /// Original destination.
+    pub dst: std::net::SocketAddrV4,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RequestEdits {
+    pub headers: Vec<HeaderOps>,
+    /// (matched prefix, replacement): Istio replaces the matched prefix, or the whole path.
+    pub rewrite_uri: Option<(Option<String>, String)>,
+    pub rewrite_authority: Option<String>,
+    /// Envoy's request_headers_to_add (appended).
+    pub add_headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum HttpDecision {
+    Forward {
+        upstream: SocketAddr,
+        labels: DestinationLabels,
+        edits: RequestEdits,
+        response_headers: Vec<HeaderOps>,
+        timeout: Option<Duration>,
+    },
+    Respond {
+        status: u16,
+        body: String,
+        location: Option<String>,
+        labels: DestinationLabels,
+        flags: &'static str,
+    },
+}
+
+fn host_only(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((h, p))
+            if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']') || h.starts_with('[') =>
+        {
+            h
+        }
+        _ => authority,
+    }
+}
+
+/// The service a Host names, the ways a sidecar accepts it: `reviews`, `reviews.ns`,
+/// `reviews.ns.svc`, the FQDN, a ServiceEntry host; else the original destination's.
+fn service_for<'a>(
+    snap: &'a Snapshot,
+    host: &str,
+    src_ns: &str,
+    dst: std::net::SocketAddrV4,
+) -> Option<&'a ServiceInfo> {
+    let host = host.to_ascii_lowercase();
+    let dots = host.matches('.').count();
+    let candidates = [
+        host.clone(),
+        if dots == 0 {
+            format!("{host}.{src_ns}.{CLUSTER_DOMAIN}")
+        } else {
+            String::new()
+        },
+        if dots == 1 {
+            format!("{host}.{CLUSTER_DOMAIN}")
+        } else {
+            String::new()
+        },
+        if host.ends_with(".svc") {
+            format!("{host}.cluster.local")
+        } else {
+            String::new()
+        },
+    ];
+    candidates
+        .iter()
+        .filter(|c| !c.is_empty())
+        .find_map(|c| snap.registry.by_host(c))
+        .or_else(|| snap.registry.by_addr(SocketAddr::V4(dst)))
+}
+
+fn matcher_ok(m: &Option<Matcher>, value: Option<&str>, ignore_case: bool) -> bool {
+    match (m, value) {
+        (None, _) => true,
+        (Some(m), Some(v)) => m.matches(v, ignore_case),
+        (Some(_), None) => false,
+    }
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// Does one `match` block accept the request (all its conditions hold)?
+pub fn matches(m: &HttpMatch, req: &RequestView, src: &WorkloadInfo) -> bool {
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+    matcher_ok(&m.uri, Some(req.path), m.ignore_uri_case)
+        && matcher_ok(&m.method, Some(req.method), false)
+        && matcher_ok(&m.scheme, Some("http"), false)
+        && matcher_ok(&m.authority, Some(req.authority), false)
+        && m.headers
+            .iter()
+            .all(|(k, mm)| header(k).is_some_and(|v| mm.matches(v, false)))
+        && m.without_headers
+            .iter()
+            .all(|(k, mm)| !header(k).is_some_and(|v| mm.matches(v, false)))
+        && m.query_params
+            .iter()
+            .all(|(k, mm)| query_param(req.query, k).is_some_and(|v| mm.matches(v, false)))
+        && m.port.is_none_or(|p| p == req.dst.port() as u32)
+        && selects(&m.source_labels, &src.labels)
+        && m.source_namespace
+            .as_ref()
+            .is_none_or(|n| *n == src.namespace)
+}
+
+fn first_rule<'a>(
+    rules: &'a [HttpRule],
+    req: &RequestView,
+    src: &WorkloadInfo,
+) -> Option<(&'a HttpRule, Option<&'a HttpMatch>)> {
+    rules.iter().find_map(|r| {
+        if r.matches.is_empty() {
+            return Some((r, None));
+        }
+        r.matches
+            .iter()
+            .find(|m| matches(m, req, src))
+            .map(|m| (r, Some(m)))
+    })
+}
+
+fn passthrough_labels(req: &RequestView) -> DestinationLabels {
+    DestinationLabels {
+        service: host_only(req.authority).to_string(),
+        service_name: PASSTHROUGH_CLUSTER.into(),
+        service_namespace: UNKNOWN.into(),
+    }
+}
+
+/// What an EnvoyFilter chain says about this request's route, if anything.
+struct Override {
+    cluster: Option<ClusterRef>,
+    add_headers: Vec<(String, String)>,
+    timeout: Option<Duration>,
+}
+
+/// Applies the workload's EnvoyFilter patches for the outbound port, in order. An added
+/// virtual host with an exact domain wins over generated ones; a MERGE changes every route
+/// that exists when it is applied (so it does not reach virtual hosts added after it).
+fn envoy_filter_override(
+    snap: &Snapshot,
+    src: &WorkloadInfo,
+    req: &RequestView,
+) -> Option<Override> {
+    let port = req.dst.port() as u32;
+    let host = host_only(req.authority).to_ascii_lowercase();
+    let authority = req.authority.to_ascii_lowercase();
+    let patches: Vec<_> = snap
+        .routes
+        .envoy_filters_for(&src.namespace, &src.labels)
+        .flat_map(|f| f.patches.iter())
+        .filter(|p| p.port.is_none_or(|pp| pp == port))
+        .collect();
+    if patches.is_empty() {
+        return None;
+    }
+    // Which virtual host serves the request: the index of the ADD patch, or None (generated).
+    let added = patches.iter().position(|p| match &p.patch {
+        RoutePatch::AddVirtualHost { domains, .. } => {
+            domains.iter().any(|d| *d == host || *d == authority)
+        }
+        _ => false,
+    });
+    let mut ov = Override {
+        cluster: None,
+        add_headers: Vec::new(),
+        timeout: None,
+    };
+    if let Some(i) = added {
+        if let RoutePatch::AddVirtualHost { routes, .. } = &patches[i].patch {
+            ov.cluster = routes
+                .iter()
+                .find(|(m, _)| m.matches(req.path, false))
+                .map(|(_, c)| c.clone());
+            if ov.cluster.is_none() {
+                // No route of the added virtual host matches: Envoy answers 404.
+                ov.cluster = Some(ClusterRef::BlackHole);
+            }
+        }
+    }
+    let merges_from = added.map(|i| i + 1).unwrap_or(0);
+    let mut touched = added.is_some();
+    for p in &patches[merges_from..] {
+        if let RoutePatch::MergeHttpRoute {
+            cluster,
+            request_headers_to_add,
+            timeout,
+        } = &p.patch
+        {
+            touched = true;
+            if cluster.is_some() {
+                ov.cluster = cluster.clone();
+            }
+            ov.add_headers.extend(
+                request_headers_to_add
+                    .iter()
+                    .map(|(k, v, _)| (k.clone(), v.clone())),
+            );
+            if timeout.is_some() {
+                ov.timeout = *timeout;
+            }
+        }
+    }
+    touched.then_some(ov)
+}
+
+pub fn decide(
+    snap: &Snapshot,
+    src: &WorkloadInfo,
+    req: &RequestView,
+    policy: OutboundTrafficPolicyArg,
+    roll: u32,
+) -> HttpDecision {
+    let port = req.dst.port() as u32;
+    let ov = envoy_filter_override(snap, src, req);
+    let mut edits = RequestEdits::default();
+    let mut timeout = None;
+    if let Some(ov) = &ov {
+        edits.add_headers = ov.add_headers.clone();
+        timeout = ov.timeout;
+        match &ov.cluster {
+            Some(ClusterRef::Passthrough) => {
+                return HttpDecision::Forward {
+                    upstream: SocketAddr::V4(req.dst),
+                    labels: passthrough_labels(req),
+                    edits,
+                    response_headers: Vec::new(),
+                    timeout,
+                }
+            }
+            Some(ClusterRef::BlackHole) => {
+                return HttpDecision::Respond {
+                    status: 404,
+                    body: "route not found\n".into(),
+                    location: None,
+                    labels: DestinationLabels {
+                        service: host_only(req.authority).into(),
+                        service_name: BLACKHOLE_CLUSTER.into(),
+                        service_namespace: UNKNOWN.into(),
+                    },
+                    flags: "NR",
+                }
+            }
+            Some(ClusterRef::Service {
+                port: cport,
+                subset,
+                host,
+            }) => {
+                let Some(target) = snap.registry.by_host(host) else {
+                    return no_route(req, "NR");
+                };
+                let labels = labels_for(target);
+                return match endpoint_for(snap, target, subset.as_deref(), *cport, &src.namespace) {
+                    Ok(upstream) => HttpDecision::Forward {
+                        upstream,
+                        labels,
+                        edits,
+                        response_headers: Vec::new(),
+                        timeout,
+                    },
+                    Err(flags) => unavailable(labels, flags),
+                };
+            }
+            None => {}
+        }
+    }
+    let Some(svc) = service_for(snap, host_only(req.authority), &src.namespace, req.dst) else {
+        let registry_only = match snap
+            .routes
+            .sidecar_for(&src.namespace, &src.labels)
+            .and_then(|s| s.outbound_mode)
+        {
+            Some(OutboundMode::RegistryOnly) => true,
+            Some(OutboundMode::AllowAny) => false,
+            None => policy == OutboundTrafficPolicyArg::RegistryOnly,
+        };
+        if registry_only {
+            return HttpDecision::Respond {
+                status: 502,
+                body: "destination not in the service registry\n".into(),
+                location: None,
+                labels: DestinationLabels {
+                    service: host_only(req.authority).into(),
+                    service_name: BLACKHOLE_CLUSTER.into(),
+                    service_namespace: UNKNOWN.into(),
+                },
+                flags: "NR",
+            };
+        }
+        return HttpDecision::Forward {
+            upstream: SocketAddr::V4(req.dst),
+            labels: passthrough_labels(req),
+            edits,
+            response_headers: Vec::new(),
+            timeout,
+        };
+    };
+    let vss = snap.routes.virtual_services_for(&svc.hostname);
+    let rules: Vec<HttpRule> = vss.iter().flat_map(|vs| vs.http.iter().cloned()).collect();
+    if vss.is_empty() || rules.is_empty() {
+        // No VirtualService: the service itself, on the port dialled.
+        let labels = labels_for(svc);
+        if svc.endpoints.is_empty()
+            && matches!(svc.kind, crate::registry::ServiceKind::ServiceEntry { .. })
+        {
+            return HttpDecision::Forward {
+                upstream: SocketAddr::V4(req.dst),
+                labels,
+                edits,
+                response_headers: Vec::new(),
+                timeout,
+            };
+        }
+        return match endpoint_for(snap, svc, None, port, &src.namespace) {
+            Ok(upstream) => HttpDecision::Forward {
+                upstream,
+                labels,
+                edits,
+                response_headers: Vec::new(),
+                timeout,
+            },
+            Err(flags) => unavailable(labels, flags),
+        };
+    }
+    let Some((rule, matched)) = first_rule(&rules, req, src) else {
+        return HttpDecision::Respond {
+            status: 404,
+            body: "no route matched\n".into(),
+            location: None,
+            labels: labels_for(svc),
+            flags: "NR",
+        };
+    };
+    edits.headers.push(rule.headers.request.clone());
+    let mut response_headers = vec![rule.headers.response.clone()];
+    if let Some(uri) = &rule.rewrite_uri {
+        let prefix = matched.and_then(|m| match &m.uri {
+            Some(Matcher::Prefix(p)) => Some(p.clone()),
+            _ => None,
+        });
+        edits.rewrite_uri = Some((prefix, uri.clone()));
+    }
+    edits.rewrite_authority = rule.rewrite_authority.clone();
+    timeout = timeout.or(rule.timeout);
+    match &rule.action {
+        HttpAction::Redirect {
+            uri,
+            authority,
+            port: rport,
+            scheme,
+            code,
+        } => {
+            let scheme = scheme.clone().unwrap_or_else(|| "http".into());
+            let host = authority
+                .clone()
+                .unwrap_or_else(|| host_only(req.authority).to_string());
+            let port_part = rport.map(|p| format!(":{p}")).unwrap_or_default();
+            let path = uri.clone().unwrap_or_else(|| req.path.to_string());
+            HttpDecision::Respond {
+                status: *code as u16,
+                body: String::new(),
+                location: Some(format!("{scheme}://{host}{port_part}{path}")),
+                labels: labels_for(svc),
+                flags: "",
+            }
+        }
+        HttpAction::DirectResponse { status, body } => HttpDecision::Respond {
+            status: *status as u16,
+            body: body.clone().unwrap_or_default(),
+            location: None,
+            labels: labels_for(svc),
+            flags: "",
+        },
+        HttpAction::Route { destinations } => {
+            let Some(dest) = pick_weighted(destinations, roll) else {
+                return no_route(req, "NR");
+            };
+            edits.headers.push(dest.headers.request.clone());
+            response_headers.push(dest.headers.response.clone());
+            let Some(target) = snap.registry.by_host(&dest.destination.host) else {
+                return no_route(req, "NR");
+            };
+            let labels = labels_for(target);
+            let port = dest.destination.port.unwrap_or(port);
+            match endpoint_for(
+                snap,
+                target,
+                dest.destination.subset.as_deref(),
+                port,
+                &src.namespace,
+            ) {
+                Ok(upstream) => HttpDecision::Forward {
+                    upstream,
+                    labels,
+                    edits,
+                    response_headers,
+                    timeout,
+                },
+                Err(flags) => unavailable(labels, flags),
+            }
+        }
+    }
+}
+
+fn no_route(req: &RequestView, flags: &'static str) -> HttpDecision {
+    HttpDecision::Respond {
+        status: 503,
+        body: "no route to the destination's cluster\n".into(),
+        location: None,
+        labels: DestinationLabels {
+            service: host_only(req.authority).into(),
+            service_name: UNKNOWN.into(),
+            service_namespace: UNKNOWN.into(),
+        },
+        flags,
+    }
+}
+
+fn unavailable(labels: DestinationLabels, flags: &'static str) -> HttpDecision {
+    HttpDecision::Respond {
+        status: 503,
+        body: "no healthy upstream\n".into(),
+        location: None,
+        labels,
+        flags,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_without_port() {
+        assert_eq!(host_only("reviews:9080"), "reviews");
+        assert_eq!(host_only("reviews"), "reviews");
+        assert_eq!(host_only("169.254.169.254:80"), "169.254.169.254");
+    }
+}
