@@ -143,3 +143,101 @@ impl Servers {
         out
     }
 }
+
+/// How an HTTP echo server behaves.
+#[derive(Clone, Default)]
+pub struct HttpEcho {
+    /// Name reported in every response (`"server"`).
+    pub name: String,
+    /// Wait this long before answering.
+    pub delay: std::time::Duration,
+}
+
+async fn read_head(
+    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
+) -> Option<(String, Vec<(String, String)>)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    let request_line = line.trim_end().to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).await.ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    Some((request_line, headers))
+}
+
+impl Servers {
+    /// A minimal HTTP/1.1 server: answers each request with JSON describing it (server name,
+    /// method, path, headers, peer); keep-alive; an Upgrade request gets 101 and then an
+    /// echo of whatever bytes follow.
+    pub fn http_echo(&self, host: &Host, port: u16, cfg: HttpEcho) {
+        let std_listener = host.listen(port);
+        self.rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else { continue };
+                let cfg = cfg.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut r = BufReader::new(r);
+                    while let Some((request_line, headers)) = read_head(&mut r).await {
+                        let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                        let len: usize = get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                        let mut body = vec![0u8; len];
+                        if len > 0 && r.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        if !cfg.delay.is_zero() {
+                            tokio::time::sleep(cfg.delay).await;
+                        }
+                        let mut parts = request_line.split_whitespace();
+                        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                        if get("upgrade").is_some() {
+                            let _ = w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await;
+                            let mut buf = vec![0u8; 4096];
+                            loop {
+                                match r.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => {
+                                        if w.write_all(&buf[..n]).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        let json = serde_json::json!({
+                            "server": cfg.name,
+                            "method": method,
+                            "path": path,
+                            "headers": headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                            "peer": peer.ip().to_string(),
+                            "body_len": len,
+                        })
+                        .to_string();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Served-By: {}\r\n\r\n{json}",
+                            json.len(),
+                            cfg.name
+                        );
+                        if w.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}

@@ -70,6 +70,25 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// HTTP/1.1 requests over one keep-alive connection; tallies statuses and servers.
+    Http {
+        /// Where to connect (the address the app dials).
+        #[arg(long)]
+        to: SocketAddr,
+        /// Host header.
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Extra header, `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Send an Upgrade request and echo this text through the upgraded connection.
+        #[arg(long)]
+        upgrade_echo: Option<String>,
+    },
     /// Connect and keep the connection open (idle) for a while.
     Hold {
         #[arg(long)]
@@ -124,6 +143,139 @@ fn exchange(
         ));
     }
     Ok((line.trim_end().to_string(), local, peer))
+}
+
+/// Status, headers (lower-case names) and body of a response.
+type HttpResponse = (u16, Vec<(String, String)>, String);
+
+/// Reads one HTTP/1.1 response (Content-Length bodies; "Connection: close" reads to EOF).
+fn read_response(
+    r: &mut BufReader<TcpStream>,
+) -> std::io::Result<HttpResponse> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed",
+        ));
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    if status == 101 {
+        return Ok((status, headers, String::new()));
+    }
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    let mut body = Vec::new();
+    match len {
+        Some(n) => {
+            body.resize(n, 0);
+            r.read_exact(&mut body)?;
+        }
+        None => {
+            r.read_to_end(&mut body)?;
+        }
+    }
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn http_run(
+    to: SocketAddr,
+    host: &str,
+    path: &str,
+    extra: &[String],
+    count: usize,
+    upgrade_echo: Option<String>,
+) -> serde_json::Value {
+    let started = Instant::now();
+    let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+    let mut servers = std::collections::BTreeMap::<String, u64>::new();
+    let mut first: Option<serde_json::Value> = None;
+    let mut errors = Vec::new();
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    for _ in 0..count {
+        if conn.is_none() {
+            match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+                Ok(s) => {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                    let r = BufReader::new(s.try_clone().expect("clone"));
+                    conn = Some((s, r));
+                }
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            }
+        }
+        let Some((w, r)) = conn.as_mut() else {
+            continue;
+        };
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
+        for h in extra {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        if upgrade_echo.is_some() {
+            req.push_str("Connection: Upgrade\r\nUpgrade: echo\r\n");
+        }
+        req.push_str("\r\n");
+        if let Err(e) = w.write_all(req.as_bytes()) {
+            errors.push(e.to_string());
+            conn = None;
+            continue;
+        }
+        match read_response(r) {
+            Ok((status, headers, body)) => {
+                *statuses.entry(status.to_string()).or_default() += 1;
+                if let Some((_, name)) = headers.iter().find(|(k, _)| k == "x-served-by") {
+                    *servers.entry(name.clone()).or_default() += 1;
+                }
+                if let (101, Some(text)) = (status, &upgrade_echo) {
+                    let _ = w.write_all(text.as_bytes());
+                    let mut echoed = vec![0u8; text.len()];
+                    let got = r
+                        .read_exact(&mut echoed)
+                        .map(|_| String::from_utf8_lossy(&echoed).into_owned());
+                    first = Some(
+                        json!({"status": 101, "echo": got.unwrap_or_else(|e| format!("error: {e}"))}),
+                    );
+                    break;
+                }
+                if first.is_none() {
+                    let parsed: serde_json::Value =
+                        serde_json::from_str(&body).unwrap_or(json!(body));
+                    let hdrs: std::collections::BTreeMap<_, _> = headers.into_iter().collect();
+                    first = Some(json!({"status": status, "body": parsed, "headers": hdrs}));
+                }
+                if status >= 500 && body.is_empty() {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                errors.push(e.to_string());
+                conn = None;
+            }
+        }
+    }
+    json!({"statuses": statuses, "servers": servers, "first": first, "errors": errors,
+        "elapsed_ms": started.elapsed().as_secs_f64() * 1e3})
 }
 
 fn raise_nofile() {
@@ -296,6 +448,14 @@ fn main() {
             }
             json!({"servers": servers, "errors": errors})
         }
+        Cmd::Http {
+            to,
+            host,
+            path,
+            headers,
+            count,
+            upgrade_echo,
+        } => http_run(to, &host, &path, &headers, count, upgrade_echo),
         Cmd::Hold { to, ms } => match TcpStream::connect(to) {
             Ok(s) => {
                 let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();

@@ -1,0 +1,413 @@
+//! HTTP routing end to end: real pods, real eBPF capture, requests routed per request by
+//! VirtualService rules, asserted at the upstream servers.
+use std::time::{Duration, Instant};
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{endpoint_pod_yaml, namespace_yaml, pod_yaml, Node},
+    servers::{HttpEcho, Servers},
+};
+
+const CLUSTER_IP: &str = "198.18.0.250";
+const HOST: &str = "reviews.backend.svc.cluster.local";
+
+/// reviews v1/v2 as HTTP echo servers behind a Service with subsets, plus `extra` YAML.
+fn setup(
+    tag: &str,
+    v2_delay: Duration,
+    extra: &str,
+    pods: &[(&str, &[(&str, &str)])],
+    flags: &[&str],
+) -> (Node, Servers, Vec<proxy_tests::Pod>, Daemon) {
+    let mut node = Node::new(tag);
+    let servers = Servers::new();
+    let b1 = node.host("reviews-v1");
+    let b2 = node.host("reviews-v2");
+    servers.http_echo(
+        &b1,
+        9080,
+        HttpEcho {
+            name: "reviews-v1".into(),
+            delay: Duration::ZERO,
+        },
+    );
+    servers.http_echo(
+        &b2,
+        9080,
+        HttpEcho {
+            name: "reviews-v2".into(),
+            delay: v2_delay,
+        },
+    );
+    let mut yaml = namespace_yaml("backend", false, None)
+        + &namespace_yaml("shop", true, None)
+        + &endpoint_pod_yaml(
+            &b1,
+            "reviews-v1-a",
+            "backend",
+            &[("app", "reviews"), ("version", "v1")],
+        )
+        + &endpoint_pod_yaml(
+            &b2,
+            "reviews-v2-a",
+            "backend",
+            &[("app", "reviews"), ("version", "v2")],
+        )
+        + &format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  clusterIP: {CLUSTER_IP}
+  selector: {{app: reviews}}
+  ports: [{{name: http, port: 80, targetPort: 9080}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  host: {HOST}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+"
+        )
+        + extra;
+    if !yaml.trim_end().ends_with("---") {
+        yaml.push_str("\n---\n");
+    }
+    let mut made = Vec::new();
+    for (name, labels) in pods {
+        let p = node.pod("shop", name);
+        yaml.push_str(&pod_yaml(&p, labels));
+        made.push(p);
+    }
+    node.write_config("all.yaml", &yaml);
+    let daemon = Daemon::start(&node, flags);
+    for p in &made {
+        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    (node, servers, made, daemon)
+}
+
+fn to() -> String {
+    format!("{CLUSTER_IP}:80")
+}
+
+fn served(out: &serde_json::Value, name: &str) -> u64 {
+    out["servers"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn weighted_subsets_split_requests_10_90_on_one_keep_alive_connection() {
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route:
+    - {{destination: {{host: {HOST}, subset: v1}}, weight: 10}}
+    - {{destination: {{host: {HOST}, subset: v2}}, weight: 90}}
+"
+    );
+    let (_node, _servers, pods, daemon) = setup(
+        "weights",
+        Duration::ZERO,
+        &vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&[
+        "http",
+        "--to",
+        &to(),
+        "--host",
+        "reviews.backend",
+        "--count",
+        "1000",
+    ]);
+    assert_eq!(out["statuses"]["200"], 1000, "{out}");
+    let v1 = served(&out, "reviews-v1") as f64 / 10.0;
+    assert!((7.0..=13.0).contains(&v1), "v1 share {v1}%: {out}");
+    let labels = [
+        ("source_workload", "client"),
+        ("destination_service", HOST),
+        ("destination_service_name", "reviews"),
+        ("response_code", "200"),
+        ("request_protocol", "http"),
+    ];
+    assert_eq!(daemon.metric_sum("istio_requests_total", &labels), 1000.0);
+}
+
+#[test]
+fn header_matches_header_ops_rewrites_and_request_ids_reach_the_upstream() {
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [reviews.backend.svc.cluster.local]
+  http:
+  - match: [{{headers: {{user-agent: {{regex: '.*Android.*'}}}}}}]
+    headers:
+      request:
+        set: {{x-route: android}}
+        remove: [x-drop]
+    route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+  - match: [{{headers: {{user-agent: {{regex: '.*iPhone.*'}}}}}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+  - match: [{{uri: {{prefix: /api/v1/}}}}]
+    rewrite: {{uri: /}}
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+  - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+"
+    );
+    let (_node, _servers, pods, _daemon) = setup(
+        "match",
+        Duration::ZERO,
+        &vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let c = &pods[0];
+    let android = c.pdtool(&[
+        "http",
+        "--to",
+        &to(),
+        "--host",
+        HOST,
+        "-H",
+        "User-Agent: Mozilla/5.0 (Linux; Android 14)",
+        "-H",
+        "X-Drop: secret",
+    ]);
+    let body = &android["first"]["body"];
+    assert_eq!(body["server"], "reviews-v1", "{android}");
+    assert_eq!(body["headers"]["x-route"], "android");
+    assert!(body["headers"].get("x-drop").is_none(), "removed: {body}");
+    assert_eq!(
+        body["peer"],
+        c.host.ip.to_string(),
+        "the upstream sees the pod IP"
+    );
+    assert!(
+        body["headers"]["x-request-id"]
+            .as_str()
+            .is_some_and(|v| v.len() == 36),
+        "generated: {body}"
+    );
+    let iphone = c.pdtool(&[
+        "http",
+        "--to",
+        &to(),
+        "--host",
+        HOST,
+        "-H",
+        "User-Agent: Mozilla/5.0 (iPhone; CPU iPhone OS 17_0)",
+        "-H",
+        "X-Request-Id: keep-me",
+    ]);
+    assert_eq!(iphone["first"]["body"]["server"], "reviews-v2", "{iphone}");
+    assert_eq!(
+        iphone["first"]["body"]["headers"]["x-request-id"], "keep-me",
+        "kept when present"
+    );
+    let api = c.pdtool(&[
+        "http",
+        "--to",
+        &to(),
+        "--host",
+        HOST,
+        "--path",
+        "/api/v1/items?page=2",
+    ]);
+    assert_eq!(api["first"]["body"]["server"], "reviews-v2", "{api}");
+    assert_eq!(
+        api["first"]["body"]["path"], "/items?page=2",
+        "prefix rewritten, query kept"
+    );
+    let other = c.pdtool(&["http", "--to", &to(), "--host", HOST, "--path", "/health"]);
+    assert_eq!(other["first"]["body"]["server"], "reviews-v1", "{other}");
+}
+
+#[test]
+fn source_labels_route_two_pods_differently_at_the_same_time() {
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - match: [{{sourceLabels: {{app: api, stack: mirror}}}}]
+    headers: {{request: {{set: {{X-Azar-Mirror: 'true'}}}}}}
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+  - match: [{{sourceLabels: {{app: api, stack: test}}}}]
+    headers: {{request: {{set: {{X-Azar-Mirror: 'false'}}}}}}
+    route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+  - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+"
+    );
+    let (_node, _servers, pods, _daemon) = setup(
+        "srclabels",
+        Duration::ZERO,
+        &vs,
+        &[
+            ("api-mirror-1", &[("app", "api"), ("stack", "mirror")]),
+            ("api-test-1", &[("app", "api"), ("stack", "test")]),
+        ],
+        &[],
+    );
+    let (mirror, test) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            pods[0].pdtool(&[
+                "http",
+                "--to",
+                &to(),
+                "--host",
+                "reviews.backend",
+                "--count",
+                "200",
+            ])
+        });
+        let b = s.spawn(|| {
+            pods[1].pdtool(&[
+                "http",
+                "--to",
+                &to(),
+                "--host",
+                "reviews.backend",
+                "--count",
+                "200",
+            ])
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(served(&mirror, "reviews-v2"), 200, "{mirror}");
+    assert_eq!(served(&test, "reviews-v1"), 200, "{test}");
+    assert_eq!(mirror["first"]["body"]["headers"]["x-azar-mirror"], "true");
+    assert_eq!(test["first"]["body"]["headers"]["x-azar-mirror"], "false");
+}
+
+#[test]
+fn registry_only_answers_502_and_an_allowing_sidecar_passes_through_with_status() {
+    let sidecar = "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: legacy, namespace: shop}
+spec:
+  workloadSelector: {labels: {app: legacy}}
+  outboundTrafficPolicy: {mode: ALLOW_ANY}
+---
+";
+    let (mut node, servers, pods, daemon) = setup(
+        "http502",
+        Duration::ZERO,
+        sidecar,
+        &[
+            ("strict-1", &[("app", "strict")]),
+            ("legacy-1", &[("app", "legacy")]),
+        ],
+        &["--outbound-traffic-policy", "registry-only"],
+    );
+    let ext = node.host("external");
+    servers.http_echo(
+        &ext,
+        80,
+        HttpEcho {
+            name: "external".into(),
+            delay: Duration::ZERO,
+        },
+    );
+    let to_ext = ext.addr(80).to_string();
+    let strict = pods[0].pdtool(&["http", "--to", &to_ext, "--host", "api.example.org"]);
+    assert_eq!(strict["first"]["status"], 502, "{strict}");
+    let legacy = pods[1].pdtool(&["http", "--to", &to_ext, "--host", "api.example.org"]);
+    assert_eq!(legacy["first"]["status"], 200, "{legacy}");
+    assert_eq!(legacy["first"]["body"]["server"], "external");
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[
+                ("source_workload", "strict"),
+                ("destination_service_name", "BlackHoleCluster"),
+                ("response_code", "502"),
+                ("response_flags", "NR")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[
+                ("source_workload", "legacy"),
+                ("destination_service_name", "PassthroughCluster"),
+                ("destination_service", "api.example.org"),
+                ("response_code", "200")
+            ]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn route_timeout_answers_504_in_about_half_a_second() {
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - timeout: 500ms
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+"
+    );
+    let (_node, _servers, pods, daemon) = setup(
+        "timeout",
+        Duration::from_secs(2),
+        &vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let started = Instant::now();
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST]);
+    let took = started.elapsed();
+    assert_eq!(out["first"]["status"], 504, "{out}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+        "took {took:?}"
+    );
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[("response_code", "504"), ("response_flags", "UT")]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn upgrade_is_passed_through_and_echoes() {
+    let (_node, _servers, pods, _daemon) = setup(
+        "upgrade",
+        Duration::ZERO,
+        "",
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&[
+        "http",
+        "--to",
+        &to(),
+        "--host",
+        HOST,
+        "--upgrade-echo",
+        "hello through the proxy",
+    ]);
+    assert_eq!(out["first"]["status"], 101, "{out}");
+    assert_eq!(out["first"]["echo"], "hello through the proxy", "{out}");
+}
