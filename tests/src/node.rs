@@ -28,6 +28,8 @@ pub fn cgroup2_mount() -> PathBuf {
 pub struct Host {
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// The host's end of its veth (inside its netns).
+    pub dev: String,
 }
 
 impl Host {
@@ -80,6 +82,20 @@ impl Host {
         })
         .join()
         .expect("listener thread")
+    }
+
+    /// An on-link route to `ip` over the bridge (for hosts made by [`Node::host_at`]).
+    pub fn route_to(&self, ip: Ipv4Addr) {
+        sh(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            &self.dev,
+        ]);
     }
 
     /// A listener on 127.0.0.1:`port` inside this netns (e.g. to occupy the proxy's port).
@@ -259,7 +275,41 @@ impl Node {
         ]);
         sh(&["ip", "-n", &netns, "link", "set", &inner, "up"]);
         sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
-        Host { netns, ip }
+        Host {
+            netns,
+            ip,
+            dev: inner,
+        }
+    }
+
+    /// A host answering at `ip` outside the bridge's subnet (e.g. 169.254.169.254), still on
+    /// the bridge. Hosts that must reach it get an on-link route via [`Host::route_to`].
+    pub fn host_at(&mut self, name: &str, ip: Ipv4Addr) -> Host {
+        let mut h = self.host(name);
+        let netns = h.netns.clone();
+        sh(&["ip", "-n", &netns, "addr", "flush", "dev", &h.dev]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            &h.dev,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "198.18.0.0/24",
+            "dev",
+            &h.dev,
+        ]);
+        h.ip = ip;
+        h
     }
 
     /// A pod: host + cgroup `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice`

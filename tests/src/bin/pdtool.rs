@@ -149,9 +149,7 @@ fn exchange(
 type HttpResponse = (u16, Vec<(String, String)>, String);
 
 /// Reads one HTTP/1.1 response (Content-Length bodies; "Connection: close" reads to EOF).
-fn read_response(
-    r: &mut BufReader<TcpStream>,
-) -> std::io::Result<HttpResponse> {
+fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<HttpResponse> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
         return Err(std::io::Error::new(
