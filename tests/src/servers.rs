@@ -151,6 +151,8 @@ pub struct HttpEcho {
     pub name: String,
     /// Wait this long before answering.
     pub delay: std::time::Duration,
+    /// Answer every Nth request (server-wide) with 503 instead (0: never).
+    pub fail_every: u32,
 }
 
 async fn read_head(
@@ -184,11 +186,13 @@ impl Servers {
     /// echo of whatever bytes follow.
     pub fn http_echo(&self, host: &Host, port: u16, cfg: HttpEcho) {
         let std_listener = host.listen(port);
+        let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
         self.rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
             loop {
                 let Ok((stream, peer)) = listener.accept().await else { continue };
                 let cfg = cfg.clone();
+                let served = served.clone();
                 tokio::spawn(async move {
                     let (r, mut w) = stream.into_split();
                     let mut r = BufReader::new(r);
@@ -217,6 +221,14 @@ impl Servers {
                                     }
                                 }
                             }
+                        }
+                        let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        if cfg.fail_every > 0 && n % cfg.fail_every == 0 {
+                            let resp = format!("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nX-Served-By: {}\r\n\r\n", cfg.name);
+                            if w.write_all(resp.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            continue;
                         }
                         let json = serde_json::json!({
                             "server": cfg.name,

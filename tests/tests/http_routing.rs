@@ -19,6 +19,22 @@ fn setup(
     pods: &[(&str, &[(&str, &str)])],
     flags: &[&str],
 ) -> (Node, Servers, Vec<proxy_tests::Pod>, Daemon) {
+    let v2 = HttpEcho {
+        name: "reviews-v2".into(),
+        delay: v2_delay,
+        fail_every: 0,
+    };
+    setup_with(tag, v2, extra, pods, flags)
+}
+
+/// As [`setup`], with v2's behaviour given in full.
+fn setup_with(
+    tag: &str,
+    v2: HttpEcho,
+    extra: &str,
+    pods: &[(&str, &[(&str, &str)])],
+    flags: &[&str],
+) -> (Node, Servers, Vec<proxy_tests::Pod>, Daemon) {
     let mut node = Node::new(tag);
     let servers = Servers::new();
     let b1 = node.host("reviews-v1");
@@ -28,17 +44,10 @@ fn setup(
         9080,
         HttpEcho {
             name: "reviews-v1".into(),
-            delay: Duration::ZERO,
+            ..Default::default()
         },
     );
-    servers.http_echo(
-        &b2,
-        9080,
-        HttpEcho {
-            name: "reviews-v2".into(),
-            delay: v2_delay,
-        },
-    );
+    servers.http_echo(&b2, 9080, v2);
     let mut yaml = namespace_yaml("backend", false, None)
         + &namespace_yaml("shop", true, None)
         + &endpoint_pod_yaml(
@@ -318,7 +327,7 @@ spec:
         80,
         HttpEcho {
             name: "external".into(),
-            delay: Duration::ZERO,
+            ..Default::default()
         },
     );
     let to_ext = ext.addr(80).to_string();
@@ -410,4 +419,120 @@ fn upgrade_is_passed_through_and_echoes() {
     ]);
     assert_eq!(out["first"]["status"], 101, "{out}");
     assert_eq!(out["first"]["echo"], "hello through the proxy", "{out}");
+}
+
+fn v2_only(retries: &str, fault: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+{retries}{fault}"
+    )
+}
+
+#[test]
+fn retries_turn_a_half_failing_upstream_into_success_and_attempts_zero_does_not() {
+    let flaky = || HttpEcho {
+        name: "reviews-v2".into(),
+        fail_every: 2,
+        ..Default::default()
+    };
+    let vs = v2_only(
+        "    retries: {attempts: 3, perTryTimeout: 1s, retryOn: 5xx}\n",
+        "",
+    );
+    let (_node, _servers, pods, daemon) = setup_with(
+        "retries",
+        flaky(),
+        &vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "300"]);
+    let ok = out["statuses"]["200"].as_u64().unwrap_or(0);
+    assert!(ok >= 297, "at least 99% succeed: {out}");
+    assert!(daemon.metric_sum("istio_requests_total", &[("response_code", "200")]) >= 297.0);
+
+    let vs = v2_only("    retries: {attempts: 0}\n", "");
+    let (_node, _servers, pods, _daemon) = setup_with(
+        "noretry",
+        flaky(),
+        &vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "100"]);
+    assert_eq!(
+        out["statuses"]["503"], 50,
+        "without retries half fail: {out}"
+    );
+}
+
+#[test]
+fn istio_default_retry_policy_retries_503_when_none_is_set() {
+    let flaky = HttpEcho {
+        name: "reviews-v2".into(),
+        fail_every: 3,
+        ..Default::default()
+    };
+    let (_node, _servers, pods, _daemon) = setup_with(
+        "defretry",
+        flaky,
+        &v2_only("", ""),
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "150"]);
+    assert_eq!(
+        out["statuses"]["200"], 150,
+        "503s are retried by default: {out}"
+    );
+}
+
+#[test]
+fn fault_injection_aborts_and_delays() {
+    let vs = v2_only(
+        "",
+        "    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n",
+    );
+    let (_node, _servers, pods, daemon) = setup(
+        "abort",
+        Duration::ZERO,
+        &vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "20"]);
+    assert_eq!(out["statuses"]["418"], 20, "{out}");
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[("response_code", "418"), ("response_flags", "FI")]
+        ),
+        20.0
+    );
+
+    let vs = v2_only(
+        "",
+        "    fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}\n",
+    );
+    let (_node, _servers, pods, _daemon) = setup(
+        "delay",
+        Duration::ZERO,
+        &vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let started = Instant::now();
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "3"]);
+    assert_eq!(out["statuses"]["200"], 3, "{out}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "3 x 300 ms delay: {:?}",
+        started.elapsed()
+    );
 }

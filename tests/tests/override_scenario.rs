@@ -38,7 +38,7 @@ fn envoy_filter_override_sends_api_pods_to_the_cache_but_not_the_metadata_addres
             80,
             HttpEcho {
                 name: name.into(),
-                delay: Duration::ZERO,
+                ..Default::default()
             },
         );
     }

@@ -12,6 +12,7 @@ use std::{
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
+use hyper::body::Body as _;
 use hyper::{
     body::Incoming, client::conn::http1 as client_http1, server::conn::http1 as server_http1,
     service::service_fn,
@@ -31,7 +32,7 @@ use crate::{
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
-type Sender = client_http1::SendRequest<Incoming>;
+type Sender = client_http1::SendRequest<Body>;
 
 /// Idle upstream connections per pod and upstream address (sockets live in the pod netns).
 #[derive(Default)]
@@ -155,7 +156,7 @@ fn local_response(status: u16, body: String, location: Option<String>) -> Respon
     resp
 }
 
-fn rewrite(req: &mut Request<Incoming>, edits: &RequestEdits) {
+fn rewrite(req: &mut Request<Body>, edits: &RequestEdits) {
     for ops in &edits.headers {
         apply_ops(req.headers_mut(), ops);
     }
@@ -210,6 +211,43 @@ pub async fn serve(
     Ok(())
 }
 
+/// Bodies up to this size are kept so a failed attempt can be retried; larger (or
+/// unknown-length) bodies stream through with a single attempt, as in Envoy.
+const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
+
+fn retry_backoff(attempt: u32) -> Duration {
+    // Envoy's default: 25 ms base, doubling, capped at ten times the base, jittered.
+    let cap = 25u64.saturating_mul(1 << attempt.min(4)).min(250);
+    Duration::from_millis(rand::random::<u64>() % cap + 1)
+}
+
+/// A copy of the request head, for another attempt.
+fn clone_head(parts: &http::request::Parts) -> http::request::Builder {
+    let mut b = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.clone())
+        .version(parts.version);
+    if let Some(h) = b.headers_mut() {
+        *h = parts.headers.clone();
+    }
+    b
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// How one attempt ended.
+struct Attempt {
+    resp: Response<Body>,
+    labels: DestinationLabels,
+    flags: &'static str,
+    /// The policy and what to judge it on (status, or the failure's flag).
+    retry: Option<(http_route::Retry, Option<u16>)>,
+}
+
 async fn handle(
     inputs: &ProxyInputs,
     pod: &PodContext,
@@ -229,14 +267,14 @@ async fn handle(
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_else(|| dst.0.to_string());
-    let decision = {
+    let decide = |head: &http::request::Parts| {
         let snap = inputs.config.load();
         let view = RequestView {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            query: req.uri().query(),
+            method: head.method.as_str(),
+            path: head.uri.path(),
+            query: head.uri.query(),
             authority: &authority,
-            headers: req.headers(),
+            headers: &head.headers,
             dst: dst.0,
         };
         http_route::decide(
@@ -247,48 +285,160 @@ async fn handle(
             route::next_roll(),
         )
     };
-    let (resp, labels, flags) = match decision {
-        HttpDecision::Respond {
-            status,
-            body,
-            location,
-            labels,
-            flags,
-        } => (local_response(status, body, location), labels, flags),
+    let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let mut decision = decide(&parts);
+    // The route's timeout covers every attempt.
+    let deadline = match &decision {
         HttpDecision::Forward {
-            upstream,
-            labels,
-            edits,
-            response_headers,
-            timeout,
-        } => {
-            rewrite(&mut req, &edits);
-            match forward(inputs, pod, upstream, req, timeout).await {
-                Ok(mut resp) => {
-                    for ops in &response_headers {
-                        apply_ops(resp.headers_mut(), ops);
+            timeout: Some(t), ..
+        } => Some(started + *t),
+        _ => None,
+    };
+    let retriable_body = client_upgrade.is_none()
+        && body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
+    let (buffered, mut streaming) = if retriable_body {
+        match body.collect().await {
+            Ok(b) => (Some(b.to_bytes()), None),
+            Err(e) => return local_response(400, format!("reading request body: {e}\n"), None),
+        }
+    } else {
+        (None, Some(body))
+    };
+    let mut attempt = 0u32;
+    loop {
+        let done = match decision {
+            HttpDecision::Respond {
+                status,
+                body,
+                location,
+                labels,
+                flags,
+            } => Attempt {
+                resp: local_response(status, body, location),
+                labels,
+                flags,
+                retry: None,
+            },
+            HttpDecision::Forward {
+                upstream,
+                labels,
+                edits,
+                response_headers,
+                timeout: _,
+                retry,
+                fault,
+            } => {
+                if let Some(f) = &fault {
+                    if let Some(d) = f
+                        .delay
+                        .filter(|_| rand::random::<f64>() * 100.0 < f.delay_percent)
+                    {
+                        tokio::time::sleep(d).await;
                     }
-                    (resp, labels, "")
+                    if let Some(code) = f
+                        .abort_status
+                        .filter(|_| rand::random::<f64>() * 100.0 < f.abort_percent)
+                    {
+                        let resp = local_response(code as u16, "fault filter abort\n".into(), None);
+                        record(inputs, pod, &labels, "FI", code as u16, started.elapsed());
+                        return resp;
+                    }
                 }
-                Err((status, flags, message)) => {
-                    debug!(%upstream, flags, message, "upstream request failed");
-                    (
-                        local_response(status, format!("{message}\n"), None),
-                        labels,
-                        flags,
-                    )
+                let body = match (&buffered, streaming.take()) {
+                    (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
+                    (None, Some(s)) => s.boxed(),
+                    (None, None) => empty(),
+                };
+                let mut out = match clone_head(&parts).body(body) {
+                    Ok(r) => r,
+                    Err(e) => return local_response(400, format!("bad request: {e}\n"), None),
+                };
+                rewrite(&mut out, &edits);
+                let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                let per_try = match (retry.per_try_timeout, remaining) {
+                    (Some(t), Some(r)) => Some(t.min(r)),
+                    (t, r) => t.or(r),
+                };
+                match forward(inputs, pod, upstream, out, per_try).await {
+                    Ok(mut resp) => {
+                        for ops in &response_headers {
+                            apply_ops(resp.headers_mut(), ops);
+                        }
+                        let status = resp.status().as_u16();
+                        Attempt {
+                            resp,
+                            labels,
+                            flags: "",
+                            retry: Some((retry, Some(status))),
+                        }
+                    }
+                    Err((status, flags, message)) => {
+                        debug!(%upstream, flags, message, "upstream attempt failed");
+                        let expired = deadline.is_some_and(|d| Instant::now() >= d);
+                        let (status, flags) = if expired {
+                            (504, "UT")
+                        } else {
+                            (status, flags)
+                        };
+                        Attempt {
+                            resp: local_response(status, format!("{message}\n"), None),
+                            labels,
+                            flags,
+                            retry: Some((retry, None)),
+                        }
+                    }
                 }
             }
+        };
+        let again = match &done.retry {
+            Some((policy, status)) => {
+                attempt < policy.attempts
+                    && buffered.is_some()
+                    && deadline.is_none_or(|d| Instant::now() < d)
+                    && policy.should_retry(*status, done.flags)
+            }
+            None => false,
+        };
+        if !again {
+            let code = done.resp.status().as_u16();
+            // Envoy's URX: retries exhausted on a failing upstream.
+            let flags = if done.flags.is_empty() && attempt > 0 && code >= 500 {
+                "URX"
+            } else {
+                done.flags
+            };
+            record(inputs, pod, &done.labels, flags, code, started.elapsed());
+            return match client_upgrade {
+                Some(cu) => finish_upgrade(done.resp, cu),
+                None => done.resp,
+            };
         }
-    };
-    record(
-        inputs,
-        pod,
-        &labels,
-        flags,
-        resp.status().as_u16(),
-        started.elapsed(),
-    );
+        attempt += 1;
+        tokio::time::sleep(retry_backoff(attempt)).await;
+        decision = decide(&parts);
+    }
+}
+
+/// Completes an Upgrade: once both sides switched protocols, copy bytes between them.
+fn finish_upgrade(
+    mut resp: Response<Body>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(server_upgrade) = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() {
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(s)) = tokio::join!(client_upgrade, server_upgrade) {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s))
+                            .await;
+                }
+            });
+        }
+    }
     resp
 }
 
@@ -303,8 +453,8 @@ fn record(
     let mut base = IstioTcpLabels::new(&pod.workload, dest, flags);
     base.request_protocol = "http";
     let labels = RequestLabels {
-        base,
         response_code: code,
+        base,
     };
     let m = &inputs.metrics.http;
     m.requests.get_or_create(&labels).inc();
@@ -331,17 +481,17 @@ async fn connect_upstream(
     Ok(sender)
 }
 
-/// Sends the request upstream; Err is (status, Envoy flag, message) for the client.
+/// Sends one attempt upstream; Err is (status, Envoy flag, message) for the client.
+/// For an Upgrade, the upstream's OnUpgrade is left in the response's extensions.
 async fn forward(
     inputs: &ProxyInputs,
     pod: &PodContext,
     upstream: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     timeout: Option<Duration>,
 ) -> Result<Response<Body>, (u16, &'static str, String)> {
     let upgrade = is_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     // A pooled connection the server closed meanwhile hands the request back unsent.
     let pooled = if upgrade {
         None
@@ -380,16 +530,10 @@ async fn forward(
             .map_err(|_| (504u16, "UT", "upstream request timeout".to_string()))??,
         None => send.await?,
     };
-    if let Some(client_upgrade) = client_upgrade {
+    if upgrade {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let server_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                if let (Ok(c), Ok(s)) = tokio::join!(client_upgrade, server_upgrade) {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s))
-                            .await;
-                }
-            });
+            let on = hyper::upgrade::on(&mut resp);
+            resp.extensions_mut().insert(on);
         }
     } else {
         pod.http_pool.put(upstream, sender);

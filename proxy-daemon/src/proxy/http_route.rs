@@ -40,6 +40,68 @@ pub struct RequestEdits {
     pub add_headers: Vec<(String, String)>,
 }
 
+/// Retries as Envoy applies them to one route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    /// Retries after the first try (Istio's `attempts`).
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on: Vec<String>,
+}
+
+impl Retry {
+    /// Istio's policy for routes that set none: 2 retries on connect failures, refused
+    /// streams, unavailable/cancelled gRPC and 503.
+    pub fn istio_default() -> Self {
+        Retry {
+            attempts: 2,
+            per_try_timeout: None,
+            on: [
+                "connect-failure",
+                "refused-stream",
+                "unavailable",
+                "cancelled",
+                "retriable-status-codes",
+                "503",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+
+    fn from_rule(r: &Option<crate::routes::RetryPolicy>) -> Self {
+        match r {
+            None => Self::istio_default(),
+            Some(p) => Retry {
+                attempts: p.attempts,
+                per_try_timeout: p.per_try_timeout,
+                on: p.retry_on.clone(),
+            },
+        }
+    }
+
+    /// Whether an attempt that ended with `status` (None: failed before a response, with
+    /// Envoy flag `flags`) should be retried.
+    pub fn should_retry(&self, status: Option<u16>, flags: &str) -> bool {
+        let has = |c: &str| self.on.iter().any(|o| o == c);
+        match status {
+            None => {
+                (flags == "UF" && (has("connect-failure") || has("5xx") || has("gateway-error")))
+                    || (flags == "UC" && (has("reset") || has("5xx") || has("gateway-error")))
+                    || (flags == "UT" && (has("5xx") || has("gateway-error")))
+            }
+            Some(code) => {
+                (has("5xx") && code >= 500)
+                    || (has("gateway-error") && matches!(code, 502..=504))
+                    || (has("retriable-4xx") && code == 409)
+                    || self.on.iter().any(|o| o.parse::<u16>().ok() == Some(code))
+            }
+        }
+    }
+}
+
+// One per request attempt, moved and matched once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum HttpDecision {
     Forward {
@@ -48,6 +110,8 @@ pub enum HttpDecision {
         edits: RequestEdits,
         response_headers: Vec<HeaderOps>,
         timeout: Option<Duration>,
+        retry: Retry,
+        fault: Option<crate::routes::Fault>,
     },
     Respond {
         status: u16,
@@ -265,6 +329,8 @@ pub fn decide(
                     edits,
                     response_headers: Vec::new(),
                     timeout,
+                    retry: Retry::istio_default(),
+                    fault: None,
                 }
             }
             Some(ClusterRef::BlackHole) => {
@@ -296,6 +362,8 @@ pub fn decide(
                         edits,
                         response_headers: Vec::new(),
                         timeout,
+                        retry: Retry::istio_default(),
+                        fault: None,
                     },
                     Err(flags) => unavailable(labels, flags),
                 };
@@ -332,6 +400,8 @@ pub fn decide(
             edits,
             response_headers: Vec::new(),
             timeout,
+            retry: Retry::istio_default(),
+            fault: None,
         };
     };
     let vss = snap.routes.virtual_services_for(&svc.hostname);
@@ -348,6 +418,8 @@ pub fn decide(
                 edits,
                 response_headers: Vec::new(),
                 timeout,
+                retry: Retry::istio_default(),
+                fault: None,
             };
         }
         return match endpoint_for(snap, svc, None, port, &src.namespace) {
@@ -357,6 +429,8 @@ pub fn decide(
                 edits,
                 response_headers: Vec::new(),
                 timeout,
+                retry: Retry::istio_default(),
+                fault: None,
             },
             Err(flags) => unavailable(labels, flags),
         };
@@ -434,6 +508,8 @@ pub fn decide(
                     edits,
                     response_headers,
                     timeout,
+                    retry: Retry::from_rule(&rule.retries),
+                    fault: rule.fault.clone(),
                 },
                 Err(flags) => unavailable(labels, flags),
             }
