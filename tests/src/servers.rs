@@ -223,7 +223,7 @@ impl Servers {
                             }
                         }
                         let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                        if cfg.fail_every > 0 && n % cfg.fail_every == 0 {
+                        if cfg.fail_every > 0 && n.is_multiple_of(cfg.fail_every) {
                             let resp = format!("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nX-Served-By: {}\r\n\r\n", cfg.name);
                             if w.write_all(resp.as_bytes()).await.is_err() {
                                 return;
