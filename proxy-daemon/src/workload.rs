@@ -17,6 +17,8 @@ pub struct WorkloadInfo {
     pub canonical_service: String,
     pub canonical_revision: String,
     pub labels: BTreeMap<String, String>,
+    /// status.podIP (consistent hashing on the source IP).
+    pub ip: Option<String>,
 }
 
 pub const UNKNOWN: &str = "unknown";
@@ -99,6 +101,7 @@ impl WorkloadInfo {
             canonical_service,
             canonical_revision,
             labels: labels.clone(),
+            ip: pod.status.pod_ip.clone(),
         }
     }
 }

@@ -5,7 +5,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use http::HeaderMap;
 
-use super::route::{endpoint_for, labels_for, pick_weighted};
+use super::route::{endpoint_for, labels_for, lb_policy, pick_weighted};
+use crate::routes::{HashKey, LoadBalancer};
 use crate::{
     cli::OutboundTrafficPolicyArg,
     config::istio::OutboundMode,
@@ -355,12 +356,13 @@ pub fn decide(
                     return no_route(req, "NR");
                 };
                 let labels = labels_for(target);
-                return match endpoint_for(snap, target, subset.as_deref(), *cport, &src.namespace) {
+                let (chosen, cookie_ops) = pick(snap, target, subset.as_deref(), *cport, src, req);
+                return match chosen {
                     Ok(upstream) => HttpDecision::Forward {
                         upstream,
                         labels,
                         edits,
-                        response_headers: Vec::new(),
+                        response_headers: cookie_ops,
                         timeout,
                         retry: Retry::istio_default(),
                         fault: None,
@@ -422,12 +424,13 @@ pub fn decide(
                 fault: None,
             };
         }
-        return match endpoint_for(snap, svc, None, port, &src.namespace) {
+        let (chosen, cookie_ops) = pick(snap, svc, None, port, src, req);
+        return match chosen {
             Ok(upstream) => HttpDecision::Forward {
                 upstream,
                 labels,
                 edits,
-                response_headers: Vec::new(),
+                response_headers: cookie_ops,
                 timeout,
                 retry: Retry::istio_default(),
                 fault: None,
@@ -495,13 +498,16 @@ pub fn decide(
             };
             let labels = labels_for(target);
             let port = dest.destination.port.unwrap_or(port);
-            match endpoint_for(
+            let (chosen, cookie_ops) = pick(
                 snap,
                 target,
                 dest.destination.subset.as_deref(),
                 port,
-                &src.namespace,
-            ) {
+                src,
+                req,
+            );
+            response_headers.extend(cookie_ops);
+            match chosen {
                 Ok(upstream) => HttpDecision::Forward {
                     upstream,
                     labels,
@@ -515,6 +521,80 @@ pub fn decide(
             }
         }
     }
+}
+
+/// The request's consistent-hash key under `lb`, and a cookie to set when the policy names a
+/// cookie with a ttl that the client did not send (Envoy generates one).
+fn hash_key(
+    lb: &Option<LoadBalancer>,
+    req: &RequestView,
+    src: &WorkloadInfo,
+) -> (Option<u64>, Option<String>) {
+    let Some(LoadBalancer::ConsistentHash { key, .. }) = lb else {
+        return (None, None);
+    };
+    let h = |v: &str| Some(crate::proxy::balance::fnv1a(v.as_bytes()));
+    match key {
+        HashKey::Header { name } => (
+            req.headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .and_then(h),
+            None,
+        ),
+        HashKey::QueryParameter { name } => (query_param(req.query, name).and_then(h), None),
+        HashKey::SourceIp => (src.ip.as_deref().and_then(h), None),
+        HashKey::Cookie { name, path, ttl } => {
+            let sent = req
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|c| {
+                    c.trim()
+                        .strip_prefix(&format!("{name}="))
+                        .map(str::to_string)
+                });
+            match (sent, ttl) {
+                (Some(v), _) => (h(&v), None),
+                (None, Some(ttl)) => {
+                    let value = format!("{:016x}", rand::random::<u64>());
+                    let mut cookie = format!("{name}={value}; Max-Age={}", ttl.as_secs());
+                    if let Some(p) = path {
+                        cookie.push_str(&format!("; Path={p}"));
+                    }
+                    (h(&value), Some(cookie))
+                }
+                (None, None) => (None, None),
+            }
+        }
+    }
+}
+
+/// Picks an endpoint under the destination's policy; the HeaderOps set a generated
+/// consistent-hash cookie on the response when one was needed.
+fn pick(
+    snap: &Snapshot,
+    target: &ServiceInfo,
+    subset: Option<&str>,
+    port: u32,
+    src: &WorkloadInfo,
+    req: &RequestView,
+) -> (Result<SocketAddr, &'static str>, Vec<HeaderOps>) {
+    let lb = lb_policy(snap, &target.hostname, subset, port, &src.namespace);
+    let (hash, cookie) = hash_key(&lb, req, src);
+    let ops = cookie
+        .map(|c| HeaderOps {
+            add: vec![("set-cookie".to_string(), c)],
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    (
+        endpoint_for(snap, target, subset, port, &src.namespace, hash),
+        ops,
+    )
 }
 
 fn no_route(req: &RequestView, flags: &'static str) -> HttpDecision {

@@ -1,6 +1,7 @@
 //! The data path: accept on a pod's listener → original destination → upstream from the
 //! pod's netns → copy. (L7 handling arrives with the routing work; today every
 //! connection is proxied as opaque TCP to where it was going.)
+pub mod balance;
 pub mod http;
 pub mod http_route;
 pub mod route;

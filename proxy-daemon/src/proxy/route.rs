@@ -6,12 +6,15 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
+use super::balance::HashTable;
 use crate::{
     cli::OutboundTrafficPolicyArg,
     config::istio::OutboundMode,
+    config::istio::SimpleLb,
     metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     registry::{ServiceInfo, ServiceKind},
     routes::{selects, L4Match, WeightedDestination},
+    routes::{HashAlgorithm, LoadBalancer},
     state::Snapshot,
     workload::{WorkloadInfo, UNKNOWN},
 };
@@ -31,9 +34,6 @@ pub enum L4Decision {
     },
 }
 
-/// Spreads connections over endpoints (round robin across the node; exact fairness per
-/// service is the load-balancing work's job).
-static NEXT_ENDPOINT: AtomicUsize = AtomicUsize::new(0);
 /// Rolls for weighted destinations: a rotating counter, so weights hold exactly over every
 /// hundred connections rather than on average.
 static NEXT_ROLL: AtomicUsize = AtomicUsize::new(0);
@@ -176,20 +176,52 @@ pub fn decide(
             labels,
         };
     }
-    match endpoint_for(snap, target, subset, port, &src.namespace) {
+    let hash = match lb_policy(snap, &target.hostname, subset, port, &src.namespace) {
+        Some(LoadBalancer::ConsistentHash {
+            key: crate::routes::HashKey::SourceIp,
+            ..
+        }) => src
+            .ip
+            .as_deref()
+            .map(|ip| super::balance::fnv1a(ip.as_bytes())),
+        _ => None,
+    };
+    match endpoint_for(snap, target, subset, port, &src.namespace, hash) {
         Ok(upstream) => L4Decision::Forward { upstream, labels },
         Err(flags) => L4Decision::Refuse { labels, flags },
     }
 }
 
+static TABLES: std::sync::LazyLock<super::balance::Tables> =
+    std::sync::LazyLock::new(Default::default);
+static ROUND_ROBIN: std::sync::LazyLock<super::balance::RoundRobin> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The load-balancing policy that applies to traffic from `client_namespace` to `port` of
+/// `subset` of `host`.
+pub fn lb_policy(
+    snap: &Snapshot,
+    host: &str,
+    subset: Option<&str>,
+    port: u32,
+    client_namespace: &str,
+) -> Option<LoadBalancer> {
+    snap.routes
+        .destination_rule(host, client_namespace)
+        .and_then(|dr| dr.effective(Some(port), subset).load_balancer)
+}
+
 /// An endpoint of `target` (of `subset`, if given) for service port `port`, at its target
-/// port. Err carries Envoy's flag: NR (no such subset), UH (no healthy upstream).
+/// port, chosen by the DestinationRule's policy (`hash`: the request's consistent-hash key,
+/// when the policy has one and the request carried it). Err carries Envoy's flag: NR (no
+/// such subset), UH (no healthy upstream).
 pub fn endpoint_for(
     snap: &Snapshot,
     target: &ServiceInfo,
     subset: Option<&str>,
     port: u32,
     client_namespace: &str,
+    hash: Option<u64>,
 ) -> Result<SocketAddr, &'static str> {
     let subset_labels = match subset {
         Some(s) => Some(
@@ -209,13 +241,50 @@ pub fn endpoint_for(
     if endpoints.is_empty() {
         return Err("UH");
     }
-    let ep = endpoints[NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
-    let target_port = target
-        .port(port)
-        .and_then(|p| ep.ports.get(&p.name).copied().or(p.target_port))
-        .unwrap_or(port);
-    let ip = ep.address.parse::<IpAddr>().map_err(|_| "UH")?;
-    Ok(SocketAddr::new(ip, target_port as u16))
+    let addrs: Vec<SocketAddr> = endpoints
+        .iter()
+        .filter_map(|ep| {
+            let target_port = target
+                .port(port)
+                .and_then(|p| ep.ports.get(&p.name).copied().or(p.target_port))
+                .unwrap_or(port);
+            Some(SocketAddr::new(
+                ep.address.parse::<IpAddr>().ok()?,
+                target_port as u16,
+            ))
+        })
+        .collect();
+    if addrs.is_empty() {
+        return Err("UH");
+    }
+    let index = match (
+        lb_policy(snap, &target.hostname, subset, port, client_namespace),
+        hash,
+    ) {
+        (Some(LoadBalancer::ConsistentHash { algorithm, .. }), Some(h)) => {
+            let table = TABLES.get(
+                snap.generation,
+                &target.hostname,
+                subset,
+                || match algorithm {
+                    HashAlgorithm::RingHash { minimum_ring_size } => {
+                        HashTable::ring(&addrs, minimum_ring_size)
+                    }
+                    HashAlgorithm::Maglev { table_size } => HashTable::maglev(&addrs, table_size),
+                },
+            );
+            table.pick(h).unwrap_or(0)
+        }
+        (
+            Some(LoadBalancer::Simple {
+                algorithm: SimpleLb::Random,
+            }),
+            _,
+        )
+        | (Some(LoadBalancer::ConsistentHash { .. }), None) => rand::random::<usize>(),
+        _ => ROUND_ROBIN.next(&target.hostname),
+    };
+    Ok(addrs[index % addrs.len()])
 }
 
 #[cfg(test)]

@@ -1,0 +1,224 @@
+//! DestinationRule load balancing end to end: consistent hashing on a header (the
+//! published example) and on a cookie the proxy sets.
+use std::{collections::BTreeMap, time::Duration};
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{endpoint_pod_yaml, namespace_yaml, pod_yaml, Host, Node},
+    servers::{HttpEcho, Servers},
+    wait_for,
+};
+
+const CLUSTER_IP: &str = "198.18.0.251";
+
+fn backends(node: &mut Node, servers: &Servers, n: usize) -> Vec<Host> {
+    (0..n)
+        .map(|i| {
+            let h = node.host(&format!("httpping-{i}"));
+            servers.http_echo(
+                &h,
+                80,
+                HttpEcho {
+                    name: format!("httpping-{i}"),
+                    ..Default::default()
+                },
+            );
+            h
+        })
+        .collect()
+}
+
+fn endpoints_yaml(hosts: &[Host], skip: Option<usize>) -> String {
+    hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != skip)
+        .map(|(i, h)| {
+            endpoint_pod_yaml(
+                h,
+                &format!("httpping-{i}"),
+                "infra-jinsu-lab",
+                &[("app", "httpping-without-sidecar")],
+            )
+        })
+        .collect()
+}
+
+fn service_yaml() -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: httpping-without-sidecar, namespace: infra-jinsu-lab}}
+spec:
+  clusterIP: {CLUSTER_IP}
+  selector: {{app: httpping-without-sidecar}}
+  ports: [{{name: http, port: 8080, targetPort: 80}}]
+---
+"
+    )
+}
+
+fn server_for(pod: &proxy_tests::Pod, value: &str) -> String {
+    let out = pod.pdtool(&[
+        "http",
+        "--to",
+        &format!("{CLUSTER_IP}:8080"),
+        "--host",
+        "httpping-without-sidecar.infra-jinsu-lab",
+        "-H",
+        &format!("foo: {value}"),
+    ]);
+    out["first"]["body"]["server"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
+}
+
+#[test]
+fn consistent_hash_on_header_pins_values_spreads_them_and_moves_only_a_removed_pods_keys() {
+    let mut node = Node::new("chash");
+    let servers = Servers::new();
+    let hosts = backends(&mut node, &servers, 3);
+    let client = node.pod("shop", "client-1");
+    let seed = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/seed-examples/consistent-hash.yaml"),
+    )
+    .unwrap();
+    let base = namespace_yaml("infra-jinsu-lab", false, None)
+        + &namespace_yaml("shop", true, None)
+        + &service_yaml()
+        + &pod_yaml(&client, &[("app", "client")]);
+    node.write_config("seed.yaml", &seed);
+    node.write_config(
+        "cluster.yaml",
+        &(base.clone() + &endpoints_yaml(&hosts, None)),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(5));
+
+    // One value, one pod, 500 times.
+    let out = client.pdtool(&[
+        "http",
+        "--to",
+        &format!("{CLUSTER_IP}:8080"),
+        "--host",
+        "httpping-without-sidecar",
+        "-H",
+        "foo: alice",
+        "--count",
+        "500",
+    ]);
+    let servers_hit = out["servers"].as_object().unwrap();
+    assert_eq!(
+        servers_hit.len(),
+        1,
+        "one value must always land on one pod: {out}"
+    );
+    assert_eq!(servers_hit.values().next().unwrap(), 500);
+
+    // Many values spread over every pod.
+    let before: BTreeMap<String, String> = (0..60)
+        .map(|i| {
+            (
+                format!("user-{i}"),
+                server_for(&client, &format!("user-{i}")),
+            )
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<_> = before.values().collect();
+    assert_eq!(distinct.len(), 3, "{before:?}");
+
+    // Remove httpping-1 from the endpoints: only its keys move.
+    let generation = daemon.config_dump()["config"]["generation"]
+        .as_u64()
+        .unwrap();
+    node.write_config("cluster.yaml", &(base + &endpoints_yaml(&hosts, Some(1))));
+    assert!(
+        wait_for(Duration::from_secs(5), || (daemon.config_dump()["config"]
+            ["generation"]
+            .as_u64()
+            .unwrap()
+            > generation)
+            .then_some(()))
+        .is_some()
+    );
+    let mut moved = 0;
+    for (value, old) in &before {
+        let new = server_for(&client, value);
+        assert_ne!(new, "httpping-1", "removed pod still chosen for {value}");
+        if old != "httpping-1" {
+            assert_eq!(&new, old, "{value} moved from a pod that is still there");
+        } else {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "httpping-1 had some keys: {before:?}");
+}
+
+#[test]
+fn cookie_hashing_sets_the_cookie_and_then_sticks_to_one_pod() {
+    let mut node = Node::new("cookie");
+    let servers = Servers::new();
+    let hosts = backends(&mut node, &servers, 3);
+    let client = node.pod("shop", "client-1");
+    let dr = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: sticky, namespace: infra-jinsu-lab}
+spec:
+  host: httpping-without-sidecar
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {name: user, path: /, ttl: 3600s}
+---
+";
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("infra-jinsu-lab", false, None)
+            + &namespace_yaml("shop", true, None)
+            + &service_yaml()
+            + dr
+            + &endpoints_yaml(&hosts, None)
+            + &pod_yaml(&client, &[("app", "client")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(5));
+    let to = format!("{CLUSTER_IP}:8080");
+    let first = client.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "httpping-without-sidecar.infra-jinsu-lab",
+    ]);
+    let set_cookie = first["first"]["headers"]["set-cookie"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        set_cookie.starts_with("user=") && set_cookie.contains("Max-Age=3600"),
+        "{first}"
+    );
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let again = client.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "httpping-without-sidecar.infra-jinsu-lab",
+        "-H",
+        &format!("Cookie: {cookie}"),
+        "--count",
+        "100",
+    ]);
+    assert_eq!(
+        again["servers"].as_object().unwrap().len(),
+        1,
+        "sticky with the cookie: {again}"
+    );
+    assert!(
+        again["first"]["headers"].get("set-cookie").is_none(),
+        "not set again once sent"
+    );
+}
