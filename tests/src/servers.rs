@@ -184,9 +184,15 @@ impl Servers {
     /// A minimal HTTP/1.1 server: answers each request with JSON describing it (server name,
     /// method, path, headers, peer); keep-alive; an Upgrade request gets 101 and then an
     /// echo of whatever bytes follow.
-    pub fn http_echo(&self, host: &Host, port: u16, cfg: HttpEcho) {
+    pub fn http_echo(
+        &self,
+        host: &Host,
+        port: u16,
+        cfg: HttpEcho,
+    ) -> Arc<std::sync::atomic::AtomicU32> {
         let std_listener = host.listen(port);
         let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let hits = served.clone();
         self.rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
             loop {
@@ -247,6 +253,41 @@ impl Servers {
                         if w.write_all(resp.as_bytes()).await.is_err() {
                             return;
                         }
+                    }
+                });
+            }
+        });
+        hits
+    }
+}
+
+impl Servers {
+    /// A server-first service (SMTP-like): sends a banner on accept, then answers each
+    /// line with "250 <line>".
+    pub fn banner(&self, host: &Host, port: u16, banner: &'static str) {
+        let std_listener = host.listen(port);
+        self.rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    if w.write_all(format!("{banner}\r\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let mut r = BufReader::new(r);
+                    let mut line = String::new();
+                    while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                        let reply = format!("250 {}\r\n", line.trim_end());
+                        if w.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        line.clear();
                     }
                 });
             }

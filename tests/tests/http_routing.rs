@@ -536,3 +536,68 @@ fn fault_injection_aborts_and_delays() {
         started.elapsed()
     );
 }
+
+#[test]
+fn outlier_detection_stops_sending_to_a_broken_pod_within_five_requests() {
+    let broken = HttpEcho {
+        name: "reviews-v2".into(),
+        fail_every: 1,
+        ..Default::default()
+    };
+    let dr_and_vs = format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-health, namespace: shop}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - retries: {{attempts: 0}}
+    route: [{{destination: {{host: {HOST}}}}}]
+"
+    );
+    let (_node, _servers, pods, _daemon) = setup_with(
+        "outlier",
+        broken,
+        &dr_and_vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "100"]);
+    let failed = out["statuses"]["503"].as_u64().unwrap_or(0);
+    assert!(failed <= 5, "the broken pod got at most 5 requests: {out}");
+    assert_eq!(
+        out["statuses"]["200"].as_u64().unwrap_or(0) + failed,
+        100,
+        "{out}"
+    );
+}
+
+#[test]
+fn a_server_first_protocol_works_through_the_proxy() {
+    let (mut node, servers, pods, _daemon) = setup(
+        "banner",
+        Duration::ZERO,
+        "",
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let mail = node.host("mail");
+    servers.banner(&mail, 25, "220 mail.test ESMTP ready");
+    let out = pods[0].pdtool(&["banner", "--to", &mail.addr(25).to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert_eq!(out["banner"], "220 mail.test ESMTP ready");
+    assert_eq!(out["reply"], "250 HELO pod");
+    assert!(
+        out["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured: {out}"
+    );
+    assert!(out["elapsed_ms"].as_f64().unwrap() < 1000.0, "{out}");
+}

@@ -363,7 +363,9 @@ async fn handle(
                     (Some(t), Some(r)) => Some(t.min(r)),
                     (t, r) => t.or(r),
                 };
-                match forward(inputs, pod, upstream, out, per_try).await {
+                let result = forward(inputs, pod, upstream, out, per_try).await;
+                super::outlier::record(upstream, result.as_ref().ok().map(|r| r.status().as_u16()));
+                match result {
                     Ok(mut resp) => {
                         for ops in &response_headers {
                             apply_ops(resp.headers_mut(), ops);

@@ -254,13 +254,18 @@ pub fn endpoint_for(
             ))
         })
         .collect();
+    let policy = snap
+        .routes
+        .destination_rule(&target.hostname, client_namespace)
+        .map(|dr| dr.effective(Some(port), subset));
+    let addrs = match policy.as_ref().and_then(|p| p.outlier_detection.as_ref()) {
+        Some(od) => super::outlier::filter(addrs, od),
+        None => addrs,
+    };
     if addrs.is_empty() {
         return Err("UH");
     }
-    let index = match (
-        lb_policy(snap, &target.hostname, subset, port, client_namespace),
-        hash,
-    ) {
+    let index = match (policy.and_then(|p| p.load_balancer), hash) {
         (Some(LoadBalancer::ConsistentHash { algorithm, .. }), Some(h)) => {
             let table = TABLES.get(
                 snap.generation,

@@ -89,6 +89,11 @@ enum Cmd {
         #[arg(long)]
         upgrade_echo: Option<String>,
     },
+    /// Server-first: connect, read the banner without sending, then say one line.
+    Banner {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Connect and keep the connection open (idle) for a while.
     Hold {
         #[arg(long)]
@@ -454,6 +459,32 @@ fn main() {
             count,
             upgrade_echo,
         } => http_run(to, &host, &path, &headers, count, upgrade_echo),
+        Cmd::Banner { to } => {
+            let started = Instant::now();
+            let run = || -> std::io::Result<(String, String, String)> {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let local = s.local_addr()?.to_string();
+                let mut r = BufReader::new(s.try_clone()?);
+                let mut banner = String::new();
+                r.read_line(&mut banner)?;
+                s.write_all(b"HELO pod\r\n")?;
+                let mut reply = String::new();
+                r.read_line(&mut reply)?;
+                Ok((
+                    banner.trim_end().to_string(),
+                    reply.trim_end().to_string(),
+                    local,
+                ))
+            };
+            match run() {
+                Ok((banner, reply, local)) => {
+                    json!({"result": "ok", "banner": banner, "reply": reply, "local": local,
+                    "elapsed_ms": started.elapsed().as_secs_f64() * 1e3})
+                }
+                Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
+            }
+        }
         Cmd::Hold { to, ms } => match TcpStream::connect(to) {
             Ok(s) => {
                 let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();

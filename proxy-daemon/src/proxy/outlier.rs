@@ -1,0 +1,82 @@
+//! Passive health (Envoy's outlier detection): every attempt's outcome is counted per
+//! endpoint; when endpoints are chosen, a DestinationRule's outlierDetection turns long
+//! enough runs of 5xx / gateway errors into an ejection for baseEjectionTime × (number of
+//! ejections so far), never ejecting more than maxEjectionPercent of the endpoints.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{LazyLock, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::routes::Outlier;
+
+#[derive(Default)]
+struct Health {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejected_until: Option<Instant>,
+    ejections: u32,
+}
+
+static HEALTH: LazyLock<Mutex<HashMap<SocketAddr, Health>>> = LazyLock::new(Default::default);
+
+/// What one attempt to `ep` came to: a status, or a failure before one.
+pub fn record(ep: SocketAddr, status: Option<u16>) {
+    let mut all = HEALTH.lock().unwrap_or_else(|p| p.into_inner());
+    let h = all.entry(ep).or_default();
+    match status {
+        Some(code) if code < 500 => {
+            h.consecutive_5xx = 0;
+            h.consecutive_gateway = 0;
+        }
+        Some(code) => {
+            h.consecutive_5xx += 1;
+            if matches!(code, 502..=504) {
+                h.consecutive_gateway += 1;
+            } else {
+                h.consecutive_gateway = 0;
+            }
+        }
+        // Connect failures and resets count as gateway errors (and 5xx), as in Envoy.
+        None => {
+            h.consecutive_5xx += 1;
+            h.consecutive_gateway += 1;
+        }
+    }
+}
+
+/// Removes ejected endpoints from `candidates` under `policy` (ejecting those that crossed a
+/// threshold), keeping at least the share maxEjectionPercent allows.
+pub fn filter(candidates: Vec<SocketAddr>, policy: &Outlier) -> Vec<SocketAddr> {
+    let now = Instant::now();
+    let base = policy.base_ejection_time.unwrap_or(Duration::from_secs(30));
+    let max_ejected = candidates.len() * policy.max_ejection_percent as usize / 100;
+    let mut all = HEALTH.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ejected = 0;
+    let mut keep = Vec::with_capacity(candidates.len());
+    for ep in &candidates {
+        let h = all.entry(*ep).or_default();
+        if h.ejected_until.is_some_and(|t| t <= now) {
+            h.ejected_until = None;
+        }
+        let crossed = policy
+            .consecutive_5xx_errors
+            .is_some_and(|n| n > 0 && h.consecutive_5xx >= n)
+            || policy
+                .consecutive_gateway_errors
+                .is_some_and(|n| n > 0 && h.consecutive_gateway >= n);
+        if h.ejected_until.is_none() && crossed && ejected < max_ejected {
+            h.ejections += 1;
+            h.ejected_until = Some(now + base * h.ejections);
+            h.consecutive_5xx = 0;
+            h.consecutive_gateway = 0;
+        }
+        if h.ejected_until.is_some() && ejected < max_ejected {
+            ejected += 1;
+        } else {
+            keep.push(*ep);
+        }
+    }
+    keep
+}
