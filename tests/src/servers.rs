@@ -294,3 +294,44 @@ impl Servers {
         });
     }
 }
+
+impl Servers {
+    /// Reads the first TLS record of each connection, keeps a SHA-256 of it, answers with
+    /// `name` and closes: proof of where a ClientHello went, and that it arrived untouched.
+    pub fn tls_record_sink(
+        &self,
+        host: &Host,
+        port: u16,
+        name: &'static str,
+    ) -> Arc<Mutex<Vec<String>>> {
+        let std_listener = host.listen(port);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = seen.clone();
+        self.rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut head = [0u8; 5];
+                    if stream.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = u16::from_be_bytes([head[3], head[4]]) as usize;
+                    let mut rest = vec![0u8; len];
+                    if stream.read_exact(&mut rest).await.is_err() {
+                        return;
+                    }
+                    let mut h = Sha256::new();
+                    h.update(head);
+                    h.update(&rest);
+                    seen.lock().unwrap().push(hex::encode(h.finalize()));
+                    let _ = stream.write_all(format!("{name}\n").as_bytes()).await;
+                });
+            }
+        });
+        out
+    }
+}

@@ -142,7 +142,12 @@ async fn handle_connection(
     let _ = stream.set_nodelay(true);
     match sniff::detect(&stream).await {
         sniff::Protocol::Http1 => http::serve(inputs, pod, stream, dst).await,
-        // h2c and TLS are proxied as TCP (routed by original destination) for now.
-        _ => tcp::proxy(&inputs, &pod, stream, dst).await,
+        // The app's own TLS is not terminated: routed by its SNI, copied as it is.
+        sniff::Protocol::Tls => {
+            let sni = sniff::peek_sni(&stream).await;
+            tcp::proxy(&inputs, &pod, stream, dst, sni).await
+        }
+        // h2c is proxied as TCP (routed by original destination) for now.
+        _ => tcp::proxy(&inputs, &pod, stream, dst, None).await,
     }
 }

@@ -109,8 +109,12 @@ pub fn decide(
     dst: SocketAddrV4,
     default_policy: OutboundTrafficPolicyArg,
     roll: u32,
+    sni: Option<&str>,
 ) -> L4Decision {
-    let Some(svc) = snap.registry.by_addr(SocketAddr::V4(dst)) else {
+    // The SNI of the app's own TLS names the service when the registry knows it.
+    let by_sni = sni.and_then(|h| snap.registry.by_host(h));
+    let Some(svc) = by_sni.or_else(|| snap.registry.by_addr(SocketAddr::V4(dst))) else {
+        let named = sni.map(str::to_string).unwrap_or_else(|| dst.to_string());
         let registry_only = match snap
             .routes
             .sidecar_for(&src.namespace, &src.labels)
@@ -123,7 +127,7 @@ pub fn decide(
         return if registry_only {
             L4Decision::Refuse {
                 labels: DestinationLabels {
-                    service: dst.to_string(),
+                    service: named,
                     service_name: BLACKHOLE_CLUSTER.into(),
                     service_namespace: UNKNOWN.into(),
                 },
@@ -133,7 +137,7 @@ pub fn decide(
             L4Decision::Forward {
                 upstream: SocketAddr::V4(dst),
                 labels: DestinationLabels {
-                    service: dst.to_string(),
+                    service: named,
                     service_name: PASSTHROUGH_CLUSTER.into(),
                     service_namespace: UNKNOWN.into(),
                 },
@@ -145,8 +149,25 @@ pub fn decide(
         .routes
         .virtual_services_for(&svc.hostname)
         .iter()
-        .flat_map(|vs| vs.tcp.iter())
-        .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| l4_match(m, dst, src)))
+        .flat_map(|vs| {
+            if sni.is_some() {
+                vs.tls.iter()
+            } else {
+                vs.tcp.iter()
+            }
+        })
+        .find(|r| {
+            r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    l4_match(m, dst, src)
+                        && (m.sni_hosts.is_empty()
+                            || sni.is_some_and(|h| {
+                                m.sni_hosts.iter().any(|p| {
+                                    crate::registry::host_matches(&p.to_ascii_lowercase(), h)
+                                })
+                            }))
+                })
+        })
         .and_then(|r| pick_weighted(&r.destinations, roll));
     let (target, subset, port) = match rule_dest {
         Some(d) => match snap.registry.by_host(&d.destination.host) {

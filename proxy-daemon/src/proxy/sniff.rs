@@ -90,9 +90,116 @@ pub async fn detect(stream: &TcpStream) -> Protocol {
     }
 }
 
+/// The server name from a TLS ClientHello (the first handshake record), if complete and
+/// present. Only reads; `None` for anything malformed or truncated.
+pub fn client_hello_sni(record: &[u8]) -> Option<String> {
+    let take = |b: &[u8], at: usize, n: usize| b.get(at..at + n).map(|s| s.to_vec());
+    let u16_at = |b: &[u8], at: usize| {
+        b.get(at..at + 2)
+            .map(|s| u16::from_be_bytes([s[0], s[1]]) as usize)
+    };
+    if record.first() != Some(&0x16) {
+        return None;
+    }
+    let rec_len = u16_at(record, 3)?;
+    let hs = record.get(5..5 + rec_len)?;
+    if hs.first() != Some(&0x01) {
+        return None;
+    }
+    // handshake header(4) + version(2) + random(32)
+    let mut at = 4 + 2 + 32;
+    at += 1 + *hs.get(at)? as usize; // session id
+    at += 2 + u16_at(hs, at)?; // cipher suites
+    at += 1 + *hs.get(at)? as usize; // compression methods
+    let ext_end = at + 2 + u16_at(hs, at)?;
+    at += 2;
+    while at + 4 <= ext_end.min(hs.len()) {
+        let ext_type = u16_at(hs, at)?;
+        let ext_len = u16_at(hs, at + 2)?;
+        let body = take(hs, at + 4, ext_len)?;
+        if ext_type == 0 {
+            // server_name_list: len(2), then entries of type(1) len(2) name
+            let mut p = 2;
+            while p + 3 <= body.len() {
+                let name_len = u16_at(&body, p + 1)?;
+                if body[p] == 0 {
+                    let name = body.get(p + 3..p + 3 + name_len)?;
+                    return std::str::from_utf8(name)
+                        .ok()
+                        .map(|n| n.to_ascii_lowercase());
+                }
+                p += 3 + name_len;
+            }
+            return None;
+        }
+        at += 4 + ext_len;
+    }
+    None
+}
+
+/// Peeks the whole first TLS record (bounded) and returns its SNI.
+pub async fn peek_sni(stream: &TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 16 * 1024 + 5];
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n >= 5 {
+            let want = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+            if n >= want || n == buf.len() {
+                return client_hello_sni(&buf[..n]);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A minimal ClientHello with one SNI entry, built by hand.
+    fn hello(sni: &str) -> Vec<u8> {
+        let name = sni.as_bytes();
+        let mut sni_ext = vec![0, 0]; // type server_name
+        let list_len = 3 + name.len();
+        sni_ext.extend(((list_len + 2) as u16).to_be_bytes());
+        sni_ext.extend((list_len as u16).to_be_bytes());
+        sni_ext.push(0);
+        sni_ext.extend((name.len() as u16).to_be_bytes());
+        sni_ext.extend(name);
+        let mut body = vec![3, 3];
+        body.extend([7u8; 32]);
+        body.push(0); // session id
+        body.extend([0, 2, 0x13, 0x01]); // one cipher suite
+        body.extend([1, 0]); // null compression
+        let exts = [vec![0, 0x0b, 0, 2, 1, 0], sni_ext].concat(); // ec_point_formats, then SNI
+        body.extend((exts.len() as u16).to_be_bytes());
+        body.extend(exts);
+        let mut hs = vec![1];
+        hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend(body);
+        let mut rec = vec![0x16, 3, 1];
+        rec.extend((hs.len() as u16).to_be_bytes());
+        rec.extend(hs);
+        rec
+    }
+
+    #[test]
+    fn reads_sni_from_a_client_hello() {
+        assert_eq!(
+            client_hello_sni(&hello("HttpBin.org")),
+            Some("httpbin.org".into())
+        );
+        let h = hello("api.example.com");
+        assert_eq!(client_hello_sni(&h[..h.len() - 3]), None, "truncated");
+        assert_eq!(client_hello_sni(b"GET / HTTP/1.1\r\n"), None);
+    }
 
     #[test]
     fn classifies_first_bytes() {

@@ -30,6 +30,7 @@ pub async fn proxy(
     pod: &PodContext,
     mut client: TcpStream,
     dst: OrigDstAddr,
+    sni: Option<String>,
 ) -> Result<(), ProxyError> {
     let daemon = &inputs.metrics.daemon;
     daemon.active_connections.inc();
@@ -41,6 +42,7 @@ pub async fn proxy(
         dst.0,
         inputs.outbound_policy,
         route::next_roll(),
+        sni.as_deref(),
     );
     drop(snapshot);
     let tcp = &inputs.metrics.tcp;

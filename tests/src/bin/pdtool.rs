@@ -94,6 +94,13 @@ enum Cmd {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// Send a real TLS ClientHello (made by rustls) with this SNI, read the server's line.
+    TlsHello {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        sni: String,
+    },
     /// Connect and keep the connection open (idle) for a while.
     Hold {
         #[arg(long)]
@@ -279,6 +286,40 @@ fn http_run(
     }
     json!({"statuses": statuses, "servers": servers, "first": first, "errors": errors,
         "elapsed_ms": started.elapsed().as_secs_f64() * 1e3})
+}
+
+/// The first flight of a real TLS client: rustls's ClientHello for `sni`.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("server name");
+    let mut conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).expect("client hello");
+    out
+}
+
+fn tls_hello(to: SocketAddr, sni: &str) -> serde_json::Value {
+    let hello = client_hello(sni);
+    let run = || -> std::io::Result<(String, String)> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let local = s.local_addr()?.to_string();
+        s.write_all(&hello)?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        Ok((line.trim_end().to_string(), local))
+    };
+    match run() {
+        Ok((reply, local)) => json!({"result": "ok", "reply": reply, "local": local,
+            "hello_sha256": hex::encode(Sha256::digest(&hello))}),
+        Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
+    }
 }
 
 fn raise_nofile() {
@@ -485,6 +526,7 @@ fn main() {
                 Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
             }
         }
+        Cmd::TlsHello { to, sni } => tls_hello(to, &sni),
         Cmd::Hold { to, ms } => match TcpStream::connect(to) {
             Ok(s) => {
                 let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
