@@ -601,3 +601,49 @@ fn a_server_first_protocol_works_through_the_proxy() {
     );
     assert!(out["elapsed_ms"].as_f64().unwrap() < 1000.0, "{out}");
 }
+
+#[test]
+fn connection_pool_limits_answer_503_uo_beyond_the_pending_queue() {
+    let slow = HttpEcho {
+        name: "reviews-v2".into(),
+        delay: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let dr_and_vs = format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-pool, namespace: shop}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    connectionPool:
+      tcp: {{maxConnections: 1}}
+      http: {{http1MaxPendingRequests: 1, http2MaxRequests: 1}}
+  # This rule, in the client's namespace, wins over the service's: it carries the subsets too.
+  subsets:
+  - {{name: v2, labels: {{version: v2}}}}
+---
+{}",
+        v2_only("    retries: {attempts: 0}\n", "")
+    );
+    let (_node, _servers, pods, daemon) = setup_with(
+        "pool",
+        slow,
+        &dr_and_vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--parallel", "5"]);
+    assert_eq!(
+        out["statuses"]["200"], 2,
+        "one in flight + one pending: {out}"
+    );
+    assert_eq!(out["statuses"]["503"], 3, "the rest overflow: {out}");
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UO")]
+        ),
+        3.0
+    );
+}

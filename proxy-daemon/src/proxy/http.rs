@@ -363,6 +363,24 @@ async fn handle(
                     (Some(t), Some(r)) => Some(t.min(r)),
                     (t, r) => t.or(r),
                 };
+                // Circuit breaking on the destination's connectionPool, then count the
+                // attempt on its endpoint (LEAST_REQUEST) until the response headers arrive.
+                let pool = {
+                    let snap = inputs.config.load();
+                    snap.routes
+                        .destination_rule(&labels.service, &pod.workload.namespace)
+                        .and_then(|dr| {
+                            dr.effective(Some(dst.0.port() as u32), None)
+                                .connection_pool
+                        })
+                };
+                let Ok(_permit) = super::limits::admit(&labels.service, pool.as_ref(), true).await
+                else {
+                    let resp = local_response(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n".into(), None);
+                    record(inputs, pod, &labels, "UO", 503, started.elapsed());
+                    return resp;
+                };
+                let _load = super::limits::EndpointLoad::start(upstream);
                 let result = forward(inputs, pod, upstream, out, per_try).await;
                 super::outlier::record(upstream, result.as_ref().ok().map(|r| r.status().as_u16()));
                 match result {

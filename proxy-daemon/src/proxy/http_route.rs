@@ -612,9 +612,13 @@ fn no_route(req: &RequestView, flags: &'static str) -> HttpDecision {
 }
 
 fn unavailable(labels: DestinationLabels, flags: &'static str) -> HttpDecision {
+    let body = match flags {
+        "NR" => "no route: the destination's subset is not defined by its DestinationRule\n",
+        _ => "no healthy upstream\n",
+    };
     HttpDecision::Respond {
         status: 503,
-        body: "no healthy upstream\n".into(),
+        body: body.into(),
         location: None,
         labels,
         flags,

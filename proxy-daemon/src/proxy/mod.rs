@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod http;
 pub mod http_route;
+pub mod limits;
 pub mod outlier;
 pub mod route;
 pub mod sniff;

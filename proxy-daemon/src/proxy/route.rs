@@ -308,7 +308,15 @@ pub fn endpoint_for(
             _,
         )
         | (Some(LoadBalancer::ConsistentHash { .. }), None) => rand::random::<usize>(),
-        _ => ROUND_ROBIN.next(&target.hostname),
+        (
+            Some(LoadBalancer::Simple {
+                algorithm: SimpleLb::RoundRobin,
+            }),
+            _,
+        ) => ROUND_ROBIN.next(&target.hostname),
+        // Istio's default (and LEAST_REQUEST / LEAST_CONN): fewest in flight, round robin
+        // among equals.
+        _ => super::limits::least_loaded(&addrs, ROUND_ROBIN.next(&target.hostname)),
     };
     Ok(addrs[index % addrs.len()])
 }

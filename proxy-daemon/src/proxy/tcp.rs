@@ -57,6 +57,24 @@ pub async fn proxy(
             return Err(ProxyError::Refused(flags, dst));
         }
     };
+    // connectionPool.tcp.maxConnections: over it, the connection is reset (UO).
+    let pool = {
+        let snap = inputs.config.load();
+        snap.routes
+            .destination_rule(&destination.service, &pod.workload.namespace)
+            .and_then(|dr| {
+                dr.effective(Some(dst.0.port() as u32), None)
+                    .connection_pool
+            })
+    };
+    let Ok(_permit) = super::limits::admit(&destination.service, pool.as_ref(), false).await else {
+        let overflow = IstioTcpLabels::new(&pod.workload, &destination, "UO");
+        tcp.opened.get_or_create(&overflow).inc();
+        tcp.closed.get_or_create(&overflow).inc();
+        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        return Err(ProxyError::Refused("UO", dst));
+    };
+    let _load = super::limits::EndpointLoad::start(upstream_addr);
     let labels = IstioTcpLabels::new(&pod.workload, &destination, "");
     tcp.opened.get_or_create(&labels).inc();
 

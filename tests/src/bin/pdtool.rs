@@ -88,6 +88,9 @@ enum Cmd {
         /// Send an Upgrade request and echo this text through the upgraded connection.
         #[arg(long)]
         upgrade_echo: Option<String>,
+        /// Run this many clients at once, each on its own connection (counts add up).
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
     },
     /// Server-first: connect, read the banner without sending, then say one line.
     Banner {
@@ -499,6 +502,37 @@ fn main() {
             headers,
             count,
             upgrade_echo,
+            parallel,
+        } if parallel > 1 => {
+            let runs: Vec<serde_json::Value> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..parallel)
+                    .map(|_| {
+                        s.spawn(|| {
+                            http_run(to, &host, &path, &headers, count, upgrade_echo.clone())
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("client thread"))
+                    .collect()
+            });
+            let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+            for r in &runs {
+                for (k, v) in r["statuses"].as_object().into_iter().flatten() {
+                    *statuses.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+                }
+            }
+            json!({"statuses": statuses, "runs": runs})
+        }
+        Cmd::Http {
+            to,
+            host,
+            path,
+            headers,
+            count,
+            upgrade_echo,
+            ..
         } => http_run(to, &host, &path, &headers, count, upgrade_echo),
         Cmd::Banner { to } => {
             let started = Instant::now();
