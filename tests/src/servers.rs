@@ -236,6 +236,14 @@ impl Servers {
                             }
                             continue;
                         }
+                        if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+                            let body = "x".repeat(n.min(1 << 20));
+                            let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Served-By: {}\r\n\r\n{body}", body.len(), cfg.name);
+                            if w.write_all(resp.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         let json = serde_json::json!({
                             "server": cfg.name,
                             "method": method,

@@ -223,7 +223,9 @@ fn http_run(
     let mut first: Option<serde_json::Value> = None;
     let mut errors = Vec::new();
     let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    let mut latencies_us: Vec<f64> = Vec::with_capacity(count);
     for _ in 0..count {
+        let t = Instant::now();
         if conn.is_none() {
             match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
                 Ok(s) => {
@@ -256,6 +258,7 @@ fn http_run(
         }
         match read_response(r) {
             Ok((status, headers, body)) => {
+                latencies_us.push(t.elapsed().as_secs_f64() * 1e6);
                 *statuses.entry(status.to_string()).or_default() += 1;
                 if let Some((_, name)) = headers.iter().find(|(k, _)| k == "x-served-by") {
                     *servers.entry(name.clone()).or_default() += 1;
@@ -287,8 +290,17 @@ fn http_run(
             }
         }
     }
+    latencies_us.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies_us
+            .get(((latencies_us.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let secs = started.elapsed().as_secs_f64();
     json!({"statuses": statuses, "servers": servers, "first": first, "errors": errors,
-        "elapsed_ms": started.elapsed().as_secs_f64() * 1e3})
+        "elapsed_ms": secs * 1e3, "per_sec": latencies_us.len() as f64 / secs,
+        "p50_us": pct(0.5), "p99_us": pct(0.99)})
 }
 
 /// The first flight of a real TLS client: rustls's ClientHello for `sni`.
