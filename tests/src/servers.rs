@@ -343,3 +343,38 @@ impl Servers {
         out
     }
 }
+
+impl Servers {
+    /// An h2c (HTTP/2 prior knowledge) server answering every request with JSON naming
+    /// itself, the path, the authority and the protocol it saw.
+    pub fn h2c_echo(&self, host: &Host, port: u16, name: &'static str) {
+        use http_body_util::Full;
+        let std_listener = host.listen(port);
+        self.rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = serde_json::json!({
+                            "server": name,
+                            "path": req.uri().path(),
+                            "authority": req.uri().authority().map(|a| a.to_string()),
+                            "proto": format!("{:?}", req.version()),
+                            "content_type": req.headers().get("content-type").and_then(|v| v.to_str().ok()),
+                        })
+                        .to_string();
+                        let resp = hyper::Response::builder()
+                            .header("x-served-by", name)
+                            .body(Full::new(bytes::Bytes::from(body)))
+                            .expect("response");
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    }
+}

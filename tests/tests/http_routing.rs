@@ -647,3 +647,105 @@ spec:
         3.0
     );
 }
+
+#[test]
+fn h2c_requests_are_routed_one_by_one_on_a_multiplexed_connection() {
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: grpc, namespace: backend}
+spec:
+  hosts: [grpc.backend.svc.cluster.local]
+  http:
+  - match: [{uri: {prefix: /helloworld.Greeter/}}]
+    route: [{destination: {host: grpc.backend.svc.cluster.local, subset: v2}}]
+  - route:
+    - {destination: {host: grpc.backend.svc.cluster.local, subset: v1}, weight: 10}
+    - {destination: {host: grpc.backend.svc.cluster.local, subset: v2}, weight: 90}
+"
+    .to_string();
+    let (mut node, servers, pods, daemon) = setup(
+        "h2c",
+        Duration::ZERO,
+        "",
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let g1 = node.host("grpc-v1");
+    let g2 = node.host("grpc-v2");
+    servers.h2c_echo(&g1, 50051, "grpc-v1");
+    servers.h2c_echo(&g2, 50051, "grpc-v2");
+    let extra = vs
+        + "---\n"
+        + &endpoint_pod_yaml(
+            &g1,
+            "grpc-v1-0",
+            "backend",
+            &[("app", "grpc"), ("version", "v1")],
+        )
+        + &endpoint_pod_yaml(
+            &g2,
+            "grpc-v2-0",
+            "backend",
+            &[("app", "grpc"), ("version", "v2")],
+        )
+        + "apiVersion: v1
+kind: Service
+metadata: {name: grpc, namespace: backend}
+spec:
+  clusterIP: 198.18.0.253
+  selector: {app: grpc}
+  ports: [{name: grpc, port: 50051}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: grpc, namespace: backend}
+spec:
+  host: grpc.backend.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+";
+    node.write_config("grpc.yaml", &extra);
+    assert!(proxy_tests::wait_for(Duration::from_secs(5), || {
+        daemon.config_dump()["snapshot"]["routes"]["virtual_services"]
+            ["grpc.backend.svc.cluster.local"]
+            .is_array()
+            .then_some(())
+    })
+    .is_some());
+    let to = "198.18.0.253:50051";
+    let split = pods[0].pdtool(&[
+        "h2",
+        "--to",
+        to,
+        "--authority",
+        "grpc.backend:50051",
+        "--count",
+        "500",
+    ]);
+    assert_eq!(split["statuses"]["200"], 500, "{split}");
+    let v1 = split["servers"]["grpc-v1"].as_u64().unwrap_or(0) as f64 / 5.0;
+    assert!(
+        (7.0..=13.0).contains(&v1),
+        "per-request split on one h2 connection: {v1}% {split}"
+    );
+    assert_eq!(
+        split["first"]["proto"], "HTTP/2.0",
+        "upstream spoke h2: {split}"
+    );
+    let rpc = pods[0].pdtool(&[
+        "h2",
+        "--to",
+        to,
+        "--authority",
+        "grpc.backend:50051",
+        "--path",
+        "/helloworld.Greeter/SayHello",
+        "--count",
+        "20",
+        "-H",
+        "content-type: application/grpc",
+    ]);
+    assert_eq!(rpc["servers"]["grpc-v2"], 20, "{rpc}");
+    assert_eq!(rpc["first"]["content_type"], "application/grpc");
+}

@@ -14,10 +14,12 @@ use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
 use hyper::body::Body as _;
 use hyper::{
-    body::Incoming, client::conn::http1 as client_http1, server::conn::http1 as server_http1,
+    body::Incoming,
+    client::conn::{http1 as client_http1, http2 as client_http2},
+    server::conn::{http1 as server_http1, http2 as server_http2},
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -34,10 +36,12 @@ use crate::{
 type Body = BoxBody<Bytes, hyper::Error>;
 type Sender = client_http1::SendRequest<Body>;
 
-/// Idle upstream connections per pod and upstream address (sockets live in the pod netns).
+/// Idle upstream connections per pod and upstream address (sockets live in the pod netns):
+/// HTTP/1 connections one request at a time, HTTP/2 ones shared (multiplexed).
 #[derive(Default)]
 pub struct UpstreamPool {
     idle: Mutex<HashMap<SocketAddr, Vec<Sender>>>,
+    h2: Mutex<HashMap<SocketAddr, client_http2::SendRequest<Body>>>,
 }
 
 const MAX_IDLE_PER_UPSTREAM: usize = 32;
@@ -207,6 +211,27 @@ pub async fn serve(
         .await
     {
         debug!(error = %e, "http connection ended");
+    }
+    Ok(())
+}
+
+/// HTTP/2 with prior knowledge (h2c, gRPC): the same per-request routing, forwarded over
+/// HTTP/2 to the upstream.
+pub async fn serve_h2(
+    inputs: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    stream: TcpStream,
+    dst: OrigDstAddr,
+) -> Result<(), ProxyError> {
+    let service = service_fn(move |req| {
+        let (inputs, pod) = (inputs.clone(), pod.clone());
+        async move { Ok::<_, Infallible>(handle(&inputs, &pod, dst, req).await) }
+    });
+    if let Err(e) = server_http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        debug!(error = %e, "h2 connection ended");
     }
     Ok(())
 }
@@ -501,6 +526,58 @@ async fn connect_upstream(
     Ok(sender)
 }
 
+/// Sends an HTTP/2 request on the pod's shared connection to `upstream` (made on first use).
+async fn forward_h2(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    upstream: SocketAddr,
+    req: Request<Body>,
+    timeout: Option<Duration>,
+) -> Result<Response<Body>, (u16, &'static str, String)> {
+    let existing = {
+        let h2 = pod.http_pool.h2.lock().unwrap_or_else(|p| p.into_inner());
+        h2.get(&upstream).filter(|s| !s.is_closed()).cloned()
+    };
+    let mut sender = match existing {
+        Some(s) => s,
+        None => {
+            let stream = connect_from_pod(pod, upstream, inputs.connect_timeout)
+                .await
+                .map_err(|e| (503u16, "UF", format!("upstream connect error: {e}")))?;
+            let (sender, conn) =
+                client_http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .map_err(|e| (503u16, "UF", format!("upstream h2 handshake: {e}")))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            pod.http_pool
+                .h2
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(upstream, sender.clone());
+            sender
+        }
+    };
+    let send = async {
+        sender
+            .ready()
+            .await
+            .map_err(|e| (503u16, "UC", format!("upstream h2: {e}")))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| (503u16, "UC", format!("upstream reset: {e}")))
+    };
+    let resp = match timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| (504u16, "UT", "upstream request timeout".to_string()))??,
+        None => send.await?,
+    };
+    Ok(resp.map(|b| b.boxed()))
+}
+
 /// Sends one attempt upstream; Err is (status, Envoy flag, message) for the client.
 /// For an Upgrade, the upstream's OnUpgrade is left in the response's extensions.
 async fn forward(
@@ -512,6 +589,9 @@ async fn forward(
 ) -> Result<Response<Body>, (u16, &'static str, String)> {
     let upgrade = is_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    if req.version() == http::Version::HTTP_2 {
+        return forward_h2(inputs, pod, upstream, req, timeout).await;
+    }
     // A pooled connection the server closed meanwhile hands the request back unsent.
     let pooled = if upgrade {
         None

@@ -148,7 +148,7 @@ async fn handle_connection(
             let sni = sniff::peek_sni(&stream).await;
             tcp::proxy(&inputs, &pod, stream, dst, sni).await
         }
-        // h2c is proxied as TCP (routed by original destination) for now.
-        _ => tcp::proxy(&inputs, &pod, stream, dst, None).await,
+        sniff::Protocol::Http2 => http::serve_h2(inputs, pod, stream, dst).await,
+        sniff::Protocol::Opaque => tcp::proxy(&inputs, &pod, stream, dst, None).await,
     }
 }

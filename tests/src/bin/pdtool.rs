@@ -104,6 +104,21 @@ enum Cmd {
         #[arg(long)]
         sni: String,
     },
+    /// HTTP/2 prior knowledge (h2c): N requests multiplexed on one connection.
+    H2 {
+        #[arg(long)]
+        to: SocketAddr,
+        /// :authority of the requests.
+        #[arg(long)]
+        authority: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Extra header, `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+    },
     /// Connect and keep the connection open (idle) for a while.
     Hold {
         #[arg(long)]
@@ -335,6 +350,74 @@ fn tls_hello(to: SocketAddr, sni: &str) -> serde_json::Value {
             "hello_sha256": hex::encode(Sha256::digest(&hello))}),
         Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
     }
+}
+
+fn h2_run(
+    to: SocketAddr,
+    authority: &str,
+    path: &str,
+    count: usize,
+    extra: &[String],
+) -> serde_json::Value {
+    use http_body_util::{BodyExt as _, Empty};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let stream = match tokio::net::TcpStream::connect(to).await {
+            Ok(s) => s,
+            Err(e) => return json!({"result": classify(&e), "error": e.to_string()}),
+        };
+        let (mut sender, conn) = match hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => return json!({"result": "error", "error": e.to_string()}),
+        };
+        tokio::spawn(conn);
+        let mut servers = std::collections::BTreeMap::<String, u64>::new();
+        let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+        let mut first = serde_json::Value::Null;
+        for _ in 0..count {
+            let mut req = hyper::Request::builder().uri(format!("http://{authority}{path}"));
+            for h in extra {
+                if let Some((k, v)) = h.split_once(':') {
+                    req = req.header(k.trim(), v.trim());
+                }
+            }
+            let req = req.body(Empty::<bytes::Bytes>::new()).expect("request");
+            match sender.send_request(req).await {
+                Ok(resp) => {
+                    *statuses
+                        .entry(resp.status().as_u16().to_string())
+                        .or_default() += 1;
+                    if let Some(s) = resp
+                        .headers()
+                        .get("x-served-by")
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        *servers.entry(s.to_string()).or_default() += 1;
+                    }
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    if first.is_null() {
+                        first = serde_json::from_slice(&body)
+                            .unwrap_or(json!(String::from_utf8_lossy(&body)));
+                    }
+                }
+                Err(e) => *statuses.entry(format!("error: {e}")).or_default() += 1,
+            }
+        }
+        json!({"result": "ok", "statuses": statuses, "servers": servers, "first": first})
+    })
 }
 
 fn raise_nofile() {
@@ -573,6 +656,13 @@ fn main() {
             }
         }
         Cmd::TlsHello { to, sni } => tls_hello(to, &sni),
+        Cmd::H2 {
+            to,
+            authority,
+            path,
+            count,
+            headers,
+        } => h2_run(to, &authority, &path, count, &headers),
         Cmd::Hold { to, ms } => match TcpStream::connect(to) {
             Ok(s) => {
                 let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
