@@ -215,7 +215,8 @@ impl Servers {
                         let mut parts = request_line.split_whitespace();
                         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
                         if get("upgrade").is_some() {
-                            let _ = w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await;
+                            let proto = get("upgrade").unwrap_or_default();
+                            let _ = w.write_all(format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {proto}\r\n\r\n").as_bytes()).await;
                             let mut buf = vec![0u8; 4096];
                             loop {
                                 match r.read(&mut buf).await {
@@ -250,6 +251,7 @@ impl Servers {
                             "path": path,
                             "headers": headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                             "peer": peer.ip().to_string(),
+                            "peer_port": peer.port(),
                             "body_len": len,
                         })
                         .to_string();

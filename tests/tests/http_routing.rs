@@ -749,3 +749,47 @@ spec:
     assert_eq!(rpc["servers"]["grpc-v2"], 20, "{rpc}");
     assert_eq!(rpc["first"]["content_type"], "application/grpc");
 }
+
+#[test]
+fn max_requests_per_connection_limits_upstream_connection_reuse() {
+    let dr = format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-reuse, namespace: shop}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    connectionPool:
+      http: {{maxRequestsPerConnection: 2}}
+  subsets:
+  - {{name: v2, labels: {{version: v2}}}}
+---
+{}",
+        v2_only("", "")
+    );
+    let (_node, _servers, pods, _daemon) = setup(
+        "reuse",
+        Duration::ZERO,
+        &dr,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "10"]);
+    assert_eq!(out["statuses"]["200"], 10, "{out}");
+    assert!(
+        out["upstream_connections"].as_u64().unwrap() >= 5,
+        "at most 2 requests per upstream connection: {out}"
+    );
+    let (_node, _servers, pods, _daemon) = setup(
+        "reuse2",
+        Duration::ZERO,
+        &v2_only("", ""),
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "10"]);
+    assert_eq!(
+        out["upstream_connections"], 1,
+        "keep-alive reuse without the limit: {out}"
+    );
+}

@@ -222,3 +222,76 @@ spec:
         "not set again once sent"
     );
 }
+
+#[test]
+fn published_subsets_weights_split_2000_requests_10_90() {
+    let mut node = Node::new("seedsplit");
+    let servers = Servers::new();
+    let v1 = node.host("httpping-v1");
+    let v2 = node.host("httpping-v2");
+    servers.http_echo(
+        &v1,
+        80,
+        HttpEcho {
+            name: "v1".into(),
+            ..Default::default()
+        },
+    );
+    servers.http_echo(
+        &v2,
+        80,
+        HttpEcho {
+            name: "v2".into(),
+            ..Default::default()
+        },
+    );
+    let client = node.pod("shop", "client-1");
+    let seed = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/seed-examples/subsets-weights.yaml"),
+    )
+    .unwrap();
+    // The published Service has no clusterIP (the API server assigns one): add ours.
+    let seed = seed.replacen(
+        "spec:\n  selector:",
+        &format!("spec:\n  clusterIP: {CLUSTER_IP}\n  selector:"),
+        1,
+    );
+    assert!(seed.contains(CLUSTER_IP));
+    node.write_config("seed.yaml", &seed);
+    node.write_config(
+        "cluster.yaml",
+        &(namespace_yaml("infra-jinsu-lab", false, None)
+            + &namespace_yaml("shop", true, None)
+            + &endpoint_pod_yaml(
+                &v1,
+                "httpping-v1",
+                "infra-jinsu-lab",
+                &[("app", "httpping-without-sidecar"), ("version", "v1")],
+            )
+            + &endpoint_pod_yaml(
+                &v2,
+                "httpping-v2",
+                "infra-jinsu-lab",
+                &[("app", "httpping-without-sidecar"), ("version", "v2")],
+            )
+            + &pod_yaml(&client, &[("app", "client")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(5));
+    let out = client.pdtool(&[
+        "http",
+        "--to",
+        &format!("{CLUSTER_IP}:8080"),
+        "--host",
+        "httpping-without-sidecar.infra-jinsu-lab:8080",
+        "--count",
+        "2000",
+    ]);
+    assert_eq!(out["statuses"]["200"], 2000, "{out}");
+    let v1_share = out["servers"]["v1"].as_u64().unwrap_or(0) as f64 / 20.0;
+    assert!(
+        (7.0..=13.0).contains(&v1_share),
+        "v1 share {v1_share}%: {out}"
+    );
+}

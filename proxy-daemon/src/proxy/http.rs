@@ -40,29 +40,30 @@ type Sender = client_http1::SendRequest<Body>;
 /// HTTP/1 connections one request at a time, HTTP/2 ones shared (multiplexed).
 #[derive(Default)]
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Sender>>>,
+    /// Idle HTTP/1 senders with how many requests each has carried.
+    idle: Mutex<HashMap<SocketAddr, Vec<(Sender, u32)>>>,
     h2: Mutex<HashMap<SocketAddr, client_http2::SendRequest<Body>>>,
 }
 
 const MAX_IDLE_PER_UPSTREAM: usize = 32;
 
 impl UpstreamPool {
-    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+    fn take(&self, addr: SocketAddr) -> Option<(Sender, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&addr)?;
-        while let Some(s) = list.pop() {
+        while let Some((s, uses)) = list.pop() {
             if !s.is_closed() && s.is_ready() {
-                return Some(s);
+                return Some((s, uses));
             }
         }
         None
     }
 
-    fn put(&self, addr: SocketAddr, s: Sender) {
+    fn put(&self, addr: SocketAddr, s: Sender, uses: u32) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
-            list.push(s);
+            list.push((s, uses));
         }
     }
 }
@@ -399,17 +400,27 @@ async fn handle(
                                 .connection_pool
                         })
                 };
-                let Ok(_permit) = super::limits::admit(&labels.service, pool.as_ref(), true).await
+                let Ok(permit) = super::limits::admit(&labels.service, pool.as_ref(), true).await
                 else {
                     let resp = local_response(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n".into(), None);
                     record(inputs, pod, &labels, "UO", 503, started.elapsed());
                     return resp;
                 };
-                let _load = super::limits::EndpointLoad::start(upstream);
-                let result = forward(inputs, pod, upstream, out, per_try).await;
+                let load = super::limits::EndpointLoad::start(upstream);
+                let max_per_conn = pool.as_ref().and_then(|p| p.max_requests_per_connection);
+                let result = forward(inputs, pod, upstream, out, per_try, max_per_conn).await;
                 super::outlier::record(upstream, result.as_ref().ok().map(|r| r.status().as_u16()));
                 match result {
-                    Ok(mut resp) => {
+                    Ok(resp) => {
+                        // The request counts against the pool and its endpoint until the
+                        // response body has been sent, not just its headers.
+                        let mut resp = resp.map(|b| {
+                            Guarded {
+                                inner: b,
+                                _guards: (permit, load),
+                            }
+                            .boxed()
+                        });
                         for ops in &response_headers {
                             apply_ops(resp.headers_mut(), ops);
                         }
@@ -526,6 +537,35 @@ async fn connect_upstream(
     Ok(sender)
 }
 
+/// A response body that holds the request's accounting guards until it is done.
+struct Guarded {
+    inner: Body,
+    _guards: (
+        Option<tokio::sync::OwnedSemaphorePermit>,
+        super::limits::EndpointLoad,
+    ),
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Sends an HTTP/2 request on the pod's shared connection to `upstream` (made on first use).
 async fn forward_h2(
     inputs: &ProxyInputs,
@@ -586,7 +626,11 @@ async fn forward(
     upstream: SocketAddr,
     mut req: Request<Body>,
     timeout: Option<Duration>,
+    max_requests_per_connection: Option<u32>,
 ) -> Result<Response<Body>, (u16, &'static str, String)> {
+    let max_uses = max_requests_per_connection
+        .filter(|n| *n > 0)
+        .unwrap_or(u32::MAX);
     let upgrade = is_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if req.version() == http::Version::HTTP_2 {
@@ -599,15 +643,16 @@ async fn forward(
         pod.http_pool.take(upstream)
     };
     let send = async {
-        let mut sender = match pooled {
-            Some(s) => s,
-            None => connect_upstream(inputs, pod, upstream).await?,
+        let (mut sender, mut uses) = match pooled {
+            Some((s, uses)) => (s, uses),
+            None => (connect_upstream(inputs, pod, upstream).await?, 0),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     sender = connect_upstream(inputs, pod, upstream).await?;
+                    uses = 0;
                     sender
                         .send_request(req)
                         .await
@@ -622,9 +667,9 @@ async fn forward(
                 }
             },
         };
-        Ok((sender, resp))
+        Ok((sender, uses + 1, resp))
     };
-    let (sender, mut resp) = match timeout {
+    let (sender, uses, mut resp) = match timeout {
         Some(t) => tokio::time::timeout(t, send)
             .await
             .map_err(|_| (504u16, "UT", "upstream request timeout".to_string()))??,
@@ -635,8 +680,9 @@ async fn forward(
             let on = hyper::upgrade::on(&mut resp);
             resp.extensions_mut().insert(on);
         }
-    } else {
-        pod.http_pool.put(upstream, sender);
+    } else if uses < max_uses {
+        // connectionPool.http.maxRequestsPerConnection: a used-up connection is not reused.
+        pod.http_pool.put(upstream, sender, uses);
     }
     Ok(resp.map(|b| b.boxed()))
 }

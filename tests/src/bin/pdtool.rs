@@ -239,6 +239,7 @@ fn http_run(
     let mut errors = Vec::new();
     let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
     let mut latencies_us: Vec<f64> = Vec::with_capacity(count);
+    let mut peer_ports = std::collections::BTreeSet::new();
     for _ in 0..count {
         let t = Instant::now();
         if conn.is_none() {
@@ -263,7 +264,8 @@ fn http_run(
             req.push_str("\r\n");
         }
         if upgrade_echo.is_some() {
-            req.push_str("Connection: Upgrade\r\nUpgrade: echo\r\n");
+            // A WebSocket handshake (RFC 6455); the echo server answers 101 and echoes.
+            req.push_str("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
         }
         req.push_str("\r\n");
         if let Err(e) = w.write_all(req.as_bytes()) {
@@ -289,9 +291,11 @@ fn http_run(
                     );
                     break;
                 }
+                let parsed: serde_json::Value = serde_json::from_str(&body).unwrap_or(json!(body));
+                if let Some(p) = parsed["peer_port"].as_u64() {
+                    peer_ports.insert(p);
+                }
                 if first.is_none() {
-                    let parsed: serde_json::Value =
-                        serde_json::from_str(&body).unwrap_or(json!(body));
                     let hdrs: std::collections::BTreeMap<_, _> = headers.into_iter().collect();
                     first = Some(json!({"status": status, "body": parsed, "headers": hdrs}));
                 }
@@ -315,6 +319,7 @@ fn http_run(
     let secs = started.elapsed().as_secs_f64();
     json!({"statuses": statuses, "servers": servers, "first": first, "errors": errors,
         "elapsed_ms": secs * 1e3, "per_sec": latencies_us.len() as f64 / secs,
+        "upstream_connections": peer_ports.len(),
         "p50_us": pct(0.5), "p99_us": pct(0.99)})
 }
 
