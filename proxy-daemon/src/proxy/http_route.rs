@@ -9,7 +9,6 @@ use super::route::{endpoint_for, labels_for, lb_policy, pick_weighted};
 use crate::routes::{HashKey, LoadBalancer};
 use crate::{
     cli::OutboundTrafficPolicyArg,
-    config::istio::OutboundMode,
     metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     registry::{ServiceInfo, CLUSTER_DOMAIN},
     routes::{
@@ -374,16 +373,7 @@ pub fn decide(
         }
     }
     let Some(svc) = service_for(snap, host_only(req.authority), &src.namespace, req.dst) else {
-        let registry_only = match snap
-            .routes
-            .sidecar_for(&src.namespace, &src.labels)
-            .and_then(|s| s.outbound_mode)
-        {
-            Some(OutboundMode::RegistryOnly) => true,
-            Some(OutboundMode::AllowAny) => false,
-            None => policy == OutboundTrafficPolicyArg::RegistryOnly,
-        };
-        if registry_only {
+        if super::route::registry_only(snap, src, policy) {
             return HttpDecision::Respond {
                 status: 502,
                 body: "destination not in the service registry\n".into(),

@@ -102,6 +102,24 @@ pub fn pick_weighted(dests: &[WeightedDestination], roll: u32) -> Option<&Weight
     dests.last()
 }
 
+/// Whether unregistered destinations are refused for `src`: its Sidecar's
+/// outboundTrafficPolicy if one selects it, else the daemon's flag.
+pub fn registry_only(
+    snap: &Snapshot,
+    src: &WorkloadInfo,
+    default_policy: OutboundTrafficPolicyArg,
+) -> bool {
+    match snap
+        .routes
+        .sidecar_for(&src.namespace, &src.labels)
+        .and_then(|s| s.outbound_mode)
+    {
+        Some(OutboundMode::RegistryOnly) => true,
+        Some(OutboundMode::AllowAny) => false,
+        None => default_policy == OutboundTrafficPolicyArg::RegistryOnly,
+    }
+}
+
 /// Decides where a captured connection to `dst` from `src` goes.
 pub fn decide(
     snap: &Snapshot,
@@ -115,16 +133,7 @@ pub fn decide(
     let by_sni = sni.and_then(|h| snap.registry.by_host(h));
     let Some(svc) = by_sni.or_else(|| snap.registry.by_addr(SocketAddr::V4(dst))) else {
         let named = sni.map(str::to_string).unwrap_or_else(|| dst.to_string());
-        let registry_only = match snap
-            .routes
-            .sidecar_for(&src.namespace, &src.labels)
-            .and_then(|s| s.outbound_mode)
-        {
-            Some(OutboundMode::RegistryOnly) => true,
-            Some(OutboundMode::AllowAny) => false,
-            None => default_policy == OutboundTrafficPolicyArg::RegistryOnly,
-        };
-        return if registry_only {
+        return if registry_only(snap, src, default_policy) {
             L4Decision::Refuse {
                 labels: DestinationLabels {
                     service: named,
