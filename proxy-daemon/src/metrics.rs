@@ -115,6 +115,21 @@ impl Default for HttpMetrics {
     }
 }
 
+/// Per-route mirror outcomes (`route` is the rule's file:line, bounded by the config).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub route: String,
+    /// sent | failed
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorDropLabels {
+    pub route: String,
+    /// concurrency | body_too_large | no_destination | no_endpoint | bad_request
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
@@ -156,6 +171,8 @@ pub struct DaemonMetrics {
     pub orig_dst_missing: Counter,
     pub upstream_connect_failures: Counter,
     pub active_connections: Gauge,
+    pub mirror_requests: Family<MirrorLabels, Counter>,
+    pub mirror_dropped: Family<MirrorDropLabels, Counter>,
     pub build_info: Family<BuildLabels, Gauge>,
 }
 
@@ -260,6 +277,16 @@ impl Metrics {
             daemon.active_connections.clone(),
         );
         sub.register("build_info", "Build information", daemon.build_info.clone());
+        sub.register(
+            "mirror_requests",
+            "Mirror copies sent, by route and outcome",
+            daemon.mirror_requests.clone(),
+        );
+        sub.register(
+            "mirror_dropped",
+            "Mirror copies not sent, by route and reason",
+            daemon.mirror_dropped.clone(),
+        );
         daemon
             .build_info
             .get_or_create(&BuildLabels {

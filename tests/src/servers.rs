@@ -153,6 +153,8 @@ pub struct HttpEcho {
     pub delay: std::time::Duration,
     /// Answer every Nth request (server-wide) with 503 instead (0: never).
     pub fail_every: u32,
+    /// Where to record every request's JSON description (what this server received).
+    pub log: Option<Arc<Mutex<Vec<serde_json::Value>>>>,
 }
 
 async fn read_head(
@@ -208,6 +210,13 @@ impl Servers {
                         let mut body = vec![0u8; len];
                         if len > 0 && r.read_exact(&mut body).await.is_err() {
                             return;
+                        }
+                        if let Some(log) = &cfg.log {
+                            log.lock().unwrap().push(serde_json::json!({
+                                "request_line": request_line,
+                                "headers": headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                                "body_len": len,
+                            }));
                         }
                         if !cfg.delay.is_zero() {
                             tokio::time::sleep(cfg.delay).await;

@@ -22,7 +22,7 @@ fn setup(
     let v2 = HttpEcho {
         name: "reviews-v2".into(),
         delay: v2_delay,
-        fail_every: 0,
+        ..Default::default()
     };
     setup_with(tag, v2, extra, pods, flags)
 }

@@ -275,8 +275,8 @@ struct Attempt {
 }
 
 async fn handle(
-    inputs: &ProxyInputs,
-    pod: &PodContext,
+    inputs: &Arc<ProxyInputs>,
+    pod: &Arc<PodContext>,
     dst: OrigDstAddr,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -357,7 +357,24 @@ async fn handle(
                 timeout: _,
                 retry,
                 fault,
+                mirrors,
+                route,
             } => {
+                if attempt == 0 {
+                    for (dest, percent) in &mirrors {
+                        if rand::random::<f64>() * 100.0 < *percent {
+                            send_mirror(
+                                inputs,
+                                pod,
+                                &parts,
+                                &authority,
+                                buffered.as_ref(),
+                                dest,
+                                &route,
+                            );
+                        }
+                    }
+                }
                 if let Some(f) = &fault {
                     if let Some(d) = f
                         .delay
@@ -535,6 +552,115 @@ async fn connect_upstream(
         let _ = conn.with_upgrades().await;
     });
     Ok(sender)
+}
+
+/// Mirror copies in flight on this node at most; beyond, copies are dropped and counted.
+const MIRROR_CONCURRENCY: usize = 256;
+/// A mirror copy that has not answered by then is abandoned (and counted as failed).
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+static MIRROR_SLOTS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(MIRROR_CONCURRENCY)));
+
+/// Fire and forget: a copy of the request (same method, path, headers and x-request-id,
+/// Host with Istio's `-shadow` suffix) to the mirror destination. Nothing here waits on,
+/// or can fail, the primary request.
+fn send_mirror(
+    inputs: &Arc<ProxyInputs>,
+    pod: &Arc<PodContext>,
+    head: &http::request::Parts,
+    authority: &str,
+    body: Option<&Bytes>,
+    dest: &crate::routes::DestinationRef,
+    route: &str,
+) {
+    let m = &inputs.metrics.daemon;
+    let dropped = |reason: &'static str| {
+        m.mirror_dropped
+            .get_or_create(&crate::metrics::MirrorDropLabels {
+                route: route.to_string(),
+                reason,
+            })
+            .inc();
+    };
+    // Only bodies small enough to have been kept are copied for now.
+    let Some(body) = body.cloned() else {
+        return dropped("body_too_large");
+    };
+    let Ok(slot) = MIRROR_SLOTS.clone().try_acquire_owned() else {
+        return dropped("concurrency");
+    };
+    let (upstream, labels) = {
+        let snap = inputs.config.load();
+        let Some(target) = snap.registry.by_host(&dest.host) else {
+            return dropped("no_destination");
+        };
+        let port = dest
+            .port
+            .unwrap_or_else(|| target.ports.first().map(|p| p.port).unwrap_or(80));
+        match route::endpoint_for(
+            &snap,
+            target,
+            dest.subset.as_deref(),
+            port,
+            &pod.workload.namespace,
+            None,
+        ) {
+            Ok(ep) => (ep, route::labels_for(target)),
+            Err(_) => return dropped("no_endpoint"),
+        }
+    };
+    let shadow = format!("{authority}-shadow");
+    let mut req =
+        match clone_head(head).body(Full::new(body).map_err(|never| match never {}).boxed()) {
+            Ok(r) => r,
+            Err(_) => return dropped("bad_request"),
+        };
+    if let Ok(v) = HeaderValue::from_str(&shadow) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    if req.uri().authority().is_some() {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
+        if let Ok(uri) = format!("{scheme}://{shadow}{pq}").parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+    let (inputs, pod, route) = (inputs.clone(), pod.clone(), route.to_string());
+    tokio::spawn(async move {
+        let _slot = slot;
+        let started = Instant::now();
+        let result = forward(&inputs, &pod, upstream, req, Some(MIRROR_TIMEOUT), None).await;
+        let (code, outcome) = match &result {
+            Ok(resp) => (
+                resp.status().as_u16(),
+                if resp.status().is_server_error() {
+                    "failed"
+                } else {
+                    "sent"
+                },
+            ),
+            Err((status, _, _)) => (*status, "failed"),
+        };
+        // Drain the response so the pooled connection can be reused.
+        if let Ok(resp) = result {
+            let _ = resp.into_body().collect().await;
+        }
+        inputs
+            .metrics
+            .daemon
+            .mirror_requests
+            .get_or_create(&crate::metrics::MirrorLabels {
+                route,
+                result: outcome,
+            })
+            .inc();
+        record(&inputs, &pod, &labels, "", code, started.elapsed());
+    });
 }
 
 /// A response body that holds the request's accounting guards until it is done.

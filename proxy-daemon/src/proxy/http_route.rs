@@ -112,6 +112,9 @@ pub enum HttpDecision {
         timeout: Option<Duration>,
         retry: Retry,
         fault: Option<crate::routes::Fault>,
+        /// Shadow copies to send: (destination, percent, the rule's source for metrics).
+        mirrors: Vec<(crate::routes::DestinationRef, f64)>,
+        route: String,
     },
     Respond {
         status: u16,
@@ -331,6 +334,8 @@ pub fn decide(
                     timeout,
                     retry: Retry::istio_default(),
                     fault: None,
+                    mirrors: Vec::new(),
+                    route: String::new(),
                 }
             }
             Some(ClusterRef::BlackHole) => {
@@ -365,6 +370,8 @@ pub fn decide(
                         timeout,
                         retry: Retry::istio_default(),
                         fault: None,
+                        mirrors: Vec::new(),
+                        route: String::new(),
                     },
                     Err(flags) => unavailable(labels, flags),
                 };
@@ -394,6 +401,8 @@ pub fn decide(
             timeout,
             retry: Retry::istio_default(),
             fault: None,
+            mirrors: Vec::new(),
+            route: String::new(),
         };
     };
     let vss = snap.routes.virtual_services_for(&svc.hostname);
@@ -412,6 +421,8 @@ pub fn decide(
                 timeout,
                 retry: Retry::istio_default(),
                 fault: None,
+                mirrors: Vec::new(),
+                route: String::new(),
             };
         }
         let (chosen, cookie_ops) = pick(snap, svc, None, port, src, req);
@@ -424,6 +435,8 @@ pub fn decide(
                 timeout,
                 retry: Retry::istio_default(),
                 fault: None,
+                mirrors: Vec::new(),
+                route: String::new(),
             },
             Err(flags) => unavailable(labels, flags),
         };
@@ -506,6 +519,12 @@ pub fn decide(
                     timeout,
                     retry: Retry::from_rule(&rule.retries),
                     fault: rule.fault.clone(),
+                    mirrors: rule
+                        .mirrors
+                        .iter()
+                        .map(|m| (m.destination.clone(), m.percent))
+                        .collect(),
+                    route: rule.source.clone(),
                 },
                 Err(flags) => unavailable(labels, flags),
             }

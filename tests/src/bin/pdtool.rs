@@ -91,6 +91,9 @@ enum Cmd {
         /// Run this many clients at once, each on its own connection (counts add up).
         #[arg(long, default_value_t = 1)]
         parallel: usize,
+        /// POST a body of this many bytes instead of a GET.
+        #[arg(long, default_value_t = 0)]
+        body_bytes: usize,
     },
     /// Server-first: connect, read the banner without sending, then say one line.
     Banner {
@@ -224,6 +227,7 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<HttpResponse> 
     Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn http_run(
     to: SocketAddr,
     host: &str,
@@ -231,6 +235,7 @@ fn http_run(
     extra: &[String],
     count: usize,
     upgrade_echo: Option<String>,
+    body_bytes: usize,
 ) -> serde_json::Value {
     let started = Instant::now();
     let mut statuses = std::collections::BTreeMap::<String, u64>::new();
@@ -258,7 +263,11 @@ fn http_run(
         let Some((w, r)) = conn.as_mut() else {
             continue;
         };
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n");
+        let method = if body_bytes > 0 { "POST" } else { "GET" };
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+        if body_bytes > 0 {
+            req.push_str(&format!("Content-Length: {body_bytes}\r\n"));
+        }
         for h in extra {
             req.push_str(h);
             req.push_str("\r\n");
@@ -268,7 +277,9 @@ fn http_run(
             req.push_str("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
         }
         req.push_str("\r\n");
-        if let Err(e) = w.write_all(req.as_bytes()) {
+        let mut bytes = req.into_bytes();
+        bytes.extend(std::iter::repeat_n(b'b', body_bytes));
+        if let Err(e) = w.write_all(&bytes) {
             errors.push(e.to_string());
             conn = None;
             continue;
@@ -603,12 +614,21 @@ fn main() {
             count,
             upgrade_echo,
             parallel,
+            body_bytes,
         } if parallel > 1 => {
             let runs: Vec<serde_json::Value> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..parallel)
                     .map(|_| {
                         s.spawn(|| {
-                            http_run(to, &host, &path, &headers, count, upgrade_echo.clone())
+                            http_run(
+                                to,
+                                &host,
+                                &path,
+                                &headers,
+                                count,
+                                upgrade_echo.clone(),
+                                body_bytes,
+                            )
                         })
                     })
                     .collect();
@@ -632,8 +652,9 @@ fn main() {
             headers,
             count,
             upgrade_echo,
+            body_bytes,
             ..
-        } => http_run(to, &host, &path, &headers, count, upgrade_echo),
+        } => http_run(to, &host, &path, &headers, count, upgrade_echo, body_bytes),
         Cmd::Banner { to } => {
             let started = Instant::now();
             let run = || -> std::io::Result<(String, String, String)> {

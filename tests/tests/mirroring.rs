@@ -1,0 +1,242 @@
+//! Mirroring: fire-and-forget copies that the primary never waits for.
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{endpoint_pod_yaml, namespace_yaml, pod_yaml, Node},
+    servers::{HttpEcho, Servers},
+    wait_for,
+};
+
+type Log = Arc<Mutex<Vec<serde_json::Value>>>;
+
+/// api in azar (primary) and api in azar-mirror (mirror), both logging what they receive.
+fn setup(
+    tag: &str,
+    vs: &str,
+    mirror_delay: Duration,
+) -> (Node, Servers, proxy_tests::Pod, Daemon, Log, Log) {
+    let mut node = Node::new(tag);
+    let servers = Servers::new();
+    let (primary_log, mirror_log): (Log, Log) = (Default::default(), Default::default());
+    let primary = node.host("api");
+    let mirror = node.host("api-mirror");
+    servers.http_echo(
+        &primary,
+        8080,
+        HttpEcho {
+            name: "api".into(),
+            log: Some(primary_log.clone()),
+            ..Default::default()
+        },
+    );
+    servers.http_echo(
+        &mirror,
+        8080,
+        HttpEcho {
+            name: "api-mirror".into(),
+            log: Some(mirror_log.clone()),
+            delay: mirror_delay,
+            ..Default::default()
+        },
+    );
+    let client = node.pod("azar", "web-1");
+    let yaml = namespace_yaml("azar", true, None)
+        + &namespace_yaml("azar-mirror", false, None)
+        + &endpoint_pod_yaml(&primary, "api-0", "azar", &[("app", "api")])
+        + &endpoint_pod_yaml(&mirror, "api-0", "azar-mirror", &[("app", "api")])
+        + "apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: azar}
+spec:
+  clusterIP: 198.18.0.230
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: azar-mirror}
+spec:
+  clusterIP: 198.18.0.231
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: azar}
+spec:
+  clusterIP: 198.18.0.232
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+" + &pod_yaml(&client, &[("app", "web")]);
+    node.write_config("cluster.yaml", &yaml);
+    node.write_config("vs.yaml", vs);
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(5));
+    (node, servers, client, daemon, primary_log, mirror_log)
+}
+
+fn seed_mirror_api() -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/seed-examples/mirror-api.yaml"),
+    )
+    .unwrap()
+}
+
+fn ids(log: &Log) -> BTreeSet<String> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["headers"]["x-request-id"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn mirror_api_copies_every_request_with_its_id_body_and_shadow_host() {
+    let (_node, _servers, client, daemon, primary, mirror) =
+        setup("mirror", &seed_mirror_api(), Duration::ZERO);
+    let to = "198.18.0.230:80";
+    let gets = client.pdtool(&["http", "--to", to, "--host", "api", "--count", "950"]);
+    assert_eq!(gets["statuses"]["200"], 950, "{gets}");
+    let posts = client.pdtool(&[
+        "http",
+        "--to",
+        to,
+        "--host",
+        "api",
+        "--count",
+        "50",
+        "--body-bytes",
+        "65536",
+    ]);
+    assert_eq!(posts["statuses"]["200"], 50, "{posts}");
+    assert!(
+        wait_for(Duration::from_secs(10), || (mirror.lock().unwrap().len()
+            >= 1000)
+            .then_some(()))
+        .is_some(),
+        "mirror got {}",
+        mirror.lock().unwrap().len()
+    );
+    assert_eq!(
+        ids(&primary),
+        ids(&mirror),
+        "every copy pairs with its original by x-request-id"
+    );
+    assert_eq!(ids(&mirror).len(), 1000);
+    let log = mirror.lock().unwrap();
+    assert!(
+        log.iter().all(|r| r["headers"]["host"]
+            .as_str()
+            .is_some_and(|h| h.ends_with("-shadow"))),
+        "{:?}",
+        log[0]
+    );
+    assert_eq!(
+        log.iter()
+            .filter(|r| r["body_len"] == 65536
+                && r["request_line"].as_str().unwrap().starts_with("POST "))
+            .count(),
+        50
+    );
+    drop(log);
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_mirror_requests_total", &[("result", "sent")]),
+        1000.0
+    );
+    assert!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[("destination_service", "api.azar-mirror.svc.cluster.local")]
+        ) >= 1000.0
+    );
+}
+
+#[test]
+fn mirror_percentage_samples_requests() {
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: azar}
+spec:
+  hosts: [api]
+  http:
+  - route: [{destination: {host: api}}]
+    mirror: {host: api.azar-mirror.svc.cluster.local}
+    mirrorPercentage: {value: 30}
+";
+    let (_node, _servers, client, _daemon, _primary, mirror) =
+        setup("mirror30", vs, Duration::ZERO);
+    let out = client.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.230:80",
+        "--host",
+        "api",
+        "--count",
+        "2000",
+    ]);
+    assert_eq!(out["statuses"]["200"], 2000, "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    let share = mirror.lock().unwrap().len() as f64 / 20.0;
+    assert!((26.0..=34.0).contains(&share), "mirrored {share}%");
+}
+
+#[test]
+fn a_slow_or_missing_mirror_never_delays_or_fails_the_primary() {
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: azar}
+spec:
+  hosts: [api]
+  http:
+  - route: [{destination: {host: api}}]
+    mirrors:
+    - destination: {host: api.azar-mirror.svc.cluster.local}
+    - destination: {host: does-not-exist.azar.svc.cluster.local}
+";
+    let (_node, _servers, client, daemon, _primary, _mirror) =
+        setup("mirrorslow", vs, Duration::from_secs(5));
+    // Baseline: the same server through a service with no mirror, in the same run.
+    let base = client.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.232:80",
+        "--host",
+        "plain",
+        "--count",
+        "500",
+    ]);
+    let with = client.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.230:80",
+        "--host",
+        "api",
+        "--count",
+        "200",
+    ]);
+    assert_eq!(
+        with["statuses"]["200"], 200,
+        "no primary request fails: {with}"
+    );
+    let (p99_base, p99_with) = (
+        base["p99_us"].as_f64().unwrap(),
+        with["p99_us"].as_f64().unwrap(),
+    );
+    assert!(
+        p99_with <= (p99_base * 1.2).max(p99_base + 2000.0),
+        "p99 {p99_with} us vs {p99_base} us without mirror"
+    );
+    assert!(
+        daemon.metric_sum(
+            "proxy_daemon_mirror_dropped_total",
+            &[("reason", "no_destination")]
+        ) >= 200.0
+    );
+}
