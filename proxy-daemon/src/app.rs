@@ -82,6 +82,7 @@ pub struct Settings {
     pub bpf_pin_dir: PathBuf,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
+    pub mirror_max_body_bytes: usize,
 }
 
 fn startup(msg: impl Into<String>) -> AppError {
@@ -168,6 +169,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         bpf_pin_dir: args.bpf_pin_dir.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        mirror_max_body_bytes: args.mirror_max_body_bytes,
     })
 }
 
@@ -384,6 +386,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         connect_timeout: settings.connect_timeout,
         config: published.clone(),
         outbound_policy: settings.outbound_traffic_policy,
+        mirror_max_body_bytes: settings.mirror_max_body_bytes,
     });
     let enroller = Enroller::new(
         settings.cgroup_root.clone(),

@@ -115,6 +115,11 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
     pub drain_timeout_secs: u64,
 
+    /// Largest request body copied to a mirror; beyond it the copy is dropped and counted
+    /// (the primary request is never affected).
+    #[arg(long, env = "PROXY_MIRROR_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub mirror_max_body_bytes: usize,
+
     /// Upstream connect timeout.
     #[arg(long, env = "PROXY_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     pub connect_timeout_ms: u64,

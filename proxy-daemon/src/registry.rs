@@ -51,6 +51,7 @@ pub struct PortInfo {
     pub target_port: Option<u32>,
     /// Named targetPort, resolved per endpoint from the pod's container ports.
     pub target_port_name: Option<String>,
+    /// Declared protocol (HTTP, HTTP2, GRPC, TCP, TLS, HTTPS…), empty when undeclared.
     pub protocol: String,
 }
 
@@ -285,11 +286,15 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                             Some(IntOrString::String(s)) => Some(s.clone()),
                             _ => None,
                         },
+                        // Istio's declaration: appProtocol or the port name's prefix. The
+                        // port's `protocol: TCP` is the L4 protocol and declares nothing
+                        // (empty: detect from the traffic).
                         protocol: p
                             .app_protocol
                             .clone()
+                            .map(|a| a.to_ascii_uppercase())
                             .or_else(|| infer_protocol(p.name.as_deref()))
-                            .unwrap_or_else(|| p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                            .unwrap_or_default(),
                     })
                     .collect();
                 let endpoints = match slices.get(&(ns.clone(), name.clone())) {

@@ -240,3 +240,65 @@ spec:
         ) >= 200.0
     );
 }
+
+#[test]
+fn streaming_bodies_are_teed_up_to_the_bound_and_larger_copies_are_dropped() {
+    let (_node, _servers, client, daemon, primary, mirror) =
+        setup("mirrorbig", &seed_mirror_api(), Duration::ZERO);
+    let to = "198.18.0.230:80";
+    // 512 KiB: streamed to the primary, copied whole to the mirror.
+    let out = client.pdtool(&[
+        "http",
+        "--to",
+        to,
+        "--host",
+        "api",
+        "--body-bytes",
+        "524288",
+    ]);
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    assert!(
+        wait_for(Duration::from_secs(5), || (mirror.lock().unwrap().len()
+            == 1)
+            .then_some(()))
+        .is_some()
+    );
+    assert_eq!(mirror.lock().unwrap()[0]["body_len"], 524288);
+    // 10 MiB: the primary upload is intact, the mirror copy is abandoned and counted.
+    let out = client.pdtool(&[
+        "http",
+        "--to",
+        to,
+        "--host",
+        "api",
+        "--body-bytes",
+        "10485760",
+    ]);
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    assert_eq!(
+        primary.lock().unwrap().last().unwrap()["body_len"],
+        10485760
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for l in daemon
+        .metrics_text()
+        .lines()
+        .filter(|l| l.contains("mirror") && !l.starts_with('#'))
+    {
+        eprintln!("METRIC {l}");
+    }
+    assert!(wait_for(Duration::from_secs(5), || {
+        (daemon.metric_sum(
+            "proxy_daemon_mirror_dropped_total",
+            &[("reason", "body_too_large")],
+        ) == 1.0)
+            .then_some(())
+    })
+    .is_some());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        mirror.lock().unwrap().len(),
+        1,
+        "no copy of the 10 MiB upload"
+    );
+}

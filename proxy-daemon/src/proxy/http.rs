@@ -332,7 +332,7 @@ async fn handle(
             Err(e) => return local_response(400, format!("reading request body: {e}\n"), None),
         }
     } else {
-        (None, Some(body))
+        (None, Some(body.boxed()))
     };
     let mut attempt = 0u32;
     loop {
@@ -363,15 +363,17 @@ async fn handle(
                 if attempt == 0 {
                     for (dest, percent) in &mirrors {
                         if rand::random::<f64>() * 100.0 < *percent {
-                            send_mirror(
-                                inputs,
-                                pod,
-                                &parts,
-                                &authority,
-                                buffered.as_ref(),
-                                dest,
-                                &route,
-                            );
+                            // A kept body is copied; a streaming one is teed, bounded.
+                            let body = match (&buffered, streaming.take()) {
+                                (Some(b), _) => MirrorBody::Ready(b.clone()),
+                                (None, Some(s)) => {
+                                    let (tee, copy) = TeeBody::new(s, inputs.mirror_max_body_bytes);
+                                    streaming = Some(tee.boxed());
+                                    MirrorBody::Pending(copy)
+                                }
+                                (None, None) => MirrorBody::Ready(Bytes::new()),
+                            };
+                            send_mirror(inputs, pod, &parts, &authority, body, dest, &route);
                         }
                     }
                 }
@@ -393,7 +395,7 @@ async fn handle(
                 }
                 let body = match (&buffered, streaming.take()) {
                     (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
-                    (None, Some(s)) => s.boxed(),
+                    (None, Some(s)) => s,
                     (None, None) => empty(),
                 };
                 let mut out = match clone_head(&parts).body(body) {
@@ -569,7 +571,7 @@ fn send_mirror(
     pod: &Arc<PodContext>,
     head: &http::request::Parts,
     authority: &str,
-    body: Option<&Bytes>,
+    body: MirrorBody,
     dest: &crate::routes::DestinationRef,
     route: &str,
 ) {
@@ -581,10 +583,6 @@ fn send_mirror(
                 reason,
             })
             .inc();
-    };
-    // Only bodies small enough to have been kept are copied for now.
-    let Some(body) = body.cloned() else {
-        return dropped("body_too_large");
     };
     let Ok(slot) = MIRROR_SLOTS.clone().try_acquire_owned() else {
         return dropped("concurrency");
@@ -610,11 +608,10 @@ fn send_mirror(
         }
     };
     let shadow = format!("{authority}-shadow");
-    let mut req =
-        match clone_head(head).body(Full::new(body).map_err(|never| match never {}).boxed()) {
-            Ok(r) => r,
-            Err(_) => return dropped("bad_request"),
-        };
+    let mut req = match clone_head(head).body(empty()) {
+        Ok(r) => r,
+        Err(_) => return dropped("bad_request"),
+    };
     if let Ok(v) = HeaderValue::from_str(&shadow) {
         req.headers_mut().insert(header::HOST, v);
     }
@@ -633,6 +630,29 @@ fn send_mirror(
     let (inputs, pod, route) = (inputs.clone(), pod.clone(), route.to_string());
     tokio::spawn(async move {
         let _slot = slot;
+        // A streaming body's copy is complete when the primary's body has passed.
+        let bytes = match body {
+            MirrorBody::Ready(b) => Some(b),
+            MirrorBody::Pending(rx) => tokio::time::timeout(MIRROR_TIMEOUT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten(),
+        };
+        debug!(route = %route, copied = bytes.as_ref().map(|b| b.len()), "mirror body ready");
+        let Some(bytes) = bytes else {
+            inputs
+                .metrics
+                .daemon
+                .mirror_dropped
+                .get_or_create(&crate::metrics::MirrorDropLabels {
+                    route,
+                    reason: "body_too_large",
+                })
+                .inc();
+            return;
+        };
+        *req.body_mut() = Full::new(bytes).map_err(|never| match never {}).boxed();
         let started = Instant::now();
         let result = forward(&inputs, &pod, upstream, req, Some(MIRROR_TIMEOUT), None).await;
         let (code, outcome) = match &result {
@@ -661,6 +681,96 @@ fn send_mirror(
             .inc();
         record(&inputs, &pod, &labels, "", code, started.elapsed());
     });
+}
+
+/// The body a mirror copy will carry.
+enum MirrorBody {
+    Ready(Bytes),
+    /// Filled in when the primary's streaming body ends; None if it outgrew the bound.
+    Pending(tokio::sync::oneshot::Receiver<Option<Bytes>>),
+}
+
+/// Passes a streaming request body through to the primary untouched while keeping a copy
+/// for the mirror, up to `limit` bytes; past it the copy is abandoned (the primary never is).
+struct TeeBody {
+    inner: Body,
+    copy: Option<bytes::BytesMut>,
+    limit: usize,
+    done: Option<tokio::sync::oneshot::Sender<Option<Bytes>>>,
+}
+
+impl TeeBody {
+    fn new(inner: Body, limit: usize) -> (Self, tokio::sync::oneshot::Receiver<Option<Bytes>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tee = Self {
+            inner,
+            copy: Some(bytes::BytesMut::new()),
+            limit,
+            done: Some(tx),
+        };
+        (tee, rx)
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(tx) = self.done.take() {
+            let copy = self
+                .copy
+                .take()
+                .filter(|_| complete)
+                .map(bytes::BytesMut::freeze);
+            let _ = tx.send(copy);
+        }
+    }
+}
+
+impl hyper::body::Body for TeeBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let over = self
+                        .copy
+                        .as_ref()
+                        .is_some_and(|c| c.len() + data.len() > self.limit);
+                    if over {
+                        self.finish(false);
+                    } else if let Some(c) = self.copy.as_mut() {
+                        c.extend_from_slice(data);
+                    }
+                }
+                // hyper may stop polling once the body says it is done.
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            std::task::Poll::Ready(None) => self.finish(true),
+            std::task::Poll::Ready(Some(Err(_))) => self.finish(false),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TeeBody {
+    fn drop(&mut self) {
+        // Dropped before its end (client gone, upstream failed): no complete copy.
+        self.finish(false);
+    }
 }
 
 /// A response body that holds the request's accounting guards until it is done.

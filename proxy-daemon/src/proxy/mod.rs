@@ -71,6 +71,8 @@ pub struct ProxyInputs {
     /// The compiled configuration; loaded once per connection, never locked.
     pub config: Arc<crate::state::Published>,
     pub outbound_policy: crate::cli::OutboundTrafficPolicyArg,
+    /// Largest request body copied to a mirror; beyond it the copy is abandoned.
+    pub mirror_max_body_bytes: usize,
 }
 
 impl ProxyInputs {
@@ -141,7 +143,17 @@ async fn handle_connection(
         }
     };
     let _ = stream.set_nodelay(true);
-    match sniff::detect(&stream).await {
+    // A declared protocol (Service port name / appProtocol, ServiceEntry protocol) decides
+    // how to detect; undeclared ports are sniffed with a short bound.
+    let declared = {
+        let snap = inputs.config.load();
+        snap.registry
+            .by_addr(SocketAddr::V4(dst.0))
+            .and_then(|s| s.port(dst.0.port() as u32))
+            .map(|p| sniff::Declared::from_protocol(&p.protocol))
+            .unwrap_or(sniff::Declared::Undeclared)
+    };
+    match sniff::detect_declared(&stream, declared).await {
         sniff::Protocol::Http1 => http::serve(inputs, pod, stream, dst).await,
         // The app's own TLS is not terminated: routed by its SNI, copied as it is.
         sniff::Protocol::Tls => {

@@ -59,8 +59,55 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
 /// Peeks until the protocol is clear, the client goes quiet for [`SNIFF_TIMEOUT`], or it
 /// closes. Undecided or silent means opaque: bytes are then copied as they are.
 pub async fn detect(stream: &TcpStream) -> Protocol {
+    detect_within(stream, SNIFF_TIMEOUT).await
+}
+
+/// What the port declares about its protocol (Istio: port name prefix or appProtocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// HTTP family: the client speaks first, however long it takes (h1 or h2 told apart).
+    Http,
+    /// Opaque TCP family (incl. server-first protocols): no waiting, no parsing.
+    Tcp,
+    /// TLS / HTTPS: read the ClientHello's SNI (bounded).
+    Tls,
+    Undeclared,
+}
+
+impl Declared {
+    pub fn from_protocol(p: &str) -> Self {
+        match p.to_ascii_uppercase().as_str() {
+            "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => Declared::Http,
+            "TCP" | "MONGO" | "MYSQL" | "REDIS" => Declared::Tcp,
+            "TLS" | "HTTPS" => Declared::Tls,
+            _ => Declared::Undeclared,
+        }
+    }
+}
+
+/// How long an HTTP-declared port waits for a client's first bytes. Istio waits without
+/// limit (clients and pools may connect long before their first request); an idle wait
+/// costs only a parked task, so this is a backstop, not a policy.
+const DECLARED_HTTP_WAIT: Duration = Duration::from_secs(3600);
+
+/// Detection steered by the port's declaration.
+pub async fn detect_declared(stream: &TcpStream, declared: Declared) -> Protocol {
+    match declared {
+        Declared::Tcp => Protocol::Opaque,
+        Declared::Tls => Protocol::Tls,
+        Declared::Http => match detect_within(stream, DECLARED_HTTP_WAIT).await {
+            Protocol::Http2 => Protocol::Http2,
+            Protocol::Http1 => Protocol::Http1,
+            // A declared HTTP port carrying something else: copy it as it is.
+            other => other,
+        },
+        Declared::Undeclared => detect(stream).await,
+    }
+}
+
+async fn detect_within(stream: &TcpStream, wait: Duration) -> Protocol {
     let mut buf = [0u8; 32];
-    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + wait;
     let mut seen = 0;
     loop {
         let peeked = tokio::time::timeout_at(deadline, async {
