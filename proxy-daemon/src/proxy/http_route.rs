@@ -326,17 +326,13 @@ pub fn decide(
         timeout = ov.timeout;
         match &ov.cluster {
             Some(ClusterRef::Passthrough) => {
-                return HttpDecision::Forward {
-                    upstream: SocketAddr::V4(req.dst),
-                    labels: passthrough_labels(req),
+                return plain_forward(
+                    SocketAddr::V4(req.dst),
+                    passthrough_labels(req),
                     edits,
-                    response_headers: Vec::new(),
+                    Vec::new(),
                     timeout,
-                    retry: Retry::istio_default(),
-                    fault: None,
-                    mirrors: Vec::new(),
-                    route: String::new(),
-                }
+                )
             }
             Some(ClusterRef::BlackHole) => {
                 return HttpDecision::Respond {
@@ -362,17 +358,7 @@ pub fn decide(
                 let labels = labels_for(target);
                 let (chosen, cookie_ops) = pick(snap, target, subset.as_deref(), *cport, src, req);
                 return match chosen {
-                    Ok(upstream) => HttpDecision::Forward {
-                        upstream,
-                        labels,
-                        edits,
-                        response_headers: cookie_ops,
-                        timeout,
-                        retry: Retry::istio_default(),
-                        fault: None,
-                        mirrors: Vec::new(),
-                        route: String::new(),
-                    },
+                    Ok(upstream) => plain_forward(upstream, labels, edits, cookie_ops, timeout),
                     Err(flags) => unavailable(labels, flags),
                 };
             }
@@ -393,17 +379,13 @@ pub fn decide(
                 flags: "NR",
             };
         }
-        return HttpDecision::Forward {
-            upstream: SocketAddr::V4(req.dst),
-            labels: passthrough_labels(req),
+        return plain_forward(
+            SocketAddr::V4(req.dst),
+            passthrough_labels(req),
             edits,
-            response_headers: Vec::new(),
+            Vec::new(),
             timeout,
-            retry: Retry::istio_default(),
-            fault: None,
-            mirrors: Vec::new(),
-            route: String::new(),
-        };
+        );
     };
     let vss = snap.routes.virtual_services_for(&svc.hostname);
     let rules: Vec<HttpRule> = vss.iter().flat_map(|vs| vs.http.iter().cloned()).collect();
@@ -413,31 +395,11 @@ pub fn decide(
         if svc.endpoints.is_empty()
             && matches!(svc.kind, crate::registry::ServiceKind::ServiceEntry { .. })
         {
-            return HttpDecision::Forward {
-                upstream: SocketAddr::V4(req.dst),
-                labels,
-                edits,
-                response_headers: Vec::new(),
-                timeout,
-                retry: Retry::istio_default(),
-                fault: None,
-                mirrors: Vec::new(),
-                route: String::new(),
-            };
+            return plain_forward(SocketAddr::V4(req.dst), labels, edits, Vec::new(), timeout);
         }
         let (chosen, cookie_ops) = pick(snap, svc, None, port, src, req);
         return match chosen {
-            Ok(upstream) => HttpDecision::Forward {
-                upstream,
-                labels,
-                edits,
-                response_headers: cookie_ops,
-                timeout,
-                retry: Retry::istio_default(),
-                fault: None,
-                mirrors: Vec::new(),
-                route: String::new(),
-            },
+            Ok(upstream) => plain_forward(upstream, labels, edits, cookie_ops, timeout),
             Err(flags) => unavailable(labels, flags),
         };
     }
@@ -604,6 +566,27 @@ fn pick(
         endpoint_for(snap, target, subset, port, &src.namespace, hash),
         ops,
     )
+}
+
+/// A forward with no route rule behind it: Istio's default retries, no fault, no mirror.
+fn plain_forward(
+    upstream: SocketAddr,
+    labels: DestinationLabels,
+    edits: RequestEdits,
+    response_headers: Vec<HeaderOps>,
+    timeout: Option<Duration>,
+) -> HttpDecision {
+    HttpDecision::Forward {
+        upstream,
+        labels,
+        edits,
+        response_headers,
+        timeout,
+        retry: Retry::istio_default(),
+        fault: None,
+        mirrors: Vec::new(),
+        route: String::new(),
+    }
 }
 
 fn no_route(req: &RequestView, flags: &'static str) -> HttpDecision {
