@@ -389,3 +389,28 @@ impl Servers {
         });
     }
 }
+
+impl Servers {
+    /// Accepts and resets every connection at once (SO_LINGER 0, then close).
+    pub fn resetter(&self, host: &Host, port: u16) {
+        let std_listener = host.listen(port);
+        self.rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                let _ = nix::sys::socket::setsockopt(
+                    &stream,
+                    nix::sys::socket::sockopt::Linger,
+                    &linger,
+                );
+                drop(stream);
+            }
+        });
+    }
+}

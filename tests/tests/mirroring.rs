@@ -302,3 +302,79 @@ fn streaming_bodies_are_teed_up_to_the_bound_and_larger_copies_are_dropped() {
         "no copy of the 10 MiB upload"
     );
 }
+
+#[test]
+fn a_mirror_that_resets_every_connection_never_fails_the_primary() {
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: azar}
+spec:
+  hosts: [api]
+  http:
+  - route: [{destination: {host: api}}]
+    mirror: {host: resetter.azar.svc.cluster.local}
+";
+    let (mut node, servers, client, daemon, _primary, _mirror) =
+        setup("mirrorreset", vs, Duration::ZERO);
+    let bad = node.host("resetter");
+    servers.resetter(&bad, 8080);
+    node.write_config(
+        "resetter.yaml",
+        &(endpoint_pod_yaml(&bad, "resetter-0", "azar", &[("app", "resetter")])
+            + "apiVersion: v1
+kind: Service
+metadata: {name: resetter, namespace: azar}
+spec:
+  clusterIP: 198.18.0.233
+  selector: {app: resetter}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"),
+    );
+    assert!(wait_for(Duration::from_secs(5), || {
+        daemon.config_dump()["snapshot"]["registry"]["services"]["resetter.azar.svc.cluster.local"]
+            .is_object()
+            .then_some(())
+    })
+    .is_some());
+    let base = client.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.232:80",
+        "--host",
+        "plain",
+        "--count",
+        "500",
+    ]);
+    let with = client.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.230:80",
+        "--host",
+        "api",
+        "--count",
+        "300",
+    ]);
+    assert_eq!(
+        with["statuses"]["200"], 300,
+        "no primary request fails: {with}"
+    );
+    let (p99_base, p99_with) = (
+        base["p99_us"].as_f64().unwrap(),
+        with["p99_us"].as_f64().unwrap(),
+    );
+    assert!(
+        p99_with <= (p99_base * 1.2).max(p99_base + 2000.0),
+        "p99 {p99_with} us vs {p99_base} us without mirror"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            (daemon.metric_sum(
+                "proxy_daemon_mirror_requests_total",
+                &[("result", "failed")],
+            ) >= 300.0)
+                .then_some(())
+        })
+        .is_some(),
+        "every reset copy is counted as failed"
+    );
+}
