@@ -202,36 +202,41 @@ spec:
 ";
     let (_node, _servers, client, daemon, _primary, _mirror) =
         setup("mirrorslow", vs, Duration::from_secs(5));
-    // Baseline: the same server through a service with no mirror, in the same run.
-    let base = client.pdtool(&[
-        "http",
-        "--to",
-        "198.18.0.232:80",
-        "--host",
-        "plain",
-        "--count",
-        "500",
-    ]);
-    let with = client.pdtool(&[
-        "http",
-        "--to",
-        "198.18.0.230:80",
-        "--host",
-        "api",
-        "--count",
-        "200",
-    ]);
-    assert_eq!(
-        with["statuses"]["200"], 200,
-        "no primary request fails: {with}"
-    );
-    let (p99_base, p99_with) = (
-        base["p99_us"].as_f64().unwrap(),
-        with["p99_us"].as_f64().unwrap(),
-    );
+    // Interleaved rounds against the same server through a service with no mirror, so
+    // machine noise (other tests, two cores) hits both sides.
+    let (mut p99_base, mut p99_with, mut ok) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..5 {
+        let base = client.pdtool(&[
+            "http",
+            "--to",
+            "198.18.0.232:80",
+            "--host",
+            "plain",
+            "--count",
+            "100",
+        ]);
+        let with = client.pdtool(&[
+            "http",
+            "--to",
+            "198.18.0.230:80",
+            "--host",
+            "api",
+            "--count",
+            "40",
+        ]);
+        ok += with["statuses"]["200"].as_u64().unwrap_or(0);
+        p99_base.push(base["p99_us"].as_f64().unwrap());
+        p99_with.push(with["p99_us"].as_f64().unwrap());
+    }
+    assert_eq!(ok, 200, "no primary request fails");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (b, w) = (median(p99_base), median(p99_with));
     assert!(
-        p99_with <= (p99_base * 1.2).max(p99_base + 2000.0),
-        "p99 {p99_with} us vs {p99_base} us without mirror"
+        w <= (b * 1.2).max(b + 2000.0),
+        "median p99 {w} us vs {b} us without mirror"
     );
     assert!(
         daemon.metric_sum(
@@ -336,35 +341,40 @@ spec:
             .then_some(())
     })
     .is_some());
-    let base = client.pdtool(&[
-        "http",
-        "--to",
-        "198.18.0.232:80",
-        "--host",
-        "plain",
-        "--count",
-        "500",
-    ]);
-    let with = client.pdtool(&[
-        "http",
-        "--to",
-        "198.18.0.230:80",
-        "--host",
-        "api",
-        "--count",
-        "300",
-    ]);
-    assert_eq!(
-        with["statuses"]["200"], 300,
-        "no primary request fails: {with}"
-    );
-    let (p99_base, p99_with) = (
-        base["p99_us"].as_f64().unwrap(),
-        with["p99_us"].as_f64().unwrap(),
-    );
+    // Interleaved rounds, so machine noise (other tests, two cores) hits both sides.
+    let (mut p99_base, mut p99_with, mut ok) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..5 {
+        let base = client.pdtool(&[
+            "http",
+            "--to",
+            "198.18.0.232:80",
+            "--host",
+            "plain",
+            "--count",
+            "100",
+        ]);
+        let with = client.pdtool(&[
+            "http",
+            "--to",
+            "198.18.0.230:80",
+            "--host",
+            "api",
+            "--count",
+            "60",
+        ]);
+        ok += with["statuses"]["200"].as_u64().unwrap_or(0);
+        p99_base.push(base["p99_us"].as_f64().unwrap());
+        p99_with.push(with["p99_us"].as_f64().unwrap());
+    }
+    assert_eq!(ok, 300, "no primary request fails");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (b, w) = (median(p99_base), median(p99_with));
     assert!(
-        p99_with <= (p99_base * 1.2).max(p99_base + 2000.0),
-        "p99 {p99_with} us vs {p99_base} us without mirror"
+        w <= (b * 1.2).max(b + 2000.0),
+        "median p99 {w} us vs {b} us without mirror"
     );
     assert!(
         wait_for(Duration::from_secs(5), || {
