@@ -81,6 +81,45 @@ spec:
     (node, servers, client, daemon, primary_log, mirror_log)
 }
 
+/// Alternates five rounds of `base_count` requests to the no-mirror service and
+/// `with_count` to the mirrored one, so machine noise (other tests, two cores) hits both
+/// sides; returns (primary successes, median p99 without mirror, median p99 with).
+fn interleaved_p99(
+    client: &proxy_tests::Pod,
+    base_count: &str,
+    with_count: &str,
+) -> (u64, f64, f64) {
+    let (mut p99_base, mut p99_with, mut ok) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..5 {
+        let base = client.pdtool(&[
+            "http",
+            "--to",
+            "198.18.0.232:80",
+            "--host",
+            "plain",
+            "--count",
+            base_count,
+        ]);
+        let with = client.pdtool(&[
+            "http",
+            "--to",
+            "198.18.0.230:80",
+            "--host",
+            "api",
+            "--count",
+            with_count,
+        ]);
+        ok += with["statuses"]["200"].as_u64().unwrap_or(0);
+        p99_base.push(base["p99_us"].as_f64().unwrap());
+        p99_with.push(with["p99_us"].as_f64().unwrap());
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (ok, median(p99_base), median(p99_with))
+}
+
 fn seed_mirror_api() -> String {
     std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -202,38 +241,8 @@ spec:
 ";
     let (_node, _servers, client, daemon, _primary, _mirror) =
         setup("mirrorslow", vs, Duration::from_secs(5));
-    // Interleaved rounds against the same server through a service with no mirror, so
-    // machine noise (other tests, two cores) hits both sides.
-    let (mut p99_base, mut p99_with, mut ok) = (Vec::new(), Vec::new(), 0);
-    for _ in 0..5 {
-        let base = client.pdtool(&[
-            "http",
-            "--to",
-            "198.18.0.232:80",
-            "--host",
-            "plain",
-            "--count",
-            "100",
-        ]);
-        let with = client.pdtool(&[
-            "http",
-            "--to",
-            "198.18.0.230:80",
-            "--host",
-            "api",
-            "--count",
-            "40",
-        ]);
-        ok += with["statuses"]["200"].as_u64().unwrap_or(0);
-        p99_base.push(base["p99_us"].as_f64().unwrap());
-        p99_with.push(with["p99_us"].as_f64().unwrap());
-    }
+    let (ok, b, w) = interleaved_p99(&client, "100", "40");
     assert_eq!(ok, 200, "no primary request fails");
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (b, w) = (median(p99_base), median(p99_with));
     assert!(
         w <= (b * 1.2).max(b + 2000.0),
         "median p99 {w} us vs {b} us without mirror"
@@ -341,37 +350,8 @@ spec:
             .then_some(())
     })
     .is_some());
-    // Interleaved rounds, so machine noise (other tests, two cores) hits both sides.
-    let (mut p99_base, mut p99_with, mut ok) = (Vec::new(), Vec::new(), 0);
-    for _ in 0..5 {
-        let base = client.pdtool(&[
-            "http",
-            "--to",
-            "198.18.0.232:80",
-            "--host",
-            "plain",
-            "--count",
-            "100",
-        ]);
-        let with = client.pdtool(&[
-            "http",
-            "--to",
-            "198.18.0.230:80",
-            "--host",
-            "api",
-            "--count",
-            "60",
-        ]);
-        ok += with["statuses"]["200"].as_u64().unwrap_or(0);
-        p99_base.push(base["p99_us"].as_f64().unwrap());
-        p99_with.push(with["p99_us"].as_f64().unwrap());
-    }
+    let (ok, b, w) = interleaved_p99(&client, "100", "60");
     assert_eq!(ok, 300, "no primary request fails");
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (b, w) = (median(p99_base), median(p99_with));
     assert!(
         w <= (b * 1.2).max(b + 2000.0),
         "median p99 {w} us vs {b} us without mirror"
