@@ -154,6 +154,16 @@ impl Pod {
         })
     }
 
+    /// Starts a long-running pdtool (e.g. `serve`) as the pod's app; it dies with the pod.
+    pub fn spawn_app(&self, args: &[&str]) -> Child {
+        self.host
+            .command(Some(&self.app_cgroup()), &crate::target_bin("pdtool"), args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn app")
+    }
+
     /// Creates the pod's cgroups and starts its pause process (what kubelet does for a
     /// sandbox). A pod made by [`Node::pod`] is already started.
     pub fn start(&mut self) {

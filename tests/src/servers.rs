@@ -359,14 +359,38 @@ impl Servers {
     /// An h2c (HTTP/2 prior knowledge) server answering every request with JSON naming
     /// itself, the path, the authority and the protocol it saw.
     pub fn h2c_echo(&self, host: &Host, port: u16, name: &'static str) {
-        use http_body_util::Full;
+        self.h2c_echo_logged(host, port, name, None)
+    }
+
+    /// [`Servers::h2c_echo`] that also records each request (authority, headers, body length).
+    pub fn h2c_echo_logged(
+        &self,
+        host: &Host,
+        port: u16,
+        name: &'static str,
+        log: Option<Arc<Mutex<Vec<serde_json::Value>>>>,
+    ) {
+        use http_body_util::{BodyExt as _, Full};
         let std_listener = host.listen(port);
         self.rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                let log = log.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                        let (parts, incoming) = req.into_parts();
+                        let received = incoming.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                        if let Some(log) = &log {
+                            log.lock().unwrap().push(serde_json::json!({
+                                "authority": parts.uri.authority().map(|a| a.to_string()),
+                                "headers": parts.headers.iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect::<std::collections::BTreeMap<_, _>>(),
+                                "body_len": received,
+                            }));
+                        }
+                        let req = hyper::Request::from_parts(parts, ());
                         let body = serde_json::json!({
                             "server": name,
                             "path": req.uri().path(),
@@ -380,6 +404,7 @@ impl Servers {
                             .body(Full::new(bytes::Bytes::from(body)))
                             .expect("response");
                         Ok::<_, std::convert::Infallible>(resp)
+                        }
                     });
                     let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)

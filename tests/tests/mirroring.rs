@@ -368,3 +368,297 @@ spec:
         "every reset copy is counted as failed"
     );
 }
+
+#[test]
+fn h2_requests_are_mirrored_with_their_ids_and_a_shadow_authority() {
+    let mut node = Node::new("mirh2");
+    let servers = Servers::new();
+    let primary = node.host("grpc-api");
+    let mirror = node.host("grpc-api-mirror");
+    let (primary_log, mirror_log): (Log, Log) = (Default::default(), Default::default());
+    servers.h2c_echo_logged(&primary, 50051, "grpc-api", Some(primary_log.clone()));
+    servers.h2c_echo_logged(&mirror, 50051, "grpc-api-mirror", Some(mirror_log.clone()));
+    let client = node.pod("azar", "web-1");
+    let yaml = namespace_yaml("azar", true, None)
+        + &endpoint_pod_yaml(
+            &primary,
+            "grpc-api-0",
+            "azar",
+            &[("app", "grpc-api"), ("version", "v1")],
+        )
+        + &endpoint_pod_yaml(
+            &mirror,
+            "grpc-api-1",
+            "azar",
+            &[("app", "grpc-api"), ("version", "v2")],
+        )
+        + "apiVersion: v1
+kind: Service
+metadata: {name: grpc-api, namespace: azar}
+spec:
+  clusterIP: 198.18.0.233
+  selector: {app: grpc-api}
+  ports: [{name: grpc, port: 50051}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: grpc-api, namespace: azar}
+spec:
+  host: grpc-api
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: grpc-api, namespace: azar}
+spec:
+  hosts: [grpc-api]
+  http:
+    - route:
+        - destination: {host: grpc-api, subset: v1}
+      mirrors:
+        - destination: {host: grpc-api, subset: v2, port: {number: 50051}}
+          percentage: {value: 100}
+---
+" + &pod_yaml(&client, &[("app", "web")]);
+    node.write_config("cluster.yaml", &yaml);
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(5));
+    let out = client.pdtool(&[
+        "h2",
+        "--to",
+        "198.18.0.233:50051",
+        "--authority",
+        "grpc-api:50051",
+        "--count",
+        "200",
+        "-H",
+        "x-request-id: h2-{i}",
+    ]);
+    assert_eq!(out["statuses"]["200"], 200, "{out}");
+    assert_eq!(
+        out["servers"]["grpc-api"], 200,
+        "the client only ever sees the primary: {out}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || (mirror_log
+            .lock()
+            .unwrap()
+            .len()
+            >= 200)
+            .then_some(()))
+        .is_some(),
+        "mirror got {}",
+        mirror_log.lock().unwrap().len()
+    );
+    assert_eq!(ids(&primary_log), ids(&mirror_log));
+    assert_eq!(ids(&mirror_log).len(), 200);
+    let log = mirror_log.lock().unwrap();
+    assert!(
+        log.iter()
+            .all(|r| r["authority"] == "grpc-api:50051-shadow"),
+        "{:?}",
+        log[0]
+    );
+    drop(log);
+    // "sent" is counted when the mirror's response arrives, just after the server logs it.
+    let sent = || daemon.metric_sum("proxy_daemon_mirror_requests_total", &[("result", "sent")]);
+    assert!(
+        wait_for(Duration::from_secs(5), || (sent() == 200.0).then_some(())).is_some(),
+        "sent {}",
+        sent()
+    );
+}
+
+/// The users' whole story: web calls the test API; every call is mirrored to the mirror
+/// API; both API apps call tiny-microservice onward with the request's x-request-id; the
+/// workload-wide override sends both onward calls to mirror-cache, marked false / true.
+#[test]
+fn full_story_test_and_mirror_api_calls_pair_up_in_the_cache() {
+    let mut node = Node::new("story");
+    let servers = Servers::new();
+    let cache = node.host("mirror-cache");
+    let tiny = node.host("tiny");
+    let cache_log: Log = Default::default();
+    servers.http_echo(
+        &cache,
+        80,
+        HttpEcho {
+            name: "mirror-cache".into(),
+            log: Some(cache_log.clone()),
+            ..Default::default()
+        },
+    );
+    servers.http_echo(
+        &tiny,
+        80,
+        HttpEcho {
+            name: "tiny-microservice".into(),
+            ..Default::default()
+        },
+    );
+    let api_test = node.pod("azar", "api-test-1");
+    let api_mirror = node.pod("azar-mirror", "api-mirror-1");
+    let web = node.pod("azar", "web-1");
+    let yaml = namespace_yaml("azar", true, None)
+        + &namespace_yaml("azar-mirror", true, None)
+        + "apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: azar}
+spec:
+  clusterIP: 198.18.0.230
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: azar-mirror}
+spec:
+  clusterIP: 198.18.0.231
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mirror-cache, namespace: azar}
+spec:
+  clusterIP: 198.18.0.240
+  selector: {app: mirror-cache}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tiny-microservice, namespace: azar}
+spec:
+  clusterIP: 198.18.0.241
+  selector: {app: tiny-microservice}
+  ports: [{name: http, port: 80}]
+---
+" + &endpoint_pod_yaml(&cache, "mirror-cache-0", "azar", &[("app", "mirror-cache")])
+        + &endpoint_pod_yaml(
+            &tiny,
+            "tiny-microservice-0",
+            "azar",
+            &[("app", "tiny-microservice")],
+        )
+        + &pod_yaml(&api_test, &[("app", "api"), ("stack", "test")])
+        + &pod_yaml(&api_mirror, &[("app", "api"), ("stack", "mirror")])
+        + &pod_yaml(&web, &[("app", "web")]);
+    node.write_config("cluster.yaml", &yaml);
+    for seed in [
+        "mirror-api.yaml",
+        "envoyfilter-override.yaml",
+        "route-by-source.yaml",
+    ] {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/seed-examples")
+                .join(seed),
+        )
+        .unwrap();
+        node.write_config(seed, &text);
+    }
+    let daemon = Daemon::start(&node, &[]);
+    for p in [&api_test, &api_mirror, &web] {
+        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    // The API apps: real processes in the pods' cgroups, their onward calls captured.
+    let _apps: Vec<_> = [(&api_test, "api-test"), (&api_mirror, "api-mirror")]
+        .into_iter()
+        .map(|(pod, name)| {
+            pod.spawn_app(&[
+                "serve",
+                "--port",
+                "8080",
+                "--name",
+                name,
+                "--onward",
+                "198.18.0.241:80",
+                "--onward-host",
+                "tiny-microservice",
+            ])
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(KillOnDrop)
+        .collect();
+    // Until both apps listen, calls fail; wait for a first good one.
+    let first = wait_for(Duration::from_secs(5), || {
+        let out = web.pdtool(&["http", "--to", "198.18.0.230:80", "--host", "api"]);
+        (out["statuses"]["200"] == 1).then_some(out)
+    })
+    .expect("the test API answers");
+    assert_eq!(first["first"]["body"]["server"], "api-test", "{first}");
+    let out = web.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.230:80",
+        "--host",
+        "api",
+        "--count",
+        "100",
+    ]);
+    assert_eq!(out["statuses"]["200"], 100, "{out}");
+    let body = &out["first"]["body"];
+    assert_eq!(
+        body["server"], "api-test",
+        "web sees the test API only: {out}"
+    );
+    assert_eq!(
+        body["onward"]["body"]["server"], "mirror-cache",
+        "the test API's onward call went to the cache: {out}"
+    );
+    assert_eq!(body["onward"]["body"]["headers"]["x-azar-mirror"], "false");
+
+    // Every request (101 incl. the first good one, maybe a few earlier tries) reaches the
+    // cache twice, once per stack, with the same id.
+    let paired = || {
+        let log = cache_log.lock().unwrap();
+        let mut by_id = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for r in log.iter() {
+            let id = r["headers"]["x-request-id"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let flag = r["headers"]["x-azar-mirror"]
+                .as_str()
+                .unwrap_or("-")
+                .to_string();
+            by_id.entry(id).or_default().push(flag);
+        }
+        by_id
+    };
+    let by_id = wait_for(Duration::from_secs(10), || {
+        let by_id = paired();
+        (by_id.values().filter(|f| f.len() == 2).count() >= 101).then_some(by_id)
+    })
+    .unwrap_or_else(|| panic!("cache saw {:?}", paired()));
+    for (id, flags) in &by_id {
+        assert!(!id.is_empty(), "every onward call carries the id");
+        if flags.len() == 2 {
+            let mut f = flags.clone();
+            f.sort();
+            assert_eq!(f, ["false", "true"], "id {id}: one test, one mirror call");
+        }
+    }
+    // The mirror's own responses never reached web, and the mirror is metered as itself.
+    assert!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[
+                ("source_workload", "api"),
+                ("destination_service", "mirror-cache.azar.svc.cluster.local")
+            ]
+        ) >= 202.0
+    );
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -9,7 +9,7 @@ use std::{
 
 use proxy_tests::{
     daemon::Daemon,
-    node::{namespace_yaml, pod_yaml, Node, Pod},
+    node::{endpoint_pod_yaml, namespace_yaml, pod_yaml, Node, Pod},
     servers::Servers,
 };
 
@@ -144,6 +144,78 @@ fn main() {
         });
     }
 
+    // Mirroring: the same app server behind a mirrored and an unmirrored service.
+    let api = node.host("api");
+    let shadow = node.host("api-shadow");
+    for (h, name) in [(&api, "api"), (&shadow, "api-shadow")] {
+        servers.http_echo(
+            h,
+            8080,
+            proxy_tests::servers::HttpEcho {
+                name: name.into(),
+                ..Default::default()
+            },
+        );
+    }
+    let svc = |name: &str, ip: &str, app: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: captured}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: {app}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n")
+    };
+    node.write_config(
+        "mirror.yaml",
+        &(endpoint_pod_yaml(&api, "api-0", "captured", &[("app", "api")])
+            + &endpoint_pod_yaml(&shadow, "api-shadow-0", "captured", &[("app", "api-shadow")])
+            + &svc("api", "198.18.0.230", "api")
+            + &svc("plain", "198.18.0.231", "api")
+            + &svc("api-shadow", "198.18.0.232", "api-shadow")
+            + "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: api, namespace: captured}\nspec:\n  hosts: [api]\n  http:\n  - route: [{destination: {host: api}}]\n    mirror: {host: api-shadow}\n    mirrorPercentage: {value: 100}\n"),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut mirror_lat = [Vec::new(), Vec::new()];
+    for _round in 0..3 {
+        for (i, (to, host)) in [("198.18.0.231:80", "plain"), ("198.18.0.230:80", "api")]
+            .into_iter()
+            .enumerate()
+        {
+            let r = captured.pdtool(&[
+                "http", "--to", to, "--host", host, "--count", "1000", "--rate", "500",
+            ]);
+            assert_eq!(r["statuses"]["200"], 1000, "{r}");
+            mirror_lat[i].push((r["p50_us"].as_f64().unwrap(), r["p99_us"].as_f64().unwrap()));
+        }
+    }
+    let mp50 = |i: usize| median(mirror_lat[i].iter().map(|x| x.0).collect());
+    let mp99 = |i: usize| median(mirror_lat[i].iter().map(|x| x.1).collect());
+    // 1 MiB POSTs at 200 req/s for 5 s, all mirrored: sample the daemon's RSS meanwhile.
+    let rss_before_upload = rss_kib(pid);
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let uploads = captured.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.230:80",
+        "--host",
+        "api",
+        "--count",
+        "1000",
+        "--rate",
+        "200",
+        "--body-bytes",
+        "1048576",
+    ]);
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let rss_upload_peak = sampler.join().unwrap_or(0);
+    let mirrored = daemon.metric_sum("proxy_daemon_mirror_requests_total", &[("result", "sent")]);
+
     println!("proxy-daemon quick measurements (median of 3 interleaved rounds)");
     println!("  connect + 1 round trip, sequential (2000):   direct p50 {:.0} us p99 {:.0} us | captured p50 {:.0} us p99 {:.0} us | added p50 {:.0} us",
         p50(0), p99(0), p50(1), p99(1), p50(1) - p50(0));
@@ -158,6 +230,14 @@ fn main() {
         rss_idle,
         rss_1000,
         first.trim()
+    );
+    println!(
+        "  primary at 500 req/s (1000 GETs): no mirror p50 {:.0} us p99 {:.0} us | 100 % mirror p50 {:.0} us p99 {:.0} us",
+        mp50(0), mp99(0), mp50(1), mp99(1)
+    );
+    println!(
+        "  1 MiB POSTs at 200 req/s, 100 % mirrored (1000): {} ok, {:.0} req/s achieved, daemon RSS {} KiB before, peak {} KiB; mirror copies sent so far {}",
+        uploads["statuses"]["200"], uploads["per_sec"], rss_before_upload, rss_upload_peak, mirrored
     );
     println!(
         "  enrolment of a new pod (cgroup+process appear → enrolled), 5 runs: {:?} ms",

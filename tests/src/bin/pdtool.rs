@@ -94,6 +94,10 @@ enum Cmd {
         /// POST a body of this many bytes instead of a GET.
         #[arg(long, default_value_t = 0)]
         body_bytes: usize,
+        /// Pace requests at this many per second (0: back to back); latency is measured
+        /// from each request's own start, so a slow response shows as latency, not rate.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
     },
     /// Server-first: connect, read the banner without sending, then say one line.
     Banner {
@@ -128,6 +132,19 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long)]
         ms: u64,
+    },
+    /// A tiny app server (runs until killed): every HTTP/1.1 request it receives makes one
+    /// onward GET to `--onward` with Host `--onward-host`, carrying the same x-request-id
+    /// (what a traced microservice does); it answers JSON with what the onward call got.
+    Serve {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        onward: SocketAddr,
+        #[arg(long)]
+        onward_host: String,
     },
     /// Send N pseudo-random bytes, half-close, read everything back; report hashes.
     Xfer {
@@ -236,6 +253,7 @@ fn http_run(
     count: usize,
     upgrade_echo: Option<String>,
     body_bytes: usize,
+    rate: f64,
 ) -> serde_json::Value {
     let started = Instant::now();
     let mut statuses = std::collections::BTreeMap::<String, u64>::new();
@@ -245,7 +263,11 @@ fn http_run(
     let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
     let mut latencies_us: Vec<f64> = Vec::with_capacity(count);
     let mut peer_ports = std::collections::BTreeSet::new();
-    for _ in 0..count {
+    for i in 0..count {
+        if rate > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         let t = Instant::now();
         if conn.is_none() {
             match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
@@ -398,11 +420,12 @@ fn h2_run(
         let mut servers = std::collections::BTreeMap::<String, u64>::new();
         let mut statuses = std::collections::BTreeMap::<String, u64>::new();
         let mut first = serde_json::Value::Null;
-        for _ in 0..count {
+        for i in 0..count {
             let mut req = hyper::Request::builder().uri(format!("http://{authority}{path}"));
             for h in extra {
                 if let Some((k, v)) = h.split_once(':') {
-                    req = req.header(k.trim(), v.trim());
+                    // "{i}" in a value becomes the request's index (distinct request ids).
+                    req = req.header(k.trim(), v.trim().replace("{i}", &i.to_string()));
                 }
             }
             let req = req.body(Empty::<bytes::Bytes>::new()).expect("request");
@@ -434,6 +457,83 @@ fn h2_run(
         }
         json!({"result": "ok", "statuses": statuses, "servers": servers, "first": first})
     })
+}
+
+/// Reads one request head (request line, lower-case headers); None at EOF.
+fn read_request_head(r: &mut impl BufRead) -> Option<(String, Vec<(String, String)>)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    Some((line.trim_end().to_string(), headers))
+}
+
+fn serve(port: u16, name: &str, onward: SocketAddr, onward_host: &str) -> serde_json::Value {
+    let listener = match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => return json!({"result": classify(&e), "error": e.to_string()}),
+    };
+    for conn in listener.incoming().flatten() {
+        let (name, onward_host) = (name.to_string(), onward_host.to_string());
+        std::thread::spawn(move || {
+            let Ok(mut w) = conn.try_clone() else { return };
+            let mut r = BufReader::new(conn);
+            while let Some((request_line, headers)) = read_request_head(&mut r) {
+                let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                let len: usize = get("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                if r.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let id = get("x-request-id").unwrap_or_default();
+                let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+                let onward_result = (|| -> std::io::Result<HttpResponse> {
+                    let s = TcpStream::connect_timeout(&onward, Duration::from_secs(5))?;
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    let mut ow = s.try_clone()?;
+                    ow.write_all(
+                        format!(
+                            "GET {path} HTTP/1.1\r\nHost: {onward_host}\r\nX-Request-Id: {id}\r\nConnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )?;
+                    read_response(&mut BufReader::new(s))
+                })();
+                let onward_json = match onward_result {
+                    Ok((status, _, body)) => json!({"status": status,
+                        "body": serde_json::from_str::<serde_json::Value>(&body).unwrap_or(json!(body))}),
+                    Err(e) => json!({"error": e.to_string()}),
+                };
+                let out = json!({"server": name, "request_id": id, "host": get("host"),
+                    "body_len": len, "onward": onward_json})
+                .to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Served-By: {name}\r\n\r\n{out}",
+                    out.len()
+                );
+                if w.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    json!({"result": "stopped"})
 }
 
 fn raise_nofile() {
@@ -615,6 +715,7 @@ fn main() {
             upgrade_echo,
             parallel,
             body_bytes,
+            rate,
         } if parallel > 1 => {
             let runs: Vec<serde_json::Value> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..parallel)
@@ -628,6 +729,7 @@ fn main() {
                                 count,
                                 upgrade_echo.clone(),
                                 body_bytes,
+                                rate,
                             )
                         })
                     })
@@ -653,8 +755,18 @@ fn main() {
             count,
             upgrade_echo,
             body_bytes,
+            rate,
             ..
-        } => http_run(to, &host, &path, &headers, count, upgrade_echo, body_bytes),
+        } => http_run(
+            to,
+            &host,
+            &path,
+            &headers,
+            count,
+            upgrade_echo,
+            body_bytes,
+            rate,
+        ),
         Cmd::Banner { to } => {
             let started = Instant::now();
             let run = || -> std::io::Result<(String, String, String)> {
@@ -697,6 +809,12 @@ fn main() {
             }
             Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
         },
+        Cmd::Serve {
+            port,
+            name,
+            onward,
+            onward_host,
+        } => serve(port, &name, onward, &onward_host),
         Cmd::Xfer { to, bytes, seed } => {
             let started = Instant::now();
             match TcpStream::connect(to) {
