@@ -83,6 +83,10 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
     pub mirror_max_body_bytes: usize,
+    pub dns_servers: Vec<SocketAddr>,
+    pub hosts_file: Option<PathBuf>,
+    pub credentials_dir: Option<PathBuf>,
+    pub tls_session_cache: usize,
 }
 
 fn startup(msg: impl Into<String>) -> AppError {
@@ -170,6 +174,11 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         mirror_max_body_bytes: args.mirror_max_body_bytes,
+        dns_servers: crate::dns::parse_servers(&args.dns_servers)
+            .map_err(|e| startup(e.to_string()))?,
+        hosts_file: args.hosts_file.clone(),
+        credentials_dir: args.credentials_dir.clone(),
+        tls_session_cache: args.tls_session_cache,
     })
 }
 
@@ -378,6 +387,11 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     if let Some(logger) = logger {
         tokio::spawn(drain_ebpf_logs(logger));
     }
+    let dns = Arc::new(
+        crate::dns::DnsCache::new(&settings.dns_servers, settings.hosts_file.clone())
+            .map_err(|e| startup(e.to_string()))?,
+    );
+    tokio::spawn(dns.clone().run(published.clone()));
     let inputs = Arc::new(ProxyInputs {
         orig_dst: attached
             .orig_dst_table()
@@ -387,6 +401,11 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         config: published.clone(),
         outbound_policy: settings.outbound_traffic_policy,
         mirror_max_body_bytes: settings.mirror_max_body_bytes,
+        dns: dns.clone(),
+        tls: Arc::new(crate::tls::Originator::new(
+            settings.credentials_dir.clone(),
+            settings.tls_session_cache,
+        )),
     });
     let enroller = Enroller::new(
         settings.cgroup_root.clone(),
@@ -448,6 +467,11 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
                 serde_json::to_value(&*cs.lock().unwrap_or_else(|p| p.into_inner()))
                     .unwrap_or_default()
             }),
+        );
+        let d = dns.clone();
+        dump.add(
+            "dns",
+            Box::new(move || serde_json::to_value(d.states()).unwrap_or_default()),
         );
         let r = ready.clone();
         dump.add(

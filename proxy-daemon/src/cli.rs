@@ -123,4 +123,22 @@ pub struct RunArgs {
     /// Upstream connect timeout.
     #[arg(long, env = "PROXY_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
+
+    /// DNS server for ServiceEntry `resolution: DNS` names, `IP` or `IP:PORT` (repeatable;
+    /// default: the nameservers of /etc/resolv.conf).
+    #[arg(long = "dns-server", env = "PROXY_DNS_SERVER", value_delimiter = ',')]
+    pub dns_servers: Vec<String>,
+
+    /// Hosts file (`/etc/hosts` format) answering ServiceEntry names before DNS; re-read
+    /// every 5 s.
+    #[arg(long, env = "PROXY_HOSTS_FILE")]
+    pub hosts_file: Option<PathBuf>,
+
+    /// Directory of DestinationRule `credentialName` secrets: DIR/NAME/{tls.crt,tls.key,ca.crt}.
+    #[arg(long, env = "PROXY_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
+
+    /// TLS sessions kept per upstream TLS setting for resumption (0 turns resumption off).
+    #[arg(long, env = "PROXY_TLS_SESSION_CACHE", default_value_t = 256)]
+    pub tls_session_cache: usize,
 }

@@ -124,6 +124,12 @@ pub struct MirrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsHandshakeLabels {
+    /// full | resumed | failed
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorDropLabels {
     pub route: String,
     /// concurrency | body_too_large | no_destination | no_endpoint | bad_request
@@ -173,6 +179,7 @@ pub struct DaemonMetrics {
     pub active_connections: Gauge,
     pub mirror_requests: Family<MirrorLabels, Counter>,
     pub mirror_dropped: Family<MirrorDropLabels, Counter>,
+    pub upstream_tls_handshakes: Family<TlsHandshakeLabels, Counter>,
     pub build_info: Family<BuildLabels, Gauge>,
 }
 
@@ -286,6 +293,11 @@ impl Metrics {
             "mirror_dropped",
             "Mirror copies not sent, by route and reason",
             daemon.mirror_dropped.clone(),
+        );
+        sub.register(
+            "upstream_tls_handshakes",
+            "TLS handshakes originated to upstreams, by result (full, resumed, failed)",
+            daemon.upstream_tls_handshakes.clone(),
         );
         daemon
             .build_info

@@ -45,6 +45,9 @@ impl Daemon {
             ("--health-addr", health.to_string()),
             ("--node-name", "test-node".to_string()),
             ("--log-level", "info,proxy_daemon=debug".to_string()),
+            // Never the machine's resolvers: a DNS ServiceEntry in a test resolves only
+            // against the test's own DNS server (nothing listens on the discard port).
+            ("--dns-server", "127.0.0.1:9".to_string()),
         ];
         let mut cmd = Command::new(crate::target_bin("proxy-daemon"));
         cmd.arg("run");

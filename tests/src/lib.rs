@@ -3,6 +3,7 @@
 //! carries a per-test id, and everything is removed on drop, also when a test fails.
 pub mod daemon;
 pub mod node;
+pub mod pki;
 pub mod servers;
 
 pub use daemon::Daemon;

@@ -439,3 +439,160 @@ impl Servers {
         });
     }
 }
+
+/// Answers of the test DNS server: name → (IPv4 addresses, TTL seconds).
+pub type DnsAnswers = Arc<Mutex<std::collections::HashMap<String, (Vec<std::net::Ipv4Addr>, u32)>>>;
+
+/// What an HTTPS echo server requires of clients and tells about them.
+pub struct HttpsEcho {
+    pub name: &'static str,
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Require a client certificate signed by this CA.
+    pub client_ca_pem: Option<String>,
+}
+
+impl Servers {
+    /// A DNS server on 127.0.0.1 (UDP, the node's loopback) answering A queries from
+    /// `answers`; unknown names get NXDOMAIN. Returns its address and a query counter.
+    pub fn dns(&self, answers: DnsAnswers) -> (SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("dns bind");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let addr = sock.local_addr().expect("dns addr");
+        let queries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = queries.clone();
+        self.rt.spawn(async move {
+            let sock = tokio::net::UdpSocket::from_std(sock).expect("dns socket");
+            let mut buf = [0u8; 1500];
+            loop {
+                let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                    continue;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(reply) = dns_reply(&buf[..n], &answers) {
+                    let _ = sock.send_to(&reply, peer).await;
+                }
+            }
+        });
+        (addr, queries)
+    }
+}
+
+/// One DNS answer (RFC 1035 §4): the question echoed, A records for a known name.
+fn dns_reply(q: &[u8], answers: &DnsAnswers) -> Option<Vec<u8>> {
+    if q.len() < 12 {
+        return None;
+    }
+    let mut pos = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *q.get(pos)? as usize;
+        pos += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(q.get(pos..pos + len)?).to_ascii_lowercase());
+        pos += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(pos)?, *q.get(pos + 1)?]);
+    let question = q.get(12..pos + 4)?;
+    let name = labels.join(".");
+    let found = answers.lock().unwrap().get(&name).cloned();
+    let rd = q[2] & 0x01;
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(&q[0..2]);
+    out.push(0x80 | rd); // QR, opcode 0, RD as asked
+    out.push(if found.is_some() { 0x80 } else { 0x83 }); // RA; NOERROR or NXDOMAIN
+    let records = match (&found, qtype) {
+        (Some((ips, ttl)), 1) => ips.iter().map(|ip| (*ip, *ttl)).collect(),
+        _ => Vec::new(),
+    };
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(question);
+    for (ip, ttl) in records {
+        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        out.extend_from_slice(&ttl.to_be_bytes());
+        out.extend_from_slice(&[0, 4]);
+        out.extend_from_slice(&ip.octets());
+    }
+    Some(out)
+}
+
+impl Servers {
+    /// HTTPS (HTTP/1.1 over rustls) answering JSON that says what the TLS layer saw: SNI,
+    /// ALPN, TLS version, the client certificate's presence, and whether the session was
+    /// resumed. Every request is also described in `log`, if given.
+    pub fn https_echo(&self, host: &Host, port: u16, cfg: HttpsEcho) {
+        use http_body_util::Full;
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cfg.cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("server cert");
+        let key = PrivateKeyDer::from_pem_slice(cfg.key_pem.as_bytes()).expect("server key");
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions");
+        let builder = match &cfg.client_ca_pem {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                    roots.add(c.expect("client ca")).expect("add client ca");
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(chain, key).expect("server config");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let std_listener = host.listen(port);
+        let name = cfg.name;
+        self.rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else { continue };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else { return };
+                    let (_, conn) = tls.get_ref();
+                    let seen = serde_json::json!({
+                        "server": name,
+                        "tls": true,
+                        "sni": conn.server_name(),
+                        "alpn": conn.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned()),
+                        "version": format!("{:?}", conn.protocol_version()),
+                        "client_cert": conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+                        "resumed": matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),
+                        "peer": peer.ip().to_string(),
+                    });
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let mut body = seen.clone();
+                        body["path"] = req.uri().path().into();
+                        body["host"] = req.headers().get("host").and_then(|v| v.to_str().ok()).into();
+                        async move {
+                            let resp = hyper::Response::builder()
+                                .header("x-served-by", name)
+                                .header("content-type", "application/json")
+                                .body(Full::new(bytes::Bytes::from(body.to_string())))
+                                .expect("response");
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+    }
+}

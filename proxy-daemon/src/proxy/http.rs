@@ -21,7 +21,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     connect_from_pod,
@@ -31,24 +31,33 @@ use super::{
 use crate::{
     metrics::{DestinationLabels, IstioTcpLabels, RequestLabels},
     routes::HeaderOps,
+    tls::{UpstreamIo, UpstreamTls},
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
 type Sender = client_http1::SendRequest<Body>;
 
-/// Idle upstream connections per pod and upstream address (sockets live in the pod netns):
-/// HTTP/1 connections one request at a time, HTTP/2 ones shared (multiplexed).
+/// Idle upstream connections per pod, upstream address and TLS setting (sockets live in
+/// the pod netns): HTTP/1 connections one request at a time, HTTP/2 ones shared
+/// (multiplexed).
 #[derive(Default)]
 pub struct UpstreamPool {
     /// Idle HTTP/1 senders with how many requests each has carried.
-    idle: Mutex<HashMap<SocketAddr, Vec<(Sender, u32)>>>,
-    h2: Mutex<HashMap<SocketAddr, client_http2::SendRequest<Body>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<(Sender, u32)>>>,
+    h2: Mutex<HashMap<PoolKey, client_http2::SendRequest<Body>>>,
+}
+
+/// (address, TLS setting's pool key; 0 for plain connections).
+type PoolKey = (SocketAddr, u64);
+
+fn pool_key(upstream: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
+    (upstream, tls.map(|t| t.pool_key).unwrap_or(0))
 }
 
 const MAX_IDLE_PER_UPSTREAM: usize = 32;
 
 impl UpstreamPool {
-    fn take(&self, addr: SocketAddr) -> Option<(Sender, u32)> {
+    fn take(&self, addr: PoolKey) -> Option<(Sender, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&addr)?;
         while let Some((s, uses)) = list.pop() {
@@ -59,7 +68,7 @@ impl UpstreamPool {
         None
     }
 
-    fn put(&self, addr: SocketAddr, s: Sender, uses: u32) {
+    fn put(&self, addr: PoolKey, s: Sender, uses: u32) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
@@ -305,6 +314,7 @@ async fn handle(
         };
         http_route::decide(
             &snap,
+            &inputs.dns,
             &pod.workload,
             &view,
             inputs.outbound_policy,
@@ -314,6 +324,12 @@ async fn handle(
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let mut decision = decide(&parts);
+    if matches!(decision, HttpDecision::Respond { flags: "UH", .. }) && inputs.dns.has_pending() {
+        // A DNS name the new configuration needs has no first answer yet: wait for it
+        // (never longer than a connect would take), then decide again.
+        inputs.dns.settled(inputs.connect_timeout).await;
+        decision = decide(&parts);
+    }
     // The route's timeout covers every attempt.
     let deadline = match &decision {
         HttpDecision::Forward {
@@ -351,6 +367,7 @@ async fn handle(
             },
             HttpDecision::Forward {
                 upstream,
+                tls,
                 labels,
                 edits,
                 response_headers,
@@ -427,7 +444,16 @@ async fn handle(
                 };
                 let load = super::limits::EndpointLoad::start(upstream);
                 let max_per_conn = pool.as_ref().and_then(|p| p.max_requests_per_connection);
-                let result = forward(inputs, pod, upstream, out, per_try, max_per_conn).await;
+                let result = forward(
+                    inputs,
+                    pod,
+                    upstream,
+                    tls.as_deref(),
+                    out,
+                    per_try,
+                    max_per_conn,
+                )
+                .await;
                 super::outlier::record(upstream, result.as_ref().ok().map(|r| r.status().as_u16()));
                 match result {
                     Ok(resp) => {
@@ -480,13 +506,14 @@ async fn handle(
         };
         if !again {
             let code = done.resp.status().as_u16();
-            // Envoy's URX: retries exhausted on a failing upstream.
-            let flags = if done.flags.is_empty() && attempt > 0 && code >= 500 {
-                "URX"
-            } else {
-                done.flags
+            // Envoy's URX: retries exhausted on a failing upstream (with the last
+            // attempt's own flag, as Envoy lists them: "UF,URX").
+            let flags = match (done.flags, attempt > 0 && code >= 500) {
+                ("", true) => std::borrow::Cow::Borrowed("URX"),
+                (f, true) => std::borrow::Cow::Owned(format!("{f},URX")),
+                (f, false) => std::borrow::Cow::Borrowed(f),
             };
-            record(inputs, pod, &done.labels, flags, code, started.elapsed());
+            record(inputs, pod, &done.labels, &flags, code, started.elapsed());
             return match client_upgrade {
                 Some(cu) => finish_upgrade(done.resp, cu),
                 None => done.resp,
@@ -539,14 +566,108 @@ fn record(
 }
 
 /// A new upstream HTTP/1 connection from the pod's netns.
+/// The TLS error behind an upstream failure, if the connection was ours to TLS: with TLS 1.3
+/// a server that refuses the client's certificate says so only after the handshake, in an
+/// alert that surfaces as the first request's I/O error.
+fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        if let Some(t) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(t.to_string());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Envoy's view of a request that failed upstream: a TLS failure is a connection failure
+/// (UF, logged with host, SNI and reason); anything else a reset before headers (UC).
+fn upstream_failure(
+    e: &hyper::Error,
+    tls: Option<&UpstreamTls>,
+    upstream: SocketAddr,
+    what: &str,
+) -> (u16, &'static str, String) {
+    match (tls, tls_cause(e)) {
+        (Some(tls), Some(reason)) => {
+            warn!(%upstream, sni = %tls.sni, mode = ?tls.settings.mode, %reason, "upstream TLS failed after the handshake");
+            (
+                503,
+                "UF",
+                format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: TLS error: {reason} (upstream {upstream}, SNI {})",
+                    tls.sni
+                ),
+            )
+        }
+        _ => (503, "UC", format!("{what}: {e}")),
+    }
+}
+
+/// Connects from the pod to `upstream`, originating TLS when the destination's policy says
+/// so (offering `alpn`). A failed handshake is a connect failure (UF) with its reason.
+async fn open_upstream(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    upstream: SocketAddr,
+    tls: Option<&UpstreamTls>,
+    alpn: &'static [u8],
+) -> Result<UpstreamIo, (u16, &'static str, String)> {
+    let stream = connect_from_pod(pod, upstream, inputs.connect_timeout)
+        .await
+        .map_err(|e| (503u16, "UF", format!("upstream connect error: {e}")))?;
+    let Some(tls) = tls else {
+        return Ok(UpstreamIo::Plain(stream));
+    };
+    let handshakes = &inputs.metrics.daemon.upstream_tls_handshakes;
+    let result = tokio::time::timeout(
+        inputs.connect_timeout,
+        inputs.tls.connect(tls, alpn, stream),
+    )
+    .await
+    .unwrap_or_else(|_| Err("handshake timed out".into()));
+    match result {
+        Ok((io, kind)) => {
+            let result = match kind {
+                crate::tls::Handshake::Full => "full",
+                crate::tls::Handshake::Resumed => "resumed",
+            };
+            handshakes
+                .get_or_create(&crate::metrics::TlsHandshakeLabels { result })
+                .inc();
+            Ok(io)
+        }
+        Err(reason) => {
+            handshakes
+                .get_or_create(&crate::metrics::TlsHandshakeLabels { result: "failed" })
+                .inc();
+            warn!(%upstream, sni = %tls.sni, mode = ?tls.settings.mode, %reason, "upstream TLS handshake failed");
+            Err((
+                503,
+                "UF",
+                format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: TLS error: {reason} (upstream {upstream}, SNI {})",
+                    tls.sni
+                ),
+            ))
+        }
+    }
+}
+
 async fn connect_upstream(
     inputs: &ProxyInputs,
     pod: &PodContext,
     upstream: SocketAddr,
+    tls: Option<&UpstreamTls>,
 ) -> Result<Sender, (u16, &'static str, String)> {
-    let stream = connect_from_pod(pod, upstream, inputs.connect_timeout)
-        .await
-        .map_err(|e| (503u16, "UF", format!("upstream connect error: {e}")))?;
+    let stream = open_upstream(inputs, pod, upstream, tls, b"http/1.1").await?;
     let (sender, conn) = client_http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| (503u16, "UF", format!("upstream handshake: {e}")))?;
@@ -587,7 +708,7 @@ fn send_mirror(
     let Ok(slot) = MIRROR_SLOTS.clone().try_acquire_owned() else {
         return dropped("concurrency");
     };
-    let (upstream, labels) = {
+    let (upstream, labels, tls) = {
         let snap = inputs.config.load();
         let Some(target) = snap.registry.by_host(&dest.host) else {
             return dropped("no_destination");
@@ -597,13 +718,24 @@ fn send_mirror(
             .unwrap_or_else(|| target.ports.first().map(|p| p.port).unwrap_or(80));
         match route::endpoint_for(
             &snap,
+            &inputs.dns,
             target,
             dest.subset.as_deref(),
             port,
             &pod.workload.namespace,
             None,
         ) {
-            Ok(ep) => (ep, route::labels_for(target)),
+            Ok(ep) => (
+                ep,
+                route::labels_for(target),
+                route::upstream_tls(
+                    &snap,
+                    target,
+                    dest.subset.as_deref(),
+                    port,
+                    &pod.workload.namespace,
+                ),
+            ),
             Err(_) => return dropped("no_endpoint"),
         }
     };
@@ -654,7 +786,16 @@ fn send_mirror(
         };
         *req.body_mut() = Full::new(bytes).map_err(|never| match never {}).boxed();
         let started = Instant::now();
-        let result = forward(&inputs, &pod, upstream, req, Some(MIRROR_TIMEOUT), None).await;
+        let result = forward(
+            &inputs,
+            &pod,
+            upstream,
+            tls.as_deref(),
+            req,
+            Some(MIRROR_TIMEOUT),
+            None,
+        )
+        .await;
         let (code, outcome) = match &result {
             Ok(resp) => (
                 resp.status().as_u16(),
@@ -807,19 +948,19 @@ async fn forward_h2(
     inputs: &ProxyInputs,
     pod: &PodContext,
     upstream: SocketAddr,
+    tls: Option<&UpstreamTls>,
     req: Request<Body>,
     timeout: Option<Duration>,
 ) -> Result<Response<Body>, (u16, &'static str, String)> {
+    let key = pool_key(upstream, tls);
     let existing = {
         let h2 = pod.http_pool.h2.lock().unwrap_or_else(|p| p.into_inner());
-        h2.get(&upstream).filter(|s| !s.is_closed()).cloned()
+        h2.get(&key).filter(|s| !s.is_closed()).cloned()
     };
     let mut sender = match existing {
         Some(s) => s,
         None => {
-            let stream = connect_from_pod(pod, upstream, inputs.connect_timeout)
-                .await
-                .map_err(|e| (503u16, "UF", format!("upstream connect error: {e}")))?;
+            let stream = open_upstream(inputs, pod, upstream, tls, b"h2").await?;
             let (sender, conn) =
                 client_http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                     .await
@@ -831,7 +972,7 @@ async fn forward_h2(
                 .h2
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(upstream, sender.clone());
+                .insert(key, sender.clone());
             sender
         }
     };
@@ -839,11 +980,11 @@ async fn forward_h2(
         sender
             .ready()
             .await
-            .map_err(|e| (503u16, "UC", format!("upstream h2: {e}")))?;
+            .map_err(|e| upstream_failure(&e, tls, upstream, "upstream h2"))?;
         sender
             .send_request(req)
             .await
-            .map_err(|e| (503u16, "UC", format!("upstream reset: {e}")))
+            .map_err(|e| upstream_failure(&e, tls, upstream, "upstream reset"))
     };
     let resp = match timeout {
         Some(t) => tokio::time::timeout(t, send)
@@ -860,6 +1001,7 @@ async fn forward(
     inputs: &ProxyInputs,
     pod: &PodContext,
     upstream: SocketAddr,
+    tls: Option<&UpstreamTls>,
     mut req: Request<Body>,
     timeout: Option<Duration>,
     max_requests_per_connection: Option<u32>,
@@ -870,35 +1012,37 @@ async fn forward(
     let upgrade = is_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if req.version() == http::Version::HTTP_2 {
-        return forward_h2(inputs, pod, upstream, req, timeout).await;
+        return forward_h2(inputs, pod, upstream, tls, req, timeout).await;
     }
+    let key = pool_key(upstream, tls);
     // A pooled connection the server closed meanwhile hands the request back unsent.
     let pooled = if upgrade {
         None
     } else {
-        pod.http_pool.take(upstream)
+        pod.http_pool.take(key)
     };
     let send = async {
         let (mut sender, mut uses) = match pooled {
             Some((s, uses)) => (s, uses),
-            None => (connect_upstream(inputs, pod, upstream).await?, 0),
+            None => (connect_upstream(inputs, pod, upstream, tls).await?, 0),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
-                    sender = connect_upstream(inputs, pod, upstream).await?;
+                    sender = connect_upstream(inputs, pod, upstream, tls).await?;
                     uses = 0;
                     sender
                         .send_request(req)
                         .await
-                        .map_err(|e| (503, "UC", format!("upstream reset: {e}")))?
+                        .map_err(|e| upstream_failure(&e, tls, upstream, "upstream reset"))?
                 }
                 None => {
-                    return Err((
-                        503,
-                        "UC",
-                        format!("upstream reset before headers: {}", e.error()),
+                    return Err(upstream_failure(
+                        e.error(),
+                        tls,
+                        upstream,
+                        "upstream reset before headers",
                     ))
                 }
             },
@@ -918,7 +1062,7 @@ async fn forward(
         }
     } else if uses < max_uses {
         // connectionPool.http.maxRequestsPerConnection: a used-up connection is not reused.
-        pod.http_pool.put(upstream, sender, uses);
+        pod.http_pool.put(key, sender, uses);
     }
     Ok(resp.map(|b| b.boxed()))
 }

@@ -5,7 +5,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use http::HeaderMap;
 
-use super::route::{endpoint_for, labels_for, lb_policy, pick_weighted};
+use std::sync::Arc;
+
+use super::route::{endpoint_for, is_dns, labels_for, lb_policy, pick_weighted, upstream_tls};
 use crate::routes::{HashKey, LoadBalancer};
 use crate::{
     cli::OutboundTrafficPolicyArg,
@@ -17,6 +19,7 @@ use crate::{
     state::Snapshot,
     workload::{WorkloadInfo, UNKNOWN},
 };
+use crate::{dns::DnsCache, tls::UpstreamTls};
 
 /// The parts of a request routing looks at.
 pub struct RequestView<'a> {
@@ -106,6 +109,8 @@ impl Retry {
 pub enum HttpDecision {
     Forward {
         upstream: SocketAddr,
+        /// TLS to originate (DestinationRule `tls`), if any.
+        tls: Option<Arc<UpstreamTls>>,
         labels: DestinationLabels,
         edits: RequestEdits,
         response_headers: Vec<HeaderOps>,
@@ -312,6 +317,7 @@ fn envoy_filter_override(
 
 pub fn decide(
     snap: &Snapshot,
+    dns: &DnsCache,
     src: &WorkloadInfo,
     req: &RequestView,
     policy: OutboundTrafficPolicyArg,
@@ -328,6 +334,7 @@ pub fn decide(
             Some(ClusterRef::Passthrough) => {
                 return plain_forward(
                     SocketAddr::V4(req.dst),
+                    None,
                     passthrough_labels(req),
                     edits,
                     Vec::new(),
@@ -356,9 +363,12 @@ pub fn decide(
                     return no_route(req, "NR");
                 };
                 let labels = labels_for(target);
-                let (chosen, cookie_ops) = pick(snap, target, subset.as_deref(), *cport, src, req);
+                let (chosen, cookie_ops, tls) =
+                    pick(snap, dns, target, subset.as_deref(), *cport, src, req);
                 return match chosen {
-                    Ok(upstream) => plain_forward(upstream, labels, edits, cookie_ops, timeout),
+                    Ok(upstream) => {
+                        plain_forward(upstream, tls, labels, edits, cookie_ops, timeout)
+                    }
                     Err(flags) => unavailable(labels, flags),
                 };
             }
@@ -381,6 +391,7 @@ pub fn decide(
         }
         return plain_forward(
             SocketAddr::V4(req.dst),
+            None,
             passthrough_labels(req),
             edits,
             Vec::new(),
@@ -394,12 +405,22 @@ pub fn decide(
         let labels = labels_for(svc);
         if svc.endpoints.is_empty()
             && matches!(svc.kind, crate::registry::ServiceKind::ServiceEntry { .. })
+            && !is_dns(svc)
         {
-            return plain_forward(SocketAddr::V4(req.dst), labels, edits, Vec::new(), timeout);
+            // resolution NONE: the address the app dialled, with the entry's TLS policy.
+            let tls = upstream_tls(snap, svc, None, port, &src.namespace);
+            return plain_forward(
+                SocketAddr::V4(req.dst),
+                tls,
+                labels,
+                edits,
+                Vec::new(),
+                timeout,
+            );
         }
-        let (chosen, cookie_ops) = pick(snap, svc, None, port, src, req);
+        let (chosen, cookie_ops, tls) = pick(snap, dns, svc, None, port, src, req);
         return match chosen {
-            Ok(upstream) => plain_forward(upstream, labels, edits, cookie_ops, timeout),
+            Ok(upstream) => plain_forward(upstream, tls, labels, edits, cookie_ops, timeout),
             Err(flags) => unavailable(labels, flags),
         };
     }
@@ -463,8 +484,9 @@ pub fn decide(
             };
             let labels = labels_for(target);
             let port = dest.destination.port.unwrap_or(port);
-            let (chosen, cookie_ops) = pick(
+            let (chosen, cookie_ops, tls) = pick(
                 snap,
+                dns,
                 target,
                 dest.destination.subset.as_deref(),
                 port,
@@ -475,6 +497,7 @@ pub fn decide(
             match chosen {
                 Ok(upstream) => HttpDecision::Forward {
                     upstream,
+                    tls,
                     labels,
                     edits,
                     response_headers,
@@ -547,12 +570,17 @@ fn hash_key(
 /// consistent-hash cookie on the response when one was needed.
 fn pick(
     snap: &Snapshot,
+    dns: &DnsCache,
     target: &ServiceInfo,
     subset: Option<&str>,
     port: u32,
     src: &WorkloadInfo,
     req: &RequestView,
-) -> (Result<SocketAddr, &'static str>, Vec<HeaderOps>) {
+) -> (
+    Result<SocketAddr, &'static str>,
+    Vec<HeaderOps>,
+    Option<Arc<UpstreamTls>>,
+) {
     let lb = lb_policy(snap, &target.hostname, subset, port, &src.namespace);
     let (hash, cookie) = hash_key(&lb, req, src);
     let ops = cookie
@@ -563,14 +591,16 @@ fn pick(
         .into_iter()
         .collect();
     (
-        endpoint_for(snap, target, subset, port, &src.namespace, hash),
+        endpoint_for(snap, dns, target, subset, port, &src.namespace, hash),
         ops,
+        upstream_tls(snap, target, subset, port, &src.namespace),
     )
 }
 
 /// A forward with no route rule behind it: Istio's default retries, no fault, no mirror.
 fn plain_forward(
     upstream: SocketAddr,
+    tls: Option<Arc<UpstreamTls>>,
     labels: DestinationLabels,
     edits: RequestEdits,
     response_headers: Vec<HeaderOps>,
@@ -578,6 +608,7 @@ fn plain_forward(
 ) -> HttpDecision {
     HttpDecision::Forward {
         upstream,
+        tls,
         labels,
         edits,
         response_headers,

@@ -73,6 +73,10 @@ pub struct ProxyInputs {
     pub outbound_policy: crate::cli::OutboundTrafficPolicyArg,
     /// Largest request body copied to a mirror; beyond it the copy is abandoned.
     pub mirror_max_body_bytes: usize,
+    /// Answers for ServiceEntry names with `resolution: DNS`.
+    pub dns: Arc<crate::dns::DnsCache>,
+    /// Upstream TLS (DestinationRule `tls`).
+    pub tls: Arc<crate::tls::Originator>,
 }
 
 impl ProxyInputs {

@@ -10,7 +10,8 @@ use super::balance::HashTable;
 use crate::{
     cli::OutboundTrafficPolicyArg,
     config::istio::OutboundMode,
-    config::istio::SimpleLb,
+    config::istio::{Resolution, SimpleLb},
+    dns::DnsCache,
     metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     registry::{ServiceInfo, ServiceKind},
     routes::{selects, L4Match, WeightedDestination},
@@ -41,6 +42,32 @@ static NEXT_ROLL: AtomicUsize = AtomicUsize::new(0);
 /// The next roll in 0..100 for [`decide`].
 pub fn next_roll() -> u32 {
     (NEXT_ROLL.fetch_add(1, Ordering::Relaxed) % 100) as u32
+}
+
+/// A ServiceEntry whose names are resolved by DNS (`DNS`, `DNS_ROUND_ROBIN`).
+pub fn is_dns(svc: &ServiceInfo) -> bool {
+    matches!(
+        svc.kind,
+        ServiceKind::ServiceEntry {
+            resolution: Resolution::Dns | Resolution::DnsRoundRobin,
+            ..
+        }
+    )
+}
+
+/// The TLS to originate towards `port` of `subset` of `target`, from its DestinationRule.
+pub fn upstream_tls(
+    snap: &Snapshot,
+    target: &ServiceInfo,
+    subset: Option<&str>,
+    port: u32,
+    client_namespace: &str,
+) -> Option<std::sync::Arc<crate::tls::UpstreamTls>> {
+    let dr = snap
+        .routes
+        .destination_rule(&target.hostname, client_namespace)?;
+    let policy = dr.effective(Some(port), subset);
+    crate::tls::UpstreamTls::new(policy.tls.as_ref()?, &target.hostname).map(std::sync::Arc::new)
 }
 
 pub fn labels_for(svc: &ServiceInfo) -> DestinationLabels {
@@ -123,6 +150,7 @@ pub fn registry_only(
 /// Decides where a captured connection to `dst` from `src` goes.
 pub fn decide(
     snap: &Snapshot,
+    dns: &DnsCache,
     src: &WorkloadInfo,
     dst: SocketAddrV4,
     default_policy: OutboundTrafficPolicyArg,
@@ -198,9 +226,11 @@ pub fn decide(
     if target.endpoints.is_empty()
         && matches!(target.kind, ServiceKind::ServiceEntry { .. })
         && std::ptr::eq(target, svc)
+        && (!is_dns(target) || dns.lookup(&target.hostname).is_empty())
     {
-        // A ServiceEntry without endpoints, dialled by its own address: the app resolved it
-        // itself, so the original destination is the endpoint.
+        // A ServiceEntry without endpoints (or whose DNS name has no answer yet), dialled
+        // by its own address: the app resolved it itself, so the original destination is
+        // the endpoint.
         return L4Decision::Forward {
             upstream: SocketAddr::V4(dst),
             labels,
@@ -216,7 +246,7 @@ pub fn decide(
             .map(|ip| super::balance::fnv1a(ip.as_bytes())),
         _ => None,
     };
-    match endpoint_for(snap, target, subset, port, &src.namespace, hash) {
+    match endpoint_for(snap, dns, target, subset, port, &src.namespace, hash) {
         Ok(upstream) => L4Decision::Forward { upstream, labels },
         Err(flags) => L4Decision::Refuse { labels, flags },
     }
@@ -247,6 +277,7 @@ pub fn lb_policy(
 /// such subset), UH (no healthy upstream).
 pub fn endpoint_for(
     snap: &Snapshot,
+    dns: &DnsCache,
     target: &ServiceInfo,
     subset: Option<&str>,
     port: u32,
@@ -263,27 +294,53 @@ pub fn endpoint_for(
         ),
         None => None,
     };
-    let endpoints: Vec<_> = target
-        .endpoints
-        .iter()
-        .filter(|e| subset_labels.as_ref().is_none_or(|l| selects(l, &e.labels)))
-        .collect();
-    if endpoints.is_empty() {
+    let port_info = target.port(port);
+    let at = |ip: IpAddr, ep_ports: Option<&std::collections::BTreeMap<String, u32>>| {
+        let target_port = port_info
+            .and_then(|p| {
+                ep_ports
+                    .and_then(|ports| ports.get(&p.name).copied())
+                    .or(p.target_port)
+            })
+            .unwrap_or(port);
+        SocketAddr::new(ip, target_port as u16)
+    };
+    let dns_named = is_dns(target);
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    if dns_named && target.endpoints.is_empty() {
+        // The host itself is resolved; its addresses carry no labels.
+        if subset_labels.as_ref().is_none_or(|l| l.is_empty()) {
+            let answer = dns.lookup(&target.hostname);
+            // DNS_ROUND_ROBIN (Envoy's LOGICAL_DNS): the first address of the latest answer.
+            let take = match &target.kind {
+                ServiceKind::ServiceEntry {
+                    resolution: Resolution::DnsRoundRobin,
+                    ..
+                } => 1,
+                _ => answer.len(),
+            };
+            addrs.extend(answer.iter().take(take).map(|ip| at(*ip, None)));
+        }
+    } else {
+        for ep in target
+            .endpoints
+            .iter()
+            .filter(|e| subset_labels.as_ref().is_none_or(|l| selects(l, &e.labels)))
+        {
+            match ep.address.parse::<IpAddr>() {
+                Ok(ip) => addrs.push(at(ip, Some(&ep.ports))),
+                Err(_) if dns_named => addrs.extend(
+                    dns.lookup(&ep.address.to_ascii_lowercase())
+                        .iter()
+                        .map(|ip| at(*ip, Some(&ep.ports))),
+                ),
+                Err(_) => {}
+            }
+        }
+    }
+    if addrs.is_empty() {
         return Err("UH");
     }
-    let addrs: Vec<SocketAddr> = endpoints
-        .iter()
-        .filter_map(|ep| {
-            let target_port = target
-                .port(port)
-                .and_then(|p| ep.ports.get(&p.name).copied().or(p.target_port))
-                .unwrap_or(port);
-            Some(SocketAddr::new(
-                ep.address.parse::<IpAddr>().ok()?,
-                target_port as u16,
-            ))
-        })
-        .collect();
     let policy = snap
         .routes
         .destination_rule(&target.hostname, client_namespace)

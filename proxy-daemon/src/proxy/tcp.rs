@@ -38,6 +38,7 @@ pub async fn proxy(
     let snapshot = inputs.config.load();
     let decision = route::decide(
         &snapshot,
+        &inputs.dns,
         &pod.workload,
         dst.0,
         inputs.outbound_policy,

@@ -146,6 +146,18 @@ enum Cmd {
         #[arg(long)]
         onward_host: String,
     },
+    /// The app's own HTTPS: a full TLS handshake (trusting `--ca`) with SNI `--sni`, one
+    /// GET, the JSON answer.
+    Https {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        sni: String,
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
     /// Send N pseudo-random bytes, half-close, read everything back; report hashes.
     Xfer {
         #[arg(long)]
@@ -457,6 +469,53 @@ fn h2_run(
         }
         json!({"result": "ok", "statuses": statuses, "servers": servers, "first": first})
     })
+}
+
+fn https_get(to: SocketAddr, sni: &str, ca: &std::path::Path, path: &str) -> serde_json::Value {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let run = || -> Result<HttpResponse, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+            roots
+                .add(c.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+        let conn =
+            rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+        let sock =
+            TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        tls.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        // A peer that closes without close_notify still gave us the whole response.
+        let _ = tls.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("no response")?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok((status, Vec::new(), body.to_string()))
+    };
+    match run() {
+        Ok((status, _, body)) => json!({"result": "ok", "status": status,
+            "body": serde_json::from_str::<serde_json::Value>(&body).unwrap_or(json!(body))}),
+        Err(e) => json!({"result": "error", "error": e}),
+    }
 }
 
 /// Reads one request head (request line, lower-case headers); None at EOF.
@@ -809,6 +868,7 @@ fn main() {
             }
             Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
         },
+        Cmd::Https { to, sni, ca, path } => https_get(to, &sni, &ca, &path),
         Cmd::Serve {
             port,
             name,

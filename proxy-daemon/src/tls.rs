@@ -1,0 +1,453 @@
+//! TLS origination: the app speaks plain HTTP, the node proxy speaks TLS upstream, as a
+//! DestinationRule's `tls` (SIMPLE / MUTUAL) asks.
+//!
+//! Client configurations are built once per distinct setting and ALPN and kept, so their
+//! session caches make later handshakes resumptions. The files behind a configuration
+//! (CA bundle, client certificate and key, or a `credentialName` directory) are checked for
+//! changes at most once a second; a changed file gives a new configuration on the next
+//! connection, without a restart.
+use std::{
+    collections::HashMap,
+    io,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use rustls::{
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        Resumption, WebPkiServerVerifier,
+    },
+    crypto::CryptoProvider,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::{config::istio::TlsMode, routes::TlsOrigination};
+
+/// How often the files behind a cached configuration are checked for changes.
+const RECHECK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{what} {path}: {message}")]
+    Parse {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("credentialName {0}: no --credentials-dir to read it from")]
+    NoCredentialsDir(String),
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// TLS to use for one upstream: the DestinationRule's settings and the SNI to send.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub settings: TlsOrigination,
+    pub sni: String,
+    /// Distinguishes pooled connections made with different settings to the same address.
+    pub pool_key: u64,
+}
+
+impl UpstreamTls {
+    /// `None` for `mode: DISABLE`. `host` is the destination's hostname (the default SNI).
+    pub fn new(settings: &TlsOrigination, host: &str) -> Option<Self> {
+        if matches!(settings.mode, TlsMode::Disable) {
+            return None;
+        }
+        let sni = settings.sni.clone().unwrap_or_else(|| host.to_string());
+        let pool_key = crate::proxy::balance::fnv1a(format!("{sni}|{settings:?}").as_bytes()) | 1;
+        Some(Self {
+            settings: settings.clone(),
+            sni,
+            pool_key,
+        })
+    }
+}
+
+/// Outcome of one origination handshake, for `proxy_daemon_upstream_tls_handshakes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    Full,
+    Resumed,
+}
+
+struct Cached {
+    config: Arc<ClientConfig>,
+    files: Vec<(PathBuf, Option<(SystemTime, u64)>)>,
+    checked: Instant,
+}
+
+pub struct Originator {
+    provider: Arc<CryptoProvider>,
+    credentials_dir: Option<PathBuf>,
+    session_cache: usize,
+    cache: Mutex<HashMap<(u64, &'static [u8]), Cached>>,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The files one setting reads: (CA bundle, client cert, client key).
+struct Files {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl Originator {
+    /// `session_cache`: TLS sessions kept per configuration for resumption (0: none).
+    pub fn new(credentials_dir: Option<PathBuf>, session_cache: usize) -> Self {
+        Self {
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            credentials_dir,
+            session_cache,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where a setting's material lives. `credentialName` names a directory under
+    /// `--credentials-dir` holding a Kubernetes TLS Secret's keys (`tls.crt`, `tls.key`,
+    /// `ca.crt`) or Istio's generic ones (`cert`, `key`, `cacert`).
+    fn files(&self, t: &TlsOrigination) -> Result<Files, TlsError> {
+        if let Some(name) = &t.credential_name {
+            let dir = self
+                .credentials_dir
+                .as_ref()
+                .ok_or_else(|| TlsError::NoCredentialsDir(name.clone()))?
+                .join(name);
+            let first = |a: &str, b: &str| {
+                let p = dir.join(a);
+                if p.exists() {
+                    Some(p)
+                } else {
+                    Some(dir.join(b)).filter(|p| p.exists())
+                }
+            };
+            return Ok(Files {
+                ca: first("ca.crt", "cacert").or_else(|| t.ca_certificates.clone().map(Into::into)),
+                cert: first("tls.crt", "cert"),
+                key: first("tls.key", "key"),
+            });
+        }
+        Ok(Files {
+            ca: t.ca_certificates.clone().map(Into::into),
+            cert: t.client_certificate.clone().map(Into::into),
+            key: t.private_key.clone().map(Into::into),
+        })
+    }
+
+    /// The client configuration for `tls` offering `alpn`, built or reused.
+    pub fn config(
+        &self,
+        tls: &UpstreamTls,
+        alpn: &'static [u8],
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = (tls.pool_key, alpn);
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = cache.get_mut(&key) {
+                if c.checked.elapsed() < RECHECK {
+                    return Ok(c.config.clone());
+                }
+                if c.files.iter().all(|(p, s)| stamp(p) == *s) {
+                    c.checked = Instant::now();
+                    return Ok(c.config.clone());
+                }
+                tracing::info!(sni = %tls.sni, "TLS files changed on disk; reloading");
+            }
+        }
+        let files = self.files(&tls.settings)?;
+        let config = Arc::new(self.build(&tls.settings, &files, alpn)?);
+        let watched = [&files.ca, &files.cert, &files.key]
+            .into_iter()
+            .flatten()
+            .map(|p| (p.clone(), stamp(p)))
+            .collect();
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            key,
+            Cached {
+                config: config.clone(),
+                files: watched,
+                checked: Instant::now(),
+            },
+        );
+        Ok(config)
+    }
+
+    fn build(
+        &self,
+        t: &TlsOrigination,
+        files: &Files,
+        alpn: &'static [u8],
+    ) -> Result<ClientConfig, TlsError> {
+        let builder = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        let verifier: Arc<dyn ServerCertVerifier> = if t.insecure_skip_verify {
+            Arc::new(NoVerification(self.provider.clone()))
+        } else {
+            let mut roots = RootCertStore::empty();
+            match &files.ca {
+                Some(path) => {
+                    for cert in read_certs(path, "caCertificates")? {
+                        roots.add(cert).map_err(|e| TlsError::Parse {
+                            what: "caCertificates",
+                            path: path.clone(),
+                            message: e.to_string(),
+                        })?;
+                    }
+                }
+                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            }
+            let inner =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+            let sans = t
+                .subject_alt_names
+                .iter()
+                .filter_map(|s| ServerName::try_from(s.clone()).ok())
+                .collect();
+            Arc::new(SanVerifier { inner, sans })
+        };
+        let builder = builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match (&files.cert, &files.key) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert, "clientCertificate")?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Parse {
+                    what: "privateKey",
+                    path: key.clone(),
+                    message: e.to_string(),
+                })?;
+                builder.with_client_auth_cert(chain, key)?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config.resumption = if self.session_cache == 0 {
+            Resumption::disabled()
+        } else {
+            Resumption::in_memory_sessions(self.session_cache)
+        };
+        Ok(config)
+    }
+
+    /// Handshakes over `stream`; Err is the reason, for the 503 body and the log line.
+    pub async fn connect(
+        &self,
+        tls: &UpstreamTls,
+        alpn: &'static [u8],
+        stream: TcpStream,
+    ) -> Result<(UpstreamIo, Handshake), String> {
+        let config = self.config(tls, alpn).map_err(|e| e.to_string())?;
+        let name =
+            ServerName::try_from(tls.sni.clone()).map_err(|e| format!("SNI {:?}: {e}", tls.sni))?;
+        let s = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let kind = match s.get_ref().1.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => Handshake::Resumed,
+            _ => Handshake::Full,
+        };
+        Ok((UpstreamIo::Tls(Box::new(s)), kind))
+    }
+}
+
+fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Parse {
+            what,
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Parse {
+            what,
+            path: path.to_path_buf(),
+            message: "no PEM certificate in the file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The chain must lead to a trusted root and name the SNI, or, when `subjectAltNames` are
+/// given, one of them instead.
+#[derive(Debug)]
+struct SanVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    sans: Vec<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for SanVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.sans.is_empty() {
+            return self.inner.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp,
+                now,
+            );
+        }
+        let mut last = None;
+        for san in &self.sans {
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, san, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| rustls::Error::General("no subjectAltNames".into())))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `insecureSkipVerify: true`: any certificate is accepted (the handshake signatures are
+/// still checked, so the peer holds the key of the certificate it showed).
+#[derive(Debug)]
+struct NoVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// An upstream connection, plain or with originated TLS.
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

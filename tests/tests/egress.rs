@@ -1,0 +1,557 @@
+//! Egress: ServiceEntry names resolved by DNS (against a DNS server the test runs on the
+//! node's loopback), TLS origination from DestinationRule `tls` with a CA made in the test,
+//! and apps' own TLS passing through, routed and labelled by SNI.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{namespace_yaml, pod_yaml, Node},
+    pki::{self, TestCa},
+    servers::{DnsAnswers, HttpEcho, HttpsEcho, Servers},
+    wait_for, Host, Pod,
+};
+
+fn seed(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/seed-examples")
+            .join(name),
+    )
+    .expect("seed example")
+}
+
+/// A node with one client pod in captured namespace `azar` and a test DNS server.
+struct Egress {
+    node: Node,
+    servers: Servers,
+    pod: Pod,
+    answers: DnsAnswers,
+    dns: std::net::SocketAddr,
+    pki: PathBuf,
+}
+
+impl Egress {
+    fn new(tag: &str) -> Self {
+        let mut node = Node::new(tag);
+        let servers = Servers::new();
+        let pod = node.pod("azar", "client-1");
+        let answers = DnsAnswers::default();
+        let (dns, _) = servers.dns(answers.clone());
+        let pki = node.work_dir.join("pki");
+        node.write_config(
+            "cluster.yaml",
+            &(namespace_yaml("azar", true, None) + &pod_yaml(&pod, &[("app", "client")])),
+        );
+        Self {
+            node,
+            servers,
+            pod,
+            answers,
+            dns,
+            pki,
+        }
+    }
+
+    fn answer(&self, name: &str, ips: &[Ipv4Addr], ttl: u32) {
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(name.into(), (ips.to_vec(), ttl));
+    }
+
+    fn start(&self, extra: &[&str]) -> Daemon {
+        let dns = self.dns.to_string();
+        let mut args = vec!["--dns-server", dns.as_str()];
+        args.extend_from_slice(extra);
+        let d = Daemon::start(&self.node, &args);
+        d.wait_enrolled(&self.pod.uid, Duration::from_secs(5));
+        d
+    }
+
+    /// An "external" host serving HTTPS on 443 (certificate from `ca` for `names`) and, on
+    /// 80, plain HTTP that answers as a different server.
+    fn external(
+        &mut self,
+        name: &str,
+        ca: &TestCa,
+        names: &[&str],
+        client_ca: Option<&TestCa>,
+    ) -> Host {
+        let host = self.node.host(name);
+        let leaf = ca.server(names, false);
+        self.servers.https_echo(
+            &host,
+            443,
+            HttpsEcho {
+                name: "httpbin-tls",
+                cert_pem: leaf.cert_pem,
+                key_pem: leaf.key_pem,
+                client_ca_pem: client_ca.map(|c| c.cert_pem.clone()),
+            },
+        );
+        self.servers.http_echo(
+            &host,
+            80,
+            HttpEcho {
+                name: "httpbin-plain".into(),
+                ..Default::default()
+            },
+        );
+        host
+    }
+
+    fn get(&self, to: &str, host: &str, path: &str) -> serde_json::Value {
+        self.pod
+            .pdtool(&["http", "--to", to, "--host", host, "--path", path])
+    }
+}
+
+/// The published example, unchanged but for trusting the test's CA.
+fn seed_with_ca(ca_file: &Path) -> String {
+    let text = seed("serviceentry-tls-origination.yaml");
+    let patched = text.replace(
+        "          mode: SIMPLE",
+        &format!(
+            "          mode: SIMPLE\n          caCertificates: {}",
+            ca_file.display()
+        ),
+    );
+    assert_ne!(
+        text, patched,
+        "the seed still originates SIMPLE TLS on port 80"
+    );
+    patched
+}
+
+#[test]
+fn serviceentry_tls_origination_sends_the_apps_http_out_as_https() {
+    let mut e = Egress::new("egtls");
+    let ca = TestCa::new("test-ca");
+    let httpbin = e.external("httpbin", &ca, &["httpbin.org"], None);
+    e.answer("httpbin.org", &[httpbin.ip], 30);
+    let ca_file = pki::write(&e.pki, "ca.pem", &ca.cert_pem);
+    e.node
+        .write_config("serviceentry-tls-origination.yaml", &seed_with_ca(&ca_file));
+    let daemon = e.start(&[]);
+
+    // The app speaks plain HTTP to httpbin.org:80 ...
+    let out = e.pod.pdtool(&[
+        "http",
+        "--to",
+        &httpbin.addr(80).to_string(),
+        "--host",
+        "httpbin.org",
+        "--path",
+        "/status/200",
+        "--count",
+        "5",
+    ]);
+    assert_eq!(out["statuses"]["200"], 5, "{out}");
+    let body = &out["first"]["body"];
+    // ... and it leaves the node as HTTPS to :443, SNI httpbin.org, verified against the CA.
+    assert_eq!(
+        body["server"], "httpbin-tls",
+        "reached the TLS listener: {out}"
+    );
+    assert_eq!(body["tls"], true);
+    assert_eq!(body["sni"], "httpbin.org");
+    assert_eq!(body["alpn"], "http/1.1");
+    assert_eq!(body["path"], "/status/200");
+    assert_eq!(
+        body["peer"],
+        e.pod.host.ip.to_string(),
+        "from the pod's own address"
+    );
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[
+                ("destination_service", "httpbin.org"),
+                ("destination_service_name", "httpbin.org"),
+                ("response_code", "200")
+            ]
+        ),
+        5.0
+    );
+    // One keep-alive client connection: one handshake, reused for all five requests.
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_upstream_tls_handshakes_total", &[]),
+        1.0,
+        "{}",
+        daemon.metrics_text()
+    );
+    // Concurrent clients need more upstream connections; their handshakes resume the
+    // first session instead of starting over.
+    let again = e.pod.pdtool(&[
+        "http",
+        "--to",
+        &httpbin.addr(80).to_string(),
+        "--host",
+        "httpbin.org",
+        "--count",
+        "20",
+        "--parallel",
+        "4",
+    ]);
+    assert_eq!(again["statuses"]["200"], 80, "{again}");
+    let resumed = daemon.metric_sum(
+        "proxy_daemon_upstream_tls_handshakes_total",
+        &[("result", "resumed")],
+    );
+    // (TLS 1.3 tickets are single-use, so a burst may still need a second full one.)
+    assert!(resumed >= 1.0, "{}", daemon.metrics_text());
+
+    // The app's own HTTPS to httpbin.org:443 is not terminated: the app sees the real
+    // server certificate (it verifies it against the CA), and the connection is reported
+    // by SNI on the TCP metrics.
+    let own = e.pod.pdtool(&[
+        "https",
+        "--to",
+        &httpbin.addr(443).to_string(),
+        "--sni",
+        "httpbin.org",
+        "--ca",
+        ca_file.to_str().unwrap(),
+        "--path",
+        "/own",
+    ]);
+    assert_eq!(own["result"], "ok", "{own}");
+    assert_eq!(own["status"], 200, "{own}");
+    assert_eq!(own["body"]["sni"], "httpbin.org");
+    assert_eq!(own["body"]["path"], "/own");
+    assert!(
+        wait_for(Duration::from_secs(3), || (daemon.metric_sum(
+            "istio_tcp_connections_closed_total",
+            &[("destination_service", "httpbin.org")]
+        ) >= 1.0)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        daemon.metrics_text()
+    );
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("destination_service", "httpbin.org"),
+                ("destination_service_name", "httpbin.org")
+            ]
+        ),
+        1.0
+    );
+    let dump = daemon.config_dump();
+    assert_eq!(
+        dump["dns"]["httpbin.org"]["addresses"][0],
+        httpbin.ip.to_string(),
+        "{}",
+        dump["dns"]
+    );
+}
+
+#[test]
+fn bad_certificates_fail_visibly_and_fixed_files_are_picked_up_without_restart() {
+    let mut e = Egress::new("egbad");
+    let ca = TestCa::new("test-ca");
+    let other_ca = TestCa::new("someone-else");
+    let httpbin = e.external("httpbin", &ca, &["httpbin.org"], None);
+    let expired = e.node.host("expired");
+    let leaf = ca.server(&["expired.test"], true);
+    e.servers.https_echo(
+        &expired,
+        443,
+        HttpsEcho {
+            name: "expired",
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+            client_ca_pem: None,
+        },
+    );
+    e.answer("httpbin.org", &[httpbin.ip], 30);
+    e.answer("expired.test", &[expired.ip], 30);
+    e.answer("san.test", &[httpbin.ip], 30);
+    e.answer("san-ok.test", &[httpbin.ip], 30);
+    // The CA file starts out holding the wrong CA.
+    let ca_file = pki::write(&e.pki, "ca.pem", &other_ca.cert_pem);
+    let right_ca = pki::write(&e.pki, "right-ca.pem", &ca.cert_pem);
+    e.node
+        .write_config("serviceentry-tls-origination.yaml", &seed_with_ca(&ca_file));
+    let se_dr = |host: &str, extra: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: {host}, namespace: egress}}
+spec:
+  hosts: [{host}]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, targetPort: 443, name: http, protocol: HTTP}}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: {host}, namespace: egress}}
+spec:
+  host: {host}
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      caCertificates: {}
+{extra}---
+",
+            right_ca.display()
+        )
+    };
+    e.node.write_config(
+        "more.yaml",
+        &(se_dr("expired.test", "")
+            + &se_dr("san.test", "      subjectAltNames: [not-httpbin.example]\n")
+            + &se_dr("san-ok.test", "      subjectAltNames: [httpbin.org]\n")),
+    );
+    let daemon = e.start(&[]);
+    let to = httpbin.addr(80).to_string();
+
+    let out = e.get(&to, "httpbin.org", "/status/200");
+    assert_eq!(out["first"]["status"], 503, "untrusted CA: {out}");
+    let flags_of = |host: &str| {
+        daemon
+            .metrics_text()
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("destination_service=\"{host}\""))
+                    && l.contains("response_code=\"503\"")
+            })
+            .filter_map(|l| {
+                l.split("response_flags=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .map(str::to_string)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        flags_of("httpbin.org"),
+        ["UF,URX"],
+        "connect failure, retries exhausted"
+    );
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream TLS handshake failed"))
+        .unwrap_or_else(|| panic!("no log line naming the failure: {log}"));
+    assert!(
+        line.contains("httpbin.org") && line.contains("UnknownIssuer"),
+        "host, SNI and reason: {line}"
+    );
+
+    // Expired certificate, and a certificate without the required SAN: same visibility.
+    let out = e.get(&expired.addr(80).to_string(), "expired.test", "/");
+    assert_eq!(out["first"]["status"], 503, "expired: {out}");
+    assert!(
+        daemon.log_text().contains("certificate expired"),
+        "reason names expiry"
+    );
+    assert_eq!(flags_of("expired.test"), ["UF,URX"]);
+    let out = e.get(&to, "san.test", "/");
+    assert_eq!(out["first"]["status"], 503, "SAN mismatch: {out}");
+    assert!(
+        daemon
+            .log_text()
+            .contains("certificate not valid for name \"not-httpbin.example\""),
+        "reason names the SAN"
+    );
+    // subjectAltNames replace the SNI as the name the certificate must carry.
+    let out = e.get(&to, "san-ok.test", "/");
+    assert_eq!(out["first"]["status"], 200, "SAN listed: {out}");
+    assert_eq!(out["first"]["body"]["sni"], "san-ok.test");
+
+    // The operator fixes the CA file in place: the next requests succeed, no restart.
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let fixed = wait_for(Duration::from_secs(5), || {
+        let out = e.get(&to, "httpbin.org", "/status/200");
+        (out["first"]["status"] == 200).then_some(out)
+    })
+    .expect("the corrected CA file is used without a restart");
+    assert_eq!(fixed["first"]["body"]["sni"], "httpbin.org");
+    assert!(
+        daemon.metric_sum(
+            "proxy_daemon_upstream_tls_handshakes_total",
+            &[("result", "failed")]
+        ) >= 9.0,
+        "three failing requests, three attempts each"
+    );
+}
+
+#[test]
+fn mutual_tls_presents_the_client_certificate_from_files_or_a_credential() {
+    let mut e = Egress::new("egmtls");
+    let ca = TestCa::new("test-ca");
+    let client_ca = TestCa::new("client-ca");
+    let names = ["mtls.test", "cred.test", "nocert.test"];
+    let server = e.external("mtls", &ca, &names, Some(&client_ca));
+    for n in names {
+        e.answer(n, &[server.ip], 30);
+    }
+    let ca_file = pki::write(&e.pki, "ca.pem", &ca.cert_pem);
+    let client = client_ca.client("client.azar");
+    let cert_file = pki::write(&e.pki, "client.pem", &client.cert_pem);
+    let key_file = pki::write(&e.pki, "client-key.pem", &client.key_pem);
+    // credentialName: a directory laid out like a kubernetes.io/tls Secret.
+    let creds = e.node.work_dir.join("credentials");
+    pki::write(&creds.join("mtls-client"), "tls.crt", &client.cert_pem);
+    pki::write(&creds.join("mtls-client"), "tls.key", &client.key_pem);
+    pki::write(&creds.join("mtls-client"), "ca.crt", &ca.cert_pem);
+    let mut yaml = String::new();
+    for (host, tls) in [
+        (
+            "mtls.test",
+            format!(
+                "mode: MUTUAL, clientCertificate: {}, privateKey: {}, caCertificates: {}",
+                cert_file.display(),
+                key_file.display(),
+                ca_file.display()
+            ),
+        ),
+        (
+            "cred.test",
+            "mode: MUTUAL, credentialName: mtls-client".to_string(),
+        ),
+        (
+            "nocert.test",
+            format!("mode: SIMPLE, caCertificates: {}", ca_file.display()),
+        ),
+    ] {
+        yaml += &format!(
+            "apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: {host}, namespace: egress}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: 80, targetPort: 443, name: http, protocol: HTTP}}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: {host}, namespace: egress}}
+spec:
+  host: {host}
+  trafficPolicy:
+    tls: {{{tls}}}
+---
+"
+        );
+    }
+    e.node.write_config("mtls.yaml", &yaml);
+    let daemon = e.start(&["--credentials-dir", creds.to_str().unwrap()]);
+    let to = server.addr(80).to_string();
+    for host in ["mtls.test", "cred.test"] {
+        let out = e.get(&to, host, "/");
+        assert_eq!(out["first"]["status"], 200, "{host}: {out}");
+        assert_eq!(out["first"]["body"]["client_cert"], true, "{host}: {out}");
+        assert_eq!(out["first"]["body"]["sni"], host);
+    }
+    let out = e.get(&to, "nocert.test", "/");
+    assert_eq!(
+        out["first"]["status"], 503,
+        "a server that requires a client certificate refuses one without: {out}"
+    );
+    assert!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[
+                ("destination_service", "nocert.test"),
+                ("response_code", "503"),
+                ("response_flags", "UF,URX")
+            ]
+        ) == 1.0,
+        "{}",
+        daemon.metrics_text()
+    );
+}
+
+#[test]
+fn dns_resolution_uses_every_address_and_follows_a_changed_answer() {
+    let mut e = Egress::new("egdns");
+    let hosts: Vec<Host> = ["dns-a", "dns-b", "dns-c"]
+        .iter()
+        .map(|n| {
+            let h = e.node.host(n);
+            e.servers.http_echo(
+                &h,
+                80,
+                HttpEcho {
+                    name: n.to_string(),
+                    ..Default::default()
+                },
+            );
+            h
+        })
+        .collect();
+    e.answer("api.dns.test", &[hosts[0].ip, hosts[1].ip], 1);
+    e.node.write_config(
+        "se.yaml",
+        "apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: api-dns, namespace: egress}
+spec:
+  hosts: [api.dns.test]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+",
+    );
+    let daemon = e.start(&[]);
+    // The app dialled one address; the proxy balances over every address of the answer.
+    let to = hosts[0].addr(80).to_string();
+    let out = e.pod.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "api.dns.test",
+        "--count",
+        "40",
+    ]);
+    assert_eq!(out["statuses"]["200"], 40, "{out}");
+    assert!(
+        out["servers"]["dns-a"].as_u64().unwrap_or(0) >= 10
+            && out["servers"]["dns-b"].as_u64().unwrap_or(0) >= 10,
+        "both addresses used: {out}"
+    );
+    assert!(out["servers"].get("dns-c").is_none(), "{out}");
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[
+                ("destination_service", "api.dns.test"),
+                ("response_code", "200")
+            ]
+        ),
+        40.0
+    );
+
+    // The answer changes; within the TTL (1 s) plus one refresh, traffic follows it.
+    let changed = std::time::Instant::now();
+    e.answer("api.dns.test", &[hosts[2].ip], 1);
+    let moved = wait_for(Duration::from_secs(5), || {
+        let out = e.pod.pdtool(&[
+            "http",
+            "--to",
+            &to,
+            "--host",
+            "api.dns.test",
+            "--count",
+            "10",
+        ]);
+        (out["servers"]["dns-c"] == 10).then_some(())
+    });
+    assert!(moved.is_some(), "traffic never moved to the new answer");
+    assert!(
+        changed.elapsed() < Duration::from_secs(4),
+        "moved after {:?}",
+        changed.elapsed()
+    );
+}
