@@ -562,6 +562,8 @@ impl Servers {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else { continue };
                 let acceptor = acceptor.clone();
+                // As any TLS server does: TLS writes records in several small writes.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else { return };
                     let (_, conn) = tls.get_ref();

@@ -246,4 +246,87 @@ fn main() {
             .map(|m| m.round() as u64)
             .collect::<Vec<_>>()
     );
+
+    // TLS origination: every request on a new upstream connection
+    // (maxRequestsPerConnection 1), so each one is a handshake; plain HTTP the same way as
+    // the baseline. Resumption on (default) and off (--tls-session-cache 0), one daemon each.
+    drop(daemon);
+    let ca = proxy_tests::pki::TestCa::new("bench-ca");
+    let leaf = ca.server(&["tls.bench"], false);
+    let tls_host = node.host("tls-bench");
+    servers.https_echo(
+        &tls_host,
+        443,
+        proxy_tests::servers::HttpsEcho {
+            name: "tls-bench",
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+            client_ca_pem: None,
+        },
+    );
+    servers.http_echo(
+        &tls_host,
+        80,
+        proxy_tests::servers::HttpEcho {
+            name: "plain-bench".into(),
+            ..Default::default()
+        },
+    );
+    let ca_file = proxy_tests::pki::write(&node.work_dir.join("pki"), "ca.pem", &ca.cert_pem);
+    let entry = |host: &str, target: u16, tls: &str| {
+        format!("apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata: {{name: {host}, namespace: captured}}\nspec:\n  hosts: [{host}]\n  ports: [{{number: 80, targetPort: {target}, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  endpoints: [{{address: {}}}]\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {{name: {host}, namespace: captured}}\nspec:\n  host: {host}\n  trafficPolicy:\n    connectionPool: {{http: {{maxRequestsPerConnection: 1}}}}\n{tls}---\n", tls_host.ip)
+    };
+    node.write_config(
+        "tls.yaml",
+        &(entry("plain.bench", 80, "")
+            + &entry(
+                "tls.bench",
+                443,
+                &format!(
+                    "    tls: {{mode: SIMPLE, caCertificates: {}}}\n",
+                    ca_file.display()
+                ),
+            )),
+    );
+    let tls_to = tls_host.addr(80).to_string();
+    let mut tls_report = Vec::new();
+    for (label, flags) in [
+        ("resumption on ", vec!["--log-level", "warn"]),
+        (
+            "resumption off",
+            vec!["--log-level", "warn", "--tls-session-cache", "0"],
+        ),
+    ] {
+        let d = Daemon::start(&node, &flags);
+        d.wait_enrolled(&captured.uid, Duration::from_secs(5));
+        let mut runs = [Vec::new(), Vec::new()];
+        for _round in 0..3 {
+            for (i, host) in ["plain.bench", "tls.bench"].into_iter().enumerate() {
+                let r =
+                    captured.pdtool(&["http", "--to", &tls_to, "--host", host, "--count", "1000"]);
+                assert_eq!(r["statuses"]["200"], 1000, "{r}");
+                runs[i].push((
+                    r["p50_us"].as_f64().unwrap(),
+                    r["p99_us"].as_f64().unwrap(),
+                    r["per_sec"].as_f64().unwrap(),
+                ));
+            }
+        }
+        let m = |i: usize, f: fn(&(f64, f64, f64)) -> f64| median(runs[i].iter().map(f).collect());
+        let resumed = d.metric_sum(
+            "proxy_daemon_upstream_tls_handshakes_total",
+            &[("result", "resumed")],
+        );
+        let full = d.metric_sum(
+            "proxy_daemon_upstream_tls_handshakes_total",
+            &[("result", "full")],
+        );
+        tls_report.push(format!(
+            "  TLS origination, {label} (1000 requests, new upstream connection each): plain {:.0} req/s p50 {:.0} us p99 {:.0} us | TLS {:.0} handshakes/s p50 {:.0} us p99 {:.0} us | added p50 {:.0} us | handshakes full {:.0} resumed {:.0}",
+            m(0, |x| x.2), m(0, |x| x.0), m(0, |x| x.1), m(1, |x| x.2), m(1, |x| x.0), m(1, |x| x.1), m(1, |x| x.0) - m(0, |x| x.0), full + 0.0, resumed + 0.0
+        ));
+    }
+    for line in tls_report {
+        println!("{line}");
+    }
 }
