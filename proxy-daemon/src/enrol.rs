@@ -264,6 +264,7 @@ impl Enroller {
                 source,
             })?;
         let ctx = Arc::new(PodContext {
+            source_labels: crate::metrics::SourceLabels::of(&want.workload),
             workload: want.workload.clone(),
             netns: Arc::new(worker),
             netns_cookie,

@@ -1,43 +1,89 @@
 //! Prometheus metrics: Istio's standard ones (`reporter="source"`) at the root of the
 //! registry, the daemon's own under `proxy_daemon_`.
+use std::{
+    borrow::Cow,
+    cell::RefCell,
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder, NoLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType, TypedMetric},
     registry::Registry,
 };
 
 use crate::workload::{WorkloadInfo, UNKNOWN};
 
-/// Istio's TCP metric labels, in full; values absent from our view are `unknown`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IstioTcpLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_cluster: String,
-    pub request_protocol: &'static str,
-    pub response_flags: String,
-    pub connection_security_policy: &'static str,
+/// The source half of Istio's labels, built once per pod (shared by every series of it).
+#[derive(Debug, Hash, PartialEq, Eq)]
+pub struct SourceLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+impl SourceLabels {
+    pub fn of(w: &WorkloadInfo) -> Arc<Self> {
+        Arc::new(Self {
+            workload: w.workload.clone(),
+            namespace: w.namespace.clone(),
+            app: w.app.clone(),
+            version: w.version.clone(),
+            canonical_service: w.canonical_service.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+        })
+    }
+}
+
+/// The destination workload's labels (mesh destinations: the pod behind the endpoint).
+#[derive(Debug, Hash, PartialEq, Eq)]
+pub struct PeerLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+impl PeerLabels {
+    pub fn of(w: &WorkloadInfo) -> Arc<Self> {
+        Arc::new(Self {
+            workload: w.workload.clone(),
+            namespace: w.namespace.clone(),
+            app: w.app.clone(),
+            version: w.version.clone(),
+            canonical_service: w.canonical_service.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+        })
+    }
+
+    /// Outside the mesh (ServiceEntry hosts, passthrough): every field `unknown`.
+    pub fn unknown() -> Arc<Self> {
+        static UNKNOWN_PEER: std::sync::LazyLock<Arc<PeerLabels>> =
+            std::sync::LazyLock::new(|| {
+                Arc::new(PeerLabels {
+                    workload: UNKNOWN.into(),
+                    namespace: UNKNOWN.into(),
+                    app: UNKNOWN.into(),
+                    version: UNKNOWN.into(),
+                    canonical_service: UNKNOWN.into(),
+                    canonical_revision: UNKNOWN.into(),
+                })
+            });
+        UNKNOWN_PEER.clone()
+    }
 }
 
 /// What the data path knows of where a connection went.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct DestinationLabels {
     pub service: String,
     pub service_name: String,
@@ -47,71 +93,298 @@ pub struct DestinationLabels {
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 
+/// Istio's TCP metric labels, in full (values outside our view are `unknown`). Cloning
+/// costs three reference counts: the halves are shared.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct IstioTcpLabels {
+    pub source: Arc<SourceLabels>,
+    pub peer: Arc<PeerLabels>,
+    pub service: Arc<DestinationLabels>,
+    pub request_protocol: &'static str,
+    pub response_flags: Cow<'static, str>,
+}
+
 impl IstioTcpLabels {
-    pub fn new(src: &WorkloadInfo, dst: &DestinationLabels, response_flags: &str) -> Self {
-        let unknown = || UNKNOWN.to_string();
+    pub fn new(
+        source: &Arc<SourceLabels>,
+        peer: &Arc<PeerLabels>,
+        service: &Arc<DestinationLabels>,
+        response_flags: &str,
+    ) -> Self {
         Self {
-            reporter: "source",
-            source_workload: src.workload.clone(),
-            source_canonical_service: src.canonical_service.clone(),
-            source_canonical_revision: src.canonical_revision.clone(),
-            source_workload_namespace: src.namespace.clone(),
-            source_principal: unknown(),
-            source_app: src.app.clone(),
-            source_version: src.version.clone(),
-            source_cluster: unknown(),
-            destination_workload: unknown(),
-            destination_workload_namespace: unknown(),
-            destination_principal: unknown(),
-            destination_app: unknown(),
-            destination_version: unknown(),
-            destination_service: dst.service.clone(),
-            destination_service_name: dst.service_name.clone(),
-            destination_service_namespace: dst.service_namespace.clone(),
-            destination_canonical_service: unknown(),
-            destination_canonical_revision: unknown(),
-            destination_cluster: unknown(),
+            source: source.clone(),
+            peer: peer.clone(),
+            service: service.clone(),
             request_protocol: "tcp",
-            response_flags: if response_flags.is_empty() {
-                "-".into()
-            } else {
-                response_flags.into()
+            response_flags: match response_flags {
+                "" => Cow::Borrowed("-"),
+                f => Cow::Owned(f.to_string()),
             },
-            connection_security_policy: "unknown",
         }
+    }
+
+    /// Istio's TCP label set, in Istio's order.
+    fn pairs(&self) -> [(&'static str, &str); 23] {
+        let (s, p, d) = (&self.source, &self.peer, &self.service);
+        [
+            ("reporter", "source"),
+            ("source_workload", &s.workload),
+            ("source_canonical_service", &s.canonical_service),
+            ("source_canonical_revision", &s.canonical_revision),
+            ("source_workload_namespace", &s.namespace),
+            ("source_principal", UNKNOWN),
+            ("source_app", &s.app),
+            ("source_version", &s.version),
+            ("source_cluster", UNKNOWN),
+            ("destination_workload", &p.workload),
+            ("destination_workload_namespace", &p.namespace),
+            ("destination_principal", UNKNOWN),
+            ("destination_app", &p.app),
+            ("destination_version", &p.version),
+            ("destination_service", &d.service),
+            ("destination_canonical_service", &p.canonical_service),
+            ("destination_canonical_revision", &p.canonical_revision),
+            ("destination_service_name", &d.service_name),
+            ("destination_service_namespace", &d.service_namespace),
+            ("destination_cluster", UNKNOWN),
+            ("request_protocol", self.request_protocol),
+            ("response_flags", &self.response_flags),
+            ("connection_security_policy", "unknown"),
+        ]
     }
 }
 
-/// Istio's request metric labels: the TCP set plus the response code.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+impl EncodeLabelSet for IstioTcpLabels {
+    fn encode(&self, encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.pairs().encode(encoder)
+    }
+}
+
+/// Istio's request metric labels: the TCP set plus response code and gRPC status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
     pub response_code: u16,
-    // Flattened fields must come last (the derive hands its encoder over to them).
-    #[prometheus(flatten)]
+    /// The gRPC status of a gRPC response (`grpc-status`), empty for other requests.
+    pub grpc_response_status: Option<u16>,
     pub base: IstioTcpLabels,
 }
 
-/// Istio's buckets for istio_request_duration_milliseconds.
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let code = self.response_code.to_string();
+        let grpc = self
+            .grpc_response_status
+            .map(|g| g.to_string())
+            .unwrap_or_default();
+        let base = self.base.pairs();
+        let mut all: Vec<(&str, &str)> = Vec::with_capacity(base.len() + 2);
+        // response_code and grpc_response_status sit just before response_flags.
+        all.extend_from_slice(&base[..21]);
+        all.push(("response_code", &code));
+        all.push(("grpc_response_status", &grpc));
+        all.extend_from_slice(&base[21..]);
+        all.encode(encoder)
+    }
+}
+
+/// Istio's (Envoy's default) buckets, used for durations in ms and for sizes in bytes.
 pub const DURATION_BUCKETS_MS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS_MS)
+/// A histogram whose observations are a few relaxed atomic adds: no lock, so cores
+/// recording into the same series never wait on each other.
+#[derive(Clone, Debug)]
+pub struct AtomicHistogram(Arc<HistogramCells>);
+
+#[derive(Debug)]
+struct HistogramCells {
+    bounds: &'static [f64],
+    /// One per bound, plus +Inf.
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    sum_bits: AtomicU64,
+}
+
+impl AtomicHistogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self(Arc::new(HistogramCells {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_bits: AtomicU64::new(0f64.to_bits()),
+        }))
+    }
+
+    pub fn observe(&self, v: f64) {
+        let c = &self.0;
+        let i = c.bounds.partition_point(|b| *b < v);
+        c.buckets[i].fetch_add(1, Ordering::Relaxed);
+        c.count.fetch_add(1, Ordering::Relaxed);
+        let mut cur = c.sum_bits.load(Ordering::Relaxed);
+        loop {
+            let next = (f64::from_bits(cur) + v).to_bits();
+            match c
+                .sum_bits
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        let mut buckets: Vec<(f64, u64)> = c
+            .bounds
+            .iter()
+            .zip(c.buckets.iter())
+            .map(|(b, n)| (*b, n.load(Ordering::Relaxed)))
+            .collect();
+        let inf = c.buckets[c.bounds.len()].load(Ordering::Relaxed);
+        buckets.push((f64::MAX, inf));
+        // The count is the buckets' total, so the exposition is always self-consistent.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        encoder.encode_histogram::<NoLabelSet>(
+            f64::from_bits(c.sum_bits.load(Ordering::Relaxed)),
+            count,
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+fn ms_histogram() -> AtomicHistogram {
+    AtomicHistogram::new(&DURATION_BUCKETS_MS)
+}
+
+type HistogramFamily<S> = Family<S, AtomicHistogram, fn() -> AtomicHistogram>;
+
+/// The metric handles of one request series (cloned out of the families once).
+#[derive(Clone)]
+struct RequestHandles {
+    requests: Counter,
+    duration: AtomicHistogram,
+    request_bytes: AtomicHistogram,
+    response_bytes: AtomicHistogram,
+}
+
+/// One finished request, as Istio reports it.
+pub struct RequestRecord {
+    pub labels: RequestLabels,
+    pub duration: std::time::Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
 }
 
 pub struct HttpMetrics {
     pub requests: Family<RequestLabels, Counter>,
-    pub duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub duration: HistogramFamily<RequestLabels>,
+    pub request_bytes: HistogramFamily<RequestLabels>,
+    pub response_bytes: HistogramFamily<RequestLabels>,
+    /// Bumped when series are removed, so per-thread handle caches start over.
+    epoch: AtomicU64,
+    /// Series by source workload (namespace, workload), for ageing out.
+    series: Mutex<HashMap<(String, String), HashSet<RequestLabels>>>,
 }
+
+thread_local! {
+    /// Per worker thread: series → handles, so a request touches no lock shared between
+    /// cores (the families' maps are locked only on a thread's first use of a series).
+    static REQUEST_HANDLES: RefCell<(usize, u64, HashMap<RequestLabels, RequestHandles>)> =
+        RefCell::new((0, 0, HashMap::new()));
+}
+
+/// Per-thread cache bound: past it the cache starts over (the families keep every series).
+const HANDLE_CACHE_MAX: usize = 4096;
 
 impl Default for HttpMetrics {
     fn default() -> Self {
         Self {
             requests: Family::default(),
-            duration: Family::new_with_constructor(duration_histogram),
+            duration: Family::new_with_constructor(ms_histogram),
+            request_bytes: Family::new_with_constructor(ms_histogram),
+            response_bytes: Family::new_with_constructor(ms_histogram),
+            epoch: AtomicU64::new(0),
+            series: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+impl HttpMetrics {
+    pub fn record(&self, r: RequestRecord) {
+        let owner = self as *const Self as usize;
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let handles = REQUEST_HANDLES.with(|cell| {
+            let mut cache = cell.borrow_mut();
+            if cache.0 != owner || cache.1 != epoch || cache.2.len() >= HANDLE_CACHE_MAX {
+                *cache = (owner, epoch, HashMap::new());
+            }
+            if let Some(h) = cache.2.get(&r.labels) {
+                return h.clone();
+            }
+            let h = RequestHandles {
+                requests: self.requests.get_or_create(&r.labels).clone(),
+                duration: self.duration.get_or_create(&r.labels).clone(),
+                request_bytes: self.request_bytes.get_or_create(&r.labels).clone(),
+                response_bytes: self.response_bytes.get_or_create(&r.labels).clone(),
+            };
+            self.series
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry((
+                    r.labels.base.source.namespace.clone(),
+                    r.labels.base.source.workload.clone(),
+                ))
+                .or_default()
+                .insert(r.labels.clone());
+            cache.2.insert(r.labels, h.clone());
+            h
+        });
+        handles.requests.inc();
+        handles.duration.observe(r.duration.as_secs_f64() * 1000.0);
+        handles.request_bytes.observe(r.request_bytes as f64);
+        handles.response_bytes.observe(r.response_bytes as f64);
+    }
+
+    /// Removes every series of a source workload that is gone from the node.
+    pub fn forget_source(&self, namespace: &str, workload: &str) -> usize {
+        let gone = self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(namespace.to_string(), workload.to_string()))
+            .unwrap_or_default();
+        for l in &gone {
+            self.requests.remove(l);
+            self.duration.remove(l);
+            self.request_bytes.remove(l);
+            self.response_bytes.remove(l);
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        gone.len()
+    }
+
+    /// Source workloads that have series.
+    pub fn sources(&self) -> Vec<(String, String)> {
+        self.series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 }
 
@@ -161,6 +434,61 @@ pub struct TcpMetrics {
     pub sent_bytes: Family<IstioTcpLabels, Counter>,
     /// Bytes received from the client (the request direction).
     pub received_bytes: Family<IstioTcpLabels, Counter>,
+    /// Series by source workload (namespace, workload), for ageing out.
+    series: Mutex<HashMap<(String, String), HashSet<IstioTcpLabels>>>,
+}
+
+impl TcpMetrics {
+    /// Counts a connection opened (and remembers its series for ageing out).
+    pub fn open(&self, labels: &IstioTcpLabels) {
+        self.opened.get_or_create(labels).inc();
+        self.note(labels);
+    }
+
+    /// Counts a connection closed.
+    pub fn close(&self, labels: &IstioTcpLabels) {
+        self.closed.get_or_create(labels).inc();
+        self.note(labels);
+    }
+
+    fn note(&self, labels: &IstioTcpLabels) {
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let set = series
+            .entry((
+                labels.source.namespace.clone(),
+                labels.source.workload.clone(),
+            ))
+            .or_default();
+        if !set.contains(labels) {
+            set.insert(labels.clone());
+        }
+    }
+
+    /// Removes every series of a source workload that is gone from the node.
+    pub fn forget_source(&self, namespace: &str, workload: &str) -> usize {
+        let gone = self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(namespace.to_string(), workload.to_string()))
+            .unwrap_or_default();
+        for l in &gone {
+            self.opened.remove(l);
+            self.closed.remove(l);
+            self.sent_bytes.remove(l);
+            self.received_bytes.remove(l);
+        }
+        gone.len()
+    }
+
+    pub fn sources(&self) -> Vec<(String, String)> {
+        self.series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
 }
 
 #[derive(Default)]
@@ -220,6 +548,16 @@ impl Metrics {
             "istio_request_duration_milliseconds",
             "Request duration in milliseconds",
             http.duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request size in bytes (headers and body)",
+            http.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response size in bytes (headers and body)",
+            http.response_bytes.clone(),
         );
         let daemon = DaemonMetrics::default();
         let sub = registry.sub_registry_with_prefix("proxy_daemon");

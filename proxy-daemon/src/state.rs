@@ -1,7 +1,7 @@
 //! Store → compile → snapshot. The store holds what the source last gave us; compiling
 //! turns it into an immutable [`Snapshot`] the rest of the daemon reads without locks.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -18,6 +18,8 @@ use crate::{
 use proxy_common::FailMode;
 
 pub const FAIL_MODE_ANNOTATION: &str = "nodeproxy.io/fail-mode";
+/// Namespace annotation: "false" turns the access log off for the namespace's pods.
+pub const ACCESS_LOG_ANNOTATION: &str = "nodeproxy.io/access-log";
 pub const CAPTURE_LABEL_KEY: &str = "nodeproxy.io/capture";
 
 /// Settings that decide which pods are captured.
@@ -56,6 +58,8 @@ pub struct NamespaceState {
     pub captured: bool,
     #[serde(serialize_with = "ser_fail_mode")]
     pub fail_mode: FailMode,
+    /// `nodeproxy.io/access-log` (default on).
+    pub access_log: bool,
 }
 
 /// The compiled configuration.
@@ -71,6 +75,9 @@ pub struct Snapshot {
     pub pods: BTreeMap<String, CapturedPod>,
     /// Pods seen but not captured, with the reason (for /config_dump).
     pub not_captured: BTreeMap<String, String>,
+    /// Workload labels of every pod with an IP: the destination_* labels of mesh traffic.
+    #[serde(skip)]
+    pub peers: HashMap<std::net::IpAddr, Arc<crate::metrics::PeerLabels>>,
 }
 
 fn parse_fail_mode(v: &str) -> Option<FailMode> {
@@ -124,12 +131,43 @@ pub fn compile(
                     }
                 },
             };
+            let access_log = match ns
+                .metadata
+                .annotations
+                .get(ACCESS_LOG_ANNOTATION)
+                .map(String::as_str)
+            {
+                None | Some("true") | Some("on") => true,
+                Some("false") | Some("off") => false,
+                Some(v) => {
+                    errors.push(err(
+                        o,
+                        format!("annotation {ACCESS_LOG_ANNOTATION}: {v:?} is neither \"true\" nor \"false\""),
+                    ));
+                    true
+                }
+            };
             snap.namespaces.insert(
                 ns.metadata.name.clone(),
                 NamespaceState {
                     captured,
                     fail_mode,
+                    access_log,
                 },
+            );
+        }
+    }
+    for o in objects {
+        let Object::Pod(pod) = &o.value else { continue };
+        if let Some(ip) = pod
+            .status
+            .pod_ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+        {
+            snap.peers.insert(
+                ip,
+                crate::metrics::PeerLabels::of(&WorkloadInfo::from_pod(pod)),
             );
         }
     }

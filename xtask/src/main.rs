@@ -186,6 +186,35 @@ fn setup() -> Result<()> {
             ])
             .env("LLVM_PREFIX", &prefix))?;
     }
+    // promtool (the metrics test checks the scrape with it), taken out of Debian's
+    // `prometheus` package without installing the package (which would start a server).
+    let tools = workspace_root().join("target/tools");
+    if !have("promtool") && !tools.join("promtool").exists() {
+        let dl = tools.join("dl");
+        let _ = std::fs::remove_dir_all(&dl);
+        std::fs::create_dir_all(&dl)?;
+        if run(Command::new("apt-get")
+            .args(["download", "prometheus"])
+            .current_dir(&dl))
+        .is_err()
+        {
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            run(Command::new("apt-get")
+                .args(["download", "prometheus"])
+                .current_dir(&dl))?;
+        }
+        let deb = std::fs::read_dir(&dl)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download prometheus gave no .deb")?;
+        run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dl.join("x")))?;
+        std::fs::copy(dl.join("x/usr/bin/promtool"), tools.join("promtool"))?;
+        let _ = std::fs::remove_dir_all(&dl);
+    }
     Ok(())
 }
 
@@ -197,7 +226,7 @@ fn cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.args(args).current_dir(workspace_root());
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut paths = vec![cargo_home_bin()];
+    let mut paths = vec![cargo_home_bin(), workspace_root().join("target/tools")];
     paths.extend(std::env::split_paths(&path));
     cmd.env("PATH", std::env::join_paths(paths).expect("PATH"));
     cmd

@@ -2,6 +2,7 @@
 //! its own (Host, VirtualService rules, the real source pod), and forwarded on a pooled
 //! upstream connection opened from the pod's network namespace.
 use std::{
+    borrow::Cow,
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
@@ -26,10 +27,10 @@ use tracing::{debug, warn};
 use super::{
     connect_from_pod,
     http_route::{self, HttpDecision, RequestEdits, RequestView},
-    route, OrigDstAddr, PodContext, ProxyError, ProxyInputs,
+    report, route, OrigDstAddr, PodContext, ProxyError, ProxyInputs,
 };
 use crate::{
-    metrics::{DestinationLabels, IstioTcpLabels, RequestLabels},
+    metrics::DestinationLabels,
     routes::HeaderOps,
     tls::{UpstreamIo, UpstreamTls},
 };
@@ -278,6 +279,8 @@ fn empty() -> Body {
 struct Attempt {
     resp: Response<Body>,
     labels: DestinationLabels,
+    /// The endpoint tried, if any (destination workload labels, access log).
+    upstream: Option<SocketAddr>,
     flags: &'static str,
     /// The policy and what to judge it on (status, or the failure's flag).
     retry: Option<(http_route::Retry, Option<u16>)>,
@@ -290,6 +293,7 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
+    let start_time = std::time::SystemTime::now();
     if !req.headers().contains_key("x-request-id") {
         if let Ok(v) = HeaderValue::from_str(&new_request_id()) {
             req.headers_mut().insert("x-request-id", v);
@@ -323,6 +327,55 @@ async fn handle(
     };
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let request_head = report::head_bytes(
+        &parts.headers,
+        parts.method.as_str().len() + path.len() + 11,
+    );
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let body_count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Reports the request once its response is done (see report::metered).
+    let finish = |dest: DestinationLabels,
+                  upstream: Option<SocketAddr>,
+                  flags: Cow<'static, str>,
+                  code: u16| report::Finish {
+        inputs: inputs.clone(),
+        pod: pod.clone(),
+        started,
+        start_time,
+        method: parts.method.clone(),
+        authority: authority.clone(),
+        path: path.clone(),
+        protocol: match parts.version {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        request_id: parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        request_size: report::RequestSize::Counted {
+            head: request_head,
+            body: body_count.clone(),
+        },
+        grpc,
+        dest,
+        upstream,
+        flags,
+        code,
+        log: true,
+    };
     let mut decision = decide(&parts);
     if matches!(decision, HttpDecision::Respond { flags: "UH", .. }) && inputs.dns.has_pending() {
         // A DNS name the new configuration needs has no first answer yet: wait for it
@@ -344,11 +397,19 @@ async fn handle(
             .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
     let (buffered, mut streaming) = if retriable_body {
         match body.collect().await {
-            Ok(b) => (Some(b.to_bytes()), None),
+            Ok(b) => {
+                let b = b.to_bytes();
+                body_count.store(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                (Some(b), None)
+            }
             Err(e) => return local_response(400, format!("reading request body: {e}\n"), None),
         }
     } else {
-        (None, Some(body.boxed()))
+        let counted = report::CountingBody {
+            inner: body.boxed(),
+            count: body_count.clone(),
+        };
+        (None, Some(counted.boxed()))
     };
     let mut attempt = 0u32;
     loop {
@@ -362,6 +423,7 @@ async fn handle(
             } => Attempt {
                 resp: local_response(status, body, location),
                 labels,
+                upstream: None,
                 flags,
                 retry: None,
             },
@@ -406,8 +468,10 @@ async fn handle(
                         .filter(|_| rand::random::<f64>() * 100.0 < f.abort_percent)
                     {
                         let resp = local_response(code as u16, "fault filter abort\n".into(), None);
-                        record(inputs, pod, &labels, "FI", code as u16, started.elapsed());
-                        return resp;
+                        return report::metered(
+                            resp,
+                            finish(labels, None, Cow::Borrowed("FI"), code as u16),
+                        );
                     }
                 }
                 let body = match (&buffered, streaming.take()) {
@@ -439,8 +503,7 @@ async fn handle(
                 let Ok(permit) = super::limits::admit(&labels.service, pool.as_ref(), true).await
                 else {
                     let resp = local_response(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n".into(), None);
-                    record(inputs, pod, &labels, "UO", 503, started.elapsed());
-                    return resp;
+                    return report::metered(resp, finish(labels, None, Cow::Borrowed("UO"), 503));
                 };
                 let load = super::limits::EndpointLoad::start(upstream);
                 let max_per_conn = pool.as_ref().and_then(|p| p.max_requests_per_connection);
@@ -473,6 +536,7 @@ async fn handle(
                         Attempt {
                             resp,
                             labels,
+                            upstream: Some(upstream),
                             flags: "",
                             retry: Some((retry, Some(status))),
                         }
@@ -488,6 +552,7 @@ async fn handle(
                         Attempt {
                             resp: local_response(status, format!("{message}\n"), None),
                             labels,
+                            upstream: Some(upstream),
                             flags,
                             retry: Some((retry, None)),
                         }
@@ -509,14 +574,14 @@ async fn handle(
             // Envoy's URX: retries exhausted on a failing upstream (with the last
             // attempt's own flag, as Envoy lists them: "UF,URX").
             let flags = match (done.flags, attempt > 0 && code >= 500) {
-                ("", true) => std::borrow::Cow::Borrowed("URX"),
-                (f, true) => std::borrow::Cow::Owned(format!("{f},URX")),
-                (f, false) => std::borrow::Cow::Borrowed(f),
+                ("", true) => Cow::Borrowed("URX"),
+                (f, true) => Cow::Owned(format!("{f},URX")),
+                (f, false) => Cow::Borrowed(f),
             };
-            record(inputs, pod, &done.labels, &flags, code, started.elapsed());
+            let resp = report::metered(done.resp, finish(done.labels, done.upstream, flags, code));
             return match client_upgrade {
-                Some(cu) => finish_upgrade(done.resp, cu),
-                None => done.resp,
+                Some(cu) => finish_upgrade(resp, cu),
+                None => resp,
             };
         }
         attempt += 1;
@@ -542,27 +607,6 @@ fn finish_upgrade(
         }
     }
     resp
-}
-
-fn record(
-    inputs: &ProxyInputs,
-    pod: &PodContext,
-    dest: &DestinationLabels,
-    flags: &str,
-    code: u16,
-    took: Duration,
-) {
-    let mut base = IstioTcpLabels::new(&pod.workload, dest, flags);
-    base.request_protocol = "http";
-    let labels = RequestLabels {
-        response_code: code,
-        base,
-    };
-    let m = &inputs.metrics.http;
-    m.requests.get_or_create(&labels).inc();
-    m.duration
-        .get_or_create(&labels)
-        .observe(took.as_secs_f64() * 1000.0);
 }
 
 /// A new upstream HTTP/1 connection from the pod's netns.
@@ -740,6 +784,7 @@ fn send_mirror(
         }
     };
     let shadow = format!("{authority}-shadow");
+    let shadow_authority = shadow.clone();
     let mut req = match clone_head(head).body(empty()) {
         Ok(r) => r,
         Err(_) => return dropped("bad_request"),
@@ -784,8 +829,29 @@ fn send_mirror(
                 .inc();
             return;
         };
+        let request_size = report::RequestSize::Known(
+            report::head_bytes(req.headers(), req.method().as_str().len() + 11)
+                + bytes.len() as u64,
+        );
+        let finish = report::Finish {
+            inputs: inputs.clone(),
+            pod: pod.clone(),
+            started: Instant::now(),
+            start_time: std::time::SystemTime::now(),
+            method: req.method().clone(),
+            authority: shadow_authority,
+            path: req.uri().path().to_string(),
+            protocol: "HTTP/1.1",
+            request_id: None,
+            request_size,
+            grpc: false,
+            dest: labels,
+            upstream: Some(upstream),
+            flags: Cow::Borrowed(""),
+            code: 0,
+            log: false,
+        };
         *req.body_mut() = Full::new(bytes).map_err(|never| match never {}).boxed();
-        let started = Instant::now();
         let result = forward(
             &inputs,
             &pod,
@@ -796,7 +862,7 @@ fn send_mirror(
             None,
         )
         .await;
-        let (code, outcome) = match &result {
+        let (code, outcome, flags) = match &result {
             Ok(resp) => (
                 resp.status().as_u16(),
                 if resp.status().is_server_error() {
@@ -804,12 +870,17 @@ fn send_mirror(
                 } else {
                     "sent"
                 },
+                "",
             ),
-            Err((status, _, _)) => (*status, "failed"),
+            Err((status, flags, _)) => (*status, "failed", *flags),
         };
         // Drain the response so the pooled connection can be reused.
+        let mut response_bytes = 0;
         if let Ok(resp) = result {
-            let _ = resp.into_body().collect().await;
+            response_bytes = report::head_bytes(resp.headers(), 17);
+            if let Ok(b) = resp.into_body().collect().await {
+                response_bytes += b.to_bytes().len() as u64;
+            }
         }
         inputs
             .metrics
@@ -820,7 +891,13 @@ fn send_mirror(
                 result: outcome,
             })
             .inc();
-        record(&inputs, &pod, &labels, "", code, started.elapsed());
+        // The copy is metered under the mirror destination (never logged).
+        report::Finish {
+            code,
+            flags: Cow::Borrowed(flags),
+            ..finish
+        }
+        .done(response_bytes, None, false);
     });
 }
 

@@ -6,6 +6,7 @@ pub mod http;
 pub mod http_route;
 pub mod limits;
 pub mod outlier;
+pub mod report;
 pub mod route;
 pub mod sniff;
 pub mod tcp;
@@ -43,6 +44,8 @@ impl From<OrigDst> for OrigDstAddr {
 /// One captured pod, as the data path needs it.
 pub struct PodContext {
     pub workload: Arc<WorkloadInfo>,
+    /// The pod's half of every metric label set, built once.
+    pub source_labels: Arc<crate::metrics::SourceLabels>,
     pub netns: Arc<NetnsWorker>,
     pub netns_cookie: u64,
     /// Idle HTTP/1 upstream connections, made in this pod's netns.

@@ -1,5 +1,5 @@
 //! Opaque TCP: copy both ways, half-close faithfully, count bytes as they pass.
-use std::time::Duration;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
@@ -13,7 +13,7 @@ use super::{
     route::{self, L4Decision},
     OrigDstAddr, PodContext, ProxyError, ProxyInputs,
 };
-use crate::metrics::IstioTcpLabels;
+use crate::metrics::{DestinationLabels, IstioTcpLabels, PeerLabels};
 
 const COPY_BUFFER: usize = 64 * 1024;
 
@@ -35,6 +35,8 @@ pub async fn proxy(
     let daemon = &inputs.metrics.daemon;
     daemon.active_connections.inc();
     let _active = ActiveGuard(&daemon.active_connections);
+    let started = std::time::Instant::now();
+    let start_time = std::time::SystemTime::now();
     let snapshot = inputs.config.load();
     let decision = route::decide(
         &snapshot,
@@ -45,14 +47,28 @@ pub async fn proxy(
         route::next_roll(),
         sni.as_deref(),
     );
-    drop(snapshot);
     let tcp = &inputs.metrics.tcp;
     let (upstream_addr, destination) = match decision {
-        L4Decision::Forward { upstream, labels } => (upstream, labels),
+        L4Decision::Forward { upstream, labels } => (upstream, Arc::new(labels)),
         L4Decision::Refuse { labels, flags } => {
-            let refused = IstioTcpLabels::new(&pod.workload, &labels, flags);
-            tcp.opened.get_or_create(&refused).inc();
-            tcp.closed.get_or_create(&refused).inc();
+            let dest = Arc::new(labels);
+            let refused =
+                IstioTcpLabels::new(&pod.source_labels, &PeerLabels::unknown(), &dest, flags);
+            tcp.open(&refused);
+            tcp.close(&refused);
+            super::report::log_tcp(super::report::TcpLog {
+                pod,
+                snap: &snapshot,
+                start_time,
+                duration: started.elapsed(),
+                dest: &dest,
+                peer: &PeerLabels::unknown(),
+                upstream: None,
+                original_dst: SocketAddr::V4(dst.0),
+                flags,
+                received: 0,
+                sent: 0,
+            });
             // Reset: the app sees the connection refused, as Envoy's BlackHole does.
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
             return Err(ProxyError::Refused(flags, dst));
@@ -68,23 +84,37 @@ pub async fn proxy(
                     .connection_pool
             })
     };
+    let peer = super::report::peer_for(&snapshot, &destination, Some(upstream_addr));
+    drop(snapshot);
     let Ok(_permit) = super::limits::admit(&destination.service, pool.as_ref(), false).await else {
-        let overflow = IstioTcpLabels::new(&pod.workload, &destination, "UO");
-        tcp.opened.get_or_create(&overflow).inc();
-        tcp.closed.get_or_create(&overflow).inc();
+        let overflow = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "UO");
+        tcp.open(&overflow);
+        tcp.close(&overflow);
         let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
         return Err(ProxyError::Refused("UO", dst));
     };
     let _load = super::limits::EndpointLoad::start(upstream_addr);
-    let labels = IstioTcpLabels::new(&pod.workload, &destination, "");
-    tcp.opened.get_or_create(&labels).inc();
+    let labels = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "");
+    tcp.open(&labels);
 
     let mut upstream = match connect_from_pod(pod, upstream_addr, inputs.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             daemon.upstream_connect_failures.inc();
-            let failed = IstioTcpLabels::new(&pod.workload, &destination, "UF");
-            tcp.closed.get_or_create(&failed).inc();
+            let failed = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "UF");
+            tcp.close(&failed);
+            log_close(
+                inputs,
+                pod,
+                start_time,
+                started,
+                &destination,
+                &peer,
+                upstream_addr,
+                dst,
+                "UF",
+                (0, 0),
+            );
             // Reset, so the app sees the connection fail rather than a clean empty close.
             // (SO_LINGER 0 never blocks on drop: it discards instead of waiting.)
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
@@ -106,10 +136,55 @@ pub async fn proxy(
     if let Err(e) = &result {
         debug!(dst = %dst.0, error = %e, "copy ended with error");
     }
-    tcp.closed
-        .get_or_create(&IstioTcpLabels::new(&pod.workload, &destination, flags))
-        .inc();
+    tcp.close(&IstioTcpLabels::new(
+        &pod.source_labels,
+        &peer,
+        &destination,
+        flags,
+    ));
+    let totals = result.as_ref().map(|(r, s)| (*r, *s)).unwrap_or((0, 0));
+    log_close(
+        inputs,
+        pod,
+        start_time,
+        started,
+        &destination,
+        &peer,
+        upstream_addr,
+        dst,
+        flags,
+        totals,
+    );
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_close(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    start_time: std::time::SystemTime,
+    started: std::time::Instant,
+    dest: &DestinationLabels,
+    peer: &PeerLabels,
+    upstream: SocketAddr,
+    dst: OrigDstAddr,
+    flags: &str,
+    (received, sent): (u64, u64),
+) {
+    let snap = inputs.config.load();
+    super::report::log_tcp(super::report::TcpLog {
+        pod,
+        snap: &snap,
+        start_time,
+        duration: started.elapsed(),
+        dest,
+        peer,
+        upstream: Some(upstream),
+        original_dst: SocketAddr::V4(dst.0),
+        flags,
+        received,
+        sent,
+    });
 }
 
 /// Copies until EOF, then shuts down the write side (half-close), counting as it goes.

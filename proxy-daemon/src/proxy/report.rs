@@ -1,0 +1,358 @@
+//! The end of a request or connection: Istio's metrics and one access log line, written
+//! when the response body is done, so duration and sizes cover the whole exchange.
+use std::{
+    borrow::Cow,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::Response;
+use http_body_util::BodyExt as _;
+use hyper::body::{Body as _, Frame};
+
+use super::{PodContext, ProxyInputs};
+use crate::{
+    metrics::{
+        DestinationLabels, IstioTcpLabels, PeerLabels, RequestLabels, RequestRecord,
+        BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER,
+    },
+    state::Snapshot,
+};
+
+type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// The target access log lines are written to: `/logging?level=info,access_log=off`
+/// switches them off at run time.
+pub const ACCESS_LOG_TARGET: &str = "access_log";
+
+/// The destination workload behind `upstream`, for mesh destinations.
+pub fn peer_for(
+    snap: &Snapshot,
+    dest: &DestinationLabels,
+    upstream: Option<SocketAddr>,
+) -> Arc<PeerLabels> {
+    if dest.service_name == PASSTHROUGH_CLUSTER || dest.service_name == BLACKHOLE_CLUSTER {
+        return PeerLabels::unknown();
+    }
+    upstream
+        .and_then(|u| snap.peers.get(&u.ip()).cloned())
+        .unwrap_or_else(PeerLabels::unknown)
+}
+
+/// Whether the source pod's namespace wants access log lines
+/// (`nodeproxy.io/access-log: "false"` turns them off).
+pub fn access_log_on(snap: &Snapshot, namespace: &str) -> bool {
+    snap.namespaces.get(namespace).is_none_or(|n| n.access_log)
+}
+
+/// The request's size, known up front (buffered) or counted as its body streams.
+pub enum RequestSize {
+    Known(u64),
+    Counted { head: u64, body: Arc<AtomicU64> },
+}
+
+impl RequestSize {
+    fn bytes(&self) -> u64 {
+        match self {
+            RequestSize::Known(n) => *n,
+            RequestSize::Counted { head, body } => head + body.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Everything needed to report one request once its response is done.
+pub struct Finish {
+    pub inputs: Arc<ProxyInputs>,
+    pub pod: Arc<PodContext>,
+    pub started: Instant,
+    pub start_time: SystemTime,
+    pub method: http::Method,
+    pub authority: String,
+    pub path: String,
+    pub protocol: &'static str,
+    pub request_id: Option<String>,
+    pub request_size: RequestSize,
+    pub grpc: bool,
+    pub dest: DestinationLabels,
+    pub upstream: Option<SocketAddr>,
+    pub flags: Cow<'static, str>,
+    pub code: u16,
+    /// False for mirror copies: they are metered, not logged.
+    pub log: bool,
+}
+
+/// Size of a header block on the wire, roughly as Envoy counts it (`name: value\r\n`).
+pub fn head_bytes(headers: &http::HeaderMap, first_line: usize) -> u64 {
+    (first_line
+        + headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+        + 2) as u64
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+impl Finish {
+    /// Reports the request: metrics always, the access log line when enabled.
+    pub fn done(self, response_bytes: u64, grpc: Option<u16>, downstream_gone: bool) {
+        let snap = self.inputs.config.load();
+        let peer = peer_for(&snap, &self.dest, self.upstream);
+        let flags: Cow<'static, str> = if downstream_gone && self.flags.is_empty() {
+            Cow::Borrowed("DC")
+        } else {
+            self.flags
+        };
+        let request_bytes = self.request_size.bytes();
+        let duration = self.started.elapsed();
+        let dest = Arc::new(self.dest);
+        let mut base = IstioTcpLabels::new(&self.pod.source_labels, &peer, &dest, &flags);
+        base.request_protocol = if self.grpc { "grpc" } else { "http" };
+        let grpc_response_status = if self.grpc {
+            // A gRPC response without a status (e.g. a local reply) is UNKNOWN (2).
+            Some(grpc.unwrap_or(2))
+        } else {
+            None
+        };
+        self.inputs.metrics.http.record(RequestRecord {
+            labels: RequestLabels {
+                response_code: self.code,
+                grpc_response_status,
+                base,
+            },
+            duration,
+            request_bytes,
+            response_bytes,
+        });
+        if self.log && access_log_on(&snap, &self.pod.workload.namespace) {
+            let w = &self.pod.workload;
+            tracing::info!(
+                target: ACCESS_LOG_TARGET,
+                start_time = %rfc3339(self.start_time),
+                method = %self.method,
+                authority = %self.authority,
+                path = %self.path,
+                protocol = self.protocol,
+                response_code = self.code,
+                response_flags = %if flags.is_empty() { "-" } else { &flags },
+                bytes_received = request_bytes,
+                bytes_sent = response_bytes,
+                duration_ms = duration.as_secs_f64() * 1000.0,
+                upstream_host = %self.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+                x_request_id = %self.request_id.as_deref().unwrap_or("-"),
+                source_workload = %w.workload,
+                source_namespace = %w.namespace,
+                source_pod = %w.pod_name,
+                destination_service = %dest.service,
+                destination_workload = %peer.workload,
+                destination_namespace = %peer.namespace,
+                "request"
+            );
+        }
+    }
+}
+
+/// Wraps a response so it is reported when its body ends (or the client goes away).
+pub fn metered(resp: Response<Body>, finish: Finish) -> Response<Body> {
+    let head = head_bytes(resp.headers(), 17);
+    let header_grpc = grpc_status(resp.headers());
+    resp.map(|inner| {
+        Metered {
+            inner,
+            bytes: head,
+            grpc: header_grpc,
+            finish: Some(finish),
+        }
+        .boxed()
+    })
+}
+
+struct Metered {
+    inner: Body,
+    bytes: u64,
+    grpc: Option<u16>,
+    finish: Option<Finish>,
+}
+
+impl Metered {
+    fn complete(&mut self, downstream_gone: bool) {
+        if let Some(f) = self.finish.take() {
+            f.done(self.bytes, self.grpc, downstream_gone);
+        }
+    }
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                } else if let Some(t) = frame.trailers_ref() {
+                    self.bytes += head_bytes(t, 0);
+                    if let Some(g) = grpc_status(t) {
+                        self.grpc = Some(g);
+                    }
+                }
+            }
+            Poll::Ready(None) => self.complete(false),
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(f) = self.finish.as_mut() {
+                    if f.flags.is_empty() {
+                        // The upstream reset mid-body (Envoy: UR, upstream remote reset).
+                        f.flags = Cow::Borrowed("UR");
+                    }
+                }
+                self.complete(false);
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away (Envoy: DC), unless the body was
+        // complete and simply never polled to its end.
+        let gone = !self.inner.is_end_stream();
+        self.complete(gone);
+    }
+}
+
+/// Counts a streaming request body as it passes.
+pub struct CountingBody {
+    pub inner: Body,
+    pub count: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One line per TCP connection, at its close.
+pub struct TcpLog<'a> {
+    pub pod: &'a PodContext,
+    pub snap: &'a Snapshot,
+    pub start_time: SystemTime,
+    pub duration: std::time::Duration,
+    pub dest: &'a DestinationLabels,
+    pub peer: &'a PeerLabels,
+    pub upstream: Option<SocketAddr>,
+    pub original_dst: SocketAddr,
+    pub flags: &'a str,
+    pub received: u64,
+    pub sent: u64,
+}
+
+pub fn log_tcp(l: TcpLog) {
+    if !access_log_on(l.snap, &l.pod.workload.namespace) {
+        return;
+    }
+    let w = &l.pod.workload;
+    tracing::info!(
+        target: ACCESS_LOG_TARGET,
+        start_time = %rfc3339(l.start_time),
+        protocol = "tcp",
+        response_flags = %if l.flags.is_empty() { "-" } else { l.flags },
+        bytes_received = l.received,
+        bytes_sent = l.sent,
+        duration_ms = l.duration.as_secs_f64() * 1000.0,
+        upstream_host = %l.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+        original_destination = %l.original_dst,
+        source_workload = %w.workload,
+        source_namespace = %w.namespace,
+        source_pod = %w.pod_name,
+        destination_service = %l.dest.service,
+        destination_workload = %l.peer.workload,
+        destination_namespace = %l.peer.namespace,
+        "connection"
+    );
+}
+
+/// `2026-11-22T01:02:03.456Z` (UTC, milliseconds), as Envoy's %START_TIME%.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_times_read_as_rfc3339() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_309_323_456);
+        assert_eq!(rfc3339(t), "2026-11-22T01:02:03.456Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+}
