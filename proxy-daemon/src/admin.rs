@@ -135,7 +135,7 @@ pub fn metrics_handler(
             before_scrape();
             respond(
                 StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                "text/plain; version=0.0.4; charset=utf-8",
                 metrics.encode(),
             )
         }

@@ -87,6 +87,7 @@ pub struct Settings {
     pub hosts_file: Option<PathBuf>,
     pub credentials_dir: Option<PathBuf>,
     pub tls_session_cache: usize,
+    pub metrics_retention: Duration,
 }
 
 fn startup(msg: impl Into<String>) -> AppError {
@@ -179,6 +180,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         hosts_file: args.hosts_file.clone(),
         credentials_dir: args.credentials_dir.clone(),
         tls_session_cache: args.tls_session_cache,
+        metrics_retention: Duration::from_secs(args.metrics_retention_secs),
     })
 }
 
@@ -336,6 +338,44 @@ async fn shutdown_signal(mut quit: watch::Receiver<bool>) -> &'static str {
     }
 }
 
+/// Metric series of a source workload whose pods have all left the node are removed once
+/// `retention` has passed (long enough for a last scrape to see their final values);
+/// a workload that comes back meanwhile keeps its series.
+async fn expire_series(metrics: Arc<Metrics>, published: Arc<Published>, retention: Duration) {
+    let mut gone_since: std::collections::HashMap<(String, String), std::time::Instant> =
+        Default::default();
+    let mut tick = tokio::time::interval(
+        Duration::from_secs(1).min(retention.max(Duration::from_millis(200))),
+    );
+    loop {
+        tick.tick().await;
+        let snap = published.load();
+        let live: std::collections::HashSet<(String, String)> = snap
+            .pods
+            .values()
+            .map(|p| (p.workload.namespace.clone(), p.workload.workload.clone()))
+            .collect();
+        let mut sources = metrics.http.sources();
+        sources.extend(metrics.tcp.sources());
+        gone_since.retain(|k, _| !live.contains(k));
+        for src in sources {
+            if live.contains(&src) {
+                continue;
+            }
+            let since = *gone_since
+                .entry(src.clone())
+                .or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= retention {
+                let n = metrics.http.forget_source(&src.0, &src.1)
+                    + metrics.tcp.forget_source(&src.0, &src.1);
+                metrics.daemon.expired_series.inc_by(n as u64);
+                info!(namespace = %src.0, workload = %src.1, series = n, "source workload left the node; its metric series expired");
+                gone_since.remove(&src);
+            }
+        }
+    }
+}
+
 /// Every proxied connection holds two sockets; the usual soft limit of 1024 would cap a
 /// node at ~500 connections. Raise the soft limit to the hard one.
 fn raise_fd_limit() {
@@ -392,6 +432,11 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             .map_err(|e| startup(e.to_string()))?,
     );
     tokio::spawn(dns.clone().run(published.clone()));
+    tokio::spawn(expire_series(
+        metrics.clone(),
+        published.clone(),
+        settings.metrics_retention,
+    ));
     let inputs = Arc::new(ProxyInputs {
         orig_dst: attached
             .orig_dst_table()
@@ -489,7 +534,10 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             metrics_listener,
             admin::metrics_handler(metrics.clone(), {
                 let metrics = metrics.clone();
-                Arc::new(move || metrics.refresh_from_maps(&map_stats))
+                Arc::new(move || {
+                    metrics.refresh_from_maps(&map_stats);
+                    metrics.refresh_process();
+                })
             }),
         )),
         tokio::spawn(admin::serve(

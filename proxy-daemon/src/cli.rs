@@ -138,6 +138,10 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_CREDENTIALS_DIR")]
     pub credentials_dir: Option<PathBuf>,
 
+    /// Metric series of a workload whose pods all left the node are removed after this long.
+    #[arg(long, env = "PROXY_METRICS_RETENTION_SECS", default_value_t = 300)]
+    pub metrics_retention_secs: u64,
+
     /// TLS sessions kept per upstream TLS setting for resumption (0 turns resumption off).
     #[arg(long, env = "PROXY_TLS_SESSION_CACHE", default_value_t = 256)]
     pub tls_session_cache: usize,

@@ -508,6 +508,12 @@ pub struct DaemonMetrics {
     pub mirror_requests: Family<MirrorLabels, Counter>,
     pub mirror_dropped: Family<MirrorDropLabels, Counter>,
     pub upstream_tls_handshakes: Family<TlsHandshakeLabels, Counter>,
+    pub upstream_idle_connections: Gauge,
+    pub expired_series: Counter,
+    pub process_cpu_seconds: Gauge<f64, AtomicU64>,
+    pub process_resident_memory_bytes: Gauge,
+    pub process_open_fds: Gauge,
+    pub process_threads: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
 }
 
@@ -633,6 +639,36 @@ impl Metrics {
             daemon.mirror_dropped.clone(),
         );
         sub.register(
+            "upstream_idle_connections",
+            "Idle pooled HTTP upstream connections, all pods",
+            daemon.upstream_idle_connections.clone(),
+        );
+        sub.register(
+            "expired_series",
+            "Metric series removed because their source workload left the node",
+            daemon.expired_series.clone(),
+        );
+        sub.register(
+            "process_cpu_seconds",
+            "CPU time used by the daemon (user + system), in seconds",
+            daemon.process_cpu_seconds.clone(),
+        );
+        sub.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the daemon",
+            daemon.process_resident_memory_bytes.clone(),
+        );
+        sub.register(
+            "process_open_fds",
+            "Open file descriptors of the daemon",
+            daemon.process_open_fds.clone(),
+        );
+        sub.register(
+            "process_threads",
+            "Threads of the daemon",
+            daemon.process_threads.clone(),
+        );
+        sub.register(
             "upstream_tls_handshakes",
             "TLS handshakes originated to upstreams, by result (full, resumed, failed)",
             daemon.upstream_tls_handshakes.clone(),
@@ -652,16 +688,50 @@ impl Metrics {
         }
     }
 
+    /// The registry in Prometheus' classic text format (0.0.4), as Envoy serves Istio's
+    /// metrics: counter families are named with their `_total` suffix and there is no
+    /// `# EOF`, so every Prometheus text parser (and promtool) reads HELP and TYPE right.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
+        let mut open = String::new();
+        if prometheus_client::encoding::text::encode(&mut open, &self.registry).is_err() {
+            return String::new();
         }
-        out
+        to_classic_text(&open)
     }
 }
 
 impl Metrics {
+    /// The daemon's own process, from /proc/self (called on each scrape).
+    pub fn refresh_process(&self) {
+        let d = &self.daemon;
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name (which may hold spaces): state is field 3.
+            let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = after.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+            // SAFETY: sysconf has no preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            d.process_cpu_seconds.set((ticks(11) + ticks(12)) / hz);
+            d.process_threads.set(ticks(17) as i64);
+        }
+        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+            let pages: i64 = statm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1);
+            d.process_resident_memory_bytes.set(pages * page);
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            d.process_open_fds.set(fds.count() as i64);
+        }
+        d.upstream_idle_connections
+            .set(crate::proxy::http::idle_upstream_connections());
+    }
+
     /// Copies the kernel-side numbers into gauges; called on each scrape.
     pub fn refresh_from_maps(&self, maps: &crate::bpf::MapStats) {
         let d = &self.daemon;
@@ -682,6 +752,52 @@ impl Metrics {
                 .set(v as i64);
         }
     }
+}
+
+/// OpenMetrics text → classic Prometheus text: counter families take their samples'
+/// `_total` name in HELP and TYPE; the `# EOF` marker goes.
+pub fn to_classic_text(open: &str) -> String {
+    let mut out = String::with_capacity(open.len());
+    let mut pending_help: Option<&str> = None;
+    for line in open.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some(h) = pending_help.take() {
+                out.push_str(h);
+                out.push('\n');
+            }
+            let _ = rest;
+            pending_help = Some(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let renamed = if kind == "counter" && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some(h) = pending_help.take() {
+                let text = h
+                    .strip_prefix("# HELP ")
+                    .and_then(|r| r.split_once(' '))
+                    .map(|(_, t)| t)
+                    .unwrap_or("");
+                out.push_str(&format!("# HELP {renamed} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {renamed} {kind}\n"));
+            continue;
+        }
+        if let Some(h) = pending_help.take() {
+            out.push_str(h);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 impl Default for Metrics {

@@ -57,11 +57,19 @@ fn pool_key(upstream: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
 
 const MAX_IDLE_PER_UPSTREAM: usize = 32;
 
+/// Idle HTTP/1 upstream connections over all pods (`proxy_daemon_upstream_idle_connections`).
+static IDLE_UPSTREAMS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+pub fn idle_upstream_connections() -> i64 {
+    IDLE_UPSTREAMS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl UpstreamPool {
     fn take(&self, addr: PoolKey) -> Option<(Sender, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&addr)?;
         while let Some((s, uses)) = list.pop() {
+            IDLE_UPSTREAMS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             if !s.is_closed() && s.is_ready() {
                 return Some((s, uses));
             }
@@ -74,7 +82,16 @@ impl UpstreamPool {
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push((s, uses));
+            IDLE_UPSTREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+}
+
+impl Drop for UpstreamPool {
+    fn drop(&mut self) {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let n: usize = idle.values().map(Vec::len).sum();
+        IDLE_UPSTREAMS.fetch_sub(n as i64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

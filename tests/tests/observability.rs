@@ -1,0 +1,560 @@
+//! Observability: Istio's standard metrics with Istio's exact label sets (checked against
+//! the list Istio documents, not against our code), counts equal to what was sent,
+//! buckets, flags, promtool, the access log, and series of deleted pods ageing out.
+use std::{collections::BTreeSet, time::Duration};
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{endpoint_pod_yaml, namespace_yaml, Node},
+    servers::{HttpEcho, Servers},
+    wait_for, Pod,
+};
+
+/// Istio's standard request metric labels (istio.io, "Istio Standard Metrics").
+const ISTIO_REQUEST_LABELS: [&str; 25] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_cluster",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// The TCP metrics carry the same set without response_code and grpc_response_status.
+fn tcp_labels() -> BTreeSet<&'static str> {
+    ISTIO_REQUEST_LABELS
+        .iter()
+        .copied()
+        .filter(|l| *l != "response_code" && *l != "grpc_response_status")
+        .collect()
+}
+
+/// A pod as a Deployment makes it: owned by ReplicaSet `<deployment>-<hash>`.
+fn deployment_pod_yaml(pod: &Pod, deployment: &str, labels: &[(&str, &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  ownerReferences:\n  - {{apiVersion: apps/v1, kind: ReplicaSet, name: {deployment}-7d9f8c6b5, controller: true}}\n  labels:\n    pod-template-hash: 7d9f8c6b5\n",
+        pod.name, pod.namespace, pod.uid
+    );
+    for (k, v) in labels {
+        y.push_str(&format!("    {k}: \"{v}\"\n"));
+    }
+    y.push_str(&format!(
+        "spec:\n  containers: [{{name: app}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
+        pod.host.ip
+    ));
+    y
+}
+
+fn promtool() -> std::path::PathBuf {
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/promtool");
+    if local.exists() {
+        return local;
+    }
+    "promtool".into()
+}
+
+struct Scene {
+    node: Node,
+    /// The cluster.yaml the scene wrote (tests rewrite it).
+    yaml: String,
+    _servers: Servers,
+    web: Pod,
+    batch: Pod,
+    daemon: Daemon,
+    reviews_ip: String,
+    external_ip: String,
+    outside_ip: String,
+}
+
+fn scene(tag: &str, extra: &[&str]) -> Scene {
+    scene_with(tag, extra, true)
+}
+
+fn scene_with(tag: &str, extra: &[&str], jobs_access_log: bool) -> Scene {
+    let mut node = Node::new(tag);
+    let servers = Servers::new();
+    let reviews = node.host("reviews");
+    let external = node.host("external");
+    let outside = node.host("outside");
+    let slow = node.host("slow");
+    for (h, name, delay) in [
+        (&reviews, "reviews", 0),
+        (&external, "external", 0),
+        (&outside, "outside", 0),
+        (&slow, "slow", 2000),
+    ] {
+        servers.http_echo(
+            h,
+            80,
+            HttpEcho {
+                name: name.into(),
+                delay: Duration::from_millis(delay),
+                ..Default::default()
+            },
+        );
+    }
+    let _tcp = servers.identity(&outside, 7000);
+    let web = node.pod("azar", "web-7d9f8c6b5-x2x9z");
+    let batch = node.pod("jobs", "batch-1");
+    let yaml = namespace_yaml("azar", true, None)
+        + &namespace_yaml("jobs", true, None)
+        + &namespace_yaml("shop", false, None)
+        + &deployment_pod_yaml(&web, "web", &[("app", "web"), ("version", "v1")])
+        + &deployment_pod_yaml(&batch, "batch", &[("app", "batch"), ("version", "v3")])
+        + &endpoint_pod_yaml(
+            &reviews,
+            "reviews-v2-0",
+            "shop",
+            &[("app", "reviews"), ("version", "v2")],
+        )
+        + &endpoint_pod_yaml(&slow, "slow-0", "shop", &[("app", "slow")])
+        + "apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 198.18.0.240
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: slow, namespace: shop}
+spec:
+  clusterIP: 198.18.0.241
+  selector: {app: slow}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: api-external, namespace: azar}
+spec:
+  hosts: [api.external.test]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: "
+        + &external.ip.to_string()
+        + "}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Sidecar
+metadata: {name: strict, namespace: jobs}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+";
+    let yaml = if jobs_access_log {
+        yaml
+    } else {
+        yaml.replace(
+            "  name: jobs\n",
+            "  name: jobs\n  annotations:\n    nodeproxy.io/access-log: \"false\"\n",
+        )
+    };
+    node.write_config("cluster.yaml", &yaml);
+    let daemon = Daemon::start(&node, extra);
+    for p in [&web, &batch] {
+        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    Scene {
+        reviews_ip: reviews.ip.to_string(),
+        external_ip: external.ip.to_string(),
+        outside_ip: outside.ip.to_string(),
+        node,
+        yaml,
+        _servers: servers,
+        web,
+        batch,
+        daemon,
+    }
+}
+
+fn send(pod: &Pod, to: &str, host: &str, count: usize) -> serde_json::Value {
+    pod.pdtool(&[
+        "http",
+        "--to",
+        to,
+        "--host",
+        host,
+        "--count",
+        &count.to_string(),
+    ])
+}
+
+#[test]
+fn istio_metrics_count_every_request_with_istios_labels() {
+    let s = scene("obsmet", &[]);
+    let _ = (&s.reviews_ip, &s.external_ip);
+    let passthrough = format!("{}:80", s.outside_ip);
+    // web: mesh service, ServiceEntry, passthrough. batch (registry-only): the same.
+    for (pod, to, host, n, code) in [
+        (
+            &s.web,
+            "198.18.0.240:9080",
+            "reviews.shop.svc.cluster.local",
+            7,
+            200,
+        ),
+        (&s.web, passthrough.as_str(), "api.external.test", 5, 200),
+        (&s.web, passthrough.as_str(), "outside.example", 3, 200),
+        (&s.batch, "198.18.0.240:9080", "reviews.shop", 4, 200),
+        (&s.batch, passthrough.as_str(), "api.external.test", 2, 200),
+        (&s.batch, passthrough.as_str(), "outside.example", 1, 502),
+    ] {
+        let out = send(pod, to, host, n);
+        assert_eq!(out["statuses"][code.to_string()], n, "{host}: {out}");
+    }
+    let slow = send(&s.web, "198.18.0.241:80", "slow.shop", 1);
+    assert_eq!(slow["statuses"]["200"], 1, "{slow}");
+    let d = &s.daemon;
+    let text = wait_for(Duration::from_secs(3), || {
+        let t = d.metrics_text();
+        (proxy_tests::daemon::sum_samples(&t, "istio_requests_total", &[]) >= 23.0).then_some(t)
+    })
+    .unwrap_or_else(|| d.metrics_text());
+
+    // Counts per (source, destination) equal what each pod sent.
+    let count = |src: &str, labels: &[(&str, &str)]| {
+        let mut l = vec![("source_workload", src)];
+        l.extend_from_slice(labels);
+        proxy_tests::daemon::sum_samples(&text, "istio_requests_total", &l)
+    };
+    let mesh = [
+        ("destination_service", "reviews.shop.svc.cluster.local"),
+        ("destination_service_name", "reviews"),
+        ("destination_service_namespace", "shop"),
+        ("destination_workload", "reviews"),
+        ("destination_workload_namespace", "shop"),
+        ("destination_app", "reviews"),
+        ("destination_version", "v2"),
+        ("destination_canonical_service", "reviews"),
+        ("destination_canonical_revision", "v2"),
+        ("response_code", "200"),
+        ("request_protocol", "http"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(count("web", &mesh), 7.0, "{text}");
+    assert_eq!(count("batch", &mesh), 4.0);
+    let entry = [
+        ("destination_service", "api.external.test"),
+        ("destination_service_name", "api.external.test"),
+        ("destination_service_namespace", "azar"),
+        ("destination_workload", "unknown"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(count("web", &entry), 5.0);
+    assert_eq!(count("batch", &entry), 2.0);
+    let pass = [
+        ("destination_service", "outside.example"),
+        ("destination_service_name", "PassthroughCluster"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(count("web", &pass), 3.0);
+    let refused = [
+        ("destination_service_name", "BlackHoleCluster"),
+        ("response_code", "502"),
+        ("response_flags", "NR"),
+    ];
+    assert_eq!(
+        count("batch", &refused),
+        1.0,
+        "the refused request carries NR"
+    );
+    // Source labels: the Deployment's name, not the pod's.
+    assert_eq!(
+        count(
+            "web",
+            &[
+                ("source_workload_namespace", "azar"),
+                ("source_app", "web"),
+                ("source_version", "v1"),
+                ("source_canonical_service", "web"),
+                ("source_canonical_revision", "v1"),
+                ("source_principal", "unknown"),
+                ("reporter", "source"),
+            ]
+        ),
+        16.0
+    );
+
+    // The 2 s request: in le=2500, not in le=1000; and the other histograms agree.
+    let slow_labels = [
+        ("source_workload", "web"),
+        ("destination_service_name", "slow"),
+    ];
+    let bucket = |le: &str| {
+        let mut l = slow_labels.to_vec();
+        l.push(("le", le));
+        proxy_tests::daemon::sum_samples(&text, "istio_request_duration_milliseconds_bucket", &l)
+    };
+    assert_eq!(bucket("1000.0"), 0.0, "{text}");
+    assert_eq!(bucket("2500.0"), 1.0);
+    assert_eq!(
+        proxy_tests::daemon::sum_samples(
+            &text,
+            "istio_request_duration_milliseconds_count",
+            &slow_labels
+        ),
+        1.0
+    );
+    let sum = proxy_tests::daemon::sum_samples(
+        &text,
+        "istio_request_duration_milliseconds_sum",
+        &slow_labels,
+    );
+    assert!((2000.0..2500.0).contains(&sum), "{sum}");
+    for h in ["istio_request_bytes", "istio_response_bytes"] {
+        assert_eq!(
+            proxy_tests::daemon::sum_samples(&text, &format!("{h}_count"), &[]),
+            23.0,
+            "{h}"
+        );
+    }
+    // Response sizes are real: the echo's JSON body plus headers, well over 100 bytes.
+    assert_eq!(
+        proxy_tests::daemon::sum_samples(
+            &text,
+            "istio_response_bytes_bucket",
+            &[("destination_service_name", "reviews"), ("le", "100.0")]
+        ),
+        0.0
+    );
+
+    // The daemon's own health.
+    let own = |name: &str| proxy_tests::daemon::sum_samples(&text, name, &[]);
+    assert!(
+        own("proxy_daemon_process_resident_memory_bytes") > 1e6,
+        "{text}"
+    );
+    assert!(own("proxy_daemon_process_open_fds") > 5.0);
+    assert!(own("proxy_daemon_process_cpu_seconds") > 0.0);
+    assert_eq!(own("proxy_daemon_enrolled_pods"), 2.0);
+    assert!(
+        own("proxy_daemon_upstream_idle_connections") >= 1.0,
+        "pooled upstreams"
+    );
+    assert!(own("proxy_daemon_ebpf_map_entries") >= 2.0);
+    assert!(own("proxy_daemon_capture_decisions") >= 1.0, "{text}");
+
+    // Exact label sets, parsed by a Prometheus text parser.
+    let lines: Vec<Result<String, std::io::Error>> =
+        text.lines().map(|l| Ok(l.to_string())).collect();
+    let scrape = prometheus_parse::Scrape::parse(lines.into_iter()).expect("Prometheus text");
+    let mut seen = BTreeSet::new();
+    for sample in &scrape.samples {
+        let names: BTreeSet<&str> = sample
+            .labels
+            .keys()
+            .map(|k| k.as_str())
+            .filter(|k| *k != "le")
+            .collect();
+        let expected: Option<BTreeSet<&str>> = match sample.metric.as_str() {
+            "istio_requests_total"
+            | "istio_request_duration_milliseconds"
+            | "istio_request_bytes"
+            | "istio_response_bytes" => Some(ISTIO_REQUEST_LABELS.iter().copied().collect()),
+            m if m.starts_with("istio_tcp_") => Some(tcp_labels()),
+            _ => None,
+        };
+        if let Some(expected) = expected {
+            assert_eq!(names, expected, "{}", sample.metric);
+            seen.insert(sample.metric.clone());
+        }
+    }
+    for m in [
+        "istio_requests_total",
+        "istio_request_duration_milliseconds",
+        "istio_request_bytes",
+        "istio_response_bytes",
+    ] {
+        assert!(seen.contains(m), "{m} missing; saw {seen:?}");
+    }
+
+    // promtool accepts the scrape.
+    let file = std::env::temp_dir().join(format!("pd-scrape-{}.txt", std::process::id()));
+    std::fs::write(&file, &text).unwrap();
+    let out = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .expect("promtool (installed by `cargo xtask setup`)");
+    let _ = std::fs::remove_file(&file);
+    // promtool's naming lint objects to one of Istio's own metric names (a real sidecar's
+    // scrape gets the same line); that name is the contract, so that one line is allowed
+    // and nothing else: no parse error (exit 1), no other lint.
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let istio_naming =
+        r#"istio_request_duration_milliseconds use base unit "seconds" instead of "milliseconds""#;
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty() && l.trim() != istio_naming)
+        .collect();
+    assert!(
+        out.status.success() || (out.status.code() == Some(3) && problems.is_empty()),
+        "promtool check metrics ({:?}): {report}",
+        out.status.code()
+    );
+    assert!(problems.is_empty(), "promtool: {problems:?}");
+}
+
+/// The daemon's JSON log lines written by the access log.
+fn access_lines(d: &Daemon) -> Vec<serde_json::Value> {
+    d.log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access_log")
+        .collect()
+}
+
+#[test]
+fn access_log_is_one_json_line_per_request_and_switchable() {
+    let s = scene_with("obslog", &["--log-format", "json"], false);
+    let out = s.web.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.240:9080",
+        "--host",
+        "reviews.shop",
+        "--path",
+        "/ratings?id=7",
+        "-H",
+        "X-Request-Id: log-1",
+    ]);
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    let tcp = s
+        .web
+        .pdtool(&["connect", "--to", &format!("{}:7000", s.outside_ip)]);
+    assert_eq!(tcp["result"], "ok", "{tcp}");
+    let batch = send(&s.batch, "198.18.0.240:9080", "reviews.shop", 1);
+    assert_eq!(batch["statuses"]["200"], 1, "{batch}");
+
+    let lines = wait_for(Duration::from_secs(3), || {
+        let l = access_lines(&s.daemon);
+        (l.len() >= 2).then_some(l)
+    })
+    .unwrap_or_else(|| panic!("no access log lines: {}", s.daemon.log_text()));
+    let req = lines
+        .iter()
+        .map(|l| &l["fields"])
+        .find(|f| f["message"] == "request")
+        .expect("a request line");
+    for (k, v) in [
+        ("method", "GET"),
+        ("authority", "reviews.shop"),
+        ("path", "/ratings?id=7"),
+        ("protocol", "HTTP/1.1"),
+        ("response_flags", "-"),
+        ("x_request_id", "log-1"),
+        ("source_workload", "web"),
+        ("source_namespace", "azar"),
+        ("destination_service", "reviews.shop.svc.cluster.local"),
+        ("destination_workload", "reviews"),
+    ] {
+        assert_eq!(req[k], v, "{k}: {req}");
+    }
+    assert_eq!(req["response_code"], 200);
+    assert_eq!(req["upstream_host"], format!("{}:80", s.reviews_ip));
+    assert!(req["bytes_sent"].as_u64().unwrap_or(0) > 100, "{req}");
+    assert!(req["duration_ms"].as_f64().is_some(), "{req}");
+    assert!(
+        req["start_time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.len() == 24),
+        "{req}"
+    );
+    let conn = lines
+        .iter()
+        .map(|l| &l["fields"])
+        .find(|f| f["message"] == "connection")
+        .expect("a connection line");
+    assert_eq!(conn["protocol"], "tcp");
+    assert_eq!(
+        conn["destination_service"],
+        format!("{}:7000", s.outside_ip)
+    );
+    assert!(conn["bytes_received"].as_u64().unwrap_or(0) > 0, "{conn}");
+    // The jobs namespace turned its access log off by annotation.
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["fields"]["source_namespace"] != "jobs"),
+        "{lines:?}"
+    );
+
+    // At run time: /logging switches the access log off (and back on).
+    let (code, _) =
+        proxy_tests::http_get(s.daemon.admin, "/logging?level=info,access_log=off").expect("admin");
+    assert_eq!(code, 200);
+    let before = access_lines(&s.daemon).len();
+    send(&s.web, "198.18.0.240:9080", "reviews.shop", 3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(access_lines(&s.daemon).len(), before, "switched off");
+    proxy_tests::http_get(s.daemon.admin, "/logging?level=info").expect("admin");
+    send(&s.web, "198.18.0.240:9080", "reviews.shop", 1);
+    assert!(
+        wait_for(Duration::from_secs(2), || (access_lines(&s.daemon).len()
+            == before + 1)
+            .then_some(()))
+        .is_some(),
+        "switched back on"
+    );
+}
+
+#[test]
+fn series_of_a_workload_that_left_the_node_age_out() {
+    let s = scene("obsage", &["--metrics-retention-secs", "1"]);
+    send(&s.web, "198.18.0.240:9080", "reviews.shop", 2);
+    send(&s.batch, "198.18.0.240:9080", "reviews.shop", 2);
+    let web_series = || {
+        s.daemon
+            .metrics_text()
+            .lines()
+            .filter(|l| l.starts_with("istio_") && l.contains("source_workload=\"web\""))
+            .count()
+    };
+    assert!(web_series() > 0);
+    // The web pod is deleted (gone from the configuration).
+    let without_web: String = s
+        .yaml
+        .split("---\n")
+        .filter(|doc| !doc.contains("name: web-7d9f8c6b5-x2x9z"))
+        .map(|d| format!("{d}---\n"))
+        .collect();
+    s.node.write_config("cluster.yaml", &without_web);
+    assert!(
+        wait_for(Duration::from_secs(6), || (web_series() == 0).then_some(())).is_some(),
+        "web's series never aged out"
+    );
+    assert_eq!(
+        s.daemon
+            .metric_sum("istio_requests_total", &[("source_workload", "batch")]),
+        2.0,
+        "a workload still on the node keeps its series"
+    );
+    assert!(
+        s.daemon
+            .metric_sum("proxy_daemon_expired_series_total", &[])
+            >= 1.0
+    );
+}
