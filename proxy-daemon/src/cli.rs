@@ -22,6 +22,19 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Live view of the busiest source → destination pairs (req/s, success %, p50/p99),
+    /// read from the node's metrics endpoint.
+    Top {
+        /// The daemon's metrics endpoint.
+        #[arg(long, env = "PROXY_METRICS_ADDR", default_value = "127.0.0.1:15320")]
+        metrics_addr: SocketAddr,
+        /// Refresh period.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many frames (0: run until interrupted).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+    },
     /// Print the version.
     Version,
 }

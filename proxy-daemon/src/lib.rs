@@ -23,6 +23,7 @@ pub mod routes;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod top;
 pub mod validate;
 pub mod version;
 pub mod workload;

@@ -12,6 +12,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Validate { paths } => proxy_daemon::validate::run(&paths),
+        Command::Top {
+            metrics_addr,
+            interval_ms,
+            iterations,
+        } => proxy_daemon::top::run(
+            metrics_addr,
+            std::time::Duration::from_millis(interval_ms),
+            iterations,
+        ),
         Command::Run(args) => proxy_daemon::app::main(args),
     }
 }

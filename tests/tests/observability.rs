@@ -558,3 +558,118 @@ fn series_of_a_workload_that_left_the_node_age_out() {
             >= 1.0
     );
 }
+
+/// Runs `proxy-daemon top` on a pseudo-terminal (as an operator would) and returns what
+/// the terminal received.
+fn top_on_a_pty(metrics: std::net::SocketAddr, frames: u32) -> String {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    // A 40-row, 160-column terminal.
+    let size = libc::winsize {
+        ws_row: 40,
+        ws_col: 160,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors we then own.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both descriptors were just returned by openpty and are ours alone.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = std::process::Command::new(proxy_tests::target_bin("proxy-daemon"))
+        .args([
+            "top",
+            "--metrics-addr",
+            &metrics.to_string(),
+            "--interval-ms",
+            "700",
+            "--iterations",
+            &frames.to_string(),
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .expect("proxy-daemon top");
+    let mut term = std::fs::File::from(master);
+    let mut seen = Vec::new();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        // Ends with EIO once the child (the last holder of the slave side) exits.
+        while let Ok(n) = term.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    });
+    let status = child.wait().expect("top exits");
+    assert!(status.success(), "top: {status}");
+    String::from_utf8_lossy(&reader.join().unwrap()).into_owned()
+}
+
+#[test]
+fn top_shows_the_busiest_pair_in_a_terminal() {
+    let s = scene("obstop", &[]);
+    let screen = std::thread::scope(|scope| {
+        // Steady traffic: web → reviews at 100 req/s, batch → api.external.test at 10.
+        scope.spawn(|| {
+            s.web.pdtool(&[
+                "http",
+                "--to",
+                "198.18.0.240:9080",
+                "--host",
+                "reviews.shop",
+                "--count",
+                "500",
+                "--rate",
+                "100",
+            ])
+        });
+        scope.spawn(|| {
+            s.batch.pdtool(&[
+                "http",
+                "--to",
+                &format!("{}:80", s.outside_ip),
+                "--host",
+                "api.external.test",
+                "--count",
+                "50",
+                "--rate",
+                "10",
+            ])
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        top_on_a_pty(s.daemon.metrics, 4)
+    });
+    // The last frame: after the last clear-screen.
+    let last = screen.rsplit("\x1b[2J").next().unwrap_or("");
+    assert!(
+        screen.contains("\x1b[H\x1b[2J"),
+        "redraws in place on a terminal"
+    );
+    let rows: Vec<&str> = last
+        .lines()
+        .skip_while(|l| !l.starts_with("SOURCE"))
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(rows.len() >= 2, "{last}");
+    let top: Vec<&str> = rows[0].split_whitespace().collect();
+    assert_eq!(top[0], "web.azar", "{last}");
+    assert_eq!(top[1], "reviews.shop.svc.cluster.local", "{last}");
+    let rps: f64 = top[2].parse().unwrap();
+    assert!((60.0..=140.0).contains(&rps), "about 100 req/s: {last}");
+    assert_eq!(top[3], "100.0%", "{last}");
+    assert!(rows[1].starts_with("batch.jobs"), "{last}");
+}
