@@ -510,7 +510,7 @@ pub struct DaemonMetrics {
     pub upstream_tls_handshakes: Family<TlsHandshakeLabels, Counter>,
     pub upstream_idle_connections: Gauge,
     pub expired_series: Counter,
-    pub process_cpu_seconds: Gauge<f64, AtomicU64>,
+    pub process_cpu_seconds: Counter<f64, AtomicU64>,
     pub process_resident_memory_bytes: Gauge,
     pub process_open_fds: Gauge,
     pub process_threads: Gauge,
@@ -712,7 +712,12 @@ impl Metrics {
             // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
             // SAFETY: sysconf has no preconditions.
             let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-            d.process_cpu_seconds.set((ticks(11) + ticks(12)) / hz);
+            let cpu = (ticks(11) + ticks(12)) / hz;
+            // A counter: add what was used since the last scrape.
+            let seen = d.process_cpu_seconds.get();
+            if cpu > seen {
+                d.process_cpu_seconds.inc_by(cpu - seen);
+            }
             d.process_threads.set(ticks(17) as i64);
         }
         if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {

@@ -344,7 +344,7 @@ fn istio_metrics_count_every_request_with_istios_labels() {
         "{text}"
     );
     assert!(own("proxy_daemon_process_open_fds") > 5.0);
-    assert!(own("proxy_daemon_process_cpu_seconds") > 0.0);
+    assert!(own("proxy_daemon_process_cpu_seconds_total") > 0.0);
     assert_eq!(own("proxy_daemon_enrolled_pods"), 2.0);
     assert!(
         own("proxy_daemon_upstream_idle_connections") >= 1.0,
@@ -672,4 +672,139 @@ fn top_shows_the_busiest_pair_in_a_terminal() {
     assert!((60.0..=140.0).contains(&rps), "about 100 req/s: {last}");
     assert_eq!(top[3], "100.0%", "{last}");
     assert!(rows[1].starts_with("batch.jobs"), "{last}");
+}
+
+/// Metric names a PromQL expression reads: identifiers outside label matchers, ranges,
+/// `by`/`without` lists and strings that are not functions or keywords.
+fn promql_metric_names(expr: &str) -> BTreeSet<String> {
+    let mut cleaned = String::new();
+    let mut depth_brace = 0;
+    let mut depth_bracket = 0;
+    let mut in_string = false;
+    for c in expr.chars() {
+        match c {
+            '"' if depth_brace == 0 => in_string = !in_string,
+            '{' if !in_string => depth_brace += 1,
+            '}' if !in_string => depth_brace -= 1,
+            '[' if !in_string && depth_brace == 0 => depth_bracket += 1,
+            ']' if !in_string && depth_brace == 0 => depth_bracket -= 1,
+            _ if in_string || depth_brace > 0 || depth_bracket > 0 => {}
+            c => cleaned.push(c),
+        }
+    }
+    // Drop grouping label lists: `by (a, b)` / `without (a)`.
+    let mut without_groups = String::new();
+    let mut rest = cleaned.as_str();
+    loop {
+        let next = ["by (", "by(", "without (", "without("]
+            .iter()
+            .filter_map(|k| rest.find(k).map(|i| (i, k.len())))
+            .min();
+        match next {
+            Some((i, len)) => {
+                without_groups.push_str(&rest[..i]);
+                rest = &rest[i + len..];
+                rest = rest.split_once(')').map(|(_, r)| r).unwrap_or("");
+            }
+            None => {
+                without_groups.push_str(rest);
+                break;
+            }
+        }
+    }
+    let keywords = ["by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or", "unless"];
+    let mut names = BTreeSet::new();
+    let chars: Vec<char> = without_groups.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_alphabetic() || chars[i] == '_' || chars[i] == '$' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':' || chars[i] == '$') {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace());
+            if next != Some(&'(') && !keywords.contains(&word.as_str()) && !word.starts_with('$') {
+                names.insert(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+fn collect_queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                if let ("expr" | "query", serde_json::Value::String(s)) = (k.as_str(), v) {
+                    if s != "prometheus" {
+                        out.push(s.clone());
+                    }
+                }
+                collect_queries(v, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_queries(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_daemon_exports() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/grafana/proxy-daemon-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("valid JSON");
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 10));
+    let mut queries = Vec::new();
+    collect_queries(&dashboard, &mut queries);
+    assert!(queries.len() >= 20, "{queries:?}");
+
+    // What a live daemon exports: every family's TYPE line (histograms add their series).
+    let s = scene("obsdash", &[]);
+    let text = s.daemon.metrics_text();
+    let mut exported = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    exported.insert(format!("{name}{suffix}"));
+                }
+            } else {
+                exported.insert(name.to_string());
+            }
+        }
+    }
+    let mut used = BTreeSet::new();
+    for q in &queries {
+        // Grafana's label_values(selector, label): only the selector names a metric.
+        let promql = match q.strip_prefix("label_values(") {
+            Some(inner) => inner.rsplit_once(',').map(|(sel, _)| sel).unwrap_or(inner),
+            None => q.as_str(),
+        };
+        let names = promql_metric_names(promql);
+        assert!(!names.is_empty(), "a query that reads no metric: {q}");
+        for n in names {
+            assert!(exported.contains(&n), "{n} (in {q}) is not exported; exported: {exported:?}");
+            used.insert(n);
+        }
+    }
+    // The panels the dashboard promises are there.
+    for m in [
+        "istio_requests_total",
+        "istio_request_duration_milliseconds_bucket",
+        "istio_tcp_sent_bytes_total",
+        "istio_tcp_received_bytes_total",
+        "proxy_daemon_enrolled_pods",
+    ] {
+        assert!(used.contains(m), "{m} not on the dashboard");
+    }
+    // The parser itself: functions, labels and ranges are not metric names.
+    assert_eq!(
+        promql_metric_names(r#"histogram_quantile(0.9, sum by (le, a) (rate(x_bucket{b="c"}[5m]))) / y"#),
+        ["x_bucket", "y"].iter().map(|s| s.to_string()).collect()
+    );
 }
