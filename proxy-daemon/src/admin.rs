@@ -16,7 +16,8 @@ use tracing::{debug, info};
 use crate::{metrics::Metrics, readiness::Ready, telemetry::LogControl};
 
 type Body = Full<Bytes>;
-pub type Handler = Arc<dyn Fn(&Method, &str, Option<&str>) -> Response<Body> + Send + Sync>;
+/// (method, path, query, whether the client accepts gzip) → response.
+pub type Handler = Arc<dyn Fn(&Method, &str, Option<&str>, bool) -> Response<Body> + Send + Sync>;
 
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(Full::new(body.into()));
@@ -41,8 +42,28 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
+                let method = req.method().clone();
+                let path = req.uri().path().to_string();
+                let query = req.uri().query().map(str::to_string);
+                let gzip = req
+                    .headers()
+                    .get(header::ACCEPT_ENCODING)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("gzip"));
                 async move {
-                    let resp = handler(req.method(), req.uri().path(), req.uri().query());
+                    // Handlers are synchronous and a big scrape takes a while to encode:
+                    // off the async workers, so the data path never waits on it.
+                    let resp = tokio::task::spawn_blocking(move || {
+                        handler(&method, &path, query.as_deref(), gzip)
+                    })
+                    .await
+                    .unwrap_or_else(|_| {
+                        respond(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "text/plain",
+                            "handler failed\n",
+                        )
+                    });
                     Ok::<_, Infallible>(resp)
                 }
             });
@@ -91,7 +112,7 @@ pub fn admin_handler(
     logs: LogControl,
     quit: tokio::sync::watch::Sender<bool>,
 ) -> Handler {
-    Arc::new(move |method, path, query| match (method, path) {
+    Arc::new(move |method, path, query, _| match (method, path) {
         (&Method::GET, "/config_dump") => {
             let body = serde_json::to_vec_pretty(&dump.render()).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
@@ -130,21 +151,37 @@ pub fn metrics_handler(
     metrics: Arc<Metrics>,
     before_scrape: Arc<dyn Fn() + Send + Sync>,
 ) -> Handler {
-    Arc::new(move |_, path, _| match path {
+    Arc::new(move |_, path, _, gzip| match path {
         "/metrics" | "/stats/prometheus" => {
             before_scrape();
-            respond(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                metrics.encode(),
-            )
+            let text = metrics.encode();
+            let content_type = "text/plain; version=0.0.4; charset=utf-8";
+            // Istio's label sets make scrapes large and very repetitive: gzip (as Prometheus
+            // asks for) shrinks them many times over.
+            if gzip && text.len() > 4096 {
+                let mut enc = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(text.len() / 16),
+                    flate2::Compression::fast(),
+                );
+                if std::io::Write::write_all(&mut enc, text.as_bytes()).is_ok() {
+                    if let Ok(zipped) = enc.finish() {
+                        let mut resp = respond(StatusCode::OK, content_type, zipped);
+                        resp.headers_mut().insert(
+                            header::CONTENT_ENCODING,
+                            header::HeaderValue::from_static("gzip"),
+                        );
+                        return resp;
+                    }
+                }
+            }
+            respond(StatusCode::OK, content_type, text)
         }
         _ => not_found(),
     })
 }
 
 pub fn health_handler(ready: Ready) -> Handler {
-    Arc::new(move |_, path, _| match path {
+    Arc::new(move |_, path, _, _| match path {
         "/healthz/ready" => {
             let pending = ready.pending();
             if pending.is_empty() {

@@ -339,7 +339,7 @@ pub fn run(metrics: SocketAddr, interval: Duration, iterations: u64) -> ExitCode
         let _ = if tty {
             write!(stdout, "\x1b[H\x1b[2J{text}")
         } else {
-            write!(stdout, "{text}\n")
+            writeln!(stdout, "{text}")
         };
         let _ = stdout.flush();
         before = now;

@@ -337,6 +337,27 @@ fn istio_metrics_count_every_request_with_istios_labels() {
         0.0
     );
 
+    // Prometheus asks for gzip: the same text, compressed.
+    {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(d.metrics).unwrap();
+        write!(
+            sock,
+            "GET /metrics HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        sock.read_to_end(&mut raw).unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        assert!(head.contains("content-encoding: gzip"), "{head}");
+        let mut unzipped = String::new();
+        flate2::read::GzDecoder::new(&raw[split + 4..])
+            .read_to_string(&mut unzipped)
+            .expect("gzip body");
+        assert!(unzipped.contains("# TYPE istio_requests_total counter"));
+    }
+
     // The daemon's own health.
     let own = |name: &str| proxy_tests::daemon::sum_samples(&text, name, &[]);
     assert!(
@@ -712,14 +733,31 @@ fn promql_metric_names(expr: &str) -> BTreeSet<String> {
             }
         }
     }
-    let keywords = ["by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or", "unless"];
+    let keywords = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+        "and",
+        "or",
+        "unless",
+    ];
     let mut names = BTreeSet::new();
     let chars: Vec<char> = without_groups.chars().collect();
     let mut i = 0;
     while i < chars.len() {
         if chars[i].is_ascii_alphabetic() || chars[i] == '_' || chars[i] == '$' {
             let start = i;
-            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':' || chars[i] == '$') {
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric()
+                    || chars[i] == '_'
+                    || chars[i] == ':'
+                    || chars[i] == '$')
+            {
                 i += 1;
             }
             let word: String = chars[start..i].iter().collect();
@@ -757,7 +795,9 @@ fn the_dashboard_queries_only_metrics_the_daemon_exports() {
         .join("../deploy/grafana/proxy-daemon-dashboard.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("valid JSON");
-    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 10));
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|p| p.len() >= 10));
     let mut queries = Vec::new();
     collect_queries(&dashboard, &mut queries);
     assert!(queries.len() >= 20, "{queries:?}");
@@ -788,7 +828,10 @@ fn the_dashboard_queries_only_metrics_the_daemon_exports() {
         let names = promql_metric_names(promql);
         assert!(!names.is_empty(), "a query that reads no metric: {q}");
         for n in names {
-            assert!(exported.contains(&n), "{n} (in {q}) is not exported; exported: {exported:?}");
+            assert!(
+                exported.contains(&n),
+                "{n} (in {q}) is not exported; exported: {exported:?}"
+            );
             used.insert(n);
         }
     }
@@ -804,7 +847,9 @@ fn the_dashboard_queries_only_metrics_the_daemon_exports() {
     }
     // The parser itself: functions, labels and ranges are not metric names.
     assert_eq!(
-        promql_metric_names(r#"histogram_quantile(0.9, sum by (le, a) (rate(x_bucket{b="c"}[5m]))) / y"#),
+        promql_metric_names(
+            r#"histogram_quantile(0.9, sum by (le, a) (rate(x_bucket{b="c"}[5m]))) / y"#
+        ),
         ["x_bucket", "y"].iter().map(|s| s.to_string()).collect()
     );
 }

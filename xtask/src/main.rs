@@ -271,7 +271,10 @@ fn main() -> Result<()> {
             run(Command::new(workspace_root().join("target/release/bench"))
                 .current_dir(workspace_root())
                 .env("PROXY_BIN_DIR", workspace_root().join("target/release")))?;
-            run(Command::new(workspace_root().join("target/release/config-bench")).arg("1000"))
+            run(Command::new(workspace_root().join("target/release/config-bench")).arg("1000"))?;
+            run(&mut Command::new(
+                workspace_root().join("target/release/metrics-bench"),
+            ))
         }
     }
 }

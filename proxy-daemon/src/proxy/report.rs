@@ -137,31 +137,69 @@ impl Finish {
             response_bytes,
         });
         if self.log && access_log_on(&snap, &self.pod.workload.namespace) {
-            let w = &self.pod.workload;
-            tracing::info!(
-                target: ACCESS_LOG_TARGET,
-                start_time = %rfc3339(self.start_time),
-                method = %self.method,
-                authority = %self.authority,
-                path = %self.path,
-                protocol = self.protocol,
-                response_code = self.code,
-                response_flags = %if flags.is_empty() { "-" } else { &flags },
-                bytes_received = request_bytes,
-                bytes_sent = response_bytes,
-                duration_ms = duration.as_secs_f64() * 1000.0,
-                upstream_host = %self.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
-                x_request_id = %self.request_id.as_deref().unwrap_or("-"),
-                source_workload = %w.workload,
-                source_namespace = %w.namespace,
-                source_pod = %w.pod_name,
-                destination_service = %dest.service,
-                destination_workload = %peer.workload,
-                destination_namespace = %peer.namespace,
-                "request"
-            );
+            log_request(&AccessLine {
+                start_time: self.start_time,
+                method: self.method.as_str(),
+                authority: &self.authority,
+                path: &self.path,
+                protocol: self.protocol,
+                code: self.code,
+                flags: &flags,
+                received: request_bytes,
+                sent: response_bytes,
+                duration,
+                upstream: self.upstream,
+                request_id: self.request_id.as_deref(),
+                source: &self.pod.workload,
+                destination_service: &dest.service,
+                peer: &peer,
+            });
         }
     }
+}
+
+/// The fields of one request's access log line (Envoy's, in spirit).
+pub struct AccessLine<'a> {
+    pub start_time: SystemTime,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub protocol: &'a str,
+    pub code: u16,
+    pub flags: &'a str,
+    pub received: u64,
+    pub sent: u64,
+    pub duration: std::time::Duration,
+    pub upstream: Option<SocketAddr>,
+    pub request_id: Option<&'a str>,
+    pub source: &'a crate::workload::WorkloadInfo,
+    pub destination_service: &'a str,
+    pub peer: &'a PeerLabels,
+}
+
+pub fn log_request(l: &AccessLine) {
+    tracing::info!(
+        target: ACCESS_LOG_TARGET,
+        start_time = %rfc3339(l.start_time),
+        method = l.method,
+        authority = l.authority,
+        path = l.path,
+        protocol = l.protocol,
+        response_code = l.code,
+        response_flags = if l.flags.is_empty() { "-" } else { l.flags },
+        bytes_received = l.received,
+        bytes_sent = l.sent,
+        duration_ms = l.duration.as_secs_f64() * 1000.0,
+        upstream_host = %l.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+        x_request_id = l.request_id.unwrap_or("-"),
+        source_workload = l.source.workload.as_str(),
+        source_namespace = l.source.namespace.as_str(),
+        source_pod = l.source.pod_name.as_str(),
+        destination_service = l.destination_service,
+        destination_workload = l.peer.workload.as_str(),
+        destination_namespace = l.peer.namespace.as_str(),
+        "request"
+    );
 }
 
 /// Wraps a response so it is reported when its body ends (or the client goes away).
