@@ -71,6 +71,8 @@ pub struct LoadedInfo {
     pub pin_dir: PathBuf,
     pub cgroup_root: PathBuf,
     pub programs: Vec<(String, u32)>,
+    /// Map name → kernel map id (for bpftool).
+    pub maps: Vec<(String, u32)>,
     pub adopted_previous: bool,
 }
 
@@ -390,6 +392,22 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
         }
     }
 
+    let map_ids: Vec<(String, u32)> = ebpf
+        .maps()
+        .filter_map(|(name, map)| {
+            let data = match map {
+                aya::maps::Map::HashMap(d)
+                | aya::maps::Map::LruHashMap(d)
+                | aya::maps::Map::PerCpuArray(d)
+                | aya::maps::Map::Array(d)
+                | aya::maps::Map::PerCpuHashMap(d)
+                | aya::maps::Map::RingBuf(d)
+                | aya::maps::Map::PerfEventArray(d) => d,
+                _ => return None,
+            };
+            Some((name.to_string(), data.info().ok()?.id()))
+        })
+        .collect();
     let take =
         |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(BpfError::Missing(name));
     let enrolment = EnrolmentMaps {
@@ -414,6 +432,7 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
                 pin_dir: pin_dir.to_owned(),
                 cgroup_root: cgroup_root.to_owned(),
                 programs: program_ids,
+                maps: map_ids,
                 adopted_previous,
             },
         },

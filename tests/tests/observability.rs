@@ -337,6 +337,31 @@ fn istio_metrics_count_every_request_with_istios_labels() {
         0.0
     );
 
+    // /config_dump names the kernel objects (for bpftool) next to the rest of the state.
+    let dump = d.config_dump();
+    for section in [
+        "settings",
+        "ebpf",
+        "workloads",
+        "snapshot",
+        "effective_policies",
+        "config",
+        "dns",
+        "readiness",
+    ] {
+        assert!(dump.get(section).is_some(), "config_dump lacks {section}");
+    }
+    let maps = dump["ebpf"]["maps"].as_array().cloned().unwrap_or_default();
+    assert!(maps.len() >= 3, "{}", dump["ebpf"]);
+    assert!(
+        maps.iter().all(|m| m[1].as_u64().unwrap_or(0) > 0),
+        "{}",
+        dump["ebpf"]
+    );
+    assert!(dump["ebpf"]["programs"]
+        .as_array()
+        .is_some_and(|p| p.len() >= 3));
+
     // Prometheus asks for gzip: the same text, compressed.
     {
         use std::io::{Read, Write};
