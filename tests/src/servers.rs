@@ -399,8 +399,26 @@ impl Servers {
                             "content_type": req.headers().get("content-type").and_then(|v| v.to_str().ok()),
                         })
                         .to_string();
-                        let resp = hyper::Response::builder()
-                            .header("x-served-by", name)
+                        let grpc = req
+                            .headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.starts_with("application/grpc"));
+                        let mut resp = hyper::Response::builder().header("x-served-by", name);
+                        if grpc {
+                            // A gRPC answer's status: the "grpc-status" the test asked for
+                            // (as a trailers-only response carries it, in the headers).
+                            let status = req
+                                .headers()
+                                .get("x-want-grpc-status")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("0")
+                                .to_string();
+                            resp = resp
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", status);
+                        }
+                        let resp = resp
                             .body(Full::new(bytes::Bytes::from(body)))
                             .expect("response");
                         Ok::<_, std::convert::Infallible>(resp)

@@ -491,6 +491,7 @@ fn dns_resolution_uses_every_address_and_follows_a_changed_answer() {
         })
         .collect();
     e.answer("api.dns.test", &[hosts[0].ip, hosts[1].ip], 1);
+    e.answer("rr.dns.test", &[hosts[1].ip, hosts[0].ip], 30);
     e.node.write_config(
         "se.yaml",
         "apiVersion: networking.istio.io/v1beta1
@@ -501,6 +502,14 @@ spec:
   location: MESH_EXTERNAL
   ports: [{number: 80, name: http, protocol: HTTP}]
   resolution: DNS
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: rr-dns, namespace: egress}
+spec:
+  hosts: [rr.dns.test]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS_ROUND_ROBIN
 ",
     );
     let daemon = e.start(&[]);
@@ -522,6 +531,17 @@ spec:
         "both addresses used: {out}"
     );
     assert!(out["servers"].get("dns-c").is_none(), "{out}");
+    // DNS_ROUND_ROBIN (Envoy's LOGICAL_DNS): the first address of the answer only.
+    let rr = e.pod.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "rr.dns.test",
+        "--count",
+        "20",
+    ]);
+    assert_eq!(rr["servers"]["dns-b"], 20, "{rr}");
     assert_eq!(
         daemon.metric_sum(
             "istio_requests_total",

@@ -878,3 +878,63 @@ fn the_dashboard_queries_only_metrics_the_daemon_exports() {
         ["x_bucket", "y"].iter().map(|s| s.to_string()).collect()
     );
 }
+
+#[test]
+fn grpc_requests_carry_protocol_and_grpc_status() {
+    let mut node = Node::new("obsgrpc");
+    let servers = Servers::new();
+    let g = node.host("grpc");
+    servers.h2c_echo(&g, 50051, "grpc-v1");
+    let client = node.pod("azar", "client-1");
+    node.write_config(
+        "cluster.yaml",
+        &(namespace_yaml("azar", true, None)
+            + &deployment_pod_yaml(&client, "client", &[("app", "client")])
+            + &endpoint_pod_yaml(&g, "grpc-0", "azar", &[("app", "grpc")])
+            + "apiVersion: v1
+kind: Service
+metadata: {name: grpc, namespace: azar}
+spec:
+  clusterIP: 198.18.0.242
+  selector: {app: grpc}
+  ports: [{name: grpc, port: 50051}]
+"),
+    );
+    let d = Daemon::start(&node, &[]);
+    d.wait_enrolled(&client.uid, Duration::from_secs(5));
+    for (status, n) in [("0", "3"), ("14", "2")] {
+        let out = client.pdtool(&[
+            "h2",
+            "--to",
+            "198.18.0.242:50051",
+            "--authority",
+            "grpc:50051",
+            "--count",
+            n,
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            &format!("x-want-grpc-status: {status}"),
+        ]);
+        assert_eq!(out["statuses"]["200"], n.parse::<u64>().unwrap(), "{out}");
+    }
+    let count = |status: &str| {
+        d.metric_sum(
+            "istio_requests_total",
+            &[
+                ("request_protocol", "grpc"),
+                ("response_code", "200"),
+                ("grpc_response_status", status),
+                ("destination_service_name", "grpc"),
+            ],
+        )
+    };
+    assert!(
+        wait_for(Duration::from_secs(3), || (count("0") == 3.0
+            && count("14") == 2.0)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        d.metrics_text()
+    );
+}
