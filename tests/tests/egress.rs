@@ -575,3 +575,64 @@ spec:
         changed.elapsed()
     );
 }
+
+#[test]
+fn a_hosts_file_answers_names_and_is_reread() {
+    let mut e = Egress::new("eghosts");
+    let hosts: Vec<Host> = ["file-a", "file-b", "dialled"]
+        .iter()
+        .map(|n| {
+            let h = e.node.host(n);
+            e.servers.http_echo(
+                &h,
+                80,
+                HttpEcho {
+                    name: n.to_string(),
+                    ..Default::default()
+                },
+            );
+            h
+        })
+        .collect();
+    let file = e.node.work_dir.join("hosts");
+    std::fs::write(&file, format!("# test names\n{} files.test\n", hosts[0].ip)).unwrap();
+    e.node.write_config(
+        "se.yaml",
+        "apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: files, namespace: egress}
+spec:
+  hosts: [files.test]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: unresolved, namespace: egress}
+spec:
+  hosts: [unresolved.test]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+",
+    );
+    let daemon = e.start(&["--hosts-file", file.to_str().unwrap()]);
+    // The app dialled a third address; the proxy sends the request where the file says.
+    let to = hosts[2].addr(80).to_string();
+    let out = e.get(&to, "files.test", "/");
+    assert_eq!(out["first"]["body"]["server"], "file-a", "{out}");
+    assert_eq!(
+        daemon.config_dump()["dns"]["files.test"]["source"],
+        "hosts-file"
+    );
+    // A name neither the file nor the DNS server knows (NXDOMAIN): the app resolved it
+    // itself, so the address it dialled is used, and the failure shows in /config_dump.
+    let out = e.get(&to, "unresolved.test", "/");
+    assert_eq!(out["first"]["body"]["server"], "dialled", "{out}");
+    assert!(daemon.config_dump()["dns"]["unresolved.test"]["last_error"].is_string());
+    std::fs::write(&file, format!("{} files.test\n", hosts[1].ip)).unwrap();
+    let moved = wait_for(Duration::from_secs(8), || {
+        let out = e.get(&to, "files.test", "/");
+        (out["first"]["body"]["server"] == "file-b").then_some(())
+    });
+    assert!(moved.is_some(), "the re-read file moves traffic");
+}

@@ -590,8 +590,27 @@ fn pick(
         })
         .into_iter()
         .collect();
+    let mut chosen = endpoint_for(snap, dns, target, subset, port, &src.namespace, hash);
+    if chosen == Err("UH")
+        && is_dns(target)
+        && target.endpoints.is_empty()
+        && host_only(req.authority).eq_ignore_ascii_case(&target.hostname)
+        && dns.lookup(&target.hostname).is_empty()
+    {
+        // The daemon has no answer for the name the app itself resolved and dialled: the
+        // app's answer (the original destination) is used, at the entry's target port.
+        let target_port = target
+            .port(port)
+            .and_then(|p| p.target_port)
+            .unwrap_or(port);
+        tracing::debug!(host = %target.hostname, dst = %req.dst, "no DNS answer; using the address the app dialled");
+        chosen = Ok(SocketAddr::new(
+            req.dst.ip().to_owned().into(),
+            target_port as u16,
+        ));
+    }
     (
-        endpoint_for(snap, dns, target, subset, port, &src.namespace, hash),
+        chosen,
         ops,
         upstream_tls(snap, target, subset, port, &src.namespace),
     )
