@@ -3,7 +3,11 @@
 //! daemon reports about it. Everything is removed at the end.
 use std::time::Duration;
 
-use proxy_tests::{daemon::Daemon, node::Node, servers::Servers};
+use proxy_tests::{
+    daemon::Daemon,
+    node::{endpoint_pod_yaml, Node},
+    servers::{HttpEcho, Servers},
+};
 
 const YAML: &str = include_str!("../../../deploy/examples/demo.yaml");
 
@@ -88,8 +92,125 @@ fn main() {
             println!("   {}", abridge(line));
         }
     }
+    // L7: a 10/90 split between two versions of reviews, every call mirrored to a shadow.
+    let mut http_yaml = String::new();
+    for (name, version) in [
+        ("reviews-v1", "v1"),
+        ("reviews-v2", "v2"),
+        ("reviews-shadow", "shadow"),
+    ] {
+        let h = node.host(name);
+        servers.http_echo(
+            &h,
+            9080,
+            HttpEcho {
+                name: name.into(),
+                ..Default::default()
+            },
+        );
+        let app = if version == "shadow" {
+            "reviews-shadow"
+        } else {
+            "reviews"
+        };
+        http_yaml += &endpoint_pod_yaml(
+            &h,
+            &format!("{name}-0"),
+            "shop",
+            &[("app", app), ("version", version)],
+        );
+    }
+    http_yaml += REVIEWS_YAML;
+    node.write_config("demo-http.yaml", &http_yaml);
+    std::thread::sleep(Duration::from_millis(600));
+    println!("== HTTP: web -> reviews (VirtualService 10/90 v1/v2, mirrored to reviews-shadow):");
+    let top = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            pods[0].pdtool(&[
+                "http",
+                "--to",
+                "198.18.0.250:9080",
+                "--host",
+                "reviews",
+                "--count",
+                "300",
+                "--rate",
+                "150",
+            ])
+        });
+        std::thread::sleep(Duration::from_millis(600));
+        let top = std::process::Command::new(proxy_tests::target_bin("proxy-daemon"))
+            .args([
+                "top",
+                "--metrics-addr",
+                &daemon.metrics.to_string(),
+                "--interval-ms",
+                "1000",
+                "--iterations",
+                "1",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let r = load.join().expect("load");
+        println!(
+            "   {} requests: {} answered by {}",
+            300, r["statuses"], r["servers"]
+        );
+        top
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for line in daemon.metrics_text().lines() {
+        if line.starts_with("istio_requests_total")
+            || line.starts_with("proxy_daemon_mirror_requests_total")
+        {
+            println!("   {}", abridge(line));
+        }
+    }
+    println!("== proxy-daemon top (one frame):");
+    for line in top.lines() {
+        println!("   {line}");
+    }
     println!("== cleaning up");
 }
+
+const REVIEWS_YAML: &str = "apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 198.18.0.250
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-shadow, namespace: shop}
+spec:
+  clusterIP: 198.18.0.251
+  selector: {app: reviews-shadow}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 10}
+    - {destination: {host: reviews, subset: v2}, weight: 90}
+    mirror: {host: reviews-shadow}
+    mirrorPercentage: {value: 100}
+";
 
 /// Keeps the labels a person reads first.
 fn abridge(line: &str) -> String {
@@ -106,6 +227,9 @@ fn abridge(line: &str) -> String {
                 "source_workload=",
                 "source_workload_namespace=",
                 "destination_service=",
+                "destination_version=",
+                "response_code=",
+                "result=",
                 "decision=",
                 "response_flags=",
             ]
