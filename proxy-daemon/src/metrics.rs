@@ -436,32 +436,67 @@ pub struct TcpMetrics {
     pub received_bytes: Family<IstioTcpLabels, Counter>,
     /// Series by source workload (namespace, workload), for ageing out.
     series: Mutex<HashMap<(String, String), HashSet<IstioTcpLabels>>>,
+    /// Bumped when series are removed, so per-thread handle caches start over.
+    epoch: AtomicU64,
+}
+
+/// The four TCP counters of one series (cloned out of the families once per thread).
+#[derive(Clone)]
+pub struct TcpHandles {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub sent_bytes: Counter,
+    pub received_bytes: Counter,
+}
+
+thread_local! {
+    /// Per worker thread: series → handles (see REQUEST_HANDLES).
+    static TCP_HANDLES: RefCell<(usize, u64, HashMap<IstioTcpLabels, TcpHandles>)> =
+        RefCell::new((0, 0, HashMap::new()));
 }
 
 impl TcpMetrics {
-    /// Counts a connection opened (and remembers its series for ageing out).
+    /// The counters of `labels`: no lock shared between cores once a thread has seen the
+    /// series (the families and the expiry index are touched on first use only).
+    pub fn handles(&self, labels: &IstioTcpLabels) -> TcpHandles {
+        let owner = self as *const Self as usize;
+        let epoch = self.epoch.load(Ordering::Acquire);
+        TCP_HANDLES.with(|cell| {
+            let mut cache = cell.borrow_mut();
+            if cache.0 != owner || cache.1 != epoch || cache.2.len() >= HANDLE_CACHE_MAX {
+                *cache = (owner, epoch, HashMap::new());
+            }
+            if let Some(h) = cache.2.get(labels) {
+                return h.clone();
+            }
+            let h = TcpHandles {
+                opened: self.opened.get_or_create(labels).clone(),
+                closed: self.closed.get_or_create(labels).clone(),
+                sent_bytes: self.sent_bytes.get_or_create(labels).clone(),
+                received_bytes: self.received_bytes.get_or_create(labels).clone(),
+            };
+            self.series
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry((
+                    labels.source.namespace.clone(),
+                    labels.source.workload.clone(),
+                ))
+                .or_default()
+                .insert(labels.clone());
+            cache.2.insert(labels.clone(), h.clone());
+            h
+        })
+    }
+
+    /// Counts a connection opened.
     pub fn open(&self, labels: &IstioTcpLabels) {
-        self.opened.get_or_create(labels).inc();
-        self.note(labels);
+        self.handles(labels).opened.inc();
     }
 
     /// Counts a connection closed.
     pub fn close(&self, labels: &IstioTcpLabels) {
-        self.closed.get_or_create(labels).inc();
-        self.note(labels);
-    }
-
-    fn note(&self, labels: &IstioTcpLabels) {
-        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        let set = series
-            .entry((
-                labels.source.namespace.clone(),
-                labels.source.workload.clone(),
-            ))
-            .or_default();
-        if !set.contains(labels) {
-            set.insert(labels.clone());
-        }
+        self.handles(labels).closed.inc();
     }
 
     /// Removes every series of a source workload that is gone from the node.
@@ -478,6 +513,7 @@ impl TcpMetrics {
             self.sent_bytes.remove(l);
             self.received_bytes.remove(l);
         }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         gone.len()
     }
 

@@ -121,8 +121,8 @@ pub async fn proxy(
             return Err(e);
         }
     };
-    let received = tcp.received_bytes.get_or_create(&labels).clone();
-    let sent = tcp.sent_bytes.get_or_create(&labels).clone();
+    let handles = tcp.handles(&labels);
+    let (received, sent) = (handles.received_bytes, handles.sent_bytes);
     let (mut client_read, mut client_write) = client.split();
     let (mut upstream_read, mut upstream_write) = upstream.split();
     let result = tokio::try_join!(
