@@ -240,7 +240,12 @@ impl Originator {
             }
             _ => builder.with_no_client_auth(),
         };
-        config.alpn_protocols = vec![alpn.to_vec()];
+        // No ALPN for opaque TCP (an empty list, never an empty name).
+        config.alpn_protocols = if alpn.is_empty() {
+            Vec::new()
+        } else {
+            vec![alpn.to_vec()]
+        };
         config.resumption = if self.session_cache == 0 {
             Resumption::disabled()
         } else {

@@ -636,3 +636,98 @@ spec:
     });
     assert!(moved.is_some(), "the re-read file moves traffic");
 }
+
+#[test]
+fn tls_is_originated_for_tcp_ports_too_but_never_over_the_apps_own_tls() {
+    let mut e = Egress::new("egtcptls");
+    let ca = TestCa::new("test-ca");
+    let db = e.node.host("db");
+    let leaf = ca.server(&["db.test"], false);
+    e.servers.https_echo(
+        &db,
+        5432,
+        HttpsEcho {
+            name: "db-tls",
+            cert_pem: leaf.cert_pem.clone(),
+            key_pem: leaf.key_pem.clone(),
+            client_ca_pem: None,
+        },
+    );
+    e.servers.https_echo(
+        &db,
+        443,
+        HttpsEcho {
+            name: "db-https",
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+            client_ca_pem: None,
+        },
+    );
+    e.answer("db.test", &[db.ip], 30);
+    let ca_file = pki::write(&e.pki, "ca.pem", &ca.cert_pem);
+    e.node.write_config(
+        "db.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: db, namespace: egress}}
+spec:
+  hosts: [db.test]
+  addresses: [{}]
+  ports:
+  - {{number: 5432, name: tcp-db, protocol: TCP}}
+  - {{number: 443, name: tls, protocol: TLS}}
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: db, namespace: egress}}
+spec:
+  host: db.test
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {}}}
+",
+            db.ip,
+            ca_file.display()
+        ),
+    );
+    let daemon = e.start(&[]);
+    // The app writes plain bytes to db.test:5432 (a TCP port: no HTTP parsing); they reach the server inside TLS.
+    let out = e.get(&db.addr(5432).to_string(), "db.test", "/query");
+    assert_eq!(out["first"]["status"], 200, "{out}");
+    let body = &out["first"]["body"];
+    assert_eq!(body["server"], "db-tls");
+    assert_eq!(body["tls"], true);
+    assert_eq!(body["sni"], "db.test");
+    assert!(body["alpn"].is_null(), "no ALPN on an opaque port: {body}");
+    // The app's own TLS to :443 (same DestinationRule) is passed through, not wrapped again.
+    let own = e.pod.pdtool(&[
+        "https",
+        "--to",
+        &db.addr(443).to_string(),
+        "--sni",
+        "db.test",
+        "--ca",
+        ca_file.to_str().unwrap(),
+    ]);
+    assert_eq!(own["status"], 200, "{own}");
+    assert_eq!(own["body"]["server"], "db-https");
+    assert_eq!(
+        daemon.metric_sum(
+            "proxy_daemon_upstream_tls_handshakes_total",
+            &[("result", "full")]
+        ),
+        1.0,
+        "one origination (5432), none for the app's own TLS"
+    );
+    assert!(
+        wait_for(Duration::from_secs(3), || (daemon.metric_sum(
+            "istio_tcp_connections_closed_total",
+            &[("destination_service", "db.test")]
+        ) == 2.0)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        daemon.metrics_text()
+    );
+}

@@ -62,6 +62,8 @@ pub enum ProxyError {
     Connect(SocketAddr, std::io::Error),
     #[error("connecting to {0}: timed out")]
     ConnectTimeout(SocketAddr),
+    #[error("TLS to {0}: {1}")]
+    Tls(SocketAddr, String),
     #[error("refused by policy ({0}) for {1:?}")]
     Refused(&'static str, OrigDstAddr),
 }

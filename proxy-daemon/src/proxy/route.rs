@@ -21,12 +21,15 @@ use crate::{
 };
 
 /// What to do with one connection.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum L4Decision {
     /// Connect to `upstream` (an endpoint, or the original destination for passthrough).
     Forward {
         upstream: SocketAddr,
         labels: DestinationLabels,
+        /// TLS to originate (DestinationRule `tls` on a TCP port; never over the app's
+        /// own TLS).
+        tls: Option<std::sync::Arc<crate::tls::UpstreamTls>>,
     },
     /// Refuse: registry-only and nothing registered (reset the client), or no endpoint.
     Refuse {
@@ -178,6 +181,7 @@ pub fn decide(
                     service_name: PASSTHROUGH_CLUSTER.into(),
                     service_namespace: UNKNOWN.into(),
                 },
+                tls: None,
             }
         };
     };
@@ -223,6 +227,10 @@ pub fn decide(
         None => (svc, None, dst.port() as u32),
     };
     let labels = labels_for(target);
+    let tls = match sni {
+        Some(_) => None,
+        None => upstream_tls(snap, target, subset, port, &src.namespace),
+    };
     if target.endpoints.is_empty()
         && matches!(target.kind, ServiceKind::ServiceEntry { .. })
         && std::ptr::eq(target, svc)
@@ -234,6 +242,7 @@ pub fn decide(
         return L4Decision::Forward {
             upstream: SocketAddr::V4(dst),
             labels,
+            tls,
         };
     }
     let hash = match lb_policy(snap, &target.hostname, subset, port, &src.namespace) {
@@ -247,7 +256,11 @@ pub fn decide(
         _ => None,
     };
     match endpoint_for(snap, dns, target, subset, port, &src.namespace, hash) {
-        Ok(upstream) => L4Decision::Forward { upstream, labels },
+        Ok(upstream) => L4Decision::Forward {
+            upstream,
+            labels,
+            tls,
+        },
         Err(flags) => L4Decision::Refuse { labels, flags },
     }
 }

@@ -13,7 +13,10 @@ use super::{
     route::{self, L4Decision},
     OrigDstAddr, PodContext, ProxyError, ProxyInputs,
 };
-use crate::metrics::{DestinationLabels, IstioTcpLabels, PeerLabels};
+use crate::{
+    metrics::{DestinationLabels, IstioTcpLabels, PeerLabels},
+    tls::UpstreamIo,
+};
 
 const COPY_BUFFER: usize = 64 * 1024;
 
@@ -48,8 +51,12 @@ pub async fn proxy(
         sni.as_deref(),
     );
     let tcp = &inputs.metrics.tcp;
-    let (upstream_addr, destination) = match decision {
-        L4Decision::Forward { upstream, labels } => (upstream, Arc::new(labels)),
+    let (upstream_addr, destination, tls) = match decision {
+        L4Decision::Forward {
+            upstream,
+            labels,
+            tls,
+        } => (upstream, Arc::new(labels), tls),
         L4Decision::Refuse { labels, flags } => {
             let dest = Arc::new(labels);
             let refused =
@@ -97,7 +104,33 @@ pub async fn proxy(
     let labels = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "");
     tcp.open(&labels);
 
-    let mut upstream = match connect_from_pod(pod, upstream_addr, inputs.connect_timeout).await {
+    let connected = match connect_from_pod(pod, upstream_addr, inputs.connect_timeout).await {
+        Ok(s) => match &tls {
+            None => Ok(UpstreamIo::Plain(s)),
+            Some(t) => {
+                // DestinationRule tls on a TCP port: the bytes go out inside TLS.
+                let handshake =
+                    tokio::time::timeout(inputs.connect_timeout, inputs.tls.connect(t, b"", s))
+                        .await
+                        .unwrap_or_else(|_| Err("handshake timed out".into()));
+                let result = match &handshake {
+                    Ok((_, crate::tls::Handshake::Full)) => "full",
+                    Ok((_, crate::tls::Handshake::Resumed)) => "resumed",
+                    Err(_) => "failed",
+                };
+                daemon
+                    .upstream_tls_handshakes
+                    .get_or_create(&crate::metrics::TlsHandshakeLabels { result })
+                    .inc();
+                handshake.map(|(io, _)| io).map_err(|reason| {
+                    tracing::warn!(upstream = %upstream_addr, sni = %t.sni, %reason, "upstream TLS handshake failed");
+                    ProxyError::Tls(upstream_addr, reason)
+                })
+            }
+        },
+        Err(e) => Err(e),
+    };
+    let upstream = match connected {
         Ok(s) => s,
         Err(e) => {
             daemon.upstream_connect_failures.inc();
@@ -124,11 +157,22 @@ pub async fn proxy(
     let handles = tcp.handles(&labels);
     let (received, sent) = (handles.received_bytes, handles.sent_bytes);
     let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
-    let result = tokio::try_join!(
-        copy_counted(&mut client_read, &mut upstream_write, &received),
-        copy_counted(&mut upstream_read, &mut client_write, &sent),
-    );
+    let result = match upstream {
+        UpstreamIo::Plain(mut plain) => {
+            let (mut upstream_read, mut upstream_write) = plain.split();
+            tokio::try_join!(
+                copy_counted(&mut client_read, &mut upstream_write, &received),
+                copy_counted(&mut upstream_read, &mut client_write, &sent),
+            )
+        }
+        tls_stream => {
+            let (mut upstream_read, mut upstream_write) = tokio::io::split(tls_stream);
+            tokio::try_join!(
+                copy_counted(&mut client_read, &mut upstream_write, &received),
+                copy_counted(&mut upstream_read, &mut client_write, &sent),
+            )
+        }
+    };
     let flags = match &result {
         Ok(_) => "",
         Err(_) => "UC",
