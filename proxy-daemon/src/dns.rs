@@ -82,7 +82,18 @@ impl DnsCache {
     /// `servers` empty: the system's resolvers (`/etc/resolv.conf`).
     pub fn new(servers: &[SocketAddr], hosts_file: Option<PathBuf>) -> Result<Self, DnsError> {
         let mut builder = if servers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| DnsError::System(e.to_string()))?
+            match TokioResolver::builder_tokio() {
+                Ok(b) => b,
+                Err(e) => {
+                    // No usable /etc/resolv.conf: DNS names stay unanswered (requests go to
+                    // the address the app dialled) rather than the daemon not starting.
+                    warn!(error = %DnsError::System(e.to_string()), "no system DNS servers; pass --dns-server or --hosts-file to resolve ServiceEntry names");
+                    TokioResolver::builder_with_config(
+                        ResolverConfig::from_name_servers(Vec::new()),
+                        TokioRuntimeProvider::default(),
+                    )
+                }
+            }
         } else {
             let name_servers = servers
                 .iter()
