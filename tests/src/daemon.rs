@@ -18,7 +18,15 @@ pub struct Daemon {
     pub started: Instant,
 }
 
+/// A port that is free now, from below the kernel's ephemeral range (32768+), so the
+/// tests' own outgoing connections can never take it before the daemon binds it.
 fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 20_000 + (rand::random::<u16>() % 12_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .expect("bind :0")
         .local_addr()
@@ -62,6 +70,18 @@ impl Daemon {
     }
 
     pub fn start(node: &Node, extra: &[&str]) -> Self {
+        // Two tests may still pick the same free port at once: the loser starts again.
+        for _ in 0..3 {
+            match Self::try_start(node, extra) {
+                Ok(d) => return d,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("daemon exited before becoming ready; log:\n{log}"),
+            }
+        }
+        panic!("daemon could not bind its ports in three tries");
+    }
+
+    fn try_start(node: &Node, extra: &[&str]) -> Result<Self, String> {
         let (mut cmd, admin, metrics, health, log) = Self::command(node, extra);
         let log_file = fs::File::create(&log).expect("log file");
         let child = cmd
@@ -82,17 +102,15 @@ impl Daemon {
         while !d.is_ready() {
             // A daemon that exited will never be ready: say so now, with its log.
             if let Some(Ok(Some(status))) = d.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "daemon exited ({status}) before becoming ready; log:\n{}",
-                    d.log_text()
-                );
+                d.child = None;
+                return Err(format!("({status}) {}", d.log_text()));
             }
             if Instant::now() > deadline {
                 panic!("daemon not ready within 20s; log:\n{}", d.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        d
+        Ok(d)
     }
 
     pub fn log_text(&self) -> String {
