@@ -6,6 +6,7 @@
 // configuration path, never per connection.
 #![allow(clippy::result_large_err)]
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod bpf;

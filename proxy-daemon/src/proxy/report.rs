@@ -18,6 +18,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Frame};
 
 use super::{PodContext, ProxyInputs};
+use crate::access_log::Value;
 use crate::{
     metrics::{
         DestinationLabels, IstioTcpLabels, PeerLabels, RequestLabels, RequestRecord,
@@ -27,10 +28,6 @@ use crate::{
 };
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
-
-/// The target access log lines are written to: `/logging?level=info,access_log=off`
-/// switches them off at run time.
-pub const ACCESS_LOG_TARGET: &str = "access_log";
 
 /// The destination workload behind `upstream`, for mesh destinations.
 pub fn peer_for(
@@ -178,28 +175,44 @@ pub struct AccessLine<'a> {
 }
 
 pub fn log_request(l: &AccessLine) {
-    tracing::info!(
-        target: ACCESS_LOG_TARGET,
-        start_time = %rfc3339(l.start_time),
-        method = l.method,
-        authority = l.authority,
-        path = l.path,
-        protocol = l.protocol,
-        response_code = l.code,
-        response_flags = if l.flags.is_empty() { "-" } else { l.flags },
-        bytes_received = l.received,
-        bytes_sent = l.sent,
-        duration_ms = l.duration.as_secs_f64() * 1000.0,
-        upstream_host = %l.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
-        x_request_id = l.request_id.unwrap_or("-"),
-        source_workload = l.source.workload.as_str(),
-        source_namespace = l.source.namespace.as_str(),
-        source_pod = l.source.pod_name.as_str(),
-        destination_service = l.destination_service,
-        destination_workload = l.peer.workload.as_str(),
-        destination_namespace = l.peer.namespace.as_str(),
-        "request"
-    );
+    if !crate::access_log::enabled() {
+        return;
+    }
+    let start = rfc3339(l.start_time);
+    let upstream = l.upstream.map(|u| u.to_string());
+    crate::access_log::write("request", &request_fields(l, &start, upstream.as_deref()));
+}
+
+/// The request line's fields, in order (`start` and `upstream` formatted by the caller).
+pub fn request_fields<'a>(
+    l: &'a AccessLine,
+    start: &'a str,
+    upstream: Option<&'a str>,
+) -> [(&'static str, Value<'a>); 19] {
+    [
+        ("start_time", Value::Str(start)),
+        ("method", Value::Str(l.method)),
+        ("authority", Value::Str(l.authority)),
+        ("path", Value::Str(l.path)),
+        ("protocol", Value::Str(l.protocol)),
+        ("response_code", Value::U64(l.code.into())),
+        (
+            "response_flags",
+            Value::Str(if l.flags.is_empty() { "-" } else { l.flags }),
+        ),
+        ("bytes_received", Value::U64(l.received)),
+        ("bytes_sent", Value::U64(l.sent)),
+        ("duration_ms", Value::F64(l.duration.as_secs_f64() * 1000.0)),
+        ("upstream_host", Value::Str(upstream.unwrap_or("-"))),
+        ("x_request_id", Value::Str(l.request_id.unwrap_or("-"))),
+        ("source_workload", Value::Str(&l.source.workload)),
+        ("source_namespace", Value::Str(&l.source.namespace)),
+        ("source_pod", Value::Str(&l.source.pod_name)),
+        ("destination_service", Value::Str(l.destination_service)),
+        ("destination_workload", Value::Str(&l.peer.workload)),
+        ("destination_namespace", Value::Str(&l.peer.namespace)),
+        ("reporter", Value::Str("source")),
+    ]
 }
 
 /// Wraps a response so it is reported when its body ends (or the client goes away).
@@ -333,32 +346,55 @@ pub struct TcpLog<'a> {
 }
 
 pub fn log_tcp(l: TcpLog) {
-    if !access_log_on(l.snap, &l.pod.workload.namespace) {
+    if !crate::access_log::enabled() || !access_log_on(l.snap, &l.pod.workload.namespace) {
         return;
     }
     let w = &l.pod.workload;
-    tracing::info!(
-        target: ACCESS_LOG_TARGET,
-        start_time = %rfc3339(l.start_time),
-        protocol = "tcp",
-        response_flags = %if l.flags.is_empty() { "-" } else { l.flags },
-        bytes_received = l.received,
-        bytes_sent = l.sent,
-        duration_ms = l.duration.as_secs_f64() * 1000.0,
-        upstream_host = %l.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
-        original_destination = %l.original_dst,
-        source_workload = %w.workload,
-        source_namespace = %w.namespace,
-        source_pod = %w.pod_name,
-        destination_service = %l.dest.service,
-        destination_workload = %l.peer.workload,
-        destination_namespace = %l.peer.namespace,
-        "connection"
+    let start = rfc3339(l.start_time);
+    let upstream = l.upstream.map(|u| u.to_string());
+    let original = l.original_dst.to_string();
+    crate::access_log::write(
+        "connection",
+        &[
+            ("start_time", Value::Str(&start)),
+            ("protocol", Value::Str("tcp")),
+            (
+                "response_flags",
+                Value::Str(if l.flags.is_empty() { "-" } else { l.flags }),
+            ),
+            ("bytes_received", Value::U64(l.received)),
+            ("bytes_sent", Value::U64(l.sent)),
+            ("duration_ms", Value::F64(l.duration.as_secs_f64() * 1000.0)),
+            (
+                "upstream_host",
+                Value::Str(upstream.as_deref().unwrap_or("-")),
+            ),
+            ("original_destination", Value::Str(&original)),
+            ("source_workload", Value::Str(&w.workload)),
+            ("source_namespace", Value::Str(&w.namespace)),
+            ("source_pod", Value::Str(&w.pod_name)),
+            ("destination_service", Value::Str(&l.dest.service)),
+            ("destination_workload", Value::Str(&l.peer.workload)),
+            ("destination_namespace", Value::Str(&l.peer.namespace)),
+            ("reporter", Value::Str("source")),
+        ],
     );
 }
 
 /// `2026-11-22T01:02:03.456Z` (UTC, milliseconds), as Envoy's %START_TIME%.
 pub fn rfc3339(t: SystemTime) -> String {
+    let (date, millis) = civil(t);
+    format!("{date}.{:03}Z", millis / 1000)
+}
+
+/// `2026-11-22T01:02:03.456789Z` (UTC, microseconds), for log line timestamps.
+pub fn rfc3339_micros(t: SystemTime) -> String {
+    let (date, micros) = civil(t);
+    format!("{date}.{micros:06}Z")
+}
+
+/// (`YYYY-MM-DDTHH:MM:SS`, microseconds within the second).
+fn civil(t: SystemTime) -> (String, u32) {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -372,12 +408,14 @@ pub fn rfc3339(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
+    (
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        ),
+        d.subsec_micros(),
     )
 }
 
