@@ -294,21 +294,95 @@ pub struct HttpMetrics {
     pub duration: HistogramFamily<RequestLabels>,
     pub request_bytes: HistogramFamily<RequestLabels>,
     pub response_bytes: HistogramFamily<RequestLabels>,
-    /// Bumped when series are removed, so per-thread handle caches start over.
-    epoch: AtomicU64,
-    /// Series by source workload (namespace, workload), for ageing out.
-    series: Mutex<HashMap<(String, String), HashSet<RequestLabels>>>,
-}
-
-thread_local! {
-    /// Per worker thread: series → handles, so a request touches no lock shared between
-    /// cores (the families' maps are locked only on a thread's first use of a series).
-    static REQUEST_HANDLES: RefCell<(usize, u64, HashMap<RequestLabels, RequestHandles>)> =
-        RefCell::new((0, 0, HashMap::new()));
+    series: SeriesIndex<RequestLabels>,
 }
 
 /// Per-thread cache bound: past it the cache starts over (the families keep every series).
 const HANDLE_CACHE_MAX: usize = 4096;
+
+/// One worker thread's series → handles, with the index and epoch it was filled under.
+type HandleCache<L, H> = RefCell<(usize, u64, HashMap<L, H>)>;
+
+thread_local! {
+    /// Per worker thread, so a request touches no lock shared between cores (the families'
+    /// maps are locked only on a thread's first use of a series).
+    static REQUEST_HANDLES: HandleCache<RequestLabels, RequestHandles> =
+        RefCell::new((0, 0, HashMap::new()));
+    static TCP_HANDLES: HandleCache<IstioTcpLabels, TcpHandles> =
+        RefCell::new((0, 0, HashMap::new()));
+}
+
+/// Which series each source workload (namespace, workload) has, so the series of a
+/// workload that left the node can be removed; removing bumps an epoch that the per-thread
+/// handle caches compare, so a removed series' handles are never used again.
+struct SeriesIndex<L> {
+    by_source: Mutex<HashMap<(String, String), HashSet<L>>>,
+    epoch: AtomicU64,
+}
+
+impl<L> Default for SeriesIndex<L> {
+    fn default() -> Self {
+        Self {
+            by_source: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq> SeriesIndex<L> {
+    /// The handles of `labels` from this thread's `cache`; on a thread's first use of the
+    /// series they are made by `make` and the series is indexed under `source`.
+    fn handles<H: Clone>(
+        &self,
+        cache: &'static std::thread::LocalKey<HandleCache<L, H>>,
+        labels: &L,
+        source: &SourceLabels,
+        make: impl FnOnce() -> H,
+    ) -> H {
+        let owner = self as *const Self as usize;
+        let epoch = self.epoch.load(Ordering::Acquire);
+        cache.with(|cell| {
+            let mut cache = cell.borrow_mut();
+            if cache.0 != owner || cache.1 != epoch || cache.2.len() >= HANDLE_CACHE_MAX {
+                *cache = (owner, epoch, HashMap::new());
+            }
+            if let Some(h) = cache.2.get(labels) {
+                return h.clone();
+            }
+            let h = make();
+            self.by_source
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry((source.namespace.clone(), source.workload.clone()))
+                .or_default()
+                .insert(labels.clone());
+            cache.2.insert(labels.clone(), h.clone());
+            h
+        })
+    }
+
+    /// Takes the series of a source workload out of the index (the caller removes them
+    /// from its families).
+    fn take(&self, namespace: &str, workload: &str) -> HashSet<L> {
+        let gone = self
+            .by_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(namespace.to_string(), workload.to_string()))
+            .unwrap_or_default();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        gone
+    }
+
+    fn sources(&self) -> Vec<(String, String)> {
+        self.by_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
 
 impl Default for HttpMetrics {
     fn default() -> Self {
@@ -317,42 +391,22 @@ impl Default for HttpMetrics {
             duration: Family::new_with_constructor(ms_histogram),
             request_bytes: Family::new_with_constructor(ms_histogram),
             response_bytes: Family::new_with_constructor(ms_histogram),
-            epoch: AtomicU64::new(0),
-            series: Mutex::new(HashMap::new()),
+            series: SeriesIndex::default(),
         }
     }
 }
 
 impl HttpMetrics {
     pub fn record(&self, r: RequestRecord) {
-        let owner = self as *const Self as usize;
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let handles = REQUEST_HANDLES.with(|cell| {
-            let mut cache = cell.borrow_mut();
-            if cache.0 != owner || cache.1 != epoch || cache.2.len() >= HANDLE_CACHE_MAX {
-                *cache = (owner, epoch, HashMap::new());
-            }
-            if let Some(h) = cache.2.get(&r.labels) {
-                return h.clone();
-            }
-            let h = RequestHandles {
-                requests: self.requests.get_or_create(&r.labels).clone(),
-                duration: self.duration.get_or_create(&r.labels).clone(),
-                request_bytes: self.request_bytes.get_or_create(&r.labels).clone(),
-                response_bytes: self.response_bytes.get_or_create(&r.labels).clone(),
-            };
-            self.series
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry((
-                    r.labels.base.source.namespace.clone(),
-                    r.labels.base.source.workload.clone(),
-                ))
-                .or_default()
-                .insert(r.labels.clone());
-            cache.2.insert(r.labels, h.clone());
-            h
-        });
+        let l = &r.labels;
+        let handles = self
+            .series
+            .handles(&REQUEST_HANDLES, l, &l.base.source, || RequestHandles {
+                requests: self.requests.get_or_create(l).clone(),
+                duration: self.duration.get_or_create(l).clone(),
+                request_bytes: self.request_bytes.get_or_create(l).clone(),
+                response_bytes: self.response_bytes.get_or_create(l).clone(),
+            });
         handles.requests.inc();
         handles.duration.observe(r.duration.as_secs_f64() * 1000.0);
         handles.request_bytes.observe(r.request_bytes as f64);
@@ -361,30 +415,19 @@ impl HttpMetrics {
 
     /// Removes every series of a source workload that is gone from the node.
     pub fn forget_source(&self, namespace: &str, workload: &str) -> usize {
-        let gone = self
-            .series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(namespace.to_string(), workload.to_string()))
-            .unwrap_or_default();
+        let gone = self.series.take(namespace, workload);
         for l in &gone {
             self.requests.remove(l);
             self.duration.remove(l);
             self.request_bytes.remove(l);
             self.response_bytes.remove(l);
         }
-        self.epoch.fetch_add(1, Ordering::AcqRel);
         gone.len()
     }
 
     /// Source workloads that have series.
     pub fn sources(&self) -> Vec<(String, String)> {
-        self.series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.series.sources()
     }
 }
 
@@ -434,10 +477,7 @@ pub struct TcpMetrics {
     pub sent_bytes: Family<IstioTcpLabels, Counter>,
     /// Bytes received from the client (the request direction).
     pub received_bytes: Family<IstioTcpLabels, Counter>,
-    /// Series by source workload (namespace, workload), for ageing out.
-    series: Mutex<HashMap<(String, String), HashSet<IstioTcpLabels>>>,
-    /// Bumped when series are removed, so per-thread handle caches start over.
-    epoch: AtomicU64,
+    series: SeriesIndex<IstioTcpLabels>,
 }
 
 /// The four TCP counters of one series (cloned out of the families once per thread).
@@ -449,44 +489,17 @@ pub struct TcpHandles {
     pub received_bytes: Counter,
 }
 
-thread_local! {
-    /// Per worker thread: series → handles (see REQUEST_HANDLES).
-    static TCP_HANDLES: RefCell<(usize, u64, HashMap<IstioTcpLabels, TcpHandles>)> =
-        RefCell::new((0, 0, HashMap::new()));
-}
-
 impl TcpMetrics {
     /// The counters of `labels`: no lock shared between cores once a thread has seen the
     /// series (the families and the expiry index are touched on first use only).
     pub fn handles(&self, labels: &IstioTcpLabels) -> TcpHandles {
-        let owner = self as *const Self as usize;
-        let epoch = self.epoch.load(Ordering::Acquire);
-        TCP_HANDLES.with(|cell| {
-            let mut cache = cell.borrow_mut();
-            if cache.0 != owner || cache.1 != epoch || cache.2.len() >= HANDLE_CACHE_MAX {
-                *cache = (owner, epoch, HashMap::new());
-            }
-            if let Some(h) = cache.2.get(labels) {
-                return h.clone();
-            }
-            let h = TcpHandles {
+        self.series
+            .handles(&TCP_HANDLES, labels, &labels.source, || TcpHandles {
                 opened: self.opened.get_or_create(labels).clone(),
                 closed: self.closed.get_or_create(labels).clone(),
                 sent_bytes: self.sent_bytes.get_or_create(labels).clone(),
                 received_bytes: self.received_bytes.get_or_create(labels).clone(),
-            };
-            self.series
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry((
-                    labels.source.namespace.clone(),
-                    labels.source.workload.clone(),
-                ))
-                .or_default()
-                .insert(labels.clone());
-            cache.2.insert(labels.clone(), h.clone());
-            h
-        })
+            })
     }
 
     /// Counts a connection opened.
@@ -501,29 +514,18 @@ impl TcpMetrics {
 
     /// Removes every series of a source workload that is gone from the node.
     pub fn forget_source(&self, namespace: &str, workload: &str) -> usize {
-        let gone = self
-            .series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(namespace.to_string(), workload.to_string()))
-            .unwrap_or_default();
+        let gone = self.series.take(namespace, workload);
         for l in &gone {
             self.opened.remove(l);
             self.closed.remove(l);
             self.sent_bytes.remove(l);
             self.received_bytes.remove(l);
         }
-        self.epoch.fetch_add(1, Ordering::AcqRel);
         gone.len()
     }
 
     pub fn sources(&self) -> Vec<(String, String)> {
-        self.series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.series.sources()
     }
 }
 
