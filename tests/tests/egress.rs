@@ -104,6 +104,25 @@ impl Egress {
         host
     }
 
+    /// Hosts answering plain HTTP on :80 with their own name.
+    fn echo_hosts(&mut self, names: &[&str]) -> Vec<Host> {
+        names
+            .iter()
+            .map(|n| {
+                let h = self.node.host(n);
+                self.servers.http_echo(
+                    &h,
+                    80,
+                    HttpEcho {
+                        name: n.to_string(),
+                        ..Default::default()
+                    },
+                );
+                h
+            })
+            .collect()
+    }
+
     fn get(&self, to: &str, host: &str, path: &str) -> serde_json::Value {
         self.pod
             .pdtool(&["http", "--to", to, "--host", host, "--path", path])
@@ -475,21 +494,7 @@ spec:
 #[test]
 fn dns_resolution_uses_every_address_and_follows_a_changed_answer() {
     let mut e = Egress::new("egdns");
-    let hosts: Vec<Host> = ["dns-a", "dns-b", "dns-c"]
-        .iter()
-        .map(|n| {
-            let h = e.node.host(n);
-            e.servers.http_echo(
-                &h,
-                80,
-                HttpEcho {
-                    name: n.to_string(),
-                    ..Default::default()
-                },
-            );
-            h
-        })
-        .collect();
+    let hosts = e.echo_hosts(&["dns-a", "dns-b", "dns-c"]);
     e.answer("api.dns.test", &[hosts[0].ip, hosts[1].ip], 1);
     e.answer("rr.dns.test", &[hosts[1].ip, hosts[0].ip], 30);
     e.node.write_config(
@@ -579,21 +584,7 @@ spec:
 #[test]
 fn a_hosts_file_answers_names_and_is_reread() {
     let mut e = Egress::new("eghosts");
-    let hosts: Vec<Host> = ["file-a", "file-b", "dialled"]
-        .iter()
-        .map(|n| {
-            let h = e.node.host(n);
-            e.servers.http_echo(
-                &h,
-                80,
-                HttpEcho {
-                    name: n.to_string(),
-                    ..Default::default()
-                },
-            );
-            h
-        })
-        .collect();
+    let hosts = e.echo_hosts(&["file-a", "file-b", "dialled"]);
     let file = e.node.work_dir.join("hosts");
     std::fs::write(&file, format!("# test names\n{} files.test\n", hosts[0].ip)).unwrap();
     e.node.write_config(
