@@ -7,7 +7,7 @@ use http::HeaderMap;
 
 use std::sync::Arc;
 
-use super::route::{endpoint_for, is_dns, labels_for, lb_policy, pick_weighted, upstream_tls};
+use super::route::{endpoint_for, is_dns, labels_for, pick_weighted, tls_of, upstream_tls};
 use crate::routes::{HashKey, LoadBalancer};
 use crate::{
     cli::OutboundTrafficPolicyArg,
@@ -581,7 +581,12 @@ fn pick(
     Vec<HeaderOps>,
     Option<Arc<UpstreamTls>>,
 ) {
-    let lb = lb_policy(snap, &target.hostname, subset, port, &src.namespace);
+    // One merge of the destination's policy gives both the balancer and the TLS.
+    let policy = snap
+        .routes
+        .destination_rule(&target.hostname, &src.namespace)
+        .map(|dr| dr.effective(Some(port), subset));
+    let lb = policy.as_ref().and_then(|p| p.load_balancer.clone());
     let (hash, cookie) = hash_key(&lb, req, src);
     let ops = cookie
         .map(|c| HeaderOps {
@@ -609,11 +614,8 @@ fn pick(
             target_port as u16,
         ));
     }
-    (
-        chosen,
-        ops,
-        upstream_tls(snap, target, subset, port, &src.namespace),
-    )
+    let tls = policy.as_ref().and_then(|p| tls_of(p, target));
+    (chosen, ops, tls)
 }
 
 /// A forward with no route rule behind it: Istio's default retries, no fault, no mirror.

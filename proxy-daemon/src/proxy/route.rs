@@ -69,7 +69,14 @@ pub fn upstream_tls(
     let dr = snap
         .routes
         .destination_rule(&target.hostname, client_namespace)?;
-    let policy = dr.effective(Some(port), subset);
+    tls_of(&dr.effective(Some(port), subset), target)
+}
+
+/// The TLS to originate under an already merged policy.
+pub fn tls_of(
+    policy: &crate::routes::Policy,
+    target: &ServiceInfo,
+) -> Option<std::sync::Arc<crate::tls::UpstreamTls>> {
     crate::tls::UpstreamTls::new(policy.tls.as_ref()?, &target.hostname).map(std::sync::Arc::new)
 }
 
