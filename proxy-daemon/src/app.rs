@@ -2,6 +2,7 @@
 //! endpoints, and the shutdown order (drain, then detach).
 use std::{
     net::SocketAddr,
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     process::ExitCode,
     sync::{Arc, Mutex},
@@ -9,13 +10,13 @@ use std::{
 };
 
 use tokio::{net::TcpListener, sync::watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{self, ConfigDump},
     bpf, cgroup,
     cli::{FailModeArg, RunArgs},
-    config::{local, ConfigError},
+    config::{cluster, local, ConfigError},
     enrol::Enroller,
     metrics::Metrics,
     proxy::ProxyInputs,
@@ -71,7 +72,10 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
 /// The settings `run` works with, after defaults are resolved.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Settings {
-    pub config_dir: PathBuf,
+    /// Local mode: the YAML directory (None in cluster mode).
+    pub config_dir: Option<PathBuf>,
+    /// Cluster mode: how to reach the API (None in local mode).
+    pub cluster: Option<crate::config::cluster::ClusterSettings>,
     pub cgroup_root: PathBuf,
     pub capture: CaptureSettings,
     pub outbound_port: u16,
@@ -101,23 +105,25 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         ));
     }
     let config_dir = match (&args.config_dir, args.kubernetes) {
-        (Some(dir), _) => dir.clone(),
-        (None, true) => return Err(startup(
-            "--kubernetes: cluster mode is not available in this build yet; use --config-dir DIR",
-        )),
+        (Some(dir), _) => Some(dir.clone()),
+        (None, true) => None,
         (None, false) => {
             return Err(startup(
                 "one of --config-dir DIR or --kubernetes is required",
             ))
         }
     };
-    match std::fs::read_dir(&config_dir) {
-        Ok(_) => {}
-        Err(e) => {
+    if let Some(config_dir) = &config_dir {
+        if let Err(e) = std::fs::read_dir(config_dir) {
             return Err(startup(format!(
                 "config dir {}: {e} (create it or point --config-dir at your YAML)",
                 config_dir.display()
-            )))
+            )));
+        }
+    }
+    if let Some(path) = &args.kubeconfig {
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(startup(format!("--kubeconfig {}: {e}", path.display())));
         }
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
@@ -154,8 +160,25 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
                 .and_then(|h| h.into_string().ok())
         })
         .unwrap_or_default();
+    let cluster = config_dir
+        .is_none()
+        .then(|| crate::config::cluster::ClusterSettings {
+            kubeconfig: args.kubeconfig.clone(),
+            node_name: node_name.clone(),
+            rediscovery: Duration::from_secs(args.kube_rediscovery_secs.max(1)),
+            // Private to this process (parallel daemons on one host never share it).
+            credentials_dir: std::env::temp_dir()
+                .join(format!("proxy-daemon-{}", std::process::id()))
+                .join("credentials"),
+        });
+    if cluster.is_some() && node_name.is_empty() {
+        return Err(startup(
+            "--kubernetes needs the node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)",
+        ));
+    }
     Ok(Settings {
         config_dir,
+        cluster,
         cgroup_root,
         capture: CaptureSettings {
             label_key: label_key.to_string(),
@@ -214,7 +237,10 @@ fn load_config(
     settings: &Settings,
     published: &Published,
 ) -> Result<state::Snapshot, Vec<ConfigError>> {
-    let loaded = loader.load(&settings.config_dir);
+    let Some(dir) = &settings.config_dir else {
+        return Err(Vec::new());
+    };
+    let loaded = loader.load(dir);
     if loaded.errors.iter().any(ConfigError::is_error) {
         return Err(loaded.errors);
     }
@@ -253,11 +279,14 @@ async fn watch_config(
     metrics: Arc<Metrics>,
     status: Arc<Mutex<ConfigStatus>>,
 ) {
-    let mut loaded_print = local::fingerprint(&settings.config_dir);
+    let Some(config_dir) = settings.config_dir.clone() else {
+        return;
+    };
+    let mut loaded_print = local::fingerprint(&config_dir);
     let mut last_seen = loaded_print.clone();
     loop {
         tokio::time::sleep(CONFIG_POLL).await;
-        let print = local::fingerprint(&settings.config_dir);
+        let print = local::fingerprint(&config_dir);
         // Debounce: act once the directory has stopped changing for one poll interval.
         let stable = print == last_seen;
         last_seen = print.clone();
@@ -296,6 +325,121 @@ async fn watch_config(
                 warn!(
                     problems = errors.len(),
                     "configuration rejected; keeping the last good one"
+                );
+                let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+                st.last_error = errors.iter().map(ToString::to_string).collect();
+                st.last_error_unix_ms = Some(now_ms());
+            }
+        }
+    }
+}
+
+/// A burst of watch events (a re-list, a rollout) becomes one compile.
+const CLUSTER_DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Cluster mode: compiles the watched objects into a snapshot on every change, once every
+/// watch has had its first list. Objects that fail validation are skipped and reported
+/// (each once, with `KIND/NAMESPACE/NAME: reason`); the rest is published.
+async fn watch_cluster(
+    store: Arc<cluster::ClusterStore>,
+    settings: Arc<Settings>,
+    published: Arc<Published>,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<ConfigStatus>>,
+    ready: Ready,
+) {
+    let mut first = Some(ready.register_task("kubernetes: first configuration"));
+    let mut changed = store.subscribe();
+    let mut reported: std::collections::BTreeSet<String> = Default::default();
+    let mut pending = true;
+    loop {
+        if !pending {
+            match tokio::time::timeout(Duration::from_secs(5), changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    if first.is_some() {
+                        info!(waiting_for = ?store.unsynced(), "waiting for the first list of every watched kind (not ready until then)");
+                    }
+                    continue;
+                }
+            }
+            tokio::time::sleep(CLUSTER_DEBOUNCE).await;
+        }
+        pending = false;
+        changed.borrow_and_update();
+        if first.is_some() && !store.unsynced().is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let (st, p, s) = (store.clone(), published.clone(), settings.clone());
+        let joined = tokio::task::spawn_blocking(move || {
+            let contents = st.contents();
+            let objects = contents.objects.len();
+            let compiled = state::compile_valid(contents.objects, &s.capture, p.next_generation());
+            (compiled, contents.rejected, objects)
+        })
+        .await;
+        let Ok((compiled, mut rejected, objects)) = joined else {
+            error!("configuration compiler panicked; keeping the last good configuration");
+            continue;
+        };
+        match compiled {
+            Ok((snap, skipped)) => {
+                rejected.extend(skipped);
+                let mut by_kind: std::collections::BTreeMap<String, i64> = Default::default();
+                for e in &rejected {
+                    let line = e.to_string();
+                    if let Some(o) = &e.object {
+                        *by_kind.entry(o.kind.clone()).or_default() += 1;
+                    }
+                    if !reported.contains(&line) {
+                        error!("{line} (object skipped; the rest of the configuration applies)");
+                    }
+                }
+                reported = rejected.iter().map(ToString::to_string).collect();
+                metrics.daemon.config_rejected_objects.clear();
+                for (kind, n) in by_kind {
+                    metrics
+                        .daemon
+                        .config_rejected_objects
+                        .get_or_create(&crate::metrics::KindLabels { kind })
+                        .set(n);
+                }
+                let generation = snap.generation;
+                publish(snap, &published, &metrics, &status);
+                {
+                    let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+                    st.last_error = reported.iter().cloned().collect();
+                    if !rejected.is_empty() {
+                        st.last_error_unix_ms = Some(now_ms());
+                    }
+                }
+                if first.take().is_some() {
+                    info!(
+                        generation,
+                        objects,
+                        rejected = rejected.len(),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "first configuration from the Kubernetes API"
+                    );
+                } else {
+                    debug!(
+                        generation,
+                        objects,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "configuration updated from the Kubernetes API"
+                    );
+                }
+            }
+            Err(errors) => {
+                metrics.daemon.config_errors.inc();
+                for e in &errors {
+                    error!("{e}");
+                }
+                warn!(
+                    problems = errors.len(),
+                    "configuration from the Kubernetes API rejected; keeping the last good one"
                 );
                 let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
                 st.last_error = errors.iter().map(ToString::to_string).collect();
@@ -403,19 +547,31 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     let published = Arc::new(Published::new());
     let config_status = Arc::new(Mutex::new(ConfigStatus::default()));
     let mut loader = local::Loader::default();
-    match load_config(&mut loader, &settings, &published) {
-        Ok(snap) => publish(snap, &published, &metrics, &config_status),
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{e}");
+    if let Some(dir) = &settings.config_dir {
+        match load_config(&mut loader, &settings, &published) {
+            Ok(snap) => publish(snap, &published, &metrics, &config_status),
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                return Err(startup(format!(
+                    "configuration in {} has {} problem(s) (listed above)",
+                    dir.display(),
+                    errors.len()
+                )));
             }
-            return Err(startup(format!(
-                "configuration in {} has {} problem(s) (listed above)",
-                settings.config_dir.display(),
-                errors.len()
-            )));
         }
     }
+    // Cluster mode: a client now (a broken kubeconfig is the operator's to fix: exit 2);
+    // an unreachable API is not fatal: the watches retry and readiness says what is missing.
+    let kube_client = match &settings.cluster {
+        Some(c) => Some(
+            cluster::client(c.kubeconfig.as_deref())
+                .await
+                .map_err(|e| startup(e.to_string()))?,
+        ),
+        None => None,
+    };
 
     let loaded = bpf::load_and_attach(&settings.cgroup_root, &settings.bpf_pin_dir)
         .map_err(|e| AppError::Runtime(anyhow::anyhow!("attaching eBPF programs: {e}")))?;
@@ -437,6 +593,27 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         published.clone(),
         settings.metrics_retention,
     ));
+    let tls = match &settings.cluster {
+        Some(c) => {
+            let _ = std::fs::remove_dir_all(&c.credentials_dir);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&c.credentials_dir)
+                .map_err(|e| {
+                    AppError::Runtime(anyhow::anyhow!(
+                        "credentials dir {}: {e}",
+                        c.credentials_dir.display()
+                    ))
+                })?;
+            crate::tls::Originator::new(Some(c.credentials_dir.clone()), settings.tls_session_cache)
+                .namespaced()
+        }
+        None => crate::tls::Originator::new(
+            settings.credentials_dir.clone(),
+            settings.tls_session_cache,
+        ),
+    };
     let inputs = Arc::new(ProxyInputs {
         orig_dst: attached
             .orig_dst_table()
@@ -447,10 +624,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         outbound_policy: settings.outbound_traffic_policy,
         mirror_max_body_bytes: settings.mirror_max_body_bytes,
         dns: dns.clone(),
-        tls: Arc::new(crate::tls::Originator::new(
-            settings.credentials_dir.clone(),
-            settings.tls_session_cache,
-        )),
+        tls: Arc::new(tls),
     });
     let enroller = Enroller::new(
         settings.cgroup_root.clone(),
@@ -465,7 +639,15 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         .map_stats()
         .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?;
 
+    let cluster_store = match (kube_client, &settings.cluster) {
+        (Some(client), Some(c)) => Some(cluster::start(client, c, metrics.clone(), &ready)),
+        _ => None,
+    };
     let mut dump = ConfigDump::default();
+    if let Some(store) = &cluster_store {
+        let st = store.clone();
+        dump.add("kubernetes", Box::new(move || st.status()));
+    }
     {
         let s = settings.clone();
         dump.add(
@@ -545,18 +727,45 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             admin::health_handler(ready.clone()),
         )),
     ];
-    let watcher = tokio::spawn(watch_config(
-        loader,
-        settings.clone(),
-        published.clone(),
-        metrics.clone(),
-        config_status.clone(),
-    ));
+    let watcher = match cluster_store {
+        Some(store) => tokio::spawn(watch_cluster(
+            store,
+            settings.clone(),
+            published.clone(),
+            metrics.clone(),
+            config_status.clone(),
+            ready.clone(),
+        )),
+        _ => tokio::spawn(watch_config(
+            loader,
+            settings.clone(),
+            published.clone(),
+            metrics.clone(),
+            config_status.clone(),
+        )),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let enroller_task = tokio::spawn(enroller.run(stop_rx));
+    // The enroller's first pass drops map entries of pods it does not want: it must not
+    // run on the empty configuration of a cluster-mode daemon still listing the API
+    // (fail-closed pods enrolled by an earlier daemon would go direct meanwhile).
+    let enroller_task = {
+        let published = published.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut changed = published.subscribe();
+            while published.load().generation == 0 {
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { break },
+                    _ = stop.changed() => return enroller.into_maps(),
+                }
+            }
+            enroller.run(stop_rx).await
+        })
+    };
     drop(startup_block);
     info!(
-        config_dir = %settings.config_dir.display(),
+        config_dir = ?settings.config_dir,
+        kubernetes = settings.cluster.is_some(),
         cgroup_root = %settings.cgroup_root.display(),
         node = %settings.capture.node_name,
         "proxy-daemon running"
@@ -583,6 +792,11 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     }
     drop(maps);
     attached.detach();
+    if let Some(c) = &settings.cluster {
+        if let Some(run_dir) = c.credentials_dir.parent() {
+            let _ = std::fs::remove_dir_all(run_dir);
+        }
+    }
     for s in servers {
         s.abort();
     }

@@ -108,17 +108,61 @@ pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
     walk(root, uid, POD_SEARCH_DEPTH)
 }
 
-/// A process in the cgroup or any cgroup below it (containers sit one level down).
-pub fn any_process(cgroup: &Path) -> Option<u32> {
-    let procs = fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
-    if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
+/// Every process in the cgroup and the cgroups below it (a pod's containers sit one level
+/// down), at most `limit` of them.
+pub fn processes(cgroup: &Path, limit: usize) -> Vec<u32> {
+    fn walk(dir: &Path, depth: usize, limit: usize, out: &mut Vec<u32>) {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if depth == 0 || out.len() >= limit {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                walk(&e.path(), depth - 1, limit, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(cgroup, 3, limit, &mut out);
+    out.truncate(limit);
+    out
+}
+
+/// Whether `pid` is (still) in the cgroup or below it.
+pub fn contains_process(cgroup: &Path, pid: u32) -> bool {
+    processes(cgroup, usize::MAX).contains(&pid)
+}
+
+/// The process whose network namespace is the pod's: the sandbox's (`pause`, which holds
+/// the namespace for the pod's lifetime), else the namespace most of the pod's processes
+/// share (an app container that unshared a namespace of its own must not pick it), lowest
+/// pid first for a stable choice.
+pub fn sandbox_process(cgroup: &Path) -> Option<u32> {
+    let mut pids = processes(cgroup, 4096);
+    pids.sort_unstable();
+    if let Some(pid) = pids.iter().copied().find(|pid| {
+        fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "pause")
+    }) {
         return Some(pid);
     }
-    fs::read_dir(cgroup)
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-        .find_map(|e| any_process(&e.path()))
+    let mut by_netns: std::collections::BTreeMap<u64, (usize, u32)> = Default::default();
+    for pid in pids {
+        let Ok(m) = fs::metadata(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        let e = by_netns.entry(m.ino()).or_insert((0, pid));
+        e.0 += 1;
+        e.1 = e.1.min(pid);
+    }
+    by_netns
+        .values()
+        .max_by_key(|(count, pid)| (*count, std::cmp::Reverse(*pid)))
+        .map(|(_, pid)| *pid)
 }
 
 #[cfg(test)]

@@ -66,9 +66,21 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_CONFIG_DIR", conflicts_with = "kubernetes")]
     pub config_dir: Option<PathBuf>,
 
-    /// Cluster mode: watch the Kubernetes API (in-cluster config or KUBECONFIG).
+    /// Cluster mode: watch the Kubernetes API (in-cluster service account, or --kubeconfig /
+    /// KUBECONFIG). Needs get/list/watch on namespaces, pods, services, endpointslices,
+    /// secrets (only those DestinationRule credentialName names are watched) and the
+    /// networking.istio.io kinds.
     #[arg(long, env = "PROXY_KUBERNETES")]
     pub kubernetes: bool,
+
+    /// Cluster mode: kubeconfig file (default: KUBECONFIG, ~/.kube/config, else in-cluster).
+    #[arg(long, env = "PROXY_KUBECONFIG", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Cluster mode: how often to look again for Istio kinds the API does not serve
+    /// (CRDs installed after the daemon started are picked up within this time).
+    #[arg(long, env = "PROXY_KUBE_REDISCOVERY_SECS", default_value_t = 30)]
+    pub kube_rediscovery_secs: u64,
 
     /// Only pods with this spec.nodeName (or none, in local mode) are enrolled.
     /// Defaults to $NODE_NAME, else the hostname.
@@ -147,7 +159,9 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_HOSTS_FILE")]
     pub hosts_file: Option<PathBuf>,
 
-    /// Directory of DestinationRule `credentialName` secrets: DIR/NAME/{tls.crt,tls.key,ca.crt}.
+    /// Local mode: directory of DestinationRule `credentialName` secrets:
+    /// DIR/NAME/{tls.crt,tls.key,ca.crt}. In cluster mode the Secrets come from the API
+    /// (the DestinationRule's own namespace only) and this flag is not used.
     #[arg(long, env = "PROXY_CREDENTIALS_DIR")]
     pub credentials_dir: Option<PathBuf>,
 

@@ -21,7 +21,7 @@ use crate::{
     cgroup,
     metrics::Metrics,
     netns::{self, NetnsWorker},
-    proxy::{self, PodContext, ProxyInputs},
+    proxy::{self, PodContext, PodHandle, ProxyInputs},
     readiness::Ready,
     state::{fail_mode_name, CapturedPod, Published},
 };
@@ -40,6 +40,8 @@ pub enum EnrolError {
     Map(#[from] crate::bpf::BpfError),
     #[error("cgroup: {0}")]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error("process {pid} left the pod's cgroup while its netns was opened; retrying")]
+    PidLeft { pid: u32 },
 }
 
 /// What /config_dump shows of each captured pod.
@@ -68,7 +70,7 @@ struct EnrolledPod {
     netns_inode: u64,
     netns_cookie: u64,
     fail_mode: FailMode,
-    ctx: Arc<PodContext>,
+    ctx: PodHandle,
     listener_task: JoinHandle<()>,
     enrolled_at: SystemTime,
 }
@@ -83,6 +85,8 @@ pub struct Enroller {
     ready: Ready,
     pods: BTreeMap<String, EnrolledPod>,
     waiting: BTreeMap<String, String>,
+    /// Pods of captured namespaces left alone on purpose, already logged.
+    skipped: std::collections::BTreeSet<String>,
     next_pod_id: u32,
     status: Arc<ArcSwap<Vec<WorkloadStatus>>>,
 }
@@ -107,6 +111,7 @@ impl Enroller {
             ready,
             pods: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            skipped: Default::default(),
             next_pod_id: 1,
             status: Arc::new(ArcSwap::from_pointee(Vec::new())),
         }
@@ -114,6 +119,11 @@ impl Enroller {
 
     pub fn status(&self) -> Arc<ArcSwap<Vec<WorkloadStatus>>> {
         self.status.clone()
+    }
+
+    /// The maps, for a daemon stopping before its first reconcile.
+    pub fn into_maps(self) -> EnrolmentMaps {
+        self.maps
     }
 
     /// Reconciles until `stop` fires, then closes every listener (drain starts) and hands the
@@ -170,9 +180,21 @@ impl Enroller {
                 self.unenrol(&uid, reason);
             }
         }
-        // Keep fail modes current.
+        // Keep fail modes and identities (labels: sourceLabels routing, metric labels)
+        // current.
         for (uid, want) in &snapshot.pods {
             if let Some(p) = self.pods.get_mut(uid) {
+                let current = p.ctx.load_full();
+                if current.workload != want.workload {
+                    info!(pod = %want.workload.pod_name, namespace = %want.workload.namespace, "pod labels changed: new connections use them");
+                    p.ctx.store(Arc::new(PodContext {
+                        source_labels: crate::metrics::SourceLabels::of(&want.workload),
+                        workload: want.workload.clone(),
+                        netns: current.netns.clone(),
+                        netns_cookie: current.netns_cookie,
+                        http_pool: current.http_pool.clone(),
+                    }));
+                }
                 if p.fail_mode != want.fail_mode {
                     p.fail_mode = want.fail_mode;
                     let entry = enrolment_entry(p, self.outbound_port);
@@ -182,6 +204,19 @@ impl Enroller {
                 }
             }
         }
+        // Say once why a pod that looks like ours is left alone.
+        let skipped: std::collections::BTreeSet<String> = snapshot
+            .not_captured
+            .iter()
+            .filter(|(_, why)| {
+                why.starts_with("runs an Istio sidecar") || why.as_str() == "host network"
+            })
+            .map(|(pod, why)| format!("{pod}: {why}"))
+            .collect();
+        for line in skipped.difference(&self.skipped) {
+            info!("not capturing {line}");
+        }
+        self.skipped = skipped;
         // Enrol what is wanted and present.
         self.waiting.clear();
         let mut blocked = false;
@@ -194,7 +229,7 @@ impl Enroller {
                     .insert(uid.clone(), "waiting for cgroup".into());
                 continue;
             };
-            let Some(pid) = cgroup::any_process(&cgroup_dir) else {
+            let Some(pid) = cgroup::sandbox_process(&cgroup_dir) else {
                 self.waiting
                     .insert(uid.clone(), "waiting for a process".into());
                 continue;
@@ -231,7 +266,7 @@ impl Enroller {
     fn netns_changed(&self, pod: &EnrolledPod) -> bool {
         // The process we entered may be gone while the pod lives on (container restart):
         // judge by any current process of the pod.
-        match cgroup::any_process(&pod.cgroup) {
+        match cgroup::sandbox_process(&pod.cgroup) {
             Some(pid) => netns::netns_inode_of_pid(pid).is_some_and(|ino| ino != pod.netns_inode),
             None => false,
         }
@@ -245,6 +280,12 @@ impl Enroller {
     ) -> Result<EnrolledPod, EnrolError> {
         let cgroup_id = cgroup::cgroup_id(&cgroup_dir)?;
         let worker = NetnsWorker::spawn(pid, &want.workload.pod_name)?;
+        // The netns file is open now. If the pid had been reused by a process outside the
+        // pod between choosing and opening it, the file is someone else's namespace: the
+        // pid must still be in the pod's cgroup after the open.
+        if !cgroup::contains_process(&cgroup_dir, pid) {
+            return Err(EnrolError::PidLeft { pid });
+        }
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
         let std_listener = worker.listener(addr).await.map_err(|e| match e {
             netns::NetnsError::Socket(source) => EnrolError::Listener {
@@ -263,13 +304,13 @@ impl Enroller {
                 port: self.outbound_port,
                 source,
             })?;
-        let ctx = Arc::new(PodContext {
+        let ctx: PodHandle = Arc::new(ArcSwap::from_pointee(PodContext {
             source_labels: crate::metrics::SourceLabels::of(&want.workload),
             workload: want.workload.clone(),
             netns: Arc::new(worker),
             netns_cookie,
             http_pool: Default::default(),
-        });
+        }));
         let listener_task = tokio::spawn(proxy::run_outbound_listener(
             self.inputs.clone(),
             ctx.clone(),
@@ -277,7 +318,7 @@ impl Enroller {
         ));
         let pod = EnrolledPod {
             pod_id: self.next_pod_id,
-            netns_inode: ctx.netns.inode,
+            netns_inode: ctx.load().netns.inode,
             cgroup: cgroup_dir,
             cgroup_id,
             pid,
@@ -308,9 +349,10 @@ impl Enroller {
         pod.listener_task.abort();
         let started = Instant::now();
         let forgotten = self.maps.forget_netns(pod.netns_cookie);
+        let ctx = pod.ctx.load();
         info!(
-            pod = %pod.ctx.workload.pod_name,
-            namespace = %pod.ctx.workload.namespace,
+            pod = %ctx.workload.pod_name,
+            namespace = %ctx.workload.namespace,
             reason,
             map_entries_removed = forgotten,
             took_us = started.elapsed().as_micros() as u64,

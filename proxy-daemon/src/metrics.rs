@@ -553,6 +553,22 @@ pub struct DaemonMetrics {
     pub process_open_fds: Gauge,
     pub process_threads: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
+    pub config_rejected_objects: Family<KindLabels, Gauge>,
+    pub kubernetes_watch_errors: Family<WatchErrorLabels, Counter>,
+    pub kubernetes_watch_synced: Family<KindLabels, Gauge>,
+    pub kubernetes_events: Family<KindLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchErrorLabels {
+    pub kind: String,
+    /// not_found | forbidden | gone | unavailable | other
+    pub reason: &'static str,
 }
 
 pub struct Metrics {
@@ -666,6 +682,26 @@ impl Metrics {
             daemon.active_connections.clone(),
         );
         sub.register("build_info", "Build information", daemon.build_info.clone());
+        sub.register(
+            "config_rejected_objects",
+            "Objects skipped because they failed validation (cluster mode), by kind",
+            daemon.config_rejected_objects.clone(),
+        );
+        sub.register(
+            "kubernetes_watch_errors",
+            "Kubernetes API list/watch errors (each is retried with backoff), by kind and reason",
+            daemon.kubernetes_watch_errors.clone(),
+        );
+        sub.register(
+            "kubernetes_watch_synced",
+            "1 once a kind's initial list has been received (or the kind is not served)",
+            daemon.kubernetes_watch_synced.clone(),
+        );
+        sub.register(
+            "kubernetes_events",
+            "Watch events received from the Kubernetes API, by kind",
+            daemon.kubernetes_events.clone(),
+        );
         sub.register(
             "mirror_requests",
             "Mirror copies sent, by route and outcome",

@@ -280,6 +280,9 @@ pub struct TlsOrigination {
     pub private_key: Option<String>,
     pub ca_certificates: Option<String>,
     pub credential_name: Option<String>,
+    /// The DestinationRule's namespace: a `credentialName` Secret is looked up there only
+    /// (Istio's rule), never in another team's namespace.
+    pub credential_namespace: String,
     pub subject_alt_names: Vec<String>,
     pub sni: Option<String>,
     pub insecure_skip_verify: bool,
@@ -1177,6 +1180,7 @@ fn level_policy(
             private_key: t.private_key.clone(),
             ca_certificates: t.ca_certificates.clone(),
             credential_name: t.credential_name.clone(),
+            credential_namespace: cx.o.object_ref.namespace.clone(),
             subject_alt_names: t.subject_alt_names.clone(),
             sni: t.sni.clone(),
             insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),

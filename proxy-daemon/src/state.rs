@@ -205,7 +205,13 @@ pub fn compile(
             {
                 Some(format!("pod opted out ({CAPTURE_LABEL_KEY}=disabled)"))
             }
+            // Never capture the node's own network namespace.
             _ if pod.spec.host_network => Some("host network".to_string()),
+            // During a migration from sidecars, a pod that still has one is left to it, so
+            // nothing is proxied twice.
+            _ if has_istio_sidecar(pod) => Some(format!(
+                "runs an Istio sidecar ({ISTIO_SIDECAR_CONTAINER} container or {ISTIO_SIDECAR_ANNOTATION} annotation)"
+            )),
             _ if matches!(
                 pod.status.phase.as_deref(),
                 Some("Succeeded") | Some("Failed")
@@ -237,6 +243,53 @@ pub fn compile(
     }
     snap.findings = errors.iter().map(ToString::to_string).collect();
     Ok(snap)
+}
+
+pub const ISTIO_SIDECAR_CONTAINER: &str = "istio-proxy";
+pub const ISTIO_SIDECAR_ANNOTATION: &str = "sidecar.istio.io/status";
+
+fn has_istio_sidecar(pod: &crate::config::k8s::Pod) -> bool {
+    pod.metadata
+        .annotations
+        .contains_key(ISTIO_SIDECAR_ANNOTATION)
+        || pod
+            .spec
+            .containers
+            .iter()
+            .chain(&pod.spec.init_containers)
+            .any(|c| c.name.as_deref() == Some(ISTIO_SIDECAR_CONTAINER))
+}
+
+/// Compiles what is valid: objects named by an error are dropped (and returned as
+/// rejected, with their errors) and the rest compiled again, so one bad object never takes
+/// the others down. Used by the cluster source, where objects arrive one by one and there
+/// is no "fix the file and save again". Fails only on an error that names no object.
+pub fn compile_valid(
+    mut objects: Vec<Located<Object>>,
+    settings: &CaptureSettings,
+    generation: u64,
+) -> Result<(Snapshot, Vec<ConfigError>), Vec<ConfigError>> {
+    let mut rejected = Vec::new();
+    // Each pass drops at least one object; cross-references settle in a few.
+    for _ in 0..16 {
+        match compile(&objects, settings, generation) {
+            Ok(snap) => return Ok((snap, rejected)),
+            Err(errors) => {
+                let (bad, rest): (Vec<_>, Vec<_>) =
+                    errors.into_iter().partition(ConfigError::is_error);
+                let names: std::collections::BTreeSet<ObjectRef> =
+                    bad.iter().filter_map(|e| e.object.clone()).collect();
+                if names.is_empty() || bad.iter().any(|e| e.object.is_none()) {
+                    let mut all = bad;
+                    all.extend(rest);
+                    return Err(all);
+                }
+                objects.retain(|o| !names.contains(&o.object_ref));
+                rejected.extend(bad);
+            }
+        }
+    }
+    Err(rejected)
 }
 
 /// File order, then line, so messages read top to bottom.
@@ -282,5 +335,75 @@ impl Published {
 impl Default for Published {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::local;
+
+    fn objects(yaml: &str) -> Vec<Located<Object>> {
+        local::split_documents(std::path::Path::new("t.yaml"), yaml)
+            .iter()
+            .filter_map(|d| local::parse_document(d, "default").unwrap())
+            .collect()
+    }
+
+    fn settings() -> CaptureSettings {
+        CaptureSettings {
+            label_key: CAPTURE_LABEL_KEY.into(),
+            label_value: "enabled".into(),
+            node_name: "n1".into(),
+            default_fail_mode: FailMode::Open,
+        }
+    }
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {nodeproxy.io/capture: enabled}\n";
+
+    #[test]
+    fn compile_valid_skips_only_the_bad_object() {
+        let yaml = format!(
+            "{NS}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bad, namespace: shop}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews}}\n      weight: 50\n    - destination: {{host: ratings}}\n      weight: 40\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: good, namespace: shop}}\nspec:\n  hosts: [details]\n  http:\n  - route:\n    - destination: {{host: details}}\n"
+        );
+        let objs = objects(&yaml);
+        assert!(
+            compile(&objs, &settings(), 1).is_err(),
+            "a file with the bad object is rejected whole"
+        );
+        let (snap, rejected) = compile_valid(objs, &settings(), 1).expect("the rest compiles");
+        assert!(!rejected.is_empty());
+        assert!(rejected
+            .iter()
+            .all(|e| e.object.as_ref().unwrap().name == "bad"));
+        let dump = serde_json::to_string(&snap.routes).unwrap();
+        assert!(dump.contains("details"), "the good rule is in the snapshot");
+        assert!(snap.namespaces["shop"].captured);
+    }
+
+    #[test]
+    fn pods_with_an_istio_sidecar_or_host_network_are_not_captured() {
+        let pod = |name: &str, extra: &str| {
+            format!("---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  uid: uid-{name}\n{extra}")
+        };
+        let yaml = format!(
+            "{NS}{}{}{}{}",
+            pod("plain", "spec:\n  containers: [{name: app}]\n"),
+            pod(
+                "sidecar",
+                "spec:\n  containers: [{name: app}, {name: istio-proxy}]\n"
+            ),
+            pod(
+                "annotated",
+                "  annotations: {sidecar.istio.io/status: '{}'}\nspec:\n  containers: [{name: app}]\n"
+            ),
+            pod("host", "spec:\n  hostNetwork: true\n  containers: [{name: app}]\n"),
+        );
+        let snap = compile(&objects(&yaml), &settings(), 1).unwrap();
+        let captured: Vec<_> = snap.pods.keys().cloned().collect();
+        assert_eq!(captured, vec!["uid-plain"]);
+        assert!(snap.not_captured["Pod/shop/sidecar"].contains("Istio sidecar"));
+        assert!(snap.not_captured["Pod/shop/annotated"].contains("Istio sidecar"));
+        assert_eq!(snap.not_captured["Pod/shop/host"], "host network");
     }
 }

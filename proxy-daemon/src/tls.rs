@@ -47,6 +47,8 @@ pub enum TlsError {
         path: PathBuf,
         message: String,
     },
+    #[error("credentialName {0:?} is not a Secret name (no '/', no leading '.')")]
+    BadCredentialName(String),
     #[error("credentialName {0}: no --credentials-dir to read it from")]
     NoCredentialsDir(String),
     #[error("{0}")]
@@ -94,6 +96,9 @@ struct Cached {
 pub struct Originator {
     provider: Arc<CryptoProvider>,
     credentials_dir: Option<PathBuf>,
+    /// Cluster mode: `credentialName` is `<dir>/<rule namespace>/<name>` (Secrets written by
+    /// the cluster source); local mode: `<dir>/<name>`.
+    namespaced: bool,
     session_cache: usize,
     cache: Mutex<HashMap<(u64, &'static [u8]), Cached>>,
 }
@@ -116,9 +121,16 @@ impl Originator {
         Self {
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             credentials_dir,
+            namespaced: false,
             session_cache,
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `credentialName`s resolve per namespace below `dir` (cluster mode's Secrets).
+    pub fn namespaced(mut self) -> Self {
+        self.namespaced = true;
+        self
     }
 
     /// Where a setting's material lives. `credentialName` names a directory under
@@ -126,11 +138,20 @@ impl Originator {
     /// `ca.crt`) or Istio's generic ones (`cert`, `key`, `cacert`).
     fn files(&self, t: &TlsOrigination) -> Result<Files, TlsError> {
         if let Some(name) = &t.credential_name {
-            let dir = self
+            // A name is one path component: "../other-namespace/x" must not reach another
+            // team's Secret.
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return Err(TlsError::BadCredentialName(name.clone()));
+            }
+            let base = self
                 .credentials_dir
                 .as_ref()
-                .ok_or_else(|| TlsError::NoCredentialsDir(name.clone()))?
-                .join(name);
+                .ok_or_else(|| TlsError::NoCredentialsDir(name.clone()))?;
+            let dir = if self.namespaced {
+                base.join(&t.credential_namespace).join(name)
+            } else {
+                base.join(name)
+            };
             let first = |a: &str, b: &str| {
                 let p = dir.join(a);
                 if p.exists() {

@@ -59,6 +59,9 @@ pub struct PodSpec {
     pub node_name: Option<String>,
     #[serde(default)]
     pub containers: Vec<Container>,
+    /// Istio's native-sidecar injection puts `istio-proxy` here.
+    #[serde(default)]
+    pub init_containers: Vec<Container>,
     #[serde(default)]
     pub host_network: bool,
 }

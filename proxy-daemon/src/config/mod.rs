@@ -1,4 +1,5 @@
 //! Configuration objects (the same YAML a user would `kubectl apply`) and where they come from.
+pub mod cluster;
 pub mod duration;
 pub mod istio;
 pub mod k8s;

@@ -48,9 +48,15 @@ pub struct PodContext {
     pub source_labels: Arc<crate::metrics::SourceLabels>,
     pub netns: Arc<NetnsWorker>,
     pub netns_cookie: u64,
-    /// Idle HTTP/1 upstream connections, made in this pod's netns.
-    pub http_pool: http::UpstreamPool,
+    /// Idle HTTP/1 upstream connections, made in this pod's netns (kept across identity
+    /// updates).
+    pub http_pool: Arc<http::UpstreamPool>,
 }
+
+/// A pod's current context: replaced whole when the pod's labels change, so new
+/// connections route (`sourceLabels`) and report with the new labels while open ones keep
+/// the identity they started with.
+pub type PodHandle = Arc<arc_swap::ArcSwap<PodContext>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -113,14 +119,15 @@ pub async fn connect_from_pod(
 /// Accepts on one pod's listener until the task is aborted (un-enrolment or shutdown).
 pub async fn run_outbound_listener(
     inputs: Arc<ProxyInputs>,
-    pod: Arc<PodContext>,
+    handle: PodHandle,
     listener: TcpListener,
 ) {
     loop {
-        match listener.accept().await {
+        let accepted = listener.accept().await;
+        let pod = handle.load_full();
+        match accepted {
             Ok((stream, peer)) => {
                 let inputs = inputs.clone();
-                let pod = pod.clone();
                 tokio::spawn(async move {
                     let client = ClientAddr(peer);
                     if let Err(e) = handle_connection(inputs, pod.clone(), stream, client).await {

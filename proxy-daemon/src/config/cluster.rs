@@ -1,0 +1,974 @@
+//! Cluster source: the Kubernetes API, watched with kube-rs.
+//!
+//! Every watch event is turned into the same [`Object`]s the local source parses from files
+//! (Istio kinds go through the very same parser, so `validate` and the cluster agree on what
+//! is valid), kept in a [`ClusterStore`], and compiled into the one snapshot the rest of the
+//! daemon reads. A cluster is never all good: where a bad file rejects a whole directory, an
+//! object here that fails validation is reported (`KIND/NS/NAME: reason`, a log line, a
+//! counter, /config_dump) and skipped, and the rest still compiles.
+//!
+//! Missing parts of a cluster are normal: Istio's CRDs may not be installed (those kinds are
+//! empty and looked for again every `--kube-rediscovery-secs`), a kind may be forbidden by
+//! RBAC, the API may be down or drop a watch or answer `410 Gone`: kube-rs' watcher re-lists,
+//! we back off, and the last good snapshot keeps serving throughout.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures_util::StreamExt as _;
+use kube::{
+    api::{Api, ApiResource, DynamicObject},
+    runtime::watcher,
+    Client,
+};
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use super::{local, ConfigError, Located, Object, ObjectRef, Origin};
+use crate::{
+    metrics::{KindLabels, Metrics, WatchErrorLabels},
+    readiness::{BlockReady, Ready},
+};
+
+/// The `path` of findings about API objects: their line is the line in the object's JSON
+/// (as `kubectl get -o json` prints it, without `managedFields` and `status`).
+pub const API_ORIGIN: &str = "apiserver";
+
+const ISTIO_GROUP: &str = "networking.istio.io";
+/// Versions in the order we prefer them when the server's preferred one lacks a kind.
+const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+const ISTIO_KINDS: [(&str, &str); 5] = [
+    ("VirtualService", "virtualservices"),
+    ("DestinationRule", "destinationrules"),
+    ("ServiceEntry", "serviceentries"),
+    ("Sidecar", "sidecars"),
+    ("EnvoyFilter", "envoyfilters"),
+];
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(8);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig { path: PathBuf, message: String },
+    #[error("no Kubernetes client configuration ({0}): run in a pod with a service account, or set KUBECONFIG / --kubeconfig")]
+    Infer(String),
+    #[error("Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// What the cluster source needs to know.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterSettings {
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub rediscovery: Duration,
+    /// Where the Secrets named by DestinationRule `credentialName` are written for the TLS
+    /// originator (`<dir>/<namespace>/<name>/tls.crt…`), private to the daemon.
+    pub credentials_dir: PathBuf,
+}
+
+/// A client from `--kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the in-cluster
+/// service account.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClusterError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                ClusterError::Kubeconfig {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| ClusterError::Kubeconfig {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| ClusterError::Infer(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| ClusterError::Client(e.to_string()))
+}
+
+/// One watched object, as the compile step will see it.
+#[derive(Debug, Clone)]
+enum Entry {
+    /// The object, and the Secrets it names (DestinationRule `credentialName`s).
+    Parsed(Box<Located<Object>>, Vec<String>),
+    /// Failed to parse: reported, skipped.
+    Rejected(ConfigError),
+    /// A kind of ours that the daemon does not act on (Istio `Gateway`, say).
+    Ignored,
+}
+
+#[derive(Debug, Default)]
+struct KindState {
+    objects: BTreeMap<(String, String), Entry>,
+    /// The objects of a (re-)list still arriving, swapped in whole at its end.
+    relist: Option<BTreeMap<(String, String), Entry>>,
+    synced: bool,
+    /// Why a synced kind is empty (CRDs not installed, forbidden) or where it is served.
+    note: Option<String>,
+}
+
+/// What the watchers have seen, by watch and object; compiled on every change.
+pub struct ClusterStore {
+    kinds: Mutex<BTreeMap<&'static str, KindState>>,
+    changed: watch::Sender<u64>,
+    /// `(namespace, credentialName)` of every DestinationRule: the Secrets to watch.
+    credentials: watch::Sender<BTreeSet<(String, String)>>,
+}
+
+/// Objects to compile, and the ones that failed to parse.
+pub struct StoreContents {
+    pub objects: Vec<Located<Object>>,
+    pub rejected: Vec<ConfigError>,
+}
+
+impl ClusterStore {
+    fn new(keys: &[&'static str]) -> Self {
+        Self {
+            kinds: Mutex::new(keys.iter().map(|k| (*k, KindState::default())).collect()),
+            changed: watch::channel(0).0,
+            credentials: watch::channel(BTreeSet::new()).0,
+        }
+    }
+
+    fn with<R>(&self, key: &'static str, f: impl FnOnce(&mut KindState) -> R) -> R {
+        let r = {
+            let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+            f(kinds.entry(key).or_default())
+        };
+        self.changed.send_modify(|n| *n += 1);
+        r
+    }
+
+    /// Notified on every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Watches not yet synced, to say what readiness waits for.
+    pub fn unsynced(&self) -> Vec<&'static str> {
+        let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        kinds
+            .iter()
+            .filter(|(_, s)| !s.synced)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    pub fn contents(&self) -> StoreContents {
+        let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = StoreContents {
+            objects: Vec::new(),
+            rejected: Vec::new(),
+        };
+        for state in kinds.values() {
+            for entry in state.objects.values() {
+                match entry {
+                    Entry::Parsed(o, _) => out.objects.push((**o).clone()),
+                    Entry::Rejected(e) => out.rejected.push(e.clone()),
+                    Entry::Ignored => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// Per watch: synced, objects, note (for /config_dump).
+    pub fn status(&self) -> serde_json::Value {
+        let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        kinds
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.to_string(),
+                    serde_json::json!({
+                        "synced": s.synced,
+                        "objects": s.objects.len(),
+                        "note": s.note,
+                    }),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    fn refresh_credentials(&self) {
+        let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wanted = BTreeSet::new();
+        if let Some(state) = kinds.get("DestinationRule") {
+            for entry in state.objects.values() {
+                if let Entry::Parsed(o, secrets) = entry {
+                    for name in secrets {
+                        wanted.insert((o.object_ref.namespace.clone(), name.clone()));
+                    }
+                }
+            }
+        }
+        drop(kinds);
+        self.credentials.send_if_modified(|cur| {
+            if *cur != wanted {
+                *cur = wanted;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// Every `credentialName` below a DestinationRule spec (top level, subsets, port levels).
+fn collect_credential_names(v: &serde_json::Value, out: &mut BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("credentialName" | "credential_name", serde_json::Value::String(name))
+                        if !name.is_empty() =>
+                    {
+                        out.insert(name.clone());
+                    }
+                    _ => collect_credential_names(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for v in items {
+                collect_credential_names(v, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Turns an API object into what the local source would have made of the same YAML.
+fn convert(ar: &ApiResource, obj: DynamicObject) -> Entry {
+    let mut v = match serde_json::to_value(&obj) {
+        Ok(v) => v,
+        Err(_) => return Entry::Ignored,
+    };
+    let Some(map) = v.as_object_mut() else {
+        return Entry::Ignored;
+    };
+    // List items come without their type; the watch knows it.
+    map.insert("apiVersion".into(), ar.api_version.clone().into());
+    map.insert("kind".into(), ar.kind.clone().into());
+    if let Some(meta) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+    }
+    let namespace = obj.metadata.namespace.clone().unwrap_or_default();
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let object_ref = ObjectRef {
+        kind: ar.kind.clone(),
+        namespace: if ar.kind == "Namespace" {
+            String::new()
+        } else {
+            namespace
+        },
+        name,
+    };
+    let origin = Origin {
+        path: PathBuf::from(API_ORIGIN),
+        line: 1,
+        doc_first_line: 1,
+    };
+    let typed = |value: Result<Object, serde_json::Error>| match value {
+        Ok(value) => Entry::Parsed(
+            Box::new(Located {
+                origin: origin.clone(),
+                object_ref: object_ref.clone(),
+                value,
+            }),
+            Vec::new(),
+        ),
+        Err(e) => Entry::Rejected(ConfigError {
+            path: PathBuf::from(API_ORIGIN),
+            line: 1,
+            object: Some(object_ref.clone()),
+            message: e.to_string(),
+            severity: Default::default(),
+        }),
+    };
+    // Kubernetes' own kinds are read leniently (as from files): straight from JSON.
+    match ar.kind.as_str() {
+        "Namespace" => return typed(serde_json::from_value(v).map(Object::Namespace)),
+        "Pod" => return typed(serde_json::from_value(v).map(Object::Pod)),
+        "Service" => return typed(serde_json::from_value(v).map(Object::Service)),
+        "EndpointSlice" => return typed(serde_json::from_value(v).map(Object::EndpointSlice)),
+        _ => {}
+    }
+    // Istio kinds: through the file parser (JSON is YAML), so unknown and unsupported
+    // fields are found exactly as `validate` finds them. `status` is the server's.
+    map.remove("status");
+    let mut secrets = BTreeSet::new();
+    if ar.kind == "DestinationRule" {
+        collect_credential_names(
+            map.get("spec").unwrap_or(&serde_json::Value::Null),
+            &mut secrets,
+        );
+    }
+    let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+    let doc = local::Document {
+        path: PathBuf::from(API_ORIGIN),
+        first_line: 1,
+        text,
+    };
+    match local::parse_document(&doc, "default") {
+        Ok(Some(o)) if matches!(o.value, Object::Gateway) => Entry::Ignored,
+        Ok(Some(o)) => Entry::Parsed(Box::new(o), secrets.into_iter().collect()),
+        Ok(None) => Entry::Ignored,
+        Err(e) => Entry::Rejected(e),
+    }
+}
+
+fn key_of(obj: &DynamicObject) -> (String, String) {
+    (
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Exponential backoff with jitter, reset by a success.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(BACKOFF_MIN)
+    }
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        d + Duration::from_millis(rand::random::<u64>() % (d.as_millis() as u64 / 4 + 1))
+    }
+}
+
+/// The HTTP status of a watch error, when the API answered one.
+fn status_code(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+fn reason_of(code: Option<u16>) -> &'static str {
+    match code {
+        Some(404) => "not_found",
+        Some(403) => "forbidden",
+        Some(410) => "gone",
+        Some(401) => "unauthorized",
+        Some(500..=599) => "unavailable",
+        _ => "other",
+    }
+}
+
+/// How a watch ended.
+enum WatchEnd {
+    /// The resource is not served (a CRD was removed): look it up again.
+    NotFound,
+    /// The stream ended (it never does on its own).
+    Closed,
+}
+
+struct Watch {
+    key: &'static str,
+    ar: ApiResource,
+    namespace: Option<String>,
+    config: watcher::Config,
+    /// A 404 ends the watch (Istio kinds: the CRD went away) instead of being retried.
+    end_on_not_found: bool,
+}
+
+/// Runs one watch into the store until it ends; errors are counted, logged and retried.
+async fn run_watch(
+    client: Client,
+    w: Watch,
+    store: Arc<ClusterStore>,
+    metrics: Arc<Metrics>,
+    mut guard: Option<BlockReady>,
+) -> WatchEnd {
+    let api: Api<DynamicObject> = match &w.namespace {
+        Some(ns) => Api::namespaced_with(client, ns, &w.ar),
+        None => Api::all_with(client, &w.ar),
+    };
+    let kind = KindLabels {
+        kind: w.key.to_string(),
+    };
+    let mut stream = watcher::watcher(api, w.config.clone()).boxed();
+    let mut backoff = Backoff::new();
+    let mut said_forbidden = false;
+    while let Some(item) = stream.next().await {
+        let event = match item {
+            Ok(event) => event,
+            Err(e) => {
+                let code = status_code(&e);
+                metrics
+                    .daemon
+                    .kubernetes_watch_errors
+                    .get_or_create(&WatchErrorLabels {
+                        kind: w.key.to_string(),
+                        reason: reason_of(code),
+                    })
+                    .inc();
+                match code {
+                    Some(404) if w.end_on_not_found => return WatchEnd::NotFound,
+                    Some(410) => {
+                        // The watcher re-lists at once; nothing is lost meanwhile.
+                        info!(kind = w.key, "watch expired (410 Gone); re-listing");
+                        continue;
+                    }
+                    Some(403) => {
+                        if !said_forbidden {
+                            warn!(kind = w.key, error = %e, "forbidden by RBAC: this kind stays empty until the ClusterRole allows list and watch (retrying with backoff)");
+                            said_forbidden = true;
+                        }
+                        // An empty kind is a complete answer: do not hold readiness on it.
+                        store.with(w.key, |s| {
+                            if !s.synced {
+                                s.synced = true;
+                                s.note = Some(format!("forbidden: {e}"));
+                            }
+                        });
+                        metrics
+                            .daemon
+                            .kubernetes_watch_synced
+                            .get_or_create(&kind)
+                            .set(1);
+                        drop(guard.take());
+                    }
+                    _ => {
+                        warn!(kind = w.key, error = %e, "list/watch failed; retrying with backoff (the last good configuration keeps serving)");
+                    }
+                }
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        said_forbidden = false;
+        metrics.daemon.kubernetes_events.get_or_create(&kind).inc();
+        match event {
+            watcher::Event::Init => store.with(w.key, |s| s.relist = Some(BTreeMap::new())),
+            watcher::Event::InitApply(obj) => {
+                let key = key_of(&obj);
+                let entry = convert(&w.ar, obj);
+                store.with(w.key, |s| {
+                    s.relist
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(key, entry);
+                });
+            }
+            watcher::Event::InitDone => {
+                let count = store.with(w.key, |s| {
+                    if let Some(fresh) = s.relist.take() {
+                        s.objects = fresh;
+                    }
+                    s.synced = true;
+                    s.note = Some(format!("served as {}", w.ar.api_version));
+                    s.objects.len()
+                });
+                metrics
+                    .daemon
+                    .kubernetes_watch_synced
+                    .get_or_create(&kind)
+                    .set(1);
+                if guard.take().is_some() {
+                    info!(kind = w.key, objects = count, api_version = %w.ar.api_version, "initial list received");
+                } else {
+                    debug!(kind = w.key, objects = count, "re-listed");
+                }
+            }
+            watcher::Event::Apply(obj) => {
+                let key = key_of(&obj);
+                let entry = convert(&w.ar, obj);
+                store.with(w.key, |s| s.objects.insert(key, entry));
+            }
+            watcher::Event::Delete(obj) => {
+                let key = key_of(&obj);
+                store.with(w.key, |s| s.objects.remove(&key));
+            }
+        }
+        if w.key == "DestinationRule" {
+            store.refresh_credentials();
+        }
+    }
+    WatchEnd::Closed
+}
+
+fn core(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: String::new(),
+        version: "v1".into(),
+        api_version: "v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// The version of `networking.istio.io` that serves `kind`, if any: the server's preferred
+/// version when it has the kind, else the first of v1, v1beta1, v1alpha3 that does.
+async fn istio_resource(client: &Client, kind: &str) -> Result<Option<ApiResource>, kube::Error> {
+    let groups = client.list_api_groups().await?;
+    let Some(group) = groups.groups.iter().find(|g| g.name == ISTIO_GROUP) else {
+        return Ok(None);
+    };
+    let served: Vec<&str> = group.versions.iter().map(|v| v.version.as_str()).collect();
+    let mut order: Vec<&str> = Vec::new();
+    if let Some(p) = &group.preferred_version {
+        order.push(p.version.as_str());
+    }
+    for v in ISTIO_VERSIONS {
+        if served.contains(&v) && !order.contains(&v) {
+            order.push(v);
+        }
+    }
+    for version in order {
+        let gv = format!("{ISTIO_GROUP}/{version}");
+        let resources = match client.list_api_group_resources(&gv).await {
+            Ok(r) => r,
+            Err(kube::Error::Api(s)) if s.code == 404 => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(r) = resources
+            .resources
+            .iter()
+            .find(|r| r.kind == kind && !r.name.contains('/'))
+        {
+            return Ok(Some(ApiResource {
+                group: ISTIO_GROUP.into(),
+                version: version.into(),
+                api_version: gv,
+                kind: kind.into(),
+                plural: r.name.clone(),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// One Istio kind: find where it is served, watch it there; when it is not (CRDs not
+/// installed, or removed), keep it empty and look again every `rediscovery`.
+async fn run_istio_kind(
+    client: Client,
+    kind: &'static str,
+    store: Arc<ClusterStore>,
+    metrics: Arc<Metrics>,
+    rediscovery: Duration,
+    guard: BlockReady,
+) {
+    let mut guard = Some(guard);
+    let mut backoff = Backoff::new();
+    let mut said_missing = false;
+    let labels = KindLabels { kind: kind.into() };
+    loop {
+        match istio_resource(&client, kind).await {
+            Err(e) => {
+                warn!(kind, error = %e, "API discovery of networking.istio.io failed; retrying with backoff");
+                metrics
+                    .daemon
+                    .kubernetes_watch_errors
+                    .get_or_create(&WatchErrorLabels {
+                        kind: kind.into(),
+                        reason: "other",
+                    })
+                    .inc();
+                tokio::time::sleep(backoff.next()).await;
+            }
+            Ok(None) => {
+                backoff.reset();
+                if !said_missing {
+                    info!(
+                        kind,
+                        recheck_secs = rediscovery.as_secs_f64(),
+                        "not served by this cluster (Istio CRDs not installed): no {kind} objects until they are"
+                    );
+                    said_missing = true;
+                }
+                store.with(kind, |s| {
+                    s.objects.clear();
+                    s.relist = None;
+                    s.synced = true;
+                    s.note = Some("not served (CRD not installed)".into());
+                });
+                metrics
+                    .daemon
+                    .kubernetes_watch_synced
+                    .get_or_create(&labels)
+                    .set(1);
+                drop(guard.take());
+                tokio::time::sleep(rediscovery).await;
+            }
+            Ok(Some(ar)) => {
+                backoff.reset();
+                if said_missing {
+                    info!(kind, api_version = %ar.api_version, "now served: watching");
+                    said_missing = false;
+                }
+                let w = Watch {
+                    key: kind,
+                    ar,
+                    namespace: None,
+                    config: watcher::Config::default(),
+                    end_on_not_found: true,
+                };
+                // The watch holds the readiness guard until its first list; if it ends
+                // before that, a fresh guard is not needed: the loop above drops it.
+                let g = guard.take();
+                match run_watch(client.clone(), w, store.clone(), metrics.clone(), g).await {
+                    WatchEnd::NotFound => {
+                        info!(kind, "no longer served (CRD removed?); looking it up again");
+                    }
+                    WatchEnd::Closed => tokio::time::sleep(backoff.next()).await,
+                }
+            }
+        }
+    }
+}
+
+/// Keeps one field-selected watch per Secret that a DestinationRule names, writing each
+/// Secret's TLS keys to `dir/<namespace>/<name>/` for the TLS originator.
+async fn run_secrets(
+    client: Client,
+    store: Arc<ClusterStore>,
+    metrics: Arc<Metrics>,
+    dir: PathBuf,
+) {
+    let mut wanted = store.credentials.subscribe();
+    let mut running: BTreeMap<(String, String), JoinHandle<()>> = BTreeMap::new();
+    loop {
+        let now = wanted.borrow_and_update().clone();
+        running.retain(|key, task| {
+            let keep = now.contains(key);
+            if !keep {
+                task.abort();
+                let _ = std::fs::remove_dir_all(dir.join(&key.0).join(&key.1));
+                info!(namespace = %key.0, secret = %key.1, "secret no longer referenced; forgotten");
+            }
+            keep
+        });
+        for key in now {
+            if running.contains_key(&key) {
+                continue;
+            }
+            info!(namespace = %key.0, secret = %key.1, "watching secret named by a DestinationRule credentialName");
+            let task = tokio::spawn(watch_secret(
+                client.clone(),
+                key.clone(),
+                metrics.clone(),
+                dir.clone(),
+            ));
+            running.insert(key, task);
+        }
+        if wanted.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Secret keys the TLS originator reads (Kubernetes TLS Secrets and Istio's generic ones).
+const SECRET_KEYS: [&str; 6] = ["tls.crt", "tls.key", "ca.crt", "cert", "key", "cacert"];
+
+async fn watch_secret(
+    client: Client,
+    (namespace, name): (String, String),
+    metrics: Arc<Metrics>,
+    dir: PathBuf,
+) {
+    use k8s_openapi::api::core::v1::Secret;
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher::watcher(api, config).boxed();
+    let target = dir.join(&namespace).join(&name);
+    let labels = KindLabels {
+        kind: "Secret".into(),
+    };
+    let mut backoff = Backoff::new();
+    let mut seen_in_list = false;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => {
+                backoff.reset();
+                metrics
+                    .daemon
+                    .kubernetes_events
+                    .get_or_create(&labels)
+                    .inc();
+                match event {
+                    watcher::Event::Init => seen_in_list = false,
+                    watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
+                        seen_in_list = true;
+                        match write_secret(&target, &s) {
+                            Ok(n) => {
+                                info!(%namespace, secret = %name, keys = n, "TLS credentials from secret updated")
+                            }
+                            Err(e) => {
+                                warn!(%namespace, secret = %name, error = %e, "writing secret for the TLS originator")
+                            }
+                        }
+                    }
+                    watcher::Event::Delete(_) => {
+                        let _ = std::fs::remove_dir_all(&target);
+                        warn!(%namespace, secret = %name, "secret deleted: TLS origination that needs it fails until it is back");
+                    }
+                    watcher::Event::InitDone => {
+                        if !seen_in_list {
+                            let _ = std::fs::remove_dir_all(&target);
+                            warn!(%namespace, secret = %name, "secret named by credentialName does not exist (yet)");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let code = status_code(&e);
+                metrics
+                    .daemon
+                    .kubernetes_watch_errors
+                    .get_or_create(&WatchErrorLabels {
+                        kind: "Secret".into(),
+                        reason: reason_of(code),
+                    })
+                    .inc();
+                if code != Some(410) {
+                    warn!(%namespace, secret = %name, error = %e, "secret watch failed; retrying with backoff");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+    }
+}
+
+/// Writes a Secret's TLS keys atomically (temp file + rename), readable only by us.
+fn write_secret(
+    target: &Path,
+    secret: &k8s_openapi::api::core::v1::Secret,
+) -> std::io::Result<usize> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(target)?;
+    let data = secret.data.clone().unwrap_or_default();
+    let mut written = 0;
+    for key in SECRET_KEYS {
+        let path = target.join(key);
+        match data.get(key) {
+            Some(bytes) => {
+                let tmp = target.join(format!(".{key}.tmp"));
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(&bytes.0)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                written += 1;
+            }
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// Starts every watch; returns the store they fill. Readiness is blocked per watch until its
+/// first list has arrived (or the kind is known to be absent or forbidden).
+pub fn start(
+    client: Client,
+    settings: &ClusterSettings,
+    metrics: Arc<Metrics>,
+    ready: &Ready,
+) -> Arc<ClusterStore> {
+    let node = settings.node_name.clone();
+    let mut keys: Vec<&'static str> = vec![
+        "Namespace",
+        "Pod (this node)",
+        "Pod (other nodes)",
+        "Service",
+        "EndpointSlice",
+    ];
+    keys.extend(ISTIO_KINDS.iter().map(|(k, _)| *k));
+    let store = Arc::new(ClusterStore::new(&keys));
+    let watches = [
+        Watch {
+            key: "Namespace",
+            ar: core("Namespace", "namespaces"),
+            namespace: None,
+            config: watcher::Config::default(),
+            end_on_not_found: false,
+        },
+        // Full pods of this node: the ones to enrol.
+        Watch {
+            key: "Pod (this node)",
+            ar: core("Pod", "pods"),
+            namespace: None,
+            config: watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            end_on_not_found: false,
+        },
+        // Pods elsewhere: their labels pick subsets' endpoints and name destinations.
+        Watch {
+            key: "Pod (other nodes)",
+            ar: core("Pod", "pods"),
+            namespace: None,
+            config: watcher::Config::default().fields(&format!("spec.nodeName!={node}")),
+            end_on_not_found: false,
+        },
+        Watch {
+            key: "Service",
+            ar: core("Service", "services"),
+            namespace: None,
+            config: watcher::Config::default(),
+            end_on_not_found: false,
+        },
+        Watch {
+            key: "EndpointSlice",
+            ar: ApiResource {
+                group: "discovery.k8s.io".into(),
+                version: "v1".into(),
+                api_version: "discovery.k8s.io/v1".into(),
+                kind: "EndpointSlice".into(),
+                plural: "endpointslices".into(),
+            },
+            namespace: None,
+            config: watcher::Config::default(),
+            end_on_not_found: false,
+        },
+    ];
+    for w in watches {
+        let guard = ready.register_task(&format!("kubernetes: initial list of {}", w.key));
+        let (client, store, metrics) = (client.clone(), store.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let key = w.key;
+            if let WatchEnd::Closed = run_watch(client, w, store, metrics, Some(guard)).await {
+                warn!(kind = key, "watch stream ended");
+            }
+        });
+    }
+    for (kind, _) in ISTIO_KINDS {
+        let guard = ready.register_task(&format!("kubernetes: initial list of {kind}"));
+        tokio::spawn(run_istio_kind(
+            client.clone(),
+            kind,
+            store.clone(),
+            metrics.clone(),
+            settings.rediscovery,
+            guard,
+        ));
+    }
+    tokio::spawn(run_secrets(
+        client,
+        store.clone(),
+        metrics,
+        settings.credentials_dir.clone(),
+    ));
+    store
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ar(api_version: &str, kind: &str) -> ApiResource {
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: api_version.into(),
+            kind: kind.into(),
+            plural: format!("{}s", kind.to_lowercase()),
+        }
+    }
+
+    fn dynamic(v: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn pod_from_the_api_keeps_labels_owner_and_ip() {
+        let obj = dynamic(serde_json::json!({
+            "metadata": {"name": "web-7d9f-abcde", "namespace": "shop", "uid": "u-1",
+                "labels": {"app": "web", "pod-template-hash": "7d9f"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d9f", "uid": "rs", "controller": true}],
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "web", "image": "nginx"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.5"}
+        }));
+        let Entry::Parsed(o, _) = convert(&ar("v1", "Pod"), obj) else {
+            panic!("pod not parsed")
+        };
+        assert_eq!(o.object_ref.to_string(), "Pod/shop/web-7d9f-abcde");
+        let Object::Pod(p) = &o.value else { panic!() };
+        assert_eq!(p.status.pod_ip.as_deref(), Some("10.0.0.5"));
+        assert_eq!(
+            crate::workload::WorkloadInfo::from_pod(p).workload,
+            "web",
+            "ReplicaSet → Deployment name"
+        );
+    }
+
+    #[test]
+    fn istio_object_goes_through_the_file_parser_with_its_errors() {
+        let good = dynamic(serde_json::json!({
+            "metadata": {"name": "r", "namespace": "shop", "managedFields": []},
+            "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]},
+            "status": {"validationMessages": []}
+        }));
+        assert!(matches!(
+            convert(&ar("networking.istio.io/v1", "VirtualService"), good),
+            Entry::Parsed(..)
+        ));
+        let bad = dynamic(serde_json::json!({
+            "metadata": {"name": "r", "namespace": "shop"},
+            "spec": {"hosts": ["reviews"], "htttp": []}
+        }));
+        let Entry::Rejected(e) = convert(&ar("networking.istio.io/v1beta1", "VirtualService"), bad)
+        else {
+            panic!("typo accepted")
+        };
+        let text = e.to_string();
+        assert!(text.starts_with("apiserver:"), "{text}");
+        assert!(text.contains("VirtualService/shop/r: "), "{text}");
+        assert!(text.contains("htttp"), "{text}");
+    }
+
+    #[test]
+    fn credential_names_are_found_at_every_level() {
+        let spec = serde_json::json!({
+            "host": "api.example.com",
+            "trafficPolicy": {"tls": {"mode": "MUTUAL", "credentialName": "top"},
+                "portLevelSettings": [{"port": {"number": 443}, "tls": {"credentialName": "port"}}]},
+            "subsets": [{"name": "v1", "trafficPolicy": {"tls": {"credentialName": "sub"}}}]
+        });
+        let mut out = BTreeSet::new();
+        collect_credential_names(&spec, &mut out);
+        let names: Vec<_> = out.iter().map(String::as_str).collect();
+        assert_eq!(names, vec!["port", "sub", "top"]);
+    }
+
+    #[test]
+    fn backoff_grows_and_resets() {
+        let mut b = Backoff::new();
+        let first = b.next();
+        let later = (0..10).map(|_| b.next()).last().unwrap();
+        assert!(first < Duration::from_millis(300));
+        assert!(later >= BACKOFF_MAX && later <= BACKOFF_MAX * 5 / 4 + Duration::from_millis(1));
+        b.reset();
+        assert!(b.next() < Duration::from_millis(300));
+    }
+}
