@@ -234,6 +234,37 @@ impl MapStats {
     }
 }
 
+/// `proxy-daemon uninstall`: unpins every link (the programs detach once no running daemon
+/// holds them) and removes the pinned maps and the directory. Returns what was removed.
+pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, BpfError> {
+    let entries = match fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(BpfError::Bpffs(format!("reading {}: {e}", pin_dir.display()))),
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_string();
+        match PinnedLink::from_pin(&path) {
+            Ok(link) => match link.unpin() {
+                Ok(fd_link) => {
+                    drop(fd_link);
+                    removed.push(format!("link {name}"));
+                }
+                Err(e) => warn!(path = %path.display(), error = %e, "unpinning link"),
+            },
+            Err(_) => {
+                if fs::remove_file(&path).is_ok() {
+                    removed.push(format!("map {name}"));
+                }
+            }
+        }
+    }
+    let _ = fs::remove_dir(pin_dir);
+    Ok(removed)
+}
+
 /// Makes sure `pin_dir` sits on a bpffs, mounting /sys/fs/bpf when it is not one yet.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
     let is_bpffs = |p: &Path| {

@@ -35,6 +35,17 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         iterations: u64,
     },
+    /// Detach the eBPF programs and remove their pins from this node (what a stop does not
+    /// do, so capture and fail-closed hold across restarts). Programs a running daemon still
+    /// holds detach when it exits.
+    Uninstall {
+        #[arg(
+            long,
+            env = "PROXY_BPF_PIN_DIR",
+            default_value = "/sys/fs/bpf/proxy-daemon"
+        )]
+        bpf_pin_dir: PathBuf,
+    },
     /// Print the version.
     Version,
 }

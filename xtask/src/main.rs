@@ -34,6 +34,13 @@ enum Cmd {
     Demo,
     /// Quick measurements: captured vs direct connects, latency, daemon memory.
     Bench,
+    /// Render the Helm chart deploy/helm/proxy-daemon (default values) with Helm's own
+    /// engine into deploy/kubernetes/proxy-daemon.yaml.
+    Manifests {
+        /// Render to memory only; fail, with a diff, if the checked-in file differs.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -186,6 +193,7 @@ fn setup() -> Result<()> {
             ])
             .env("LLVM_PREFIX", &prefix))?;
     }
+    chart_tools()?;
     // promtool (the metrics test checks the scrape with it), taken out of Debian's
     // `prometheus` package without installing the package (which would start a server).
     let tools = workspace_root().join("target/tools");
@@ -216,6 +224,159 @@ fn setup() -> Result<()> {
         let _ = std::fs::remove_dir_all(&dl);
     }
     Ok(())
+}
+
+/// The chart's render-and-check tools: a venv in target/tools/venv with the pinned
+/// packages of deploy/check/requirements.txt (helm-python-sdk, i.e. Helm's Go SDK as a
+/// shared library, and kubernetes-validate). Installed only if missing or if the pins
+/// changed. Returns the venv's python.
+fn chart_tools() -> Result<PathBuf> {
+    let venv = workspace_root().join("target/tools/venv");
+    let python = venv.join("bin/python");
+    let requirements = workspace_root().join("deploy/check/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let stamp = venv.join("requirements.installed");
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&*wanted) {
+        return Ok(python);
+    }
+    if !python.exists() {
+        let venv_ok = |cmd: &mut Command| cmd.status().map(|s| s.success()).unwrap_or(false);
+        let mut create = Command::new("python3");
+        create.arg("-m").arg("venv").arg(&venv);
+        eprintln!("+ {create:?}");
+        if !venv_ok(&mut create) {
+            // Debian's python3 has no venv module without python3-venv.
+            let _ = std::fs::remove_dir_all(&venv);
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(["python3", "python3-venv"])
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        }
+    }
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&requirements))?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
+
+const MANIFESTS: &str = "deploy/kubernetes/proxy-daemon.yaml";
+
+/// The plain manifests as deploy/check/chart.py renders them (Helm's engine, default values).
+fn render_manifests(python: &Path) -> Result<String> {
+    let mut cmd = Command::new(python);
+    cmd.arg(workspace_root().join("deploy/check/chart.py"))
+        .arg("render")
+        .current_dir(workspace_root());
+    eprintln!("+ {cmd:?}");
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "rendering the chart failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout).context("rendered manifests are not UTF-8")
+}
+
+/// `cargo xtask manifests [--check]`.
+fn manifests(check: bool) -> Result<()> {
+    let python = chart_tools()?;
+    let fresh = render_manifests(&python)?;
+    let path = workspace_root().join(MANIFESTS);
+    if !check {
+        std::fs::write(&path, &fresh).with_context(|| format!("writing {MANIFESTS}"))?;
+        println!("wrote {MANIFESTS}");
+        return Ok(());
+    }
+    let current = std::fs::read_to_string(&path).unwrap_or_default();
+    if current == fresh {
+        println!("{MANIFESTS} is up to date");
+        return Ok(());
+    }
+    eprintln!("--- {MANIFESTS} (checked in)");
+    eprintln!("+++ {MANIFESTS} (fresh render of deploy/helm/proxy-daemon)");
+    for line in line_diff(&current, &fresh, 2, 80) {
+        eprintln!("{line}");
+    }
+    bail!("{MANIFESTS} differs from a fresh render of the chart: run `cargo xtask manifests`")
+}
+
+/// A unified-style diff of two texts (longest common subsequence of lines), `context`
+/// unchanged lines around each change, at most `max` lines of output.
+fn line_diff(old: &str, new: &str, context: usize, max: usize) -> Vec<String> {
+    let (a, b): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
+    // Edit script: ' ' same, '-' only in old, '+' only in new.
+    let mut script: Vec<(char, &str, usize)> = Vec::new();
+    if a.len().saturating_mul(b.len()) > 4_000_000 {
+        // Too big for the table: show where they start to differ.
+        let first = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        script.extend(a.iter().skip(first).map(|l| ('-', *l, first + 1)));
+        script.extend(b.iter().skip(first).map(|l| ('+', *l, first + 1)));
+    } else {
+        // lcs[i][j]: length of the LCS of a[i..] and b[j..].
+        let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
+        for i in (0..a.len()).rev() {
+            for j in (0..b.len()).rev() {
+                lcs[i][j] = if a[i] == b[j] {
+                    lcs[i + 1][j + 1] + 1
+                } else {
+                    lcs[i + 1][j].max(lcs[i][j + 1])
+                };
+            }
+        }
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            if i < a.len() && j < b.len() && a[i] == b[j] {
+                script.push((' ', a[i], i + 1));
+                i += 1;
+                j += 1;
+            } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+                script.push(('-', a[i], i + 1));
+                i += 1;
+            } else {
+                script.push(('+', b[j], i + 1));
+                j += 1;
+            }
+        }
+    }
+    // Show each change with `context` lines around it; "@@" where lines are skipped.
+    let mut shown = vec![false; script.len()];
+    for (k, step) in script.iter().enumerate() {
+        if step.0 != ' ' {
+            let end = (k + context + 1).min(script.len());
+            shown[k.saturating_sub(context)..end].fill(true);
+        }
+    }
+    let mut out = Vec::new();
+    for (k, (tag, line, old_line)) in script.iter().enumerate() {
+        if !shown[k] {
+            continue;
+        }
+        if k == 0 || !shown[k - 1] {
+            out.push(format!("@@ line {old_line} @@"));
+        }
+        out.push(format!("{tag}{line}"));
+        if out.len() >= max {
+            out.push("… (diff cut short)".to_string());
+            break;
+        }
+    }
+    out
+}
+
+/// deploy/check/chart.py's checks of the chart and the plain manifests (one line each).
+fn chart_checks() -> Result<()> {
+    let python = chart_tools()?;
+    run(Command::new(python)
+        .arg(workspace_root().join("deploy/check/chart.py"))
+        .arg("check")
+        .arg(workspace_root().join(MANIFESTS))
+        .current_dir(workspace_root()))
 }
 
 fn nix_is_root() -> bool {
@@ -252,6 +413,9 @@ fn main() -> Result<()> {
                     "warnings",
                 ]))?;
             }
+            // The chart and its plain manifests (fast: no cluster, no build).
+            manifests(true)?;
+            chart_checks()?;
             // Build once: the end-to-end tests run the daemon and pdtool binaries.
             run(&mut cargo(&["build", "--workspace", "--bins"]))?;
             // No doc tests (there are none); every other target's tests run.
@@ -276,5 +440,6 @@ fn main() -> Result<()> {
                 workspace_root().join("target/release/metrics-bench"),
             ))
         }
+        Cmd::Manifests { check } => manifests(check),
     }
 }

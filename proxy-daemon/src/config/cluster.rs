@@ -134,7 +134,8 @@ pub struct StoreContents {
 }
 
 impl ClusterStore {
-    fn new(keys: &[&'static str]) -> Self {
+    /// A store for the watches named by `keys`, none synced yet.
+    pub fn new(keys: &[&'static str]) -> Self {
         Self {
             kinds: Mutex::new(keys.iter().map(|k| (*k, KindState::default())).collect()),
             changed: watch::channel(0).0,
@@ -149,6 +150,25 @@ impl ClusterStore {
         };
         self.changed.send_modify(|n| *n += 1);
         r
+    }
+
+    /// An object added or changed (what a watch event does).
+    pub fn apply(&self, key: &'static str, ar: &ApiResource, obj: DynamicObject) {
+        let name = key_of(&obj);
+        let entry = convert(ar, obj);
+        self.with(key, |s| s.objects.insert(name, entry));
+    }
+
+    /// An object deleted.
+    pub fn delete(&self, key: &'static str, namespace: &str, name: &str) {
+        self.with(key, |s| {
+            s.objects.remove(&(namespace.to_string(), name.to_string()))
+        });
+    }
+
+    /// Marks a watch as having had its first list.
+    pub fn mark_synced(&self, key: &'static str) {
+        self.with(key, |s| s.synced = true);
     }
 
     /// Notified on every change.
@@ -493,14 +513,10 @@ async fn run_watch(
                     debug!(kind = w.key, objects = count, "re-listed");
                 }
             }
-            watcher::Event::Apply(obj) => {
-                let key = key_of(&obj);
-                let entry = convert(&w.ar, obj);
-                store.with(w.key, |s| s.objects.insert(key, entry));
-            }
+            watcher::Event::Apply(obj) => store.apply(w.key, &w.ar, obj),
             watcher::Event::Delete(obj) => {
-                let key = key_of(&obj);
-                store.with(w.key, |s| s.objects.remove(&key));
+                let (ns, name) = key_of(&obj);
+                store.delete(w.key, &ns, &name);
             }
         }
         if w.key == "DestinationRule" {
@@ -510,7 +526,8 @@ async fn run_watch(
     WatchEnd::Closed
 }
 
-fn core(kind: &str, plural: &str) -> ApiResource {
+/// The resource of a core (`v1`) kind.
+pub fn core(kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: String::new(),
         version: "v1".into(),
