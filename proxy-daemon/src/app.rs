@@ -354,7 +354,8 @@ async fn watch_cluster(
     let mut pending = true;
     loop {
         if !pending {
-            match tokio::time::timeout(Duration::from_secs(5), changed.changed()).await {
+            // While waiting for the first lists, say every 2 s what is missing.
+            match tokio::time::timeout(Duration::from_secs(2), changed.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {

@@ -240,7 +240,12 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, BpfError> {
     let entries = match fs::read_dir(pin_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(BpfError::Bpffs(format!("reading {}: {e}", pin_dir.display()))),
+        Err(e) => {
+            return Err(BpfError::Bpffs(format!(
+                "reading {}: {e}",
+                pin_dir.display()
+            )))
+        }
     };
     let mut removed = Vec::new();
     for entry in entries.flatten() {

@@ -59,9 +59,11 @@ impl Daemon {
         ];
         let mut cmd = Command::new(crate::target_bin("proxy-daemon"));
         cmd.arg("run");
-        // A flag the test passes itself replaces the default.
+        // A flag the test passes itself replaces the default; cluster mode has no config dir.
+        let cluster = extra.contains(&"--kubernetes");
         for (flag, value) in defaults {
-            if !extra.contains(&flag) {
+            let skip = extra.contains(&flag) || (cluster && flag == "--config-dir");
+            if !skip {
                 cmd.args([flag, value.as_str()]);
             }
         }
@@ -81,7 +83,8 @@ impl Daemon {
         panic!("daemon could not bind its ports in three tries");
     }
 
-    fn try_start(node: &Node, extra: &[&str]) -> Result<Self, String> {
+    /// Starts the daemon without waiting for readiness (to watch it become ready).
+    pub fn spawn(node: &Node, extra: &[&str]) -> Self {
         let (mut cmd, admin, metrics, health, log) = Self::command(node, extra);
         let log_file = fs::File::create(&log).expect("log file");
         let child = cmd
@@ -90,14 +93,31 @@ impl Daemon {
             .stderr(log_file)
             .spawn()
             .expect("spawn proxy-daemon");
-        let mut d = Self {
+        Self {
             child: Some(child),
             admin,
             metrics,
             health,
             log,
             started: Instant::now(),
-        };
+        }
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(
+            self.child.as_mut().map(|c| c.try_wait()),
+            Some(Ok(Some(_))) | None
+        )
+    }
+
+    /// The readiness endpoint's status and body.
+    pub fn readiness(&self) -> Option<(u16, String)> {
+        http_get(self.health, "/healthz/ready").ok()
+    }
+
+    fn try_start(node: &Node, extra: &[&str]) -> Result<Self, String> {
+        let mut d = Self::spawn(node, extra);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.is_ready() {
             // A daemon that exited will never be ready: say so now, with its log.

@@ -2,12 +2,13 @@
 //! pods and services, kubelet-like cgroups, and the daemon as a real process. Every name
 //! carries a per-test id, and everything is removed on drop, also when a test fails.
 pub mod daemon;
+pub mod kube_api;
 pub mod node;
 pub mod pki;
 pub mod servers;
 
 pub use daemon::Daemon;
-pub use node::{Host, Node, Pod};
+pub use node::{CgroupDriver, Host, Node, Pod, Qos};
 pub use servers::{Seen, Servers};
 
 /// A node with one upstream host ("upstream") running an identity server on `port`.

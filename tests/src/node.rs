@@ -120,6 +120,60 @@ impl Host {
     }
 }
 
+/// Kubelet's `--cgroup-driver`: how it names the cgroups of pods and containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// Slices and scopes: `kubepods.slice/.../kubepods-<qos>-pod<uid with _>.slice/cri-containerd-<id>.scope`.
+    Systemd,
+    /// Plain directories: `kubepods/<qos>/pod<uid>/<id>`.
+    Cgroupfs,
+}
+
+/// A pod's QoS class, which picks its parent cgroup (Guaranteed pods sit right below kubepods).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qos {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+/// Where kubelet puts a pod's cgroup (relative to the cgroup root) and how the container
+/// runtime names a container's cgroup below it.
+pub fn pod_cgroup_layout(driver: CgroupDriver, qos: Qos, uid: &str) -> PathBuf {
+    let u = uid.replace('-', "_");
+    PathBuf::from(match (driver, qos) {
+        (CgroupDriver::Systemd, Qos::Guaranteed) => format!("kubepods.slice/kubepods-pod{u}.slice"),
+        (CgroupDriver::Systemd, Qos::Burstable) => {
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice")
+        }
+        (CgroupDriver::Systemd, Qos::BestEffort) => {
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice")
+        }
+        (CgroupDriver::Cgroupfs, Qos::Guaranteed) => format!("kubepods/pod{uid}"),
+        (CgroupDriver::Cgroupfs, Qos::Burstable) => format!("kubepods/burstable/pod{uid}"),
+        (CgroupDriver::Cgroupfs, Qos::BestEffort) => format!("kubepods/besteffort/pod{uid}"),
+    })
+}
+
+/// The cgroup directory name of container `id` (64 hex digits) under `driver`.
+pub fn container_cgroup_name(driver: CgroupDriver, id: &str) -> String {
+    match driver {
+        CgroupDriver::Systemd => format!("cri-containerd-{id}.scope"),
+        CgroupDriver::Cgroupfs => id.to_string(),
+    }
+}
+
+/// A random container id as containerd makes them (64 hex digits).
+pub fn container_id() -> String {
+    format!(
+        "{:016x}{:016x}{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>(),
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
 /// A pod: a host plus a kubelet-like cgroup with a long-running "pause" process in it.
 pub struct Pod {
     pub host: Host,
@@ -127,13 +181,25 @@ pub struct Pod {
     pub namespace: String,
     pub uid: String,
     pub cgroup: PathBuf,
+    /// Container ids (the cgroups' names below `cgroup` derive from them): the app's and
+    /// the sandbox's. For [`Node::pod`] these are "app" and "pause".
+    pub app_container_id: String,
+    pub pause_container_id: String,
+    /// The directory names of the app's and the sandbox's container cgroups.
+    app_dir: String,
+    pause_dir: String,
     pause: Option<Child>,
 }
 
 impl Pod {
     /// The container cgroup app processes run in (one below the pod's, as with kubelet).
     pub fn app_cgroup(&self) -> PathBuf {
-        self.cgroup.join("cri-containerd-app.scope")
+        self.cgroup.join(&self.app_dir)
+    }
+
+    /// The sandbox ("pause") container's cgroup.
+    pub fn pause_cgroup(&self) -> PathBuf {
+        self.cgroup.join(&self.pause_dir)
     }
 
     /// Runs pdtool inside the pod and parses its JSON answer.
@@ -170,7 +236,7 @@ impl Pod {
         if self.pause.is_some() {
             return;
         }
-        let pause_cg = self.cgroup.join("cri-containerd-pause.scope");
+        let pause_cg = self.pause_cgroup();
         fs::create_dir_all(&pause_cg).expect("pod cgroup");
         fs::create_dir_all(self.app_cgroup()).expect("app cgroup");
         let pause = self
@@ -325,29 +391,86 @@ impl Node {
     /// A pod: host + cgroup `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice`
     /// with a pause process in a container cgroup below it. No YAML is written.
     pub fn pod(&mut self, namespace: &str, name: &str) -> Pod {
-        let uid = format!(
+        let uid = self.new_uid();
+        self.pod_with_uid(namespace, name, &uid)
+    }
+
+    fn new_uid(&self) -> String {
+        format!(
             "{:08x}-{}-4000-8000-{:012x}",
             rand::random::<u32>(),
             &self.id[..4],
             rand::random::<u64>() & 0xffff_ffff_ffff
-        );
-        self.pod_with_uid(namespace, name, &uid)
+        )
     }
 
     /// A pod whose uid is given (to match YAML written beforehand).
     pub fn pod_with_uid(&mut self, namespace: &str, name: &str, uid: &str) -> Pod {
+        let rel = pod_cgroup_layout(CgroupDriver::Systemd, Qos::BestEffort, uid);
+        let containers = [
+            ("app".to_string(), "cri-containerd-app.scope".to_string()),
+            (
+                "pause".to_string(),
+                "cri-containerd-pause.scope".to_string(),
+            ),
+        ];
+        self.pod_at(namespace, name, uid, &rel, containers)
+    }
+
+    /// A pod laid out exactly as kubelet does with `driver` for QoS class `qos` (see
+    /// [`pod_cgroup_layout`]), its app and pause processes each in a container cgroup named
+    /// by a random 64-hex container id (`cri-containerd-<id>.scope` / `<id>`).
+    pub fn pod_with_layout(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        driver: CgroupDriver,
+        qos: Qos,
+    ) -> Pod {
+        let uid = self.new_uid();
+        self.pod_with_layout_and_uid(namespace, name, &uid, driver, qos)
+    }
+
+    /// [`Node::pod_with_layout`] with a given uid (to match an API object made beforehand).
+    pub fn pod_with_layout_and_uid(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        driver: CgroupDriver,
+        qos: Qos,
+    ) -> Pod {
+        let rel = pod_cgroup_layout(driver, qos, uid);
+        let (app, pause) = (container_id(), container_id());
+        let containers = [
+            (app.clone(), container_cgroup_name(driver, &app)),
+            (pause.clone(), container_cgroup_name(driver, &pause)),
+        ];
+        self.pod_at(namespace, name, uid, &rel, containers)
+    }
+
+    /// A started pod with its cgroup at `rel` below the cgroup root; `containers` are the
+    /// app's and the sandbox's (id, cgroup directory name).
+    fn pod_at(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        rel: &Path,
+        containers: [(String, String); 2],
+    ) -> Pod {
         let host = self.host(name);
-        let uid = uid.to_string();
-        let cgroup = self.cgroup_root.join(format!(
-            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-            uid.replace('-', "_")
-        ));
+        let [(app_container_id, app_dir), (pause_container_id, pause_dir)] = containers;
         let mut pod = Pod {
             host,
             name: name.to_string(),
             namespace: namespace.to_string(),
-            uid,
-            cgroup,
+            uid: uid.to_string(),
+            cgroup: self.cgroup_root.join(rel),
+            app_container_id,
+            pause_container_id,
+            app_dir,
+            pause_dir,
             pause: None,
         };
         pod.start();

@@ -130,7 +130,7 @@ fn setup() -> Result<()> {
     }
     // Debian packages the tests and demo use.
     let mut missing = Vec::new();
-    for (program, package) in [("ip", "iproute2")] {
+    for (program, package) in [("ip", "iproute2"), ("kubectl", "kubernetes-client")] {
         if !have(program) {
             missing.push(package);
         }

@@ -76,7 +76,7 @@ pub struct ClusterSettings {
 /// A client from `--kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the in-cluster
 /// service account.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClusterError> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
                 ClusterError::Kubeconfig {
@@ -95,6 +95,9 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClusterError> {
             .await
             .map_err(|e| ClusterError::Infer(e.to_string()))?,
     };
+    // kube's own retry of 503/429 backs off up to 1000 s between attempts and hides the
+    // errors from the watch loop: we back off ourselves (bounded, counted, logged).
+    config.default_retry = false;
     Client::try_from(config).map_err(|e| ClusterError::Client(e.to_string()))
 }
 
@@ -144,12 +147,15 @@ impl ClusterStore {
     }
 
     fn with<R>(&self, key: &'static str, f: impl FnOnce(&mut KindState) -> R) -> R {
-        let r = {
-            let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
-            f(kinds.entry(key).or_default())
-        };
+        let r = self.quietly(key, f);
         self.changed.send_modify(|n| *n += 1);
         r
+    }
+
+    /// A change nobody needs to recompile for (a re-list starting).
+    fn quietly<R>(&self, key: &'static str, f: impl FnOnce(&mut KindState) -> R) -> R {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        f(kinds.entry(key).or_default())
     }
 
     /// An object added or changed (what a watch event does).
@@ -432,6 +438,8 @@ async fn run_watch(
     let mut stream = watcher::watcher(api, w.config.clone()).boxed();
     let mut backoff = Backoff::new();
     let mut said_forbidden = false;
+    // One warning per outage, not one per retry.
+    let mut failing = false;
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(event) => event,
@@ -471,19 +479,28 @@ async fn run_watch(
                             .set(1);
                         drop(guard.take());
                     }
-                    _ => {
+                    _ if !failing => {
                         warn!(kind = w.key, error = %e, "list/watch failed; retrying with backoff (the last good configuration keeps serving)");
                     }
+                    _ => debug!(kind = w.key, error = %e, "list/watch failed again"),
                 }
+                failing = true;
                 tokio::time::sleep(backoff.next()).await;
                 continue;
             }
         };
-        backoff.reset();
-        said_forbidden = false;
+        // `Init` only says a (re-)list is about to start: not yet a success.
+        if !matches!(event, watcher::Event::Init) {
+            if failing {
+                info!(kind = w.key, "list/watch working again");
+                failing = false;
+            }
+            backoff.reset();
+            said_forbidden = false;
+        }
         metrics.daemon.kubernetes_events.get_or_create(&kind).inc();
         match event {
-            watcher::Event::Init => store.with(w.key, |s| s.relist = Some(BTreeMap::new())),
+            watcher::Event::Init => store.quietly(w.key, |s| s.relist = Some(BTreeMap::new())),
             watcher::Event::InitApply(obj) => {
                 let key = key_of(&obj);
                 let entry = convert(&w.ar, obj);
@@ -591,11 +608,19 @@ async fn run_istio_kind(
     let mut guard = Some(guard);
     let mut backoff = Backoff::new();
     let mut said_missing = false;
+    let mut failing = false;
     let labels = KindLabels { kind: kind.into() };
     loop {
-        match istio_resource(&client, kind).await {
+        let found = istio_resource(&client, kind).await;
+        if found.is_ok() {
+            failing = false;
+        }
+        match found {
             Err(e) => {
-                warn!(kind, error = %e, "API discovery of networking.istio.io failed; retrying with backoff");
+                if !failing {
+                    warn!(kind, error = %e, "API discovery of networking.istio.io failed; retrying with backoff");
+                    failing = true;
+                }
                 metrics
                     .daemon
                     .kubernetes_watch_errors
