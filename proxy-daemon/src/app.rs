@@ -334,8 +334,47 @@ async fn watch_config(
     }
 }
 
+/// Removes the private run directories (Secrets' key material) of earlier daemons that are
+/// no longer running (a crash or OOM kill leaves them; with hostPID every run has a new pid).
+fn remove_stale_run_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("proxy-daemon-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+            info!(dir = %e.path().display(), "removed an earlier daemon's credentials");
+        }
+    }
+}
+
 /// A burst of watch events (a re-list, a rollout) becomes one compile.
 const CLUSTER_DEBOUNCE: Duration = Duration::from_millis(50);
+/// At most this many compiles a second, however fast objects churn (a large cluster's pod
+/// updates, or a tenant rewriting objects in a loop, must not keep a core busy).
+const CLUSTER_MIN_COMPILE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Kinds whose last accepted version is kept to stand in for a bad edit (the rules; pods,
+/// services and slices are read leniently and are the API's own, so they are not kept
+/// twice).
+fn keeps_last_good(kind: &str) -> bool {
+    matches!(
+        kind,
+        "Namespace"
+            | "VirtualService"
+            | "DestinationRule"
+            | "ServiceEntry"
+            | "Sidecar"
+            | "EnvoyFilter"
+    )
+}
 
 /// Cluster mode: compiles the watched objects into a snapshot on every change, once every
 /// watch has had its first list. Objects that fail validation are skipped and reported
@@ -351,6 +390,14 @@ async fn watch_cluster(
     let mut first = Some(ready.register_task("kubernetes: first configuration"));
     let mut changed = store.subscribe();
     let mut reported: std::collections::BTreeSet<String> = Default::default();
+    // The version of each rule the last published snapshot used.
+    let mut last_good: Arc<
+        std::collections::HashMap<
+            crate::config::ObjectRef,
+            crate::config::Located<crate::config::Object>,
+        >,
+    > = Default::default();
+    let mut last_compile: Option<Instant> = None;
     let mut pending = true;
     loop {
         if !pending {
@@ -372,12 +419,29 @@ async fn watch_cluster(
         if first.is_some() && !store.unsynced().is_empty() {
             continue;
         }
+        if let Some(at) = last_compile {
+            tokio::time::sleep_until((at + CLUSTER_MIN_COMPILE_INTERVAL).into()).await;
+            changed.borrow_and_update();
+        }
+        last_compile = Some(Instant::now());
         let started = Instant::now();
-        let (st, p, s) = (store.clone(), published.clone(), settings.clone());
+        let (st, p, s, good) = (
+            store.clone(),
+            published.clone(),
+            settings.clone(),
+            last_good.clone(),
+        );
         let joined = tokio::task::spawn_blocking(move || {
-            let contents = st.contents();
+            let mut contents = st.contents();
+            // A rule whose new version does not even parse keeps its last good version.
+            for e in &contents.rejected {
+                if let Some(previous) = e.object.as_ref().and_then(|o| good.get(o)) {
+                    contents.objects.push(previous.clone());
+                }
+            }
             let objects = contents.objects.len();
-            let compiled = state::compile_valid(contents.objects, &s.capture, p.next_generation());
+            let compiled =
+                state::compile_valid(contents.objects, &s.capture, p.next_generation(), &good);
             (compiled, contents.rejected, objects)
         })
         .await;
@@ -386,8 +450,24 @@ async fn watch_cluster(
             continue;
         };
         match compiled {
-            Ok((snap, skipped)) => {
+            Ok(state::Compiled {
+                snapshot: snap,
+                rejected: skipped,
+                restored,
+                objects: used,
+            }) => {
                 rejected.extend(skipped);
+                let kept: std::collections::BTreeSet<_> = restored
+                    .into_iter()
+                    .chain(rejected.iter().filter_map(|e| e.object.clone()))
+                    .filter(|o| last_good.contains_key(o))
+                    .collect();
+                last_good = Arc::new(
+                    used.into_iter()
+                        .filter(|o| keeps_last_good(&o.object_ref.kind))
+                        .map(|o| (o.object_ref.clone(), o))
+                        .collect(),
+                );
                 let mut by_kind: std::collections::BTreeMap<String, i64> = Default::default();
                 for e in &rejected {
                     let line = e.to_string();
@@ -395,7 +475,14 @@ async fn watch_cluster(
                         *by_kind.entry(o.kind.clone()).or_default() += 1;
                     }
                     if !reported.contains(&line) {
-                        error!("{line} (object skipped; the rest of the configuration applies)");
+                        let kept_previous = e.object.as_ref().is_some_and(|o| kept.contains(o));
+                        if kept_previous {
+                            error!("{line} (its last good version keeps serving)");
+                        } else {
+                            error!(
+                                "{line} (object skipped; the rest of the configuration applies)"
+                            );
+                        }
                     }
                 }
                 reported = rejected.iter().map(ToString::to_string).collect();
@@ -596,6 +683,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     ));
     let tls = match &settings.cluster {
         Some(c) => {
+            remove_stale_run_dirs();
             let _ = std::fs::remove_dir_all(&c.credentials_dir);
             std::fs::DirBuilder::new()
                 .recursive(true)

@@ -145,6 +145,11 @@ pub fn contains_process(cgroup: &Path, pid: u32) -> bool {
 pub fn sandbox_process(cgroup: &Path) -> Option<u32> {
     let mut pids = processes(cgroup, 4096);
     pids.sort_unstable();
+    // A pod's own network namespace belongs to the node's user namespace. One an app made
+    // itself (`unshare -rn`, needing no privilege) belongs to the app's new user namespace:
+    // never a candidate, however many processes it holds or whatever they are called.
+    let node_userns = fs::metadata("/proc/self/ns/user").ok().map(|m| m.ino());
+    pids.retain(|pid| netns_owner_userns(*pid) == node_userns);
     if let Some(pid) = pids.iter().copied().find(|pid| {
         fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "pause")
     }) {
@@ -163,6 +168,23 @@ pub fn sandbox_process(cgroup: &Path) -> Option<u32> {
         .values()
         .max_by_key(|(count, pid)| (*count, std::cmp::Reverse(*pid)))
         .map(|(_, pid)| *pid)
+}
+
+/// NS_GET_USERNS (linux/nsfs.h): the user namespace that owns a namespace.
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+
+/// The inode of the user namespace owning `pid`'s network namespace.
+fn netns_owner_userns(pid: u32) -> Option<u64> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let netns = fs::File::open(format!("/proc/{pid}/ns/net")).ok()?;
+    // SAFETY: an ioctl on an open nsfs file; it returns a new fd we take ownership of.
+    let fd = unsafe { libc::ioctl(netns.as_raw_fd(), NS_GET_USERNS as _) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just returned to us by the kernel and is owned by nobody else.
+    let owner = unsafe { OwnedFd::from_raw_fd(fd) };
+    fs::File::from(owner).metadata().ok().map(|m| m.ino())
 }
 
 #[cfg(test)]

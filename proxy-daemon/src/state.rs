@@ -245,6 +245,15 @@ pub fn compile(
     Ok(snap)
 }
 
+/// What [`compile_valid`] made: the snapshot, the errors of what it left out or restored,
+/// the objects whose previous version it restored, and the objects it compiled.
+pub struct Compiled {
+    pub snapshot: Snapshot,
+    pub rejected: Vec<ConfigError>,
+    pub restored: std::collections::BTreeSet<ObjectRef>,
+    pub objects: Vec<Located<Object>>,
+}
+
 pub const ISTIO_SIDECAR_CONTAINER: &str = "istio-proxy";
 pub const ISTIO_SIDECAR_ANNOTATION: &str = "sidecar.istio.io/status";
 
@@ -264,16 +273,29 @@ fn has_istio_sidecar(pod: &crate::config::k8s::Pod) -> bool {
 /// rejected, with their errors) and the rest compiled again, so one bad object never takes
 /// the others down. Used by the cluster source, where objects arrive one by one and there
 /// is no "fix the file and save again". Fails only on an error that names no object.
+///
+/// An object named by an error that has a version in `last_good` (the one the previous
+/// snapshot used) gets that version back once — a bad edit never replaces a good rule;
+/// objects without one, or whose old version fails too, are dropped.
 pub fn compile_valid(
     mut objects: Vec<Located<Object>>,
     settings: &CaptureSettings,
     generation: u64,
-) -> Result<(Snapshot, Vec<ConfigError>), Vec<ConfigError>> {
+    last_good: &HashMap<ObjectRef, Located<Object>>,
+) -> Result<Compiled, Vec<ConfigError>> {
     let mut rejected = Vec::new();
-    // Each pass drops at least one object; cross-references settle in a few.
+    let mut restored: std::collections::BTreeSet<ObjectRef> = Default::default();
+    // Each pass drops or restores at least one object; cross-references settle in a few.
     for _ in 0..16 {
         match compile(&objects, settings, generation) {
-            Ok(snap) => return Ok((snap, rejected)),
+            Ok(snapshot) => {
+                return Ok(Compiled {
+                    snapshot,
+                    rejected,
+                    restored,
+                    objects,
+                })
+            }
             Err(errors) => {
                 let (bad, rest): (Vec<_>, Vec<_>) =
                     errors.into_iter().partition(ConfigError::is_error);
@@ -284,7 +306,18 @@ pub fn compile_valid(
                     all.extend(rest);
                     return Err(all);
                 }
-                objects.retain(|o| !names.contains(&o.object_ref));
+                let mut next = Vec::with_capacity(objects.len());
+                for o in objects.drain(..) {
+                    if !names.contains(&o.object_ref) {
+                        next.push(o);
+                    } else if restored.contains(&o.object_ref) {
+                        // Its previous version fails now too: dropped.
+                    } else if let Some(previous) = last_good.get(&o.object_ref) {
+                        restored.insert(o.object_ref.clone());
+                        next.push(previous.clone());
+                    }
+                }
+                objects = next;
                 rejected.extend(bad);
             }
         }
@@ -371,7 +404,11 @@ mod tests {
             compile(&objs, &settings(), 1).is_err(),
             "a file with the bad object is rejected whole"
         );
-        let (snap, rejected) = compile_valid(objs, &settings(), 1).expect("the rest compiles");
+        let Compiled {
+            snapshot: snap,
+            rejected,
+            ..
+        } = compile_valid(objs, &settings(), 1, &HashMap::new()).expect("the rest compiles");
         assert!(!rejected.is_empty());
         assert!(rejected
             .iter()
@@ -379,6 +416,39 @@ mod tests {
         let dump = serde_json::to_string(&snap.routes).unwrap();
         assert!(dump.contains("details"), "the good rule is in the snapshot");
         assert!(snap.namespaces["shop"].captured);
+    }
+
+    #[test]
+    fn a_bad_edit_gives_way_to_the_last_good_version() {
+        let vs = |weights: (u32, u32)| {
+            format!("---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: shop}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews}}\n      weight: {}\n    - destination: {{host: ratings}}\n      weight: {}\n", weights.0, weights.1)
+        };
+        let good = objects(&format!("{NS}{}", vs((30, 70))));
+        let last_good: HashMap<ObjectRef, Located<Object>> = good
+            .iter()
+            .map(|o| (o.object_ref.clone(), o.clone()))
+            .collect();
+        let edited = objects(&format!("{NS}{}", vs((30, 60))));
+        let out = compile_valid(edited, &settings(), 2, &last_good).expect("compiles");
+        assert_eq!(out.restored.len(), 1, "the previous version stands in");
+        assert!(
+            out.rejected.iter().any(|e| e.message.contains("weight")),
+            "and the edit is reported"
+        );
+        let routes = serde_json::to_string(&out.snapshot.routes).unwrap();
+        assert!(routes.contains("70"), "the old weights route: {routes}");
+        // Without a previous version the bad object is simply left out.
+        let out = compile_valid(
+            objects(&format!("{NS}{}", vs((30, 60)))),
+            &settings(),
+            3,
+            &HashMap::new(),
+        )
+        .expect("compiles");
+        assert!(out.restored.is_empty());
+        assert!(!serde_json::to_string(&out.snapshot.routes)
+            .unwrap()
+            .contains("ratings"));
     }
 
     #[test]

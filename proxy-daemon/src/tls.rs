@@ -47,6 +47,12 @@ pub enum TlsError {
         path: PathBuf,
         message: String,
     },
+    #[error("credentialName {name}: the Secret is in namespace {secret_namespace}; pods of {client_namespace} cannot use it (a credential serves the pods of its own namespace)")]
+    CredentialNamespace {
+        name: String,
+        secret_namespace: String,
+        client_namespace: String,
+    },
     #[error("credentialName {0:?} is not a Secret name (no '/', no leading '.')")]
     BadCredentialName(String),
     #[error("credentialName {0}: no --credentials-dir to read it from")]
@@ -275,13 +281,28 @@ impl Originator {
         Ok(config)
     }
 
-    /// Handshakes over `stream`; Err is the reason, for the 503 body and the log line.
+    /// Handshakes over `stream` for a pod of `client_namespace`; Err is the reason, for the
+    /// 503 body and the log line.
     pub async fn connect(
         &self,
         tls: &UpstreamTls,
         alpn: &'static [u8],
         stream: TcpStream,
+        client_namespace: &str,
     ) -> Result<(UpstreamIo, Handshake), String> {
+        // Istio: a credentialName Secret serves the proxies of its own namespace. A node
+        // proxy serves every namespace, so a rule in one namespace must not lend its
+        // Secret to another namespace's pods.
+        if let (true, Some(name)) = (self.namespaced, &tls.settings.credential_name) {
+            if tls.settings.credential_namespace != client_namespace {
+                return Err(TlsError::CredentialNamespace {
+                    name: name.clone(),
+                    secret_namespace: tls.settings.credential_namespace.clone(),
+                    client_namespace: client_namespace.to_string(),
+                }
+                .to_string());
+            }
+        }
         let config = self.config(tls, alpn).map_err(|e| e.to_string())?;
         let name =
             ServerName::try_from(tls.sni.clone()).map_err(|e| format!("SNI {:?}: {e}", tls.sni))?;

@@ -505,7 +505,40 @@ fn readiness_waits_for_the_first_sync_and_bad_objects_are_skipped() {
         1,
         "reported once, not on every recompile:\n{log}"
     );
-    // Fixed: the report goes.
+    // A bad edit of a rule that works: its last good version keeps routing.
+    c.api.modify(
+        "networking.istio.io/v1",
+        "VirtualService",
+        "backend",
+        "reviews",
+        |vs| {
+            vs["spec"]["http"] = json!([{"route": [
+            {"destination": {"host": HOST, "subset": "v2"}, "weight": 50},
+            {"destination": {"host": HOST, "subset": "v2"}, "weight": 40}]}]);
+        },
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || daemon
+            .log_text()
+            .contains("its last good version keeps serving")
+            .then_some(()))
+        .is_some(),
+        "the bad edit is reported; log:\n{}",
+        daemon.log_text()
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            served_by(&client),
+            "reviews-v1",
+            "the last good rule still routes"
+        );
+    }
+    // Fixed: the reports go.
+    c.route(
+        "v1",
+        json!([{"route": [{"destination": {"host": HOST, "subset": "v2"}}]}]),
+    );
+    wait_served_by(&client, "reviews-v2", Duration::from_secs(5), &daemon);
     c.api
         .delete("networking.istio.io/v1", "VirtualService", "shop", "typo");
     assert!(
@@ -525,7 +558,7 @@ fn readiness_waits_for_the_first_sync_and_bad_objects_are_skipped() {
 }
 
 #[test]
-fn tls_credentials_come_from_a_secret_in_the_rules_namespace() {
+fn tls_credentials_come_from_a_secret_of_the_clients_own_namespace() {
     let mut c = Cluster::new("k8stls");
     c.api.install_istio_crds(&["v1", "v1beta1", "v1alpha3"]);
     let ca = TestCa::new("test-ca");
@@ -573,17 +606,20 @@ fn tls_credentials_come_from_a_secret_in_the_rules_namespace() {
             ],
         )
     };
-    // The Secret exists in `egress` only; `team-b`'s rule names the same Secret name.
-    c.api.apply(secret("egress"));
+    // As in Istio, a credential serves the pods of its own namespace: the client pod is in
+    // `shop`, whose rules and Secret it may use. `team-b` (no pods on this node) has a
+    // rule for another host naming a Secret of the same name, which exists there too.
+    c.api.apply(secret("shop"));
+    c.api.apply(secret("team-b"));
     for (ns, host) in [
-        ("egress", "api.partner.test"),
+        ("shop", "api.partner.test"),
         ("team-b", "other.partner.test"),
-        ("egress", "fresh.partner.test"),
+        ("shop", "fresh.partner.test"),
     ] {
         c.api.apply(istio_json(
             "v1",
             "ServiceEntry",
-            ns,
+            "egress",
             host,
             json!({"hosts": [host], "ports": [{"number": 80, "targetPort": 443, "name": "http", "protocol": "HTTP"}],
                    "resolution": "DNS"}),
@@ -616,15 +652,26 @@ fn tls_credentials_come_from_a_secret_in_the_rules_namespace() {
     let other = get("other.partner.test");
     assert_eq!(
         other["first"]["status"], 503,
-        "a rule in team-b cannot use egress's Secret: {other}"
+        "team-b's credential is never lent to a pod of shop: {other}"
+    );
+    assert!(
+        daemon.log_text().contains("pods of shop cannot use it"),
+        "the refusal says why; log:\n{}",
+        daemon.log_text()
     );
     let requests = c.api.requests();
     assert!(
         requests
             .iter()
-            .any(|r| r.contains("/namespaces/egress/secrets")
+            .any(|r| r.contains("/namespaces/shop/secrets")
                 && r.contains("metadata.name%3Dpartner-client")),
         "only the named Secret is watched: {requests:?}"
+    );
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.contains("/namespaces/team-b/secrets")),
+        "a namespace without pods on this node has its Secrets left unread: {requests:?}"
     );
     assert!(
         !requests
@@ -634,7 +681,7 @@ fn tls_credentials_come_from_a_secret_in_the_rules_namespace() {
     );
     // A deleted Secret is not presented on new connections (open ones keep theirs, as
     // Envoy's do): a host not contacted before now fails its handshake.
-    c.api.delete("v1", "Secret", "egress", "partner-client");
+    c.api.delete("v1", "Secret", "shop", "partner-client");
     assert!(
         wait_for(Duration::from_secs(5), || daemon
             .log_text()
@@ -741,4 +788,61 @@ fn a_broken_kubeconfig_is_a_startup_error() {
         err.contains("kubeconfig") && err.contains(path.to_str().unwrap()),
         "{err}"
     );
+}
+
+#[test]
+fn a_pod_cannot_choose_the_network_namespace_it_is_enrolled_by() {
+    let mut c = Cluster::new("k8sunshare");
+    let client = c.pod_on("client-1", NODE, &[("app", "client")]);
+    // A hostile app: a network namespace of its own (no privilege needed) holding more
+    // processes than the pod's real one, one of them named like the sandbox ("pause").
+    let decoy_dir = c.node.work_dir.join("decoy");
+    std::fs::create_dir_all(&decoy_dir).unwrap();
+    std::os::unix::fs::symlink("/bin/sleep", decoy_dir.join("pause")).unwrap();
+    let script = format!(
+        "{pause} 60 & sleep 60 & sleep 60 & sleep 60 & wait",
+        pause = decoy_dir.join("pause").display()
+    );
+    let mut decoy = {
+        use std::os::unix::process::CommandExt as _;
+        client
+            .host
+            .command(
+                Some(&client.app_cgroup()),
+                std::path::Path::new("unshare"),
+                &["-rn", "--", "bash", "-c", &script],
+            )
+            .process_group(0)
+            .spawn()
+            .expect("unshare")
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let pause_pid: u32 = std::fs::read_to_string(client.pause_cgroup().join("cgroup.procs"))
+        .unwrap()
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("the sandbox process");
+    let pod_netns = std::fs::metadata(format!("/proc/{pause_pid}/ns/net"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    let daemon = c.daemon(&[]);
+    let state = daemon.wait_enrolled(&client.uid, Duration::from_secs(10));
+    assert_eq!(
+        state["netns_inode"], pod_netns,
+        "enrolled by the pod's own network namespace: {state}"
+    );
+    let server = served_by(&client);
+    assert!(server.starts_with("reviews-v"), "captured: {server}");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        daemon.workload_state(&client.uid).unwrap()["netns_inode"],
+        pod_netns,
+        "and it stays so across reconciles"
+    );
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(decoy.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = decoy.wait();
 }

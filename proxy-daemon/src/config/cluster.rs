@@ -39,6 +39,10 @@ use crate::{
 /// (as `kubectl get -o json` prints it, without `managedFields` and `status`).
 pub const API_ORIGIN: &str = "apiserver";
 
+/// The watch of this node's pods (the ones to enrol).
+const THIS_NODE_PODS: &str = "Pod (this node)";
+/// The watch of other nodes' pods (labels for subsets and destination metrics).
+const OTHER_NODE_PODS: &str = "Pod (other nodes)";
 const ISTIO_GROUP: &str = "networking.istio.io";
 /// Versions in the order we prefer them when the server's preferred one lacks a kind.
 const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
@@ -49,6 +53,14 @@ const ISTIO_KINDS: [(&str, &str); 5] = [
     ("Sidecar", "sidecars"),
     ("EnvoyFilter", "envoyfilters"),
 ];
+/// Istio objects larger than this (as JSON) are rejected rather than parsed on the
+/// daemon's threads; real VirtualServices are a few KiB.
+const MAX_OBJECT_BYTES: usize = 256 * 1024;
+/// Largest Secret value written for the TLS originator (certificates and keys are a few KiB).
+const MAX_SECRET_VALUE_BYTES: usize = 64 * 1024;
+/// DestinationRule TLS fields that name files: on a node they would be the daemon's (root's)
+/// files, not a sidecar's mounts, so a tenant could make the daemon read the node's keys.
+const FILE_TLS_FIELDS: [&str; 3] = ["caCertificates", "clientCertificate", "privateKey"];
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(8);
 
@@ -198,8 +210,21 @@ impl ClusterStore {
             objects: Vec::new(),
             rejected: Vec::new(),
         };
-        for state in kinds.values() {
-            for entry in state.objects.values() {
+        let local_pods = kinds.get(THIS_NODE_PODS).map(|s| &s.objects);
+        for (key, state) in kinds.iter() {
+            for (name, entry) in &state.objects {
+                // A pod that was just scheduled here can still be in the other watch until
+                // its DELETED arrives there: this node's copy wins, never a duplicate. Pods
+                // not scheduled anywhere yet have no IP and are nobody's to enrol.
+                if *key == OTHER_NODE_PODS {
+                    let unscheduled = matches!(entry, Entry::Parsed(o, _) if matches!(
+                        &o.value,
+                        Object::Pod(p) if p.spec.node_name.as_deref().unwrap_or("").is_empty()
+                    ));
+                    if unscheduled || local_pods.is_some_and(|l| l.contains_key(name)) {
+                        continue;
+                    }
+                }
                 match entry {
                     Entry::Parsed(o, _) => out.objects.push((**o).clone()),
                     Entry::Rejected(e) => out.rejected.push(e.clone()),
@@ -229,12 +254,22 @@ impl ClusterStore {
             .into()
     }
 
+    /// The Secrets to watch: named by a DestinationRule of a namespace that has pods on
+    /// this node (a credential serves only its own namespace's pods, so other namespaces'
+    /// Secrets are of no use here and are never read).
     fn refresh_credentials(&self) {
         let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let local_namespaces: BTreeSet<&str> = kinds
+            .get(THIS_NODE_PODS)
+            .map(|s| s.objects.keys().map(|(ns, _)| ns.as_str()).collect())
+            .unwrap_or_default();
         let mut wanted = BTreeSet::new();
         if let Some(state) = kinds.get("DestinationRule") {
             for entry in state.objects.values() {
                 if let Entry::Parsed(o, secrets) = entry {
+                    if !local_namespaces.contains(o.object_ref.namespace.as_str()) {
+                        continue;
+                    }
                     for name in secrets {
                         wanted.insert((o.object_ref.namespace.clone(), name.clone()));
                     }
@@ -253,8 +288,12 @@ impl ClusterStore {
     }
 }
 
-/// Every `credentialName` below a DestinationRule spec (top level, subsets, port levels).
-fn collect_credential_names(v: &serde_json::Value, out: &mut BTreeSet<String>) {
+/// Every `credentialName` below a DestinationRule spec (top level, subsets, port levels);
+/// Err names the first value that is not a Secret name, or a TLS field that names a file.
+fn collect_credential_names(
+    v: &serde_json::Value,
+    out: &mut BTreeSet<String>,
+) -> Result<(), String> {
     match v {
         serde_json::Value::Object(map) => {
             for (k, v) in map {
@@ -262,19 +301,43 @@ fn collect_credential_names(v: &serde_json::Value, out: &mut BTreeSet<String>) {
                     ("credentialName" | "credential_name", serde_json::Value::String(name))
                         if !name.is_empty() =>
                     {
+                        if !is_secret_name(name) {
+                            return Err(format!(
+                                "credentialName {name:?} is not a Secret name (lower-case DNS subdomain, at most 253 characters)"
+                            ));
+                        }
                         out.insert(name.clone());
                     }
-                    _ => collect_credential_names(v, out),
+                    (field, serde_json::Value::String(path))
+                        if FILE_TLS_FIELDS.contains(&field) && !path.is_empty() =>
+                    {
+                        return Err(format!(
+                            "tls.{field} names a file ({path}); in cluster mode certificates come from a Secret: use credentialName"
+                        ));
+                    }
+                    _ => collect_credential_names(v, out)?,
                 }
             }
         }
         serde_json::Value::Array(items) => {
             for v in items {
-                collect_credential_names(v, out);
+                collect_credential_names(v, out)?;
             }
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain): also exactly one safe path component.
+fn is_secret_name(name: &str) -> bool {
+    name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && !name.contains("..")
 }
 
 /// Turns an API object into what the local source would have made of the same YAML.
@@ -336,14 +399,30 @@ fn convert(ar: &ApiResource, obj: DynamicObject) -> Entry {
     // Istio kinds: through the file parser (JSON is YAML), so unknown and unsupported
     // fields are found exactly as `validate` finds them. `status` is the server's.
     map.remove("status");
+    let reject = |message: String| {
+        Entry::Rejected(ConfigError {
+            path: PathBuf::from(API_ORIGIN),
+            line: 1,
+            object: Some(object_ref.clone()),
+            message,
+            severity: Default::default(),
+        })
+    };
     let mut secrets = BTreeSet::new();
     if ar.kind == "DestinationRule" {
-        collect_credential_names(
-            map.get("spec").unwrap_or(&serde_json::Value::Null),
-            &mut secrets,
-        );
+        let spec = map.get("spec").unwrap_or(&serde_json::Value::Null);
+        if let Err(message) = collect_credential_names(spec, &mut secrets) {
+            return reject(message);
+        }
     }
     let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+    if text.len() > MAX_OBJECT_BYTES {
+        return reject(format!(
+            "object is {} KiB as JSON; the limit is {} KiB",
+            text.len() / 1024,
+            MAX_OBJECT_BYTES / 1024
+        ));
+    }
     let doc = local::Document {
         path: PathBuf::from(API_ORIGIN),
         first_line: 1,
@@ -499,12 +578,14 @@ async fn run_watch(
             said_forbidden = false;
         }
         metrics.daemon.kubernetes_events.get_or_create(&kind).inc();
+        let initial_item = matches!(event, watcher::Event::InitApply(_));
         match event {
             watcher::Event::Init => store.quietly(w.key, |s| s.relist = Some(BTreeMap::new())),
             watcher::Event::InitApply(obj) => {
                 let key = key_of(&obj);
                 let entry = convert(&w.ar, obj);
-                store.with(w.key, |s| {
+                // Compiled once the list is complete, not object by object.
+                store.quietly(w.key, |s| {
                     s.relist
                         .get_or_insert_with(BTreeMap::new)
                         .insert(key, entry);
@@ -536,7 +617,7 @@ async fn run_watch(
                 store.delete(w.key, &ns, &name);
             }
         }
-        if w.key == "DestinationRule" {
+        if (w.key == "DestinationRule" || w.key == THIS_NODE_PODS) && !initial_item {
             store.refresh_credentials();
         }
     }
@@ -609,6 +690,8 @@ async fn run_istio_kind(
     let mut backoff = Backoff::new();
     let mut said_missing = false;
     let mut failing = false;
+    // Whether the kind was being watched, and how many lookups since have not found it.
+    let (mut was_served, mut misses) = (false, 0u32);
     let labels = KindLabels { kind: kind.into() };
     loop {
         let found = istio_resource(&client, kind).await;
@@ -631,8 +714,19 @@ async fn run_istio_kind(
                     .inc();
                 tokio::time::sleep(backoff.next()).await;
             }
+            Ok(None) if was_served && misses == 0 => {
+                // An API server that is restarting can briefly not list a CRD it serves:
+                // one miss is not a removal. Look again before dropping the kind's rules.
+                misses += 1;
+                debug!(
+                    kind,
+                    "not found in discovery; checking again before dropping it"
+                );
+                tokio::time::sleep(rediscovery.min(Duration::from_secs(5))).await;
+            }
             Ok(None) => {
                 backoff.reset();
+                was_served = false;
                 if !said_missing {
                     info!(
                         kind,
@@ -657,6 +751,8 @@ async fn run_istio_kind(
             }
             Ok(Some(ar)) => {
                 backoff.reset();
+                misses = 0;
+                was_served = true;
                 if said_missing {
                     info!(kind, api_version = %ar.api_version, "now served: watching");
                     said_missing = false;
@@ -808,6 +904,14 @@ fn write_secret(
     for key in SECRET_KEYS {
         let path = target.join(key);
         match data.get(key) {
+            Some(bytes) if bytes.0.len() > MAX_SECRET_VALUE_BYTES => {
+                let _ = std::fs::remove_file(&path);
+                warn!(
+                    key,
+                    bytes = bytes.0.len(),
+                    "secret value too large for a certificate or key; skipped"
+                );
+            }
             Some(bytes) => {
                 let tmp = target.join(format!(".{key}.tmp"));
                 let mut f = std::fs::OpenOptions::new()
@@ -840,8 +944,8 @@ pub fn start(
     let node = settings.node_name.clone();
     let mut keys: Vec<&'static str> = vec![
         "Namespace",
-        "Pod (this node)",
-        "Pod (other nodes)",
+        THIS_NODE_PODS,
+        OTHER_NODE_PODS,
         "Service",
         "EndpointSlice",
     ];
@@ -857,7 +961,7 @@ pub fn start(
         },
         // Full pods of this node: the ones to enrol.
         Watch {
-            key: "Pod (this node)",
+            key: THIS_NODE_PODS,
             ar: core("Pod", "pods"),
             namespace: None,
             config: watcher::Config::default().fields(&format!("spec.nodeName={node}")),
@@ -865,7 +969,7 @@ pub fn start(
         },
         // Pods elsewhere: their labels pick subsets' endpoints and name destinations.
         Watch {
-            key: "Pod (other nodes)",
+            key: OTHER_NODE_PODS,
             ar: core("Pod", "pods"),
             namespace: None,
             config: watcher::Config::default().fields(&format!("spec.nodeName!={node}")),
@@ -998,9 +1102,99 @@ mod tests {
             "subsets": [{"name": "v1", "trafficPolicy": {"tls": {"credentialName": "sub"}}}]
         });
         let mut out = BTreeSet::new();
-        collect_credential_names(&spec, &mut out);
+        collect_credential_names(&spec, &mut out).unwrap();
         let names: Vec<_> = out.iter().map(String::as_str).collect();
         assert_eq!(names, vec!["port", "sub", "top"]);
+    }
+
+    fn dr(spec: serde_json::Value) -> DynamicObject {
+        dynamic(serde_json::json!({"metadata": {"name": "d", "namespace": "team-a"}, "spec": spec}))
+    }
+
+    fn rejection(entry: Entry) -> String {
+        match entry {
+            Entry::Rejected(e) => e.to_string(),
+            _ => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn hostile_credential_names_and_file_paths_are_rejected() {
+        let ar = ar("networking.istio.io/v1", "DestinationRule");
+        for name in [
+            "../team-b/keys",
+            "/proc/1/root/etc",
+            "a/b",
+            ".hidden",
+            "UPPER",
+        ] {
+            let text = rejection(convert(
+                &ar,
+                dr(
+                    serde_json::json!({"host": "x", "trafficPolicy": {"tls": {"mode": "MUTUAL", "credentialName": name}}}),
+                ),
+            ));
+            assert!(text.contains("is not a Secret name"), "{name}: {text}");
+            assert!(text.contains("DestinationRule/team-a/d"), "{text}");
+        }
+        let text = rejection(convert(
+            &ar,
+            dr(
+                serde_json::json!({"host": "x", "subsets": [{"name": "v1", "trafficPolicy": {"tls": {
+                "mode": "MUTUAL", "clientCertificate": "/var/lib/kubelet/pki/kubelet-client-current.pem",
+                "privateKey": "/var/lib/kubelet/pki/kubelet-client-current.pem"}}}]}),
+            ),
+        ));
+        assert!(text.contains("names a file"), "{text}");
+        let Entry::Parsed(_, secrets) = convert(
+            &ar,
+            dr(
+                serde_json::json!({"host": "x", "trafficPolicy": {"tls": {"mode": "MUTUAL", "credentialName": "client-cert.v2"}}}),
+            ),
+        ) else {
+            panic!("a valid name is accepted")
+        };
+        assert_eq!(secrets, vec!["client-cert.v2"]);
+    }
+
+    #[test]
+    fn oversized_objects_are_rejected_before_parsing() {
+        let hosts: Vec<String> = (0..20_000)
+            .map(|i| format!("host-{i}.example.com"))
+            .collect();
+        let big = dynamic(
+            serde_json::json!({"metadata": {"name": "big", "namespace": "a"}, "spec": {"hosts": hosts}}),
+        );
+        let text = rejection(convert(&ar("networking.istio.io/v1", "ServiceEntry"), big));
+        assert!(text.contains("limit is 256 KiB"), "{text}");
+    }
+
+    #[test]
+    fn a_pod_in_both_pod_watches_counts_once_and_unscheduled_pods_not_at_all() {
+        let store = ClusterStore::new(&[THIS_NODE_PODS, OTHER_NODE_PODS]);
+        let pod = |name: &str, node: Option<&str>| {
+            let mut spec = serde_json::json!({"containers": [{"name": "app"}]});
+            if let Some(n) = node {
+                spec["nodeName"] = n.into();
+            }
+            dynamic(
+                serde_json::json!({"metadata": {"name": name, "namespace": "a", "uid": name}, "spec": spec}),
+            )
+        };
+        let pods = core("Pod", "pods");
+        // Scheduled here while the other watch still has the unscheduled copy.
+        store.apply(OTHER_NODE_PODS, &pods, pod("moving", None));
+        store.apply(THIS_NODE_PODS, &pods, pod("moving", Some("n1")));
+        store.apply(OTHER_NODE_PODS, &pods, pod("pending", None));
+        store.apply(OTHER_NODE_PODS, &pods, pod("remote", Some("n2")));
+        let mut names: Vec<String> = store
+            .contents()
+            .objects
+            .iter()
+            .map(|o| o.object_ref.name.clone())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["moving", "remote"]);
     }
 
     #[test]

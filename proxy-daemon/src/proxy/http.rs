@@ -690,7 +690,9 @@ async fn open_upstream(
     let handshakes = &inputs.metrics.daemon.upstream_tls_handshakes;
     let result = tokio::time::timeout(
         inputs.connect_timeout,
-        inputs.tls.connect(tls, alpn, stream),
+        inputs
+            .tls
+            .connect(tls, alpn, stream, &pod.workload.namespace),
     )
     .await
     .unwrap_or_else(|_| Err("handshake timed out".into()));

@@ -109,10 +109,12 @@ pub async fn proxy(
             None => Ok(UpstreamIo::Plain(s)),
             Some(t) => {
                 // DestinationRule tls on a TCP port: the bytes go out inside TLS.
-                let handshake =
-                    tokio::time::timeout(inputs.connect_timeout, inputs.tls.connect(t, b"", s))
-                        .await
-                        .unwrap_or_else(|_| Err("handshake timed out".into()));
+                let handshake = tokio::time::timeout(
+                    inputs.connect_timeout,
+                    inputs.tls.connect(t, b"", s, &pod.workload.namespace),
+                )
+                .await
+                .unwrap_or_else(|_| Err("handshake timed out".into()));
                 let result = match &handshake {
                     Ok((_, crate::tls::Handshake::Full)) => "full",
                     Ok((_, crate::tls::Handshake::Resumed)) => "resumed",

@@ -190,8 +190,12 @@ fn main() {
             contents.rejected.first()
         );
         let before = LIVE.load(Ordering::Relaxed);
-        let (snap, rejected) =
-            state::compile_valid(contents.objects, &settings, round).expect("compile");
+        let state::Compiled {
+            snapshot: snap,
+            rejected,
+            ..
+        } = state::compile_valid(contents.objects, &settings, round, &Default::default())
+            .expect("compile");
         compile_ms.push(t.elapsed().as_secs_f64() * 1e3);
         snapshot_bytes = LIVE.load(Ordering::Relaxed) - before;
         assert!(rejected.is_empty(), "{:?}", rejected.first());
@@ -208,7 +212,9 @@ fn main() {
         .insert("track".into(), "canary".into());
     store.apply("Pod", &pod_ar, changed);
     let contents = store.contents();
-    let (snap, _) = state::compile_valid(contents.objects, &settings, 9).expect("compile");
+    let snap = state::compile_valid(contents.objects, &settings, 9, &Default::default())
+        .expect("compile")
+        .snapshot;
     let event_ms = t.elapsed().as_secs_f64() * 1e3;
     assert_eq!(
         snap.pods
