@@ -286,6 +286,53 @@ fn enrols_this_nodes_pods_routes_and_follows_labels_and_deletions() {
         "metrics name the source workload by its Deployment"
     );
 
+    // A backend pod turns unready (the EndpointSlice controller marks its endpoint): no
+    // more traffic to it, though its subset's rule still names it; ready again, it serves.
+    c.route(
+        "v1beta1",
+        json!([{"route": [
+            {"destination": {"host": HOST, "subset": "v1"}, "weight": 50},
+            {"destination": {"host": HOST, "subset": "v2"}, "weight": 50}]}]),
+    );
+    let set_ready = |ready: bool| {
+        c.api.modify(
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+            "backend",
+            "reviews-x7k2p",
+            |s| {
+                for e in s["endpoints"].as_array_mut().unwrap() {
+                    if e["targetRef"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("reviews-v1"))
+                    {
+                        e["conditions"]["ready"] = ready.into();
+                        e["conditions"]["serving"] = ready.into();
+                    }
+                }
+            },
+        );
+    };
+    set_ready(false);
+    wait_for(Duration::from_secs(5), || {
+        (0..10)
+            .all(|_| served_by(&client) == "reviews-v2")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "an unready endpoint still gets traffic; log:\n{}",
+            daemon.log_text()
+        )
+    });
+    set_ready(true);
+    wait_for(Duration::from_secs(5), || {
+        (0..20)
+            .any(|_| served_by(&client) == "reviews-v1")
+            .then_some(())
+    })
+    .expect("ready again, the endpoint serves");
+
     // A pod created while the daemon runs: from the API event to enrolment.
     let second = c.node.pod("shop", "client-2");
     let created = Instant::now();

@@ -437,6 +437,9 @@ fn main() -> Result<()> {
                 .env("PROXY_BIN_DIR", workspace_root().join("target/release")))?;
             run(Command::new(workspace_root().join("target/release/config-bench")).arg("1000"))?;
             run(&mut Command::new(
+                workspace_root().join("target/release/cluster-bench"),
+            ))?;
+            run(&mut Command::new(
                 workspace_root().join("target/release/metrics-bench"),
             ))
         }
