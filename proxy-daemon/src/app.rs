@@ -14,10 +14,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{self, ConfigDump},
-    bpf, cgroup,
+    capture::bpf,
+    capture::cgroup,
+    capture::enrol::Enroller,
     cli::{FailModeArg, RunArgs},
     config::{cluster, local, ConfigError},
-    enrol::Enroller,
     metrics::Metrics,
     proxy::ProxyInputs,
     readiness::Ready,
@@ -198,7 +199,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         mirror_max_body_bytes: args.mirror_max_body_bytes,
-        dns_servers: crate::dns::parse_servers(&args.dns_servers)
+        dns_servers: crate::proxy::dns::parse_servers(&args.dns_servers)
             .map_err(|e| startup(e.to_string()))?,
         hosts_file: args.hosts_file.clone(),
         credentials_dir: args.credentials_dir.clone(),
@@ -672,7 +673,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         tokio::spawn(drain_ebpf_logs(logger));
     }
     let dns = Arc::new(
-        crate::dns::DnsCache::new(&settings.dns_servers, settings.hosts_file.clone())
+        crate::proxy::dns::DnsCache::new(&settings.dns_servers, settings.hosts_file.clone())
             .map_err(|e| startup(e.to_string()))?,
     );
     tokio::spawn(dns.clone().run(published.clone()));
@@ -695,10 +696,13 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
                         c.credentials_dir.display()
                     ))
                 })?;
-            crate::tls::Originator::new(Some(c.credentials_dir.clone()), settings.tls_session_cache)
-                .namespaced()
+            crate::proxy::tls::Originator::new(
+                Some(c.credentials_dir.clone()),
+                settings.tls_session_cache,
+            )
+            .namespaced()
         }
-        None => crate::tls::Originator::new(
+        None => crate::proxy::tls::Originator::new(
             settings.credentials_dir.clone(),
             settings.tls_session_cache,
         ),

@@ -22,21 +22,23 @@ fn main() -> ExitCode {
             iterations,
         ),
         Command::Run(args) => proxy_daemon::app::main(args),
-        Command::Uninstall { bpf_pin_dir } => match proxy_daemon::bpf::uninstall(&bpf_pin_dir) {
-            Ok(removed) if removed.is_empty() => {
-                println!("nothing pinned in {}", bpf_pin_dir.display());
-                ExitCode::SUCCESS
-            }
-            Ok(removed) => {
-                for r in removed {
-                    println!("removed {r}");
+        Command::Uninstall { bpf_pin_dir } => {
+            match proxy_daemon::capture::bpf::uninstall(&bpf_pin_dir) {
+                Ok(removed) if removed.is_empty() => {
+                    println!("nothing pinned in {}", bpf_pin_dir.display());
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Ok(removed) => {
+                    for r in removed {
+                        println!("removed {r}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("proxy-daemon uninstall: {e}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("proxy-daemon uninstall: {e}");
-                ExitCode::from(1)
-            }
-        },
+        }
     }
 }

@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::workload::{WorkloadInfo, UNKNOWN};
+use crate::state::workload::{WorkloadInfo, UNKNOWN};
 
 /// The source half of Istio's labels, built once per pod (shared by every series of it).
 #[derive(Debug, Hash, PartialEq, Eq)]
@@ -812,7 +812,7 @@ impl Metrics {
     }
 
     /// Copies the kernel-side numbers into gauges; called on each scrape.
-    pub fn refresh_from_maps(&self, maps: &crate::bpf::MapStats) {
+    pub fn refresh_from_maps(&self, maps: &crate::capture::bpf::MapStats) {
         let d = &self.daemon;
         for (map, n) in maps.entry_counts() {
             d.map_entries

@@ -32,7 +32,7 @@ impl LogControl {
 pub fn init(format: LogFormat, filter: &str) -> Result<LogControl, String> {
     let parsed = EnvFilter::try_new(filter).map_err(|e| format!("--log-level {filter:?}: {e}"))?;
     let (filter_layer, handle) = reload::Layer::new(parsed);
-    crate::access_log::set_format(format);
+    crate::proxy::access_log::set_format(format);
     let registry = tracing_subscriber::registry().with(filter_layer);
     let result = match format {
         LogFormat::Text => registry

@@ -34,8 +34,8 @@ pub fn problems(paths: &[PathBuf]) -> Vec<ConfigError> {
             Ok(_) => {
                 // Compile again only for its findings: warnings and notes do not fail it.
                 let mut findings = Vec::new();
-                let registry = crate::registry::build(&loaded.objects, &mut findings);
-                crate::routes::build(&loaded.objects, &registry, &mut findings);
+                let registry = crate::state::registry::build(&loaded.objects, &mut findings);
+                crate::state::routes::build(&loaded.objects, &registry, &mut findings);
                 out.extend(findings);
             }
         }

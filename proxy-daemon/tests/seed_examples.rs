@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use proxy_common::FailMode;
 use proxy_daemon::{
     config::local,
-    routes::{ClusterRef, HashAlgorithm, HashKey, HttpAction, LoadBalancer, Matcher, RoutePatch},
+    state::routes::{
+        ClusterRef, HashAlgorithm, HashKey, HttpAction, LoadBalancer, Matcher, RoutePatch,
+    },
     state::{self, CaptureSettings, Snapshot},
     validate,
 };
@@ -186,7 +188,7 @@ fn service_entry_with_tls_origination_on_port_80() {
     assert_eq!(se.port(443).expect("443").protocol, "HTTPS");
     assert!(matches!(
         se.kind,
-        proxy_daemon::registry::ServiceKind::ServiceEntry {
+        proxy_daemon::state::registry::ServiceKind::ServiceEntry {
             resolution: Resolution::Dns,
             ..
         }
@@ -436,7 +438,7 @@ spec:
         .routes
         .destination_rule("reviews.shop.svc.cluster.local", "shop")
         .unwrap();
-    let lb = |p: &proxy_daemon::routes::Policy| match &p.load_balancer {
+    let lb = |p: &proxy_daemon::state::routes::Policy| match &p.load_balancer {
         Some(LoadBalancer::Simple { algorithm }) => *algorithm,
         other => panic!("{other:?}"),
     };

@@ -1062,7 +1062,7 @@ mod tests {
         let Object::Pod(p) = &o.value else { panic!() };
         assert_eq!(p.status.pod_ip.as_deref(), Some("10.0.0.5"));
         assert_eq!(
-            crate::workload::WorkloadInfo::from_pod(p).workload,
+            crate::state::workload::WorkloadInfo::from_pod(p).workload,
             "web",
             "ReplicaSet → Deployment name"
         );

@@ -8,18 +8,18 @@ use http::HeaderMap;
 use std::sync::Arc;
 
 use super::route::{endpoint_for, is_dns, labels_for, pick_weighted, tls_of, upstream_tls};
-use crate::routes::{HashKey, LoadBalancer};
+use crate::state::routes::{HashKey, LoadBalancer};
 use crate::{
     cli::OutboundTrafficPolicyArg,
     metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
-    registry::{ServiceInfo, CLUSTER_DOMAIN},
-    routes::{
+    state::registry::{ServiceInfo, CLUSTER_DOMAIN},
+    state::routes::{
         selects, ClusterRef, HeaderOps, HttpAction, HttpMatch, HttpRule, Matcher, RoutePatch,
     },
+    state::workload::{WorkloadInfo, UNKNOWN},
     state::Snapshot,
-    workload::{WorkloadInfo, UNKNOWN},
 };
-use crate::{dns::DnsCache, tls::UpstreamTls};
+use crate::{proxy::dns::DnsCache, proxy::tls::UpstreamTls};
 
 /// The parts of a request routing looks at.
 pub struct RequestView<'a> {
@@ -72,7 +72,7 @@ impl Retry {
         }
     }
 
-    fn from_rule(r: &Option<crate::routes::RetryPolicy>) -> Self {
+    fn from_rule(r: &Option<crate::state::routes::RetryPolicy>) -> Self {
         match r {
             None => Self::istio_default(),
             Some(p) => Retry {
@@ -116,9 +116,9 @@ pub enum HttpDecision {
         response_headers: Vec<HeaderOps>,
         timeout: Option<Duration>,
         retry: Retry,
-        fault: Option<crate::routes::Fault>,
+        fault: Option<crate::state::routes::Fault>,
         /// Shadow copies to send: (destination, percent, the rule's source for metrics).
-        mirrors: Vec<(crate::routes::DestinationRef, f64)>,
+        mirrors: Vec<(crate::state::routes::DestinationRef, f64)>,
         route: String,
     },
     Respond {
@@ -404,7 +404,10 @@ pub fn decide(
         // No VirtualService: the service itself, on the port dialled.
         let labels = labels_for(svc);
         if svc.endpoints.is_empty()
-            && matches!(svc.kind, crate::registry::ServiceKind::ServiceEntry { .. })
+            && matches!(
+                svc.kind,
+                crate::state::registry::ServiceKind::ServiceEntry { .. }
+            )
             && !is_dns(svc)
         {
             // resolution NONE: the address the app dialled, with the entry's TLS policy.

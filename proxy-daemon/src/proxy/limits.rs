@@ -13,7 +13,7 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::routes::ConnectionPool;
+use crate::state::routes::ConnectionPool;
 
 static IN_FLIGHT: LazyLock<Mutex<HashMap<SocketAddr, u32>>> = LazyLock::new(Default::default);
 

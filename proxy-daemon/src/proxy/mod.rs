@@ -1,7 +1,9 @@
 //! The data path: accept on a pod's listener → original destination → upstream from the
 //! pod's netns → copy. (L7 handling arrives with the routing work; today every
 //! connection is proxied as opaque TCP to where it was going.)
+pub mod access_log;
 pub mod balance;
+pub mod dns;
 pub mod http;
 pub mod http_route;
 pub mod limits;
@@ -10,6 +12,7 @@ pub mod report;
 pub mod route;
 pub mod sniff;
 pub mod tcp;
+pub mod tls;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -21,7 +24,10 @@ use socket2::Domain;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
-use crate::{bpf::OrigDstTable, metrics::Metrics, netns::NetnsWorker, workload::WorkloadInfo};
+use crate::{
+    capture::bpf::OrigDstTable, capture::netns::NetnsWorker, metrics::Metrics,
+    state::workload::WorkloadInfo,
+};
 use proxy_common::{ClientKey, OrigDst};
 
 /// Where the client meant to connect (recovered from the eBPF maps).
@@ -63,7 +69,7 @@ pub enum ProxyError {
     #[error("no original destination recorded for client {0:?}")]
     NoOrigDst(ClientAddr),
     #[error("upstream socket: {0}")]
-    Socket(#[from] crate::netns::NetnsError),
+    Socket(#[from] crate::capture::netns::NetnsError),
     #[error("connecting to {0}: {1}")]
     Connect(SocketAddr, std::io::Error),
     #[error("connecting to {0}: timed out")]
@@ -85,9 +91,9 @@ pub struct ProxyInputs {
     /// Largest request body copied to a mirror; beyond it the copy is abandoned.
     pub mirror_max_body_bytes: usize,
     /// Answers for ServiceEntry names with `resolution: DNS`.
-    pub dns: Arc<crate::dns::DnsCache>,
+    pub dns: Arc<crate::proxy::dns::DnsCache>,
     /// Upstream TLS (DestinationRule `tls`).
-    pub tls: Arc<crate::tls::Originator>,
+    pub tls: Arc<crate::proxy::tls::Originator>,
 }
 
 impl ProxyInputs {

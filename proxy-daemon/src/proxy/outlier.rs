@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::routes::Outlier;
+use crate::state::routes::Outlier;
 
 #[derive(Default)]
 struct Health {

@@ -18,7 +18,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Frame};
 
 use super::{PodContext, ProxyInputs};
-use crate::access_log::Value;
+use crate::proxy::access_log::Value;
 use crate::{
     metrics::{
         DestinationLabels, IstioTcpLabels, PeerLabels, RequestLabels, RequestRecord,
@@ -169,18 +169,18 @@ pub struct AccessLine<'a> {
     pub duration: std::time::Duration,
     pub upstream: Option<SocketAddr>,
     pub request_id: Option<&'a str>,
-    pub source: &'a crate::workload::WorkloadInfo,
+    pub source: &'a crate::state::workload::WorkloadInfo,
     pub destination_service: &'a str,
     pub peer: &'a PeerLabels,
 }
 
 pub fn log_request(l: &AccessLine) {
-    if !crate::access_log::enabled() {
+    if !crate::proxy::access_log::enabled() {
         return;
     }
     let start = rfc3339(l.start_time);
     let upstream = l.upstream.map(|u| u.to_string());
-    crate::access_log::write("request", &request_fields(l, &start, upstream.as_deref()));
+    crate::proxy::access_log::write("request", &request_fields(l, &start, upstream.as_deref()));
 }
 
 /// The request line's fields, in order (`start` and `upstream` formatted by the caller).
@@ -346,14 +346,14 @@ pub struct TcpLog<'a> {
 }
 
 pub fn log_tcp(l: TcpLog) {
-    if !crate::access_log::enabled() || !access_log_on(l.snap, &l.pod.workload.namespace) {
+    if !crate::proxy::access_log::enabled() || !access_log_on(l.snap, &l.pod.workload.namespace) {
         return;
     }
     let w = &l.pod.workload;
     let start = rfc3339(l.start_time);
     let upstream = l.upstream.map(|u| u.to_string());
     let original = l.original_dst.to_string();
-    crate::access_log::write(
+    crate::proxy::access_log::write(
         "connection",
         &[
             ("start_time", Value::Str(&start)),

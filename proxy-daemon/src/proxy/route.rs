@@ -11,13 +11,13 @@ use crate::{
     cli::OutboundTrafficPolicyArg,
     config::istio::OutboundMode,
     config::istio::{Resolution, SimpleLb},
-    dns::DnsCache,
     metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
-    registry::{ServiceInfo, ServiceKind},
-    routes::{selects, L4Match, WeightedDestination},
-    routes::{HashAlgorithm, LoadBalancer},
+    proxy::dns::DnsCache,
+    state::registry::{ServiceInfo, ServiceKind},
+    state::routes::{selects, L4Match, WeightedDestination},
+    state::routes::{HashAlgorithm, LoadBalancer},
+    state::workload::{WorkloadInfo, UNKNOWN},
     state::Snapshot,
-    workload::{WorkloadInfo, UNKNOWN},
 };
 
 /// What to do with one connection.
@@ -29,7 +29,7 @@ pub enum L4Decision {
         labels: DestinationLabels,
         /// TLS to originate (DestinationRule `tls` on a TCP port; never over the app's
         /// own TLS).
-        tls: Option<std::sync::Arc<crate::tls::UpstreamTls>>,
+        tls: Option<std::sync::Arc<crate::proxy::tls::UpstreamTls>>,
     },
     /// Refuse: registry-only and nothing registered (reset the client), or no endpoint.
     Refuse {
@@ -65,7 +65,7 @@ pub fn upstream_tls(
     subset: Option<&str>,
     port: u32,
     client_namespace: &str,
-) -> Option<std::sync::Arc<crate::tls::UpstreamTls>> {
+) -> Option<std::sync::Arc<crate::proxy::tls::UpstreamTls>> {
     let dr = snap
         .routes
         .destination_rule(&target.hostname, client_namespace)?;
@@ -74,10 +74,11 @@ pub fn upstream_tls(
 
 /// The TLS to originate under an already merged policy.
 pub fn tls_of(
-    policy: &crate::routes::Policy,
+    policy: &crate::state::routes::Policy,
     target: &ServiceInfo,
-) -> Option<std::sync::Arc<crate::tls::UpstreamTls>> {
-    crate::tls::UpstreamTls::new(policy.tls.as_ref()?, &target.hostname).map(std::sync::Arc::new)
+) -> Option<std::sync::Arc<crate::proxy::tls::UpstreamTls>> {
+    crate::proxy::tls::UpstreamTls::new(policy.tls.as_ref()?, &target.hostname)
+        .map(std::sync::Arc::new)
 }
 
 pub fn labels_for(svc: &ServiceInfo) -> DestinationLabels {
@@ -211,7 +212,7 @@ pub fn decide(
                         && (m.sni_hosts.is_empty()
                             || sni.is_some_and(|h| {
                                 m.sni_hosts.iter().any(|p| {
-                                    crate::registry::host_matches(&p.to_ascii_lowercase(), h)
+                                    crate::state::registry::host_matches(&p.to_ascii_lowercase(), h)
                                 })
                             }))
                 })
@@ -254,7 +255,7 @@ pub fn decide(
     }
     let hash = match lb_policy(snap, &target.hostname, subset, port, &src.namespace) {
         Some(LoadBalancer::ConsistentHash {
-            key: crate::routes::HashKey::SourceIp,
+            key: crate::state::routes::HashKey::SourceIp,
             ..
         }) => src
             .ip
@@ -414,7 +415,7 @@ mod tests {
     #[test]
     fn weighted_pick_follows_weights() {
         let d = |w| WeightedDestination {
-            destination: crate::routes::DestinationRef {
+            destination: crate::state::routes::DestinationRef {
                 host: format!("h{w}"),
                 subset: None,
                 port: None,

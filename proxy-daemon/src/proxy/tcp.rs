@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     metrics::{DestinationLabels, IstioTcpLabels, PeerLabels},
-    tls::UpstreamIo,
+    proxy::tls::UpstreamIo,
 };
 
 const COPY_BUFFER: usize = 64 * 1024;
@@ -116,8 +116,8 @@ pub async fn proxy(
                 .await
                 .unwrap_or_else(|_| Err("handshake timed out".into()));
                 let result = match &handshake {
-                    Ok((_, crate::tls::Handshake::Full)) => "full",
-                    Ok((_, crate::tls::Handshake::Resumed)) => "resumed",
+                    Ok((_, crate::proxy::tls::Handshake::Full)) => "full",
+                    Ok((_, crate::proxy::tls::Handshake::Resumed)) => "resumed",
                     Err(_) => "failed",
                 };
                 daemon

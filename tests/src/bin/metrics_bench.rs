@@ -9,14 +9,16 @@ use std::{
 };
 
 use proxy_daemon::{
-    access_log,
     cli::LogFormat,
     metrics::{
         DestinationLabels, IstioTcpLabels, Metrics, PeerLabels, RequestLabels, RequestRecord,
         SourceLabels,
     },
-    proxy::report::{request_fields, rfc3339, AccessLine},
-    workload::WorkloadInfo,
+    proxy::{
+        access_log,
+        report::{request_fields, rfc3339, AccessLine},
+    },
+    state::workload::WorkloadInfo,
 };
 use tracing_subscriber::prelude::*;
 

@@ -12,7 +12,7 @@ use crate::{
         istio::{self, OutboundMode, SimpleLb, TlsMode},
         ConfigError, Located, Object, Severity,
     },
-    registry::{resolve_host, Registry},
+    state::registry::{resolve_host, Registry},
 };
 
 fn ser_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -509,7 +509,7 @@ impl RouteTable {
         }
         self.virtual_services
             .iter()
-            .filter(|(p, _)| crate::registry::host_matches(p, host))
+            .filter(|(p, _)| crate::state::registry::host_matches(p, host))
             .max_by_key(|(p, _)| p.len())
             .map(|(_, v)| v.as_slice())
             .unwrap_or(&[])

@@ -1,5 +1,9 @@
 //! Store → compile → snapshot. The store holds what the source last gave us; compiling
 //! turns it into an immutable [`Snapshot`] the rest of the daemon reads without locks.
+pub mod registry;
+pub mod routes;
+pub mod workload;
+
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
@@ -13,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::{
     config::{ConfigError, Located, Object, ObjectRef, Origin},
-    workload::WorkloadInfo,
+    state::workload::WorkloadInfo,
 };
 use proxy_common::FailMode;
 
@@ -66,8 +70,8 @@ pub struct NamespaceState {
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Snapshot {
     pub generation: u64,
-    pub registry: crate::registry::Registry,
-    pub routes: crate::routes::RouteTable,
+    pub registry: crate::state::registry::Registry,
+    pub routes: crate::state::routes::RouteTable,
     /// Warnings and notes of the compile that produced this snapshot.
     pub findings: Vec<String>,
     pub namespaces: BTreeMap<String, NamespaceState>,
@@ -235,8 +239,8 @@ pub fn compile(
             },
         );
     }
-    snap.registry = crate::registry::build(objects, &mut errors);
-    snap.routes = crate::routes::build(objects, &snap.registry, &mut errors);
+    snap.registry = crate::state::registry::build(objects, &mut errors);
+    snap.routes = crate::state::routes::build(objects, &snap.registry, &mut errors);
     sort_findings(&mut errors);
     if errors.iter().any(ConfigError::is_error) {
         return Err(errors);

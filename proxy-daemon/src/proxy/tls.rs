@@ -28,7 +28,7 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::{config::istio::TlsMode, routes::TlsOrigination};
+use crate::{config::istio::TlsMode, state::routes::TlsOrigination};
 
 /// How often the files behind a cached configuration are checked for changes.
 const RECHECK: Duration = Duration::from_secs(1);

@@ -17,10 +17,10 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
-    bpf::EnrolmentMaps,
-    cgroup,
+    capture::bpf::EnrolmentMaps,
+    capture::cgroup,
+    capture::netns::{self, NetnsWorker},
     metrics::Metrics,
-    netns::{self, NetnsWorker},
     proxy::{self, PodContext, PodHandle, ProxyInputs},
     readiness::Ready,
     state::{fail_mode_name, CapturedPod, Published},
@@ -37,7 +37,7 @@ pub enum EnrolError {
     #[error("listener 127.0.0.1:{port} in pod netns: {source}")]
     Listener { port: u16, source: std::io::Error },
     #[error("eBPF map: {0}")]
-    Map(#[from] crate::bpf::BpfError),
+    Map(#[from] crate::capture::bpf::BpfError),
     #[error("cgroup: {0}")]
     Cgroup(#[from] cgroup::CgroupError),
     #[error("process {pid} left the pod's cgroup while its netns was opened; retrying")]

@@ -31,8 +31,8 @@ use super::{
 };
 use crate::{
     metrics::DestinationLabels,
-    routes::HeaderOps,
-    tls::{UpstreamIo, UpstreamTls},
+    proxy::tls::{UpstreamIo, UpstreamTls},
+    state::routes::HeaderOps,
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -699,8 +699,8 @@ async fn open_upstream(
     match result {
         Ok((io, kind)) => {
             let result = match kind {
-                crate::tls::Handshake::Full => "full",
-                crate::tls::Handshake::Resumed => "resumed",
+                crate::proxy::tls::Handshake::Full => "full",
+                crate::proxy::tls::Handshake::Resumed => "resumed",
             };
             handshakes
                 .get_or_create(&crate::metrics::TlsHandshakeLabels { result })
@@ -756,7 +756,7 @@ fn send_mirror(
     head: &http::request::Parts,
     authority: &str,
     body: MirrorBody,
-    dest: &crate::routes::DestinationRef,
+    dest: &crate::state::routes::DestinationRef,
     route: &str,
 ) {
     let m = &inputs.metrics.daemon;

@@ -27,7 +27,7 @@ use hickory_resolver::{
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::{config::istio::Resolution, registry::ServiceKind, state::Snapshot};
+use crate::{config::istio::Resolution, state::registry::ServiceKind, state::Snapshot};
 
 /// Shortest wait before asking again, whatever the TTL (a TTL of 0 must not spin).
 const MIN_REFRESH: Duration = Duration::from_secs(1);
