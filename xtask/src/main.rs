@@ -8,6 +8,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod modgraph;
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 #[derive(Parser)]
@@ -40,6 +42,22 @@ enum Cmd {
         /// Render to memory only; fail, with a diff, if the checked-in file differs.
         #[arg(long)]
         check: bool,
+    },
+    /// Print the module dependency graph of a crate (proxy-daemon by default), read off
+    /// its `use` declarations and `crate::`/`super::`/`self::` paths: every module's
+    /// dependencies, the graph of top-level modules, and its cycles.
+    Modgraph {
+        /// The crate's source directory.
+        #[arg(long, value_name = "PATH")]
+        root: Option<PathBuf>,
+        /// Print the top-level graph as Graphviz dot instead.
+        #[arg(long)]
+        dot: bool,
+        /// Layers, lowest first (e.g. `config,state,capture,proxy,app`): list every
+        /// top-level edge from a lower layer to a higher one and fail if there is any.
+        /// Modules not listed are ignored.
+        #[arg(long, value_name = "LAYERS", conflicts_with = "dot")]
+        check_layers: Option<String>,
     },
 }
 
@@ -444,5 +462,13 @@ fn main() -> Result<()> {
             ))
         }
         Cmd::Manifests { check } => manifests(check),
+        Cmd::Modgraph {
+            root,
+            dot,
+            check_layers,
+        } => {
+            let root = root.unwrap_or_else(|| workspace_root().join("proxy-daemon/src"));
+            modgraph::run(&root, dot, check_layers.as_deref())
+        }
     }
 }

@@ -1,0 +1,280 @@
+//! EnvoyFilter: the supported outbound route overrides (`HTTP_ROUTE` MERGE, `VIRTUAL_HOST`
+//! ADD) with their `outbound|PORT|SUBSET|HOST` clusters resolved.
+use super::*;
+
+// ---- EnvoyFilter route overrides
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClusterRef {
+    Passthrough,
+    BlackHole,
+    /// `outbound|PORT|SUBSET|HOST`
+    Service {
+        port: u32,
+        subset: Option<String>,
+        host: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RoutePatch {
+    /// HTTP_ROUTE MERGE: applies to every route of every virtual host of the port.
+    MergeHttpRoute {
+        cluster: Option<ClusterRef>,
+        request_headers_to_add: Vec<(String, String, bool)>,
+        #[serde(serialize_with = "ser_duration")]
+        timeout: Option<Duration>,
+    },
+    /// VIRTUAL_HOST ADD: exact domains win over the catch-all.
+    AddVirtualHost {
+        name: Option<String>,
+        domains: Vec<String>,
+        routes: Vec<(Matcher, ClusterRef)>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PortPatch {
+    /// `routeConfiguration.name` as a port ("80"); None = every outbound port.
+    pub port: Option<u32>,
+    pub patch: RoutePatch,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompiledEnvoyFilter {
+    pub name: String,
+    pub namespace: String,
+    pub selector: BTreeMap<String, String>,
+    pub patches: Vec<PortPatch>,
+    pub source: String,
+}
+
+/// `outbound|80||mirror-cache.azar.svc.cluster.local`, PassthroughCluster, BlackHoleCluster.
+pub fn parse_cluster(name: &str) -> Result<ClusterRef, String> {
+    match name {
+        "PassthroughCluster" => return Ok(ClusterRef::Passthrough),
+        "BlackHoleCluster" => return Ok(ClusterRef::BlackHole),
+        _ => {}
+    }
+    let parts: Vec<&str> = name.split('|').collect();
+    match parts.as_slice() {
+        ["outbound", port, subset, host] => Ok(ClusterRef::Service {
+            port: port.parse().map_err(|_| format!("cluster {name:?}: {port:?} is not a port"))?,
+            subset: (!subset.is_empty()).then(|| subset.to_string()),
+            host: host.to_ascii_lowercase(),
+        }),
+        _ => Err(format!("cluster {name:?}: expected outbound|PORT|SUBSET|HOST, PassthroughCluster or BlackHoleCluster")),
+    }
+}
+
+pub(super) fn compile_envoy_filter(
+    o: &Located<Object>,
+    ef: &istio::IstioObject<istio::EnvoyFilterSpec>,
+    registry: &Registry,
+    findings: &mut Vec<ConfigError>,
+) -> CompiledEnvoyFilter {
+    let mut regexes = std::collections::HashMap::new();
+    let mut cx = Ctx {
+        o,
+        findings,
+        regexes: &mut regexes,
+    };
+    let mut patches = Vec::new();
+    for (i, cp) in ef.spec.config_patches.iter().enumerate() {
+        let line = cp.referenced.line();
+        let p = &cp.value;
+        let what = format!("configPatches[{i}]");
+        let context = p
+            .patch_match
+            .as_ref()
+            .and_then(|m| m.context.clone())
+            .unwrap_or_else(|| "ANY".into());
+        if !matches!(context.as_str(), "ANY" | "SIDECAR_OUTBOUND") {
+            cx.err(
+                line,
+                format!("{what}: context {context} is not supported (ANY or SIDECAR_OUTBOUND)"),
+            );
+            continue;
+        }
+        if let Some(m) = &p.patch_match {
+            if let Some(px) = &m.proxy {
+                cx.err(
+                    px.referenced.line(),
+                    format!("{what}: match.proxy is not supported"),
+                );
+            }
+            if let Some(vh) = m
+                .route_configuration
+                .as_ref()
+                .and_then(|r| r.vhost.as_ref())
+            {
+                cx.err(
+                    vh.referenced.line(),
+                    format!("{what}: routeConfiguration.vhost is not supported"),
+                );
+            }
+        }
+        let rc = p
+            .patch_match
+            .as_ref()
+            .and_then(|m| m.route_configuration.as_ref());
+        let port = match rc.and_then(|r| r.name.as_deref()) {
+            Some(name) => match name.parse::<u32>() {
+                Ok(port) => Some(port),
+                Err(_) => {
+                    cx.err(
+                        line,
+                        format!("{what}: routeConfiguration.name {name:?} is not an outbound port"),
+                    );
+                    continue;
+                }
+            },
+            None => rc.and_then(|r| r.port_number),
+        };
+        let value = p.patch.value.as_ref();
+        let value_line = value.map(|v| v.referenced.line()).unwrap_or(line);
+        let json = value
+            .map(|v| v.value.clone())
+            .unwrap_or(serde_json::Value::Null);
+        let patch = match (p.apply_to.value.as_str(), p.patch.operation.value.as_str()) {
+            ("HTTP_ROUTE", "MERGE") => {
+                match serde_json::from_value::<istio::HttpRouteMerge>(json) {
+                    Ok(v) => {
+                        let cluster = v
+                            .route
+                            .as_ref()
+                            .and_then(|r| r.cluster.as_deref())
+                            .map(parse_cluster)
+                            .transpose();
+                        let cluster = match cluster {
+                            Ok(c) => c,
+                            Err(e) => {
+                                cx.err(value_line, format!("{what}: {e}"));
+                                continue;
+                            }
+                        };
+                        if let Some(ClusterRef::Service { host, .. }) = &cluster {
+                            if !registry.contains_host(host) {
+                                cx.warn(value_line, format!("{what}: cluster host {host} is not a known Service or ServiceEntry host"));
+                            }
+                        }
+                        let timeout = v
+                            .timeout
+                            .as_ref()
+                            .or(v.route.as_ref().and_then(|r| r.timeout.as_ref()));
+                        let timeout = match timeout.map(|t| duration::parse(t)) {
+                            Some(Ok(d)) => Some(d),
+                            Some(Err(e)) => {
+                                cx.err(value_line, format!("{what}: timeout: {e}"));
+                                None
+                            }
+                            None => None,
+                        };
+                        RoutePatch::MergeHttpRoute {
+                            cluster,
+                            request_headers_to_add: v
+                                .request_headers_to_add
+                                .iter()
+                                .map(|h| {
+                                    (
+                                        h.header.key.to_ascii_lowercase(),
+                                        h.header.value.clone(),
+                                        h.append.unwrap_or(true),
+                                    )
+                                })
+                                .collect(),
+                            timeout,
+                        }
+                    }
+                    Err(e) => {
+                        cx.err(value_line, format!("{what}: HTTP_ROUTE MERGE value: {e}"));
+                        continue;
+                    }
+                }
+            }
+            ("VIRTUAL_HOST", "ADD") => {
+                match serde_json::from_value::<istio::VirtualHostAdd>(json) {
+                    Ok(v) => {
+                        if v.domains.is_empty() {
+                            cx.err(
+                                value_line,
+                                format!("{what}: VIRTUAL_HOST ADD needs domains"),
+                            );
+                        }
+                        let mut routes = Vec::new();
+                        for r in &v.routes {
+                            let m = match r.route_match.as_ref() {
+                                Some(istio::EnvoyRouteMatch {
+                                    prefix: Some(p),
+                                    path: None,
+                                }) => Matcher::Prefix(p.clone()),
+                                Some(istio::EnvoyRouteMatch {
+                                    prefix: None,
+                                    path: Some(p),
+                                }) => Matcher::Exact(p.clone()),
+                                _ => {
+                                    cx.err(
+                                        value_line,
+                                        format!(
+                                            "{what}: each route needs match.prefix or match.path"
+                                        ),
+                                    );
+                                    continue;
+                                }
+                            };
+                            match r
+                                .route
+                                .as_ref()
+                                .and_then(|a| a.cluster.as_deref())
+                                .map(parse_cluster)
+                            {
+                                Some(Ok(c)) => routes.push((m, c)),
+                                Some(Err(e)) => cx.err(value_line, format!("{what}: {e}")),
+                                None => cx.err(
+                                    value_line,
+                                    format!("{what}: each route needs route.cluster"),
+                                ),
+                            }
+                        }
+                        RoutePatch::AddVirtualHost {
+                            name: v.name,
+                            domains: v.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                            routes,
+                        }
+                    }
+                    Err(e) => {
+                        cx.err(value_line, format!("{what}: VIRTUAL_HOST ADD value: {e}"));
+                        continue;
+                    }
+                }
+            }
+            (apply_to, op) => {
+                cx.err(
+                    cp.value.apply_to.referenced.line(),
+                    format!("{what}: applyTo {apply_to} with operation {op} is not supported (HTTP_ROUTE MERGE, VIRTUAL_HOST ADD)"),
+                );
+                continue;
+            }
+        };
+        patches.push(PortPatch {
+            port,
+            patch,
+            source: cx.source(line),
+        });
+    }
+    CompiledEnvoyFilter {
+        name: o.object_ref.name.clone(),
+        namespace: o.object_ref.namespace.clone(),
+        selector: ef
+            .spec
+            .workload_selector
+            .as_ref()
+            .map(|s| s.labels.clone())
+            .unwrap_or_default(),
+        patches,
+        source: cx.source(0),
+    }
+}

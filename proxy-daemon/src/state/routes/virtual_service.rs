@@ -1,0 +1,548 @@
+//! VirtualService: per-host rule lists in Istio's first-match order (HTTP, TLS, TCP),
+//! with header operations, rewrites, retries, faults and mirrors.
+use super::*;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeaderOps {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeaderPolicy {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DestinationRef {
+    /// FQDN (short names resolved against the VirtualService's namespace).
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WeightedDestination {
+    pub destination: DestinationRef,
+    pub weight: u32,
+    pub headers: HeaderPolicy,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorPolicy {
+    pub destination: DestinationRef,
+    /// 0.0–100.0; Istio's default for a `mirror` without a percentage is 100.
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fault {
+    #[serde(serialize_with = "ser_duration")]
+    pub delay: Option<Duration>,
+    pub delay_percent: f64,
+    pub abort_status: Option<u32>,
+    pub abort_percent: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HttpAction {
+    Route {
+        destinations: Vec<WeightedDestination>,
+    },
+    Redirect {
+        uri: Option<String>,
+        authority: Option<String>,
+        port: Option<u32>,
+        scheme: Option<String>,
+        code: u32,
+    },
+    DirectResponse {
+        status: u32,
+        body: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRule {
+    pub name: Option<String>,
+    /// Empty: matches every request.
+    pub matches: Vec<HttpMatch>,
+    pub action: HttpAction,
+    pub rewrite_uri: Option<String>,
+    pub rewrite_authority: Option<String>,
+    pub headers: HeaderPolicy,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Option<Duration>,
+    /// None: Istio's default policy applies (2 attempts on connect-failure, refused-stream,
+    /// unavailable, cancelled, retriable-status-codes).
+    pub retries: Option<RetryPolicy>,
+    pub fault: Option<Fault>,
+    pub mirrors: Vec<MirrorPolicy>,
+    /// Where it was written, e.g. `vs.yaml:12`.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct L4Rule {
+    pub matches: Vec<L4Match>,
+    pub destinations: Vec<WeightedDestination>,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompiledVirtualService {
+    pub name: String,
+    pub namespace: String,
+    pub hosts: Vec<String>,
+    pub export_to: Vec<String>,
+    pub http: Vec<HttpRule>,
+    pub tcp: Vec<L4Rule>,
+    pub tls: Vec<L4Rule>,
+    pub source: String,
+}
+
+pub(super) fn header_ops(h: &Option<istio::HeaderOperations>) -> HeaderOps {
+    match h {
+        Some(h) => HeaderOps {
+            set: h
+                .set
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect(),
+            add: h
+                .add
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect(),
+            remove: h.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
+        },
+        None => HeaderOps::default(),
+    }
+}
+
+pub(super) fn header_policy(h: &Option<istio::Headers>) -> HeaderPolicy {
+    match h {
+        Some(h) => HeaderPolicy {
+            request: header_ops(&h.request),
+            response: header_ops(&h.response),
+        },
+        None => HeaderPolicy::default(),
+    }
+}
+
+pub(super) const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+    "reset-before-request",
+    "http3-post-connect-failure",
+];
+
+/// Where a destination points; checks host and subset against the registry and rules.
+pub(super) struct DestCheck<'a> {
+    pub(super) registry: &'a Registry,
+    pub(super) subsets: &'a BTreeMap<String, Vec<String>>,
+}
+
+impl Ctx<'_> {
+    fn destination(
+        &mut self,
+        d: &istio::Destination,
+        ns: &str,
+        check: &DestCheck,
+    ) -> DestinationRef {
+        let host = resolve_host(&d.host.value, ns);
+        if d.host.value.trim().is_empty() {
+            self.err(d.host.referenced.line(), "destination.host is required");
+        } else if !check.registry.contains_host(&host) {
+            self.warn(
+                d.host.referenced.line(),
+                format!("destination host {host} is not a known Service or ServiceEntry host"),
+            );
+        }
+        if let Some(subset) = &d.subset {
+            match check.subsets.get(&host) {
+                Some(names) if names.contains(&subset.value) => {}
+                Some(names) => self.err(
+                    subset.referenced.line(),
+                    format!(
+                        "subset {:?} of {host} is not defined by its DestinationRule (defined: {})",
+                        subset.value,
+                        names.join(", ")
+                    ),
+                ),
+                None => self.err(
+                    subset.referenced.line(),
+                    format!(
+                        "subset {:?}: no DestinationRule defines subsets for {host}",
+                        subset.value
+                    ),
+                ),
+            }
+        }
+        DestinationRef {
+            host,
+            subset: d.subset.as_ref().map(|s| s.value.clone()),
+            port: d.port.as_ref().map(|p| p.number),
+        }
+    }
+
+    fn weights(&mut self, weights: &[Option<&Spanned<i64>>], rule_line: u64) -> Vec<u32> {
+        if weights.len() == 1 && weights[0].is_none() {
+            return vec![100];
+        }
+        let mut out = Vec::new();
+        let mut sum = 0i64;
+        for w in weights {
+            let v = w.map(|w| w.value).unwrap_or(0);
+            if v < 0 {
+                self.err(
+                    w.map(|w| w.referenced.line()).unwrap_or(rule_line),
+                    format!("weight {v} is negative"),
+                );
+            }
+            sum += v;
+            out.push(v.max(0) as u32);
+        }
+        if weights.len() == 1 && sum == 0 {
+            return vec![100];
+        }
+        if sum != 100 {
+            let line = weights
+                .iter()
+                .flatten()
+                .next()
+                .map(|w| w.referenced.line())
+                .unwrap_or(rule_line);
+            self.err(line, format!("route weights sum to {sum}, not 100"));
+        }
+        out
+    }
+}
+
+pub(super) fn compile_virtual_service(
+    o: &Located<Object>,
+    vs: &istio::IstioObject<istio::VirtualServiceSpec>,
+    check: &DestCheck,
+    findings: &mut Vec<ConfigError>,
+    regexes: &mut std::collections::HashMap<String, std::sync::Arc<regex::Regex>>,
+) -> Option<CompiledVirtualService> {
+    let mut cx = Ctx {
+        o,
+        findings,
+        regexes,
+    };
+    let ns = o.object_ref.namespace.clone();
+    let spec = &vs.spec;
+    if spec.hosts.is_empty() {
+        cx.err(0, "spec.hosts is required");
+    }
+    // `gateways` omitted or containing `mesh`: applies to sidecar (here: node) traffic.
+    let for_mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
+    if !for_mesh {
+        cx.note(
+            0,
+            format!(
+                "bound to gateways [{}], not to mesh: not applied to pod traffic",
+                spec.gateways.join(", ")
+            ),
+        );
+        return None;
+    }
+    if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
+        cx.err(0, "no http, tcp or tls routes");
+    }
+    let mut http = Vec::new();
+    let mut catch_all_line: Option<u64> = None;
+    for (i, rule) in spec.http.iter().enumerate() {
+        let line = rule.referenced.line();
+        let r = &rule.value;
+        if let Some(prev) = catch_all_line {
+            let prev_line = o.origin.doc_first_line + prev as usize - 1;
+            cx.err(
+                line,
+                format!(
+                    "http[{i}] is unreachable: the rule at line {prev_line} matches every request"
+                ),
+            );
+        }
+        let mut matches = Vec::new();
+        for m in &r.matches {
+            let mv = &m.value;
+            let mut hm = HttpMatch {
+                name: mv.name.clone(),
+                port: mv.port,
+                source_labels: mv.source_labels.clone(),
+                source_namespace: mv.source_namespace.clone(),
+                ignore_uri_case: mv.ignore_uri_case,
+                ..Default::default()
+            };
+            hm.uri = mv.uri.as_ref().and_then(|x| cx.matcher(x, "uri"));
+            hm.scheme = mv.scheme.as_ref().and_then(|x| cx.matcher(x, "scheme"));
+            hm.method = mv.method.as_ref().and_then(|x| cx.matcher(x, "method"));
+            hm.authority = mv
+                .authority
+                .as_ref()
+                .and_then(|x| cx.matcher(x, "authority"));
+            for (k, v) in &mv.headers {
+                if let Some(mm) = cx.matcher(v, &format!("headers.{k}")) {
+                    hm.headers.push((k.to_ascii_lowercase(), mm));
+                }
+            }
+            for (k, v) in &mv.without_headers {
+                if let Some(mm) = cx.matcher(v, &format!("withoutHeaders.{k}")) {
+                    hm.without_headers.push((k.to_ascii_lowercase(), mm));
+                }
+            }
+            for (k, v) in &mv.query_params {
+                if let Some(mm) = cx.matcher(v, &format!("queryParams.{k}")) {
+                    hm.query_params.push((k.clone(), mm));
+                }
+            }
+            if !mv.gateways.is_empty() && !mv.gateways.iter().any(|g| g == "mesh") {
+                cx.note(
+                    m.referenced.line(),
+                    "match bound to gateways only: never matches pod traffic",
+                );
+            }
+            matches.push(hm);
+        }
+        if r.matches.is_empty() {
+            catch_all_line = Some(line);
+        }
+        let kinds = [
+            !r.route.is_empty(),
+            r.redirect.is_some(),
+            r.direct_response.is_some(),
+        ];
+        let action = match kinds {
+            [true, false, false] => {
+                let weights: Vec<Option<&Spanned<i64>>> =
+                    r.route.iter().map(|d| d.weight.as_ref()).collect();
+                let w = cx.weights(&weights, line);
+                let destinations = r
+                    .route
+                    .iter()
+                    .zip(w)
+                    .map(|(d, weight)| WeightedDestination {
+                        destination: cx.destination(&d.destination, &ns, check),
+                        weight,
+                        headers: header_policy(&d.headers),
+                    })
+                    .collect();
+                HttpAction::Route { destinations }
+            }
+            [false, true, false] => {
+                let rd = r.redirect.clone().unwrap_or_default();
+                HttpAction::Redirect {
+                    uri: rd.uri,
+                    authority: rd.authority,
+                    port: rd.port,
+                    scheme: rd.scheme,
+                    code: rd.redirect_code.unwrap_or(301),
+                }
+            }
+            [false, false, true] => {
+                let dr = r.direct_response.clone().unwrap_or_default();
+                if !(200..=599).contains(&dr.status) {
+                    cx.err(
+                        line,
+                        format!("directResponse.status {} is not an HTTP status", dr.status),
+                    );
+                }
+                HttpAction::DirectResponse {
+                    status: dr.status,
+                    body: dr.body.and_then(|b| b.string),
+                }
+            }
+            [false, false, false] => {
+                cx.err(
+                    line,
+                    format!("http[{i}] needs one of route, redirect or directResponse"),
+                );
+                continue;
+            }
+            _ => {
+                cx.err(
+                    line,
+                    format!("http[{i}]: route, redirect and directResponse exclude each other"),
+                );
+                continue;
+            }
+        };
+        let timeout = cx.duration(&r.timeout, "timeout");
+        let retries = r.retries.as_ref().map(|rt| {
+            let mut retry_on = Vec::new();
+            if let Some(on) = &rt.retry_on {
+                for token in on.value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                    if RETRY_ON.contains(&token) || token.parse::<u16>().is_ok() {
+                        retry_on.push(token.to_string());
+                    } else {
+                        cx.err(
+                            on.referenced.line(),
+                            format!("retryOn: unknown condition {token:?}"),
+                        );
+                    }
+                }
+            }
+            if rt.attempts < 0 {
+                cx.err(
+                    line,
+                    format!("retries.attempts {} is negative", rt.attempts),
+                );
+            }
+            RetryPolicy {
+                attempts: rt.attempts.max(0) as u32,
+                per_try_timeout: cx.duration(&rt.per_try_timeout, "retries.perTryTimeout"),
+                retry_on,
+            }
+        });
+        let fault = r.fault.as_ref().map(|f| Fault {
+            delay: f
+                .delay
+                .as_ref()
+                .and_then(|d| cx.duration(&d.fixed_delay, "fault.delay.fixedDelay")),
+            delay_percent: f
+                .delay
+                .as_ref()
+                .map(|d| {
+                    cx.percent(&d.percentage, line, "fault.delay")
+                        .or(d.percent.map(|p| p as f64))
+                        .unwrap_or(100.0)
+                })
+                .unwrap_or(0.0),
+            abort_status: f.abort.as_ref().and_then(|a| a.http_status),
+            abort_percent: f
+                .abort
+                .as_ref()
+                .map(|a| {
+                    cx.percent(&a.percentage, line, "fault.abort")
+                        .unwrap_or(100.0)
+                })
+                .unwrap_or(0.0),
+        });
+        let mut mirrors = Vec::new();
+        if let Some(m) = &r.mirror {
+            let percent = match (&r.mirror_percentage, r.mirror_percent) {
+                (Some(_), _) => cx
+                    .percent(&r.mirror_percentage, line, "mirrorPercentage")
+                    .unwrap_or(100.0),
+                (None, Some(p)) if p <= 100 => p as f64,
+                (None, Some(p)) => {
+                    cx.err(line, format!("mirrorPercent {p} is above 100"));
+                    100.0
+                }
+                (None, None) => 100.0,
+            };
+            mirrors.push(MirrorPolicy {
+                destination: cx.destination(m, &ns, check),
+                percent,
+            });
+        } else if r.mirror_percentage.is_some() || r.mirror_percent.is_some() {
+            cx.warn(
+                line,
+                "mirror percentage without mirror: nothing is mirrored",
+            );
+        }
+        for m in &r.mirrors {
+            let percent = cx
+                .percent(&m.percentage, line, "mirrors.percentage")
+                .unwrap_or(100.0);
+            mirrors.push(MirrorPolicy {
+                destination: cx.destination(&m.destination, &ns, check),
+                percent,
+            });
+        }
+        http.push(HttpRule {
+            name: r.name.clone(),
+            matches,
+            action,
+            rewrite_uri: r.rewrite.as_ref().and_then(|rw| rw.uri.clone()),
+            rewrite_authority: r.rewrite.as_ref().and_then(|rw| rw.authority.clone()),
+            headers: header_policy(&r.headers),
+            timeout,
+            retries,
+            fault,
+            mirrors,
+            source: cx.source(line),
+        });
+    }
+    let l4 =
+        |cx: &mut Ctx, routes: &[istio::RouteDestination], line: u64| -> Vec<WeightedDestination> {
+            let weights: Vec<Option<&Spanned<i64>>> =
+                routes.iter().map(|d| d.weight.as_ref()).collect();
+            let w = cx.weights(&weights, line);
+            routes
+                .iter()
+                .zip(w)
+                .map(|(d, weight)| WeightedDestination {
+                    destination: cx.destination(&d.destination, &ns, check),
+                    weight,
+                    headers: HeaderPolicy::default(),
+                })
+                .collect()
+        };
+    let l4_rule = |cx: &mut Ctx,
+                   matches: Vec<L4Match>,
+                   route: &[istio::RouteDestination],
+                   line: u64| L4Rule {
+        matches,
+        destinations: l4(cx, route, line),
+        source: cx.source(line),
+    };
+    let tcp: Vec<L4Rule> = spec
+        .tcp
+        .iter()
+        .map(|t| {
+            let matches = t.value.matches.iter().map(L4Match::from).collect();
+            l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
+        })
+        .collect();
+    let tls: Vec<L4Rule> = spec
+        .tls
+        .iter()
+        .map(|t| {
+            if t.value.matches.iter().all(|m| m.sni_hosts.is_empty()) {
+                cx.err(t.referenced.line(), "tls routes need match[].sniHosts");
+            }
+            let matches = t.value.matches.iter().map(L4Match::from).collect();
+            l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
+        })
+        .collect();
+    Some(CompiledVirtualService {
+        name: o.object_ref.name.clone(),
+        namespace: ns.clone(),
+        hosts: spec
+            .hosts
+            .iter()
+            .map(|h| resolve_host(&h.value, &ns))
+            .collect(),
+        export_to: spec.export_to.clone(),
+        http,
+        tcp,
+        tls,
+        source: cx.source(0),
+    })
+}
