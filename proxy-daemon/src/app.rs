@@ -632,7 +632,14 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     let metrics_listener = bind(settings.metrics_addr, "--metrics-addr").await?;
     let health_listener = bind(settings.health_addr, "--health-addr").await?;
 
-    let metrics = Arc::new(Metrics::new());
+    let mut daemon_metrics = Metrics::new();
+    // Each component registers its own metrics under the daemon's prefix.
+    let cluster_metrics = Arc::new(cluster::ClusterMetrics::register(
+        daemon_metrics
+            .registry
+            .sub_registry_with_prefix("proxy_daemon"),
+    ));
+    let metrics = Arc::new(daemon_metrics);
     let published = Arc::new(Published::new());
     let config_status = Arc::new(Mutex::new(ConfigStatus::default()));
     let mut loader = local::Loader::default();
@@ -708,13 +715,22 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         ),
     };
     let inputs = Arc::new(ProxyInputs {
-        orig_dst: attached
-            .orig_dst_table()
-            .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?,
+        orig_dst: Box::new(
+            attached
+                .orig_dst_table()
+                .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?,
+        ),
         metrics: metrics.clone(),
         connect_timeout: settings.connect_timeout,
         config: published.clone(),
-        outbound_policy: settings.outbound_traffic_policy,
+        outbound_policy: match settings.outbound_traffic_policy {
+            crate::cli::OutboundTrafficPolicyArg::AllowAny => {
+                crate::proxy::OutboundPolicy::AllowAny
+            }
+            crate::cli::OutboundTrafficPolicyArg::RegistryOnly => {
+                crate::proxy::OutboundPolicy::RegistryOnly
+            }
+        },
         mirror_max_body_bytes: settings.mirror_max_body_bytes,
         dns: dns.clone(),
         tls: Arc::new(tls),
@@ -733,7 +749,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?;
 
     let cluster_store = match (kube_client, &settings.cluster) {
-        (Some(client), Some(c)) => Some(cluster::start(client, c, metrics.clone(), &ready)),
+        (Some(client), Some(c)) => Some(cluster::start(client, c, cluster_metrics.clone(), &ready)),
         _ => None,
     };
     let mut dump = ConfigDump::default();
@@ -810,7 +826,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             admin::metrics_handler(metrics.clone(), {
                 let metrics = metrics.clone();
                 Arc::new(move || {
-                    metrics.refresh_from_maps(&map_stats);
+                    map_stats.export(&metrics.daemon);
                     metrics.refresh_process();
                 })
             }),

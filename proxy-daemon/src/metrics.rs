@@ -16,71 +16,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::state::workload::{WorkloadInfo, UNKNOWN};
-
-/// The source half of Istio's labels, built once per pod (shared by every series of it).
-#[derive(Debug, Hash, PartialEq, Eq)]
-pub struct SourceLabels {
-    pub workload: String,
-    pub namespace: String,
-    pub app: String,
-    pub version: String,
-    pub canonical_service: String,
-    pub canonical_revision: String,
-}
-
-impl SourceLabels {
-    pub fn of(w: &WorkloadInfo) -> Arc<Self> {
-        Arc::new(Self {
-            workload: w.workload.clone(),
-            namespace: w.namespace.clone(),
-            app: w.app.clone(),
-            version: w.version.clone(),
-            canonical_service: w.canonical_service.clone(),
-            canonical_revision: w.canonical_revision.clone(),
-        })
-    }
-}
-
-/// The destination workload's labels (mesh destinations: the pod behind the endpoint).
-#[derive(Debug, Hash, PartialEq, Eq)]
-pub struct PeerLabels {
-    pub workload: String,
-    pub namespace: String,
-    pub app: String,
-    pub version: String,
-    pub canonical_service: String,
-    pub canonical_revision: String,
-}
-
-impl PeerLabels {
-    pub fn of(w: &WorkloadInfo) -> Arc<Self> {
-        Arc::new(Self {
-            workload: w.workload.clone(),
-            namespace: w.namespace.clone(),
-            app: w.app.clone(),
-            version: w.version.clone(),
-            canonical_service: w.canonical_service.clone(),
-            canonical_revision: w.canonical_revision.clone(),
-        })
-    }
-
-    /// Outside the mesh (ServiceEntry hosts, passthrough): every field `unknown`.
-    pub fn unknown() -> Arc<Self> {
-        static UNKNOWN_PEER: std::sync::LazyLock<Arc<PeerLabels>> =
-            std::sync::LazyLock::new(|| {
-                Arc::new(PeerLabels {
-                    workload: UNKNOWN.into(),
-                    namespace: UNKNOWN.into(),
-                    app: UNKNOWN.into(),
-                    version: UNKNOWN.into(),
-                    canonical_service: UNKNOWN.into(),
-                    canonical_revision: UNKNOWN.into(),
-                })
-            });
-        UNKNOWN_PEER.clone()
-    }
-}
+use crate::state::workload::UNKNOWN;
+pub use crate::state::workload::{PeerLabels, SourceLabels};
 
 /// What the data path knows of where a connection went.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -554,21 +491,11 @@ pub struct DaemonMetrics {
     pub process_threads: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
     pub config_rejected_objects: Family<KindLabels, Gauge>,
-    pub kubernetes_watch_errors: Family<WatchErrorLabels, Counter>,
-    pub kubernetes_watch_synced: Family<KindLabels, Gauge>,
-    pub kubernetes_events: Family<KindLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WatchErrorLabels {
-    pub kind: String,
-    /// not_found | forbidden | gone | unavailable | other
-    pub reason: &'static str,
 }
 
 pub struct Metrics {
@@ -688,21 +615,6 @@ impl Metrics {
             daemon.config_rejected_objects.clone(),
         );
         sub.register(
-            "kubernetes_watch_errors",
-            "Kubernetes API list/watch errors (each is retried with backoff), by kind and reason",
-            daemon.kubernetes_watch_errors.clone(),
-        );
-        sub.register(
-            "kubernetes_watch_synced",
-            "1 once a kind's initial list has been received (or the kind is not served)",
-            daemon.kubernetes_watch_synced.clone(),
-        );
-        sub.register(
-            "kubernetes_events",
-            "Watch events received from the Kubernetes API, by kind",
-            daemon.kubernetes_events.clone(),
-        );
-        sub.register(
             "mirror_requests",
             "Mirror copies sent, by route and outcome",
             daemon.mirror_requests.clone(),
@@ -806,29 +718,6 @@ impl Metrics {
         }
         if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
             d.process_open_fds.set(fds.count() as i64);
-        }
-        d.upstream_idle_connections
-            .set(crate::proxy::http::idle_upstream_connections());
-    }
-
-    /// Copies the kernel-side numbers into gauges; called on each scrape.
-    pub fn refresh_from_maps(&self, maps: &crate::capture::bpf::MapStats) {
-        let d = &self.daemon;
-        for (map, n) in maps.entry_counts() {
-            d.map_entries
-                .get_or_create(&MapLabels { map })
-                .set(n as i64);
-        }
-        let c = maps.capture_counts();
-        for (decision, v) in [
-            ("redirected", c.redirected),
-            ("fail_open_bypass", c.bypass_fail_open),
-            ("fail_closed_refused", c.refused_fail_closed),
-            ("netns_mismatch", c.netns_mismatch),
-        ] {
-            d.capture_decisions
-                .get_or_create(&DecisionLabels { decision })
-                .set(v as i64);
         }
     }
 }

@@ -32,7 +32,10 @@ impl LogControl {
 pub fn init(format: LogFormat, filter: &str) -> Result<LogControl, String> {
     let parsed = EnvFilter::try_new(filter).map_err(|e| format!("--log-level {filter:?}: {e}"))?;
     let (filter_layer, handle) = reload::Layer::new(parsed);
-    crate::proxy::access_log::set_format(format);
+    crate::proxy::access_log::set_format(match format {
+        LogFormat::Text => crate::proxy::access_log::LogFormat::Text,
+        LogFormat::Json => crate::proxy::access_log::LogFormat::Json,
+    });
     let registry = tracing_subscriber::registry().with(filter_layer);
     let result = match format {
         LogFormat::Text => registry

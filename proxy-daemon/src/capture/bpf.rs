@@ -103,8 +103,8 @@ pub struct OrigDstTable {
     map: HashMap<MapData, ClientKey, OrigDst>,
 }
 
-impl OrigDstTable {
-    pub fn get(&self, key: &ClientKey) -> Option<OrigDst> {
+impl crate::proxy::OrigDstLookup for OrigDstTable {
+    fn lookup(&self, key: &ClientKey) -> Option<OrigDst> {
         self.map.get(key, 0).ok()
     }
 }
@@ -230,6 +230,29 @@ impl MapStats {
             bypass_fail_open: sum(CaptureStat::BypassFailOpen),
             refused_fail_closed: sum(CaptureStat::RefusedFailClosed),
             netns_mismatch: sum(CaptureStat::NetnsMismatch),
+        }
+    }
+}
+
+impl MapStats {
+    /// Copies the kernel-side numbers into the daemon's gauges; called on each scrape.
+    pub fn export(&self, d: &crate::metrics::DaemonMetrics) {
+        use crate::metrics::{DecisionLabels, MapLabels};
+        for (map, n) in self.entry_counts() {
+            d.map_entries
+                .get_or_create(&MapLabels { map })
+                .set(n as i64);
+        }
+        let c = self.capture_counts();
+        for (decision, v) in [
+            ("redirected", c.redirected),
+            ("fail_open_bypass", c.bypass_fail_open),
+            ("fail_closed_refused", c.refused_fail_closed),
+            ("netns_mismatch", c.netns_mismatch),
+        ] {
+            d.capture_decisions
+                .get_or_create(&DecisionLabels { decision })
+                .set(v as i64);
         }
     }
 }

@@ -188,7 +188,7 @@ impl Enroller {
                 if current.workload != want.workload {
                     info!(pod = %want.workload.pod_name, namespace = %want.workload.namespace, "pod labels changed: new connections use them");
                     p.ctx.store(Arc::new(PodContext {
-                        source_labels: crate::metrics::SourceLabels::of(&want.workload),
+                        source_labels: crate::state::workload::SourceLabels::of(&want.workload),
                         workload: want.workload.clone(),
                         netns: current.netns.clone(),
                         netns_cookie: current.netns_cookie,
@@ -304,12 +304,15 @@ impl Enroller {
                 port: self.outbound_port,
                 source,
             })?;
+        let netns_inode = worker.inode;
         let ctx: PodHandle = Arc::new(ArcSwap::from_pointee(PodContext {
-            source_labels: crate::metrics::SourceLabels::of(&want.workload),
+            source_labels: crate::state::workload::SourceLabels::of(&want.workload),
             workload: want.workload.clone(),
             netns: Arc::new(worker),
             netns_cookie,
-            http_pool: Default::default(),
+            http_pool: Arc::new(crate::proxy::http::UpstreamPool::new(
+                self.metrics.daemon.upstream_idle_connections.clone(),
+            )),
         }));
         let listener_task = tokio::spawn(proxy::run_outbound_listener(
             self.inputs.clone(),
@@ -318,7 +321,7 @@ impl Enroller {
         ));
         let pod = EnrolledPod {
             pod_id: self.next_pod_id,
-            netns_inode: ctx.load().netns.inode,
+            netns_inode,
             cgroup: cgroup_dir,
             cgroup_id,
             pid,

@@ -169,6 +169,23 @@ impl NetnsWorker {
     }
 }
 
+impl crate::proxy::SocketFactory for NetnsWorker {
+    fn tcp_socket(
+        &self,
+        domain: Domain,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<OwnedFd>> + Send + '_>>
+    {
+        Box::pin(async move {
+            NetnsWorker::tcp_socket(self, domain)
+                .await
+                .map_err(|e| match e {
+                    NetnsError::Socket(io) => io,
+                    other => std::io::Error::other(other.to_string()),
+                })
+        })
+    }
+}
+
 fn refill(stock: &std::sync::Mutex<Vec<OwnedFd>>) {
     let missing =
         SPARE_SOCKETS.saturating_sub(stock.lock().map(|s| s.len()).unwrap_or(SPARE_SOCKETS));

@@ -26,14 +26,16 @@ use kube::{
     runtime::watcher,
     Client,
 };
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{local, ConfigError, Located, Object, ObjectRef, Origin};
-use crate::{
-    metrics::{KindLabels, Metrics, WatchErrorLabels},
-    readiness::{BlockReady, Ready},
-};
+use crate::readiness::{BlockReady, Ready};
 
 /// The `path` of findings about API objects: their line is the line in the object's JSON
 /// (as `kubectl get -o json` prints it, without `managedFields` and `status`).
@@ -72,6 +74,50 @@ pub enum ClusterError {
     Infer(String),
     #[error("Kubernetes client: {0}")]
     Client(String),
+}
+
+/// The cluster source's own metrics (`proxy_daemon_kubernetes_*`), registered by the
+/// wiring into the daemon's registry.
+#[derive(Default)]
+pub struct ClusterMetrics {
+    pub watch_errors: Family<WatchErrorLabels, Counter>,
+    pub watch_synced: Family<KindLabels, Gauge>,
+    pub events: Family<KindLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchErrorLabels {
+    pub kind: String,
+    /// not_found | forbidden | gone | unauthorized | unavailable | other
+    pub reason: &'static str,
+}
+
+impl ClusterMetrics {
+    /// Registers the families under `registry` (the daemon's `proxy_daemon` sub-registry).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "kubernetes_watch_errors",
+            "Kubernetes API list/watch errors (each is retried with backoff), by kind and reason",
+            m.watch_errors.clone(),
+        );
+        registry.register(
+            "kubernetes_watch_synced",
+            "1 once a kind's initial list has been received (or the kind is not served)",
+            m.watch_synced.clone(),
+        );
+        registry.register(
+            "kubernetes_events",
+            "Watch events received from the Kubernetes API, by kind",
+            m.events.clone(),
+        );
+        m
+    }
 }
 
 /// What the cluster source needs to know.
@@ -504,7 +550,7 @@ async fn run_watch(
     client: Client,
     w: Watch,
     store: Arc<ClusterStore>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ClusterMetrics>,
     mut guard: Option<BlockReady>,
 ) -> WatchEnd {
     let api: Api<DynamicObject> = match &w.namespace {
@@ -525,8 +571,7 @@ async fn run_watch(
             Err(e) => {
                 let code = status_code(&e);
                 metrics
-                    .daemon
-                    .kubernetes_watch_errors
+                    .watch_errors
                     .get_or_create(&WatchErrorLabels {
                         kind: w.key.to_string(),
                         reason: reason_of(code),
@@ -551,11 +596,7 @@ async fn run_watch(
                                 s.note = Some(format!("forbidden: {e}"));
                             }
                         });
-                        metrics
-                            .daemon
-                            .kubernetes_watch_synced
-                            .get_or_create(&kind)
-                            .set(1);
+                        metrics.watch_synced.get_or_create(&kind).set(1);
                         drop(guard.take());
                     }
                     _ if !failing => {
@@ -577,7 +618,7 @@ async fn run_watch(
             backoff.reset();
             said_forbidden = false;
         }
-        metrics.daemon.kubernetes_events.get_or_create(&kind).inc();
+        metrics.events.get_or_create(&kind).inc();
         let initial_item = matches!(event, watcher::Event::InitApply(_));
         match event {
             watcher::Event::Init => store.quietly(w.key, |s| s.relist = Some(BTreeMap::new())),
@@ -600,11 +641,7 @@ async fn run_watch(
                     s.note = Some(format!("served as {}", w.ar.api_version));
                     s.objects.len()
                 });
-                metrics
-                    .daemon
-                    .kubernetes_watch_synced
-                    .get_or_create(&kind)
-                    .set(1);
+                metrics.watch_synced.get_or_create(&kind).set(1);
                 if guard.take().is_some() {
                     info!(kind = w.key, objects = count, api_version = %w.ar.api_version, "initial list received");
                 } else {
@@ -682,7 +719,7 @@ async fn run_istio_kind(
     client: Client,
     kind: &'static str,
     store: Arc<ClusterStore>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ClusterMetrics>,
     rediscovery: Duration,
     guard: BlockReady,
 ) {
@@ -705,8 +742,7 @@ async fn run_istio_kind(
                     failing = true;
                 }
                 metrics
-                    .daemon
-                    .kubernetes_watch_errors
+                    .watch_errors
                     .get_or_create(&WatchErrorLabels {
                         kind: kind.into(),
                         reason: "other",
@@ -741,11 +777,7 @@ async fn run_istio_kind(
                     s.synced = true;
                     s.note = Some("not served (CRD not installed)".into());
                 });
-                metrics
-                    .daemon
-                    .kubernetes_watch_synced
-                    .get_or_create(&labels)
-                    .set(1);
+                metrics.watch_synced.get_or_create(&labels).set(1);
                 drop(guard.take());
                 tokio::time::sleep(rediscovery).await;
             }
@@ -783,7 +815,7 @@ async fn run_istio_kind(
 async fn run_secrets(
     client: Client,
     store: Arc<ClusterStore>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ClusterMetrics>,
     dir: PathBuf,
 ) {
     let mut wanted = store.credentials.subscribe();
@@ -824,7 +856,7 @@ const SECRET_KEYS: [&str; 6] = ["tls.crt", "tls.key", "ca.crt", "cert", "key", "
 async fn watch_secret(
     client: Client,
     (namespace, name): (String, String),
-    metrics: Arc<Metrics>,
+    metrics: Arc<ClusterMetrics>,
     dir: PathBuf,
 ) {
     use k8s_openapi::api::core::v1::Secret;
@@ -841,11 +873,7 @@ async fn watch_secret(
         match item {
             Ok(event) => {
                 backoff.reset();
-                metrics
-                    .daemon
-                    .kubernetes_events
-                    .get_or_create(&labels)
-                    .inc();
+                metrics.events.get_or_create(&labels).inc();
                 match event {
                     watcher::Event::Init => seen_in_list = false,
                     watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
@@ -874,8 +902,7 @@ async fn watch_secret(
             Err(e) => {
                 let code = status_code(&e);
                 metrics
-                    .daemon
-                    .kubernetes_watch_errors
+                    .watch_errors
                     .get_or_create(&WatchErrorLabels {
                         kind: "Secret".into(),
                         reason: reason_of(code),
@@ -938,7 +965,7 @@ fn write_secret(
 pub fn start(
     client: Client,
     settings: &ClusterSettings,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ClusterMetrics>,
     ready: &Ready,
 ) -> Arc<ClusterStore> {
     let node = settings.node_name.clone();
@@ -1061,11 +1088,13 @@ mod tests {
         assert_eq!(o.object_ref.to_string(), "Pod/shop/web-7d9f-abcde");
         let Object::Pod(p) = &o.value else { panic!() };
         assert_eq!(p.status.pod_ip.as_deref(), Some("10.0.0.5"));
+        // The owner reference is what the workload name is derived from (state::workload).
+        let owner = &p.metadata.owner_references[0];
         assert_eq!(
-            crate::state::workload::WorkloadInfo::from_pod(p).workload,
-            "web",
-            "ReplicaSet → Deployment name"
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("ReplicaSet", "web-7d9f")
         );
+        assert_eq!(p.metadata.labels["pod-template-hash"], "7d9f");
     }
 
     #[test]

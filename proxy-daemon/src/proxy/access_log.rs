@@ -5,9 +5,14 @@
 //! The layout matches the daemon's other log lines (tracing's text or JSON format).
 use std::{cell::RefCell, fmt::Write as _, io::Write as _, sync::OnceLock, time::SystemTime};
 
-use crate::cli::LogFormat;
-
 pub const TARGET: &str = "access_log";
+
+/// How access log lines are written: as the daemon's other log lines are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use super::route::{endpoint_for, is_dns, labels_for, pick_weighted, tls_of, upstream_tls};
 use crate::state::routes::{HashKey, LoadBalancer};
 use crate::{
-    cli::OutboundTrafficPolicyArg,
     metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     state::registry::{ServiceInfo, CLUSTER_DOMAIN},
     state::routes::{
@@ -320,7 +319,7 @@ pub fn decide(
     dns: &DnsCache,
     src: &WorkloadInfo,
     req: &RequestView,
-    policy: OutboundTrafficPolicyArg,
+    policy: crate::proxy::OutboundPolicy,
     roll: u32,
 ) -> HttpDecision {
     let port = req.dst.port() as u32;

@@ -24,11 +24,36 @@ use socket2::Domain;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
-use crate::{
-    capture::bpf::OrigDstTable, capture::netns::NetnsWorker, metrics::Metrics,
-    state::workload::WorkloadInfo,
-};
+use crate::{metrics::Metrics, state::workload::WorkloadInfo};
 use proxy_common::{ClientKey, OrigDst};
+
+/// Makes sockets inside one pod's network namespace, so upstream connections leave with the
+/// pod's IP. Capture provides it (a thread that entered the pod netns); an in-process test
+/// can hand out plain sockets.
+pub trait SocketFactory: Send + Sync {
+    /// A fresh non-blocking TCP socket of `domain`, ready to connect.
+    fn tcp_socket(
+        &self,
+        domain: Domain,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<std::os::fd::OwnedFd>> + Send + '_>,
+    >;
+}
+
+/// Where an accepted connection was going: capture provides it from the eBPF maps (the
+/// client's netns cookie and port → original destination).
+pub trait OrigDstLookup: Send + Sync {
+    fn lookup(&self, key: &ClientKey) -> Option<OrigDst>;
+}
+
+/// What the data path does with a destination the registry does not know (Istio's
+/// `outboundTrafficPolicy.mode`, the node default of `--outbound-traffic-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboundPolicy {
+    AllowAny,
+    RegistryOnly,
+}
 
 /// Where the client meant to connect (recovered from the eBPF maps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +77,7 @@ pub struct PodContext {
     pub workload: Arc<WorkloadInfo>,
     /// The pod's half of every metric label set, built once.
     pub source_labels: Arc<crate::metrics::SourceLabels>,
-    pub netns: Arc<NetnsWorker>,
+    pub netns: Arc<dyn SocketFactory>,
     pub netns_cookie: u64,
     /// Idle HTTP/1 upstream connections, made in this pod's netns (kept across identity
     /// updates).
@@ -69,7 +94,7 @@ pub enum ProxyError {
     #[error("no original destination recorded for client {0:?}")]
     NoOrigDst(ClientAddr),
     #[error("upstream socket: {0}")]
-    Socket(#[from] crate::capture::netns::NetnsError),
+    Socket(#[from] std::io::Error),
     #[error("connecting to {0}: {1}")]
     Connect(SocketAddr, std::io::Error),
     #[error("connecting to {0}: timed out")]
@@ -82,12 +107,12 @@ pub enum ProxyError {
 
 /// What every connection handler shares.
 pub struct ProxyInputs {
-    pub orig_dst: OrigDstTable,
+    pub orig_dst: Box<dyn OrigDstLookup>,
     pub metrics: Arc<Metrics>,
     pub connect_timeout: Duration,
     /// The compiled configuration; loaded once per connection, never locked.
     pub config: Arc<crate::state::Published>,
-    pub outbound_policy: crate::cli::OutboundTrafficPolicyArg,
+    pub outbound_policy: OutboundPolicy,
     /// Largest request body copied to a mirror; beyond it the copy is abandoned.
     pub mirror_max_body_bytes: usize,
     /// Answers for ServiceEntry names with `resolution: DNS`.
@@ -100,7 +125,7 @@ impl ProxyInputs {
     fn orig_dst(&self, pod: &PodContext, client: ClientAddr) -> Result<OrigDstAddr, ProxyError> {
         let key = ClientKey::new(pod.netns_cookie, client.0.port());
         self.orig_dst
-            .get(&key)
+            .lookup(&key)
             .map(OrigDstAddr::from)
             .ok_or(ProxyError::NoOrigDst(client))
     }

@@ -8,7 +8,6 @@ use std::{
 
 use super::balance::HashTable;
 use crate::{
-    cli::OutboundTrafficPolicyArg,
     config::istio::OutboundMode,
     config::istio::{Resolution, SimpleLb},
     metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
@@ -145,7 +144,7 @@ pub fn pick_weighted(dests: &[WeightedDestination], roll: u32) -> Option<&Weight
 pub fn registry_only(
     snap: &Snapshot,
     src: &WorkloadInfo,
-    default_policy: OutboundTrafficPolicyArg,
+    default_policy: crate::proxy::OutboundPolicy,
 ) -> bool {
     match snap
         .routes
@@ -154,7 +153,7 @@ pub fn registry_only(
     {
         Some(OutboundMode::RegistryOnly) => true,
         Some(OutboundMode::AllowAny) => false,
-        None => default_policy == OutboundTrafficPolicyArg::RegistryOnly,
+        None => default_policy == crate::proxy::OutboundPolicy::RegistryOnly,
     }
 }
 
@@ -164,7 +163,7 @@ pub fn decide(
     dns: &DnsCache,
     src: &WorkloadInfo,
     dst: SocketAddrV4,
-    default_policy: OutboundTrafficPolicyArg,
+    default_policy: crate::proxy::OutboundPolicy,
     roll: u32,
     sni: Option<&str>,
 ) -> L4Decision {

@@ -81,7 +81,7 @@ pub struct Snapshot {
     pub not_captured: BTreeMap<String, String>,
     /// Workload labels of every pod with an IP: the destination_* labels of mesh traffic.
     #[serde(skip)]
-    pub peers: HashMap<std::net::IpAddr, Arc<crate::metrics::PeerLabels>>,
+    pub peers: HashMap<std::net::IpAddr, Arc<workload::PeerLabels>>,
 }
 
 fn parse_fail_mode(v: &str) -> Option<FailMode> {
@@ -169,10 +169,8 @@ pub fn compile(
             .as_deref()
             .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
         {
-            snap.peers.insert(
-                ip,
-                crate::metrics::PeerLabels::of(&WorkloadInfo::from_pod(pod)),
-            );
+            snap.peers
+                .insert(ip, workload::PeerLabels::of(&WorkloadInfo::from_pod(pod)));
         }
     }
     let mut uids: BTreeMap<String, ObjectRef> = BTreeMap::new();

@@ -1,5 +1,5 @@
 //! Who a pod is, in the terms Istio's metrics use.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use crate::config::k8s::Pod;
 
@@ -103,6 +103,73 @@ impl WorkloadInfo {
             labels: labels.clone(),
             ip: pod.status.pod_ip.clone(),
         }
+    }
+}
+
+// The two halves of Istio's metric label sets that a workload determines: built once per
+// pod at compile or enrol time, shared by every series of it.
+
+/// The source half of Istio's labels, built once per pod (shared by every series of it).
+#[derive(Debug, Hash, PartialEq, Eq)]
+pub struct SourceLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+impl SourceLabels {
+    pub fn of(w: &WorkloadInfo) -> Arc<Self> {
+        Arc::new(Self {
+            workload: w.workload.clone(),
+            namespace: w.namespace.clone(),
+            app: w.app.clone(),
+            version: w.version.clone(),
+            canonical_service: w.canonical_service.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+        })
+    }
+}
+
+/// The destination workload's labels (mesh destinations: the pod behind the endpoint).
+#[derive(Debug, Hash, PartialEq, Eq)]
+pub struct PeerLabels {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+impl PeerLabels {
+    pub fn of(w: &WorkloadInfo) -> Arc<Self> {
+        Arc::new(Self {
+            workload: w.workload.clone(),
+            namespace: w.namespace.clone(),
+            app: w.app.clone(),
+            version: w.version.clone(),
+            canonical_service: w.canonical_service.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+        })
+    }
+
+    /// Outside the mesh (ServiceEntry hosts, passthrough): every field `unknown`.
+    pub fn unknown() -> Arc<Self> {
+        static UNKNOWN_PEER: std::sync::LazyLock<Arc<PeerLabels>> =
+            std::sync::LazyLock::new(|| {
+                Arc::new(PeerLabels {
+                    workload: UNKNOWN.into(),
+                    namespace: UNKNOWN.into(),
+                    app: UNKNOWN.into(),
+                    version: UNKNOWN.into(),
+                    canonical_service: UNKNOWN.into(),
+                    canonical_revision: UNKNOWN.into(),
+                })
+            });
+        UNKNOWN_PEER.clone()
     }
 }
 

@@ -9,7 +9,6 @@ use std::{
 };
 
 use proxy_daemon::{
-    cli::LogFormat,
     metrics::{
         DestinationLabels, IstioTcpLabels, Metrics, PeerLabels, RequestLabels, RequestRecord,
         SourceLabels,
@@ -140,7 +139,7 @@ fn main() {
                 let up = l.upstream.map(|u| u.to_string());
                 buf.clear();
                 access_log::format(
-                    LogFormat::Json,
+                    access_log::LogFormat::Json,
                     SystemTime::now(),
                     "request",
                     &request_fields(&l, &start, up.as_deref()),

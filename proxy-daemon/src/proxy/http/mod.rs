@@ -41,11 +41,13 @@ type Sender = client_http1::SendRequest<Body>;
 /// Idle upstream connections per pod, upstream address and TLS setting (sockets live in
 /// the pod netns): HTTP/1 connections one request at a time, HTTP/2 ones shared
 /// (multiplexed).
-#[derive(Default)]
 pub struct UpstreamPool {
     /// Idle HTTP/1 senders with how many requests each has carried.
     idle: Mutex<HashMap<PoolKey, Vec<(Sender, u32)>>>,
     h2: Mutex<HashMap<PoolKey, client_http2::SendRequest<Body>>>,
+    /// Idle HTTP/1 connections of all pods (`proxy_daemon_upstream_idle_connections`),
+    /// shared by every pool.
+    idle_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// (address, TLS setting's pool key; 0 for plain connections).
@@ -57,19 +59,21 @@ fn pool_key(upstream: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
 
 const MAX_IDLE_PER_UPSTREAM: usize = 32;
 
-/// Idle HTTP/1 upstream connections over all pods (`proxy_daemon_upstream_idle_connections`).
-static IDLE_UPSTREAMS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-
-pub fn idle_upstream_connections() -> i64 {
-    IDLE_UPSTREAMS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 impl UpstreamPool {
+    /// An empty pool counting its idle connections into `idle_gauge`.
+    pub fn new(idle_gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            idle: Default::default(),
+            h2: Default::default(),
+            idle_gauge,
+        }
+    }
+
     fn take(&self, addr: PoolKey) -> Option<(Sender, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&addr)?;
         while let Some((s, uses)) = list.pop() {
-            IDLE_UPSTREAMS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.idle_gauge.dec();
             if !s.is_closed() && s.is_ready() {
                 return Some((s, uses));
             }
@@ -82,7 +86,7 @@ impl UpstreamPool {
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push((s, uses));
-            IDLE_UPSTREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.idle_gauge.inc();
         }
     }
 }
@@ -91,7 +95,7 @@ impl Drop for UpstreamPool {
     fn drop(&mut self) {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let n: usize = idle.values().map(Vec::len).sum();
-        IDLE_UPSTREAMS.fetch_sub(n as i64, std::sync::atomic::Ordering::Relaxed);
+        self.idle_gauge.dec_by(n as i64);
     }
 }
 
