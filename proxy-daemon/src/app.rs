@@ -732,7 +732,10 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             }
         },
         mirror_max_body_bytes: settings.mirror_max_body_bytes,
-        dns: dns.clone(),
+        endpoints: crate::proxy::Endpoints::new(dns.clone()),
+        mirror_slots: Arc::new(tokio::sync::Semaphore::new(
+            crate::proxy::http::MIRROR_CONCURRENCY,
+        )),
         tls: Arc::new(tls),
     });
     let enroller = Enroller::new(

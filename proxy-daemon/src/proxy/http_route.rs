@@ -18,7 +18,7 @@ use crate::{
     state::workload::{WorkloadInfo, UNKNOWN},
     state::Snapshot,
 };
-use crate::{proxy::dns::DnsCache, proxy::tls::UpstreamTls};
+use crate::{proxy::tls::UpstreamTls, proxy::Endpoints};
 
 /// The parts of a request routing looks at.
 pub struct RequestView<'a> {
@@ -316,7 +316,7 @@ fn envoy_filter_override(
 
 pub fn decide(
     snap: &Snapshot,
-    dns: &DnsCache,
+    eps: &Endpoints,
     src: &WorkloadInfo,
     req: &RequestView,
     policy: crate::proxy::OutboundPolicy,
@@ -363,7 +363,7 @@ pub fn decide(
                 };
                 let labels = labels_for(target);
                 let (chosen, cookie_ops, tls) =
-                    pick(snap, dns, target, subset.as_deref(), *cport, src, req);
+                    pick(snap, eps, target, subset.as_deref(), *cport, src, req);
                 return match chosen {
                     Ok(upstream) => {
                         plain_forward(upstream, tls, labels, edits, cookie_ops, timeout)
@@ -420,7 +420,7 @@ pub fn decide(
                 timeout,
             );
         }
-        let (chosen, cookie_ops, tls) = pick(snap, dns, svc, None, port, src, req);
+        let (chosen, cookie_ops, tls) = pick(snap, eps, svc, None, port, src, req);
         return match chosen {
             Ok(upstream) => plain_forward(upstream, tls, labels, edits, cookie_ops, timeout),
             Err(flags) => unavailable(labels, flags),
@@ -488,7 +488,7 @@ pub fn decide(
             let port = dest.destination.port.unwrap_or(port);
             let (chosen, cookie_ops, tls) = pick(
                 snap,
-                dns,
+                eps,
                 target,
                 dest.destination.subset.as_deref(),
                 port,
@@ -572,7 +572,7 @@ fn hash_key(
 /// consistent-hash cookie on the response when one was needed.
 fn pick(
     snap: &Snapshot,
-    dns: &DnsCache,
+    eps: &Endpoints,
     target: &ServiceInfo,
     subset: Option<&str>,
     port: u32,
@@ -597,12 +597,12 @@ fn pick(
         })
         .into_iter()
         .collect();
-    let mut chosen = endpoint_for(snap, dns, target, subset, port, &src.namespace, hash);
+    let mut chosen = endpoint_for(snap, eps, target, subset, port, &src.namespace, hash);
     if chosen == Err("UH")
         && is_dns(target)
         && target.endpoints.is_empty()
         && host_only(req.authority).eq_ignore_ascii_case(&target.hostname)
-        && dns.lookup(&target.hostname).is_empty()
+        && eps.dns.lookup(&target.hostname).is_empty()
     {
         // The daemon has no answer for the name the app itself resolved and dialled: the
         // app's answer (the original destination) is used, at the entry's target port.

@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, Ordering},
-        Arc, LazyLock, Mutex,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -15,42 +15,51 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::state::routes::ConnectionPool;
 
-static IN_FLIGHT: LazyLock<Mutex<HashMap<SocketAddr, u32>>> = LazyLock::new(Default::default);
+/// Requests and connections in flight per endpoint (LEAST_REQUEST reads it).
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<Mutex<HashMap<SocketAddr, u32>>>);
 
 /// Counts one request or connection to an endpoint while alive.
-pub struct EndpointLoad(SocketAddr);
+pub struct EndpointLoad {
+    table: InFlight,
+    ep: SocketAddr,
+}
 
-impl EndpointLoad {
-    pub fn start(ep: SocketAddr) -> Self {
-        *IN_FLIGHT
+impl InFlight {
+    pub fn start(&self, ep: SocketAddr) -> EndpointLoad {
+        *self
+            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(ep)
             .or_default() += 1;
-        Self(ep)
+        EndpointLoad {
+            table: self.clone(),
+            ep,
+        }
+    }
+
+    /// Index of the least-loaded endpoint; ties go to the round-robin position `rr`.
+    pub fn least_loaded(&self, endpoints: &[SocketAddr], rr: usize) -> usize {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = endpoints.len();
+        (0..n)
+            .map(|k| (rr + k) % n)
+            .min_by_key(|i| m.get(&endpoints[*i]).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 }
 
 impl Drop for EndpointLoad {
     fn drop(&mut self) {
-        let mut m = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.0) {
+        let mut m = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ep) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                m.remove(&self.0);
+                m.remove(&self.ep);
             }
         }
     }
-}
-
-/// Index of the least-loaded endpoint; ties go to the round-robin position `rr`.
-pub fn least_loaded(endpoints: &[SocketAddr], rr: usize) -> usize {
-    let m = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
-    let n = endpoints.len();
-    (0..n)
-        .map(|k| (rr + k) % n)
-        .min_by_key(|i| m.get(&endpoints[*i]).copied().unwrap_or(0))
-        .unwrap_or(0)
 }
 
 struct HostLimit {
@@ -59,7 +68,9 @@ struct HostLimit {
     pending: AtomicU32,
 }
 
-static HOSTS: LazyLock<Mutex<HashMap<String, Arc<HostLimit>>>> = LazyLock::new(Default::default);
+/// connectionPool limits per destination host.
+#[derive(Default)]
+pub struct HostLimits(Mutex<HashMap<String, Arc<HostLimit>>>);
 
 /// Why admission failed: Envoy's UO (upstream overflow).
 #[derive(Debug)]
@@ -67,58 +78,61 @@ pub struct Overflow;
 
 /// Admits one request (or connection) to `host` under its connectionPool; the permit is
 /// held for the request's life. No limit configured: always admitted.
-pub async fn admit(
-    host: &str,
-    pool: Option<&ConnectionPool>,
-    http: bool,
-) -> Result<Option<OwnedSemaphorePermit>, Overflow> {
-    let Some(pool) = pool else { return Ok(None) };
-    let max = match (pool.max_connections, pool.http2_max_requests, http) {
-        (Some(c), Some(r), true) => Some(c.min(r)),
-        (c, r, true) => c.or(r),
-        (c, _, false) => c,
-    };
-    let Some(max) = max else { return Ok(None) };
-    let limit = {
-        let mut hosts = HOSTS.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = hosts.entry(host.to_string()).or_insert_with(|| {
-            Arc::new(HostLimit {
-                max,
-                slots: Arc::new(Semaphore::new(max as usize)),
-                pending: AtomicU32::new(0),
-            })
-        });
-        if entry.max != max {
-            // The limit changed with the configuration: start over with the new one.
-            *entry = Arc::new(HostLimit {
-                max,
-                slots: Arc::new(Semaphore::new(max as usize)),
-                pending: AtomicU32::new(0),
+impl HostLimits {
+    pub async fn admit(
+        &self,
+        host: &str,
+        pool: Option<&ConnectionPool>,
+        http: bool,
+    ) -> Result<Option<OwnedSemaphorePermit>, Overflow> {
+        let Some(pool) = pool else { return Ok(None) };
+        let max = match (pool.max_connections, pool.http2_max_requests, http) {
+            (Some(c), Some(r), true) => Some(c.min(r)),
+            (c, r, true) => c.or(r),
+            (c, _, false) => c,
+        };
+        let Some(max) = max else { return Ok(None) };
+        let limit = {
+            let mut hosts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = hosts.entry(host.to_string()).or_insert_with(|| {
+                Arc::new(HostLimit {
+                    max,
+                    slots: Arc::new(Semaphore::new(max as usize)),
+                    pending: AtomicU32::new(0),
+                })
             });
+            if entry.max != max {
+                // The limit changed with the configuration: start over with the new one.
+                *entry = Arc::new(HostLimit {
+                    max,
+                    slots: Arc::new(Semaphore::new(max as usize)),
+                    pending: AtomicU32::new(0),
+                });
+            }
+            entry.clone()
+        };
+        if let Ok(p) = limit.slots.clone().try_acquire_owned() {
+            return Ok(Some(p));
         }
-        entry.clone()
-    };
-    if let Ok(p) = limit.slots.clone().try_acquire_owned() {
-        return Ok(Some(p));
-    }
-    // Envoy's default pending limit is large; Istio's examples set it small on purpose.
-    let max_pending = if http {
-        pool.http1_max_pending_requests.unwrap_or(u32::MAX)
-    } else {
-        0
-    };
-    if limit.pending.fetch_add(1, Ordering::AcqRel) >= max_pending {
+        // Envoy's default pending limit is large; Istio's examples set it small on purpose.
+        let max_pending = if http {
+            pool.http1_max_pending_requests.unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        if limit.pending.fetch_add(1, Ordering::AcqRel) >= max_pending {
+            limit.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(Overflow);
+        }
+        let waited = tokio::time::timeout(
+            pool.connect_timeout.unwrap_or(Duration::from_secs(10)),
+            limit.slots.clone().acquire_owned(),
+        )
+        .await;
         limit.pending.fetch_sub(1, Ordering::AcqRel);
-        return Err(Overflow);
-    }
-    let waited = tokio::time::timeout(
-        pool.connect_timeout.unwrap_or(Duration::from_secs(10)),
-        limit.slots.clone().acquire_owned(),
-    )
-    .await;
-    limit.pending.fetch_sub(1, Ordering::AcqRel);
-    match waited {
-        Ok(Ok(p)) => Ok(Some(p)),
-        _ => Err(Overflow),
+        match waited {
+            Ok(Ok(p)) => Ok(Some(p)),
+            _ => Err(Overflow),
+        }
     }
 }

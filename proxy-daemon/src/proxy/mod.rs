@@ -105,6 +105,44 @@ pub enum ProxyError {
     Refused(&'static str, OrigDstAddr),
 }
 
+/// Everything endpoint choice reads and keeps: resolved DNS names, and what this proxy
+/// learns per endpoint and host (outlier health, requests in flight, connectionPool
+/// limits, balancer tables, round-robin positions). Owned by the proxy, dropped with it:
+/// no process-wide statics.
+pub struct Endpoints {
+    /// Answers for ServiceEntry names with `resolution: DNS`.
+    pub dns: Arc<crate::proxy::dns::DnsCache>,
+    pub health: outlier::HealthTable,
+    pub in_flight: limits::InFlight,
+    pub host_limits: limits::HostLimits,
+    pub tables: balance::Tables,
+    pub round_robin: balance::RoundRobin,
+    /// Weighted-choice dice: a counter spread over 0..100 (even, cheap, no RNG).
+    rolls: std::sync::atomic::AtomicUsize,
+}
+
+impl Endpoints {
+    pub fn new(dns: Arc<crate::proxy::dns::DnsCache>) -> Self {
+        Self {
+            dns,
+            health: Default::default(),
+            in_flight: Default::default(),
+            host_limits: Default::default(),
+            tables: Default::default(),
+            round_robin: Default::default(),
+            rolls: Default::default(),
+        }
+    }
+
+    /// The next weighted-choice roll in 0..100.
+    pub fn next_roll(&self) -> u32 {
+        (self
+            .rolls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 100) as u32
+    }
+}
+
 /// What every connection handler shares.
 pub struct ProxyInputs {
     pub orig_dst: Box<dyn OrigDstLookup>,
@@ -115,8 +153,10 @@ pub struct ProxyInputs {
     pub outbound_policy: OutboundPolicy,
     /// Largest request body copied to a mirror; beyond it the copy is abandoned.
     pub mirror_max_body_bytes: usize,
-    /// Answers for ServiceEntry names with `resolution: DNS`.
-    pub dns: Arc<crate::proxy::dns::DnsCache>,
+    /// Endpoint choice: DNS answers and the per-endpoint state this proxy keeps.
+    pub endpoints: Endpoints,
+    /// Mirror copies in flight (fire-and-forget, bounded).
+    pub mirror_slots: Arc<tokio::sync::Semaphore>,
     /// Upstream TLS (DestinationRule `tls`).
     pub tls: Arc<crate::proxy::tls::Originator>,
 }

@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{LazyLock, Mutex},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -19,64 +19,68 @@ struct Health {
     ejections: u32,
 }
 
-static HEALTH: LazyLock<Mutex<HashMap<SocketAddr, Health>>> = LazyLock::new(Default::default);
+/// Passive health of every endpoint this proxy has used.
+#[derive(Default)]
+pub struct HealthTable(Mutex<HashMap<SocketAddr, Health>>);
 
-/// What one attempt to `ep` came to: a status, or a failure before one.
-pub fn record(ep: SocketAddr, status: Option<u16>) {
-    let mut all = HEALTH.lock().unwrap_or_else(|p| p.into_inner());
-    let h = all.entry(ep).or_default();
-    match status {
-        Some(code) if code < 500 => {
-            h.consecutive_5xx = 0;
-            h.consecutive_gateway = 0;
-        }
-        Some(code) => {
-            h.consecutive_5xx += 1;
-            if matches!(code, 502..=504) {
-                h.consecutive_gateway += 1;
-            } else {
+impl HealthTable {
+    /// What one attempt to `ep` came to: a status, or a failure before one.
+    pub fn record(&self, ep: SocketAddr, status: Option<u16>) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let h = all.entry(ep).or_default();
+        match status {
+            Some(code) if code < 500 => {
+                h.consecutive_5xx = 0;
                 h.consecutive_gateway = 0;
             }
-        }
-        // Connect failures and resets count as gateway errors (and 5xx), as in Envoy.
-        None => {
-            h.consecutive_5xx += 1;
-            h.consecutive_gateway += 1;
+            Some(code) => {
+                h.consecutive_5xx += 1;
+                if matches!(code, 502..=504) {
+                    h.consecutive_gateway += 1;
+                } else {
+                    h.consecutive_gateway = 0;
+                }
+            }
+            // Connect failures and resets count as gateway errors (and 5xx), as in Envoy.
+            None => {
+                h.consecutive_5xx += 1;
+                h.consecutive_gateway += 1;
+            }
         }
     }
-}
 
-/// Removes ejected endpoints from `candidates` under `policy` (ejecting those that crossed a
-/// threshold), keeping at least the share maxEjectionPercent allows.
-pub fn filter(candidates: Vec<SocketAddr>, policy: &Outlier) -> Vec<SocketAddr> {
-    let now = Instant::now();
-    let base = policy.base_ejection_time.unwrap_or(Duration::from_secs(30));
-    let max_ejected = candidates.len() * policy.max_ejection_percent as usize / 100;
-    let mut all = HEALTH.lock().unwrap_or_else(|p| p.into_inner());
-    let mut ejected = 0;
-    let mut keep = Vec::with_capacity(candidates.len());
-    for ep in &candidates {
-        let h = all.entry(*ep).or_default();
-        if h.ejected_until.is_some_and(|t| t <= now) {
-            h.ejected_until = None;
+    /// Removes ejected endpoints from `candidates` under `policy` (ejecting those that crossed a
+    /// threshold), keeping at least the share maxEjectionPercent allows.
+    pub fn filter(&self, candidates: Vec<SocketAddr>, policy: &Outlier) -> Vec<SocketAddr> {
+        let now = Instant::now();
+        let base = policy.base_ejection_time.unwrap_or(Duration::from_secs(30));
+        let max_ejected = candidates.len() * policy.max_ejection_percent as usize / 100;
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ejected = 0;
+        let mut keep = Vec::with_capacity(candidates.len());
+        for ep in &candidates {
+            let h = all.entry(*ep).or_default();
+            if h.ejected_until.is_some_and(|t| t <= now) {
+                h.ejected_until = None;
+            }
+            let crossed = policy
+                .consecutive_5xx_errors
+                .is_some_and(|n| n > 0 && h.consecutive_5xx >= n)
+                || policy
+                    .consecutive_gateway_errors
+                    .is_some_and(|n| n > 0 && h.consecutive_gateway >= n);
+            if h.ejected_until.is_none() && crossed && ejected < max_ejected {
+                h.ejections += 1;
+                h.ejected_until = Some(now + base * h.ejections);
+                h.consecutive_5xx = 0;
+                h.consecutive_gateway = 0;
+            }
+            if h.ejected_until.is_some() && ejected < max_ejected {
+                ejected += 1;
+            } else {
+                keep.push(*ep);
+            }
         }
-        let crossed = policy
-            .consecutive_5xx_errors
-            .is_some_and(|n| n > 0 && h.consecutive_5xx >= n)
-            || policy
-                .consecutive_gateway_errors
-                .is_some_and(|n| n > 0 && h.consecutive_gateway >= n);
-        if h.ejected_until.is_none() && crossed && ejected < max_ejected {
-            h.ejections += 1;
-            h.ejected_until = Some(now + base * h.ejections);
-            h.consecutive_5xx = 0;
-            h.consecutive_gateway = 0;
-        }
-        if h.ejected_until.is_some() && ejected < max_ejected {
-            ejected += 1;
-        } else {
-            keep.push(*ep);
-        }
+        keep
     }
-    keep
 }

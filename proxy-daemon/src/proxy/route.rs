@@ -1,17 +1,14 @@
 //! Where a connection goes, decided from the snapshot: the registry (Service cluster IPs,
 //! ServiceEntry addresses), VirtualService `tcp[]` rules, DestinationRule subsets, and the
 //! outbound traffic policy for destinations nobody registered.
-use std::{
-    net::{IpAddr, SocketAddr, SocketAddrV4},
-    sync::atomic::{AtomicUsize, Ordering},
-};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
 use super::balance::HashTable;
 use crate::{
     config::istio::OutboundMode,
     config::istio::{Resolution, SimpleLb},
     metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
-    proxy::dns::DnsCache,
+    proxy::Endpoints,
     state::registry::{ServiceInfo, ServiceKind},
     state::routes::{selects, L4Match, WeightedDestination},
     state::routes::{HashAlgorithm, LoadBalancer},
@@ -35,15 +32,6 @@ pub enum L4Decision {
         labels: DestinationLabels,
         flags: &'static str,
     },
-}
-
-/// Rolls for weighted destinations: a rotating counter, so weights hold exactly over every
-/// hundred connections rather than on average.
-static NEXT_ROLL: AtomicUsize = AtomicUsize::new(0);
-
-/// The next roll in 0..100 for [`decide`].
-pub fn next_roll() -> u32 {
-    (NEXT_ROLL.fetch_add(1, Ordering::Relaxed) % 100) as u32
 }
 
 /// A ServiceEntry whose names are resolved by DNS (`DNS`, `DNS_ROUND_ROBIN`).
@@ -160,7 +148,7 @@ pub fn registry_only(
 /// Decides where a captured connection to `dst` from `src` goes.
 pub fn decide(
     snap: &Snapshot,
-    dns: &DnsCache,
+    eps: &Endpoints,
     src: &WorkloadInfo,
     dst: SocketAddrV4,
     default_policy: crate::proxy::OutboundPolicy,
@@ -241,7 +229,7 @@ pub fn decide(
     if target.endpoints.is_empty()
         && matches!(target.kind, ServiceKind::ServiceEntry { .. })
         && std::ptr::eq(target, svc)
-        && (!is_dns(target) || dns.lookup(&target.hostname).is_empty())
+        && (!is_dns(target) || eps.dns.lookup(&target.hostname).is_empty())
     {
         // A ServiceEntry without endpoints (or whose DNS name has no answer yet), dialled
         // by its own address: the app resolved it itself, so the original destination is
@@ -262,7 +250,7 @@ pub fn decide(
             .map(|ip| super::balance::fnv1a(ip.as_bytes())),
         _ => None,
     };
-    match endpoint_for(snap, dns, target, subset, port, &src.namespace, hash) {
+    match endpoint_for(snap, eps, target, subset, port, &src.namespace, hash) {
         Ok(upstream) => L4Decision::Forward {
             upstream,
             labels,
@@ -271,11 +259,6 @@ pub fn decide(
         Err(flags) => L4Decision::Refuse { labels, flags },
     }
 }
-
-static TABLES: std::sync::LazyLock<super::balance::Tables> =
-    std::sync::LazyLock::new(Default::default);
-static ROUND_ROBIN: std::sync::LazyLock<super::balance::RoundRobin> =
-    std::sync::LazyLock::new(Default::default);
 
 /// The load-balancing policy that applies to traffic from `client_namespace` to `port` of
 /// `subset` of `host`.
@@ -297,7 +280,7 @@ pub fn lb_policy(
 /// such subset), UH (no healthy upstream).
 pub fn endpoint_for(
     snap: &Snapshot,
-    dns: &DnsCache,
+    eps: &Endpoints,
     target: &ServiceInfo,
     subset: Option<&str>,
     port: u32,
@@ -330,7 +313,7 @@ pub fn endpoint_for(
     if dns_named && target.endpoints.is_empty() {
         // The host itself is resolved; its addresses carry no labels.
         if subset_labels.as_ref().is_none_or(|l| l.is_empty()) {
-            let answer = dns.lookup(&target.hostname);
+            let answer = eps.dns.lookup(&target.hostname);
             // DNS_ROUND_ROBIN (Envoy's LOGICAL_DNS): the first address of the latest answer.
             let take = match &target.kind {
                 ServiceKind::ServiceEntry {
@@ -350,7 +333,8 @@ pub fn endpoint_for(
             match ep.address.parse::<IpAddr>() {
                 Ok(ip) => addrs.push(at(ip, Some(&ep.ports))),
                 Err(_) if dns_named => addrs.extend(
-                    dns.lookup(&ep.address.to_ascii_lowercase())
+                    eps.dns
+                        .lookup(&ep.address.to_ascii_lowercase())
                         .iter()
                         .map(|ip| at(*ip, Some(&ep.ports))),
                 ),
@@ -366,7 +350,7 @@ pub fn endpoint_for(
         .destination_rule(&target.hostname, client_namespace)
         .map(|dr| dr.effective(Some(port), subset));
     let addrs = match policy.as_ref().and_then(|p| p.outlier_detection.as_ref()) {
-        Some(od) => super::outlier::filter(addrs, od),
+        Some(od) => eps.health.filter(addrs, od),
         None => addrs,
     };
     if addrs.is_empty() {
@@ -374,7 +358,7 @@ pub fn endpoint_for(
     }
     let index = match (policy.and_then(|p| p.load_balancer), hash) {
         (Some(LoadBalancer::ConsistentHash { algorithm, .. }), Some(h)) => {
-            let table = TABLES.get(
+            let table = eps.tables.get(
                 snap.generation,
                 &target.hostname,
                 subset,
@@ -399,10 +383,12 @@ pub fn endpoint_for(
                 algorithm: SimpleLb::RoundRobin,
             }),
             _,
-        ) => ROUND_ROBIN.next(&target.hostname),
+        ) => eps.round_robin.next(&target.hostname),
         // Istio's default (and LEAST_REQUEST / LEAST_CONN): fewest in flight, round robin
         // among equals.
-        _ => super::limits::least_loaded(&addrs, ROUND_ROBIN.next(&target.hostname)),
+        _ => eps
+            .in_flight
+            .least_loaded(&addrs, eps.round_robin.next(&target.hostname)),
     };
     Ok(addrs[index % addrs.len()])
 }

@@ -43,11 +43,11 @@ pub async fn proxy(
     let snapshot = inputs.config.load();
     let decision = route::decide(
         &snapshot,
-        &inputs.dns,
+        &inputs.endpoints,
         &pod.workload,
         dst.0,
         inputs.outbound_policy,
-        route::next_roll(),
+        inputs.endpoints.next_roll(),
         sni.as_deref(),
     );
     let tcp = &inputs.metrics.tcp;
@@ -93,14 +93,19 @@ pub async fn proxy(
     };
     let peer = super::report::peer_for(&snapshot, &destination, Some(upstream_addr));
     drop(snapshot);
-    let Ok(_permit) = super::limits::admit(&destination.service, pool.as_ref(), false).await else {
+    let Ok(_permit) = inputs
+        .endpoints
+        .host_limits
+        .admit(&destination.service, pool.as_ref(), false)
+        .await
+    else {
         let overflow = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "UO");
         tcp.open(&overflow);
         tcp.close(&overflow);
         let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
         return Err(ProxyError::Refused("UO", dst));
     };
-    let _load = super::limits::EndpointLoad::start(upstream_addr);
+    let _load = inputs.endpoints.in_flight.start(upstream_addr);
     let labels = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "");
     tcp.open(&labels);
 

@@ -339,11 +339,11 @@ async fn handle(
         };
         http_route::decide(
             &snap,
-            &inputs.dns,
+            &inputs.endpoints,
             &pod.workload,
             &view,
             inputs.outbound_policy,
-            route::next_roll(),
+            inputs.endpoints.next_roll(),
         )
     };
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -398,10 +398,12 @@ async fn handle(
         log: true,
     };
     let mut decision = decide(&parts);
-    if matches!(decision, HttpDecision::Respond { flags: "UH", .. }) && inputs.dns.has_pending() {
+    if matches!(decision, HttpDecision::Respond { flags: "UH", .. })
+        && inputs.endpoints.dns.has_pending()
+    {
         // A DNS name the new configuration needs has no first answer yet: wait for it
         // (never longer than a connect would take), then decide again.
-        inputs.dns.settled(inputs.connect_timeout).await;
+        inputs.endpoints.dns.settled(inputs.connect_timeout).await;
         decision = decide(&parts);
     }
     // The route's timeout covers every attempt.
@@ -521,12 +523,16 @@ async fn handle(
                                 .connection_pool
                         })
                 };
-                let Ok(permit) = super::limits::admit(&labels.service, pool.as_ref(), true).await
+                let Ok(permit) = inputs
+                    .endpoints
+                    .host_limits
+                    .admit(&labels.service, pool.as_ref(), true)
+                    .await
                 else {
                     let resp = local_response(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n".into(), None);
                     return report::metered(resp, finish(labels, None, Cow::Borrowed("UO"), 503));
                 };
-                let load = super::limits::EndpointLoad::start(upstream);
+                let load = inputs.endpoints.in_flight.start(upstream);
                 let max_per_conn = pool.as_ref().and_then(|p| p.max_requests_per_connection);
                 let result = forward(
                     inputs,
@@ -538,7 +544,10 @@ async fn handle(
                     max_per_conn,
                 )
                 .await;
-                super::outlier::record(upstream, result.as_ref().ok().map(|r| r.status().as_u16()));
+                inputs
+                    .endpoints
+                    .health
+                    .record(upstream, result.as_ref().ok().map(|r| r.status().as_u16()));
                 match result {
                     Ok(resp) => {
                         // The request counts against the pool and its endpoint until the
@@ -745,11 +754,9 @@ async fn connect_upstream(
 }
 
 /// Mirror copies in flight on this node at most; beyond, copies are dropped and counted.
-const MIRROR_CONCURRENCY: usize = 256;
+pub const MIRROR_CONCURRENCY: usize = 256;
 /// A mirror copy that has not answered by then is abandoned (and counted as failed).
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
-static MIRROR_SLOTS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
-    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(MIRROR_CONCURRENCY)));
 
 /// Fire and forget: a copy of the request (same method, path, headers and x-request-id,
 /// Host with Istio's `-shadow` suffix) to the mirror destination. Nothing here waits on,
@@ -772,7 +779,7 @@ fn send_mirror(
             })
             .inc();
     };
-    let Ok(slot) = MIRROR_SLOTS.clone().try_acquire_owned() else {
+    let Ok(slot) = inputs.mirror_slots.clone().try_acquire_owned() else {
         return dropped("concurrency");
     };
     let (upstream, labels, tls) = {
@@ -785,7 +792,7 @@ fn send_mirror(
             .unwrap_or_else(|| target.ports.first().map(|p| p.port).unwrap_or(80));
         match route::endpoint_for(
             &snap,
-            &inputs.dns,
+            &inputs.endpoints,
             target,
             dest.subset.as_deref(),
             port,
