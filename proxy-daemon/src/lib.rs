@@ -18,6 +18,10 @@ pub mod proxy;
 pub mod readiness;
 pub mod state;
 pub mod telemetry;
+/// The data path in-process (no root), for this crate's tests and, with the `testing`
+/// feature, for others'.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod top;
 pub mod validate;
 pub mod version;

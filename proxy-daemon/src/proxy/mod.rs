@@ -12,6 +12,8 @@ pub mod report;
 pub mod route;
 pub mod sniff;
 pub mod tcp;
+#[cfg(test)]
+mod tests;
 pub mod tls;
 
 use std::{

@@ -1,0 +1,341 @@
+//! The data path in-process (no root, milliseconds): routing, subsets, header operations,
+//! retries, mirroring, load balancing and metrics through the real proxy code, with
+//! loopback servers as upstreams (see [`crate::testing`]). Capture, enrolment and source
+//! IPs are the netns suite's.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpListener,
+};
+
+use crate::testing::InProcess;
+
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+
+/// An HTTP/1.1 upstream on `ip`: answers `name` (or 503 for its first `fail_first`
+/// requests) and records each request's head.
+struct Upstream {
+    port: u16,
+    served: Arc<AtomicU32>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+async fn upstream(ip: Ipv4Addr, port: u16, name: &'static str, fail_first: u32) -> Upstream {
+    let listener = TcpListener::bind((ip, port)).await.expect("bind upstream");
+    let port = listener.local_addr().unwrap().port();
+    let served = Arc::new(AtomicU32::new(0));
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let (s, h) = (served.clone(), heads.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (s, h) = (s.clone(), h.clone());
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    h.lock().unwrap().push(head);
+                    let n = s.fetch_add(1, Ordering::SeqCst);
+                    let (status, body) = if n < fail_first {
+                        ("503 Service Unavailable", "busy".to_string())
+                    } else {
+                        ("200 OK", name.to_string())
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Upstream {
+        port,
+        served,
+        heads,
+    }
+}
+
+/// Two versions of `reviews` on 127.0.0.2 and 127.0.0.3 (same port), a Service in front.
+async fn reviews(fail_first_v1: u32) -> (Upstream, Upstream, String) {
+    let v1 = upstream(Ipv4Addr::new(127, 0, 0, 2), 0, "reviews-v1", fail_first_v1).await;
+    let v2 = upstream(Ipv4Addr::new(127, 0, 0, 3), v1.port, "reviews-v2", 0).await;
+    let yaml = format!(
+        "apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{nodeproxy.io/capture: enabled}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: backend}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client-1, namespace: shop, uid: u-client, labels: {{app: client}}}}
+spec: {{containers: [{{name: app}}]}}
+status: {{phase: Running, podIP: 127.0.0.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reviews-v1-a, namespace: backend, uid: u-v1, labels: {{app: reviews, version: v1}}}}
+spec: {{containers: [{{name: app}}]}}
+status: {{phase: Running, podIP: 127.0.0.2, conditions: [{{type: Ready, status: 'True'}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reviews-v2-a, namespace: backend, uid: u-v2, labels: {{app: reviews, version: v2}}}}
+spec: {{containers: [{{name: app}}]}}
+status: {{phase: Running, podIP: 127.0.0.3, conditions: [{{type: Ready, status: 'True'}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  clusterIP: {CLUSTER_IP}
+  selector: {{app: reviews}}
+  ports: [{{name: http, port: 80, targetPort: {port}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  host: reviews.backend.svc.cluster.local
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+",
+        port = v1.port
+    );
+    (v1, v2, yaml)
+}
+
+/// One HTTP/1.1 request over a connection the app opened to `dst`: (status, body).
+async fn get(dp: &InProcess, dst: SocketAddrV4, extra_headers: &str) -> (u16, String) {
+    get_host(dp, dst, "reviews.backend.svc.cluster.local", extra_headers).await
+}
+
+async fn get_host(
+    dp: &InProcess,
+    dst: SocketAddrV4,
+    host: &str,
+    extra_headers: &str,
+) -> (u16, String) {
+    let mut s = dp.connect(dst).await;
+    let req =
+        format!("GET /items HTTP/1.1\r\nhost: {host}\r\n{extra_headers}connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut resp = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut resp))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+fn svc() -> SocketAddrV4 {
+    SocketAddrV4::new(CLUSTER_IP, 80)
+}
+
+#[tokio::test]
+async fn header_match_routes_to_a_subset_and_sets_headers() {
+    let (v1, v2, yaml) = reviews(0).await;
+    let yaml = yaml
+        + "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: backend}
+spec:
+  hosts: [reviews.backend.svc.cluster.local]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    headers: {request: {set: {x-route: jason}}}
+    route: [{destination: {host: reviews.backend.svc.cluster.local, subset: v2}}]
+  - route: [{destination: {host: reviews.backend.svc.cluster.local, subset: v1}}]
+";
+    let dp = InProcess::start(&yaml, "shop", "client-1").await;
+    for _ in 0..5 {
+        assert_eq!(
+            get(&dp, svc(), "end-user: jason\r\n").await,
+            (200, "reviews-v2".into())
+        );
+        assert_eq!(get(&dp, svc(), "").await, (200, "reviews-v1".into()));
+    }
+    assert_eq!(v1.served.load(Ordering::SeqCst), 5);
+    assert_eq!(v2.served.load(Ordering::SeqCst), 5);
+    let heads = v2.heads.lock().unwrap().join("\n");
+    assert!(heads.contains("x-route: jason"), "{heads}");
+    assert!(
+        heads.contains("x-request-id: "),
+        "a request id is added: {heads}"
+    );
+}
+
+#[tokio::test]
+async fn weights_split_exactly_over_a_hundred_requests() {
+    let (v1, v2, yaml) = reviews(0).await;
+    let yaml = yaml
+        + "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: backend}
+spec:
+  hosts: [reviews.backend.svc.cluster.local]
+  http:
+  - route:
+    - {destination: {host: reviews.backend.svc.cluster.local, subset: v1}, weight: 10}
+    - {destination: {host: reviews.backend.svc.cluster.local, subset: v2}, weight: 90}
+";
+    let dp = InProcess::start(&yaml, "shop", "client-1").await;
+    for _ in 0..100 {
+        assert_eq!(get(&dp, svc(), "").await.0, 200);
+    }
+    assert_eq!(
+        (
+            v1.served.load(Ordering::SeqCst),
+            v2.served.load(Ordering::SeqCst)
+        ),
+        (10, 90)
+    );
+}
+
+#[tokio::test]
+async fn a_503_is_retried_by_istios_default_policy_and_metered_once() {
+    let (v1, _v2, yaml) = reviews(1).await;
+    let yaml = yaml
+        + "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: backend}
+spec:
+  hosts: [reviews.backend.svc.cluster.local]
+  http:
+  - route: [{destination: {host: reviews.backend.svc.cluster.local, subset: v1}}]
+";
+    let dp = InProcess::start(&yaml, "shop", "client-1").await;
+    assert_eq!(get(&dp, svc(), "").await, (200, "reviews-v1".into()));
+    assert_eq!(
+        v1.served.load(Ordering::SeqCst),
+        2,
+        "one failure, one retry"
+    );
+    let text = dp.metrics_text();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
+        .unwrap_or_else(|| panic!("no request series:\n{text}"));
+    assert!(line.contains("source_workload=\"client\""), "{line}");
+    assert!(line.contains("destination_version=\"v1\""), "{line}");
+    assert!(
+        line.ends_with(" 1"),
+        "the client's one request, counted once: {line}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_destinations_pass_through_and_are_metered_as_passthrough() {
+    let (_v1, _v2, yaml) = reviews(0).await;
+    let other = upstream(Ipv4Addr::new(127, 0, 0, 4), 0, "elsewhere", 0).await;
+    let dp = InProcess::start(&yaml, "shop", "client-1").await;
+    let dst = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 4), other.port);
+    assert_eq!(
+        get_host(&dp, dst, "api.example.com", "").await,
+        (200, "elsewhere".into())
+    );
+    let text = dp.metrics_text();
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("destination_service_name=\"PassthroughCluster\"")
+            && l.contains("destination_service=\"api.example.com\"")),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn mirrored_requests_reach_the_mirror_with_a_shadow_host() {
+    let (v1, v2, yaml) = reviews(0).await;
+    let yaml = yaml
+        + "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: backend}
+spec:
+  hosts: [reviews.backend.svc.cluster.local]
+  http:
+  - route: [{destination: {host: reviews.backend.svc.cluster.local, subset: v1}}]
+    mirror: {host: reviews.backend.svc.cluster.local, subset: v2}
+    mirrorPercentage: {value: 100}
+";
+    let dp = InProcess::start(&yaml, "shop", "client-1").await;
+    for _ in 0..10 {
+        assert_eq!(get(&dp, svc(), "").await, (200, "reviews-v1".into()));
+    }
+    // Copies are fire-and-forget: give them a moment.
+    for _ in 0..100 {
+        if v2.served.load(Ordering::SeqCst) == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(v1.served.load(Ordering::SeqCst), 10);
+    assert_eq!(v2.served.load(Ordering::SeqCst), 10, "every request mirrored");
+    let heads = v2.heads.lock().unwrap().join("\n");
+    assert!(
+        heads.contains("host: reviews.backend.svc.cluster.local-shadow"),
+        "{heads}"
+    );
+}
+
+#[tokio::test]
+async fn consistent_hash_pins_each_user_to_one_endpoint() {
+    let (v1, v2, yaml) = reviews(0).await;
+    let yaml = yaml.replace(
+        "  host: reviews.backend.svc.cluster.local\n  subsets:",
+        "  host: reviews.backend.svc.cluster.local\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x-user}\n  subsets:",
+    );
+    let dp = InProcess::start(&yaml, "shop", "client-1").await;
+    let mut seen = std::collections::BTreeMap::new();
+    for round in 0..3 {
+        for user in 0..20 {
+            let (status, server) = get(&dp, svc(), &format!("x-user: user-{user}\r\n")).await;
+            assert_eq!(status, 200);
+            let first = seen.entry(user).or_insert_with(|| server.clone());
+            assert_eq!(*first, server, "user-{user} moved in round {round}");
+        }
+    }
+    let on_v1 = seen.values().filter(|s| *s == "reviews-v1").count();
+    assert!(
+        (3..=17).contains(&on_v1),
+        "users spread over both endpoints: {on_v1} of 20 on v1"
+    );
+    assert_eq!(
+        v1.served.load(Ordering::SeqCst) + v2.served.load(Ordering::SeqCst),
+        60
+    );
+}
