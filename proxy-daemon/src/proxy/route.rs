@@ -377,7 +377,7 @@ pub fn endpoint_for(
             }),
             _,
         )
-        | (Some(LoadBalancer::ConsistentHash { .. }), None) => rand::random::<usize>(),
+        | (Some(LoadBalancer::ConsistentHash { .. }), None) => rand::random::<u64>() as usize,
         (
             Some(LoadBalancer::Simple {
                 algorithm: SimpleLb::RoundRobin,

@@ -304,7 +304,11 @@ spec:
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(v1.served.load(Ordering::SeqCst), 10);
-    assert_eq!(v2.served.load(Ordering::SeqCst), 10, "every request mirrored");
+    assert_eq!(
+        v2.served.load(Ordering::SeqCst),
+        10,
+        "every request mirrored"
+    );
     let heads = v2.heads.lock().unwrap().join("\n");
     assert!(
         heads.contains("host: reviews.backend.svc.cluster.local-shadow"),

@@ -281,7 +281,7 @@ pub(crate) fn random_hex(n: usize) -> String {
 pub(crate) fn random_suffix(n: usize) -> String {
     const ALPHA: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     (0..n)
-        .map(|_| ALPHA[rand::random::<usize>() % ALPHA.len()] as char)
+        .map(|_| ALPHA[(rand::random::<u64>() % ALPHA.len() as u64) as usize] as char)
         .collect()
 }
 
