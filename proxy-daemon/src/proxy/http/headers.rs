@@ -1,0 +1,116 @@
+//! Header handling: hop-by-hop headers, VirtualService header operations and rewrites,
+//! request ids.
+use super::*;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded, except for an Upgrade handshake.
+pub(super) const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub(super) fn is_upgrade(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+pub(super) fn strip_hop_by_hop(headers: &mut http::HeaderMap, keep_upgrade: bool) {
+    // Headers named by Connection are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .collect();
+    for h in HOP_BY_HOP {
+        if keep_upgrade && (h == "connection" || h == "upgrade") {
+            continue;
+        }
+        headers.remove(h);
+    }
+    for h in named {
+        if keep_upgrade && (h == "upgrade" || h == "connection") {
+            continue;
+        }
+        headers.remove(h.as_str());
+    }
+}
+
+pub(super) fn apply_ops(headers: &mut http::HeaderMap, ops: &HeaderOps) {
+    for name in &ops.remove {
+        headers.remove(name.as_str());
+    }
+    for (k, v) in &ops.set {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            headers.insert(k, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            headers.append(k, v);
+        }
+    }
+}
+
+pub(super) fn new_request_id() -> String {
+    let b: [u8; 16] = rand::random();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        u16::from_be_bytes([b[4], b[5]]),
+        u16::from_be_bytes([b[6], b[7]]) & 0x0fff,
+        (u16::from_be_bytes([b[8], b[9]]) & 0x3fff) | 0x8000,
+        u64::from_be_bytes([0, 0, b[10], b[11], b[12], b[13], b[14], b[15]])
+    )
+}
+
+pub(super) fn rewrite(req: &mut Request<Body>, edits: &RequestEdits) {
+    for ops in &edits.headers {
+        apply_ops(req.headers_mut(), ops);
+    }
+    for (k, v) in &edits.add_headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            req.headers_mut().append(k, v);
+        }
+    }
+    if let Some(authority) = edits
+        .rewrite_authority
+        .as_ref()
+        .and_then(|a| HeaderValue::from_str(a).ok())
+    {
+        req.headers_mut().insert(header::HOST, authority);
+    }
+    if let Some((prefix, replacement)) = &edits.rewrite_uri {
+        let path = req.uri().path();
+        let new_path = match prefix {
+            Some(p) if path.starts_with(p.as_str()) => format!("{replacement}{}", &path[p.len()..]),
+            _ => replacement.clone(),
+        };
+        let pq = match req.uri().query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        if let Ok(uri) = pq.parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+}

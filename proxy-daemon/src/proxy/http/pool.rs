@@ -1,0 +1,256 @@
+//! Upstream side: connections opened from the pod's netns (TLS originated when the
+//! DestinationRule says so), kept idle per pod and endpoint, requests forwarded over them.
+use super::*;
+
+/// Idle upstream connections per pod, upstream address and TLS setting (sockets live in
+/// the pod netns): HTTP/1 connections one request at a time, HTTP/2 ones shared
+/// (multiplexed).
+pub struct UpstreamPool {
+    /// Idle HTTP/1 senders with how many requests each has carried.
+    pub(super) idle: Mutex<HashMap<PoolKey, Vec<(Sender, u32)>>>,
+    pub(super) h2: Mutex<HashMap<PoolKey, client_http2::SendRequest<Body>>>,
+    /// Idle HTTP/1 connections of all pods (`proxy_daemon_upstream_idle_connections`),
+    /// shared by every pool.
+    pub(super) idle_gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// (address, TLS setting's pool key; 0 for plain connections).
+pub(super) type PoolKey = (SocketAddr, u64);
+
+pub(super) fn pool_key(upstream: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
+    (upstream, tls.map(|t| t.pool_key).unwrap_or(0))
+}
+
+pub(super) const MAX_IDLE_PER_UPSTREAM: usize = 32;
+
+impl UpstreamPool {
+    /// An empty pool counting its idle connections into `idle_gauge`.
+    pub fn new(idle_gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            idle: Default::default(),
+            h2: Default::default(),
+            idle_gauge,
+        }
+    }
+
+    pub(super) fn take(&self, addr: PoolKey) -> Option<(Sender, u32)> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&addr)?;
+        while let Some((s, uses)) = list.pop() {
+            self.idle_gauge.dec();
+            if !s.is_closed() && s.is_ready() {
+                return Some((s, uses));
+            }
+        }
+        None
+    }
+
+    pub(super) fn put(&self, addr: PoolKey, s: Sender, uses: u32) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_UPSTREAM {
+            list.push((s, uses));
+            self.idle_gauge.inc();
+        }
+    }
+}
+
+impl Drop for UpstreamPool {
+    fn drop(&mut self) {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let n: usize = idle.values().map(Vec::len).sum();
+        self.idle_gauge.dec_by(n as i64);
+    }
+}
+
+/// Connects from the pod to `upstream`, originating TLS when the destination's policy says
+/// so (offering `alpn`). A failed handshake is a connect failure (UF) with its reason.
+pub(super) async fn open_upstream(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    upstream: SocketAddr,
+    tls: Option<&UpstreamTls>,
+    alpn: &'static [u8],
+) -> Result<UpstreamIo, (u16, &'static str, String)> {
+    let stream = connect_from_pod(pod, upstream, inputs.connect_timeout)
+        .await
+        .map_err(|e| (503u16, "UF", format!("upstream connect error: {e}")))?;
+    let Some(tls) = tls else {
+        return Ok(UpstreamIo::Plain(stream));
+    };
+    let handshakes = &inputs.metrics.daemon.upstream_tls_handshakes;
+    let result = tokio::time::timeout(
+        inputs.connect_timeout,
+        inputs
+            .tls
+            .connect(tls, alpn, stream, &pod.workload.namespace),
+    )
+    .await
+    .unwrap_or_else(|_| Err("handshake timed out".into()));
+    match result {
+        Ok((io, kind)) => {
+            let result = match kind {
+                crate::proxy::tls::Handshake::Full => "full",
+                crate::proxy::tls::Handshake::Resumed => "resumed",
+            };
+            handshakes
+                .get_or_create(&crate::metrics::TlsHandshakeLabels { result })
+                .inc();
+            Ok(io)
+        }
+        Err(reason) => {
+            handshakes
+                .get_or_create(&crate::metrics::TlsHandshakeLabels { result: "failed" })
+                .inc();
+            warn!(%upstream, sni = %tls.sni, mode = ?tls.settings.mode, %reason, "upstream TLS handshake failed");
+            Err((
+                503,
+                "UF",
+                format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: TLS error: {reason} (upstream {upstream}, SNI {})",
+                    tls.sni
+                ),
+            ))
+        }
+    }
+}
+
+pub(super) async fn connect_upstream(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    upstream: SocketAddr,
+    tls: Option<&UpstreamTls>,
+) -> Result<Sender, (u16, &'static str, String)> {
+    let stream = open_upstream(inputs, pod, upstream, tls, b"http/1.1").await?;
+    let (sender, conn) = client_http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| (503u16, "UF", format!("upstream handshake: {e}")))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// Sends an HTTP/2 request on the pod's shared connection to `upstream` (made on first use).
+pub(super) async fn forward_h2(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    upstream: SocketAddr,
+    tls: Option<&UpstreamTls>,
+    req: Request<Body>,
+    timeout: Option<Duration>,
+) -> Result<Response<Body>, (u16, &'static str, String)> {
+    let key = pool_key(upstream, tls);
+    let existing = {
+        let h2 = pod.http_pool.h2.lock().unwrap_or_else(|p| p.into_inner());
+        h2.get(&key).filter(|s| !s.is_closed()).cloned()
+    };
+    let mut sender = match existing {
+        Some(s) => s,
+        None => {
+            let stream = open_upstream(inputs, pod, upstream, tls, b"h2").await?;
+            let (sender, conn) =
+                client_http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .map_err(|e| (503u16, "UF", format!("upstream h2 handshake: {e}")))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            pod.http_pool
+                .h2
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, sender.clone());
+            sender
+        }
+    };
+    let send = async {
+        sender
+            .ready()
+            .await
+            .map_err(|e| upstream_failure(&e, tls, upstream, "upstream h2"))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| upstream_failure(&e, tls, upstream, "upstream reset"))
+    };
+    let resp = match timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| (504u16, "UT", "upstream request timeout".to_string()))??,
+        None => send.await?,
+    };
+    Ok(resp.map(|b| b.boxed()))
+}
+
+/// Sends one attempt upstream; Err is (status, Envoy flag, message) for the client.
+/// For an Upgrade, the upstream's OnUpgrade is left in the response's extensions.
+pub(super) async fn forward(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    upstream: SocketAddr,
+    tls: Option<&UpstreamTls>,
+    mut req: Request<Body>,
+    timeout: Option<Duration>,
+    max_requests_per_connection: Option<u32>,
+) -> Result<Response<Body>, (u16, &'static str, String)> {
+    let max_uses = max_requests_per_connection
+        .filter(|n| *n > 0)
+        .unwrap_or(u32::MAX);
+    let upgrade = is_upgrade(req.headers());
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    if req.version() == http::Version::HTTP_2 {
+        return forward_h2(inputs, pod, upstream, tls, req, timeout).await;
+    }
+    let key = pool_key(upstream, tls);
+    // A pooled connection the server closed meanwhile hands the request back unsent.
+    let pooled = if upgrade {
+        None
+    } else {
+        pod.http_pool.take(key)
+    };
+    let send = async {
+        let (mut sender, mut uses) = match pooled {
+            Some((s, uses)) => (s, uses),
+            None => (connect_upstream(inputs, pod, upstream, tls).await?, 0),
+        };
+        let resp = match sender.try_send_request(req).await {
+            Ok(r) => r,
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    sender = connect_upstream(inputs, pod, upstream, tls).await?;
+                    uses = 0;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| upstream_failure(&e, tls, upstream, "upstream reset"))?
+                }
+                None => {
+                    return Err(upstream_failure(
+                        e.error(),
+                        tls,
+                        upstream,
+                        "upstream reset before headers",
+                    ))
+                }
+            },
+        };
+        Ok((sender, uses + 1, resp))
+    };
+    let (sender, uses, mut resp) = match timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| (504u16, "UT", "upstream request timeout".to_string()))??,
+        None => send.await?,
+    };
+    if upgrade {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let on = hyper::upgrade::on(&mut resp);
+            resp.extensions_mut().insert(on);
+        }
+    } else if uses < max_uses {
+        // connectionPool.http.maxRequestsPerConnection: a used-up connection is not reused.
+        pod.http_pool.put(key, sender, uses);
+    }
+    Ok(resp.map(|b| b.boxed()))
+}
