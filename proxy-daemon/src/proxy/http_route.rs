@@ -673,6 +673,43 @@ fn unavailable(labels: DestinationLabels, flags: &'static str) -> HttpDecision {
 
 #[cfg(test)]
 mod tests {
+    use super::Retry;
+
+    #[test]
+    fn retry_decision_follows_retry_on() {
+        let istio = Retry::istio_default();
+        assert!(
+            istio.should_retry(Some(503), ""),
+            "503 is in Istio's default"
+        );
+        assert!(!istio.should_retry(Some(500), ""), "500 is not");
+        assert!(istio.should_retry(None, "UF"), "connect-failure");
+        assert!(
+            !istio.should_retry(None, "UC"),
+            "a reset is not, without 'reset'"
+        );
+        let gw = Retry {
+            attempts: 3,
+            per_try_timeout: None,
+            on: vec!["gateway-error".into(), "retriable-4xx".into()],
+        };
+        for code in [502, 503, 504, 409] {
+            assert!(gw.should_retry(Some(code), ""), "{code}");
+        }
+        assert!(!gw.should_retry(Some(500), ""));
+        assert!(
+            gw.should_retry(None, "UT"),
+            "a per-try timeout is a gateway error"
+        );
+        let fivexx = Retry {
+            attempts: 1,
+            per_try_timeout: None,
+            on: vec!["5xx".into()],
+        };
+        assert!(fivexx.should_retry(Some(500), "") && fivexx.should_retry(None, "UC"));
+        assert!(!fivexx.should_retry(Some(404), ""));
+    }
+
     use super::*;
 
     #[test]

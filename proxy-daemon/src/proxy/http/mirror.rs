@@ -151,7 +151,7 @@ pub(super) fn send_mirror(
                 },
                 "",
             ),
-            Err((status, flags, _)) => (*status, "failed", *flags),
+            Err(failure) => (failure.status(), "failed", failure.flag()),
         };
         // Drain the response so the pooled connection can be reused.
         let mut response_bytes = 0;

@@ -363,16 +363,16 @@ async fn handle(
                             retry: Some((retry, Some(status))),
                         }
                     }
-                    Err((status, flags, message)) => {
-                        debug!(%upstream, flags, message, "upstream attempt failed");
+                    Err(failure) => {
+                        debug!(%upstream, flags = failure.flag(), error = %failure, "upstream attempt failed");
                         let expired = deadline.is_some_and(|d| Instant::now() >= d);
                         let (status, flags) = if expired {
                             (504, "UT")
                         } else {
-                            (status, flags)
+                            (failure.status(), failure.flag())
                         };
                         Attempt {
-                            resp: local_response(status, format!("{message}\n"), None),
+                            resp: local_response(status, format!("{failure}\n"), None),
                             labels,
                             upstream: Some(upstream),
                             flags,

@@ -71,10 +71,10 @@ pub(super) async fn open_upstream(
     upstream: SocketAddr,
     tls: Option<&UpstreamTls>,
     alpn: &'static [u8],
-) -> Result<UpstreamIo, (u16, &'static str, String)> {
+) -> Result<UpstreamIo, UpstreamError> {
     let stream = connect_from_pod(pod, upstream, inputs.connect_timeout)
         .await
-        .map_err(|e| (503u16, "UF", format!("upstream connect error: {e}")))?;
+        .map_err(UpstreamError::Connect)?;
     let Some(tls) = tls else {
         return Ok(UpstreamIo::Plain(stream));
     };
@@ -103,14 +103,11 @@ pub(super) async fn open_upstream(
                 .get_or_create(&crate::metrics::TlsHandshakeLabels { result: "failed" })
                 .inc();
             warn!(%upstream, sni = %tls.sni, mode = ?tls.settings.mode, %reason, "upstream TLS handshake failed");
-            Err((
-                503,
-                "UF",
-                format!(
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: TLS error: {reason} (upstream {upstream}, SNI {})",
-                    tls.sni
-                ),
-            ))
+            Err(UpstreamError::Tls {
+                reason,
+                upstream,
+                sni: tls.sni.clone(),
+            })
         }
     }
 }
@@ -120,11 +117,14 @@ pub(super) async fn connect_upstream(
     pod: &PodContext,
     upstream: SocketAddr,
     tls: Option<&UpstreamTls>,
-) -> Result<Sender, (u16, &'static str, String)> {
+) -> Result<Sender, UpstreamError> {
     let stream = open_upstream(inputs, pod, upstream, tls, b"http/1.1").await?;
     let (sender, conn) = client_http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| (503u16, "UF", format!("upstream handshake: {e}")))?;
+        .map_err(|source| UpstreamError::Handshake {
+            protocol: "",
+            source,
+        })?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
@@ -139,7 +139,7 @@ pub(super) async fn forward_h2(
     tls: Option<&UpstreamTls>,
     req: Request<Body>,
     timeout: Option<Duration>,
-) -> Result<Response<Body>, (u16, &'static str, String)> {
+) -> Result<Response<Body>, UpstreamError> {
     let key = pool_key(upstream, tls);
     let existing = {
         let h2 = pod.http_pool.h2.lock().unwrap_or_else(|p| p.into_inner());
@@ -152,7 +152,10 @@ pub(super) async fn forward_h2(
             let (sender, conn) =
                 client_http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                     .await
-                    .map_err(|e| (503u16, "UF", format!("upstream h2 handshake: {e}")))?;
+                    .map_err(|source| UpstreamError::Handshake {
+                        protocol: "h2 ",
+                        source,
+                    })?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -168,16 +171,16 @@ pub(super) async fn forward_h2(
         sender
             .ready()
             .await
-            .map_err(|e| upstream_failure(&e, tls, upstream, "upstream h2"))?;
+            .map_err(|e| upstream_failure(e, tls, upstream, "upstream h2"))?;
         sender
             .send_request(req)
             .await
-            .map_err(|e| upstream_failure(&e, tls, upstream, "upstream reset"))
+            .map_err(|e| upstream_failure(e, tls, upstream, "upstream reset"))
     };
     let resp = match timeout {
         Some(t) => tokio::time::timeout(t, send)
             .await
-            .map_err(|_| (504u16, "UT", "upstream request timeout".to_string()))??,
+            .map_err(|_| UpstreamError::Timeout)??,
         None => send.await?,
     };
     Ok(resp.map(|b| b.boxed()))
@@ -193,7 +196,7 @@ pub(super) async fn forward(
     mut req: Request<Body>,
     timeout: Option<Duration>,
     max_requests_per_connection: Option<u32>,
-) -> Result<Response<Body>, (u16, &'static str, String)> {
+) -> Result<Response<Body>, UpstreamError> {
     let max_uses = max_requests_per_connection
         .filter(|n| *n > 0)
         .unwrap_or(u32::MAX);
@@ -223,11 +226,11 @@ pub(super) async fn forward(
                     sender
                         .send_request(req)
                         .await
-                        .map_err(|e| upstream_failure(&e, tls, upstream, "upstream reset"))?
+                        .map_err(|e| upstream_failure(e, tls, upstream, "upstream reset"))?
                 }
                 None => {
                     return Err(upstream_failure(
-                        e.error(),
+                        e.into_error(),
                         tls,
                         upstream,
                         "upstream reset before headers",
@@ -240,7 +243,7 @@ pub(super) async fn forward(
     let (sender, uses, mut resp) = match timeout {
         Some(t) => tokio::time::timeout(t, send)
             .await
-            .map_err(|_| (504u16, "UT", "upstream request timeout".to_string()))??,
+            .map_err(|_| UpstreamError::Timeout)??,
         None => send.await?,
     };
     if upgrade {
