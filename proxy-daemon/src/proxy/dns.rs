@@ -323,7 +323,7 @@ pub fn names_to_resolve(snap: &Snapshot) -> BTreeSet<String> {
             }
         } else {
             for ep in &svc.endpoints {
-                if ep.address.parse::<IpAddr>().is_err() && !ep.address.starts_with("unix://") {
+                if ep.ip.is_none() && !ep.address.starts_with("unix://") {
                     names.insert(ep.address.to_ascii_lowercase());
                 }
             }

@@ -239,7 +239,7 @@ async fn handle_connection(
         snap.registry
             .by_addr(SocketAddr::V4(dst.0))
             .and_then(|s| s.port(dst.0.port() as u32))
-            .map(|p| sniff::Declared::from_protocol(&p.protocol))
+            .map(|p| sniff::Declared::from(p.class))
             .unwrap_or(sniff::Declared::Undeclared)
     };
     match sniff::detect_declared(&stream, declared).await {

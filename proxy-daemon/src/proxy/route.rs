@@ -88,27 +88,13 @@ fn l4_match(m: &L4Match, dst: SocketAddrV4, src: &WorkloadInfo) -> bool {
     let subnet_ok = m.destination_subnets.is_empty()
         || m.destination_subnets
             .iter()
-            .any(|s| subnet_contains(s, IpAddr::V4(*dst.ip())));
+            .any(|net| net.contains(&IpAddr::V4(*dst.ip())));
     let labels_ok = selects(&m.source_labels, &src.labels);
     let ns_ok = m
         .source_namespace
         .as_ref()
         .is_none_or(|n| *n == src.namespace);
     port_ok && subnet_ok && labels_ok && ns_ok
-}
-
-fn subnet_contains(cidr: &str, ip: IpAddr) -> bool {
-    let (net, prefix) = match cidr.split_once('/') {
-        Some((n, p)) => (n.parse::<IpAddr>().ok(), p.parse::<u8>().ok()),
-        None => (cidr.parse::<IpAddr>().ok(), Some(32)),
-    };
-    match (net, prefix, ip) {
-        (Some(IpAddr::V4(n)), Some(p), IpAddr::V4(a)) if p <= 32 => {
-            let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        _ => false,
-    }
 }
 
 /// Weighted pick; `roll` in 0..100.
@@ -330,15 +316,15 @@ pub fn endpoint_for(
             .iter()
             .filter(|e| subset_labels.as_ref().is_none_or(|l| selects(l, &e.labels)))
         {
-            match ep.address.parse::<IpAddr>() {
-                Ok(ip) => addrs.push(at(ip, Some(&ep.ports))),
-                Err(_) if dns_named => addrs.extend(
+            match ep.ip {
+                Some(ip) => addrs.push(at(ip, Some(&ep.ports))),
+                None if dns_named => addrs.extend(
                     eps.dns
                         .lookup(&ep.address.to_ascii_lowercase())
                         .iter()
                         .map(|ip| at(*ip, Some(&ep.ports))),
                 ),
-                Err(_) => {}
+                None => {}
             }
         }
     }
@@ -413,7 +399,16 @@ mod tests {
             .filter(|r| pick_weighted(&dests, *r).unwrap().weight == 10)
             .count();
         assert_eq!(firsts, 10);
-        assert!(subnet_contains("10.0.0.0/8", "10.2.3.4".parse().unwrap()));
-        assert!(!subnet_contains("10.0.0.0/8", "11.2.3.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn destination_subnets_are_typed_at_compile() {
+        use crate::state::routes::parse_subnets;
+        let nets = parse_subnets(&["10.0.0.0/8".into(), "192.168.1.7".into()]).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(nets[0].contains(&ip("10.2.3.4")) && !nets[0].contains(&ip("11.2.3.4")));
+        assert!(nets[1].contains(&ip("192.168.1.7")) && !nets[1].contains(&ip("192.168.1.8")));
+        let err = parse_subnets(&["10.0.0.0/40".into()]).unwrap_err();
+        assert!(err.contains("10.0.0.0/40"), "{err}");
     }
 }

@@ -74,13 +74,14 @@ pub enum Declared {
     Undeclared,
 }
 
-impl Declared {
-    pub fn from_protocol(p: &str) -> Self {
-        match p.to_ascii_uppercase().as_str() {
-            "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => Declared::Http,
-            "TCP" | "MONGO" | "MYSQL" | "REDIS" => Declared::Tcp,
-            "TLS" | "HTTPS" => Declared::Tls,
-            _ => Declared::Undeclared,
+impl From<crate::state::registry::ProtocolClass> for Declared {
+    fn from(class: crate::state::registry::ProtocolClass) -> Self {
+        use crate::state::registry::ProtocolClass;
+        match class {
+            ProtocolClass::Http => Declared::Http,
+            ProtocolClass::Tcp => Declared::Tcp,
+            ProtocolClass::Tls => Declared::Tls,
+            ProtocolClass::Undeclared => Declared::Undeclared,
         }
     }
 }

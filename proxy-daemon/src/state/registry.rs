@@ -53,11 +53,40 @@ pub struct PortInfo {
     pub target_port_name: Option<String>,
     /// Declared protocol (HTTP, HTTP2, GRPC, TCP, TLS, HTTPS…), empty when undeclared.
     pub protocol: String,
+    /// What the declared protocol means for detection, decided once at compile.
+    pub class: ProtocolClass,
+}
+
+/// How the data path treats a port by its declared protocol (Istio's protocol selection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolClass {
+    /// HTTP, HTTP2, gRPC, gRPC-Web: wait for the client's request.
+    Http,
+    /// Opaque TCP (TCP, Mongo, MySQL, Redis): proxied at once (server-first protocols).
+    Tcp,
+    /// TLS, HTTPS: routed by the ClientHello's SNI, never terminated.
+    Tls,
+    /// Nothing declared: sniffed.
+    Undeclared,
+}
+
+impl ProtocolClass {
+    pub fn of(protocol: &str) -> Self {
+        match protocol.to_ascii_uppercase().as_str() {
+            "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => ProtocolClass::Http,
+            "TCP" | "MONGO" | "MYSQL" | "REDIS" => ProtocolClass::Tcp,
+            "TLS" | "HTTPS" => ProtocolClass::Tls,
+            _ => ProtocolClass::Undeclared,
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EndpointInfo {
     pub address: String,
+    /// `address` as an IP, parsed once at compile (None: a DNS name or a Unix socket).
+    pub ip: Option<IpAddr>,
     /// port name → port, when the endpoint overrides (ServiceEntry endpoints, named ports).
     pub ports: BTreeMap<String, u32>,
     pub labels: BTreeMap<String, String>,
@@ -85,43 +114,15 @@ impl ServiceInfo {
 /// An address range of a ServiceEntry (`addresses` may be CIDRs).
 #[derive(Debug, Clone, serde::Serialize)]
 struct Cidr {
-    net: IpAddr,
-    prefix: u8,
+    net: ipnet::IpNet,
     hostname: String,
 }
 
-fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
-    let (ip, prefix) = match text.split_once('/') {
-        Some((ip, p)) => (ip.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
-        None => {
-            let ip = text.parse::<IpAddr>().ok()?;
-            (ip, if ip.is_ipv4() { 32 } else { 128 })
-        }
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    (prefix <= max).then_some((ip, prefix))
-}
-
-fn cidr_contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
-    match (net, ip) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - prefix)
-            };
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u128::MAX << (128 - prefix)
-            };
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
+/// A CIDR, or a bare address as its /32 or /128.
+fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -144,8 +145,8 @@ impl Registry {
         }
         self.cidrs
             .iter()
-            .filter(|c| cidr_contains(c.net, c.prefix, addr.ip()))
-            .max_by_key(|c| c.prefix)
+            .filter(|c| c.net.contains(&addr.ip()))
+            .max_by_key(|c| c.net.prefix_len())
             .and_then(|c| self.services.get(&c.hostname))
             .filter(|s| s.port(addr.port() as u32).is_some())
     }
@@ -187,10 +188,9 @@ impl Registry {
                     self.by_addr
                         .insert(SocketAddr::new(ip, p.port as u16), svc.hostname.clone());
                 }
-            } else if let Some((net, prefix)) = parse_cidr(a) {
+            } else if let Some(net) = parse_cidr(a) {
                 self.cidrs.push(Cidr {
                     net,
-                    prefix,
                     hostname: svc.hostname.clone(),
                 });
             }
@@ -275,6 +275,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                     .ports
                     .iter()
                     .map(|p| PortInfo {
+                        class: ProtocolClass::Undeclared,
                         name: p.name.clone().unwrap_or_default(),
                         port: p.port,
                         target_port: match &p.target_port {
@@ -320,6 +321,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                                 });
                                 for a in &e.addresses {
                                     out.push(EndpointInfo {
+                                        ip: None,
                                         address: a.clone(),
                                         ports: port_map.clone(),
                                         labels: pod
@@ -353,6 +355,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                                     })
                                     .collect();
                                 Some(EndpointInfo {
+                                    ip: None,
                                     address: ip,
                                     ports,
                                     labels: p.metadata.labels.clone(),
@@ -430,6 +433,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                     .ports
                     .iter()
                     .map(|p| PortInfo {
+                        class: ProtocolClass::Undeclared,
                         name: p.value.name.clone().unwrap_or_default(),
                         port: p.value.number,
                         target_port: p.value.target_port,
@@ -446,6 +450,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                     .endpoints
                     .iter()
                     .map(|e| EndpointInfo {
+                        ip: None,
                         address: e.value.address.clone(),
                         ports: e.value.ports.clone(),
                         labels: e.value.labels.clone(),
@@ -487,6 +492,15 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                 }
             }
             _ => {}
+        }
+    }
+    // Strings become types once, here: the data path never parses configuration.
+    for svc in reg.services.values_mut() {
+        for p in &mut svc.ports {
+            p.class = ProtocolClass::of(&p.protocol);
+        }
+        for ep in &mut svc.endpoints {
+            ep.ip = ep.address.parse().ok();
         }
     }
     reg
@@ -531,9 +545,10 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        let (n, p) = parse_cidr("10.0.0.0/8").unwrap();
-        assert!(cidr_contains(n, p, "10.1.2.3".parse().unwrap()));
-        assert!(!cidr_contains(n, p, "11.1.2.3".parse().unwrap()));
+        let n = parse_cidr("10.0.0.0/8").unwrap();
+        assert!(n.contains(&"10.1.2.3".parse::<IpAddr>().unwrap()));
+        assert!(!n.contains(&"11.1.2.3".parse::<IpAddr>().unwrap()));
+        assert_eq!(parse_cidr("10.1.2.3").unwrap().prefix_len(), 32);
         assert!(parse_cidr("10.0.0.0/40").is_none());
         assert!(parse_cidr("nope").is_none());
     }

@@ -51,17 +51,31 @@ pub struct HttpMatch {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct L4Match {
-    pub destination_subnets: Vec<String>,
+    /// Parsed once here (a bare address is its /32 or /128); a malformed one is an error
+    /// of the VirtualService, found at compile.
+    pub destination_subnets: Vec<ipnet::IpNet>,
     pub sni_hosts: Vec<String>,
     pub port: Option<u32>,
     pub source_labels: BTreeMap<String, String>,
     pub source_namespace: Option<String>,
 }
 
+/// `destinationSubnets` entries as networks; Err names the first that is not one.
+pub fn parse_subnets(subnets: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    subnets
+        .iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("destinationSubnets: {s:?} is not an IP address or CIDR"))
+        })
+        .collect()
+}
+
 impl From<&istio::L4MatchAttributes> for L4Match {
     fn from(m: &istio::L4MatchAttributes) -> Self {
         Self {
-            destination_subnets: m.destination_subnets.clone(),
+            destination_subnets: parse_subnets(&m.destination_subnets).unwrap_or_default(),
             sni_hosts: Vec::new(),
             port: m.port,
             source_labels: m.source_labels.clone(),
@@ -73,7 +87,7 @@ impl From<&istio::L4MatchAttributes> for L4Match {
 impl From<&istio::TlsMatchAttributes> for L4Match {
     fn from(m: &istio::TlsMatchAttributes) -> Self {
         Self {
-            destination_subnets: m.destination_subnets.clone(),
+            destination_subnets: parse_subnets(&m.destination_subnets).unwrap_or_default(),
             sni_hosts: m.sni_hosts.clone(),
             port: m.port,
             source_labels: m.source_labels.clone(),

@@ -516,6 +516,11 @@ pub(super) fn compile_virtual_service(
         .tcp
         .iter()
         .map(|t| {
+            for m in &t.value.matches {
+                if let Err(e) = parse_subnets(&m.destination_subnets) {
+                    cx.err(t.referenced.line(), e);
+                }
+            }
             let matches = t.value.matches.iter().map(L4Match::from).collect();
             l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
         })
@@ -526,6 +531,11 @@ pub(super) fn compile_virtual_service(
         .map(|t| {
             if t.value.matches.iter().all(|m| m.sni_hosts.is_empty()) {
                 cx.err(t.referenced.line(), "tls routes need match[].sniHosts");
+            }
+            for m in &t.value.matches {
+                if let Err(e) = parse_subnets(&m.destination_subnets) {
+                    cx.err(t.referenced.line(), e);
+                }
             }
             let matches = t.value.matches.iter().map(L4Match::from).collect();
             l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
