@@ -99,12 +99,11 @@ impl ConfigDump {
     }
 }
 
-fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
+/// A query parameter, percent-decoded.
+fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
 pub fn admin_handler(
@@ -119,7 +118,6 @@ pub fn admin_handler(
         }
         (_, "/logging") => match query_param(query, "level") {
             Some(level) => {
-                let level = level.replace("%3D", "=").replace("%2C", ",");
                 match logs.set_filter(&level) {
                     Ok(()) => {
                         info!(filter = %level, "log filter changed");
