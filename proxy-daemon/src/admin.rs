@@ -117,19 +117,17 @@ pub fn admin_handler(
             respond(StatusCode::OK, "application/json", body)
         }
         (_, "/logging") => match query_param(query, "level") {
-            Some(level) => {
-                match logs.set_filter(&level) {
-                    Ok(()) => {
-                        info!(filter = %level, "log filter changed");
-                        respond(
-                            StatusCode::OK,
-                            "text/plain",
-                            format!("log filter: {level}\n"),
-                        )
-                    }
-                    Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            Some(level) => match logs.set_filter(&level) {
+                Ok(()) => {
+                    info!(filter = %level, "log filter changed");
+                    respond(
+                        StatusCode::OK,
+                        "text/plain",
+                        format!("log filter: {level}\n"),
+                    )
                 }
-            }
+                Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            },
             None => respond(
                 StatusCode::OK,
                 "text/plain",

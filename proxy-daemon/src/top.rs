@@ -4,16 +4,18 @@
 //! counter deltas, p50/p99 from the duration histogram's bucket deltas.
 use std::{
     collections::HashMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::Write,
+    net::SocketAddr,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
+use http_body_util::{BodyExt as _, Empty};
+
 #[derive(Debug, thiserror::Error)]
 pub enum TopError {
     #[error("fetching {0}: {1}")]
-    Fetch(SocketAddr, std::io::Error),
+    Fetch(SocketAddr, String),
     #[error("{0} answered {1}")]
     Status(SocketAddr, String),
 }
@@ -37,6 +39,9 @@ impl Sample {
 }
 
 /// Parses Prometheus text (comments skipped, quoted values with `\"`, `\\`, `\n`).
+// Hand-written on purpose: prometheus-parse 0.2 splits label sets on ',' and '=' without
+// honouring quotes or escapes, so a label value holding either (a path, a header-derived
+// service name) would be mangled; this parser is tested on exactly those.
 pub fn parse(text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
     for line in text.lines() {
@@ -275,20 +280,50 @@ pub fn render(rows: &[Row], metrics: SocketAddr, height: usize) -> String {
     out
 }
 
-fn fetch(addr: SocketAddr) -> Result<String, TopError> {
-    let io = |e| TopError::Fetch(addr, e);
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(io)?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(io)?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).map_err(io)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.lines().next().unwrap_or("").to_string();
-    if !status.contains(" 200") {
-        return Err(TopError::Status(addr, status));
+/// One scrape of the metrics endpoint, with hyper's client (keep-alive between frames).
+struct Scraper {
+    rt: tokio::runtime::Runtime,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Empty<bytes::Bytes>,
+    >,
+    addr: SocketAddr,
+}
+
+impl Scraper {
+    fn new(addr: SocketAddr) -> Result<Self, TopError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| TopError::Fetch(addr, e.to_string()))?;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        Ok(Self { rt, client, addr })
     }
-    Ok(body.to_string())
+
+    fn fetch(&self) -> Result<String, TopError> {
+        let addr = self.addr;
+        let err = |e: String| TopError::Fetch(addr, e);
+        let uri: http::Uri = format!("http://{addr}/metrics")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| err(e.to_string()))?;
+        self.rt.block_on(async {
+            let resp = tokio::time::timeout(Duration::from_secs(5), self.client.get(uri))
+                .await
+                .map_err(|_| err("timed out".into()))?
+                .map_err(|e| err(e.to_string()))?;
+            if !resp.status().is_success() {
+                return Err(TopError::Status(addr, resp.status().to_string()));
+            }
+            let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+                .await
+                .map_err(|_| err("timed out".into()))?
+                .map_err(|e| err(e.to_string()))?
+                .to_bytes();
+            Ok(String::from_utf8_lossy(&body).into_owned())
+        })
+    }
 }
 
 fn terminal_height() -> usize {
@@ -309,7 +344,14 @@ fn terminal_height() -> usize {
 
 /// Runs the view: `iterations` frames (0: until interrupted).
 pub fn run(metrics: SocketAddr, interval: Duration, iterations: u64) -> ExitCode {
-    let mut before = match fetch(metrics) {
+    let scraper = match Scraper::new(metrics) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("proxy-daemon top: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut before = match scraper.fetch() {
         Ok(t) => totals(&parse(&t)),
         Err(e) => {
             eprintln!("proxy-daemon top: {e}");
@@ -324,7 +366,7 @@ pub fn run(metrics: SocketAddr, interval: Duration, iterations: u64) -> ExitCode
     };
     loop {
         std::thread::sleep(interval);
-        let now = match fetch(metrics) {
+        let now = match scraper.fetch() {
             Ok(t) => totals(&parse(&t)),
             Err(e) => {
                 eprintln!("proxy-daemon top: {e}");
