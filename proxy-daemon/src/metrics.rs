@@ -724,6 +724,8 @@ impl Metrics {
 
 /// OpenMetrics text → classic Prometheus text: counter families take their samples'
 /// `_total` name in HELP and TYPE; the `# EOF` marker goes.
+// Kept: prometheus-client (0.23) encodes OpenMetrics text only, and promtool, Kiali and
+// Grafana's Istio dashboards expect the classic names that Istio's own endpoint serves.
 pub fn to_classic_text(open: &str) -> String {
     let mut out = String::with_capacity(open.len());
     let mut pending_help: Option<&str> = None;

@@ -10,6 +10,8 @@ use crate::cli::LogFormat;
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
     current: Arc<Mutex<String>>,
+    /// Flushes the access log's queue when the last copy goes (at exit).
+    _access_log: Arc<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl LogControl {
@@ -36,6 +38,11 @@ pub fn init(format: LogFormat, filter: &str) -> Result<LogControl, String> {
         LogFormat::Text => crate::proxy::access_log::LogFormat::Text,
         LogFormat::Json => crate::proxy::access_log::LogFormat::Json,
     });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("access-log")
+        .finish(std::io::stderr());
+    crate::proxy::access_log::set_writer(writer);
     let registry = tracing_subscriber::registry().with(filter_layer);
     let result = match format {
         LogFormat::Text => registry
@@ -53,5 +60,6 @@ pub fn init(format: LogFormat, filter: &str) -> Result<LogControl, String> {
     Ok(LogControl {
         handle,
         current: Arc::new(Mutex::new(filter.to_string())),
+        _access_log: Arc::new(guard),
     })
 }

@@ -15,6 +15,15 @@ pub enum LogFormat {
 }
 
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+/// Where lines go: a background thread's queue (tracing-appender's non-blocking writer), so
+/// a slow log pipe never stalls the async workers; when the queue is full lines are dropped
+/// rather than waited for. Unset (tests, benches): stderr directly.
+static WRITER: OnceLock<tracing_appender::non_blocking::NonBlocking> = OnceLock::new();
+
+/// Sends access log lines through `writer` from now on.
+pub fn set_writer(writer: tracing_appender::non_blocking::NonBlocking) {
+    let _ = WRITER.set(writer);
+}
 
 /// Set once, by the logging setup.
 pub fn set_format(format: LogFormat) {
@@ -52,7 +61,14 @@ pub fn write(message: &str, fields: &[(&str, Value)]) {
             fields,
             &mut line,
         );
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        match WRITER.get() {
+            Some(w) => {
+                let _ = w.clone().write_all(line.as_bytes());
+            }
+            None => {
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            }
+        }
     });
 }
 
