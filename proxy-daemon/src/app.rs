@@ -721,17 +721,19 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
                 .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?,
         ),
         metrics: metrics.clone(),
-        connect_timeout: settings.connect_timeout,
-        config: published.clone(),
-        outbound_policy: match settings.outbound_traffic_policy {
-            crate::cli::OutboundTrafficPolicyArg::AllowAny => {
-                crate::proxy::OutboundPolicy::AllowAny
-            }
-            crate::cli::OutboundTrafficPolicyArg::RegistryOnly => {
-                crate::proxy::OutboundPolicy::RegistryOnly
-            }
+        settings: crate::proxy::ProxySettings {
+            connect_timeout: settings.connect_timeout,
+            outbound_policy: match settings.outbound_traffic_policy {
+                crate::cli::OutboundTrafficPolicyArg::AllowAny => {
+                    crate::proxy::OutboundPolicy::AllowAny
+                }
+                crate::cli::OutboundTrafficPolicyArg::RegistryOnly => {
+                    crate::proxy::OutboundPolicy::RegistryOnly
+                }
+            },
+            mirror_max_body_bytes: settings.mirror_max_body_bytes,
         },
-        mirror_max_body_bytes: settings.mirror_max_body_bytes,
+        config: published.clone(),
         endpoints: crate::proxy::Endpoints::new(dns.clone()),
         mirror_slots: Arc::new(tokio::sync::Semaphore::new(
             crate::proxy::http::MIRROR_CONCURRENCY,

@@ -128,10 +128,12 @@ impl InProcess {
         let inputs = Arc::new(ProxyInputs {
             orig_dst: Box::new(orig_dsts.clone()),
             metrics: metrics.clone(),
-            connect_timeout: Duration::from_secs(2),
+            settings: crate::proxy::ProxySettings {
+                connect_timeout: Duration::from_secs(2),
+                outbound_policy: OutboundPolicy::AllowAny,
+                mirror_max_body_bytes: 1024 * 1024,
+            },
             config: published.clone(),
-            outbound_policy: OutboundPolicy::AllowAny,
-            mirror_max_body_bytes: 1024 * 1024,
             endpoints: Endpoints::new(dns),
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(proxy::http::MIRROR_CONCURRENCY)),
             tls: Arc::new(Originator::new(None, 16)),

@@ -52,6 +52,9 @@ pub fn yaml_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Splits a multi-document YAML text at `---` lines.
+// Kept rather than serde-saphyr's multi-document reader: that one returns all documents or
+// one error, while a directory of YAML must report every bad document (each with the line
+// it starts on) and still parse the good ones beside it.
 pub fn split_documents(path: &Path, text: &str) -> Vec<Document> {
     let mut docs = Vec::new();
     let mut current = String::new();

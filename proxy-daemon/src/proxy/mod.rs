@@ -145,16 +145,25 @@ impl Endpoints {
     }
 }
 
-/// What every connection handler shares.
-pub struct ProxyInputs {
-    pub orig_dst: Box<dyn OrigDstLookup>,
-    pub metrics: Arc<Metrics>,
+/// The node-wide settings the data path reads (resolved from flags by the wiring; the data
+/// path never sees command-line types).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProxySettings {
+    /// Upstream connect (and TLS handshake) timeout.
     pub connect_timeout: Duration,
-    /// The compiled configuration; loaded once per connection, never locked.
-    pub config: Arc<crate::state::Published>,
+    /// Unknown destinations, unless a Sidecar says otherwise.
     pub outbound_policy: OutboundPolicy,
     /// Largest request body copied to a mirror; beyond it the copy is abandoned.
     pub mirror_max_body_bytes: usize,
+}
+
+/// What every connection handler shares.
+pub struct ProxyInputs {
+    pub settings: ProxySettings,
+    pub orig_dst: Box<dyn OrigDstLookup>,
+    pub metrics: Arc<Metrics>,
+    /// The compiled configuration; loaded once per connection, never locked.
+    pub config: Arc<crate::state::Published>,
     /// Endpoint choice: DNS answers and the per-endpoint state this proxy keeps.
     pub endpoints: Endpoints,
     /// Mirror copies in flight (fire-and-forget, bounded).

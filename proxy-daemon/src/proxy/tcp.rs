@@ -46,7 +46,7 @@ pub async fn proxy(
         &inputs.endpoints,
         &pod.workload,
         dst.0,
-        inputs.outbound_policy,
+        inputs.settings.outbound_policy,
         inputs.endpoints.next_roll(),
         sni.as_deref(),
     );
@@ -109,13 +109,15 @@ pub async fn proxy(
     let labels = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "");
     tcp.open(&labels);
 
-    let connected = match connect_from_pod(pod, upstream_addr, inputs.connect_timeout).await {
+    let connected = match connect_from_pod(pod, upstream_addr, inputs.settings.connect_timeout)
+        .await
+    {
         Ok(s) => match &tls {
             None => Ok(UpstreamIo::Plain(s)),
             Some(t) => {
                 // DestinationRule tls on a TCP port: the bytes go out inside TLS.
                 let handshake = tokio::time::timeout(
-                    inputs.connect_timeout,
+                    inputs.settings.connect_timeout,
                     inputs.tls.connect(t, b"", s, &pod.workload.namespace),
                 )
                 .await

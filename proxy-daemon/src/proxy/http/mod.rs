@@ -134,7 +134,7 @@ async fn handle(
             &inputs.endpoints,
             &pod.workload,
             &view,
-            inputs.outbound_policy,
+            inputs.settings.outbound_policy,
             inputs.endpoints.next_roll(),
         )
     };
@@ -195,7 +195,11 @@ async fn handle(
     {
         // A DNS name the new configuration needs has no first answer yet: wait for it
         // (never longer than a connect would take), then decide again.
-        inputs.endpoints.dns.settled(inputs.connect_timeout).await;
+        inputs
+            .endpoints
+            .dns
+            .settled(inputs.settings.connect_timeout)
+            .await;
         decision = decide(&parts);
     }
     // The route's timeout covers every attempt.
@@ -261,7 +265,8 @@ async fn handle(
                             let body = match (&buffered, streaming.take()) {
                                 (Some(b), _) => MirrorBody::Ready(b.clone()),
                                 (None, Some(s)) => {
-                                    let (tee, copy) = TeeBody::new(s, inputs.mirror_max_body_bytes);
+                                    let (tee, copy) =
+                                        TeeBody::new(s, inputs.settings.mirror_max_body_bytes);
                                     streaming = Some(tee.boxed());
                                     MirrorBody::Pending(copy)
                                 }

@@ -72,7 +72,7 @@ pub(super) async fn open_upstream(
     tls: Option<&UpstreamTls>,
     alpn: &'static [u8],
 ) -> Result<UpstreamIo, UpstreamError> {
-    let stream = connect_from_pod(pod, upstream, inputs.connect_timeout)
+    let stream = connect_from_pod(pod, upstream, inputs.settings.connect_timeout)
         .await
         .map_err(UpstreamError::Connect)?;
     let Some(tls) = tls else {
@@ -80,7 +80,7 @@ pub(super) async fn open_upstream(
     };
     let handshakes = &inputs.metrics.daemon.upstream_tls_handshakes;
     let result = tokio::time::timeout(
-        inputs.connect_timeout,
+        inputs.settings.connect_timeout,
         inputs
             .tls
             .connect(tls, alpn, stream, &pod.workload.namespace),
