@@ -356,6 +356,10 @@ fn remove_stale_run_dirs() {
     }
 }
 
+/// How often idle per-endpoint state is looked for, and how idle it must be to go.
+const ENDPOINT_STATE_PRUNE: Duration = Duration::from_secs(30);
+const ENDPOINT_STATE_IDLE: Duration = Duration::from_secs(600);
+
 /// A burst of watch events (a re-list, a rollout) becomes one compile.
 const CLUSTER_DEBOUNCE: Duration = Duration::from_millis(50);
 /// At most this many compiles a second, however fast objects churn (a large cluster's pod
@@ -740,6 +744,21 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         )),
         tls: Arc::new(tls),
     });
+    // Per-endpoint state of endpoints and hosts that left is dropped, so churn (pods,
+    // DNS answers, a pod dialling many addresses) cannot grow it without bound.
+    {
+        let inputs = inputs.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ENDPOINT_STATE_PRUNE);
+            loop {
+                tick.tick().await;
+                let gone = inputs.endpoints.prune(ENDPOINT_STATE_IDLE);
+                if gone > 0 {
+                    debug!(entries = gone, "forgot idle endpoint state");
+                }
+            }
+        });
+    }
     let enroller = Enroller::new(
         settings.cgroup_root.clone(),
         settings.outbound_port,

@@ -79,6 +79,17 @@ pub struct Overflow;
 /// Admits one request (or connection) to `host` under its connectionPool; the permit is
 /// held for the request's life. No limit configured: always admitted.
 impl HostLimits {
+    /// Forgets hosts with nothing in flight or waiting (their limits are rebuilt from the
+    /// policy on next use). Returns how many.
+    pub fn prune(&self) -> usize {
+        let mut hosts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let before = hosts.len();
+        hosts.retain(|_, l| {
+            l.slots.available_permits() < l.max as usize || l.pending.load(Ordering::Acquire) > 0
+        });
+        before - hosts.len()
+    }
+
     pub async fn admit(
         &self,
         host: &str,

@@ -136,6 +136,13 @@ impl Endpoints {
         }
     }
 
+    /// Drops what no longer belongs to anything: health of endpoints unused for `idle`
+    /// (ejected ones stay until their ejection ends), limits of idle hosts. Returns how
+    /// many entries went.
+    pub fn prune(&self, idle: Duration) -> usize {
+        self.health.prune(idle) + self.host_limits.prune()
+    }
+
     /// The next weighted-choice roll in 0..100.
     pub fn next_roll(&self) -> u32 {
         (self

@@ -11,12 +11,25 @@ use std::{
 
 use crate::state::routes::Outlier;
 
-#[derive(Default)]
 struct Health {
     consecutive_5xx: u32,
     consecutive_gateway: u32,
     ejected_until: Option<Instant>,
     ejections: u32,
+    /// Last attempt or check: an endpoint unused for long is forgotten.
+    last_used: Instant,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 0,
+            consecutive_gateway: 0,
+            ejected_until: None,
+            ejections: 0,
+            last_used: Instant::now(),
+        }
+    }
 }
 
 /// Passive health of every endpoint this proxy has used.
@@ -24,10 +37,31 @@ struct Health {
 pub struct HealthTable(Mutex<HashMap<SocketAddr, Health>>);
 
 impl HealthTable {
+    /// Forgets endpoints not used for `idle` and not ejected now (endpoints come and go
+    /// with pods and DNS answers; their history must not pile up). Returns how many.
+    pub fn prune(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let before = all.len();
+        all.retain(|_, h| {
+            h.ejected_until.is_some_and(|t| t > now) || now.duration_since(h.last_used) < idle
+        });
+        before - all.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// What one attempt to `ep` came to: a status, or a failure before one.
     pub fn record(&self, ep: SocketAddr, status: Option<u16>) {
         let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let h = all.entry(ep).or_default();
+        h.last_used = Instant::now();
         match status {
             Some(code) if code < 500 => {
                 h.consecutive_5xx = 0;
@@ -82,5 +116,35 @@ impl HealthTable {
             }
         }
         keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_endpoints_are_forgotten_but_ejected_ones_kept() {
+        let table = HealthTable::default();
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let policy = Outlier {
+            consecutive_5xx_errors: Some(1),
+            consecutive_gateway_errors: None,
+            interval: None,
+            base_ejection_time: Some(Duration::from_secs(60)),
+            max_ejection_percent: 100,
+        };
+        table.record(a, Some(200));
+        table.record(b, Some(500));
+        assert_eq!(table.filter(vec![a, b], &policy), vec![a], "b ejected");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(table.prune(Duration::from_millis(10)), 1, "a forgotten");
+        assert_eq!(table.len(), 1, "b kept while ejected");
+        assert_eq!(
+            table.filter(vec![a, b], &policy),
+            vec![a],
+            "and still ejected"
+        );
     }
 }
