@@ -40,6 +40,9 @@ pub fn init(format: LogFormat, filter: &str) -> Result<LogControl, String> {
     });
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
+        // The queue is allocated up front: 8,192 lines is ~40 ms of a busy node's
+        // requests, and 0.25 MiB rather than the 4 MiB of the default 128,000.
+        .buffered_lines_limit(8192)
         .thread_name("access-log")
         .finish(std::io::stderr());
     crate::proxy::access_log::set_writer(writer);
