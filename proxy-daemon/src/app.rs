@@ -271,6 +271,22 @@ fn publish(
         .set((now_ms() / 1000) as i64);
 }
 
+/// Reports a configuration that is not used (each problem, a count, /config_dump); the
+/// last good one keeps serving.
+fn reject(errors: &[ConfigError], what: &str, metrics: &Metrics, status: &Mutex<ConfigStatus>) {
+    metrics.daemon.config_errors.inc();
+    for e in errors {
+        error!("{e}");
+    }
+    warn!(
+        problems = errors.len(),
+        "{what} rejected; keeping the last good one"
+    );
+    let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+    st.last_error = errors.iter().map(ToString::to_string).collect();
+    st.last_error_unix_ms = Some(now_ms());
+}
+
 /// Watches the config dir and publishes each good snapshot; a bad one is reported and the
 /// last good one keeps serving.
 async fn watch_config(
@@ -318,19 +334,7 @@ async fn watch_config(
                     "configuration reloaded"
                 );
             }
-            Err(errors) => {
-                metrics.daemon.config_errors.inc();
-                for e in &errors {
-                    error!("{e}");
-                }
-                warn!(
-                    problems = errors.len(),
-                    "configuration rejected; keeping the last good one"
-                );
-                let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-                st.last_error = errors.iter().map(ToString::to_string).collect();
-                st.last_error_unix_ms = Some(now_ms());
-            }
+            Err(errors) => reject(&errors, "configuration", &metrics, &status),
         }
     }
 }
@@ -525,19 +529,12 @@ async fn watch_cluster(
                     );
                 }
             }
-            Err(errors) => {
-                metrics.daemon.config_errors.inc();
-                for e in &errors {
-                    error!("{e}");
-                }
-                warn!(
-                    problems = errors.len(),
-                    "configuration from the Kubernetes API rejected; keeping the last good one"
-                );
-                let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-                st.last_error = errors.iter().map(ToString::to_string).collect();
-                st.last_error_unix_ms = Some(now_ms());
-            }
+            Err(errors) => reject(
+                &errors,
+                "configuration from the Kubernetes API",
+                &metrics,
+                &status,
+            ),
         }
     }
 }

@@ -3,11 +3,9 @@
 //! cluster store exactly as watch events are, then compiled. Reports the store's memory
 //! (counting allocator: bytes kept, not RSS noise), the time to take in the initial lists,
 //! the compile time, and the time from one pod's label change to a new snapshot.
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicIsize, Ordering},
-    time::Instant,
-};
+use std::time::Instant;
+
+use proxy_tests::counting_alloc::{live, Counting};
 
 use kube::api::{ApiResource, DynamicObject};
 use proxy_common::FailMode;
@@ -16,21 +14,6 @@ use proxy_daemon::{
     state,
 };
 use serde_json::json;
-
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator, only counting.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -140,7 +123,7 @@ fn main() {
         node_name: "node-0".into(),
         default_fail_mode: FailMode::Open,
     };
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live();
     let store = ClusterStore::new(&keys);
     let t = Instant::now();
     let ns_ar = core("Namespace", "namespaces");
@@ -177,14 +160,14 @@ fn main() {
         store.mark_synced(k);
     }
     let ingest_ms = t.elapsed().as_secs_f64() * 1e3;
-    let store_bytes = LIVE.load(Ordering::Relaxed) - before;
+    let store_bytes = live() - before;
 
     let mut compile_ms = Vec::new();
     let mut snapshot_bytes = 0;
     for round in 0..5 {
         // Measured from before the store hands out its copies: those are dropped inside
         // the compile, so what is left afterwards is the snapshot.
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live();
         let t = Instant::now();
         let contents = store.contents();
         assert!(
@@ -199,7 +182,7 @@ fn main() {
         } = state::compile_valid(contents.objects, &settings, round, &Default::default())
             .expect("compile");
         compile_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        snapshot_bytes = LIVE.load(Ordering::Relaxed) - before;
+        snapshot_bytes = live() - before;
         assert!(rejected.is_empty(), "{:?}", rejected.first());
         assert_eq!(snap.registry.services.len(), SERVICES);
         assert_eq!(snap.pods.len(), PODS / 100, "this node's pods are captured");

@@ -1,32 +1,15 @@
 //! Compile time and snapshot memory for a synthetic config of N services × 5 routes
 //! (Service + DestinationRule with two subsets + VirtualService with five rules each).
 //! Memory is counted by a wrapping allocator: bytes the snapshot keeps, not RSS noise.
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicIsize, Ordering},
-    time::Instant,
-};
+use std::time::Instant;
+
+use proxy_tests::counting_alloc::{live, Counting};
 
 use proxy_common::FailMode;
 use proxy_daemon::{
     config::local,
     state::{self, Snapshot},
 };
-
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator, only counting.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -101,13 +84,13 @@ fn main() {
         let loaded = local::load_path(&dir);
         parse_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert!(loaded.errors.is_empty(), "{:?}", &loaded.errors[..1]);
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live();
         let t = Instant::now();
         let snap = state::compile(&loaded.objects, &settings, round).expect("compile");
         compile_ms.push(t.elapsed().as_secs_f64() * 1e3);
         // What the snapshot itself keeps once the parsed objects are gone.
         drop(loaded);
-        let after_drop = LIVE.load(Ordering::Relaxed);
+        let after_drop = live();
         let _ = before;
         held = after_drop;
         assert_eq!(snap.registry.services.len(), n);
@@ -115,15 +98,15 @@ fn main() {
             let Snapshot {
                 registry, routes, ..
             } = snap;
-            let a = LIVE.load(Ordering::Relaxed);
+            let a = live();
             drop(registry);
-            let b = LIVE.load(Ordering::Relaxed);
+            let b = live();
             let vs = routes.virtual_services;
             let drs = routes.destination_rules;
             drop(vs);
-            let c = LIVE.load(Ordering::Relaxed);
+            let c = live();
             drop(drs);
-            let d = LIVE.load(Ordering::Relaxed);
+            let d = live();
             eprintln!(
                 "registry {} KiB, virtual services {} KiB, destination rules {} KiB",
                 (a - b) / 1024,
@@ -134,7 +117,7 @@ fn main() {
         }
         assert_eq!(snap.routes.virtual_services.len(), n);
         drop(snap);
-        held -= LIVE.load(Ordering::Relaxed);
+        held -= live();
     }
     // One file per service, as many teams keep them: a reload after one file changed.
     let _ = std::fs::remove_dir_all(&dir);
