@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod modgraph;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 #[derive(Parser)]
 struct Cli {
@@ -212,6 +213,16 @@ fn setup() -> Result<()> {
             .env("LLVM_PREFIX", &prefix))?;
     }
     chart_tools()?;
+    // cargo-deny, for the dependency checks of `cargo xtask test`.
+    let deny = output(Command::new(cargo_home_bin().join("cargo-deny")).arg("--version"))
+        .unwrap_or_default();
+    if !deny.contains(CARGO_DENY_VERSION) {
+        run(Command::new("cargo").args([
+            "install",
+            "--locked",
+            &format!("cargo-deny@{CARGO_DENY_VERSION}"),
+        ]))?;
+    }
     // promtool (the metrics test checks the scrape with it), taken out of Debian's
     // `prometheus` package without installing the package (which would start a server).
     let tools = workspace_root().join("target/tools");
@@ -434,6 +445,11 @@ fn main() -> Result<()> {
             // The chart and its plain manifests (fast: no cluster, no build).
             manifests(true)?;
             chart_checks()?;
+            // Dependency hygiene: banned/duplicate crates, licences, sources. (Advisories
+            // need the RustSec database, which these machines cannot fetch.)
+            run(&mut cargo(&[
+                "deny", "check", "bans", "licenses", "sources",
+            ]))?;
             // Build once: the end-to-end tests run the daemon and pdtool binaries.
             run(&mut cargo(&["build", "--workspace", "--bins"]))?;
             // No doc tests (there are none); every other target's tests run.
