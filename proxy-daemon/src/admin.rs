@@ -116,7 +116,14 @@ pub fn admin_handler(
             let body = serde_json::to_vec_pretty(&dump.render()).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
         }
-        (_, "/logging") => match query_param(query, "level") {
+        // Changing state takes a POST (as Envoy's admin does): a GET, which a browser, a
+        // link preview or a scraper may send, only reads.
+        (&Method::GET, "/logging") if query_param(query, "level").is_some() => respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use POST to change the log filter\n",
+        ),
+        (&Method::GET | &Method::POST, "/logging") => match query_param(query, "level") {
             Some(level) => match logs.set_filter(&level) {
                 Ok(()) => {
                     info!(filter = %level, "log filter changed");
@@ -138,7 +145,9 @@ pub fn admin_handler(
             let _ = quit.send(true);
             respond(StatusCode::OK, "text/plain", "draining\n")
         }
-        (_, "/quitquitquit") => respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n"),
+        (_, "/quitquitquit" | "/logging") => {
+            respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use POST\n")
+        }
         _ => not_found(),
     })
 }

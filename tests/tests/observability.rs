@@ -548,15 +548,23 @@ fn access_log_is_one_json_line_per_request_and_switchable() {
         "{lines:?}"
     );
 
-    // At run time: /logging switches the access log off (and back on).
+    // At run time: POST /logging switches the access log off (and back on); a GET only
+    // reads (a link preview or a scraper must not change the daemon).
     let (code, _) =
         proxy_tests::http_get(s.daemon.admin, "/logging?level=info,access_log=off").expect("admin");
+    assert_eq!(code, 405, "GET does not change the filter");
+    let (code, body) = proxy_tests::http_get(s.daemon.admin, "/logging").expect("admin");
+    assert_eq!(code, 200);
+    assert!(!body.contains("access_log=off"), "{body}");
+    let (code, _) =
+        proxy_tests::http_request(s.daemon.admin, "POST", "/logging?level=info,access_log=off")
+            .expect("admin");
     assert_eq!(code, 200);
     let before = access_lines(&s.daemon).len();
     send(&s.web, "198.18.0.240:9080", "reviews.shop", 3);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(access_lines(&s.daemon).len(), before, "switched off");
-    proxy_tests::http_get(s.daemon.admin, "/logging?level=info").expect("admin");
+    proxy_tests::http_request(s.daemon.admin, "POST", "/logging?level=info").expect("admin");
     send(&s.web, "198.18.0.240:9080", "reviews.shop", 1);
     assert!(
         wait_for(Duration::from_secs(2), || (access_lines(&s.daemon).len()
