@@ -84,7 +84,13 @@ pub fn pd_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: helper on our own context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if netns_cookie != enrolment.netns_cookie {
+        // A process of the pod in another network namespace than the pod's (one it made,
+        // or joined): there is no listener of ours there to send it to. Letting it through
+        // would be a way out of capture, so it gets the pod's fail mode.
         count(CaptureStat::NetnsMismatch);
+        if enrolment.fail_mode == FailMode::Closed as u8 {
+            return REFUSE;
+        }
         return ALLOW;
     }
     let listener_port_be = enrolment.listener_port.to_be();

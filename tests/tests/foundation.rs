@@ -666,3 +666,53 @@ fn readiness_waits_for_every_pod_listener_and_recovers() {
         "{text}"
     );
 }
+
+#[test]
+fn a_pod_process_in_another_network_namespace_gets_the_pods_fail_mode() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("mismatch", 80);
+    let open_pod = node.pod("relaxed", "open-1");
+    let closed_pod = node.pod("strict", "closed-1");
+    // The attacker's way out: a network namespace with its own route to the upstream (a
+    // privileged container could make one); here, another host's.
+    let elsewhere = node.host("elsewhere");
+    node.write_config(
+        "ns.yaml",
+        &(namespace_yaml("relaxed", true, None)
+            + &namespace_yaml("strict", true, Some("closed"))
+            + &pod_yaml(&open_pod, &[("app", "open")])
+            + &pod_yaml(&closed_pod, &[("app", "closed")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&open_pod.uid, Duration::from_secs(5));
+    daemon.wait_enrolled(&closed_pod.uid, Duration::from_secs(5));
+    let to = upstream.addr(80).to_string();
+    let from_elsewhere = |pod: &proxy_tests::Pod| -> serde_json::Value {
+        let out = elsewhere
+            .command(
+                Some(&pod.app_cgroup()),
+                &proxy_tests::target_bin("pdtool"),
+                &["connect", "--to", &to, "--timeout-ms", "3000"],
+            )
+            .output()
+            .expect("pdtool");
+        serde_json::from_slice(&out.stdout).expect("pdtool JSON")
+    };
+    let closed = from_elsewhere(&closed_pod);
+    assert_eq!(
+        closed["result"], "eperm",
+        "a fail-closed pod's process cannot leave through another netns: {closed}"
+    );
+    let open = from_elsewhere(&open_pod);
+    assert_eq!(open["result"], "ok", "fail-open lets it through: {open}");
+    assert!(
+        daemon.metric_sum(
+            "proxy_daemon_capture_decisions",
+            &[("decision", "netns_mismatch")]
+        ) >= 2.0,
+        "both counted"
+    );
+    // The pods' own traffic is captured as before.
+    for pod in [&open_pod, &closed_pod] {
+        assert_captured(&pod.pdtool(&["connect", "--to", &to]));
+    }
+}
