@@ -57,6 +57,8 @@ pub enum TlsError {
     BadCredentialName(String),
     #[error("credentialName {0}: no --credentials-dir to read it from")]
     NoCredentialsDir(String),
+    #[error("tls mode MUTUAL without a client certificate: {0}; not connecting without one")]
+    NoClientCertificate(String),
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -264,6 +266,18 @@ impl Originator {
                     message: e.to_string(),
                 })?;
                 builder.with_client_auth_cert(chain, key)?
+            }
+            // MUTUAL means the server gets our certificate: without one (a Secret deleted
+            // or missing its keys), fail rather than quietly connect as nobody.
+            _ if t.mode == TlsMode::Mutual => {
+                return Err(TlsError::NoClientCertificate(
+                    t.credential_name
+                        .clone()
+                        .map(|n| format!("credentialName {n} has no tls.crt/tls.key (or cert/key)"))
+                        .unwrap_or_else(|| {
+                            "clientCertificate and privateKey are not both set".into()
+                        }),
+                ))
             }
             _ => builder.with_no_client_auth(),
         };
@@ -496,5 +510,45 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mutual_without_a_client_certificate_fails_instead_of_downgrading() {
+        let dir = std::env::temp_dir().join(format!("pd-tls-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("shop/partner")).unwrap();
+        let originator = Originator::new(Some(dir.clone()), 0).namespaced();
+        let settings = TlsOrigination {
+            mode: TlsMode::Mutual,
+            client_certificate: None,
+            private_key: None,
+            ca_certificates: None,
+            credential_name: Some("partner".into()),
+            credential_namespace: "shop".into(),
+            subject_alt_names: Vec::new(),
+            sni: None,
+            insecure_skip_verify: false,
+        };
+        let tls = UpstreamTls::new(&settings, "api.example.com").unwrap();
+        let Err(err) = originator.config(&tls, b"http/1.1") else {
+            panic!("MUTUAL accepted without a client certificate")
+        };
+        assert!(
+            err.to_string()
+                .contains("credentialName partner has no tls.crt"),
+            "{err}"
+        );
+        // SIMPLE needs no client certificate.
+        let simple = TlsOrigination {
+            mode: TlsMode::Simple,
+            ..settings
+        };
+        let tls = UpstreamTls::new(&simple, "api.example.com").unwrap();
+        assert!(originator.config(&tls, b"http/1.1").is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
