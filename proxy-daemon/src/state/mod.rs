@@ -454,6 +454,22 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_destination_subnet_is_an_error_of_its_virtual_service() {
+        let yaml = format!(
+            "{NS}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: db, namespace: shop}}\nspec:\n  hosts: [db]\n  tcp:\n  - match: [{{destinationSubnets: [10.0.0.0/40]}}]\n    route: [{{destination: {{host: db}}}}]\n"
+        );
+        let errors = compile(&objects(&yaml), &settings(), 1)
+            .err()
+            .unwrap_or_default();
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            text.iter()
+                .any(|e| e.contains("VirtualService/shop/db") && e.contains("10.0.0.0/40")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
     fn pods_with_an_istio_sidecar_or_host_network_are_not_captured() {
         let pod = |name: &str, extra: &str| {
             format!("---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  uid: uid-{name}\n{extra}")

@@ -516,11 +516,8 @@ pub(super) fn compile_virtual_service(
         .tcp
         .iter()
         .map(|t| {
-            for m in &t.value.matches {
-                if let Err(e) = parse_subnets(&m.destination_subnets) {
-                    cx.err(t.referenced.line(), e);
-                }
-            }
+            let subnets = t.value.matches.iter().map(|m| &m.destination_subnets[..]);
+            check_subnets(&mut cx, t.referenced.line(), subnets);
             let matches = t.value.matches.iter().map(L4Match::from).collect();
             l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
         })
@@ -532,11 +529,8 @@ pub(super) fn compile_virtual_service(
             if t.value.matches.iter().all(|m| m.sni_hosts.is_empty()) {
                 cx.err(t.referenced.line(), "tls routes need match[].sniHosts");
             }
-            for m in &t.value.matches {
-                if let Err(e) = parse_subnets(&m.destination_subnets) {
-                    cx.err(t.referenced.line(), e);
-                }
-            }
+            let subnets = t.value.matches.iter().map(|m| &m.destination_subnets[..]);
+            check_subnets(&mut cx, t.referenced.line(), subnets);
             let matches = t.value.matches.iter().map(L4Match::from).collect();
             l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
         })
@@ -555,4 +549,18 @@ pub(super) fn compile_virtual_service(
         tls,
         source: cx.source(0),
     })
+}
+
+/// Reports every `destinationSubnets` entry that is not an address or CIDR (the compiled
+/// match would otherwise quietly lose it).
+pub(super) fn check_subnets<'a>(
+    cx: &mut Ctx,
+    line: u64,
+    subnets: impl Iterator<Item = &'a [String]>,
+) {
+    for list in subnets {
+        if let Err(e) = parse_subnets(list) {
+            cx.err(line, e);
+        }
+    }
 }
