@@ -93,6 +93,61 @@ pub struct Settings {
     pub credentials_dir: Option<PathBuf>,
     pub tls_session_cache: usize,
     pub metrics_retention: Duration,
+    /// Tracing as the flags set it (the mesh configuration may replace it on reload).
+    pub tracing: crate::spans::TraceSettings,
+}
+
+/// The tracing flags, checked (a bad one is a startup error naming the flag).
+fn trace_settings(args: &RunArgs) -> Result<crate::spans::TraceSettings, String> {
+    use crate::spans::{parse_sampling, Collector, Formats};
+    let mut collectors = Vec::new();
+    if let Some(url) = &args.otlp_endpoint {
+        collectors.push(Collector::otlp(url).map_err(|e| format!("--otlp-endpoint {e}"))?);
+    }
+    if let Some(url) = &args.zipkin_endpoint {
+        collectors.push(Collector::zipkin(url).map_err(|e| format!("--zipkin-endpoint {e}"))?);
+    }
+    Ok(crate::spans::TraceSettings {
+        sampling: parse_sampling(&args.trace_sampling)
+            .map_err(|e| format!("--trace-sampling: {e}"))?,
+        collectors,
+        propagation: Formats::parse(&args.trace_propagation)
+            .map_err(|e| format!("--trace-propagation: {e}"))?,
+        source: "flags".into(),
+    })
+}
+
+/// A collector named by host (cluster mode: a Service, `otel-collector.observability`)
+/// is found in the daemon's own registry: a ready endpoint at the port's target port,
+/// else the service's address.
+fn collector_resolver(published: Arc<Published>) -> crate::spans::ResolveHost {
+    Arc::new(move |host: &str, port: u16| {
+        let snap = published.load();
+        let dots = host.matches('.').count();
+        let candidates = [
+            host.to_string(),
+            if dots == 1 {
+                format!("{host}.svc.cluster.local")
+            } else {
+                format!("{host}.cluster.local")
+            },
+        ];
+        let svc = candidates.iter().find_map(|h| snap.registry.by_host(h))?;
+        let port_info = svc.port(port as u32);
+        let endpoint = svc.endpoints.iter().find_map(|e| {
+            let ip = e.ip?;
+            let p = port_info
+                .and_then(|p| e.ports.get(&p.name).copied().or(p.target_port))
+                .unwrap_or(port as u32);
+            Some(SocketAddr::new(ip, p as u16))
+        });
+        endpoint.or_else(|| {
+            svc.addresses
+                .iter()
+                .find_map(|a| a.parse::<std::net::IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, port))
+        })
+    })
 }
 
 fn startup(msg: impl Into<String>) -> AppError {
@@ -172,6 +227,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
                 .join(format!("proxy-daemon-{}", std::process::id()))
                 .join("credentials"),
         });
+    let tracing = trace_settings(args).map_err(|e| startup(e.to_string()))?;
     if cluster.is_some() && node_name.is_empty() {
         return Err(startup(
             "--kubernetes needs the node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)",
@@ -205,6 +261,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         credentials_dir: args.credentials_dir.clone(),
         tls_session_cache: args.tls_session_cache,
         metrics_retention: Duration::from_secs(args.metrics_retention_secs),
+        tracing,
     })
 }
 
@@ -640,6 +697,12 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             .registry
             .sub_registry_with_prefix("proxy_daemon"),
     ));
+    let (tracer, span_queue) = crate::spans::Tracer::new(
+        settings.tracing.clone(),
+        daemon_metrics
+            .registry
+            .sub_registry_with_prefix("proxy_daemon"),
+    );
     let metrics = Arc::new(daemon_metrics);
     let published = Arc::new(Published::new());
     let config_status = Arc::new(Mutex::new(ConfigStatus::default()));
@@ -740,7 +803,13 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             crate::proxy::http::MIRROR_CONCURRENCY,
         )),
         tls: Arc::new(tls),
+        tracer: tracer.clone(),
     });
+    tokio::spawn(crate::spans::run_exporter(
+        tracer.clone(),
+        span_queue,
+        collector_resolver(published.clone()),
+    ));
     // Per-endpoint state of endpoints and hosts that left is dropped, so churn (pods,
     // DNS answers, a pod dialling many addresses) cannot grow it without bound.
     {
@@ -830,6 +899,8 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             "dns",
             Box::new(move || serde_json::to_value(d.states()).unwrap_or_default()),
         );
+        let t = tracer.clone();
+        dump.add("tracing", Box::new(move || t.dump()));
         let r = ready.clone();
         dump.add(
             "readiness",

@@ -183,4 +183,24 @@ pub struct RunArgs {
     /// TLS sessions kept per upstream TLS setting for resumption (0 turns resumption off).
     #[arg(long, env = "PROXY_TLS_SESSION_CACHE", default_value_t = 256)]
     pub tls_session_cache: usize,
+
+    /// Percentage of new traces sampled (0–100, fractions allowed). A caller's decision
+    /// and `x-envoy-force-trace` win; the namespace annotation `nodeproxy.io/trace-sampling`
+    /// overrides, and a mesh config's `defaultConfig.tracing.sampling` replaces it on reload.
+    #[arg(long, env = "PROXY_TRACE_SAMPLING", default_value = "1")]
+    pub trace_sampling: String,
+
+    /// Export spans with OTLP: `http://host:4318` (HTTP/protobuf, path `/v1/traces`) or
+    /// `grpc://host:4317`.
+    #[arg(long, env = "PROXY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Export spans as Zipkin v2 JSON, e.g. `http://host:9411/api/v2/spans`.
+    #[arg(long, env = "PROXY_ZIPKIN_ENDPOINT")]
+    pub zipkin_endpoint: Option<String>,
+
+    /// Trace headers written upstream when a request brought none (a request that brought
+    /// some is answered in its own formats): any of `w3c`, `b3`, `b3-single`.
+    #[arg(long, env = "PROXY_TRACE_PROPAGATION", default_value = "w3c,b3")]
+    pub trace_propagation: String,
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod metrics;
 pub mod proxy;
 pub mod readiness;
+pub mod spans;
 pub mod state;
 pub mod telemetry;
 /// The data path in-process (no root), for this crate's tests and, with the `testing`

@@ -137,6 +137,16 @@ impl InProcess {
             endpoints: Endpoints::new(dns),
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(proxy::http::MIRROR_CONCURRENCY)),
             tls: Arc::new(Originator::new(None, 16)),
+            tracer: crate::spans::Tracer::new(
+                crate::spans::TraceSettings {
+                    sampling: 0.0,
+                    collectors: Vec::new(),
+                    propagation: crate::spans::Formats::parse("w3c,b3").expect("formats"),
+                    source: "test".into(),
+                },
+                &mut prometheus_client::registry::Registry::default(),
+            )
+            .0,
         });
         let ctx = Arc::new(ArcSwap::from_pointee(PodContext {
             source_labels: SourceLabels::of(&workload),

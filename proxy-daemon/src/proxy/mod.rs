@@ -177,6 +177,8 @@ pub struct ProxyInputs {
     pub mirror_slots: Arc<tokio::sync::Semaphore>,
     /// Upstream TLS (DestinationRule `tls`).
     pub tls: Arc<crate::proxy::tls::Originator>,
+    /// Trace context, sampling and span export (see [`crate::spans`]).
+    pub tracer: Arc<crate::spans::Tracer>,
 }
 
 impl ProxyInputs {

@@ -83,6 +83,21 @@ pub struct Finish {
     pub code: u16,
     /// False for mirror copies: they are metered, not logged.
     pub log: bool,
+    /// The request's span, when it is sampled.
+    pub span: Option<SpanDraft>,
+}
+
+/// What a sampled request's span needs beyond what [`Finish`] has.
+pub struct SpanDraft {
+    pub trace: crate::spans::RequestTrace,
+    /// The port the request was for (the span is named `<host>:<port>/*`, as Istio does).
+    pub port: u16,
+    pub user_agent: Option<String>,
+    /// One per upstream attempt (retries show as more than one).
+    pub events: Vec<crate::spans::SpanEvent>,
+    /// A mirror copy links to its primary's span.
+    pub links: Vec<(u128, u64)>,
+    pub mirror: bool,
 }
 
 /// Size of a header block on the wire, roughly as Envoy counts it (`name: value\r\n`).
@@ -104,16 +119,27 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
 
 impl Finish {
     /// Reports the request: metrics always, the access log line when enabled.
-    pub fn done(self, response_bytes: u64, grpc: Option<u16>, downstream_gone: bool) {
+    pub fn done(mut self, response_bytes: u64, grpc: Option<u16>, downstream_gone: bool) {
         let snap = self.inputs.config.load();
         let peer = peer_for(&snap, &self.dest, self.upstream);
         let flags: Cow<'static, str> = if downstream_gone && self.flags.is_empty() {
             Cow::Borrowed("DC")
         } else {
-            self.flags
+            std::mem::take(&mut self.flags)
         };
         let request_bytes = self.request_size.bytes();
         let duration = self.started.elapsed();
+        if let Some(draft) = &self.span {
+            self.inputs.tracer.submit(span_record(
+                &self,
+                draft,
+                &flags,
+                request_bytes,
+                response_bytes,
+                grpc,
+                duration,
+            ));
+        }
         let dest = Arc::new(self.dest);
         let mut base = IstioTcpLabels::new(&self.pod.source_labels, &peer, &dest, &flags);
         base.request_protocol = if self.grpc { "grpc" } else { "http" };
@@ -152,6 +178,90 @@ impl Finish {
                 peer: &peer,
             });
         }
+    }
+}
+
+/// Envoy's cluster name for a destination (`outbound|port||host`), or Istio's pseudo
+/// clusters for traffic to unknown destinations.
+fn cluster_name(dest: &DestinationLabels, port: u16) -> String {
+    if dest.service_name == PASSTHROUGH_CLUSTER || dest.service_name == BLACKHOLE_CLUSTER {
+        return dest.service_name.clone();
+    }
+    format!("outbound|{port}||{}", dest.service)
+}
+
+/// The span of one request, with the tags Istio's Envoy puts on its client spans.
+#[allow(clippy::too_many_arguments)]
+fn span_record(
+    f: &Finish,
+    draft: &SpanDraft,
+    flags: &str,
+    request_bytes: u64,
+    response_bytes: u64,
+    grpc: Option<u16>,
+    duration: std::time::Duration,
+) -> crate::spans::SpanRecord {
+    let w = &f.pod.workload;
+    let dest = &f.dest;
+    let cluster = cluster_name(dest, draft.port);
+    let pod_ip = w.ip.clone().unwrap_or_else(|| "-".into());
+    let mut tags: Vec<(&'static str, String)> = vec![
+        ("component", "proxy".into()),
+        (
+            "node_id",
+            format!(
+                "sidecar~{pod_ip}~{}.{}~{}.svc.cluster.local",
+                w.pod_name, w.namespace, w.namespace
+            ),
+        ),
+        (
+            "guid:x-request-id",
+            f.request_id.clone().unwrap_or_default(),
+        ),
+        ("http.url", format!("http://{}{}", f.authority, f.path)),
+        ("http.method", f.method.as_str().into()),
+        ("downstream_cluster", "-".into()),
+        (
+            "user_agent",
+            draft.user_agent.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("http.protocol", f.protocol.into()),
+        ("peer.address", pod_ip),
+        ("request_size", request_bytes.to_string()),
+        ("upstream_cluster", cluster.clone()),
+        ("upstream_cluster.name", cluster),
+        ("http.status_code", f.code.to_string()),
+        ("response_size", response_bytes.to_string()),
+        (
+            "response_flags",
+            if flags.is_empty() { "-" } else { flags }.into(),
+        ),
+        ("istio.canonical_service", w.canonical_service.clone()),
+        ("istio.canonical_revision", w.canonical_revision.clone()),
+        ("istio.namespace", w.namespace.clone()),
+        ("istio.mesh_id", "cluster.local".into()),
+    ];
+    if let Some(u) = f.upstream {
+        tags.push(("upstream_address", u.to_string()));
+    }
+    if let Some(g) = grpc {
+        tags.push(("grpc.status_code", g.to_string()));
+    }
+    if draft.mirror {
+        tags.push(("mirror", "true".into()));
+    }
+    crate::spans::SpanRecord {
+        context: draft.trace.context,
+        name: format!("{}:{}/*", dest.service, draft.port),
+        service: format!("{}.{}", w.canonical_service, w.namespace),
+        start: f.start_time,
+        duration,
+        tags,
+        // Envoy marks a span failed on a 5xx or when no response came at all.
+        error: f.code >= 500 || f.code == 0,
+        events: draft.events.clone(),
+        links: draft.links.clone(),
+        remote: f.upstream,
     }
 }
 

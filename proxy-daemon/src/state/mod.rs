@@ -24,6 +24,7 @@ use proxy_common::FailMode;
 pub const FAIL_MODE_ANNOTATION: &str = "nodeproxy.io/fail-mode";
 /// Namespace annotation: "false" turns the access log off for the namespace's pods.
 pub const ACCESS_LOG_ANNOTATION: &str = "nodeproxy.io/access-log";
+pub const TRACE_SAMPLING_ANNOTATION: &str = "nodeproxy.io/trace-sampling";
 pub const CAPTURE_LABEL_KEY: &str = "nodeproxy.io/capture";
 
 /// Settings that decide which pods are captured.
@@ -64,6 +65,9 @@ pub struct NamespaceState {
     pub fail_mode: FailMode,
     /// `nodeproxy.io/access-log` (default on).
     pub access_log: bool,
+    /// `nodeproxy.io/trace-sampling`: percentage of new traces sampled for this
+    /// namespace's pods (None: the node's setting).
+    pub trace_sampling: Option<f64>,
 }
 
 /// The compiled configuration.
@@ -151,12 +155,26 @@ pub fn compile(
                     true
                 }
             };
+            let trace_sampling = match ns.metadata.annotations.get(TRACE_SAMPLING_ANNOTATION) {
+                None => None,
+                Some(v) => match crate::spans::parse_sampling(v) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        errors.push(err(
+                            o,
+                            format!("annotation {TRACE_SAMPLING_ANNOTATION}: {e}"),
+                        ));
+                        None
+                    }
+                },
+            };
             snap.namespaces.insert(
                 ns.metadata.name.clone(),
                 NamespaceState {
                     captured,
                     fail_mode,
                     access_log,
+                    trace_sampling,
                 },
             );
         }

@@ -18,6 +18,7 @@ pub(super) fn send_mirror(
     body: MirrorBody,
     dest: &crate::state::routes::DestinationRef,
     route: &str,
+    primary: &crate::spans::RequestTrace,
 ) {
     let m = &inputs.metrics.daemon;
     let dropped = |reason: &'static str| {
@@ -31,7 +32,7 @@ pub(super) fn send_mirror(
     let Ok(slot) = inputs.mirror_slots.clone().try_acquire_owned() else {
         return dropped("concurrency");
     };
-    let (upstream, labels, tls) = {
+    let (upstream, labels, tls, port) = {
         let snap = inputs.config.load();
         let Some(target) = snap.registry.by_host(&dest.host) else {
             return dropped("no_destination");
@@ -58,6 +59,7 @@ pub(super) fn send_mirror(
                     port,
                     &pod.workload.namespace,
                 ),
+                port as u16,
             ),
             Err(_) => return dropped("no_endpoint"),
         }
@@ -71,6 +73,18 @@ pub(super) fn send_mirror(
     if let Ok(v) = HeaderValue::from_str(&shadow) {
         req.headers_mut().insert(header::HOST, v);
     }
+    // The copy is its own span, a child of the primary's in the same trace (and linked to
+    // it), so a trace shows what was mirrored where.
+    let trace = primary.child();
+    trace.inject(req.headers_mut());
+    let span = trace.sampled().then(|| report::SpanDraft {
+        links: vec![(primary.context.trace_id, primary.context.span_id)],
+        trace,
+        port,
+        user_agent: None,
+        events: Vec::new(),
+        mirror: true,
+    });
     if req.uri().authority().is_some() {
         let pq = req
             .uri()
@@ -129,6 +143,7 @@ pub(super) fn send_mirror(
             flags: Cow::Borrowed(""),
             code: 0,
             log: false,
+            span,
         };
         *req.body_mut() = Full::new(bytes).map_err(|never| match never {}).boxed();
         let result = forward(

@@ -112,6 +112,22 @@ async fn handle(
             req.headers_mut().insert("x-request-id", v);
         }
     }
+    // Trace context: read (or started) and decided once per request; every attempt and
+    // the mirror copies carry it upstream.
+    let namespace_sampling = inputs
+        .config
+        .load()
+        .namespaces
+        .get(&pod.workload.namespace)
+        .and_then(|n| n.trace_sampling);
+    let trace = inputs.tracer.begin(req.headers(), namespace_sampling);
+    let user_agent = trace
+        .sampled()
+        .then(|| req.headers().get(header::USER_AGENT))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut events: Vec<crate::spans::SpanEvent> = Vec::new();
     let authority = req
         .headers()
         .get(header::HOST)
@@ -160,7 +176,8 @@ async fn handle(
     let finish = |dest: DestinationLabels,
                   upstream: Option<SocketAddr>,
                   flags: Cow<'static, str>,
-                  code: u16| report::Finish {
+                  code: u16,
+                  events: &[crate::spans::SpanEvent]| report::Finish {
         inputs: inputs.clone(),
         pod: pod.clone(),
         started,
@@ -188,6 +205,14 @@ async fn handle(
         flags,
         code,
         log: true,
+        span: trace.sampled().then(|| report::SpanDraft {
+            trace: trace.clone(),
+            port: dst.0.port(),
+            user_agent: user_agent.clone(),
+            events: events.to_vec(),
+            links: Vec::new(),
+            mirror: false,
+        }),
     };
     let mut decision = decide(&parts);
     if matches!(decision, HttpDecision::Respond { flags: "UH", .. })
@@ -272,7 +297,9 @@ async fn handle(
                                 }
                                 (None, None) => MirrorBody::Ready(Bytes::new()),
                             };
-                            send_mirror(inputs, pod, &parts, &authority, body, dest, &route);
+                            send_mirror(
+                                inputs, pod, &parts, &authority, body, dest, &route, &trace,
+                            );
                         }
                     }
                 }
@@ -290,7 +317,7 @@ async fn handle(
                         let resp = local_response(code as u16, "fault filter abort\n".into(), None);
                         return report::metered(
                             resp,
-                            finish(labels, None, Cow::Borrowed("FI"), code as u16),
+                            finish(labels, None, Cow::Borrowed("FI"), code as u16, &events),
                         );
                     }
                 }
@@ -304,6 +331,7 @@ async fn handle(
                     Err(e) => return local_response(400, format!("bad request: {e}\n"), None),
                 };
                 rewrite(&mut out, &edits);
+                trace.inject(out.headers_mut());
                 let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                 let per_try = match (retry.per_try_timeout, remaining) {
                     (Some(t), Some(r)) => Some(t.min(r)),
@@ -327,7 +355,10 @@ async fn handle(
                     .await
                 else {
                     let resp = local_response(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n".into(), None);
-                    return report::metered(resp, finish(labels, None, Cow::Borrowed("UO"), 503));
+                    return report::metered(
+                        resp,
+                        finish(labels, None, Cow::Borrowed("UO"), 503, &events),
+                    );
                 };
                 let load = inputs.endpoints.in_flight.start(upstream);
                 let max_per_conn = pool.as_ref().and_then(|p| p.max_requests_per_connection);
@@ -345,6 +376,23 @@ async fn handle(
                     .endpoints
                     .health
                     .record(upstream, result.as_ref().ok().map(|r| r.status().as_u16()));
+                if trace.sampled() {
+                    events.push(crate::spans::SpanEvent {
+                        time: std::time::SystemTime::now(),
+                        name: "upstream attempt".into(),
+                        attributes: vec![
+                            ("attempt", (attempt + 1).to_string()),
+                            ("upstream_address", upstream.to_string()),
+                            (
+                                "outcome",
+                                match &result {
+                                    Ok(r) => r.status().as_u16().to_string(),
+                                    Err(f) => f.flag().to_string(),
+                                },
+                            ),
+                        ],
+                    });
+                }
                 match result {
                     Ok(resp) => {
                         // The request counts against the pool and its endpoint until the
@@ -405,7 +453,10 @@ async fn handle(
                 (f, true) => Cow::Owned(format!("{f},URX")),
                 (f, false) => Cow::Borrowed(f),
             };
-            let resp = report::metered(done.resp, finish(done.labels, done.upstream, flags, code));
+            let resp = report::metered(
+                done.resp,
+                finish(done.labels, done.upstream, flags, code, &events),
+            );
             return match client_upgrade {
                 Some(cu) => finish_upgrade(resp, cu),
                 None => resp,
