@@ -1,6 +1,7 @@
 //! The "node on one machine" harness (../shared/DESIGN.md): a bridge, network namespaces as
 //! pods and services, kubelet-like cgroups, and the daemon as a real process. Every name
 //! carries a per-test id, and everything is removed on drop, also when a test fails.
+pub mod collector;
 pub mod counting_alloc;
 pub mod daemon;
 pub mod kube_api;

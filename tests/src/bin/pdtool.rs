@@ -541,6 +541,19 @@ fn read_request_head(r: &mut impl BufRead) -> Option<(String, Vec<(String, Strin
     Some((line.trim_end().to_string(), headers))
 }
 
+/// The headers Istio's documentation tells applications to propagate.
+const TRACE_HEADERS: [&str; 9] = [
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "b3",
+    "x-envoy-force-trace",
+];
+
 fn serve(port: u16, name: &str, onward: SocketAddr, onward_host: &str) -> serde_json::Value {
     let listener = match std::net::TcpListener::bind(("0.0.0.0", port)) {
         Ok(l) => l,
@@ -561,6 +574,15 @@ fn serve(port: u16, name: &str, onward: SocketAddr, onward_host: &str) -> serde_
                     return;
                 }
                 let id = get("x-request-id").unwrap_or_default();
+                // What Istio asks every app to do: pass the trace headers it received on
+                // to the calls it makes for that request.
+                let trace: Vec<(String, String)> = headers
+                    .iter()
+                    .filter(|(n, _)| TRACE_HEADERS.contains(&n.as_str()))
+                    .cloned()
+                    .collect();
+                let forwarded: String =
+                    trace.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
                 let path = request_line.split_whitespace().nth(1).unwrap_or("/");
                 let onward_result = (|| -> std::io::Result<HttpResponse> {
                     let s = TcpStream::connect_timeout(&onward, Duration::from_secs(5))?;
@@ -568,7 +590,7 @@ fn serve(port: u16, name: &str, onward: SocketAddr, onward_host: &str) -> serde_
                     let mut ow = s.try_clone()?;
                     ow.write_all(
                         format!(
-                            "GET {path} HTTP/1.1\r\nHost: {onward_host}\r\nX-Request-Id: {id}\r\nConnection: close\r\n\r\n"
+                            "GET {path} HTTP/1.1\r\nHost: {onward_host}\r\nX-Request-Id: {id}\r\n{forwarded}Connection: close\r\n\r\n"
                         )
                         .as_bytes(),
                     )?;
@@ -579,8 +601,9 @@ fn serve(port: u16, name: &str, onward: SocketAddr, onward_host: &str) -> serde_
                         "body": serde_json::from_str::<serde_json::Value>(&body).unwrap_or(json!(body))}),
                     Err(e) => json!({"error": e.to_string()}),
                 };
+                let trace: std::collections::BTreeMap<String, String> = trace.into_iter().collect();
                 let out = json!({"server": name, "request_id": id, "host": get("host"),
-                    "body_len": len, "onward": onward_json})
+                    "body_len": len, "trace_headers": trace, "onward": onward_json})
                 .to_string();
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Served-By: {name}\r\n\r\n{out}",
