@@ -80,6 +80,9 @@ ALLOWED_RESOURCES = {
     ("networking.istio.io", "serviceentries"), ("networking.istio.io", "sidecars"),
     ("networking.istio.io", "envoyfilters"),
 }
+# The one named object the daemon may read: Istio's mesh config (tracing settings).
+MESH_CONFIG_RULE = {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["istio"],
+                    "verbs": ["get", "list", "watch"]}
 # The capabilities the DaemonSet adds (reasons in templates/daemonset.yaml and README).
 CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "PERFMON", "SYS_RESOURCE",
                 "DAC_READ_SEARCH"}
@@ -176,7 +179,11 @@ def rbac_rules(docs: list[Doc]) -> list[tuple[str, dict[str, Any]]]:
 
 def check_rbac(docs: list[Doc]) -> str:
     granted = set()
+    mesh = [ref for ref, rule in rbac_rules(docs) if rule == MESH_CONFIG_RULE]
+    assert mesh == [f"Role/istio-system/{RELEASE}-mesh-config"], mesh
     for ref, rule in rbac_rules(docs):
+        if rule == MESH_CONFIG_RULE:
+            continue
         verbs = set(rule.get("verbs", []))
         assert verbs <= ALLOWED_VERBS, f"{ref} grants {sorted(verbs - ALLOWED_VERBS)}"
         assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), ref
@@ -187,7 +194,7 @@ def check_rbac(docs: list[Doc]) -> str:
                 granted.add(pair)
     missing = ALLOWED_RESOURCES - granted - {("", "secrets")}
     assert not missing, f"not granted: {sorted(missing)}"
-    return f"get/list/watch on {len(granted)} resources"
+    return f"get/list/watch on {len(granted)} resources and ConfigMap istio-system/istio"
 
 
 def cluster_secrets(docs: list[Doc]) -> bool:
@@ -427,13 +434,15 @@ def check_all(manifests_path: Path) -> int:
 
     def secrets_default() -> str:
         assert cluster_secrets(default), "no cluster-wide secrets rule"
-        assert not any(d.kind in ("Role", "RoleBinding") for d in default)
+        assert not any(d.kind in ("Role", "RoleBinding") and not d.ref.endswith("-mesh-config")
+                       for d in default)
         return "cluster-wide get/list/watch on secrets"
 
     def secrets_namespaced() -> str:
         assert not cluster_secrets(monitors), "cluster-wide secrets rule kept"
-        roles = sorted(d.obj["metadata"]["namespace"] for d in monitors if d.kind == "Role")
-        bindings = sorted(d.obj["metadata"]["namespace"] for d in monitors
+        secret_roles = [d for d in monitors if not d.ref.endswith("-mesh-config")]
+        roles = sorted(d.obj["metadata"]["namespace"] for d in secret_roles if d.kind == "Role")
+        bindings = sorted(d.obj["metadata"]["namespace"] for d in secret_roles
                           if d.kind == "RoleBinding")
         assert roles == ["a", "b"] and bindings == ["a", "b"], (roles, bindings)
         for d in monitors:
@@ -467,7 +476,8 @@ def check_all(manifests_path: Path) -> int:
         unknown = sorted(set(data) - known)
         assert not unknown, f"not a `run` flag in {CLI_RS.relative_to(ROOT)}: {unknown}"
         assert data["PROXY_KUBERNETES"] == "true", data["PROXY_KUBERNETES"]
-        assert "PROXY_TRACE_SAMPLING" not in data
+        assert data["PROXY_TRACE_SAMPLING"] == "1", data["PROXY_TRACE_SAMPLING"]
+        assert "PROXY_OTLP_ENDPOINT" not in data, "no collector unless one is given"
         return f"{len(data)} PROXY_* variables, each a `run` flag"
     c.check("ConfigMap flags", config_flags)
 

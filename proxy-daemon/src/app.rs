@@ -117,6 +117,65 @@ fn trace_settings(args: &RunArgs) -> Result<crate::spans::TraceSettings, String>
     })
 }
 
+/// The tracing settings in force: the flags, with what Istio's mesh config sets on top.
+pub fn effective_tracing(
+    flags: &crate::spans::TraceSettings,
+    mesh: Option<&crate::config::mesh::MeshTracing>,
+) -> crate::spans::TraceSettings {
+    use crate::spans::Collector;
+    let Some(m) = mesh else {
+        return flags.clone();
+    };
+    let mut s = flags.clone();
+    s.source = format!(
+        "ConfigMap {}/{}",
+        crate::config::mesh::MESH_CONFIG_NAMESPACE,
+        crate::config::mesh::MESH_CONFIG_NAME
+    );
+    if let Some(p) = m.sampling {
+        s.sampling = p;
+    }
+    if m.sets_collectors {
+        // (Checked at compile: a bad URL never reaches a snapshot.)
+        s.collectors = m
+            .otlp
+            .iter()
+            .filter_map(|u| Collector::otlp(u).ok())
+            .chain(m.zipkin.iter().filter_map(|u| Collector::zipkin(u).ok()))
+            .collect();
+    }
+    if m.disabled {
+        s.sampling = 0.0;
+        s.collectors.clear();
+    }
+    s
+}
+
+/// Applies each published configuration's tracing settings to the tracer (sampling and
+/// collectors change on reload, without a restart).
+async fn apply_mesh_tracing(
+    tracer: Arc<crate::spans::Tracer>,
+    published: Arc<Published>,
+    flags: crate::spans::TraceSettings,
+) {
+    let mut changes = published.subscribe();
+    loop {
+        let snap = published.load();
+        let effective = effective_tracing(&flags, snap.mesh_tracing.as_ref());
+        let (sampling, collectors, source) = (
+            effective.sampling,
+            effective.collectors.len(),
+            effective.source.clone(),
+        );
+        if tracer.set_settings(effective) {
+            info!(sampling, collectors, %source, "tracing settings applied");
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// A collector named by host (cluster mode: a Service, `otel-collector.observability`)
 /// is found in the daemon's own registry: a ready endpoint at the port's target port,
 /// else the service's address.
@@ -805,6 +864,11 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         tls: Arc::new(tls),
         tracer: tracer.clone(),
     });
+    tokio::spawn(apply_mesh_tracing(
+        tracer.clone(),
+        published.clone(),
+        settings.tracing.clone(),
+    ));
     tokio::spawn(crate::spans::run_exporter(
         tracer.clone(),
         span_queue,

@@ -11,10 +11,11 @@ use std::{
 };
 
 use proxy_tests::{
+    collector::{Collector, Wire},
     daemon::Daemon,
     kube_api::{
-        endpointslice_json, istio_json, namespace_json, pod_json, secret_json, service_json,
-        KubeApi,
+        configmap_json, endpointslice_json, istio_json, namespace_json, pod_json, secret_json,
+        service_json, KubeApi,
     },
     node::{CgroupDriver, Host, Node, Qos},
     pki::TestCa,
@@ -892,4 +893,68 @@ fn a_pod_cannot_choose_the_network_namespace_it_is_enrolled_by() {
         nix::sys::signal::Signal::SIGKILL,
     );
     let _ = decoy.wait();
+}
+
+#[test]
+fn the_mesh_config_map_sets_tracing_and_a_collector_service_is_resolved() {
+    let mut c = Cluster::new("k8strace");
+    c.api.install_istio_crds(&["v1"]);
+    let client = c.pod_on("client-1", NODE, &[("app", "client")]);
+    // The collector is a Service (what Istio's mesh config names); its endpoint is where the
+    // test's OTLP/gRPC collector listens, beside the daemon.
+    let collector = Collector::start(Wire::OtlpGrpc, Duration::ZERO);
+    let port = collector.addr.port();
+    c.api.apply(namespace_json("observability", &[]));
+    c.api.apply(service_json(
+        "observability",
+        "otel-collector",
+        "198.18.0.251",
+        &[("grpc-otlp", 4317, port)],
+        &[("app", "otel-collector")],
+    ));
+    c.api.apply(endpointslice_json(
+        "observability",
+        Some("otel-collector-abcde"),
+        "otel-collector",
+        &[("127.0.0.1", "other-node", "otel-collector-0", true)],
+        &[("grpc-otlp", port)],
+    ));
+    let daemon = c.daemon(&["--trace-sampling", "0"]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(10));
+    c.api.apply(configmap_json(
+        "istio-system",
+        "istio",
+        &[(
+            "mesh",
+            "defaultConfig:\n  tracing:\n    sampling: 100\nextensionProviders:\n- name: otel\n  opentelemetry:\n    service: otel-collector.observability\n    port: 4317\ndefaultProviders:\n  tracing: [otel]\n",
+        )],
+    ));
+    wait_for(Duration::from_secs(5), || {
+        (daemon.config_dump()["tracing"]["settings"]["sampling"] == 100.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("mesh config applied: {}", daemon.config_dump()["tracing"]));
+    assert!(
+        c.api
+            .requests()
+            .iter()
+            .any(|r| r.contains("/api/v1/namespaces/istio-system/configmaps")
+                && r.contains("metadata.name%3Distio")),
+        "only Istio's own ConfigMap is watched: {:?}",
+        c.api.requests()
+    );
+    let out = client.pdtool(&["http", "--to", &format!("{CLUSTER_IP}:80"), "--host", HOST]);
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    let span = wait_for(Duration::from_secs(5), || {
+        collector.spans().into_iter().next()
+    })
+    .expect("a span reached the collector Service");
+    assert_eq!(span.service, "client.shop");
+    assert_eq!(span.name, format!("{HOST}:80/*"));
+    assert_eq!(span.tag("http.status_code"), "200");
+    // Deleting the ConfigMap returns to the flags (0 %).
+    c.api.delete("v1", "ConfigMap", "istio-system", "istio");
+    wait_for(Duration::from_secs(5), || {
+        (daemon.config_dump()["tracing"]["settings"]["sampling"] == 0.0).then_some(())
+    })
+    .expect("back to the flags");
 }

@@ -511,3 +511,73 @@ fn a_dead_or_slow_collector_costs_spans_not_requests() {
         "said once in the log"
     );
 }
+
+/// Istio's mesh config as an installation keeps it (ConfigMap istio-system/istio).
+fn mesh_config(mesh: &str) -> String {
+    let indented: String = mesh.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |\n{indented}"
+    )
+}
+
+fn wait_tracing(d: &Daemon, sampling: f64, source_prefix: &str) {
+    wait_for(Duration::from_secs(5), || {
+        let t = d.config_dump()["tracing"]["settings"].clone();
+        (t["sampling"].as_f64() == Some(sampling)
+            && t["source"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(source_prefix))
+        .then_some(())
+    })
+    .unwrap_or_else(|| panic!("tracing settings: {}", d.config_dump()["tracing"]));
+}
+
+#[test]
+fn the_mesh_config_changes_sampling_and_collectors_on_reload() {
+    let flags_collector = Collector::start(Wire::OtlpHttp, Duration::ZERO);
+    let mesh_collector = Collector::start(Wire::OtlpGrpc, Duration::ZERO);
+    let scene = scene(
+        "tracemesh",
+        &[
+            "--trace-sampling",
+            "0",
+            "--otlp-endpoint",
+            &flags_collector.url(),
+        ],
+        "",
+    );
+    let (d, web) = (&scene.daemon, &scene.web);
+    call(web, &[]);
+    // Istio's own shape: a provider named in defaultProviders, a sampling percentage.
+    let node = &scene._node;
+    let mesh = format!(
+        "defaultConfig:\n  tracing:\n    sampling: 100\nextensionProviders:\n- name: otel\n  opentelemetry:\n    service: 127.0.0.1\n    port: {}\ndefaultProviders:\n  tracing: [otel]\n",
+        mesh_collector.addr.port()
+    );
+    node.write_config("mesh.yaml", &mesh_config(&mesh));
+    wait_tracing(d, 100.0, "ConfigMap istio-system/istio");
+    let out = call(web, &[]);
+    let spans = spans_of(&mesh_collector, &received_trace_id(&out), 2);
+    assert_two_hop_tree(&spans, &out, &scene);
+    // A bad edit is rejected and the last good settings keep working.
+    node.write_config(
+        "mesh.yaml",
+        &mesh_config("defaultConfig:\n  tracing:\n    sampling: 150\n"),
+    );
+    wait_for(Duration::from_secs(5), || {
+        d.log_text().contains("sampling 150").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the rejection is logged: {}", d.log_text()));
+    let out = call(web, &[]);
+    spans_of(&mesh_collector, &received_trace_id(&out), 2);
+    // Without the mesh config, the flags again: 0 %, nothing recorded anywhere.
+    node.remove_config("mesh.yaml");
+    wait_tracing(d, 0.0, "flags");
+    mesh_collector.clear();
+    for _ in 0..10 {
+        call(web, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(mesh_collector.spans().is_empty() && flags_collector.spans().is_empty());
+}

@@ -962,6 +962,9 @@ fn write_secret(
 
 /// Starts every watch; returns the store they fill. Readiness is blocked per watch until its
 /// first list has arrived (or the kind is known to be absent or forbidden).
+/// The store key of the mesh config watch.
+const MESH_CONFIG: &str = "MeshConfig";
+
 pub fn start(
     client: Client,
     settings: &ClusterSettings,
@@ -975,6 +978,7 @@ pub fn start(
         OTHER_NODE_PODS,
         "Service",
         "EndpointSlice",
+        MESH_CONFIG,
     ];
     keys.extend(ISTIO_KINDS.iter().map(|(k, _)| *k));
     let store = Arc::new(ClusterStore::new(&keys));
@@ -1020,6 +1024,15 @@ pub fn start(
             },
             namespace: None,
             config: watcher::Config::default(),
+            end_on_not_found: false,
+        },
+        // Istio's mesh config (tracing settings): one ConfigMap, selected by name.
+        Watch {
+            key: MESH_CONFIG,
+            ar: core("ConfigMap", "configmaps"),
+            namespace: Some(super::mesh::MESH_CONFIG_NAMESPACE.into()),
+            config: watcher::Config::default()
+                .fields(&format!("metadata.name={}", super::mesh::MESH_CONFIG_NAME)),
             end_on_not_found: false,
         },
     ];

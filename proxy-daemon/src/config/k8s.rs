@@ -41,6 +41,15 @@ pub struct Namespace {
     pub metadata: ObjectMeta,
 }
 
+/// A ConfigMap: only its string data is read (Istio's mesh config lives in one).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ConfigMap {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub data: std::collections::BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Pod {

@@ -274,6 +274,20 @@ pub fn parse_document(
         (_, "Sidecar") if istio => istio_kind!(Sidecar),
         (_, "EnvoyFilter") if istio => istio_kind!(EnvoyFilter),
         (_, "Gateway") if istio => Object::Gateway,
+        ("v1", "ConfigMap")
+            if ns == super::mesh::MESH_CONFIG_NAMESPACE
+                && meta.metadata.name == super::mesh::MESH_CONFIG_NAME =>
+        {
+            let cm: k8s::ConfigMap = serde_saphyr::from_str(&doc.text).map_err(typed)?;
+            let text = cm
+                .data
+                .get(super::mesh::MESH_CONFIG_KEY)
+                .map(String::as_str)
+                .unwrap_or_default();
+            Object::MeshConfig(super::mesh::parse(text).map_err(at_head)?)
+        }
+        // Other ConfigMaps are the applications' own.
+        ("v1", "ConfigMap") => return Ok(None),
         ("rbac.istio.io/v1alpha1", kind) => {
             return Err(at_head(format!(
                 "{kind} ({api}) is not supported: rbac.istio.io was removed in Istio 1.6 (use security.istio.io AuthorizationPolicy, enforced at the destination)"

@@ -4,6 +4,7 @@ pub mod duration;
 pub mod istio;
 pub mod k8s;
 pub mod local;
+pub mod mesh;
 
 use std::{fmt, path::PathBuf};
 
@@ -92,6 +93,8 @@ pub enum Object {
     EnvoyFilter(istio::IstioObject<istio::EnvoyFilterSpec>),
     /// Ingress gateways are not the node proxy's job; kept to explain what is ignored.
     Gateway,
+    /// ConfigMap `istio-system/istio`: the mesh config (its tracing part).
+    MeshConfig(mesh::MeshConfig),
 }
 
 #[derive(Debug, Clone)]

@@ -86,6 +86,8 @@ pub struct Snapshot {
     /// Workload labels of every pod with an IP: the destination_* labels of mesh traffic.
     #[serde(skip)]
     pub peers: HashMap<std::net::IpAddr, Arc<workload::PeerLabels>>,
+    /// Tracing settings of Istio's mesh config (ConfigMap istio-system/istio), if given.
+    pub mesh_tracing: Option<crate::config::mesh::MeshTracing>,
 }
 
 fn parse_fail_mode(v: &str) -> Option<FailMode> {
@@ -177,6 +179,14 @@ pub fn compile(
                     trace_sampling,
                 },
             );
+        }
+    }
+    for o in objects {
+        if let Object::MeshConfig(mesh) = &o.value {
+            match mesh.tracing() {
+                Ok(t) => snap.mesh_tracing = Some(t),
+                Err(e) => errors.push(err(o, e)),
+            }
         }
     }
     for o in objects {
