@@ -25,8 +25,8 @@ impl Drop for KillOnDrop {
 }
 
 struct Scene {
-    _node: Node,
-    _servers: Servers,
+    node: Node,
+    servers: Servers,
     _app: KillOnDrop,
     web: Pod,
     api: Pod,
@@ -105,8 +105,8 @@ spec:
     })
     .expect("the api app answers through both hops");
     Scene {
-        _node: node,
-        _servers: servers,
+        node,
+        servers,
         _app: app,
         web,
         api,
@@ -550,7 +550,7 @@ fn the_mesh_config_changes_sampling_and_collectors_on_reload() {
     let (d, web) = (&scene.daemon, &scene.web);
     call(web, &[]);
     // Istio's own shape: a provider named in defaultProviders, a sampling percentage.
-    let node = &scene._node;
+    let node = &scene.node;
     let mesh = format!(
         "defaultConfig:\n  tracing:\n    sampling: 100\nextensionProviders:\n- name: otel\n  opentelemetry:\n    service: 127.0.0.1\n    port: {}\ndefaultProviders:\n  tracing: [otel]\n",
         mesh_collector.addr.port()
@@ -580,4 +580,157 @@ fn the_mesh_config_changes_sampling_and_collectors_on_reload() {
     }
     std::thread::sleep(Duration::from_millis(800));
     assert!(mesh_collector.spans().is_empty() && flags_collector.spans().is_empty());
+}
+
+#[test]
+fn grpc_calls_retries_and_mirror_copies_show_in_the_trace() {
+    let otlp = Collector::start(Wire::OtlpHttp, Duration::ZERO);
+    let mut scene = scene(
+        "traceextra",
+        &["--trace-sampling", "100", "--otlp-endpoint", &otlp.url()],
+        "",
+    );
+    let grpc = scene.node.host("grpc");
+    let flaky = scene.node.host("flaky");
+    let shadow = scene.node.host("shadow");
+    let grpc_log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    scene
+        .servers
+        .h2c_echo_logged(&grpc, 50051, "grpc", Some(grpc_log.clone()));
+    // Every 2nd request answered 503: Istio's default retry policy retries it.
+    scene.servers.http_echo(
+        &flaky,
+        80,
+        HttpEcho {
+            name: "flaky".into(),
+            fail_every: 2,
+            ..Default::default()
+        },
+    );
+    scene.servers.http_echo(
+        &shadow,
+        80,
+        HttpEcho {
+            name: "shadow".into(),
+            ..Default::default()
+        },
+    );
+    let svc = |name: &str, ip: &str, port: &str, port_name: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: {name}}}\n  ports: [{{name: {port_name}, port: {port}}}]\n---\n")
+    };
+    scene.node.write_config(
+        "extra.yaml",
+        &(endpoint_pod_yaml(&grpc, "grpc-0", "shop", &[("app", "grpc")])
+            + &endpoint_pod_yaml(&flaky, "flaky-0", "shop", &[("app", "flaky")])
+            + &endpoint_pod_yaml(&shadow, "shadow-0", "shop", &[("app", "shadow")])
+            + &svc("grpc", "198.18.0.233", "50051", "grpc")
+            + &svc("flaky", "198.18.0.232", "80", "http")
+            + &svc("shadow", "198.18.0.234", "80", "http")
+            + "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: flaky, namespace: shop}
+spec:
+  hosts: [flaky.shop.svc.cluster.local]
+  http:
+  - route: [{destination: {host: flaky.shop.svc.cluster.local}}]
+    mirror: {host: shadow.shop.svc.cluster.local}
+    mirrorPercentage: {value: 100}
+"),
+    );
+    let web = &scene.web;
+    wait_for(Duration::from_secs(5), || {
+        let out = web.pdtool(&[
+            "http",
+            "--to",
+            "198.18.0.234:80",
+            "--host",
+            "shadow.shop",
+            "-H",
+            "b3: 0",
+        ]);
+        (out["statuses"]["200"] == 1).then_some(())
+    })
+    .expect("the new services are known");
+
+    // gRPC over h2: a span per call, the context reaches the server.
+    let out = web.pdtool(&[
+        "h2",
+        "--to",
+        "198.18.0.233:50051",
+        "--authority",
+        "grpc.shop:50051",
+        "--path",
+        "/shop.Catalog/List",
+        "-H",
+        "content-type: application/grpc",
+    ]);
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    let span = wait_for(Duration::from_secs(5), || {
+        otlp.spans()
+            .into_iter()
+            .find(|s| s.name == "grpc.shop.svc.cluster.local:50051/*")
+    })
+    .unwrap_or_else(|| panic!("a gRPC span: {:#?}", otlp.spans()));
+    assert_eq!(span.tag("http.protocol"), "HTTP/2");
+    assert_eq!(span.tag("grpc.status_code"), "0");
+    assert_eq!(
+        span.tag("http.url"),
+        "http://grpc.shop:50051/shop.Catalog/List"
+    );
+    let seen = grpc_log.lock().unwrap().clone();
+    let tp = seen
+        .iter()
+        .find_map(|r| r["headers"]["traceparent"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("the gRPC server got a traceparent: {seen:?}"));
+    assert_eq!(tp, format!("00-{}-{}-01", span.trace_id, span.span_id));
+
+    // A retried request: one span, one event per attempt.
+    otlp.clear();
+    let out = web.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.232:80",
+        "--host",
+        "flaky.shop",
+        "--count",
+        "2",
+    ]);
+    assert_eq!(out["statuses"]["200"], 2, "the 503 was retried: {out}");
+    let primaries = wait_for(Duration::from_secs(5), || {
+        let p: Vec<ReceivedSpan> = otlp
+            .spans()
+            .into_iter()
+            .filter(|s| s.name == "flaky.shop.svc.cluster.local:80/*")
+            .collect();
+        (p.len() == 2).then_some(p)
+    })
+    .unwrap_or_else(|| panic!("two flaky spans: {:#?}", otlp.spans()));
+    let mut attempts: Vec<usize> = primaries
+        .iter()
+        .map(|s| s.events.iter().filter(|e| *e == "upstream attempt").count())
+        .collect();
+    attempts.sort();
+    assert_eq!(attempts, [1, 2], "{primaries:#?}");
+    // Each mirror copy: its own span, child of (and linked to) its primary, same trace.
+    let copies = wait_for(Duration::from_secs(5), || {
+        let c: Vec<ReceivedSpan> = otlp
+            .spans()
+            .into_iter()
+            .filter(|s| s.tag("mirror") == "true")
+            .collect();
+        (c.len() == 2).then_some(c)
+    })
+    .unwrap_or_else(|| panic!("two mirror spans: {:#?}", otlp.spans()));
+    for c in &copies {
+        assert_eq!(c.name, "shadow.shop.svc.cluster.local:80/*");
+        let primary = primaries
+            .iter()
+            .find(|p| Some(&p.span_id) == c.parent_id.as_ref())
+            .unwrap_or_else(|| panic!("a primary parents {c:#?}: {primaries:#?}"));
+        assert_eq!(c.trace_id, primary.trace_id);
+        assert_eq!(
+            c.links,
+            [(primary.trace_id.clone(), primary.span_id.clone())]
+        );
+    }
 }

@@ -329,4 +329,92 @@ fn main() {
     for line in tls_report {
         println!("{line}");
     }
+
+    // Tracing: keep-alive GETs from three pods of one daemon exporting OTLP, whose
+    // namespaces sample 0 %, 1 % and 100 % (annotation), interleaved. 0 % still reads and
+    // writes the trace headers (propagation); the difference to it is what spans cost.
+    let collector = proxy_tests::collector::Collector::start(
+        proxy_tests::collector::Wire::OtlpHttp,
+        Duration::ZERO,
+    );
+    let pct_pods: Vec<(String, Pod)> = ["0", "1", "100"]
+        .into_iter()
+        .map(|pct| {
+            (
+                pct.to_string(),
+                node.pod(&format!("trace{pct}"), &format!("client-t{pct}")),
+            )
+        })
+        .collect();
+    let mut yaml = String::new();
+    for (pct, pod) in &pct_pods {
+        yaml += &namespace_yaml(&pod.namespace, true, None).replace(
+            &format!("  name: {}\n", pod.namespace),
+            &format!(
+                "  name: {}\n  annotations:\n    nodeproxy.io/trace-sampling: \"{pct}\"\n",
+                pod.namespace
+            ),
+        );
+        yaml += &pod_yaml(pod, &[("app", "client")]);
+    }
+    node.write_config("tracing.yaml", &yaml);
+    let d = Daemon::start(
+        &node,
+        &["--log-level", "warn", "--otlp-endpoint", &collector.url()],
+    );
+    for (_, pod) in &pct_pods {
+        d.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    }
+    let dpid = d.pid().expect("pid");
+    let cpu_ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{dpid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime is 14th, stime 15th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+    };
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let mut runs: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); pct_pods.len()];
+    // 20,000 requests a run: the kernel's CPU clock ticks every 10 ms, 0.5 µs a request.
+    let count = 20_000;
+    for _round in 0..5 {
+        for (i, (_, pod)) in pct_pods.iter().enumerate() {
+            let before = cpu_ticks();
+            let r = pod.pdtool(&[
+                "http",
+                "--to",
+                &web_to,
+                "--host",
+                "web.example",
+                "--count",
+                &count.to_string(),
+            ]);
+            let cpu_us = (cpu_ticks() - before) as f64 / ticks_per_sec * 1e6 / count as f64;
+            assert_eq!(r["statuses"]["200"], count, "{r}");
+            runs[i].push((
+                r["per_sec"].as_f64().unwrap(),
+                r["p50_us"].as_f64().unwrap(),
+                r["p99_us"].as_f64().unwrap(),
+                cpu_us,
+            ));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let exported = d.metric_sum("proxy_daemon_spans_exported_total", &[]);
+    let dropped = d.metric_sum("proxy_daemon_spans_dropped_total", &[]);
+    for (i, (pct, _)) in pct_pods.iter().enumerate() {
+        let m = |f: fn(&(f64, f64, f64, f64)) -> f64| median(runs[i].iter().map(f).collect());
+        let base = |f: fn(&(f64, f64, f64, f64)) -> f64| median(runs[0].iter().map(f).collect());
+        println!(
+            "  tracing, keep-alive GETs ({count}) sampled {pct:>3} %: {:.0} req/s p50 {:.0} us p99 {:.0} us | daemon CPU {:.1} us/req | vs 0 %: CPU {:+.1} us/req, p99 {:+.0} us",
+            m(|x| x.0), m(|x| x.1), m(|x| x.2), m(|x| x.3), m(|x| x.3) - base(|x| x.3), m(|x| x.2) - base(|x| x.2)
+        );
+    }
+    println!(
+        "  spans exported {exported:.0}, dropped {dropped:.0}, received by the collector {}",
+        collector.spans().len()
+    );
 }

@@ -10,16 +10,28 @@ pub(super) const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 /// Fire and forget: a copy of the request (same method, path, headers and x-request-id,
 /// Host with Istio's `-shadow` suffix) to the mirror destination. Nothing here waits on,
 /// or can fail, the primary request.
+/// The primary request a copy is made of.
+pub(super) struct Primary<'a> {
+    pub head: &'a http::request::Parts,
+    pub authority: &'a str,
+    /// The rule's source, for the drop counters.
+    pub route: &'a str,
+    pub trace: &'a crate::spans::RequestTrace,
+}
+
 pub(super) fn send_mirror(
     inputs: &Arc<ProxyInputs>,
     pod: &Arc<PodContext>,
-    head: &http::request::Parts,
-    authority: &str,
+    primary: &Primary,
     body: MirrorBody,
     dest: &crate::state::routes::DestinationRef,
-    route: &str,
-    primary: &crate::spans::RequestTrace,
 ) {
+    let Primary {
+        head,
+        authority,
+        route,
+        trace: primary,
+    } = *primary;
     let m = &inputs.metrics.daemon;
     let dropped = |reason: &'static str| {
         m.mirror_dropped

@@ -297,9 +297,13 @@ async fn handle(
                                 }
                                 (None, None) => MirrorBody::Ready(Bytes::new()),
                             };
-                            send_mirror(
-                                inputs, pod, &parts, &authority, body, dest, &route, &trace,
-                            );
+                            let primary = Primary {
+                                head: &parts,
+                                authority: &authority,
+                                route: &route,
+                                trace: &trace,
+                            };
+                            send_mirror(inputs, pod, &primary, body, dest);
                         }
                     }
                 }
