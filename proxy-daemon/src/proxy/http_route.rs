@@ -30,6 +30,8 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
     /// Original destination.
     pub dst: std::net::SocketAddrV4,
+    /// Endpoints earlier attempts of this request went to (a retry prefers others).
+    pub avoid: &'a [SocketAddr],
 }
 
 #[derive(Debug, Clone, Default)]
@@ -51,6 +53,19 @@ pub struct Retry {
     pub on: Vec<String>,
 }
 
+/// How one upstream attempt ended, as a retry policy judges it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttemptOutcome {
+    /// The response status; None when the attempt failed before a response.
+    pub status: Option<u16>,
+    /// `grpc-status` in the response headers (a trailers-only gRPC answer).
+    pub grpc_status: Option<u16>,
+    /// The response carried `x-envoy-ratelimited`.
+    pub rate_limited: bool,
+    /// The upstream refused the h2 stream (REFUSED_STREAM) before processing it.
+    pub refused_stream: bool,
+}
+
 impl Retry {
     /// Istio's policy for routes that set none: 2 retries on connect failures, refused
     /// streams, unavailable/cancelled gRPC and 503.
@@ -58,16 +73,10 @@ impl Retry {
         Retry {
             attempts: 2,
             per_try_timeout: None,
-            on: [
-                "connect-failure",
-                "refused-stream",
-                "unavailable",
-                "cancelled",
-                "retriable-status-codes",
-                "503",
-            ]
-            .map(String::from)
-            .to_vec(),
+            on: crate::state::routes::ISTIO_DEFAULT_RETRY_ON
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 
@@ -82,13 +91,24 @@ impl Retry {
         }
     }
 
-    /// Whether an attempt that ended with `status` (None: failed before a response, with
-    /// Envoy flag `flags`) should be retried.
-    pub fn should_retry(&self, status: Option<u16>, flags: &str) -> bool {
+    /// Whether an attempt that ended with `outcome` (with Envoy flag `flags` when it
+    /// failed before a response) should be retried, by Envoy's `retry_on` conditions.
+    pub fn should_retry(&self, outcome: &AttemptOutcome, flags: &str) -> bool {
         let has = |c: &str| self.on.iter().any(|o| o == c);
-        match status {
+        // gRPC status codes by name (Envoy's x-envoy-retry-grpc-on).
+        let grpc = |code: u16| match code {
+            1 => has("cancelled"),
+            4 => has("deadline-exceeded"),
+            8 => has("resource-exhausted"),
+            13 => has("internal"),
+            14 => has("unavailable"),
+            _ => false,
+        };
+        match outcome.status {
             None => {
-                (flags == "UF" && (has("connect-failure") || has("5xx") || has("gateway-error")))
+                (outcome.refused_stream && (has("refused-stream") || has("5xx")))
+                    || (flags == "UF"
+                        && (has("connect-failure") || has("5xx") || has("gateway-error")))
                     || (flags == "UC" && (has("reset") || has("5xx") || has("gateway-error")))
                     || (flags == "UT" && (has("5xx") || has("gateway-error")))
             }
@@ -96,6 +116,10 @@ impl Retry {
                 (has("5xx") && code >= 500)
                     || (has("gateway-error") && matches!(code, 502..=504))
                     || (has("retriable-4xx") && code == 409)
+                    || (has("envoy-ratelimited") && outcome.rate_limited)
+                    || outcome.grpc_status.is_some_and(grpc)
+                    // Numeric entries are the retriable status codes (Istio writes them
+                    // into Envoy's retriable_status_codes with `retriable-status-codes`).
                     || self.on.iter().any(|o| o.parse::<u16>().ok() == Some(code))
             }
         }
@@ -597,7 +621,16 @@ fn pick(
         })
         .into_iter()
         .collect();
-    let mut chosen = endpoint_for(snap, eps, target, subset, port, &src.namespace, hash);
+    let mut chosen = endpoint_for(
+        snap,
+        eps,
+        target,
+        subset,
+        port,
+        &src.namespace,
+        hash,
+        req.avoid,
+    );
     if chosen == Err("UH")
         && is_dns(target)
         && target.endpoints.is_empty()
@@ -677,28 +710,74 @@ mod tests {
 
     #[test]
     fn retry_decision_follows_retry_on() {
+        let status = |c: u16| AttemptOutcome {
+            status: Some(c),
+            ..Default::default()
+        };
+        let failed = AttemptOutcome::default();
         let istio = Retry::istio_default();
         assert!(
-            istio.should_retry(Some(503), ""),
+            istio.should_retry(&status(503), ""),
             "503 is in Istio's default"
         );
-        assert!(!istio.should_retry(Some(500), ""), "500 is not");
-        assert!(istio.should_retry(None, "UF"), "connect-failure");
+        assert!(!istio.should_retry(&status(500), ""), "500 is not");
+        assert!(istio.should_retry(&failed, "UF"), "connect-failure");
         assert!(
-            !istio.should_retry(None, "UC"),
+            !istio.should_retry(&failed, "UC"),
             "a reset is not, without 'reset'"
         );
+        let refused = AttemptOutcome {
+            refused_stream: true,
+            ..Default::default()
+        };
+        assert!(istio.should_retry(&refused, "UC"), "refused-stream is");
+        let grpc = |g: u16| AttemptOutcome {
+            status: Some(200),
+            grpc_status: Some(g),
+            ..Default::default()
+        };
+        assert!(istio.should_retry(&grpc(14), ""), "unavailable");
+        assert!(istio.should_retry(&grpc(1), ""), "cancelled");
+        assert!(
+            !istio.should_retry(&grpc(4), ""),
+            "deadline-exceeded is not a default"
+        );
+        assert!(!istio.should_retry(&grpc(0), ""));
+        let all_grpc = Retry {
+            attempts: 1,
+            per_try_timeout: None,
+            on: [
+                "deadline-exceeded",
+                "internal",
+                "resource-exhausted",
+                "envoy-ratelimited",
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        for g in [4, 13, 8] {
+            assert!(all_grpc.should_retry(&grpc(g), ""), "{g}");
+        }
+        assert!(all_grpc.should_retry(
+            &AttemptOutcome {
+                status: Some(429),
+                rate_limited: true,
+                ..Default::default()
+            },
+            ""
+        ));
+        assert!(!all_grpc.should_retry(&status(429), ""));
         let gw = Retry {
             attempts: 3,
             per_try_timeout: None,
             on: vec!["gateway-error".into(), "retriable-4xx".into()],
         };
         for code in [502, 503, 504, 409] {
-            assert!(gw.should_retry(Some(code), ""), "{code}");
+            assert!(gw.should_retry(&status(code), ""), "{code}");
         }
-        assert!(!gw.should_retry(Some(500), ""));
+        assert!(!gw.should_retry(&status(500), ""));
         assert!(
-            gw.should_retry(None, "UT"),
+            gw.should_retry(&failed, "UT"),
             "a per-try timeout is a gateway error"
         );
         let fivexx = Retry {
@@ -706,8 +785,8 @@ mod tests {
             per_try_timeout: None,
             on: vec!["5xx".into()],
         };
-        assert!(fivexx.should_retry(Some(500), "") && fivexx.should_retry(None, "UC"));
-        assert!(!fivexx.should_retry(Some(404), ""));
+        assert!(fivexx.should_retry(&status(500), "") && fivexx.should_retry(&failed, "UC"));
+        assert!(!fivexx.should_retry(&status(404), ""));
     }
 
     use super::*;

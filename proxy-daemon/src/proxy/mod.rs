@@ -119,8 +119,6 @@ pub struct Endpoints {
     pub host_limits: limits::HostLimits,
     pub tables: balance::Tables,
     pub round_robin: balance::RoundRobin,
-    /// Weighted-choice dice: a counter spread over 0..100 (even, cheap, no RNG).
-    rolls: std::sync::atomic::AtomicUsize,
 }
 
 impl Endpoints {
@@ -132,7 +130,6 @@ impl Endpoints {
             host_limits: Default::default(),
             tables: Default::default(),
             round_robin: Default::default(),
-            rolls: Default::default(),
         }
     }
 
@@ -142,14 +139,12 @@ impl Endpoints {
     pub fn prune(&self, idle: Duration) -> usize {
         self.health.prune(idle) + self.host_limits.prune()
     }
+}
 
-    /// The next weighted-choice roll in 0..100.
-    pub fn next_roll(&self) -> u32 {
-        (self
-            .rolls
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            % 100) as u32
-    }
+/// A weighted-choice roll: chosen per request at random, as Envoy does (a node-wide
+/// counter would let one pod's traffic shift another's split).
+pub fn weighted_roll() -> u32 {
+    rand::random::<u32>()
 }
 
 /// The node-wide settings the data path reads (resolved from flags by the wiring; the data

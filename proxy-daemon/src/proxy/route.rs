@@ -236,7 +236,7 @@ pub fn decide(
             .map(|ip| super::balance::fnv1a(ip.as_bytes())),
         _ => None,
     };
-    match endpoint_for(snap, eps, target, subset, port, &src.namespace, hash) {
+    match endpoint_for(snap, eps, target, subset, port, &src.namespace, hash, &[]) {
         Ok(upstream) => L4Decision::Forward {
             upstream,
             labels,
@@ -272,6 +272,7 @@ pub fn endpoint_for(
     port: u32,
     client_namespace: &str,
     hash: Option<u64>,
+    avoid: &[SocketAddr],
 ) -> Result<SocketAddr, &'static str> {
     let subset_labels = match subset {
         Some(s) => Some(
@@ -342,7 +343,25 @@ pub fn endpoint_for(
     if addrs.is_empty() {
         return Err("UH");
     }
-    let index = match (policy.and_then(|p| p.load_balancer), hash) {
+    let lb = policy.and_then(|p| p.load_balancer);
+    // Istio's default retry host predicate (previous_hosts): a retry prefers an endpoint
+    // it has not tried yet, when there is one. A hash key keeps choosing by itself.
+    let hashed = matches!(lb, Some(LoadBalancer::ConsistentHash { .. })) && hash.is_some();
+    let addrs = if avoid.is_empty() || hashed {
+        addrs
+    } else {
+        let fresh: Vec<SocketAddr> = addrs
+            .iter()
+            .filter(|a| !avoid.contains(a))
+            .copied()
+            .collect();
+        if fresh.is_empty() {
+            addrs
+        } else {
+            fresh
+        }
+    };
+    let index = match (lb, hash) {
         (Some(LoadBalancer::ConsistentHash { algorithm, .. }), Some(h)) => {
             let table = eps.tables.get(
                 snap.generation,

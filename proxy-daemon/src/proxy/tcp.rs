@@ -47,7 +47,7 @@ pub async fn proxy(
         &pod.workload,
         dst.0,
         inputs.settings.outbound_policy,
-        inputs.endpoints.next_roll(),
+        super::weighted_roll(),
         sni.as_deref(),
     );
     let tcp = &inputs.metrics.tcp;

@@ -64,6 +64,24 @@ impl UpstreamError {
         }
     }
 
+    /// An h2 upstream refused the stream (RST_STREAM REFUSED_STREAM: it did not process it,
+    /// so a retry is safe).
+    pub fn refused_stream(&self) -> bool {
+        match self {
+            UpstreamError::Reset { source, .. } => {
+                let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+                while let Some(e) = cur {
+                    if e.to_string().contains("refused stream") {
+                        return true;
+                    }
+                    cur = e.source();
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// Envoy's response flag: UF (connection failure), UC (reset), UT (timeout).
     pub fn flag(&self) -> &'static str {
         match self {

@@ -60,6 +60,7 @@ pub(super) fn send_mirror(
             port,
             &pod.workload.namespace,
             None,
+            &[],
         ) {
             Ok(ep) => (
                 ep,

@@ -135,7 +135,10 @@ async fn handle(
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_else(|| dst.0.to_string());
-    let decide = |head: &http::request::Parts| {
+    // One roll per request: a retry decides again (the configuration may have changed)
+    // but lands on the same weighted destination, as Envoy's retries stay in their cluster.
+    let roll = super::weighted_roll();
+    let decide = |head: &http::request::Parts, avoid: &[SocketAddr]| {
         let snap = inputs.config.load();
         let view = RequestView {
             method: head.method.as_str(),
@@ -144,6 +147,7 @@ async fn handle(
             authority: &authority,
             headers: &head.headers,
             dst: dst.0,
+            avoid,
         };
         http_route::decide(
             &snap,
@@ -151,7 +155,7 @@ async fn handle(
             &pod.workload,
             &view,
             inputs.settings.outbound_policy,
-            inputs.endpoints.next_roll(),
+            roll,
         )
     };
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -214,7 +218,9 @@ async fn handle(
             mirror: false,
         }),
     };
-    let mut decision = decide(&parts);
+    // Endpoints this request's attempts went to (a retry prefers another).
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut decision = decide(&parts, &tried);
     if matches!(decision, HttpDecision::Respond { flags: "UH", .. })
         && inputs.endpoints.dns.has_pending()
     {
@@ -225,7 +231,7 @@ async fn handle(
             .dns
             .settled(inputs.settings.connect_timeout)
             .await;
-        decision = decide(&parts);
+        decision = decide(&parts, &tried);
     }
     // The route's timeout covers every attempt.
     let deadline = match &decision {
@@ -364,6 +370,9 @@ async fn handle(
                         finish(labels, None, Cow::Borrowed("UO"), 503, &events),
                     );
                 };
+                if !tried.contains(&upstream) {
+                    tried.push(upstream);
+                }
                 let load = inputs.endpoints.in_flight.start(upstream);
                 let max_per_conn = pool.as_ref().and_then(|p| p.max_requests_per_connection);
                 let result = forward(
@@ -411,13 +420,22 @@ async fn handle(
                         for ops in &response_headers {
                             apply_ops(resp.headers_mut(), ops);
                         }
-                        let status = resp.status().as_u16();
+                        let outcome = http_route::AttemptOutcome {
+                            status: Some(resp.status().as_u16()),
+                            grpc_status: resp
+                                .headers()
+                                .get("grpc-status")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse().ok()),
+                            rate_limited: resp.headers().contains_key("x-envoy-ratelimited"),
+                            refused_stream: false,
+                        };
                         Attempt {
                             resp,
                             labels,
                             upstream: Some(upstream),
                             flags: "",
-                            retry: Some((retry, Some(status))),
+                            retry: Some((retry, outcome)),
                         }
                     }
                     Err(failure) => {
@@ -428,23 +446,27 @@ async fn handle(
                         } else {
                             (failure.status(), failure.flag())
                         };
+                        let outcome = http_route::AttemptOutcome {
+                            refused_stream: failure.refused_stream(),
+                            ..Default::default()
+                        };
                         Attempt {
                             resp: local_response(status, format!("{failure}\n"), None),
                             labels,
                             upstream: Some(upstream),
                             flags,
-                            retry: Some((retry, None)),
+                            retry: Some((retry, outcome)),
                         }
                     }
                 }
             }
         };
         let again = match &done.retry {
-            Some((policy, status)) => {
+            Some((policy, outcome)) => {
                 attempt < policy.attempts
                     && buffered.is_some()
                     && deadline.is_none_or(|d| Instant::now() < d)
-                    && policy.should_retry(*status, done.flags)
+                    && policy.should_retry(outcome, done.flags)
             }
             None => false,
         };
@@ -468,7 +490,7 @@ async fn handle(
         }
         attempt += 1;
         tokio::time::sleep(retry_backoff(attempt)).await;
-        decision = decide(&parts);
+        decision = decide(&parts, &tried);
     }
 }
 

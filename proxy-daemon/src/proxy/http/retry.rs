@@ -31,5 +31,5 @@ pub(super) struct Attempt {
     pub(super) upstream: Option<SocketAddr>,
     pub(super) flags: &'static str,
     /// The policy and what to judge it on (status, or the failure's flag).
-    pub(super) retry: Option<(http_route::Retry, Option<u16>)>,
+    pub(super) retry: Option<(http_route::Retry, http_route::AttemptOutcome)>,
 }

@@ -141,6 +141,18 @@ pub(super) fn header_policy(h: &Option<istio::Headers>) -> HeaderPolicy {
     }
 }
 
+/// Istio's retry conditions when a route sets none (or sets `attempts` without
+/// `retryOn`): connect failures, refused streams, unavailable/cancelled gRPC, and 503 as a
+/// retriable status code.
+pub const ISTIO_DEFAULT_RETRY_ON: &[&str] = &[
+    "connect-failure",
+    "refused-stream",
+    "unavailable",
+    "cancelled",
+    "retriable-status-codes",
+    "503",
+];
+
 pub(super) const RETRY_ON: &[&str] = &[
     "5xx",
     "gateway-error",
@@ -280,8 +292,10 @@ pub(super) fn compile_virtual_service(
         let line = rule.referenced.line();
         let r = &rule.value;
         if let Some(prev) = catch_all_line {
+            // Istio's analyzer warns (IST0130-like) and the API server and Envoy accept
+            // it; Istio's own fault-injection task ships such a rule.
             let prev_line = o.origin.doc_first_line + prev as usize - 1;
-            cx.err(
+            cx.warn(
                 line,
                 format!(
                     "http[{i}] is unreachable: the rule at line {prev_line} matches every request"
@@ -392,9 +406,14 @@ pub(super) fn compile_virtual_service(
                 continue;
             }
         };
-        let timeout = cx.duration(&r.timeout, "timeout");
+        // Envoy: a zero timeout disables it (the request may take as long as it takes).
+        let timeout = cx.duration(&r.timeout, "timeout").filter(|d| !d.is_zero());
         let retries = r.retries.as_ref().map(|rt| {
             let mut retry_on = Vec::new();
+            if rt.retry_on.is_none() {
+                // `attempts` alone: Istio fills in its default conditions.
+                retry_on.extend(ISTIO_DEFAULT_RETRY_ON.iter().map(|s| s.to_string()));
+            }
             if let Some(on) = &rt.retry_on {
                 for token in on.value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
                     if RETRY_ON.contains(&token) || token.parse::<u16>().is_ok() {
@@ -415,7 +434,9 @@ pub(super) fn compile_virtual_service(
             }
             RetryPolicy {
                 attempts: rt.attempts.max(0) as u32,
-                per_try_timeout: cx.duration(&rt.per_try_timeout, "retries.perTryTimeout"),
+                per_try_timeout: cx
+                    .duration(&rt.per_try_timeout, "retries.perTryTimeout")
+                    .filter(|d| !d.is_zero()),
                 retry_on,
             }
         });
