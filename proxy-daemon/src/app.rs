@@ -361,11 +361,17 @@ fn load_config(
     if loaded.errors.iter().any(ConfigError::is_error) {
         return Err(loaded.errors);
     }
-    state::compile(
+    let mut snap = state::compile(
         &loaded.objects,
         &settings.capture,
         published.next_generation(),
-    )
+    )?;
+    // The loader's warnings (objects of Istio's that are valid but ignored) belong with
+    // the compile's: logged once per change and shown in /config_dump.
+    let mut warnings: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    warnings.append(&mut snap.findings);
+    snap.findings = warnings;
+    Ok(snap)
 }
 
 /// Makes a good snapshot current and records that it was.
@@ -379,6 +385,21 @@ fn publish(
     st.generation = snap.generation;
     st.last_success_unix_ms = now_ms();
     st.last_error.clear();
+    metrics
+        .daemon
+        .config_skipped_envoy_filters
+        .set(snap.routes.skipped_envoy_filters as i64);
+    // What is accepted but ignored or doubtful, said once: only what the last snapshot
+    // did not already say (cluster mode recompiles on every change).
+    let before: std::collections::HashSet<String> =
+        published.load().findings.iter().cloned().collect();
+    for f in snap.findings.iter().filter(|f| !before.contains(*f)) {
+        if f.contains(": warning: ") {
+            warn!("{f}");
+        } else {
+            info!("{f}");
+        }
+    }
     published.store(snap);
     metrics.daemon.config_reloads.inc();
     metrics

@@ -475,6 +475,9 @@ pub struct DaemonMetrics {
     pub config_reloads: Counter,
     pub config_errors: Counter,
     pub config_last_success: Gauge,
+    /// Objects Istio accepts that the current snapshot skips (EnvoyFilters patching what a
+    /// node proxy does not have).
+    pub config_skipped_envoy_filters: Gauge,
     pub map_entries: Family<MapLabels, Gauge>,
     pub capture_decisions: Family<DecisionLabels, Gauge>,
     pub orig_dst_missing: Counter,
@@ -572,6 +575,11 @@ impl Metrics {
             "config_reloads",
             "Configuration loads that produced a new snapshot",
             daemon.config_reloads.clone(),
+        );
+        sub.register(
+            "config_skipped_envoy_filters",
+            "EnvoyFilters in the current configuration that are skipped as unsupported (each with a warning)",
+            daemon.config_skipped_envoy_filters.clone(),
         );
         sub.register(
             "config_errors",

@@ -8,9 +8,12 @@ use crate::{
 };
 use proxy_common::FailMode;
 
-/// Every problem in `paths`, in file order.
+/// Every problem in `paths`, in file order. The paths are one configuration, as
+/// `kubectl apply -f a -f b` and `istioctl analyze a b` take them: a VirtualService in one
+/// file may use the DestinationRule of the next.
 pub fn problems(paths: &[PathBuf]) -> Vec<ConfigError> {
     let mut out = Vec::new();
+    let mut objects = Vec::new();
     for path in paths {
         let loaded = local::load_path(path);
         out.extend(loaded.errors);
@@ -23,21 +26,22 @@ pub fn problems(paths: &[PathBuf]) -> Vec<ConfigError> {
                 severity: Severity::Note,
             });
         }
-        let settings = CaptureSettings {
-            label_key: state::CAPTURE_LABEL_KEY.into(),
-            label_value: "enabled".into(),
-            node_name: String::new(),
-            default_fail_mode: FailMode::Open,
-        };
-        match state::compile(&loaded.objects, &settings, 0) {
-            Err(errors) => out.extend(errors),
-            Ok(_) => {
-                // Compile again only for its findings: warnings and notes do not fail it.
-                let mut findings = Vec::new();
-                let registry = crate::state::registry::build(&loaded.objects, &mut findings);
-                crate::state::routes::build(&loaded.objects, &registry, &mut findings);
-                out.extend(findings);
-            }
+        objects.extend(loaded.objects);
+    }
+    let settings = CaptureSettings {
+        label_key: state::CAPTURE_LABEL_KEY.into(),
+        label_value: "enabled".into(),
+        node_name: String::new(),
+        default_fail_mode: FailMode::Open,
+    };
+    match state::compile(&objects, &settings, 0) {
+        Err(errors) => out.extend(errors),
+        Ok(_) => {
+            // Compile again only for its findings: warnings and notes do not fail it.
+            let mut findings = Vec::new();
+            let registry = crate::state::registry::build(&objects, &mut findings);
+            crate::state::routes::build(&objects, &registry, &mut findings);
+            out.extend(findings);
         }
     }
     state::sort_findings(&mut out);

@@ -63,3 +63,60 @@ fn validate_passes_good_files_and_fails_on_a_directory_with_a_bad_one() {
         "{text}"
     );
 }
+
+#[test]
+fn files_given_together_are_validated_as_one_configuration() {
+    let dir = std::env::temp_dir().join(format!("pd-validate-set-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("a.yaml"),
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews, subset: v2}}]
+",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("b.yaml"),
+        "apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets: [{name: v2, labels: {version: v2}}]
+",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_proxy-daemon"))
+            .arg("validate")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("run validate");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // Together, as `kubectl apply -f a.yaml -f b.yaml` takes them: nothing to say.
+    assert_eq!(run(&["a.yaml", "b.yaml"]), (Some(0), String::new()));
+    // Alone, the subset's DestinationRule is elsewhere: a warning, not a failure.
+    let (code, text) = run(&["a.yaml"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("a.yaml:7: VirtualService/shop/reviews: warning: subset \"v2\""),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

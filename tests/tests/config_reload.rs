@@ -225,3 +225,39 @@ fn config_dump_shows_registry_routes_in_match_order_and_where_each_came_from() {
         .unwrap()
         .contains("DestinationRule/shop/reviews"));
 }
+
+#[test]
+fn what_istio_accepts_loads_with_warnings_and_unsupported_envoy_filters_are_skipped() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("accepts", 80);
+    let pod = node.pod("shop", "client-1");
+    node.write_config(
+        "ns.yaml",
+        &(namespace_yaml("shop", true, None) + &pod_yaml(&pod, &[("app", "client")])),
+    );
+    // ServiceAccount, Deployment, AuthorizationPolicy, a Lua HTTP_FILTER EnvoyFilter, a
+    // subset whose DestinationRule is elsewhere and a rule after a catch-all: all valid
+    // in Istio, so none may keep the daemon from starting or the pod from working.
+    let accepted = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/mistakes/19-istio-accepts.yaml"),
+    )
+    .unwrap();
+    node.write_config("istio.yaml", &accepted);
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_config_skipped_envoy_filters", &[]),
+        1.0
+    );
+    let findings = daemon.config_dump()["snapshot"]["findings"].to_string();
+    assert!(
+        findings.contains("EnvoyFilter/shop/lua-header: warning: configPatches[0]: not supported: applyTo HTTP_FILTER"),
+        "{findings}"
+    );
+    assert!(daemon.config_dump()["snapshot"]["routes"]["envoy_filters"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+}

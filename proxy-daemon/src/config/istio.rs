@@ -606,6 +606,10 @@ pub struct PatchMatch {
     pub context: Option<String>,
     pub route_configuration: Option<RouteConfigurationMatch>,
     pub proxy: Option<serde_saphyr::Spanned<ProxyMatch>>,
+    /// Istio's listener and cluster matches: valid, kept only to say they are not
+    /// supported (the filter is then skipped).
+    pub listener: Option<Spanned<serde_json::Value>>,
+    pub cluster: Option<Spanned<serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -621,6 +625,8 @@ pub struct ProxyMatch {
 pub struct Patch {
     pub operation: Spanned<String>,
     pub value: Option<Spanned<serde_json::Value>>,
+    /// Istio's filter placement for INSERT_* of HTTP filters (not supported).
+    pub filter_class: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -639,6 +645,8 @@ pub struct EnvoyFilterSpec {
     #[serde(default)]
     pub config_patches: Vec<Spanned<ConfigPatch>>,
     pub priority: Option<i64>,
+    /// Istio 1.22+ policy attachment (gateways, waypoints): not supported.
+    pub target_refs: Option<Spanned<serde_json::Value>>,
 }
 
 /// An Istio object: metadata plus its typed spec.

@@ -226,6 +226,10 @@ pub fn parse_document(
         message,
         severity: Default::default(),
     };
+    let warning = |message: String| ConfigError {
+        severity: super::Severity::Warning,
+        ..at_head(message)
+    };
     if meta.kind.is_empty() || meta.api_version.is_empty() {
         return Err(at_head("apiVersion and kind are required".into()));
     }
@@ -293,11 +297,24 @@ pub fn parse_document(
                 "{kind} ({api}) is not supported: rbac.istio.io was removed in Istio 1.6 (use security.istio.io AuthorizationPolicy, enforced at the destination)"
             )))
         }
+        // Valid kinds the node proxy has no use for: reported as notes (`validate`), never
+        // a reason to reject the rest.
+        ("v1", kind) if UNUSED_CORE_KINDS.contains(&kind) => return Ok(None),
+        (_, kind) if istio && UNUSED_ISTIO_NETWORKING_KINDS.contains(&kind) => return Ok(None),
         (api, kind) if istio || api == "v1" || api == "discovery.k8s.io/v1" => {
             return Err(at_head(format!("unknown kind {kind} for apiVersion {api}")))
         }
+        // Istio's other APIs are valid objects with meaning a node proxy does not carry
+        // out: a warning (the rest of the configuration is used), saying what is lost.
+        (api, kind) if api.starts_with("security.istio.io/") => {
+            return Err(warning(format!(
+                "{kind} ({api}) is not enforced by proxy-daemon (it captures outbound traffic; authorization and authentication belong to the destination); ignored"
+            )))
+        }
         (api, kind) if api.contains("istio.io") => {
-            return Err(at_head(format!("{kind} ({api}) is not supported by proxy-daemon")))
+            return Err(warning(format!(
+                "{kind} ({api}) is not supported by proxy-daemon; ignored"
+            )))
         }
         _ => return Ok(None),
     };
@@ -307,6 +324,29 @@ pub fn parse_document(
         value,
     }))
 }
+
+/// Core `v1` kinds that are valid but not the node proxy's business.
+const UNUSED_CORE_KINDS: &[&str] = &[
+    "Binding",
+    "ComponentStatus",
+    "ConfigMap",
+    "Endpoints",
+    "Event",
+    "LimitRange",
+    "List",
+    "Node",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "PodTemplate",
+    "ReplicationController",
+    "ResourceQuota",
+    "Secret",
+    "ServiceAccount",
+];
+
+/// `networking.istio.io` kinds a node proxy does not act on (Gateway is compiled into a
+/// note of its own).
+const UNUSED_ISTIO_NETWORKING_KINDS: &[&str] = &["WorkloadEntry", "WorkloadGroup", "ProxyConfig"];
 
 /// Everything read from a directory: the objects that parsed, and one error per problem.
 #[derive(Debug, Default)]

@@ -70,18 +70,77 @@ pub fn parse_cluster(name: &str) -> Result<ClusterRef, String> {
     }
 }
 
+/// What we carry out of EnvoyFilter: outbound route patches.
+const SUPPORTED_PATCHES: &str =
+    "supported: HTTP_ROUTE MERGE and VIRTUAL_HOST ADD in context ANY or SIDECAR_OUTBOUND";
+
+/// Why a filter as a whole is outside what a node proxy carries out, if it is: Istio
+/// accepts it, so it is a warning and the filter is skipped (the rest of the
+/// configuration is used).
+fn unsupported_patch(ef: &istio::EnvoyFilterSpec) -> Option<(u64, String)> {
+    if let Some(t) = &ef.target_refs {
+        return Some((
+            t.referenced.line(),
+            "targetRefs (gateway and waypoint attachment) is not supported".into(),
+        ));
+    }
+    for (i, cp) in ef.config_patches.iter().enumerate() {
+        let p = &cp.value;
+        let line = cp.referenced.line();
+        let apply_to = p.apply_to.value.as_str();
+        let op = p.patch.operation.value.as_str();
+        let context = p
+            .patch_match
+            .as_ref()
+            .and_then(|m| m.context.as_deref())
+            .unwrap_or("ANY");
+        let matched_on = p.patch_match.as_ref().and_then(|m| {
+            m.listener
+                .as_ref()
+                .map(|l| ("listener", l.referenced.line()))
+                .or(m.cluster.as_ref().map(|c| ("cluster", c.referenced.line())))
+        });
+        let why = if !matches!(
+            (apply_to, op),
+            ("HTTP_ROUTE", "MERGE") | ("VIRTUAL_HOST", "ADD")
+        ) {
+            format!("applyTo {apply_to} {op} patch")
+        } else if let Some((field, l)) = matched_on {
+            return Some((
+                l,
+                format!("configPatches[{i}]: not supported: match.{field} ({SUPPORTED_PATCHES})"),
+            ));
+        } else if matches!(context, "SIDECAR_INBOUND" | "GATEWAY") {
+            format!("{context} patch (a node proxy handles its pods' outbound traffic)")
+        } else {
+            continue;
+        };
+        return Some((
+            line,
+            format!("configPatches[{i}]: not supported: {why} ({SUPPORTED_PATCHES})"),
+        ));
+    }
+    None
+}
+
+/// The filter's outbound route patches; None when it is skipped as a whole (a warning
+/// says why).
 pub(super) fn compile_envoy_filter(
     o: &Located<Object>,
     ef: &istio::IstioObject<istio::EnvoyFilterSpec>,
     registry: &Registry,
     findings: &mut Vec<ConfigError>,
-) -> CompiledEnvoyFilter {
+) -> Option<CompiledEnvoyFilter> {
     let mut regexes = std::collections::HashMap::new();
     let mut cx = Ctx {
         o,
         findings,
         regexes: &mut regexes,
     };
+    if let Some((line, why)) = unsupported_patch(&ef.spec) {
+        cx.warn(line, format!("{why}; this EnvoyFilter is skipped"));
+        return None;
+    }
     let mut patches = Vec::new();
     for (i, cp) in ef.spec.config_patches.iter().enumerate() {
         let line = cp.referenced.line();
@@ -265,7 +324,7 @@ pub(super) fn compile_envoy_filter(
             source: cx.source(line),
         });
     }
-    CompiledEnvoyFilter {
+    Some(CompiledEnvoyFilter {
         name: o.object_ref.name.clone(),
         namespace: o.object_ref.namespace.clone(),
         selector: ef
@@ -276,5 +335,5 @@ pub(super) fn compile_envoy_filter(
             .unwrap_or_default(),
         patches,
         source: cx.source(0),
-    }
+    })
 }

@@ -42,6 +42,9 @@ pub struct RouteTable {
     /// host → DestinationRule (one per host; most specific namespace first at lookup).
     pub destination_rules: BTreeMap<String, Vec<CompiledDestinationRule>>,
     pub envoy_filters: Vec<CompiledEnvoyFilter>,
+    /// EnvoyFilters Istio accepts but that patch what a node proxy does not have
+    /// (listeners, clusters, inbound, gateways): skipped, each with a warning.
+    pub skipped_envoy_filters: u64,
     pub sidecars: Vec<CompiledSidecar>,
 }
 
@@ -269,9 +272,10 @@ pub fn build(
                     }
                 }
             }
-            Object::EnvoyFilter(ef) => table
-                .envoy_filters
-                .push(compile_envoy_filter(o, ef, registry, findings)),
+            Object::EnvoyFilter(ef) => match compile_envoy_filter(o, ef, registry, findings) {
+                Some(f) => table.envoy_filters.push(f),
+                None => table.skipped_envoy_filters += 1,
+            },
             Object::Sidecar(sc) => table.sidecars.push(compile_sidecar(o, sc)),
             Object::Gateway => findings.push(o.finding(
                 Severity::Note,

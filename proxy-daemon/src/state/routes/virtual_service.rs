@@ -205,10 +205,13 @@ impl Ctx<'_> {
                         names.join(", ")
                     ),
                 ),
-                None => self.err(
+                // Its DestinationRule may come later or live elsewhere (as an unknown
+                // host may): Istio accepts the rule; until the subset exists, requests for
+                // it answer 503 NR.
+                None => self.warn(
                     subset.referenced.line(),
                     format!(
-                        "subset {:?}: no DestinationRule defines subsets for {host}",
+                        "subset {:?}: no DestinationRule defines subsets for {host} (requests routed to it answer 503 until one does)",
                         subset.value
                     ),
                 ),
