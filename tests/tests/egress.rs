@@ -722,3 +722,112 @@ spec:
         daemon.metrics_text()
     );
 }
+
+#[test]
+fn resolution_none_honours_target_port_for_tls_origination() {
+    // Istio's own TLS-origination docs (1.22+): an app dials port 80 of an address it
+    // resolved itself; the entry's targetPort 443 and the rule's TLS send it out as HTTPS.
+    let mut e = Egress::new("egnone");
+    let ca = TestCa::new("none-ca");
+    let api = e.external("api-none", &ca, &["api.none.test"], None);
+    let ca_file = pki::write(&e.pki, "ca.pem", &ca.cert_pem);
+    e.node.write_config(
+        "none.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api-none, namespace: azar}}
+spec:
+  hosts: [api.none.test]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, targetPort: 443, name: http, protocol: HTTP}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api-none, namespace: azar}}
+spec:
+  host: api.none.test
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {}}}
+",
+            ca_file.display()
+        ),
+    );
+    let _daemon = e.start(&[]);
+    let out = e.get(&api.addr(80).to_string(), "api.none.test", "/get");
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    assert_eq!(out["first"]["body"]["server"], "httpbin-tls", "{out}");
+    assert_eq!(out["first"]["body"]["sni"], "api.none.test");
+}
+
+#[test]
+fn under_registry_only_a_host_or_sni_cannot_open_a_way_to_another_address() {
+    // An allowed NONE entry with addresses, and a DNS entry the daemon has no answer for.
+    let mut e = Egress::new("egspoof");
+    let hosts = e.echo_hosts(&["allowed", "attacker"]);
+    let (allowed, attacker) = (&hosts[0], &hosts[1]);
+    e.node.write_config(
+        "entries.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: allowed, namespace: azar}}
+spec:
+  hosts: [allowed.test]
+  addresses: [{}/32]
+  ports: [{{number: 80, name: http, protocol: HTTP}}, {{number: 443, name: tls, protocol: TLS}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: unanswered, namespace: azar}}
+spec:
+  hosts: [unanswered.test]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: DNS
+",
+            allowed.ip
+        ),
+    );
+    let daemon = e.start(&["--outbound-traffic-policy", "registry-only"]);
+    // The entry's own address works ...
+    let ok = e.get(&allowed.addr(80).to_string(), "allowed.test", "/");
+    assert_eq!(ok["first"]["body"]["server"], "allowed", "{ok}");
+    // ... a Host naming it, sent elsewhere, is the BlackHole ...
+    for host in ["allowed.test", "unanswered.test"] {
+        let spoof = e.get(&attacker.addr(80).to_string(), host, "/");
+        assert_eq!(spoof["first"]["status"], 502, "{host}: {spoof}");
+        assert!(spoof["first"]["body"]["server"].is_null(), "{spoof}");
+    }
+    // ... and so is an SNI naming it (the app's own TLS, routed by SNI): the attacker's
+    // server greets whoever reaches it, and nobody does.
+    e.servers.banner(attacker, 443, "attacker-greeting\n");
+    let hello = e.pod.pdtool(&[
+        "tls-hello",
+        "--to",
+        &attacker.addr(443).to_string(),
+        "--sni",
+        "allowed.test",
+    ]);
+    assert_ne!(hello["reply"], "attacker-greeting", "{hello}");
+    let fair = e.pod.pdtool(&[
+        "tls-hello",
+        "--to",
+        &attacker.addr(443).to_string(),
+        "--sni",
+        "attacker.test",
+    ]);
+    assert_ne!(
+        fair["reply"], "attacker-greeting",
+        "unknown SNI under registry-only: {fair}"
+    );
+    assert!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[("destination_service_name", "BlackHoleCluster")]
+        ) >= 2.0,
+        "{}",
+        daemon.metrics_text()
+    );
+}

@@ -433,16 +433,25 @@ pub fn decide(
             )
             && !is_dns(svc)
         {
-            // resolution NONE: the address the app dialled, with the entry's TLS policy.
+            // resolution NONE: the address the app dialled (at the entry's targetPort), with
+            // the entry's TLS policy; named by Host only, it must be where the entry points.
+            if super::route::registry_only(snap, src, policy)
+                && !super::route::dst_within(snap, svc, req.dst)
+            {
+                return spoofed(req, svc);
+            }
             let tls = upstream_tls(snap, svc, None, port, &src.namespace);
             return plain_forward(
-                SocketAddr::V4(req.dst),
+                super::route::dialled_target(svc, req.dst),
                 tls,
                 labels,
                 edits,
                 Vec::new(),
                 timeout,
             );
+        }
+        if unanswered_and_elsewhere(snap, eps, svc, src, policy, req) {
+            return spoofed(req, svc);
         }
         let (chosen, cookie_ops, tls) = pick(snap, eps, svc, None, port, src, req);
         return match chosen {
@@ -510,6 +519,9 @@ pub fn decide(
             };
             let labels = labels_for(target);
             let port = dest.destination.port.unwrap_or(port);
+            if unanswered_and_elsewhere(snap, eps, target, src, policy, req) {
+                return spoofed(req, target);
+            }
             let (chosen, cookie_ops, tls) = pick(
                 snap,
                 eps,
@@ -673,6 +685,44 @@ fn plain_forward(
         fault: None,
         mirrors: Vec::new(),
         route: String::new(),
+    }
+}
+
+/// A DNS entry the daemon has no answer for, named by the request's Host, would be sent to
+/// the address the app dialled: from a registry-only pod only if that address is the
+/// entry's.
+fn unanswered_and_elsewhere(
+    snap: &Snapshot,
+    eps: &Endpoints,
+    target: &ServiceInfo,
+    src: &WorkloadInfo,
+    policy: crate::proxy::OutboundPolicy,
+    req: &RequestView,
+) -> bool {
+    is_dns(target)
+        && target.endpoints.is_empty()
+        && host_only(req.authority).eq_ignore_ascii_case(&target.hostname)
+        && eps.dns.lookup(&target.hostname).is_empty()
+        && super::route::registry_only(snap, src, policy)
+        // Its resolved set is empty: only addresses the entry lists can vouch for the
+        // destination.
+        && (target.addresses.is_empty() || !super::route::dst_within(snap, target, req.dst))
+}
+
+/// A Host naming a registered entry, sent to an address that is not the entry's, from a
+/// registry-only pod: Istio's BlackHoleCluster.
+fn spoofed(req: &RequestView, svc: &ServiceInfo) -> HttpDecision {
+    tracing::debug!(host = %svc.hostname, dst = %req.dst, "Host names an entry the destination is not part of; refused (registry-only)");
+    HttpDecision::Respond {
+        status: 502,
+        body: "destination not in the service registry\n".into(),
+        location: None,
+        labels: DestinationLabels {
+            service: host_only(req.authority).into(),
+            service_name: BLACKHOLE_CLUSTER.into(),
+            service_namespace: UNKNOWN.into(),
+        },
+        flags: "NR",
     }
 }
 

@@ -132,6 +132,29 @@ pub fn registry_only(
 }
 
 /// Decides where a captured connection to `dst` from `src` goes.
+/// Whether the original destination is one the entry stands for: one of its ports, and
+/// (when it lists addresses) one of its addresses. A name alone (Host, SNI) is only the
+/// app's word; under REGISTRY_ONLY it must not open a way to any IP.
+pub fn dst_within(snap: &Snapshot, svc: &ServiceInfo, dst: SocketAddrV4) -> bool {
+    svc.port(dst.port() as u32).is_some()
+        && (svc.addresses.is_empty()
+            || snap
+                .registry
+                .by_addr(SocketAddr::V4(dst))
+                .is_some_and(|s| s.hostname == svc.hostname))
+}
+
+/// Where a ServiceEntry without endpoints sends a connection the app dialled itself: the
+/// address dialled, at the entry's `targetPort` when it sets one (Istio ≥ 1.22 honours it
+/// for `resolution: NONE`: how its docs originate TLS for an app that dials port 80).
+pub fn dialled_target(svc: &ServiceInfo, dst: SocketAddrV4) -> SocketAddr {
+    let port = svc
+        .port(dst.port() as u32)
+        .and_then(|p| p.target_port)
+        .unwrap_or(dst.port() as u32);
+    SocketAddr::new(std::net::IpAddr::V4(*dst.ip()), port as u16)
+}
+
 pub fn decide(
     snap: &Snapshot,
     eps: &Endpoints,
@@ -219,9 +242,22 @@ pub fn decide(
     {
         // A ServiceEntry without endpoints (or whose DNS name has no answer yet), dialled
         // by its own address: the app resolved it itself, so the original destination is
-        // the endpoint.
+        // the endpoint. Named only by SNI, it must also be where the entry points, or a
+        // registry-only pod could reach any IP by naming an allowed host.
+        let vouched =
+            dst_within(snap, target, dst) && (!is_dns(target) || !target.addresses.is_empty());
+        if registry_only(snap, src, default_policy) && !vouched {
+            return L4Decision::Refuse {
+                labels: DestinationLabels {
+                    service: target.hostname.clone(),
+                    service_name: BLACKHOLE_CLUSTER.into(),
+                    service_namespace: UNKNOWN.into(),
+                },
+                flags: "NR",
+            };
+        }
         return L4Decision::Forward {
-            upstream: SocketAddr::V4(dst),
+            upstream: dialled_target(target, dst),
             labels,
             tls,
         };
