@@ -105,13 +105,32 @@ impl HashTable {
     }
 }
 
-/// Tables of one snapshot generation, by (host, subset).
-type TablesOfGeneration = (u64, HashMap<(String, Option<String>), Arc<HashTable>>);
+/// A table's key: host, subset, and the exact endpoint list it indexes.
+type TableKey = (String, Option<String>, u64);
 
-/// Shared tables, keyed by (host, subset, generation); old generations are dropped.
+/// Tables of one snapshot generation.
+type TablesOfGeneration = (u64, HashMap<TableKey, Arc<HashTable>>);
+
+/// Tables kept per generation at most (each endpoint set an outlier ejection or a DNS
+/// answer makes is one); beyond, the generation's tables are rebuilt as needed.
+const MAX_TABLES: usize = 4096;
+
+/// Shared tables. A table is built from, and only ever applied to, one endpoint list: the
+/// key includes the list's fingerprint, so when an endpoint is ejected, becomes unready or
+/// a DNS answer changes, the list changes and so does the table (only that endpoint's keys
+/// move), and a table built while an endpoint was out never starves it once it is back.
 #[derive(Default)]
 pub struct Tables {
     inner: Mutex<TablesOfGeneration>,
+}
+
+fn fingerprint(endpoints: &[SocketAddr]) -> u64 {
+    let mut text = String::with_capacity(endpoints.len() * 22);
+    for ep in endpoints {
+        text.push_str(&ep.to_string());
+        text.push(',');
+    }
+    fnv1a(text.as_bytes())
 }
 
 impl Tables {
@@ -120,15 +139,19 @@ impl Tables {
         generation: u64,
         host: &str,
         subset: Option<&str>,
+        endpoints: &[SocketAddr],
         build: impl FnOnce() -> HashTable,
     ) -> Arc<HashTable> {
+        let key = (
+            host.to_string(),
+            subset.map(str::to_string),
+            fingerprint(endpoints),
+        );
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.0 != generation {
+        if g.0 != generation || g.1.len() >= MAX_TABLES {
             *g = (generation, HashMap::new());
         }
-        g.1.entry((host.to_string(), subset.map(str::to_string)))
-            .or_insert_with(|| Arc::new(build()))
-            .clone()
+        g.1.entry(key).or_insert_with(|| Arc::new(build())).clone()
     }
 }
 
@@ -216,5 +239,37 @@ mod tests {
             }
             assert!(counts.iter().all(|c| *c > 600), "{counts:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod table_cache_tests {
+    use super::*;
+
+    #[test]
+    fn a_table_is_never_applied_to_another_endpoint_list() {
+        let eps: Vec<SocketAddr> = (1..=3)
+            .map(|i| format!("10.0.0.{i}:80").parse().unwrap())
+            .collect();
+        let tables = Tables::default();
+        let pick = |list: &[SocketAddr], key: u64| {
+            let t = tables.get(1, "h", None, list, || HashTable::ring(list, 1024));
+            list[t.pick(key).unwrap()]
+        };
+        let keys: Vec<u64> = (0..2000u64).map(|k| fnv1a(&k.to_le_bytes())).collect();
+        let before: Vec<SocketAddr> = keys.iter().map(|k| pick(&eps, *k)).collect();
+        // The second endpoint is ejected: only its keys move.
+        let without: Vec<SocketAddr> = vec![eps[0], eps[2]];
+        for (k, b) in keys.iter().zip(&before) {
+            let now = pick(&without, *k);
+            if *b != eps[1] {
+                assert_eq!(now, *b, "a key of a healthy endpoint moved");
+            }
+        }
+        // Back again, within the same generation: it gets its own keys back (a table built
+        // while it was out is not reused for the full list).
+        let after: Vec<SocketAddr> = keys.iter().map(|k| pick(&eps, *k)).collect();
+        assert_eq!(before, after);
+        assert!(after.contains(&eps[1]), "the returned endpoint is not starved");
     }
 }

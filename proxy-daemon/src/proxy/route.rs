@@ -403,6 +403,7 @@ pub fn endpoint_for(
                 snap.generation,
                 &target.hostname,
                 subset,
+                &addrs,
                 || match algorithm {
                     HashAlgorithm::RingHash { minimum_ring_size } => {
                         HashTable::ring(&addrs, minimum_ring_size)
