@@ -93,6 +93,7 @@ pub struct Settings {
     pub credentials_dir: Option<PathBuf>,
     pub tls_session_cache: usize,
     pub metrics_retention: Duration,
+    pub max_series_per_workload: usize,
     /// Tracing as the flags set it (the mesh configuration may replace it on reload).
     pub tracing: crate::spans::TraceSettings,
 }
@@ -320,6 +321,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         credentials_dir: args.credentials_dir.clone(),
         tls_session_cache: args.tls_session_cache,
         metrics_retention: Duration::from_secs(args.metrics_retention_secs),
+        max_series_per_workload: args.max_series_per_workload,
         tracing,
     })
 }
@@ -783,6 +785,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             .registry
             .sub_registry_with_prefix("proxy_daemon"),
     );
+    daemon_metrics.set_series_cap(settings.max_series_per_workload);
     let metrics = Arc::new(daemon_metrics);
     let published = Arc::new(Published::new());
     let config_status = Arc::new(Mutex::new(ConfigStatus::default()));

@@ -199,6 +199,11 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_ZIPKIN_ENDPOINT")]
     pub zipkin_endpoint: Option<String>,
 
+    /// Istio metric series one source workload may have (per family); past it, new label
+    /// sets are counted in its overflow series (`destination_service="overflow"`).
+    #[arg(long, env = "PROXY_MAX_SERIES_PER_WORKLOAD", default_value_t = crate::metrics::DEFAULT_MAX_SERIES_PER_WORKLOAD)]
+    pub max_series_per_workload: usize,
+
     /// Trace headers written upstream when a request brought none (a request that brought
     /// some is answered in its own formats): any of `w3c`, `b3`, `b3-single`.
     #[arg(long, env = "PROXY_TRACE_PROPAGATION", default_value = "w3c,b3")]

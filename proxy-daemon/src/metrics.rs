@@ -5,7 +5,7 @@ use std::{
     cell::RefCell,
     collections::{HashMap, HashSet},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
 };
@@ -255,13 +255,60 @@ thread_local! {
 struct SeriesIndex<L> {
     by_source: Mutex<HashMap<(String, String), HashSet<L>>>,
     epoch: AtomicU64,
+    /// Series one source workload may have; past it, new label sets are folded into its
+    /// overflow series (a pod looping over random Host headers cannot grow the node's
+    /// scrape without bound).
+    cap: AtomicUsize,
+    /// Label sets folded into an overflow series (per thread that met them).
+    overflowed: Counter,
 }
+
+/// Series per source workload by default (`--max-series-per-workload`).
+pub const DEFAULT_MAX_SERIES_PER_WORKLOAD: usize = 2000;
+
+/// What an overflow series names as its destination.
+pub const OVERFLOW: &str = "overflow";
 
 impl<L> Default for SeriesIndex<L> {
     fn default() -> Self {
         Self {
             by_source: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
+            cap: AtomicUsize::new(DEFAULT_MAX_SERIES_PER_WORKLOAD),
+            overflowed: Counter::default(),
+        }
+    }
+}
+
+/// The destination half of an overflow series.
+fn overflow_destination() -> (Arc<PeerLabels>, Arc<DestinationLabels>) {
+    (
+        PeerLabels::unknown(),
+        Arc::new(DestinationLabels {
+            service: OVERFLOW.into(),
+            service_name: OVERFLOW.into(),
+            service_namespace: UNKNOWN.into(),
+        }),
+    )
+}
+
+impl IstioTcpLabels {
+    /// The same source, protocol and flags, with the overflow destination.
+    fn overflowed(&self) -> Self {
+        let (peer, service) = overflow_destination();
+        Self {
+            peer,
+            service,
+            ..self.clone()
+        }
+    }
+}
+
+impl RequestLabels {
+    fn overflowed(&self) -> Self {
+        Self {
+            base: self.base.overflowed(),
+            ..self.clone()
         }
     }
 }
@@ -274,7 +321,8 @@ impl<L: Clone + std::hash::Hash + Eq> SeriesIndex<L> {
         cache: &'static std::thread::LocalKey<HandleCache<L, H>>,
         labels: &L,
         source: &SourceLabels,
-        make: impl FnOnce() -> H,
+        overflow: impl FnOnce(&L) -> L,
+        make: impl FnOnce(&L) -> H,
     ) -> H {
         let owner = self as *const Self as usize;
         let epoch = self.epoch.load(Ordering::Acquire);
@@ -286,13 +334,22 @@ impl<L: Clone + std::hash::Hash + Eq> SeriesIndex<L> {
             if let Some(h) = cache.2.get(labels) {
                 return h.clone();
             }
-            let h = make();
-            self.by_source
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry((source.namespace.clone(), source.workload.clone()))
-                .or_default()
-                .insert(labels.clone());
+            let series = {
+                let mut index = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
+                let set = index
+                    .entry((source.namespace.clone(), source.workload.clone()))
+                    .or_default();
+                if set.contains(labels) || set.len() < self.cap.load(Ordering::Relaxed) {
+                    set.insert(labels.clone());
+                    labels.clone()
+                } else {
+                    let folded = overflow(labels);
+                    set.insert(folded.clone());
+                    self.overflowed.inc();
+                    folded
+                }
+            };
+            let h = make(&series);
             cache.2.insert(labels.clone(), h.clone());
             h
         })
@@ -336,14 +393,18 @@ impl Default for HttpMetrics {
 impl HttpMetrics {
     pub fn record(&self, r: RequestRecord) {
         let l = &r.labels;
-        let handles = self
-            .series
-            .handles(&REQUEST_HANDLES, l, &l.base.source, || RequestHandles {
+        let handles = self.series.handles(
+            &REQUEST_HANDLES,
+            l,
+            &l.base.source,
+            RequestLabels::overflowed,
+            |l| RequestHandles {
                 requests: self.requests.get_or_create(l).clone(),
                 duration: self.duration.get_or_create(l).clone(),
                 request_bytes: self.request_bytes.get_or_create(l).clone(),
                 response_bytes: self.response_bytes.get_or_create(l).clone(),
-            });
+            },
+        );
         handles.requests.inc();
         handles.duration.observe(r.duration.as_secs_f64() * 1000.0);
         handles.request_bytes.observe(r.request_bytes as f64);
@@ -430,13 +491,18 @@ impl TcpMetrics {
     /// The counters of `labels`: no lock shared between cores once a thread has seen the
     /// series (the families and the expiry index are touched on first use only).
     pub fn handles(&self, labels: &IstioTcpLabels) -> TcpHandles {
-        self.series
-            .handles(&TCP_HANDLES, labels, &labels.source, || TcpHandles {
-                opened: self.opened.get_or_create(labels).clone(),
-                closed: self.closed.get_or_create(labels).clone(),
-                sent_bytes: self.sent_bytes.get_or_create(labels).clone(),
-                received_bytes: self.received_bytes.get_or_create(labels).clone(),
-            })
+        self.series.handles(
+            &TCP_HANDLES,
+            labels,
+            &labels.source,
+            IstioTcpLabels::overflowed,
+            |l| TcpHandles {
+                opened: self.opened.get_or_create(l).clone(),
+                closed: self.closed.get_or_create(l).clone(),
+                sent_bytes: self.sent_bytes.get_or_create(l).clone(),
+                received_bytes: self.received_bytes.get_or_create(l).clone(),
+            },
+        )
     }
 
     /// Counts a connection opened.
@@ -511,7 +577,11 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let tcp = TcpMetrics::default();
+        let overflow = Family::<KindLabels, Counter>::default();
+        let mut tcp = TcpMetrics::default();
+        tcp.series.overflowed = overflow
+            .get_or_create(&KindLabels { kind: "tcp".into() })
+            .clone();
         registry.register(
             "istio_tcp_connections_opened",
             "Total TCP connections opened",
@@ -532,7 +602,12 @@ impl Metrics {
             "Total bytes received during request in case of a TCP connection",
             tcp.received_bytes.clone(),
         );
-        let http = HttpMetrics::default();
+        let mut http = HttpMetrics::default();
+        http.series.overflowed = overflow
+            .get_or_create(&KindLabels {
+                kind: "http".into(),
+            })
+            .clone();
         registry.register("istio_requests", "Total requests", http.requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
@@ -551,6 +626,11 @@ impl Metrics {
         );
         let daemon = DaemonMetrics::default();
         let sub = registry.sub_registry_with_prefix("proxy_daemon");
+        sub.register(
+            "metric_series_overflow",
+            "Istio label sets folded into their source workload's overflow series (destination_service=\"overflow\") because it reached --max-series-per-workload",
+            overflow,
+        );
         sub.register(
             "enrolled_pods",
             "Pods whose connects are captured",
@@ -695,6 +775,12 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Series one source workload may have in each of the request and TCP families.
+    pub fn set_series_cap(&self, cap: usize) {
+        self.http.series.cap.store(cap.max(1), Ordering::Relaxed);
+        self.tcp.series.cap.store(cap.max(1), Ordering::Relaxed);
+    }
+
     /// The daemon's own process, from /proc/self (called on each scrape).
     pub fn refresh_process(&self) {
         let d = &self.daemon;
@@ -781,5 +867,82 @@ pub fn to_classic_text(open: &str) -> String {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::*;
+
+    fn labels(source: &Arc<SourceLabels>, host: &str, code: u16) -> RequestLabels {
+        RequestLabels {
+            response_code: code,
+            grpc_response_status: None,
+            base: IstioTcpLabels::new(
+                source,
+                &PeerLabels::unknown(),
+                &Arc::new(DestinationLabels {
+                    service: host.into(),
+                    service_name: PASSTHROUGH_CLUSTER.into(),
+                    service_namespace: UNKNOWN.into(),
+                }),
+                "",
+            ),
+        }
+    }
+
+    fn source(workload: &str) -> Arc<SourceLabels> {
+        Arc::new(SourceLabels {
+            workload: workload.into(),
+            namespace: "ns".into(),
+            app: workload.into(),
+            version: "v1".into(),
+            canonical_service: workload.into(),
+            canonical_revision: "v1".into(),
+        })
+    }
+
+    #[test]
+    fn a_workload_past_its_cap_counts_into_one_overflow_series() {
+        let m = Metrics::new();
+        m.set_series_cap(3);
+        let (noisy, quiet) = (source("noisy"), source("quiet"));
+        for i in 0..10 {
+            m.http.record(RequestRecord {
+                labels: labels(&noisy, &format!("h{i}.example"), 200),
+                duration: std::time::Duration::from_millis(1),
+                request_bytes: 1,
+                response_bytes: 1,
+            });
+        }
+        m.http.record(RequestRecord {
+            labels: labels(&quiet, "api.example", 200),
+            duration: std::time::Duration::from_millis(1),
+            request_bytes: 1,
+            response_bytes: 1,
+        });
+        let text = m.encode();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        let noisy_series = series
+            .iter()
+            .filter(|l| l.contains("source_workload=\"noisy\""))
+            .count();
+        assert_eq!(noisy_series, 4, "3 and the overflow: {series:#?}");
+        assert!(series
+            .iter()
+            .any(|l| l.contains("source_workload=\"noisy\"")
+                && l.contains("destination_service=\"overflow\"")
+                && l.ends_with(" 7")));
+        assert!(series
+            .iter()
+            .any(|l| l.contains("source_workload=\"quiet\"")
+                && l.contains("destination_service=\"api.example\"")));
+        assert!(
+            text.contains("proxy_daemon_metric_series_overflow_total{kind=\"http\"} 7"),
+            "{text}"
+        );
     }
 }

@@ -270,6 +270,9 @@ mod table_cache_tests {
         // while it was out is not reused for the full list).
         let after: Vec<SocketAddr> = keys.iter().map(|k| pick(&eps, *k)).collect();
         assert_eq!(before, after);
-        assert!(after.contains(&eps[1]), "the returned endpoint is not starved");
+        assert!(
+            after.contains(&eps[1]),
+            "the returned endpoint is not starved"
+        );
     }
 }

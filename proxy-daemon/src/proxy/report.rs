@@ -144,8 +144,9 @@ impl Finish {
         let mut base = IstioTcpLabels::new(&self.pod.source_labels, &peer, &dest, &flags);
         base.request_protocol = if self.grpc { "grpc" } else { "http" };
         let grpc_response_status = if self.grpc {
-            // A gRPC response without a status (e.g. a local reply) is UNKNOWN (2).
-            Some(grpc.unwrap_or(2))
+            // A gRPC response without a status (e.g. a local reply) is UNKNOWN (2), and so
+            // is one outside the 17 codes gRPC defines: the label stays bounded.
+            Some(grpc.filter(|g| *g <= 16).unwrap_or(2))
         } else {
             None
         };

@@ -399,18 +399,21 @@ pub fn endpoint_for(
     };
     let index = match (lb, hash) {
         (Some(LoadBalancer::ConsistentHash { algorithm, .. }), Some(h)) => {
-            let table = eps.tables.get(
-                snap.generation,
-                &target.hostname,
-                subset,
-                &addrs,
-                || match algorithm {
-                    HashAlgorithm::RingHash { minimum_ring_size } => {
-                        HashTable::ring(&addrs, minimum_ring_size)
-                    }
-                    HashAlgorithm::Maglev { table_size } => HashTable::maglev(&addrs, table_size),
-                },
-            );
+            let table =
+                eps.tables.get(
+                    snap.generation,
+                    &target.hostname,
+                    subset,
+                    &addrs,
+                    || match algorithm {
+                        HashAlgorithm::RingHash { minimum_ring_size } => {
+                            HashTable::ring(&addrs, minimum_ring_size)
+                        }
+                        HashAlgorithm::Maglev { table_size } => {
+                            HashTable::maglev(&addrs, table_size)
+                        }
+                    },
+                );
             table.pick(h).unwrap_or(0)
         }
         (

@@ -298,7 +298,9 @@ fn http_run(
             continue;
         };
         let method = if body_bytes > 0 { "POST" } else { "GET" };
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+        // "{i}" in the Host becomes the request's index (distinct hosts per request).
+        let host_i = host.replace("{i}", &i.to_string());
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host_i}\r\n");
         if body_bytes > 0 {
             req.push_str(&format!("Content-Length: {body_bytes}\r\n"));
         }

@@ -1,0 +1,140 @@
+//! A shared node proxy must be safer than the sidecars it replaces: captured pods attack
+//! it (as a hostile tenant would) and the defence shows in what an operator checks —
+//! counters, scrape size, RSS, and the other tenants' requests.
+use std::time::Duration;
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{namespace_yaml, pod_yaml, Node},
+    servers::{HttpEcho, Servers},
+};
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn random_host_headers_cannot_grow_the_nodes_metric_series_without_bound() {
+    let mut node = Node::new("cardinality");
+    let servers = Servers::new();
+    let upstream = node.host("anything");
+    servers.http_echo(
+        &upstream,
+        80,
+        HttpEcho {
+            name: "anything".into(),
+            ..Default::default()
+        },
+    );
+    let attacker = node.pod("noisy", "scraper-0");
+    let victim = node.pod("quiet", "web-0");
+    node.write_config(
+        "cluster.yaml",
+        // The access log's bounded queue (8,192 lines) fills and drains with the flood's
+        // bursts; off for this namespace, RSS shows the metrics' memory alone.
+        &(namespace_yaml("noisy", true, None).replace(
+            "  name: noisy\n",
+            "  name: noisy\n  annotations:\n    nodeproxy.io/access-log: \"false\"\n",
+        ) + &namespace_yaml("quiet", true, None)
+            + &pod_yaml(&attacker, &[("app", "scraper")])
+            + &pod_yaml(&victim, &[("app", "web")])),
+    );
+    let daemon = Daemon::start(&node, &["--max-series-per-workload", "100"]);
+    for p in [&attacker, &victim] {
+        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    let to = upstream.addr(80).to_string();
+    // Each call a fresh set of hosts: r<round>-h<i>.random.example.
+    let round = std::cell::Cell::new(0);
+    let flood = |n: &str| {
+        round.set(round.get() + 1);
+        let host = format!("r{}-h{{i}}.random.example", round.get());
+        attacker.pdtool(&["http", "--to", &to, "--host", &host, "--count", n])
+    };
+    let pid = daemon.pid().expect("pid");
+    // Passthrough traffic is labelled by its Host (as Istio does), so every request of
+    // the flood is a new label set.
+    // Two rounds to reach steady state (buffers, allocator arenas, per-thread caches),
+    // then one more that must cost nothing.
+    for _ in 0..2 {
+        let out = flood("10000");
+        assert_eq!(out["statuses"]["200"], 10000, "{out}");
+    }
+    let scrape_after_20k = daemon.metrics_text().len();
+    let rss_after_20k = rss_kib(pid);
+    for _ in 0..2 {
+        let out = flood("10000");
+        assert_eq!(out["statuses"]["200"], 10000, "{out}");
+    }
+    let text = daemon.metrics_text();
+    let rss_after_40k = rss_kib(pid);
+    let attacker_series = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{") && l.contains("source_workload=\"scraper\"")
+        })
+        .count();
+    assert!(
+        attacker_series <= 101,
+        "{attacker_series} series for one workload with a cap of 100"
+    );
+    // Everything was still counted, the overflow included.
+    assert_eq!(
+        daemon.metric_sum("istio_requests_total", &[("source_workload", "scraper")]),
+        40000.0
+    );
+    assert!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[
+                ("source_workload", "scraper"),
+                ("destination_service", "overflow")
+            ]
+        ) >= 39_000.0
+    );
+    let folded = daemon.metric_sum(
+        "proxy_daemon_metric_series_overflow_total",
+        &[("kind", "http")],
+    );
+    assert!(folded >= 39_000.0, "the defence is counted: {folded}");
+    // Flat: the last 20,000 hosts cost the scrape nothing and RSS next to nothing.
+    let growth = text.len() as i64 - scrape_after_20k as i64;
+    assert!(growth.abs() < 20_000, "scrape grew by {growth} bytes");
+    eprintln!(
+        "scrape {} → {} bytes, RSS {} → {} KiB from 20,000 to 40,000 distinct hosts",
+        scrape_after_20k,
+        text.len(),
+        rss_after_20k,
+        rss_after_40k
+    );
+    assert!(
+        rss_after_40k < rss_after_20k + 1024,
+        "RSS grew from {rss_after_20k} to {rss_after_40k} KiB"
+    );
+    // Another tenant's series are its own, whatever the attacker did.
+    let ok = victim.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "api.partner.example",
+        "--count",
+        "5",
+    ]);
+    assert_eq!(ok["statuses"]["200"], 5, "{ok}");
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[
+                ("source_workload", "web"),
+                ("destination_service", "api.partner.example")
+            ]
+        ),
+        5.0
+    );
+}
