@@ -88,6 +88,7 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
     pub mirror_max_body_bytes: usize,
+    pub mirror_max_in_flight: usize,
     pub dns_servers: Vec<SocketAddr>,
     pub hosts_file: Option<PathBuf>,
     pub credentials_dir: Option<PathBuf>,
@@ -315,6 +316,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         mirror_max_body_bytes: args.mirror_max_body_bytes,
+        mirror_max_in_flight: args.mirror_max_in_flight.max(1),
         dns_servers: crate::proxy::dns::parse_servers(&args.dns_servers)
             .map_err(|e| startup(e.to_string()))?,
         hosts_file: args.hosts_file.clone(),
@@ -882,9 +884,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         },
         config: published.clone(),
         endpoints: crate::proxy::Endpoints::new(dns.clone()),
-        mirror_slots: Arc::new(tokio::sync::Semaphore::new(
-            crate::proxy::http::MIRROR_CONCURRENCY,
-        )),
+        mirror_slots: Arc::new(tokio::sync::Semaphore::new(settings.mirror_max_in_flight)),
         tls: Arc::new(tls),
         tracer: tracer.clone(),
     });

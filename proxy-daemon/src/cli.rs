@@ -156,6 +156,12 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_MIRROR_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub mirror_max_body_bytes: usize,
 
+    /// Mirror copies in flight on the node at most; beyond, copies are dropped (counted)
+    /// before any body is copied. Memory for copies stays under this times
+    /// --mirror-max-body-bytes.
+    #[arg(long, env = "PROXY_MIRROR_MAX_IN_FLIGHT", default_value_t = crate::proxy::http::MIRROR_CONCURRENCY)]
+    pub mirror_max_in_flight: usize,
+
     /// Upstream connect timeout.
     #[arg(long, env = "PROXY_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     pub connect_timeout_ms: u64,

@@ -551,6 +551,9 @@ pub struct DaemonMetrics {
     pub active_connections: Gauge,
     pub mirror_requests: Family<MirrorLabels, Counter>,
     pub mirror_dropped: Family<MirrorDropLabels, Counter>,
+    /// Bytes of request bodies held for mirror copies now, and the most ever held at once.
+    pub mirror_copy_bytes: Gauge,
+    pub mirror_copy_bytes_peak: Gauge,
     pub upstream_tls_handshakes: Family<TlsHandshakeLabels, Counter>,
     pub upstream_idle_connections: Gauge,
     pub expired_series: Counter,
@@ -706,6 +709,16 @@ impl Metrics {
             "mirror_requests",
             "Mirror copies sent, by route and outcome",
             daemon.mirror_requests.clone(),
+        );
+        sub.register(
+            "mirror_copy_bytes",
+            "Bytes of streaming request bodies being copied for mirrors right now",
+            daemon.mirror_copy_bytes.clone(),
+        );
+        sub.register(
+            "mirror_copy_bytes_peak",
+            "The most bytes ever held at once for mirror copies (bounded by the in-flight limit times --mirror-max-body-bytes)",
+            daemon.mirror_copy_bytes_peak.clone(),
         );
         sub.register(
             "mirror_dropped",

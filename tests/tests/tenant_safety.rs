@@ -138,3 +138,94 @@ fn random_host_headers_cannot_grow_the_nodes_metric_series_without_bound() {
         5.0
     );
 }
+
+#[test]
+fn mirror_copies_hold_no_more_memory_than_their_in_flight_limit() {
+    let mut node = Node::new("mirrormem");
+    let servers = Servers::new();
+    let api = node.host("api");
+    let shadow = node.host("shadow");
+    servers.http_echo(
+        &api,
+        8080,
+        HttpEcho {
+            name: "api".into(),
+            ..Default::default()
+        },
+    );
+    // The mirror answers slowly: its copies stay in flight.
+    servers.http_echo(
+        &shadow,
+        8080,
+        HttpEcho {
+            name: "shadow".into(),
+            delay: Duration::from_secs(2),
+            ..Default::default()
+        },
+    );
+    let uploader = node.pod("noisy", "uploader-0");
+    let svc = |name: &str, ip: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: noisy}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: {name}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n")
+    };
+    node.write_config(
+        "cluster.yaml",
+        &(namespace_yaml("noisy", true, None)
+            + &pod_yaml(&uploader, &[("app", "uploader")])
+            + &proxy_tests::node::endpoint_pod_yaml(&api, "api-0", "noisy", &[("app", "api")])
+            + &proxy_tests::node::endpoint_pod_yaml(
+                &shadow,
+                "shadow-0",
+                "noisy",
+                &[("app", "shadow")],
+            )
+            + &svc("api", "198.18.0.230")
+            + &svc("shadow", "198.18.0.231")
+            + "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: noisy}
+spec:
+  hosts: [api]
+  http:
+  - route: [{destination: {host: api}}]
+    mirror: {host: shadow}
+    mirrorPercentage: {value: 100}
+"),
+    );
+    let daemon = Daemon::start(&node, &["--mirror-max-in-flight", "2"]);
+    daemon.wait_enrolled(&uploader.uid, Duration::from_secs(5));
+    // 24 uploads of 900 KiB, 4 at a time: streamed (too big to buffer), so a copy is teed
+    // only for a mirror that has a place in flight.
+    let out = uploader.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.230:80",
+        "--host",
+        "api",
+        "--count",
+        "6",
+        "--parallel",
+        "4",
+        "--body-bytes",
+        "921600",
+    ]);
+    assert_eq!(out["statuses"]["200"], 24, "every primary answered: {out}");
+    let dropped = daemon.metric_sum(
+        "proxy_daemon_mirror_dropped_total",
+        &[("reason", "concurrency")],
+    );
+    assert!(
+        dropped >= 16.0,
+        "copies beyond 2 in flight dropped: {dropped}"
+    );
+    let peak = daemon.metric_sum("proxy_daemon_mirror_copy_bytes_peak", &[]);
+    eprintln!("mirror copies: peak {peak} bytes held, {dropped} dropped");
+    assert!(
+        peak <= 2.0 * 921_600.0,
+        "at most two copies held at once: {peak} bytes"
+    );
+    assert!(peak > 0.0, "copies were made");
+    proxy_tests::wait_for(Duration::from_secs(10), || {
+        (daemon.metric_sum("proxy_daemon_mirror_copy_bytes", &[]) == 0.0).then_some(())
+    })
+    .expect("nothing stays held once the copies are done");
+}

@@ -640,8 +640,10 @@ fn pick(
         subset,
         port,
         &src.namespace,
-        hash,
-        req.avoid,
+        super::route::Choice {
+            hash,
+            avoid: req.avoid,
+        },
     );
     if chosen == Err("UH")
         && is_dns(target)

@@ -135,6 +135,15 @@ pub fn registry_only(
 /// Whether the original destination is one the entry stands for: one of its ports, and
 /// (when it lists addresses) one of its addresses. A name alone (Host, SNI) is only the
 /// app's word; under REGISTRY_ONLY it must not open a way to any IP.
+/// What steers the choice among a destination's endpoints, beyond its policy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Choice<'a> {
+    /// The request's consistent-hash key, when the policy hashes.
+    pub hash: Option<u64>,
+    /// Endpoints earlier attempts of the request went to (a retry prefers others).
+    pub avoid: &'a [SocketAddr],
+}
+
 pub fn dst_within(snap: &Snapshot, svc: &ServiceInfo, dst: SocketAddrV4) -> bool {
     svc.port(dst.port() as u32).is_some()
         && (svc.addresses.is_empty()
@@ -272,7 +281,8 @@ pub fn decide(
             .map(|ip| super::balance::fnv1a(ip.as_bytes())),
         _ => None,
     };
-    match endpoint_for(snap, eps, target, subset, port, &src.namespace, hash, &[]) {
+    let how = Choice { hash, avoid: &[] };
+    match endpoint_for(snap, eps, target, subset, port, &src.namespace, how) {
         Ok(upstream) => L4Decision::Forward {
             upstream,
             labels,
@@ -307,9 +317,9 @@ pub fn endpoint_for(
     subset: Option<&str>,
     port: u32,
     client_namespace: &str,
-    hash: Option<u64>,
-    avoid: &[SocketAddr],
+    how: Choice,
 ) -> Result<SocketAddr, &'static str> {
+    let Choice { hash, avoid } = how;
     let subset_labels = match subset {
         Some(s) => Some(
             snap.routes

@@ -2,7 +2,8 @@
 //! [`MIRROR_CONCURRENCY`] in flight, never delaying or failing the primary.
 use super::*;
 
-/// Mirror copies in flight on this node at most; beyond, copies are dropped and counted.
+/// Mirror copies in flight on this node at most by default (`--mirror-max-in-flight`);
+/// beyond, copies are dropped and counted.
 pub const MIRROR_CONCURRENCY: usize = 256;
 /// A mirror copy that has not answered by then is abandoned (and counted as failed).
 pub(super) const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,12 +20,34 @@ pub(super) struct Primary<'a> {
     pub trace: &'a crate::spans::RequestTrace,
 }
 
+/// A place among the mirror copies in flight, taken before any body is copied (so a
+/// copy that could not be sent never holds memory); None, counted, when all are taken.
+pub(super) fn mirror_slot(
+    inputs: &ProxyInputs,
+    route: &str,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let slot = inputs.mirror_slots.clone().try_acquire_owned().ok();
+    if slot.is_none() {
+        inputs
+            .metrics
+            .daemon
+            .mirror_dropped
+            .get_or_create(&crate::metrics::MirrorDropLabels {
+                route: route.to_string(),
+                reason: "concurrency",
+            })
+            .inc();
+    }
+    slot
+}
+
 pub(super) fn send_mirror(
     inputs: &Arc<ProxyInputs>,
     pod: &Arc<PodContext>,
     primary: &Primary,
     body: MirrorBody,
     dest: &crate::state::routes::DestinationRef,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let Primary {
         head,
@@ -41,9 +64,6 @@ pub(super) fn send_mirror(
             })
             .inc();
     };
-    let Ok(slot) = inputs.mirror_slots.clone().try_acquire_owned() else {
-        return dropped("concurrency");
-    };
     let (upstream, labels, tls, port) = {
         let snap = inputs.config.load();
         let Some(target) = snap.registry.by_host(&dest.host) else {
@@ -59,8 +79,7 @@ pub(super) fn send_mirror(
             dest.subset.as_deref(),
             port,
             &pod.workload.namespace,
-            None,
-            &[],
+            route::Choice::default(),
         ) {
             Ok(ep) => (
                 ep,
@@ -222,12 +241,18 @@ pub(super) struct TeeBody {
     pub(super) copy: Option<bytes::BytesMut>,
     pub(super) limit: usize,
     pub(super) done: Option<tokio::sync::oneshot::Sender<Option<Bytes>>>,
+    /// The node's count of bytes held for mirror copies (and its high-water mark).
+    held: (
+        prometheus_client::metrics::gauge::Gauge,
+        prometheus_client::metrics::gauge::Gauge,
+    ),
 }
 
 impl TeeBody {
     pub(super) fn new(
         inner: Body,
         limit: usize,
+        metrics: &crate::metrics::DaemonMetrics,
     ) -> (Self, tokio::sync::oneshot::Receiver<Option<Bytes>>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let tee = Self {
@@ -235,11 +260,26 @@ impl TeeBody {
             copy: Some(bytes::BytesMut::new()),
             limit,
             done: Some(tx),
+            held: (
+                metrics.mirror_copy_bytes.clone(),
+                metrics.mirror_copy_bytes_peak.clone(),
+            ),
         };
         (tee, rx)
     }
 
+    fn hold(&self, n: usize) {
+        let now = self.held.0.inc_by(n as i64) + n as i64;
+        // A high-water mark: raised, never lowered (a lost race only under-reports).
+        if now > self.held.1.get() {
+            self.held.1.set(now);
+        }
+    }
+
     pub(super) fn finish(&mut self, complete: bool) {
+        if let Some(c) = &self.copy {
+            self.held.0.dec_by(c.len() as i64);
+        }
         if let Some(tx) = self.done.take() {
             let copy = self
                 .copy
@@ -267,10 +307,15 @@ impl hyper::body::Body for TeeBody {
                         .copy
                         .as_ref()
                         .is_some_and(|c| c.len() + data.len() > self.limit);
-                    if over {
+                    // Nobody waits for the copy any more (the mirror gave up or was
+                    // never sent): stop copying.
+                    let abandoned = self.done.as_ref().is_none_or(|tx| tx.is_closed());
+                    if over || abandoned {
                         self.finish(false);
                     } else if let Some(c) = self.copy.as_mut() {
                         c.extend_from_slice(data);
+                        let n = data.len();
+                        self.hold(n);
                     }
                 }
                 // hyper may stop polling once the body says it is done.

@@ -292,12 +292,18 @@ async fn handle(
                 if attempt == 0 {
                     for (dest, percent) in &mirrors {
                         if rand::random::<f64>() * 100.0 < *percent {
+                            let Some(slot) = mirror_slot(inputs, &route) else {
+                                continue;
+                            };
                             // A kept body is copied; a streaming one is teed, bounded.
                             let body = match (&buffered, streaming.take()) {
                                 (Some(b), _) => MirrorBody::Ready(b.clone()),
                                 (None, Some(s)) => {
-                                    let (tee, copy) =
-                                        TeeBody::new(s, inputs.settings.mirror_max_body_bytes);
+                                    let (tee, copy) = TeeBody::new(
+                                        s,
+                                        inputs.settings.mirror_max_body_bytes,
+                                        &inputs.metrics.daemon,
+                                    );
                                     streaming = Some(tee.boxed());
                                     MirrorBody::Pending(copy)
                                 }
@@ -309,7 +315,7 @@ async fn handle(
                                 route: &route,
                                 trace: &trace,
                             };
-                            send_mirror(inputs, pod, &primary, body, dest);
+                            send_mirror(inputs, pod, &primary, body, dest, slot);
                         }
                     }
                 }
