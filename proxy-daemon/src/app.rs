@@ -95,6 +95,10 @@ pub struct Settings {
     pub tls_session_cache: usize,
     pub metrics_retention: Duration,
     pub max_series_per_workload: usize,
+    /// Downstream connection budgets (node, per source namespace).
+    pub max_connections: usize,
+    pub max_connections_per_namespace: usize,
+    pub header_read_timeout: Option<Duration>,
     /// Tracing as the flags set it (the mesh configuration may replace it on reload).
     pub tracing: crate::spans::TraceSettings,
 }
@@ -324,6 +328,10 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         tls_session_cache: args.tls_session_cache,
         metrics_retention: Duration::from_secs(args.metrics_retention_secs),
         max_series_per_workload: args.max_series_per_workload,
+        max_connections: args.max_connections,
+        max_connections_per_namespace: args.max_connections_per_namespace,
+        header_read_timeout: (args.http_header_read_timeout_ms > 0)
+            .then(|| Duration::from_millis(args.http_header_read_timeout_ms)),
         tracing,
     })
 }
@@ -751,6 +759,24 @@ async fn expire_series(metrics: Arc<Metrics>, published: Arc<Published>, retenti
     }
 }
 
+/// The node's and each namespace's connection budget: as configured, else from the
+/// open-file limit (two sockets per proxied connection, 1,024 descriptors kept for the
+/// daemon's own files, listeners and upstream pools) and half of that per namespace.
+fn connection_budgets(settings: &Settings) -> (usize, usize) {
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let node = match settings.max_connections {
+        0 => (nofile.saturating_sub(1024) / 2).max(64) as usize,
+        n => n,
+    };
+    let per_namespace = match settings.max_connections_per_namespace {
+        0 => (node / 2).max(1),
+        n => n.min(node),
+    };
+    (node, per_namespace)
+}
+
 /// Every proxied connection holds two sockets; the usual soft limit of 1024 would cap a
 /// node at ~500 connections. Raise the soft limit to the hard one.
 fn raise_fd_limit() {
@@ -881,12 +907,18 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
                 }
             },
             mirror_max_body_bytes: settings.mirror_max_body_bytes,
+            header_read_timeout: settings.header_read_timeout,
         },
         config: published.clone(),
         endpoints: crate::proxy::Endpoints::new(dns.clone()),
         mirror_slots: Arc::new(tokio::sync::Semaphore::new(settings.mirror_max_in_flight)),
         tls: Arc::new(tls),
         tracer: tracer.clone(),
+        connections: {
+            let (node, per_namespace) = connection_budgets(&settings);
+            info!(node, per_namespace, "downstream connection budgets");
+            crate::proxy::limits::ConnectionBudget::new(node, per_namespace)
+        },
     });
     tokio::spawn(apply_mesh_tracing(
         tracer.clone(),

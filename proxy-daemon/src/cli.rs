@@ -205,6 +205,25 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_ZIPKIN_ENDPOINT")]
     pub zipkin_endpoint: Option<String>,
 
+    /// Downstream connections in flight on the node at most (0: from the open-file limit,
+    /// two sockets per connection, 1,024 kept for everything else). Beyond: reset, counted.
+    #[arg(long, env = "PROXY_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Downstream connections in flight per source namespace at most (0: half the node's),
+    /// so that one tenant cannot take every place.
+    #[arg(long, env = "PROXY_MAX_CONNECTIONS_PER_NAMESPACE", default_value_t = 0)]
+    pub max_connections_per_namespace: usize,
+
+    /// An HTTP/1 request's head must arrive within this many milliseconds, or the
+    /// connection is closed (slow-header attacks; 0 turns it off).
+    #[arg(
+        long,
+        env = "PROXY_HTTP_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub http_header_read_timeout_ms: u64,
+
     /// Istio metric series one source workload may have (per family); past it, new label
     /// sets are counted in its overflow series (`destination_service="overflow"`).
     #[arg(long, env = "PROXY_MAX_SERIES_PER_WORKLOAD", default_value_t = crate::metrics::DEFAULT_MAX_SERIES_PER_WORKLOAD)]

@@ -429,6 +429,14 @@ impl HttpMetrics {
     }
 }
 
+/// Why a connection was refused, and whose it was (namespaces are bounded by the node's).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// node_limit | namespace_limit
+    pub reason: &'static str,
+    pub namespace: String,
+}
+
 /// Per-route mirror outcomes (`route` is the rule's file:line, bounded by the config).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorLabels {
@@ -551,6 +559,8 @@ pub struct DaemonMetrics {
     pub active_connections: Gauge,
     pub mirror_requests: Family<MirrorLabels, Counter>,
     pub mirror_dropped: Family<MirrorDropLabels, Counter>,
+    /// Downstream connections reset at accept because a budget was spent.
+    pub connections_refused: Family<RefusalLabels, Counter>,
     /// Bytes of request bodies held for mirror copies now, and the most ever held at once.
     pub mirror_copy_bytes: Gauge,
     pub mirror_copy_bytes_peak: Gauge,
@@ -709,6 +719,11 @@ impl Metrics {
             "mirror_requests",
             "Mirror copies sent, by route and outcome",
             daemon.mirror_requests.clone(),
+        );
+        sub.register(
+            "connections_refused",
+            "Downstream connections reset at accept because the node's or the source namespace's connection budget was spent",
+            daemon.connections_refused.clone(),
         );
         sub.register(
             "mirror_copy_bytes",

@@ -132,6 +132,7 @@ impl InProcess {
                 connect_timeout: Duration::from_secs(2),
                 outbound_policy: OutboundPolicy::AllowAny,
                 mirror_max_body_bytes: 1024 * 1024,
+                header_read_timeout: Some(Duration::from_secs(30)),
             },
             config: published.clone(),
             endpoints: Endpoints::new(dns),
@@ -147,6 +148,7 @@ impl InProcess {
                 &mut prometheus_client::registry::Registry::default(),
             )
             .0,
+            connections: crate::proxy::limits::ConnectionBudget::new(4096, 4096),
         });
         let ctx = Arc::new(ArcSwap::from_pointee(PodContext {
             source_labels: SourceLabels::of(&workload),

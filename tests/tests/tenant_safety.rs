@@ -229,3 +229,150 @@ spec:
     })
     .expect("nothing stays held once the copies are done");
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_connection_flood_from_one_namespace_leaves_the_others_their_share() {
+    let mut node = Node::new("connflood");
+    let servers = Servers::new();
+    let upstream = node.host("backend");
+    servers.http_echo(
+        &upstream,
+        80,
+        HttpEcho {
+            name: "backend".into(),
+            ..Default::default()
+        },
+    );
+    let attacker = node.pod("noisy", "flood-0");
+    let victim = node.pod("quiet", "web-0");
+    node.write_config(
+        "cluster.yaml",
+        &(namespace_yaml("noisy", true, None)
+            + &namespace_yaml("quiet", true, None)
+            + &pod_yaml(&attacker, &[("app", "flood")])
+            + &pod_yaml(&victim, &[("app", "web")])),
+    );
+    let daemon = Daemon::start(
+        &node,
+        &[
+            "--max-connections",
+            "600",
+            "--max-connections-per-namespace",
+            "300",
+        ],
+    );
+    for p in [&attacker, &victim] {
+        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    let pid = daemon.pid().expect("pid");
+    let to = upstream.addr(80).to_string();
+    let measure = || {
+        let out = victim.pdtool(&["http", "--to", &to, "--host", "backend", "--count", "300"]);
+        assert_eq!(out["statuses"]["200"], 300, "{out}");
+        out["p99_us"].as_f64().unwrap_or(f64::MAX)
+    };
+    let quiet_p99 = measure();
+    let fds_before = open_fds(pid);
+
+    // 5,000 idle connections from one pod (a slowloris that never sends a byte).
+    let mut hold = attacker
+        .host
+        .command(
+            Some(&attacker.app_cgroup()),
+            &proxy_tests::target_bin("pdtool"),
+            &["hold-many", "--to", &to, "--count", "5000", "--ms", "8000"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hold-many");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hold.stdout.take().expect("stdout")),
+        &mut first,
+    )
+    .expect("hold-many reports");
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = daemon.metric_sum(
+        "proxy_daemon_connections_refused_total",
+        &[("reason", "namespace_limit"), ("namespace", "noisy")],
+    );
+    let fds_during = open_fds(pid);
+    let flood_p99 = measure();
+    eprintln!(
+        "flood: {} | refused {refused} | daemon fds {fds_before} → {fds_during} | quiet pod p99 {quiet_p99:.0} µs before, {flood_p99:.0} µs during",
+        first.trim()
+    );
+    let _ = hold.kill();
+    let _ = hold.wait();
+    assert!(
+        refused >= 4000.0,
+        "the flood beyond its share is reset and counted: {refused}"
+    );
+    assert!(
+        fds_during < fds_before + 2 * 300 + 64,
+        "daemon fds {fds_before} → {fds_during}: bounded by the namespace's share"
+    );
+    assert_eq!(
+        daemon.metric_sum(
+            "proxy_daemon_connections_refused_total",
+            &[("namespace", "quiet")]
+        ),
+        0.0,
+        "the other tenant lost nothing"
+    );
+    assert!(
+        flood_p99 < quiet_p99 * 5.0 + 20_000.0,
+        "the other tenant's p99: {quiet_p99:.0} → {flood_p99:.0} µs"
+    );
+}
+
+#[test]
+fn slow_or_oversized_request_heads_are_cut_off() {
+    let mut node = Node::new("slowhead");
+    let servers = Servers::new();
+    let upstream = node.host("backend");
+    servers.http_echo(
+        &upstream,
+        80,
+        HttpEcho {
+            name: "backend".into(),
+            ..Default::default()
+        },
+    );
+    let pod = node.pod("noisy", "slow-0");
+    node.write_config(
+        "cluster.yaml",
+        &(namespace_yaml("noisy", true, None) + &pod_yaml(&pod, &[("app", "slow")])),
+    );
+    let daemon = Daemon::start(&node, &["--http-header-read-timeout-ms", "1000"]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let to = upstream.addr(80).to_string();
+    // Half a request head, then silence: closed after about a second, not held.
+    let slow = pod.pdtool(&[
+        "raw",
+        "--to",
+        &to,
+        "--send",
+        "GET / HTTP/1.1\\r\\nHost: backend\\r\\nX-Slow: 1\\r\\n",
+        "--wait-ms",
+        "5000",
+    ]);
+    let closed = slow["closed_after_ms"].as_u64();
+    assert!(
+        closed.is_some_and(|ms| (900..4000).contains(&ms)),
+        "the slow head is cut off after the header read timeout: {slow}"
+    );
+    // A head over 64 KiB: 431, as Envoy answers.
+    let big = format!("X-Big: {}", "a".repeat(70 * 1024));
+    let out = pod.pdtool(&["http", "--to", &to, "--host", "backend", "-H", &big]);
+    assert_eq!(out["first"]["status"], 431, "{out}");
+    // A normal request still works.
+    let ok = pod.pdtool(&["http", "--to", &to, "--host", "backend"]);
+    assert_eq!(ok["statuses"]["200"], 1, "{ok}");
+}

@@ -147,3 +147,87 @@ impl HostLimits {
         }
     }
 }
+
+/// Why a downstream connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The node's budget (derived from the open-file limit) is spent.
+    Node,
+    /// The source namespace's share is spent: one tenant cannot starve the others.
+    Namespace,
+}
+
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Node => "node_limit",
+            Refusal::Namespace => "namespace_limit",
+        }
+    }
+}
+
+/// Downstream connections in flight, node-wide and per source namespace (a tenant
+/// budget). Each proxied connection holds two sockets, so the node budget keeps the
+/// daemon clear of "too many open files".
+pub struct ConnectionBudget {
+    node: Arc<Semaphore>,
+    per_namespace: usize,
+    namespaces: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// A connection's place in both budgets, held for its life.
+pub struct ConnectionPermit {
+    _node: OwnedSemaphorePermit,
+    _namespace: OwnedSemaphorePermit,
+}
+
+impl ConnectionBudget {
+    pub fn new(node: usize, per_namespace: usize) -> Self {
+        Self {
+            node: Arc::new(Semaphore::new(node.max(1))),
+            per_namespace: per_namespace.max(1),
+            namespaces: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for one more connection from `namespace`, or why there is none (never waits).
+    pub fn admit(&self, namespace: &str) -> Result<ConnectionPermit, Refusal> {
+        let ns = {
+            let mut map = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(namespace.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_namespace)))
+                .clone()
+        };
+        let namespace = ns.try_acquire_owned().map_err(|_| Refusal::Namespace)?;
+        let node = self
+            .node
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Node)?;
+        Ok(ConnectionPermit {
+            _node: node,
+            _namespace: namespace,
+        })
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn one_namespace_cannot_take_the_whole_node() {
+        let b = ConnectionBudget::new(10, 4);
+        let noisy: Vec<_> = (0..4).map(|_| b.admit("noisy").unwrap()).collect();
+        assert_eq!(b.admit("noisy").err(), Some(Refusal::Namespace));
+        let quiet: Vec<_> = (0..4).map(|_| b.admit("quiet").unwrap()).collect();
+        let third: Vec<_> = (0..2).map(|_| b.admit("third").unwrap()).collect();
+        assert_eq!(b.admit("fourth").err(), Some(Refusal::Node));
+        drop(noisy);
+        assert!(
+            b.admit("noisy").is_ok(),
+            "places come back when connections end"
+        );
+        drop((quiet, third));
+    }
+}

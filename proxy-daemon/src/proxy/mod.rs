@@ -157,6 +157,8 @@ pub struct ProxySettings {
     pub outbound_policy: OutboundPolicy,
     /// Largest request body copied to a mirror; beyond it the copy is abandoned.
     pub mirror_max_body_bytes: usize,
+    /// An HTTP/1 request head must arrive within this (slowloris); None: no limit.
+    pub header_read_timeout: Option<Duration>,
 }
 
 /// What every connection handler shares.
@@ -174,6 +176,8 @@ pub struct ProxyInputs {
     pub tls: Arc<crate::proxy::tls::Originator>,
     /// Trace context, sampling and span export (see [`crate::spans`]).
     pub tracer: Arc<crate::spans::Tracer>,
+    /// Downstream connections in flight, node-wide and per source namespace.
+    pub connections: limits::ConnectionBudget,
 }
 
 impl ProxyInputs {
@@ -213,8 +217,28 @@ pub async fn run_outbound_listener(
         let pod = handle.load_full();
         match accepted {
             Ok((stream, peer)) => {
+                let permit = match inputs.connections.admit(&pod.workload.namespace) {
+                    Ok(p) => p,
+                    Err(refusal) => {
+                        // Over budget: reset at once (the app sees ECONNRESET and can
+                        // back off), never queue.
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                        drop(stream);
+                        inputs
+                            .metrics
+                            .daemon
+                            .connections_refused
+                            .get_or_create(&crate::metrics::RefusalLabels {
+                                reason: refusal.label(),
+                                namespace: pod.workload.namespace.clone(),
+                            })
+                            .inc();
+                        continue;
+                    }
+                };
                 let inputs = inputs.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let client = ClientAddr(peer);
                     if let Err(e) = handle_connection(inputs, pod.clone(), stream, client).await {
                         debug!(pod = %pod.workload.pod_name, error = %e, "connection ended with error");

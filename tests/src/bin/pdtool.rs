@@ -47,6 +47,16 @@ enum Cmd {
         count: usize,
     },
     /// Open N connections and keep them all open for a while.
+    /// Send `--send` (with `\r\n` escapes) and read until the peer closes or `--wait-ms`
+    /// passes: the first line read, bytes read, and when the peer closed.
+    Raw {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        send: String,
+        #[arg(long, default_value_t = 5000)]
+        wait_ms: u64,
+    },
     HoldMany {
         #[arg(long)]
         to: SocketAddr,
@@ -746,6 +756,36 @@ fn main() {
             };
             json!({"ok": samples.len(), "failed": failed, "per_sec": samples.len() as f64 / total,
                 "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99)})
+        }
+        Cmd::Raw { to, send, wait_ms } => {
+            let started = Instant::now();
+            let run = || -> std::io::Result<serde_json::Value> {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+                s.write_all(send.replace("\\r\\n", "\r\n").as_bytes())?;
+                s.set_read_timeout(Some(Duration::from_millis(wait_ms)))?;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let closed = loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break Some(started.elapsed()),
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                            break Some(started.elapsed())
+                        }
+                        Err(_) => break None,
+                    }
+                };
+                let text = String::from_utf8_lossy(&got);
+                Ok(
+                    json!({"result": "ok", "first_line": text.lines().next().unwrap_or(""),
+                    "bytes": got.len(),
+                    "closed_after_ms": closed.map(|d| d.as_millis() as u64)}),
+                )
+            };
+            match run() {
+                Ok(v) => v,
+                Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
+            }
         }
         Cmd::HoldMany { to, count, ms } => {
             raise_nofile();

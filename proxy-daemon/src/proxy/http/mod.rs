@@ -52,17 +52,36 @@ use crate::{
 type Body = BoxBody<Bytes, hyper::Error>;
 type Sender = client_http1::SendRequest<Body>;
 
+/// Request headers accepted per request at most (hyper's default, said out loud).
+const MAX_REQUEST_HEADERS: usize = 100;
+/// Request head size at most (request line and headers).
+const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+/// h2: streams one client connection may have open at once, and the size of a header list.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// h2 rapid reset (CVE-2023-44487): streams a client may open and reset before the
+/// server accepts them; beyond, the connection is closed with GOAWAY.
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
 pub async fn serve(
     inputs: Arc<ProxyInputs>,
     pod: Arc<PodContext>,
     stream: TcpStream,
     dst: OrigDstAddr,
 ) -> Result<(), ProxyError> {
+    let header_read_timeout = inputs.settings.header_read_timeout;
     let service = service_fn(move |req| {
         let (inputs, pod) = (inputs.clone(), pod.clone());
         async move { Ok::<_, Infallible>(handle(&inputs, &pod, dst, req).await) }
     });
-    if let Err(e) = server_http1::Builder::new()
+    let mut builder = server_http1::Builder::new();
+    // A request head must come whole and in time: at most 100 headers and 64 KiB (Envoy's
+    // default 60 KiB; beyond, 431), within --http-header-read-timeout-ms (slowloris).
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_headers(MAX_REQUEST_HEADERS)
+        .max_header_size(MAX_REQUEST_HEAD_BYTES);
+    if let Err(e) = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await
@@ -85,6 +104,10 @@ pub async fn serve_h2(
         async move { Ok::<_, Infallible>(handle(&inputs, &pod, dst, req).await) }
     });
     if let Err(e) = server_http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_REQUEST_HEAD_BYTES as u32)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
         .serve_connection(TokioIo::new(stream), service)
         .await
     {
