@@ -7,6 +7,7 @@ use proxy_tests::{
     daemon::Daemon,
     node::{namespace_yaml, pod_yaml, Node},
     servers::{HttpEcho, Servers},
+    Pod,
 };
 
 fn rss_kib(pid: u32) -> u64 {
@@ -18,36 +19,68 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn random_host_headers_cannot_grow_the_nodes_metric_series_without_bound() {
-    let mut node = Node::new("cardinality");
+/// Two tenants on one node: an attacker pod `noisy/<app>-0` (its namespace annotated
+/// with `noisy_annotations`) and a well-behaved `quiet/web-0`, an HTTP echo "backend" on
+/// :80 of a host outside, and the daemon with `flags`.
+struct Tenants {
+    _node: Node,
+    _servers: Servers,
+    upstream: proxy_tests::Host,
+    attacker: Pod,
+    victim: Pod,
+    daemon: Daemon,
+}
+
+fn tenants(tag: &str, attacker_app: &str, noisy_annotations: &str, flags: &[&str]) -> Tenants {
+    let mut node = Node::new(tag);
     let servers = Servers::new();
-    let upstream = node.host("anything");
+    let upstream = node.host("backend");
     servers.http_echo(
         &upstream,
         80,
         HttpEcho {
-            name: "anything".into(),
+            name: "backend".into(),
             ..Default::default()
         },
     );
-    let attacker = node.pod("noisy", "scraper-0");
+    let attacker = node.pod("noisy", &format!("{attacker_app}-0"));
     let victim = node.pod("quiet", "web-0");
+    let noisy = namespace_yaml("noisy", true, None).replace(
+        "  name: noisy\n",
+        &format!("  name: noisy\n{noisy_annotations}"),
+    );
     node.write_config(
         "cluster.yaml",
-        // The access log's bounded queue (8,192 lines) fills and drains with the flood's
-        // bursts; off for this namespace, RSS shows the metrics' memory alone.
-        &(namespace_yaml("noisy", true, None).replace(
-            "  name: noisy\n",
-            "  name: noisy\n  annotations:\n    nodeproxy.io/access-log: \"false\"\n",
-        ) + &namespace_yaml("quiet", true, None)
-            + &pod_yaml(&attacker, &[("app", "scraper")])
+        &(noisy
+            + &namespace_yaml("quiet", true, None)
+            + &pod_yaml(&attacker, &[("app", attacker_app)])
             + &pod_yaml(&victim, &[("app", "web")])),
     );
-    let daemon = Daemon::start(&node, &["--max-series-per-workload", "100"]);
+    let daemon = Daemon::start(&node, flags);
     for p in [&attacker, &victim] {
         daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
     }
+    Tenants {
+        _node: node,
+        _servers: servers,
+        upstream,
+        attacker,
+        victim,
+        daemon,
+    }
+}
+
+#[test]
+fn random_host_headers_cannot_grow_the_nodes_metric_series_without_bound() {
+    // The access log's bounded queue (8,192 lines) fills and drains with the flood's
+    // bursts; off for this namespace, RSS shows the metrics' memory alone.
+    let t = tenants(
+        "cardinality",
+        "scraper",
+        "  annotations:\n    nodeproxy.io/access-log: \"false\"\n",
+        &["--max-series-per-workload", "100"],
+    );
+    let (daemon, attacker, victim, upstream) = (&t.daemon, &t.attacker, &t.victim, &t.upstream);
     let to = upstream.addr(80).to_string();
     // Each call a fresh set of hosts: r<round>-h<i>.random.example.
     let round = std::cell::Cell::new(0);
@@ -238,28 +271,10 @@ fn open_fds(pid: u32) -> usize {
 
 #[test]
 fn a_connection_flood_from_one_namespace_leaves_the_others_their_share() {
-    let mut node = Node::new("connflood");
-    let servers = Servers::new();
-    let upstream = node.host("backend");
-    servers.http_echo(
-        &upstream,
-        80,
-        HttpEcho {
-            name: "backend".into(),
-            ..Default::default()
-        },
-    );
-    let attacker = node.pod("noisy", "flood-0");
-    let victim = node.pod("quiet", "web-0");
-    node.write_config(
-        "cluster.yaml",
-        &(namespace_yaml("noisy", true, None)
-            + &namespace_yaml("quiet", true, None)
-            + &pod_yaml(&attacker, &[("app", "flood")])
-            + &pod_yaml(&victim, &[("app", "web")])),
-    );
-    let daemon = Daemon::start(
-        &node,
+    let t = tenants(
+        "connflood",
+        "flood",
+        "",
         &[
             "--max-connections",
             "600",
@@ -267,9 +282,7 @@ fn a_connection_flood_from_one_namespace_leaves_the_others_their_share() {
             "300",
         ],
     );
-    for p in [&attacker, &victim] {
-        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
-    }
+    let (daemon, attacker, victim, upstream) = (&t.daemon, &t.attacker, &t.victim, &t.upstream);
     let pid = daemon.pid().expect("pid");
     let to = upstream.addr(80).to_string();
     let measure = || {
@@ -334,24 +347,13 @@ fn a_connection_flood_from_one_namespace_leaves_the_others_their_share() {
 
 #[test]
 fn slow_or_oversized_request_heads_are_cut_off() {
-    let mut node = Node::new("slowhead");
-    let servers = Servers::new();
-    let upstream = node.host("backend");
-    servers.http_echo(
-        &upstream,
-        80,
-        HttpEcho {
-            name: "backend".into(),
-            ..Default::default()
-        },
+    let t = tenants(
+        "slowhead",
+        "slow",
+        "",
+        &["--http-header-read-timeout-ms", "1000"],
     );
-    let pod = node.pod("noisy", "slow-0");
-    node.write_config(
-        "cluster.yaml",
-        &(namespace_yaml("noisy", true, None) + &pod_yaml(&pod, &[("app", "slow")])),
-    );
-    let daemon = Daemon::start(&node, &["--http-header-read-timeout-ms", "1000"]);
-    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let (pod, upstream) = (&t.attacker, &t.upstream);
     let to = upstream.addr(80).to_string();
     // Half a request head, then silence: closed after about a second, not held.
     let slow = pod.pdtool(&[

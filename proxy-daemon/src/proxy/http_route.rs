@@ -400,17 +400,7 @@ pub fn decide(
     }
     let Some(svc) = service_for(snap, host_only(req.authority), &src.namespace, req.dst) else {
         if super::route::registry_only(snap, src, policy) {
-            return HttpDecision::Respond {
-                status: 502,
-                body: "destination not in the service registry\n".into(),
-                location: None,
-                labels: DestinationLabels {
-                    service: host_only(req.authority).into(),
-                    service_name: BLACKHOLE_CLUSTER.into(),
-                    service_namespace: UNKNOWN.into(),
-                },
-                flags: "NR",
-            };
+            return blackhole(req);
         }
         return plain_forward(
             SocketAddr::V4(req.dst),
@@ -715,6 +705,11 @@ fn unanswered_and_elsewhere(
 /// registry-only pod: Istio's BlackHoleCluster.
 fn spoofed(req: &RequestView, svc: &ServiceInfo) -> HttpDecision {
     tracing::debug!(host = %svc.hostname, dst = %req.dst, "Host names an entry the destination is not part of; refused (registry-only)");
+    blackhole(req)
+}
+
+/// Istio's BlackHoleCluster: 502 NR, labelled by the Host asked for.
+fn blackhole(req: &RequestView) -> HttpDecision {
     HttpDecision::Respond {
         status: 502,
         body: "destination not in the service registry\n".into(),
