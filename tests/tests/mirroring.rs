@@ -581,7 +581,7 @@ spec:
         })
         .collect::<Vec<_>>()
         .into_iter()
-        .map(KillOnDrop)
+        .map(proxy_tests::KillOnDrop)
         .collect();
     // The cache's view: x-request-id → the X-Azar-Mirror flags it was called with.
     let paired = || {
@@ -655,13 +655,4 @@ spec:
             ]
         ) >= 202.0
     );
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -10,15 +10,6 @@ use proxy_tests::{
     Pod,
 };
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Two tenants on one node: an attacker pod `noisy/<app>-0` (its namespace annotated
 /// with `noisy_annotations`) and a well-behaved `quiet/web-0`, an HTTP echo "backend" on
 /// :80 of a host outside, and the daemon with `flags`.
@@ -99,13 +90,13 @@ fn random_host_headers_cannot_grow_the_nodes_metric_series_without_bound() {
         assert_eq!(out["statuses"]["200"], 10000, "{out}");
     }
     let scrape_after_20k = daemon.metrics_text().len();
-    let rss_after_20k = rss_kib(pid);
+    let rss_after_20k = proxy_tests::rss_kib(pid);
     for _ in 0..2 {
         let out = flood("10000");
         assert_eq!(out["statuses"]["200"], 10000, "{out}");
     }
     let text = daemon.metrics_text();
-    let rss_after_40k = rss_kib(pid);
+    let rss_after_40k = proxy_tests::rss_kib(pid);
     let attacker_series = text
         .lines()
         .filter(|l| {

@@ -15,19 +15,10 @@ use proxy_tests::{
 /// B's answer is this slow: each span must contain it.
 const BACKEND_DELAY: Duration = Duration::from_millis(60);
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Scene {
     node: Node,
     servers: Servers,
-    _app: KillOnDrop,
+    _app: proxy_tests::KillOnDrop,
     web: Pod,
     api: Pod,
     daemon: Daemon,
@@ -79,7 +70,7 @@ spec:
     for p in [&web, &api] {
         daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
     }
-    let app = KillOnDrop(api.spawn_app(&[
+    let app = proxy_tests::KillOnDrop(api.spawn_app(&[
         "serve",
         "--port",
         "8080",

@@ -13,15 +13,6 @@ use proxy_tests::{
     servers::Servers,
 };
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -45,7 +36,7 @@ fn main() {
     daemon.wait_enrolled(&captured.uid, Duration::from_secs(5));
     let pid = daemon.pid().expect("pid");
     let to = upstream.addr(8080).to_string();
-    let rss_idle = rss_kib(pid);
+    let rss_idle = proxy_tests::rss_kib(pid);
 
     // Sequential connect + one round trip: added latency per connection.
     let (mut lat, mut rate) = (vec![Vec::new(), Vec::new()], vec![Vec::new(), Vec::new()]);
@@ -122,7 +113,7 @@ fn main() {
         .read_line(&mut first)
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let rss_1000 = rss_kib(pid);
+    let rss_1000 = proxy_tests::rss_kib(pid);
     let _ = hold.wait();
 
     // Enrolment: cgroup + process appear → enrolled (as kubelet starting a sandbox).
@@ -186,14 +177,14 @@ fn main() {
     let mp50 = |i: usize| median(mirror_lat[i].iter().map(|x| x.0).collect());
     let mp99 = |i: usize| median(mirror_lat[i].iter().map(|x| x.1).collect());
     // 1 MiB POSTs at 200 req/s for 5 s, all mirrored: sample the daemon's RSS meanwhile.
-    let rss_before_upload = rss_kib(pid);
+    let rss_before_upload = proxy_tests::rss_kib(pid);
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
         let sampling = sampling.clone();
         std::thread::spawn(move || {
             let mut peak = 0;
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid));
+                peak = peak.max(proxy_tests::rss_kib(pid));
                 std::thread::sleep(Duration::from_millis(20));
             }
             peak
