@@ -86,6 +86,8 @@ pub struct Settings {
     pub health_addr: SocketAddr,
     pub bpf_pin_dir: PathBuf,
     pub drain_timeout: Duration,
+    /// Detach the programs and remove the pins on a clean stop (for uninstalling).
+    pub detach_on_exit: bool,
     pub connect_timeout: Duration,
     pub mirror_max_body_bytes: usize,
     pub mirror_max_in_flight: usize,
@@ -318,6 +320,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         health_addr: args.health_addr,
         bpf_pin_dir: args.bpf_pin_dir.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        detach_on_exit: args.detach_on_exit,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         mirror_max_body_bytes: args.mirror_max_body_bytes,
         mirror_max_in_flight: args.mirror_max_in_flight.max(1),
@@ -1093,6 +1096,9 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     );
 
     let why = shutdown_signal(quit_rx).await;
+    // Not ready from the first moment of the drain: load balancers and the DaemonSet's
+    // rollout see it at once.
+    let _draining = ready.register_task("draining: shutting down");
     info!(
         signal = why,
         "shutting down: closing listeners, draining connections"
@@ -1112,7 +1118,18 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         );
     }
     drop(maps);
-    attached.detach();
+    if settings.detach_on_exit {
+        attached.detach();
+    } else {
+        // Stop is not uninstall: the programs and pins stay, so capture and fail-closed
+        // hold while no daemon runs (fail-open pods connect directly, fail-closed ones are
+        // refused) until the next daemon adopts them. `proxy-daemon uninstall` removes them.
+        info!(
+            pin_dir = %settings.bpf_pin_dir.display(),
+            "leaving the eBPF programs and pins in place for the next daemon (`proxy-daemon uninstall` removes them)"
+        );
+        drop(attached);
+    }
     if let Some(c) = &settings.cluster {
         if let Some(run_dir) = c.credentials_dir.parent() {
             let _ = std::fs::remove_dir_all(run_dir);

@@ -147,6 +147,12 @@ pub struct RunArgs {
     )]
     pub bpf_pin_dir: PathBuf,
 
+    /// On a clean stop, also detach the programs and remove the pins (as `uninstall` does):
+    /// set it before removing the DaemonSet for good. Otherwise a stop leaves them for the
+    /// next daemon, so capture and fail-closed hold across restarts and upgrades.
+    #[arg(long, env = "PROXY_DETACH_ON_EXIT")]
+    pub detach_on_exit: bool,
+
     /// How long SIGTERM waits for open connections before closing them.
     #[arg(long, env = "PROXY_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
     pub drain_timeout_secs: u64,

@@ -573,27 +573,88 @@ fn startup_errors_exit_2_with_one_line_saying_what_to_do() {
 }
 
 #[test]
-fn sigterm_and_quitquitquit_drain_detach_and_leave_pods_connecting_directly() {
+fn sigterm_keeps_capture_in_place_and_only_uninstall_removes_it() {
     let (mut node, _servers, upstream, _seen) = node_with_upstream("term", 80);
     let pod = node.pod("strict", "api-1");
-    // Even fail-closed pods connect directly after a clean shutdown: programs are detached.
+    let open = node.pod("relaxed", "web-1");
     node.write_config(
         "all.yaml",
-        &(namespace_yaml("strict", true, Some("closed")) + &pod_yaml(&pod, &[("app", "api")])),
+        &(namespace_yaml("strict", true, Some("closed"))
+            + &namespace_yaml("relaxed", true, Some("open"))
+            + &pod_yaml(&pod, &[("app", "api")])
+            + &pod_yaml(&open, &[("app", "web")])),
     );
     let to = upstream.addr(80).to_string();
 
     let mut daemon = Daemon::start(&node, &[]);
     daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    daemon.wait_enrolled(&open.uid, Duration::from_secs(5));
     assert_captured(&pod.pdtool(&["connect", "--to", &to]));
     assert_eq!(daemon.terminate(), Some(0), "log:\n{}", daemon.log_text());
+    // Stop is not uninstall: with no daemon running, the programs still hold. A fail-closed
+    // pod is refused at once, a fail-open one connects directly.
+    assert!(node.pin_dir.exists(), "pins stay after a clean stop");
+    let refused = pod.pdtool(&["connect", "--to", &to]);
+    assert_eq!(refused["result"], "eperm", "{refused}");
+    let direct = open.pdtool(&["connect", "--to", &to]);
+    assert_eq!(direct["result"], "ok", "{direct}");
+    assert_direct(&direct, &open);
+    // The next daemon adopts them and captures again.
+    let mut daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert_captured(&pod.pdtool(&["connect", "--to", &to]));
+    assert_eq!(daemon.config_dump()["ebpf"]["adopted_previous"], true);
+    assert_eq!(daemon.terminate(), Some(0));
+    // `uninstall` removes them: every pod connects directly.
+    let out = std::process::Command::new(proxy_tests::target_bin("proxy-daemon"))
+        .args(["uninstall", "--bpf-pin-dir"])
+        .arg(&node.pin_dir)
+        .output()
+        .expect("uninstall");
     assert!(
-        !node.pin_dir.exists(),
-        "pins must be removed on clean shutdown"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    assert!(!node.pin_dir.exists(), "uninstall removes the pins");
     let out = pod.pdtool(&["connect", "--to", &to]);
     assert_eq!(out["result"], "ok", "{out}");
     assert_direct(&out, &pod);
+    // A drain shows at once: not ready while connections are still finishing.
+    let mut daemon = Daemon::start(&node, &["--drain-timeout-secs", "3"]);
+    daemon.wait_enrolled(&open.uid, Duration::from_secs(5));
+    let mut held = open
+        .host
+        .command(
+            Some(&open.app_cgroup()),
+            &proxy_tests::target_bin("pdtool"),
+            &["hold", "--to", &to, "--ms", "4000"],
+        )
+        .spawn()
+        .expect("hold");
+    wait_for(Duration::from_secs(3), || {
+        (daemon.metric_sum("proxy_daemon_active_connections", &[]) >= 1.0).then_some(())
+    })
+    .expect("the held connection is proxied");
+    let pid = daemon.pid().expect("pid");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let draining = wait_for(Duration::from_secs(2), || {
+        daemon
+            .readiness()
+            .filter(|(code, body)| *code == 503 && body.contains("draining"))
+    });
+    assert!(draining.is_some(), "{:?}", daemon.readiness());
+    let _ = held.kill();
+    let _ = held.wait();
+    assert_eq!(daemon.terminate(), Some(0));
+    // --detach-on-exit: the stop before removing the DaemonSet for good detaches too.
+    let mut daemon = Daemon::start(&node, &["--detach-on-exit"]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert_eq!(daemon.terminate(), Some(0));
+    assert!(!node.pin_dir.exists(), "{}", daemon.log_text());
 
     let mut daemon = Daemon::start(&node, &[]);
     daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
