@@ -205,3 +205,52 @@ spec:
         1.0
     );
 }
+
+#[test]
+fn half_closes_and_resets_reach_the_other_side_as_they_were() {
+    let mut node = Node::new("halfclose");
+    let servers = Servers::new();
+    let echo = node.host("echo");
+    servers.http_echo(
+        &echo,
+        80,
+        proxy_tests::servers::HttpEcho {
+            name: "echo".into(),
+            ..Default::default()
+        },
+    );
+    let resetter = node.host("resetter");
+    servers.resetter(&resetter, 7000);
+    let captured = node.pod("shop", "client-1");
+    let direct = node.pod("plain", "client-2");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, None)
+            + &namespace_yaml("plain", false, None)
+            + &pod_yaml(&captured, &[("app", "client")])
+            + &pod_yaml(&direct, &[("app", "client")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&captured.uid, Duration::from_secs(5));
+    // A client that sends its request and shuts its write side still gets the answer.
+    let asked = captured.pdtool(&[
+        "raw",
+        "--to",
+        &echo.addr(80).to_string(),
+        "--send",
+        "GET / HTTP/1.1\\r\\nHost: echo\\r\\n\\r\\n",
+        "--half-close",
+    ]);
+    assert_eq!(asked["first_line"], "HTTP/1.1 200 OK", "{asked}");
+    // An upstream that resets: the app sees a reset through the proxy, as it does direct.
+    for (who, pod) in [("direct", &direct), ("captured", &captured)] {
+        let out = pod.pdtool(&[
+            "raw",
+            "--to",
+            &resetter.addr(7000).to_string(),
+            "--send",
+            "hello\\r\\n",
+        ]);
+        assert_eq!(out["reset"], true, "{who}: {out}");
+    }
+}

@@ -168,11 +168,18 @@ pub async fn proxy(
     let (mut client_read, mut client_write) = client.split();
     let result = match upstream {
         UpstreamIo::Plain(mut plain) => {
-            let (mut upstream_read, mut upstream_write) = plain.split();
-            tokio::try_join!(
-                copy_counted(&mut client_read, &mut upstream_write, &received),
-                copy_counted(&mut upstream_read, &mut client_write, &sent),
-            )
+            let copied = {
+                let (mut upstream_read, mut upstream_write) = plain.split();
+                tokio::try_join!(
+                    copy_counted(&mut client_read, &mut upstream_write, &received),
+                    copy_counted(&mut upstream_read, &mut client_write, &sent),
+                )
+            };
+            if copied.is_err() {
+                // The client reset (or a write failed): reset the upstream too.
+                let _ = socket2::SockRef::from(&plain).set_linger(Some(Duration::ZERO));
+            }
+            copied
         }
         tls_stream => {
             let (mut upstream_read, mut upstream_write) = tokio::io::split(tls_stream);
@@ -182,6 +189,11 @@ pub async fn proxy(
             )
         }
     };
+    if result.is_err() {
+        // A reset on either side is passed on as a reset, not a clean close, so the app
+        // sees the failure it would have seen without the proxy.
+        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+    }
     let flags = match &result {
         Ok(_) => "",
         Err(_) => "UC",

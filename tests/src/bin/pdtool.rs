@@ -56,6 +56,9 @@ enum Cmd {
         send: String,
         #[arg(long, default_value_t = 5000)]
         wait_ms: u64,
+        /// Shut the write side after sending (a half-close).
+        #[arg(long)]
+        half_close: bool,
     },
     HoldMany {
         #[arg(long)]
@@ -757,20 +760,30 @@ fn main() {
             json!({"ok": samples.len(), "failed": failed, "per_sec": samples.len() as f64 / total,
                 "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99)})
         }
-        Cmd::Raw { to, send, wait_ms } => {
+        Cmd::Raw {
+            to,
+            send,
+            wait_ms,
+            half_close,
+        } => {
             let started = Instant::now();
             let run = || -> std::io::Result<serde_json::Value> {
                 let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
                 s.write_all(send.replace("\\r\\n", "\r\n").as_bytes())?;
+                if half_close {
+                    s.shutdown(Shutdown::Write)?;
+                }
                 s.set_read_timeout(Some(Duration::from_millis(wait_ms)))?;
                 let mut got = Vec::new();
                 let mut buf = [0u8; 4096];
+                let mut reset = false;
                 let closed = loop {
                     match s.read(&mut buf) {
                         Ok(0) => break Some(started.elapsed()),
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                            break Some(started.elapsed())
+                            reset = true;
+                            break Some(started.elapsed());
                         }
                         Err(_) => break None,
                     }
@@ -778,7 +791,7 @@ fn main() {
                 let text = String::from_utf8_lossy(&got);
                 Ok(
                     json!({"result": "ok", "first_line": text.lines().next().unwrap_or(""),
-                    "bytes": got.len(),
+                    "bytes": got.len(), "reset": reset,
                     "closed_after_ms": closed.map(|d| d.as_millis() as u64)}),
                 )
             };

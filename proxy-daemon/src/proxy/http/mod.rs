@@ -77,6 +77,8 @@ pub async fn serve(
     // A request head must come whole and in time: at most 100 headers and 64 KiB (Envoy's
     // default 60 KiB; beyond, 431), within --http-header-read-timeout-ms (slowloris).
     builder
+        // A client that shuts its write side after the request still gets the response.
+        .half_close(true)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .max_headers(MAX_REQUEST_HEADERS)
