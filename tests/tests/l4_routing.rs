@@ -251,6 +251,10 @@ fn half_closes_and_resets_reach_the_other_side_as_they_were() {
             "--send",
             "hello\\r\\n",
         ]);
-        assert_eq!(out["reset"], true, "{who}: {out}");
+        // (The reset may already meet the write: then pdtool reports it as the result.)
+        assert!(
+            out["reset"] == true || out["result"] == "reset",
+            "{who}: a reset, not a clean close: {out}"
+        );
     }
 }
