@@ -892,6 +892,8 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             settings.tls_session_cache,
         ),
     };
+    // Set when the drain starts: HTTP connections close after the request in flight.
+    let (drain_tx, drain_rx) = watch::channel(false);
     let inputs = Arc::new(ProxyInputs {
         orig_dst: Box::new(
             attached
@@ -917,6 +919,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         mirror_slots: Arc::new(tokio::sync::Semaphore::new(settings.mirror_max_in_flight)),
         tls: Arc::new(tls),
         tracer: tracer.clone(),
+        draining: drain_rx,
         connections: {
             let (node, per_namespace) = connection_budgets(&settings);
             info!(node, per_namespace, "downstream connection budgets");
@@ -1105,6 +1108,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     );
     watcher.abort();
     let _ = stop_tx.send(true);
+    let _ = drain_tx.send(true);
     let maps = enroller_task.await.ok();
     let deadline = Instant::now() + settings.drain_timeout;
     while metrics.daemon.active_connections.get() > 0 && Instant::now() < deadline {

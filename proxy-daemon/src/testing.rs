@@ -149,6 +149,8 @@ impl InProcess {
             )
             .0,
             connections: crate::proxy::limits::ConnectionBudget::new(4096, 4096),
+            // Never draining: the sender lives as long as the harness's inputs.
+            draining: tokio::sync::watch::channel(false).1,
         });
         let ctx = Arc::new(ArcSwap::from_pointee(PodContext {
             source_labels: SourceLabels::of(&workload),

@@ -777,3 +777,54 @@ fn a_pod_process_in_another_network_namespace_gets_the_pods_fail_mode() {
         assert_captured(&pod.pdtool(&["connect", "--to", &to]));
     }
 }
+
+#[test]
+fn a_drain_finishes_http_requests_in_flight_then_exits() {
+    let mut node = Node::new("drainhttp");
+    let servers = proxy_tests::Servers::new();
+    let slow = node.host("slow");
+    servers.http_echo(
+        &slow,
+        80,
+        proxy_tests::servers::HttpEcho {
+            name: "slow".into(),
+            delay: Duration::from_millis(1500),
+            ..Default::default()
+        },
+    );
+    let pod = node.pod("shop", "client-1");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, None) + &pod_yaml(&pod, &[("app", "client")])),
+    );
+    let mut daemon = Daemon::start(&node, &["--drain-timeout-secs", "10"]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let to = slow.addr(80).to_string();
+    let request = {
+        let cmd = pod.host.command(
+            Some(&pod.app_cgroup()),
+            &proxy_tests::target_bin("pdtool"),
+            &["http", "--to", &to, "--host", "slow"],
+        );
+        std::thread::spawn(move || {
+            let mut cmd = cmd;
+            cmd.output().expect("pdtool")
+        })
+    };
+    wait_for(Duration::from_secs(3), || {
+        (daemon.metric_sum("proxy_daemon_active_connections", &[]) >= 1.0).then_some(())
+    })
+    .expect("the request is in flight");
+    let started = std::time::Instant::now();
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_text());
+    let took = started.elapsed();
+    let out: serde_json::Value =
+        serde_json::from_slice(&request.join().expect("request thread").stdout).expect("json");
+    assert_eq!(
+        out["statuses"]["200"], 1,
+        "the request in flight was answered: {out}"
+    );
+    assert_eq!(out["first"]["headers"]["connection"], "close", "{out}");
+    // It waited for the answer (~1.5 s), not for the 10 s drain timeout.
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+}

@@ -178,6 +178,9 @@ pub struct ProxyInputs {
     pub tracer: Arc<crate::spans::Tracer>,
     /// Downstream connections in flight, node-wide and per source namespace.
     pub connections: limits::ConnectionBudget,
+    /// Turns true when the daemon starts draining: HTTP connections finish the request in
+    /// flight and close (`Connection: close`, h2 GOAWAY) instead of waiting for more.
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ProxyInputs {
@@ -207,6 +210,15 @@ pub async fn connect_from_pod(
 }
 
 /// Accepts on one pod's listener until the task is aborted (un-enrolment or shutdown).
+/// Keeps `proxy_daemon_active_connections` right however the handler ends.
+struct ActiveGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 pub async fn run_outbound_listener(
     inputs: Arc<ProxyInputs>,
     handle: PodHandle,
@@ -239,6 +251,10 @@ pub async fn run_outbound_listener(
                 let inputs = inputs.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
+                    // Every connection counts for the drain, whatever its protocol.
+                    let active = inputs.metrics.daemon.active_connections.clone();
+                    active.inc();
+                    let _active = ActiveGuard(active);
                     let client = ClientAddr(peer);
                     if let Err(e) = handle_connection(inputs, pod.clone(), stream, client).await {
                         debug!(pod = %pod.workload.pod_name, error = %e, "connection ended with error");

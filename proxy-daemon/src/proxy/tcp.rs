@@ -20,14 +20,6 @@ use crate::{
 
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// Keeps `proxy_daemon_active_connections` right however the handler ends.
-struct ActiveGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 pub async fn proxy(
     inputs: &ProxyInputs,
     pod: &PodContext,
@@ -36,8 +28,6 @@ pub async fn proxy(
     sni: Option<String>,
 ) -> Result<(), ProxyError> {
     let daemon = &inputs.metrics.daemon;
-    daemon.active_connections.inc();
-    let _active = ActiveGuard(&daemon.active_connections);
     let started = std::time::Instant::now();
     let start_time = std::time::SystemTime::now();
     let snapshot = inputs.config.load();

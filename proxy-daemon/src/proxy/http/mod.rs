@@ -69,6 +69,7 @@ pub async fn serve(
     dst: OrigDstAddr,
 ) -> Result<(), ProxyError> {
     let header_read_timeout = inputs.settings.header_read_timeout;
+    let inputs_draining = inputs.draining.clone();
     let service = service_fn(move |req| {
         let (inputs, pod) = (inputs.clone(), pod.clone());
         async move { Ok::<_, Infallible>(handle(&inputs, &pod, dst, req).await) }
@@ -83,11 +84,21 @@ pub async fn serve(
         .header_read_timeout(header_read_timeout)
         .max_headers(MAX_REQUEST_HEADERS)
         .max_header_size(MAX_REQUEST_HEAD_BYTES);
-    if let Err(e) = builder
+    let conn = builder
         .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades()
-        .await
-    {
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut draining = inputs_draining;
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = wait_true(&mut draining) => {
+            // Finish the request in flight (its response says Connection: close), then
+            // close; an idle connection closes at once.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         debug!(error = %e, "http connection ended");
     }
     Ok(())
@@ -101,21 +112,38 @@ pub async fn serve_h2(
     stream: TcpStream,
     dst: OrigDstAddr,
 ) -> Result<(), ProxyError> {
+    let inputs_draining = inputs.draining.clone();
     let service = service_fn(move |req| {
         let (inputs, pod) = (inputs.clone(), pod.clone());
         async move { Ok::<_, Infallible>(handle(&inputs, &pod, dst, req).await) }
     });
-    if let Err(e) = server_http2::Builder::new(TokioExecutor::new())
+    let mut draining = inputs_draining;
+    let conn = server_http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_REQUEST_HEAD_BYTES as u32)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = wait_true(&mut draining) => {
+            // GOAWAY: streams in flight finish, no new ones.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         debug!(error = %e, "h2 connection ended");
     }
     Ok(())
+}
+
+/// Resolves once the flag is true (never, if its sender is gone while false).
+async fn wait_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    if flag.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn empty() -> Body {
