@@ -471,9 +471,23 @@ async fn watch_config(
             (loader, result)
         })
         .await;
-        let Ok((returned, result)) = joined else {
-            error!("configuration loader panicked; keeping the last good configuration");
-            return;
+        let (returned, result) = match joined {
+            Ok(r) => r,
+            Err(e) => {
+                // A bug must not end reloads for the life of the process: count it, keep
+                // the last good configuration, and start again with an empty cache.
+                error!(error = %e, "configuration loader panicked; keeping the last good configuration");
+                let panicked = ConfigError {
+                    path: config_dir.clone(),
+                    line: 0,
+                    object: None,
+                    message: format!("the configuration loader failed ({e}); the last good configuration keeps serving"),
+                    severity: Default::default(),
+                };
+                reject(&[panicked], "configuration", &metrics, &status);
+                loader = local::Loader::default();
+                continue;
+            }
         };
         loader = returned;
         match result {

@@ -261,3 +261,43 @@ fn what_istio_accepts_loads_with_warnings_and_unsupported_envoy_filters_are_skip
     let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
     assert_eq!(out["result"], "ok", "{out}");
 }
+
+#[test]
+fn fifos_and_huge_files_in_the_config_dir_never_stall_or_replace_the_config() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("hostilecfg", 80);
+    let pod = node.pod("shop", "client-1");
+    node.write_config(
+        "ns.yaml",
+        &(namespace_yaml("shop", true, None) + &pod_yaml(&pod, &[("app", "client")])),
+    );
+    // A FIFO named like YAML: reading it would block forever.
+    nix::unistd::mkfifo(
+        &node.config_dir.join("pipe.yaml"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .expect("mkfifo");
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let findings = daemon.config_dump()["snapshot"]["findings"].to_string();
+    assert!(
+        findings.contains("pipe.yaml:0: warning: not a regular file"),
+        "{findings}"
+    );
+    // Reloads keep working beside it.
+    let late = node.pod("shop", "client-2");
+    node.write_config("late.yaml", &pod_yaml(&late, &[("app", "client")]));
+    daemon.wait_enrolled(&late.uid, Duration::from_secs(5));
+    // A 17 MiB file is refused; the last good configuration keeps serving.
+    let good = generation(&daemon);
+    node.write_config("huge.yaml", &"#".repeat(17 * 1024 * 1024));
+    assert!(wait_for(Duration::from_secs(5), || {
+        (daemon.metric_sum("proxy_daemon_config_errors_total", &[]) >= 1.0).then_some(())
+    })
+    .is_some());
+    assert!(daemon.config_dump()["config"]["last_error"]
+        .to_string()
+        .contains("huge.yaml:0: file is 17 MiB; the limit is 16 MiB"));
+    assert_eq!(generation(&daemon), good);
+    let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+}

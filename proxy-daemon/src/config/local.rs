@@ -419,6 +419,9 @@ impl Loader {
     }
 }
 
+/// The largest configuration file read (a bigger one is an error, not a stalled loader).
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
 fn parse_file(file: &Path, stamp: (u64, Option<SystemTime>)) -> ParsedFile {
     let mut parsed = ParsedFile {
         stamp,
@@ -427,6 +430,36 @@ fn parse_file(file: &Path, stamp: (u64, Option<SystemTime>)) -> ParsedFile {
         other_kinds: Vec::new(),
         documents: 0,
     };
+    // Only regular files (symlinks followed, as ConfigMap mounts use them): reading a FIFO
+    // or a device named *.yaml would block the loader for good.
+    let finding = |message: String, severity| ConfigError {
+        path: file.to_owned(),
+        line: 0,
+        object: None,
+        message,
+        severity,
+    };
+    match fs::metadata(file) {
+        Ok(m) if !m.is_file() => {
+            parsed.errors.push(finding(
+                "not a regular file (a FIFO, socket or device); skipped".into(),
+                super::Severity::Warning,
+            ));
+            return parsed;
+        }
+        Ok(m) if m.len() > MAX_FILE_BYTES => {
+            parsed.errors.push(finding(
+                format!(
+                    "file is {} MiB; the limit is {} MiB",
+                    m.len() / (1024 * 1024),
+                    MAX_FILE_BYTES / (1024 * 1024)
+                ),
+                super::Severity::Error,
+            ));
+            return parsed;
+        }
+        _ => {}
+    }
     let text = match fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
