@@ -298,6 +298,23 @@ fn fifos_and_huge_files_in_the_config_dir_never_stall_or_replace_the_config() {
         .to_string()
         .contains("huge.yaml:0: file is 17 MiB; the limit is 16 MiB"));
     assert_eq!(generation(&daemon), good);
+    // Numbers meant to overflow (durations, weights, a Maglev table of 10^12 slots): errors
+    // at their lines, never a panic or an allocation of that size.
+    node.remove_config("huge.yaml");
+    let hostile = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/mistakes/20-hostile-numbers.yaml"),
+    )
+    .unwrap();
+    node.write_config("hostile.yaml", &hostile);
+    assert!(wait_for(Duration::from_secs(5), || {
+        daemon.config_dump()["config"]["last_error"]
+            .to_string()
+            .contains("maglev.tableSize 1000000000000")
+            .then_some(())
+    })
+    .is_some());
+    assert_eq!(generation(&daemon), good);
     let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
     assert_eq!(out["result"], "ok", "{out}");
 }

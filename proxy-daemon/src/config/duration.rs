@@ -36,12 +36,30 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         total += value * seconds_per;
         rest = &rest[unit_len..];
     }
-    Ok(Duration::from_secs_f64(total))
+    // Protobuf's Duration ends at 10,000 years; beyond (or not finite) is a mistake, not a
+    // reason to panic.
+    if !total.is_finite() || total > MAX_SECONDS {
+        return Err(format!(
+            "duration {text:?} is too long (at most 10,000 years)"
+        ));
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
+
+/// google.protobuf.Duration's largest value, in seconds.
+const MAX_SECONDS: f64 = 315_576_000_000.0;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_beyond_ten_thousand_years_are_errors_not_panics() {
+        for text in ["99999999999999999999h", "18446744073709551615s", "1e400s"] {
+            assert!(parse(text).is_err(), "{text}");
+        }
+        assert_eq!(parse("87600000h").unwrap().as_secs(), 315_360_000_000);
+    }
 
     #[test]
     fn go_style_durations() {

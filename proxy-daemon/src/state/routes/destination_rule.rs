@@ -242,9 +242,19 @@ pub(super) fn level_policy(
                     cx.err(line, "consistentHash: ringHash and maglev exclude each other");
                     HashAlgorithm::RingHash { minimum_ring_size: 1024 }
                 }
-                (None, Some(m)) => HashAlgorithm::Maglev { table_size: m.table_size.unwrap_or(65537) },
-                (Some(r), None) => HashAlgorithm::RingHash { minimum_ring_size: r.minimum_ring_size.unwrap_or(1024) },
-                (None, None) => HashAlgorithm::RingHash { minimum_ring_size: ch.minimum_ring_size.unwrap_or(1024) },
+                (None, Some(m)) => {
+                    let size = m.table_size.unwrap_or(MAGLEV_DEFAULT_TABLE);
+                    // Envoy requires a prime (keys spread evenly) no larger than 5,000,011:
+                    // an absurd size would make every table a huge allocation.
+                    if size > MAGLEV_MAX_TABLE || !is_prime(size) {
+                        cx.err(line, format!("maglev.tableSize {size}: must be a prime no larger than {MAGLEV_MAX_TABLE} (Envoy's rule; default {MAGLEV_DEFAULT_TABLE})"));
+                        HashAlgorithm::Maglev { table_size: MAGLEV_DEFAULT_TABLE }
+                    } else {
+                        HashAlgorithm::Maglev { table_size: size }
+                    }
+                }
+                (Some(r), None) => HashAlgorithm::RingHash { minimum_ring_size: r.minimum_ring_size.unwrap_or(1024).min(RING_MAX_SIZE) },
+                (None, None) => HashAlgorithm::RingHash { minimum_ring_size: ch.minimum_ring_size.unwrap_or(1024).min(RING_MAX_SIZE) },
             };
             Some(LoadBalancer::ConsistentHash { key, algorithm })
         }
@@ -315,6 +325,16 @@ pub(super) fn level_policy(
         outlier_detection,
         tls,
     }
+}
+
+/// Maglev table sizes (Envoy's default and largest).
+const MAGLEV_DEFAULT_TABLE: u64 = 65537;
+const MAGLEV_MAX_TABLE: u64 = 5_000_011;
+/// Envoy's largest ring (maximumRingSize default): more points buy nothing.
+const RING_MAX_SIZE: u64 = 8_388_608;
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d: &u64| d * d <= n).all(|d| n % d != 0)
 }
 
 pub(super) fn compile_destination_rule(

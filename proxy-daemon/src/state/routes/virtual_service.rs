@@ -229,7 +229,8 @@ impl Ctx<'_> {
             return vec![100];
         }
         let mut out = Vec::new();
-        let mut sum = 0i64;
+        // i128: no sum of i64 weights can overflow it (and none passes the check below).
+        let mut sum = 0i128;
         for w in weights {
             let v = w.map(|w| w.value).unwrap_or(0);
             if v < 0 {
@@ -238,8 +239,8 @@ impl Ctx<'_> {
                     format!("weight {v} is negative"),
                 );
             }
-            sum += v;
-            out.push(v.max(0) as u32);
+            sum += v as i128;
+            out.push(v.clamp(0, 100) as u32);
         }
         if weights.len() == 1 && sum == 0 {
             return vec![100];
