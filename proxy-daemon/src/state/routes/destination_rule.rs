@@ -334,7 +334,7 @@ const MAGLEV_MAX_TABLE: u64 = 5_000_011;
 const RING_MAX_SIZE: u64 = 8_388_608;
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d: &u64| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d: &u64| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 pub(super) fn compile_destination_rule(
