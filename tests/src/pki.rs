@@ -37,6 +37,25 @@ impl TestCa {
         self.leaf(names, ExtendedKeyUsagePurpose::ServerAuth, expired)
     }
 
+    /// A server certificate whose only SAN is the URI `uri` (a SPIFFE identity, as mesh
+    /// workloads carry).
+    pub fn server_uri(&self, uri: &str) -> Leaf {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "workload");
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(uri).expect("URI SAN"),
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// A client certificate (CN and SAN `name`).
     pub fn client(&self, name: &str) -> Leaf {
         self.leaf(&[name], ExtendedKeyUsagePurpose::ClientAuth, false)

@@ -831,3 +831,69 @@ spec:
         daemon.metrics_text()
     );
 }
+
+#[test]
+fn spiffe_subject_alt_names_are_checked_not_dropped() {
+    let mut e = Egress::new("egspiffe");
+    let ca = TestCa::new("mesh-ca");
+    let identity = "spiffe://cluster.local/ns/payments/sa/api";
+    let host = e.node.host("payments");
+    let leaf = ca.server_uri(identity);
+    e.servers.https_echo(
+        &host,
+        443,
+        HttpsEcho {
+            name: "payments-tls",
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+            client_ca_pem: None,
+        },
+    );
+    let ca_file = pki::write(&e.pki, "ca.pem", &ca.cert_pem);
+    let entry = |name: &str, san: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: azar}}
+spec:
+  hosts: [{name}.payments.test]
+  ports: [{{number: 80, targetPort: 443, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: azar}}
+spec:
+  host: {name}.payments.test
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {ca}, subjectAltNames: [\"{san}\"]}}
+---
+",
+            ip = host.ip,
+            ca = ca_file.display()
+        )
+    };
+    e.node.write_config(
+        "spiffe.yaml",
+        &(entry("right", identity)
+            + &entry("wrong", "spiffe://cluster.local/ns/payments/sa/other")),
+    );
+    let daemon = e.start(&[]);
+    let right = e.get(&host.addr(80).to_string(), "right.payments.test", "/");
+    assert_eq!(
+        right["statuses"]["200"], 1,
+        "the SPIFFE ID matches: {right}"
+    );
+    assert_eq!(right["first"]["body"]["server"], "payments-tls");
+    let wrong = e.get(&host.addr(80).to_string(), "wrong.payments.test", "/");
+    assert_eq!(
+        wrong["first"]["status"], 503,
+        "another identity is refused: {wrong}"
+    );
+    assert!(
+        daemon.metric_sum("istio_requests_total", &[("response_flags", "UF,URX")]) >= 1.0,
+        "{}",
+        daemon.metrics_text()
+    );
+}

@@ -243,6 +243,7 @@ impl Originator {
                 }
                 None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
             }
+            let roots_for_uri = roots.clone();
             let inner =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                     .build()
@@ -250,9 +251,19 @@ impl Originator {
             let sans = t
                 .subject_alt_names
                 .iter()
-                .filter_map(|s| ServerName::try_from(s.clone()).ok())
+                .filter_map(|s| match ServerName::try_from(s.clone()) {
+                    _ if s.contains("://") => Some(San::Uri(s.clone())),
+                    Ok(name) => Some(San::Name(name)),
+                    // Refused at compile (`validate`): never silently dropped here.
+                    Err(_) => None,
+                })
                 .collect();
-            Arc::new(SanVerifier { inner, sans })
+            Arc::new(SanVerifier {
+                inner,
+                sans,
+                roots: Arc::new(roots_for_uri),
+                algorithms: self.provider.signature_verification_algorithms,
+            })
         };
         let builder = builder
             .dangerous()
@@ -357,10 +368,39 @@ fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
 
 /// The chain must lead to a trusted root and name the SNI, or, when `subjectAltNames` are
 /// given, one of them instead.
+/// A `subjectAltNames` entry: a DNS name or IP (checked by webpki), or a URI such as a
+/// SPIFFE ID (checked against the certificate's URI SANs after the chain is verified).
+#[derive(Debug)]
+enum San {
+    Name(ServerName<'static>),
+    Uri(String),
+}
+
 #[derive(Debug)]
 struct SanVerifier {
     inner: Arc<WebPkiServerVerifier>,
-    sans: Vec<ServerName<'static>>,
+    sans: Vec<San>,
+    roots: Arc<RootCertStore>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+/// The URI SANs of a certificate.
+fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(ext)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    ext.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
 }
 
 impl ServerCertVerifier for SanVerifier {
@@ -382,13 +422,37 @@ impl ServerCertVerifier for SanVerifier {
             );
         }
         let mut last = None;
+        let mut uris: Option<Vec<String>> = None;
         for san in &self.sans {
-            match self
-                .inner
-                .verify_server_cert(end_entity, intermediates, san, ocsp, now)
-            {
-                Ok(v) => return Ok(v),
-                Err(e) => last = Some(e),
+            match san {
+                San::Name(name) => {
+                    match self
+                        .inner
+                        .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+                    {
+                        Ok(v) => return Ok(v),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                San::Uri(uri) => {
+                    // The chain first (no name: a SPIFFE certificate has none), then the
+                    // URI among the certificate's own.
+                    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                    rustls::client::verify_server_cert_signed_by_trust_anchor(
+                        &parsed,
+                        &self.roots,
+                        intermediates,
+                        now,
+                        self.algorithms.all,
+                    )?;
+                    let have = uris.get_or_insert_with(|| uri_sans(end_entity));
+                    if have.iter().any(|h| h == uri) {
+                        return Ok(ServerCertVerified::assertion());
+                    }
+                    last = Some(rustls::Error::General(format!(
+                        "certificate URI SANs {have:?} do not include {uri}"
+                    )));
+                }
             }
         }
         Err(last.unwrap_or_else(|| rustls::Error::General("no subjectAltNames".into())))

@@ -301,6 +301,18 @@ pub(super) fn level_policy(
                 "tls mode MUTUAL needs clientCertificate and privateKey (or credentialName)",
             );
         }
+        // Each subjectAltName must be checkable: a DNS name, an IP, or a URI (SPIFFE IDs);
+        // anything else would be dropped silently and the check weakened.
+        for san in &t.subject_alt_names {
+            let uri = san.contains("://");
+            let name = rustls_pki_types::ServerName::try_from(san.as_str()).is_ok();
+            if !(uri || name) {
+                cx.err(
+                    line,
+                    format!("subjectAltNames entry {san:?} cannot be checked: not a DNS name, IP address or URI"),
+                );
+            }
+        }
         if t.mode == TlsMode::IstioMutual {
             cx.err(
                 line,
@@ -334,7 +346,10 @@ const MAGLEV_MAX_TABLE: u64 = 5_000_011;
 const RING_MAX_SIZE: u64 = 8_388_608;
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d: &u64| d * d <= n).all(|d| !n.is_multiple_of(d))
+    n >= 2
+        && (2..)
+            .take_while(|d: &u64| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 pub(super) fn compile_destination_rule(
