@@ -239,6 +239,15 @@ impl Servers {
                             }
                         }
                         let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        // The status a client asks for (`x-echo-status: 503`): a failure that
+                        // only that client's requests meet.
+                        if let Some(code) = get("x-echo-status").and_then(|v| v.parse::<u16>().ok()) {
+                            let resp = format!("HTTP/1.1 {code} Asked\r\nContent-Length: 0\r\nX-Served-By: {}\r\n\r\n", cfg.name);
+                            if w.write_all(resp.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         if cfg.fail_every > 0 && n.is_multiple_of(cfg.fail_every) {
                             let resp = format!("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nX-Served-By: {}\r\n\r\n", cfg.name);
                             if w.write_all(resp.as_bytes()).await.is_err() {

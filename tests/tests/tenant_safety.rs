@@ -369,3 +369,90 @@ fn slow_or_oversized_request_heads_are_cut_off() {
     let ok = pod.pdtool(&["http", "--to", &to, "--host", "backend"]);
     assert_eq!(ok["statuses"]["200"], 1, "{ok}");
 }
+
+#[test]
+fn one_tenants_failures_never_eject_endpoints_or_open_breakers_for_another() {
+    let mut node = Node::new("isolation");
+    let servers = Servers::new();
+    let mut yaml = namespace_yaml("backend", false, None)
+        + &namespace_yaml("noisy", true, None)
+        + &namespace_yaml("quiet", true, None);
+    for name in ["reviews-a", "reviews-b"] {
+        let h = node.host(name);
+        servers.http_echo(
+            &h,
+            9080,
+            HttpEcho {
+                name: name.into(),
+                ..Default::default()
+            },
+        );
+        yaml += &proxy_tests::node::endpoint_pod_yaml(&h, name, "backend", &[("app", "reviews")]);
+    }
+    let noisy = node.pod("noisy", "batch-0");
+    let quiet = node.pod("quiet", "web-0");
+    yaml += &(pod_yaml(&noisy, &[("app", "batch")]) + &pod_yaml(&quiet, &[("app", "web")]));
+    yaml += "apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: backend}
+spec:
+  clusterIP: 198.18.0.250
+  selector: {app: reviews}
+  ports: [{name: http, port: 80, targetPort: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: backend}
+spec:
+  host: reviews.backend.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}
+";
+    node.write_config("cluster.yaml", &yaml);
+    let daemon = Daemon::start(&node, &[]);
+    for p in [&noisy, &quiet] {
+        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    let to = "198.18.0.250:80";
+    // The noisy tenant's requests all fail (the backend answers what it asks for): in its
+    // own view both endpoints are ejected, and it gets 503 UH.
+    let failing = noisy.pdtool(&[
+        "http",
+        "--to",
+        to,
+        "--host",
+        "reviews.backend",
+        "--count",
+        "20",
+        "-H",
+        "x-echo-status: 503",
+    ]);
+    assert!(
+        failing["statuses"]["503"].as_u64().unwrap_or(0) >= 15,
+        "{failing}"
+    );
+    assert!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[("source_workload", "batch"), ("response_flags", "UH")]
+        ) >= 1.0,
+        "the noisy tenant's view ejected both: {}",
+        daemon.metrics_text()
+    );
+    // The quiet tenant sees both endpoints healthy, as its own sidecar would.
+    let fine = quiet.pdtool(&[
+        "http",
+        "--to",
+        to,
+        "--host",
+        "reviews.backend",
+        "--count",
+        "20",
+    ]);
+    assert_eq!(fine["statuses"]["200"], 20, "{fine}");
+    assert!(
+        fine["servers"]["reviews-a"].as_u64().unwrap_or(0) > 0
+            && fine["servers"]["reviews-b"].as_u64().unwrap_or(0) > 0,
+        "both endpoints serve the other tenant: {fine}"
+    );
+}

@@ -32,6 +32,8 @@ pub struct RequestView<'a> {
     pub dst: std::net::SocketAddrV4,
     /// Endpoints earlier attempts of this request went to (a retry prefers others).
     pub avoid: &'a [SocketAddr],
+    /// The source workload, whose view of endpoint health applies.
+    pub scope: &'a crate::proxy::outlier::Scope,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -631,6 +633,7 @@ fn pick(
         port,
         &src.namespace,
         super::route::Choice {
+            scope: Some(req.scope),
             hash,
             avoid: req.avoid,
         },

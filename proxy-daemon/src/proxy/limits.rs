@@ -69,8 +69,10 @@ struct HostLimit {
 }
 
 /// connectionPool limits per destination host.
+/// connectionPool limits per (source workload, destination host): each sidecar has its
+/// own circuit breakers, so one tenant's overload never opens another's.
 #[derive(Default)]
-pub struct HostLimits(Mutex<HashMap<String, Arc<HostLimit>>>);
+pub struct HostLimits(Mutex<HashMap<(crate::proxy::outlier::Scope, String), Arc<HostLimit>>>);
 
 /// Why admission failed: Envoy's UO (upstream overflow).
 #[derive(Debug)]
@@ -92,6 +94,7 @@ impl HostLimits {
 
     pub async fn admit(
         &self,
+        scope: &crate::proxy::outlier::Scope,
         host: &str,
         pool: Option<&ConnectionPool>,
         http: bool,
@@ -105,13 +108,15 @@ impl HostLimits {
         let Some(max) = max else { return Ok(None) };
         let limit = {
             let mut hosts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = hosts.entry(host.to_string()).or_insert_with(|| {
-                Arc::new(HostLimit {
-                    max,
-                    slots: Arc::new(Semaphore::new(max as usize)),
-                    pending: AtomicU32::new(0),
-                })
-            });
+            let entry = hosts
+                .entry((scope.clone(), host.to_string()))
+                .or_insert_with(|| {
+                    Arc::new(HostLimit {
+                        max,
+                        slots: Arc::new(Semaphore::new(max as usize)),
+                        pending: AtomicU32::new(0),
+                    })
+                });
             if entry.max != max {
                 // The limit changed with the configuration: start over with the new one.
                 *entry = Arc::new(HostLimit {
@@ -229,5 +234,49 @@ mod budget_tests {
             "places come back when connections end"
         );
         drop((quiet, third));
+    }
+}
+
+#[cfg(test)]
+mod breaker_tests {
+    use super::*;
+    use crate::metrics::SourceLabels;
+
+    fn scope(workload: &str) -> crate::proxy::outlier::Scope {
+        Arc::new(SourceLabels {
+            workload: workload.into(),
+            namespace: workload.into(),
+            app: workload.into(),
+            version: "v1".into(),
+            canonical_service: workload.into(),
+            canonical_revision: "v1".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn one_workloads_open_breaker_is_not_anothers() {
+        let limits = HostLimits::default();
+        let pool = ConnectionPool {
+            max_connections: Some(1),
+            connect_timeout: None,
+            http1_max_pending_requests: Some(0),
+            http2_max_requests: None,
+            max_requests_per_connection: None,
+            max_retries: None,
+        };
+        let (noisy, quiet) = (scope("noisy"), scope("quiet"));
+        let held = limits.admit(&noisy, "h", Some(&pool), true).await;
+        assert!(matches!(held, Ok(Some(_))));
+        assert!(
+            limits.admit(&noisy, "h", Some(&pool), true).await.is_err(),
+            "the noisy workload's breaker is open (UO)"
+        );
+        assert!(
+            matches!(
+                limits.admit(&quiet, "h", Some(&pool), true).await,
+                Ok(Some(_))
+            ),
+            "the quiet one's is its own"
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! endpoint; when endpoints are chosen, a DestinationRule's outlierDetection turns long
 //! enough runs of 5xx / gateway errors into an ejection for baseEjectionTime × (number of
 //! ejections so far), never ejecting more than maxEjectionPercent of the endpoints.
+//! Health is kept per source workload, as each sidecar keeps its own: one tenant's failing
+//! requests never eject an endpoint for another's pods.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -9,7 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::state::routes::Outlier;
+use std::sync::Arc;
+
+use crate::{metrics::SourceLabels, state::routes::Outlier};
+
+/// Whose view of an endpoint's health (the source workload's).
+pub type Scope = Arc<SourceLabels>;
 
 struct Health {
     consecutive_5xx: u32,
@@ -34,7 +41,7 @@ impl Default for Health {
 
 /// Passive health of every endpoint this proxy has used.
 #[derive(Default)]
-pub struct HealthTable(Mutex<HashMap<SocketAddr, Health>>);
+pub struct HealthTable(Mutex<HashMap<(Scope, SocketAddr), Health>>);
 
 impl HealthTable {
     /// Forgets endpoints not used for `idle` and not ejected now (endpoints come and go
@@ -58,9 +65,9 @@ impl HealthTable {
     }
 
     /// What one attempt to `ep` came to: a status, or a failure before one.
-    pub fn record(&self, ep: SocketAddr, status: Option<u16>) {
+    pub fn record(&self, scope: &Scope, ep: SocketAddr, status: Option<u16>) {
         let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let h = all.entry(ep).or_default();
+        let h = all.entry((scope.clone(), ep)).or_default();
         h.last_used = Instant::now();
         match status {
             Some(code) if code < 500 => {
@@ -85,7 +92,12 @@ impl HealthTable {
 
     /// Removes ejected endpoints from `candidates` under `policy` (ejecting those that crossed a
     /// threshold), keeping at least the share maxEjectionPercent allows.
-    pub fn filter(&self, candidates: Vec<SocketAddr>, policy: &Outlier) -> Vec<SocketAddr> {
+    pub fn filter(
+        &self,
+        scope: &Scope,
+        candidates: Vec<SocketAddr>,
+        policy: &Outlier,
+    ) -> Vec<SocketAddr> {
         let now = Instant::now();
         let base = policy.base_ejection_time.unwrap_or(Duration::from_secs(30));
         let max_ejected = candidates.len() * policy.max_ejection_percent as usize / 100;
@@ -93,7 +105,7 @@ impl HealthTable {
         let mut ejected = 0;
         let mut keep = Vec::with_capacity(candidates.len());
         for ep in &candidates {
-            let h = all.entry(*ep).or_default();
+            let h = all.entry((scope.clone(), *ep)).or_default();
             if h.ejected_until.is_some_and(|t| t <= now) {
                 h.ejected_until = None;
             }
@@ -123,9 +135,21 @@ impl HealthTable {
 mod tests {
     use super::*;
 
+    fn scope(workload: &str) -> Scope {
+        Arc::new(SourceLabels {
+            workload: workload.into(),
+            namespace: "ns".into(),
+            app: workload.into(),
+            version: "v1".into(),
+            canonical_service: workload.into(),
+            canonical_revision: "v1".into(),
+        })
+    }
+
     #[test]
     fn idle_endpoints_are_forgotten_but_ejected_ones_kept() {
         let table = HealthTable::default();
+        let me = scope("client");
         let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
         let policy = Outlier {
@@ -135,14 +159,19 @@ mod tests {
             base_ejection_time: Some(Duration::from_secs(60)),
             max_ejection_percent: 100,
         };
-        table.record(a, Some(200));
-        table.record(b, Some(500));
-        assert_eq!(table.filter(vec![a, b], &policy), vec![a], "b ejected");
+        table.record(&me, a, Some(200));
+        table.record(&me, b, Some(500));
+        assert_eq!(table.filter(&me, vec![a, b], &policy), vec![a], "b ejected");
+        assert_eq!(
+            table.filter(&scope("other"), vec![a, b], &policy),
+            vec![a, b],
+            "another workload's view is its own"
+        );
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(table.prune(Duration::from_millis(10)), 1, "a forgotten");
         assert_eq!(table.len(), 1, "b kept while ejected");
         assert_eq!(
-            table.filter(vec![a, b], &policy),
+            table.filter(&me, vec![a, b], &policy),
             vec![a],
             "and still ejected"
         );

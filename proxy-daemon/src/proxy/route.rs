@@ -138,6 +138,8 @@ pub fn registry_only(
 /// What steers the choice among a destination's endpoints, beyond its policy.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Choice<'a> {
+    /// Whose view of endpoint health applies (the source workload's).
+    pub scope: Option<&'a crate::proxy::outlier::Scope>,
     /// The request's consistent-hash key, when the policy hashes.
     pub hash: Option<u64>,
     /// Endpoints earlier attempts of the request went to (a retry prefers others).
@@ -172,6 +174,7 @@ pub fn decide(
     default_policy: crate::proxy::OutboundPolicy,
     roll: u32,
     sni: Option<&str>,
+    scope: &crate::proxy::outlier::Scope,
 ) -> L4Decision {
     // The SNI of the app's own TLS names the service when the registry knows it.
     let by_sni = sni.and_then(|h| snap.registry.by_host(h));
@@ -281,7 +284,11 @@ pub fn decide(
             .map(|ip| super::balance::fnv1a(ip.as_bytes())),
         _ => None,
     };
-    let how = Choice { hash, avoid: &[] };
+    let how = Choice {
+        scope: Some(scope),
+        hash,
+        avoid: &[],
+    };
     match endpoint_for(snap, eps, target, subset, port, &src.namespace, how) {
         Ok(upstream) => L4Decision::Forward {
             upstream,
@@ -319,7 +326,7 @@ pub fn endpoint_for(
     client_namespace: &str,
     how: Choice,
 ) -> Result<SocketAddr, &'static str> {
-    let Choice { hash, avoid } = how;
+    let Choice { scope, hash, avoid } = how;
     let subset_labels = match subset {
         Some(s) => Some(
             snap.routes
@@ -383,7 +390,10 @@ pub fn endpoint_for(
         .destination_rule(&target.hostname, client_namespace)
         .map(|dr| dr.effective(Some(port), subset));
     let addrs = match policy.as_ref().and_then(|p| p.outlier_detection.as_ref()) {
-        Some(od) => eps.health.filter(addrs, od),
+        Some(od) => match scope {
+            Some(scope) => eps.health.filter(scope, addrs, od),
+            None => addrs,
+        },
         None => addrs,
     };
     if addrs.is_empty() {

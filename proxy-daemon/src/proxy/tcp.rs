@@ -39,6 +39,7 @@ pub async fn proxy(
         inputs.settings.outbound_policy,
         super::weighted_roll(),
         sni.as_deref(),
+        &pod.source_labels,
     );
     let tcp = &inputs.metrics.tcp;
     let (upstream_addr, destination, tls) = match decision {
@@ -86,7 +87,12 @@ pub async fn proxy(
     let Ok(_permit) = inputs
         .endpoints
         .host_limits
-        .admit(&destination.service, pool.as_ref(), false)
+        .admit(
+            &pod.source_labels,
+            &destination.service,
+            pool.as_ref(),
+            false,
+        )
         .await
     else {
         let overflow = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "UO");

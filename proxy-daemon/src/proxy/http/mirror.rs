@@ -79,7 +79,10 @@ pub(super) fn send_mirror(
             dest.subset.as_deref(),
             port,
             &pod.workload.namespace,
-            route::Choice::default(),
+            route::Choice {
+                scope: Some(&pod.source_labels),
+                ..Default::default()
+            },
         ) {
             Ok(ep) => (
                 ep,

@@ -201,6 +201,7 @@ async fn handle(
             headers: &head.headers,
             dst: dst.0,
             avoid,
+            scope: &pod.source_labels,
         };
         http_route::decide(
             &snap,
@@ -420,7 +421,7 @@ async fn handle(
                 let Ok(permit) = inputs
                     .endpoints
                     .host_limits
-                    .admit(&labels.service, pool.as_ref(), true)
+                    .admit(&pod.source_labels, &labels.service, pool.as_ref(), true)
                     .await
                 else {
                     let resp = local_response(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n".into(), None);
@@ -444,10 +445,11 @@ async fn handle(
                     max_per_conn,
                 )
                 .await;
-                inputs
-                    .endpoints
-                    .health
-                    .record(upstream, result.as_ref().ok().map(|r| r.status().as_u16()));
+                inputs.endpoints.health.record(
+                    &pod.source_labels,
+                    upstream,
+                    result.as_ref().ok().map(|r| r.status().as_u16()),
+                );
                 if trace.sampled() {
                     events.push(crate::spans::SpanEvent {
                         time: std::time::SystemTime::now(),
