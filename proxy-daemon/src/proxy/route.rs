@@ -166,16 +166,17 @@ pub fn dialled_target(svc: &ServiceInfo, dst: SocketAddrV4) -> SocketAddr {
     SocketAddr::new(std::net::IpAddr::V4(*dst.ip()), port as u16)
 }
 
+/// Where a connection from `pod` to `dst` (with the app's own TLS naming `sni`) goes.
 pub fn decide(
     snap: &Snapshot,
     eps: &Endpoints,
-    src: &WorkloadInfo,
+    pod: &crate::proxy::PodContext,
     dst: SocketAddrV4,
     default_policy: crate::proxy::OutboundPolicy,
     roll: u32,
     sni: Option<&str>,
-    scope: &crate::proxy::outlier::Scope,
 ) -> L4Decision {
+    let (src, scope) = (&*pod.workload, &pod.source_labels);
     // The SNI of the app's own TLS names the service when the registry knows it.
     let by_sni = sni.and_then(|h| snap.registry.by_host(h));
     let Some(svc) = by_sni.or_else(|| snap.registry.by_addr(SocketAddr::V4(dst))) else {

@@ -34,12 +34,11 @@ pub async fn proxy(
     let decision = route::decide(
         &snapshot,
         &inputs.endpoints,
-        &pod.workload,
+        pod,
         dst.0,
         inputs.settings.outbound_policy,
         super::weighted_roll(),
         sni.as_deref(),
-        &pod.source_labels,
     );
     let tcp = &inputs.metrics.tcp;
     let (upstream_addr, destination, tls) = match decision {
