@@ -32,16 +32,24 @@ fn not_found() -> Response<Body> {
     respond(StatusCode::NOT_FOUND, "text/plain", "not found\n")
 }
 
-/// Serves `handler` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, handler: Handler) {
+/// Serves `handler` on `listener` until the task is dropped. With `token`, every request
+/// must carry `Authorization: Bearer <token>` (401 otherwise).
+pub async fn serve(listener: TcpListener, handler: Handler, token: Option<Arc<str>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let handler = handler.clone();
+        let (handler, token) = (handler.clone(), token.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
+                let authorized = token.as_deref().is_none_or(|t| {
+                    req.headers()
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .is_some_and(|given| constant_time_eq(given.as_bytes(), t.as_bytes()))
+                });
                 let method = req.method().clone();
                 let path = req.uri().path().to_string();
                 let query = req.uri().query().map(str::to_string);
@@ -51,6 +59,13 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.contains("gzip"));
                 async move {
+                    if !authorized {
+                        return Ok::<_, Infallible>(respond(
+                            StatusCode::UNAUTHORIZED,
+                            "text/plain",
+                            "admin needs Authorization: Bearer <token> (--admin-token-file)\n",
+                        ));
+                    }
                     // Handlers are synchronous and a big scrape takes a while to encode:
                     // off the async workers, so the data path never waits on it.
                     let resp = tokio::task::spawn_blocking(move || {
@@ -76,6 +91,15 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
         });
     }
 }
+
+/// Compares without returning early at the first difference (a token is a secret).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Scrapes encoded at once at most: a big scrape is CPU and memory, and the metrics port
+/// is reachable from every pod on the node. Prometheus pairs need two.
+pub const MAX_CONCURRENT_SCRAPES: usize = 2;
 
 /// A named section of /config_dump, produced on demand (ztunnel's config_dump handlers).
 pub type DumpSection = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -156,8 +180,26 @@ pub fn metrics_handler(
     metrics: Arc<Metrics>,
     before_scrape: Arc<dyn Fn() + Send + Sync>,
 ) -> Handler {
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     Arc::new(move |_, path, _, gzip| match path {
         "/metrics" | "/stats/prometheus" => {
+            use std::sync::atomic::Ordering;
+            if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT_SCRAPES {
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                metrics.daemon.scrapes_refused.inc();
+                return respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "too many concurrent scrapes\n",
+                );
+            }
+            struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                }
+            }
+            let _done = Done(&in_flight);
             before_scrape();
             let text = metrics.encode();
             let content_type = "text/plain; version=0.0.4; charset=utf-8";

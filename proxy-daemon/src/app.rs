@@ -70,6 +70,16 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
     }
 }
 
+/// A secret that never shows in logs or dumps.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
 /// The settings `run` works with, after defaults are resolved.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Settings {
@@ -88,6 +98,9 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Detach the programs and remove the pins on a clean stop (for uninstalling).
     pub detach_on_exit: bool,
+    /// With `--admin-token-file`: the bearer token every admin request must carry.
+    #[serde(skip)]
+    pub admin_token: Option<AdminToken>,
     pub connect_timeout: Duration,
     pub mirror_max_body_bytes: usize,
     pub mirror_max_in_flight: usize,
@@ -321,6 +334,21 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         bpf_pin_dir: args.bpf_pin_dir.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         detach_on_exit: args.detach_on_exit,
+        admin_token: match &args.admin_token_file {
+            None => None,
+            Some(path) => {
+                let token = std::fs::read_to_string(path)
+                    .map_err(|e| startup(format!("--admin-token-file {}: {e}", path.display())))?;
+                let token = token.trim();
+                if token.len() < 16 {
+                    return Err(startup(format!(
+                        "--admin-token-file {}: the token must be at least 16 characters",
+                        path.display()
+                    )));
+                }
+                Some(AdminToken(Arc::from(token)))
+            }
+        },
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         mirror_max_body_bytes: args.mirror_max_body_bytes,
         mirror_max_in_flight: args.mirror_max_in_flight.max(1),
@@ -1048,10 +1076,12 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         );
     }
     let (quit_tx, quit_rx) = watch::channel(false);
+    let admin_token = settings.admin_token.as_ref().map(|t| t.0.clone());
     let servers = [
         tokio::spawn(admin::serve(
             admin_listener,
             admin::admin_handler(Arc::new(dump), logs, quit_tx),
+            admin_token,
         )),
         tokio::spawn(admin::serve(
             metrics_listener,
@@ -1062,10 +1092,12 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
                     metrics.refresh_process();
                 })
             }),
+            None,
         )),
         tokio::spawn(admin::serve(
             health_listener,
             admin::health_handler(ready.clone()),
+            None,
         )),
     ];
     let watcher = match cluster_store {

@@ -153,6 +153,11 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_DETACH_ON_EXIT")]
     pub detach_on_exit: bool,
 
+    /// A file holding a token (16+ characters) that every admin request must present as
+    /// `Authorization: Bearer <token>` (the admin port changes state: quitquitquit, logging).
+    #[arg(long, env = "PROXY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// How long SIGTERM waits for open connections before closing them.
     #[arg(long, env = "PROXY_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
     pub drain_timeout_secs: u64,

@@ -570,6 +570,8 @@ pub struct DaemonMetrics {
     pub process_cpu_seconds: Counter<f64, AtomicU64>,
     pub process_resident_memory_bytes: Gauge,
     pub process_open_fds: Gauge,
+    /// Scrapes answered 503 because too many were being encoded at once.
+    pub scrapes_refused: Counter,
     pub process_threads: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
     pub config_rejected_objects: Family<KindLabels, Gauge>,
@@ -719,6 +721,11 @@ impl Metrics {
             "mirror_requests",
             "Mirror copies sent, by route and outcome",
             daemon.mirror_requests.clone(),
+        );
+        sub.register(
+            "scrapes_refused",
+            "Scrapes answered 503 because the daemon was already encoding the most it does at once",
+            daemon.scrapes_refused.clone(),
         );
         sub.register(
             "connections_refused",

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{http_get, http_request, node::Node, wait_for};
+use crate::{http_get, http_request_with, node::Node, wait_for};
 
 pub struct Daemon {
     child: Option<Child>,
@@ -16,6 +16,8 @@ pub struct Daemon {
     pub health: SocketAddr,
     pub log: PathBuf,
     pub started: Instant,
+    /// `Authorization` for the admin port, when the daemon was given `--admin-token-file`.
+    admin_auth: Option<String>,
 }
 
 /// A port that is free now, from below the kernel's ephemeral range (32768+), so the
@@ -93,6 +95,12 @@ impl Daemon {
             .stderr(log_file)
             .spawn()
             .expect("spawn proxy-daemon");
+        let admin_auth = extra
+            .iter()
+            .position(|a| *a == "--admin-token-file")
+            .and_then(|i| extra.get(i + 1))
+            .and_then(|path| fs::read_to_string(path).ok())
+            .map(|t| format!("Bearer {}", t.trim()));
         Self {
             child: Some(child),
             admin,
@@ -100,6 +108,15 @@ impl Daemon {
             health,
             log,
             started: Instant::now(),
+            admin_auth,
+        }
+    }
+
+    /// A request to the admin port, with the token when there is one.
+    fn admin_request(&self, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+        match &self.admin_auth {
+            Some(auth) => http_request_with(self.admin, method, path, &[("Authorization", auth)]),
+            None => http_request_with(self.admin, method, path, &[]),
         }
     }
 
@@ -151,7 +168,9 @@ impl Daemon {
     }
 
     pub fn config_dump(&self) -> serde_json::Value {
-        let (status, body) = http_get(self.admin, "/config_dump").expect("config_dump");
+        let (status, body) = self
+            .admin_request("GET", "/config_dump")
+            .expect("config_dump");
         assert_eq!(status, 200, "config_dump: {body}");
         serde_json::from_str(&body).expect("config_dump JSON")
     }
@@ -219,7 +238,7 @@ impl Daemon {
     }
 
     pub fn quit(&self) -> u16 {
-        http_request(self.admin, "POST", "/quitquitquit")
+        self.admin_request("POST", "/quitquitquit")
             .map(|r| r.0)
             .unwrap_or(0)
     }

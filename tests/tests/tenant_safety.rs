@@ -456,3 +456,61 @@ spec:
         "both endpoints serve the other tenant: {fine}"
     );
 }
+
+#[test]
+fn scrapes_are_bounded_and_admin_can_require_a_token() {
+    let token_file = std::env::temp_dir().join(format!("pd-admin-token-{}", std::process::id()));
+    std::fs::write(&token_file, "s3cret-admin-token-0123456789\n").unwrap();
+    let t = tenants(
+        "adminguard",
+        "scraper",
+        "",
+        &["--admin-token-file", token_file.to_str().unwrap()],
+    );
+    let (daemon, attacker, upstream) = (&t.daemon, &t.attacker, &t.upstream);
+    // Admin changes state (quitquitquit, logging): without the token, nothing.
+    let admin = daemon.admin;
+    let (code, _) = proxy_tests::http_get(admin, "/config_dump").unwrap();
+    assert_eq!(code, 401);
+    let (code, _) = proxy_tests::http_request(admin, "POST", "/quitquitquit").unwrap();
+    assert_eq!(code, 401, "no quit without the token");
+    let (code, body) = proxy_tests::http_request_with(
+        admin,
+        "GET",
+        "/config_dump",
+        &[("Authorization", "Bearer s3cret-admin-token-0123456789")],
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    // A big scrape (300 series of Istio's labels) asked for by 12 clients at once: the
+    // daemon encodes two at a time and answers the rest 503 at once.
+    let out = attacker.pdtool(&[
+        "http",
+        "--to",
+        &upstream.addr(80).to_string(),
+        "--host",
+        "h{i}.example",
+        "--count",
+        "300",
+    ]);
+    assert_eq!(out["statuses"]["200"], 300, "{out}");
+    let metrics = daemon.metrics;
+    let codes: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..12)
+            .map(|_| {
+                s.spawn(move || {
+                    proxy_tests::http_get(metrics, "/metrics")
+                        .map(|r| r.0)
+                        .unwrap_or(0)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    let refused = codes.iter().filter(|c| **c == 503).count();
+    eprintln!("12 concurrent scrapes: {ok} answered, {refused} refused");
+    assert!(ok >= 2 && refused >= 1, "{codes:?}");
+    assert!(daemon.metric_sum("proxy_daemon_scrapes_refused_total", &[]) >= refused as f64);
+    let _ = std::fs::remove_file(&token_file);
+}
