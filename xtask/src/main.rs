@@ -465,6 +465,13 @@ fn main() -> Result<()> {
         }
         Cmd::Bench => {
             setup()?;
+            // The peer the L7 path is compared with (bench only: CI never needs it).
+            if !have("haproxy") {
+                run(Command::new("apt-get").args(["update", "-qq"]))?;
+                run(Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "--no-install-recommends", "haproxy"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            }
             run(&mut cargo(&["build", "--release", "--workspace", "--bins"]))?;
             run(Command::new(workspace_root().join("target/release/bench"))
                 .current_dir(workspace_root())

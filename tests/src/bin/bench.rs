@@ -73,14 +73,57 @@ fn main() {
         },
     );
     let web_to = web.addr(80).to_string();
-    let (mut http_lat, mut http_rate) =
-        (vec![Vec::new(), Vec::new()], vec![Vec::new(), Vec::new()]);
+    // The peer: HAProxy (http mode, two threads) as an explicit reverse proxy in a host of
+    // its own, called by the direct pod; interleaved with the other two paths.
+    let peer = node.host("haproxy");
+    let haproxy_cfg = node.work_dir.join("haproxy.cfg");
+    std::fs::write(
+        &haproxy_cfg,
+        format!(
+            "global\n  nbthread 2\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\nfrontend fe\n  bind :8080\n  default_backend be\nbackend be\n  http-reuse always\n  server web {web_to}\n"
+        ),
+    )
+    .expect("haproxy.cfg");
+    let mut haproxy = peer
+        .command(
+            None,
+            std::path::Path::new("haproxy"),
+            &["-db", "-f", haproxy_cfg.to_str().unwrap_or_default()],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok();
+    std::thread::sleep(Duration::from_millis(500));
+    let haproxy_pid = haproxy.as_ref().map(|c| c.id());
+    let haproxy_to = peer.addr(8080).to_string();
+    let cpu_ticks = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+    };
+    let paths: Vec<(&Pod, &str, Option<u32>)> = vec![
+        (&direct, web_to.as_str(), None),
+        (&captured, web_to.as_str(), Some(pid)),
+        (&direct, haproxy_to.as_str(), haproxy_pid),
+    ];
+    let runs = if haproxy_pid.is_some() { 3 } else { 2 };
+    let (mut http_lat, mut http_rate, mut http_cpu) = (
+        vec![Vec::new(); 3],
+        vec![Vec::new(); 3],
+        vec![Vec::new(); 3],
+    );
     for _round in 0..3 {
-        for (i, pod) in [&direct, &captured].iter().enumerate() {
+        for (i, (pod, to, proxy_pid)) in paths.iter().take(runs).enumerate() {
+            let before = proxy_pid.map(cpu_ticks).unwrap_or(0);
             let r = pod.pdtool(&[
                 "http",
                 "--to",
-                &web_to,
+                to,
                 "--host",
                 "web.example",
                 "--path",
@@ -89,13 +132,20 @@ fn main() {
                 "5000",
             ]);
             assert_eq!(r["statuses"]["200"], 5000, "{r}");
+            let after = proxy_pid.map(cpu_ticks).unwrap_or(0);
+            http_cpu[i].push((after - before) as f64 * 10_000.0 / 5000.0);
             http_lat[i].push((r["p50_us"].as_f64().unwrap(), r["p99_us"].as_f64().unwrap()));
             http_rate[i].push(r["per_sec"].as_f64().unwrap());
         }
     }
+    if let Some(h) = haproxy.as_mut() {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
     let hp50 = |i: usize| median(http_lat[i].iter().map(|x| x.0).collect());
     let hp99 = |i: usize| median(http_lat[i].iter().map(|x| x.1).collect());
     let hrate = |i: usize| median(http_rate[i].clone());
+    let hcpu = |i: usize| median(http_cpu[i].clone());
 
     // 1,000 connections held open through the proxy.
     let mut hold = captured
@@ -214,6 +264,14 @@ fn main() {
         "  keep-alive 1 KiB GETs, one connection (5000): direct {:.0} req/s p50 {:.0} us p99 {:.0} us | L7 path {:.0} req/s p50 {:.0} us p99 {:.0} us | ratio {:.2}",
         hrate(0), hp50(0), hp99(0), hrate(1), hp50(1), hp99(1), hrate(1) / hrate(0)
     );
+    if runs == 3 {
+        println!(
+            "  keep-alive 1 KiB GETs, one connection (5000): HAProxy 2.6 (http, 2 threads) {:.0} req/s p50 {:.0} us p99 {:.0} us | proxy CPU per request: daemon {:.1} us, HAProxy {:.1} us | daemon / HAProxy: req/s {:.2}, CPU {:.2}",
+            hrate(2), hp50(2), hp99(2), hcpu(1), hcpu(2), hrate(1) / hrate(2), hcpu(1) / hcpu(2)
+        );
+    } else {
+        println!("  (HAProxy not found: no peer in this run; `cargo xtask bench` installs it)");
+    }
     println!("  connects/s, 32 concurrent (5000):           direct {:.0}/s | captured {:.0}/s | ratio {:.2}",
         cps(0), cps(1), cps(1) / cps(0));
     println!(
