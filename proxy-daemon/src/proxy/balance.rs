@@ -124,13 +124,13 @@ pub struct Tables {
     inner: Mutex<TablesOfGeneration>,
 }
 
+/// The identity of an endpoint list, computed per hashed request: no formatting, no
+/// allocation (the list's order matters, as the table indexes it).
 fn fingerprint(endpoints: &[SocketAddr]) -> u64 {
-    let mut text = String::with_capacity(endpoints.len() * 22);
-    for ep in endpoints {
-        text.push_str(&ep.to_string());
-        text.push(',');
-    }
-    fnv1a(text.as_bytes())
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    endpoints.hash(&mut h);
+    h.finish()
 }
 
 impl Tables {

@@ -199,9 +199,14 @@ impl ConnectionBudget {
     pub fn admit(&self, namespace: &str) -> Result<ConnectionPermit, Refusal> {
         let ns = {
             let mut map = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(namespace.to_string())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_namespace)))
-                .clone()
+            // Looked up before inserting: an accept allocates only for a new namespace.
+            match map.get(namespace) {
+                Some(s) => s.clone(),
+                None => map
+                    .entry(namespace.to_string())
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.per_namespace)))
+                    .clone(),
+            }
         };
         let namespace = ns.try_acquire_owned().map_err(|_| Refusal::Namespace)?;
         let node = self
