@@ -32,6 +32,10 @@ pub mod programs {
     pub const CONNECT4: &str = "pd_connect4";
     pub const SOCK_OPS: &str = "pd_sock_ops";
     pub const GETPEERNAME4: &str = "pd_getpeername4";
+    pub const CONNECT6: &str = "pd_connect6";
+    pub const GETPEERNAME6: &str = "pd_getpeername6";
+    pub const BIND4: &str = "pd_bind4";
+    pub const BIND6: &str = "pd_bind6";
 }
 
 /// Capacity of the enrolment map (pods per node; kubelet's default limit is 110).
@@ -49,19 +53,32 @@ pub enum FailMode {
     Closed = 1,
 }
 
+/// [`Enrolment::flags`]: the daemon's listener is up in the pod netns. Without it the entry
+/// only says "this cgroup is a captured pod": every connect gets the pod's fail mode (a pod
+/// whose cgroup just appeared, or whose listener port something else holds).
+pub const ENROLMENT_LISTENING: u8 = 1;
+
 /// Enrolment of one pod: value of [`maps::ENROLLED`], keyed by the pod cgroup's id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Enrolment {
-    /// Cookie of the pod's network namespace; connects from another netns are left alone.
+    /// Cookie of the pod's network namespace (0 while not listening): a connect from
+    /// another netns gets the pod's fail mode.
     pub netns_cookie: u64,
     /// Daemon-assigned pod number (diagnostics only).
     pub pod_id: u32,
-    /// Port of the daemon's listener on 127.0.0.1 inside the pod netns (host order).
+    /// `SO_PRIORITY` of the daemon's listener, a secret per listener (> 6, which only
+    /// CAP_NET_ADMIN may set): the kernel redirects only to a socket carrying it, so a
+    /// process of the pod listening on the port is never mistaken for ours.
+    pub listener_token: u32,
+    /// Port of the daemon's listener on 127.0.0.1 inside the pod netns (host order). Pods
+    /// may not bind it.
     pub listener_port: u16,
     /// [`FailMode`] as u8.
     pub fail_mode: u8,
-    pub _pad: u8,
+    /// [`ENROLMENT_LISTENING`] or 0.
+    pub flags: u8,
+    pub _pad: u32,
 }
 
 /// Where a redirected connection was going, and who opened it.
@@ -111,12 +128,24 @@ pub enum CaptureStat {
     BypassFailOpen = 1,
     /// Listener absent, namespace fail-closed: connect refused.
     RefusedFailClosed = 2,
-    /// Task in an enrolled cgroup but another netns (e.g. host network): left alone.
+    /// Task in an enrolled cgroup but another netns: got the pod's fail mode.
     NetnsMismatch = 3,
+    /// Connect from a pod whose listener is not up yet (new pod, or port held): fail mode.
+    NotListening = 4,
+    /// A pod process tried to bind the listener port: refused.
+    BindRefused = 5,
+    /// Native IPv6 destination from a fail-open pod: connected directly (no IPv6 proxying).
+    Ipv6Direct = 6,
+    /// Native IPv6 destination from a fail-closed pod: refused.
+    Ipv6Refused = 7,
+    /// A task deeper in the cgroup tree than [`MAX_CGROUP_DEPTH`]: could not be checked.
+    TooDeep = 8,
+    /// Something else listens on the listener port in the pod netns: not redirected there.
+    ForeignListener = 9,
 }
 
 /// Number of [`CaptureStat`] slots.
-pub const CAPTURE_STAT_SLOTS: u32 = 4;
+pub const CAPTURE_STAT_SLOTS: u32 = 10;
 
 #[cfg(feature = "user")]
 mod user {

@@ -1002,6 +1002,11 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         ready.clone(),
     );
     let workload_status = enroller.status();
+    if let Err(e) =
+        crate::capture::cgroup::watch_pod_cgroups(&settings.cgroup_root, enroller.waker())
+    {
+        warn!(error = %e, "no cgroup watch: new pods are found by the {} ms poll", crate::capture::enrol::RECONCILE_INTERVAL.as_millis());
+    }
     let map_stats = attached
         .map_stats()
         .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?;

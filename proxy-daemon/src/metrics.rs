@@ -459,13 +459,20 @@ pub struct MirrorDropLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotListeningLabels {
+    /// waiting_for_process | listener_port_taken | enrolment_error | cgroup_too_deep
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
-    /// redirected | fail_open_bypass | fail_closed_refused | netns_mismatch
+    /// redirected | fail_open_bypass | fail_closed_refused | netns_mismatch | not_listening |
+    /// bind_refused | ipv6_direct | ipv6_refused | too_deep | foreign_listener
     pub decision: &'static str,
 }
 
@@ -543,6 +550,8 @@ impl TcpMetrics {
 #[derive(Default)]
 pub struct DaemonMetrics {
     pub enrolled_pods: Gauge,
+    /// Captured pods without a listener of ours, by why: their connects get the fail mode.
+    pub pods_not_listening: Family<NotListeningLabels, Gauge>,
     pub listeners: Gauge,
     pub listener_failures: Counter,
     pub enrolment_failures: Counter,
@@ -650,6 +659,11 @@ impl Metrics {
             "enrolled_pods",
             "Pods whose connects are captured",
             daemon.enrolled_pods.clone(),
+        );
+        sub.register(
+            "pods_not_listening",
+            "Captured pods whose listener is not up, by reason: the kernel gives their connects the namespace's fail mode (cgroup_too_deep: the kernel cannot see the pod at all)",
+            daemon.pods_not_listening.clone(),
         );
         sub.register(
             "listeners",

@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
-    CaptureStat, ClientKey, Enrolment, FailMode, OrigDst, CAPTURE_STAT_SLOTS, MAX_CGROUP_DEPTH,
-    MAX_ENROLLED, MAX_TRACKED_CONNECTIONS,
+    CaptureStat, ClientKey, Enrolment, FailMode, OrigDst, CAPTURE_STAT_SLOTS, ENROLMENT_LISTENING,
+    MAX_CGROUP_DEPTH, MAX_ENROLLED, MAX_TRACKED_CONNECTIONS,
 };
 
 /// Return values of cgroup sock_addr programs.
@@ -26,6 +26,10 @@ const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const LOOPBACK_NET: u32 = 127;
 const LOOPBACK_BE: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+/// Third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as stored (network order).
+const V4_MAPPED_PREFIX_BE: u32 = 0x0000_ffffu32.to_be();
+/// Last word of `::1`, as stored.
+const IPV6_LOOPBACK_LAST_BE: u32 = 1u32.to_be();
 
 #[map(name = "PD_ENROLLED")]
 static ENROLLED: HashMap<u64, Enrolment> = HashMap::pinned(MAX_ENROLLED, 0);
@@ -48,23 +52,110 @@ fn count(stat: CaptureStat) {
     }
 }
 
+/// Where the ancestor walk ended.
+enum Ancestor {
+    Enrolled(u64, Enrolment),
+    None,
+    /// The task sits deeper than the walk reaches: it cannot be told apart from a pod.
+    TooDeep,
+}
+
 /// The enrolled pod cgroup among the current task's ancestors, if any.
 #[inline(always)]
-fn enrolled_ancestor() -> Option<(u64, Enrolment)> {
+fn enrolled_ancestor() -> Ancestor {
     let mut level = 1;
     while level <= MAX_CGROUP_DEPTH {
         // SAFETY: helper with a scalar argument.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
-            return None;
+            return Ancestor::None;
         }
         // SAFETY: value is Copy and read at once.
         if let Some(enrolment) = unsafe { ENROLLED.get(&id) } {
-            return Some((id, *enrolment));
+            return Ancestor::Enrolled(id, *enrolment);
         }
         level += 1;
     }
-    None
+    // SAFETY: helper with a scalar argument.
+    if unsafe { bpf_get_current_ancestor_cgroup_id(MAX_CGROUP_DEPTH + 1) } != 0 {
+        count(CaptureStat::TooDeep);
+        return Ancestor::TooDeep;
+    }
+    Ancestor::None
+}
+
+/// What a connect of an enrolled pod's task becomes.
+enum Verdict {
+    Allow,
+    Refuse,
+    /// Redirect to the pod's listener on 127.0.0.1:<port, network order>.
+    Redirect(u16),
+}
+
+#[inline(always)]
+fn fail_mode_verdict(enrolment: &Enrolment) -> Verdict {
+    if enrolment.fail_mode == FailMode::Closed as u8 {
+        Verdict::Refuse
+    } else {
+        Verdict::Allow
+    }
+}
+
+/// The decision for a TCP connect to an IPv4 address (also IPv4-mapped IPv6) that is not
+/// loopback. Records the original destination when redirecting.
+#[inline(always)]
+fn decide_ipv4(ctx: &SockAddrContext, dst_ip_be: u32, dst_port_be: u32) -> Verdict {
+    let (cgroup_id, enrolment) = match enrolled_ancestor() {
+        Ancestor::Enrolled(id, e) => (id, e),
+        Ancestor::None | Ancestor::TooDeep => return Verdict::Allow,
+    };
+    if enrolment.flags & ENROLMENT_LISTENING == 0 {
+        // A captured pod whose listener is not up yet (its cgroup just appeared, or the
+        // port is held): the namespace's fail mode, never a silent way around capture.
+        count(CaptureStat::NotListening);
+        return fail_mode_verdict(&enrolment);
+    }
+    // SAFETY: helper on our own context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns_cookie != enrolment.netns_cookie {
+        // A process of the pod in another network namespace than the pod's (one it made,
+        // or joined): there is no listener of ours there to send it to. Letting it through
+        // would be a way out of capture, so it gets the pod's fail mode.
+        count(CaptureStat::NetnsMismatch);
+        return fail_mode_verdict(&enrolment);
+    }
+    let listener_port_be = enrolment.listener_port.to_be();
+    if !listener_alive(ctx, listener_port_be, enrolment.listener_token) {
+        if enrolment.fail_mode == FailMode::Closed as u8 {
+            count(CaptureStat::RefusedFailClosed);
+            debug!(
+                ctx,
+                "pod cgroup {}: no listener, fail-closed: refused", cgroup_id
+            );
+            return Verdict::Refuse;
+        }
+        count(CaptureStat::BypassFailOpen);
+        debug!(
+            ctx,
+            "pod cgroup {}: no listener, fail-open: direct", cgroup_id
+        );
+        return Verdict::Allow;
+    }
+    let orig = OrigDst {
+        netns_cookie,
+        cgroup_id,
+        ip4_be: dst_ip_be,
+        port: u16::from_be(dst_port_be as u16),
+        _pad: 0,
+    };
+    // SAFETY: helper on our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if SOCK_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+        // Without the entry the proxy could not tell where to go: the pod's fail mode.
+        return fail_mode_verdict(&enrolment);
+    }
+    count(CaptureStat::Redirected);
+    Verdict::Redirect(listener_port_be)
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -78,60 +169,109 @@ pub fn pd_connect4(ctx: SockAddrContext) -> i32 {
     if u32::from_be(dst_ip_be) >> 24 == LOOPBACK_NET {
         return ALLOW;
     }
-    let Some((cgroup_id, enrolment)) = enrolled_ancestor() else {
-        return ALLOW;
-    };
-    // SAFETY: helper on our own context.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if netns_cookie != enrolment.netns_cookie {
-        // A process of the pod in another network namespace than the pod's (one it made,
-        // or joined): there is no listener of ours there to send it to. Letting it through
-        // would be a way out of capture, so it gets the pod's fail mode.
-        count(CaptureStat::NetnsMismatch);
-        if enrolment.fail_mode == FailMode::Closed as u8 {
-            return REFUSE;
+    match decide_ipv4(&ctx, dst_ip_be, sa.user_port) {
+        Verdict::Allow => ALLOW,
+        Verdict::Refuse => REFUSE,
+        Verdict::Redirect(port_be) => {
+            sa.user_ip4 = LOOPBACK_BE;
+            sa.user_port = port_be as u32;
+            ALLOW
         }
+    }
+}
+
+/// connect6: a dual-stack socket dialling `::ffff:a.b.c.d` (the JVM's default) is captured
+/// like IPv4 (our IPv4 listener accepts it as `::ffff:127.0.0.1`); a native IPv6
+/// destination cannot be proxied yet, so it gets the pod's fail mode, counted.
+#[cgroup_sock_addr(connect6)]
+pub fn pd_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
-    let listener_port_be = enrolment.listener_port.to_be();
-    if !listener_alive(&ctx, listener_port_be) {
-        if enrolment.fail_mode == FailMode::Closed as u8 {
-            count(CaptureStat::RefusedFailClosed);
-            debug!(
-                &ctx,
-                "pod cgroup {}: no listener, fail-closed: refused", cgroup_id
-            );
-            return REFUSE;
+    let ip6 = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_PREFIX_BE {
+        let dst_ip_be = ip6[3];
+        if u32::from_be(dst_ip_be) >> 24 == LOOPBACK_NET {
+            return ALLOW;
         }
-        count(CaptureStat::BypassFailOpen);
-        debug!(
-            &ctx,
-            "pod cgroup {}: no listener, fail-open: direct", cgroup_id
-        );
+        return match decide_ipv4(&ctx, dst_ip_be, sa.user_port) {
+            Verdict::Allow => ALLOW,
+            Verdict::Refuse => REFUSE,
+            Verdict::Redirect(port_be) => {
+                // Volatile: LLVM may merge neighbouring ctx stores into one 8-byte store,
+                // which the verifier rejects.
+                // SAFETY: fields of the valid context.
+                unsafe {
+                    core::ptr::write_volatile(&mut sa.user_ip6[3], LOOPBACK_BE);
+                    core::ptr::write_volatile(&mut sa.user_port, port_be as u32);
+                }
+                ALLOW
+            }
+        };
+    }
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == IPV6_LOOPBACK_LAST_BE {
         return ALLOW;
     }
-    let orig = OrigDst {
-        netns_cookie,
-        cgroup_id,
-        ip4_be: dst_ip_be,
-        port: u16::from_be(sa.user_port as u16),
-        _pad: 0,
+    let enrolment = match enrolled_ancestor() {
+        Ancestor::Enrolled(_, e) => e,
+        Ancestor::None | Ancestor::TooDeep => return ALLOW,
     };
-    // SAFETY: helper on our own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if SOCK_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
-        // Without the entry the proxy could not tell where to go: leave the connect alone.
-        return ALLOW;
+    if enrolment.fail_mode == FailMode::Closed as u8 {
+        count(CaptureStat::Ipv6Refused);
+        return REFUSE;
     }
-    sa.user_ip4 = LOOPBACK_BE;
-    sa.user_port = listener_port_be as u32;
-    count(CaptureStat::Redirected);
+    count(CaptureStat::Ipv6Direct);
     ALLOW
 }
 
-/// Whether a socket listens on 127.0.0.1:<port> in the caller's network namespace.
+/// bind4/bind6: a pod's own process may not take the listener port (on any address), so it
+/// can never stand in for our listener, even while no daemon runs.
 #[inline(always)]
-fn listener_alive(ctx: &SockAddrContext, port_be: u16) -> bool {
+fn guard_bind(port_be: u32) -> i32 {
+    let port = u16::from_be(port_be as u16);
+    if port == 0 {
+        return ALLOW;
+    }
+    match enrolled_ancestor() {
+        Ancestor::Enrolled(_, e) if e.listener_port == port => {
+            count(CaptureStat::BindRefused);
+            REFUSE
+        }
+        _ => ALLOW,
+    }
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn pd_bind4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    guard_bind(sa.user_port)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn pd_bind6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    guard_bind(sa.user_port)
+}
+
+/// Whether *our* listener listens on 127.0.0.1:<port> in the caller's network namespace:
+/// a socket there that does not carry the enrolment's token is someone else's.
+#[inline(always)]
+fn listener_alive(ctx: &SockAddrContext, port_be: u16, token: u32) -> bool {
     // SAFETY: an all-zero tuple is a valid value of this plain C union.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     // Writing a union arm is safe; reading one would not be.
@@ -153,8 +293,14 @@ fn listener_alive(ctx: &SockAddrContext, port_be: u16) -> bool {
     if sk.is_null() {
         return false;
     }
+    // SAFETY: sk is a valid socket reference until released just below.
+    let priority = unsafe { (*sk).priority };
     // SAFETY: sk came from bpf_sk_lookup_tcp and is released exactly once.
     unsafe { bpf_sk_release(sk.cast()) };
+    if priority != token {
+        count(CaptureStat::ForeignListener);
+        return false;
+    }
     true
 }
 
@@ -210,6 +356,27 @@ pub fn pd_getpeername4(ctx: SockAddrContext) -> i32 {
         let sa = unsafe { &mut *ctx.sock_addr };
         sa.user_ip4 = orig.ip4_be;
         sa.user_port = orig.port.to_be() as u32;
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn pd_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: helper on our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: value is Copy and read at once.
+    if let Some(orig) = unsafe { SOCK_ORIG_DST.get(&cookie) } {
+        // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        // Volatile: see pd_connect6.
+        // SAFETY: fields of the valid context.
+        unsafe {
+            core::ptr::write_volatile(&mut sa.user_ip6[0], 0);
+            core::ptr::write_volatile(&mut sa.user_ip6[1], 0);
+            core::ptr::write_volatile(&mut sa.user_ip6[2], V4_MAPPED_PREFIX_BE);
+            core::ptr::write_volatile(&mut sa.user_ip6[3], orig.ip4_be);
+            core::ptr::write_volatile(&mut sa.user_port, orig.port.to_be() as u32);
+        }
     }
     ALLOW
 }

@@ -87,7 +87,29 @@ impl Daemon {
 
     /// Starts the daemon without waiting for readiness (to watch it become ready).
     pub fn spawn(node: &Node, extra: &[&str]) -> Self {
+        Self::spawn_in(node, extra, None)
+    }
+
+    /// [`Daemon::spawn`] with the daemon's process in `cgroup` from its first instruction
+    /// (as a DaemonSet pod's container is).
+    pub fn spawn_in(node: &Node, extra: &[&str], cgroup: Option<&std::path::Path>) -> Self {
         let (mut cmd, admin, metrics, health, log) = Self::command(node, extra);
+        if let Some(cg) = cgroup {
+            use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+            let procs = fs::OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))
+                .expect("cgroup.procs");
+            // SAFETY: only write(2) between fork and exec, on a file opened before.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let log_file = fs::File::create(&log).expect("log file");
         let child = cmd
             .stdin(Stdio::null())

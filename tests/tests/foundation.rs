@@ -362,7 +362,11 @@ fn kill_9_leaves_fail_open_pods_direct_and_fail_closed_pods_refused_then_restart
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
         .collect();
-    assert_eq!(links.len(), 3);
+    assert_eq!(
+        links.len(),
+        7,
+        "connect4/6, getpeername4/6, bind4/6, sock_ops"
+    );
     for pod in [&open_pod, &closed_pod] {
         let out = pod.pdtool(&["connect", "--to", &to]);
         assert_eq!(out["result"], "ok", "{out}");
@@ -719,7 +723,10 @@ fn readiness_waits_for_every_pod_listener_and_recovers() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("enrolment failed; will retry"), "{text}");
+    assert!(
+        text.contains("enrolment failed; the pod's connects get its fail mode; will retry"),
+        "{text}"
+    );
     assert!(
         text.contains("Address in use")
             || text.contains("address already in use")

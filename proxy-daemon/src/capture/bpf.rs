@@ -63,6 +63,30 @@ pub struct CaptureCounts {
     pub bypass_fail_open: u64,
     pub refused_fail_closed: u64,
     pub netns_mismatch: u64,
+    pub not_listening: u64,
+    pub bind_refused: u64,
+    pub ipv6_direct: u64,
+    pub ipv6_refused: u64,
+    pub too_deep: u64,
+    pub foreign_listener: u64,
+}
+
+impl CaptureCounts {
+    /// (metric label, value) of every decision.
+    pub fn labelled(&self) -> [(&'static str, u64); 10] {
+        [
+            ("redirected", self.redirected),
+            ("fail_open_bypass", self.bypass_fail_open),
+            ("fail_closed_refused", self.refused_fail_closed),
+            ("netns_mismatch", self.netns_mismatch),
+            ("not_listening", self.not_listening),
+            ("bind_refused", self.bind_refused),
+            ("ipv6_direct", self.ipv6_direct),
+            ("ipv6_refused", self.ipv6_refused),
+            ("too_deep", self.too_deep),
+            ("foreign_listener", self.foreign_listener),
+        ]
+    }
 }
 
 /// Ids of what is loaded, for /config_dump.
@@ -230,6 +254,12 @@ impl MapStats {
             bypass_fail_open: sum(CaptureStat::BypassFailOpen),
             refused_fail_closed: sum(CaptureStat::RefusedFailClosed),
             netns_mismatch: sum(CaptureStat::NetnsMismatch),
+            not_listening: sum(CaptureStat::NotListening),
+            bind_refused: sum(CaptureStat::BindRefused),
+            ipv6_direct: sum(CaptureStat::Ipv6Direct),
+            ipv6_refused: sum(CaptureStat::Ipv6Refused),
+            too_deep: sum(CaptureStat::TooDeep),
+            foreign_listener: sum(CaptureStat::ForeignListener),
         }
     }
 }
@@ -243,13 +273,7 @@ impl MapStats {
                 .get_or_create(&MapLabels { map })
                 .set(n as i64);
         }
-        let c = self.capture_counts();
-        for (decision, v) in [
-            ("redirected", c.redirected),
-            ("fail_open_bypass", c.bypass_fail_open),
-            ("fail_closed_refused", c.refused_fail_closed),
-            ("netns_mismatch", c.netns_mismatch),
-        ] {
+        for (decision, v) in self.capture_counts().labelled() {
             d.capture_decisions
                 .get_or_create(&DecisionLabels { decision })
                 .set(v as i64);
@@ -436,6 +460,28 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
         (
             programs::SOCK_OPS,
             load_attach!(ebpf, SockOps, programs::SOCK_OPS, cgroup, pin_dir),
+        ),
+        (
+            programs::CONNECT6,
+            load_attach!(ebpf, CgroupSockAddr, programs::CONNECT6, cgroup, pin_dir),
+        ),
+        (
+            programs::GETPEERNAME6,
+            load_attach!(
+                ebpf,
+                CgroupSockAddr,
+                programs::GETPEERNAME6,
+                cgroup,
+                pin_dir
+            ),
+        ),
+        (
+            programs::BIND4,
+            load_attach!(ebpf, CgroupSockAddr, programs::BIND4, cgroup, pin_dir),
+        ),
+        (
+            programs::BIND6,
+            load_attach!(ebpf, CgroupSockAddr, programs::BIND6, cgroup, pin_dir),
         ),
     ];
     let mut links = Vec::new();

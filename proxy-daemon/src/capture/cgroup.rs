@@ -108,6 +108,134 @@ pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
     walk(root, uid, POD_SEARCH_DEPTH)
 }
 
+/// The cgroup's level in the hierarchy (the root is 0), as the kernel's
+/// `bpf_get_current_ancestor_cgroup_id` counts it: the steps from the top of the cgroup2
+/// mount it sits in. Assumes that mount shows the hierarchy's root, as the host's and the
+/// chart's hostPath mount do.
+pub fn cgroup_level(path: &Path) -> usize {
+    let mut level = 0;
+    let mut dir = path;
+    while let Some(parent) = dir.parent() {
+        if check_cgroup2_dir(parent).is_err() {
+            break;
+        }
+        level += 1;
+        dir = parent;
+    }
+    level
+}
+
+/// Which directories below the cgroup root may hold (or be) a pod's cgroup: every child of
+/// the root (test roots, `kubepods`), then only kubelet's own tree.
+fn may_hold_pods(name: &str, depth: usize) -> bool {
+    depth == 1
+        || name.starts_with("kubepods")
+        || name.starts_with("besteffort")
+        || name.starts_with("burstable")
+        || name.starts_with("pod")
+}
+
+/// Wakes `wake` whenever a directory appears or goes in kubelet's part of the tree below
+/// `root` (inotify; the poll remains as a backstop), so a new pod's cgroup gets its kernel
+/// entry within milliseconds instead of up to a poll interval later.
+pub fn watch_pod_cgroups(
+    root: &Path,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+) -> Result<(), CgroupError> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |e: nix::errno::Errno| CgroupError::Io {
+            path,
+            source: std::io::Error::from(e),
+        }
+    };
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).map_err(io_err(root))?;
+    // IN_MODIFY of a watched directory's `cgroup.events`: "populated" changed, that is, the
+    // pod's first process arrived (kernfs notifies the parent directory's watch too).
+    let flags = AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MODIFY
+        | AddWatchFlags::IN_ONLYDIR;
+    let mut watched: std::collections::HashMap<
+        nix::sys::inotify::WatchDescriptor,
+        (PathBuf, usize),
+    > = Default::default();
+    // Adds a watch on `dir` and on what already lies below it (it may have filled up
+    // before the watch was in place).
+    fn add_tree(
+        inotify: &Inotify,
+        flags: AddWatchFlags,
+        watched: &mut std::collections::HashMap<
+            nix::sys::inotify::WatchDescriptor,
+            (PathBuf, usize),
+        >,
+        dir: &Path,
+        depth: usize,
+    ) {
+        let Ok(wd) = inotify.add_watch(dir, flags) else {
+            return;
+        };
+        watched.insert(wd, (dir.to_owned(), depth));
+        if depth >= POD_SEARCH_DEPTH {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if e.file_type().is_ok_and(|t| t.is_dir())
+                && may_hold_pods(&name.to_string_lossy(), depth + 1)
+            {
+                add_tree(inotify, flags, watched, &e.path(), depth + 1);
+            }
+        }
+    }
+    add_tree(&inotify, flags, &mut watched, root, 0);
+    std::thread::Builder::new()
+        .name("cgroup-watch".into())
+        .spawn(move || loop {
+            let Ok(events) = inotify.read_events() else {
+                // A broken inotify descriptor: the poll still finds pods, only later.
+                tracing::warn!("cgroup watch stopped; new pods are found by the poll");
+                return;
+            };
+            let mut changed = false;
+            for event in events {
+                if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    // The directory went away; the kernel dropped its watch.
+                    watched.remove(&event.wd);
+                    continue;
+                }
+                let Some((dir, depth)) = watched.get(&event.wd).cloned() else {
+                    continue;
+                };
+                let Some(name) = event.name else { continue };
+                let name = name.to_string_lossy().into_owned();
+                if !event.mask.contains(AddWatchFlags::IN_ISDIR) {
+                    changed |= name == "cgroup.events";
+                    continue;
+                }
+                changed = true;
+                if event.mask.contains(AddWatchFlags::IN_CREATE)
+                    && depth < POD_SEARCH_DEPTH
+                    && may_hold_pods(&name, depth + 1)
+                {
+                    add_tree(&inotify, flags, &mut watched, &dir.join(&name), depth + 1);
+                }
+            }
+            if changed {
+                wake.notify_one();
+            }
+        })
+        .map_err(|source| CgroupError::Io {
+            path: root.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
 /// Every process in the cgroup and the cgroups below it (a pod's containers sit one level
 /// down), at most `limit` of them.
 pub fn processes(cgroup: &Path, limit: usize) -> Vec<u32> {

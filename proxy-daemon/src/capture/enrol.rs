@@ -21,11 +21,12 @@ use crate::{
     capture::cgroup,
     capture::netns::{self, NetnsWorker},
     metrics::Metrics,
+    metrics::NotListeningLabels,
     proxy::{self, PodContext, PodHandle, ProxyInputs},
     readiness::Ready,
     state::{fail_mode_name, CapturedPod, Published},
 };
-use proxy_common::{Enrolment, FailMode};
+use proxy_common::{Enrolment, FailMode, ENROLMENT_LISTENING, MAX_CGROUP_DEPTH};
 
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
 const READY_CONDITION: &str = "pod listeners";
@@ -60,6 +61,23 @@ pub struct WorkloadStatus {
     pub listener: Option<String>,
     pub pid: Option<u32>,
     pub enrolled_at_unix_ms: Option<u128>,
+    /// What the kernel knows of the pod: "listening" (redirected to our listener), "not
+    /// listening: fail mode applies", or none (connects are not seen at all).
+    pub kernel_entry: Option<&'static str>,
+    /// When the kernel entry was first written (for a new pod: how soon after its cgroup).
+    pub kernel_entry_at_unix_ms: Option<u128>,
+}
+
+/// A captured pod with a kernel entry but no listener yet: its cgroup exists, but it has no
+/// process yet, or its listener could not be made. The kernel gives it the fail mode.
+struct PendingPod {
+    cgroup: PathBuf,
+    cgroup_id: u64,
+    pod_id: u32,
+    fail_mode: FailMode,
+    /// The `pods_not_listening` reason.
+    reason: &'static str,
+    written_at: SystemTime,
 }
 
 struct EnrolledPod {
@@ -70,9 +88,12 @@ struct EnrolledPod {
     netns_inode: u64,
     netns_cookie: u64,
     fail_mode: FailMode,
+    /// The listener's SO_PRIORITY, which the kernel checks before redirecting to it.
+    token: u32,
     ctx: PodHandle,
     listener_task: JoinHandle<()>,
     enrolled_at: SystemTime,
+    entry_written_at: SystemTime,
 }
 
 pub struct Enroller {
@@ -84,7 +105,12 @@ pub struct Enroller {
     metrics: Arc<Metrics>,
     ready: Ready,
     pods: BTreeMap<String, EnrolledPod>,
+    pending: BTreeMap<String, PendingPod>,
     waiting: BTreeMap<String, String>,
+    /// Pods left alone for a reason found at run time (too deep, the daemon's own), logged.
+    refused: std::collections::BTreeSet<String>,
+    /// Woken by the cgroup watch when kubelet's tree changes.
+    wake: Arc<tokio::sync::Notify>,
     /// Pods of captured namespaces left alone on purpose, already logged.
     skipped: std::collections::BTreeSet<String>,
     next_pod_id: u32,
@@ -110,7 +136,10 @@ impl Enroller {
             metrics,
             ready,
             pods: BTreeMap::new(),
+            pending: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            refused: Default::default(),
+            wake: Arc::new(tokio::sync::Notify::new()),
             skipped: Default::default(),
             next_pod_id: 1,
             status: Arc::new(ArcSwap::from_pointee(Vec::new())),
@@ -119,6 +148,11 @@ impl Enroller {
 
     pub fn status(&self) -> Arc<ArcSwap<Vec<WorkloadStatus>>> {
         self.status.clone()
+    }
+
+    /// What to notify for an immediate reconcile (the cgroup watch).
+    pub fn waker(&self) -> Arc<tokio::sync::Notify> {
+        self.wake.clone()
     }
 
     /// The maps, for a daemon stopping before its first reconcile.
@@ -130,6 +164,7 @@ impl Enroller {
     /// maps back.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> EnrolmentMaps {
         let mut changed = self.published.subscribe();
+        let wake = self.wake.clone();
         // Entries an earlier daemon left stay until this first pass has replaced them:
         // meanwhile the kernel finds no listener and applies each pod's fail mode, so a
         // fail-closed pod is never let through during a restart.
@@ -138,6 +173,7 @@ impl Enroller {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                _ = wake.notified() => {}
                 r = changed.changed() => { if r.is_err() { break } }
                 _ = stop.changed() => break,
             }
@@ -156,7 +192,9 @@ impl Enroller {
     /// Enrolment entries left by an earlier daemon for pods that are no longer wanted.
     fn forget_foreign_entries(&mut self) {
         for (cgroup_id, e) in self.maps.enrolled() {
-            if !self.pods.values().any(|p| p.cgroup_id == cgroup_id) {
+            if !self.pods.values().any(|p| p.cgroup_id == cgroup_id)
+                && !self.pending.values().any(|p| p.cgroup_id == cgroup_id)
+            {
                 self.maps.unenrol(cgroup_id);
                 self.maps.forget_netns(e.netns_cookie);
             }
@@ -178,6 +216,28 @@ impl Enroller {
             };
             if let Some(reason) = reason {
                 self.unenrol(&uid, reason);
+            }
+        }
+        let pending: Vec<String> = self.pending.keys().cloned().collect();
+        for uid in pending {
+            let gone = !snapshot.pods.contains_key(&uid) || !self.pending[&uid].cgroup.exists();
+            if gone {
+                if let Some(p) = self.pending.remove(&uid) {
+                    self.maps.unenrol(p.cgroup_id);
+                }
+            }
+        }
+        for (uid, want) in &snapshot.pods {
+            if let Some(p) = self.pending.get_mut(uid) {
+                if p.fail_mode != want.fail_mode {
+                    p.fail_mode = want.fail_mode;
+                    if let Err(e) = self
+                        .maps
+                        .enrol(p.cgroup_id, pending_entry(p, self.outbound_port))
+                    {
+                        warn!(pod = %want.workload.pod_name, error = %e, "updating fail mode");
+                    }
+                }
             }
         }
         // Keep fail modes and identities (labels: sourceLabels routing, metric labels)
@@ -220,18 +280,67 @@ impl Enroller {
         // Enrol what is wanted and present.
         self.waiting.clear();
         let mut blocked = false;
+        let mut refused = std::collections::BTreeSet::new();
+        let own_pid = std::process::id();
         for (uid, want) in &snapshot.pods {
             if self.pods.contains_key(uid) {
                 continue;
             }
-            let Some(cgroup_dir) = cgroup::find_pod_cgroup(&self.cgroup_root, uid) else {
+            let pod_name = format!("{}/{}", want.workload.namespace, want.workload.pod_name);
+            let known = self.pending.get(uid).map(|p| p.cgroup.clone());
+            let Some(cgroup_dir) =
+                known.or_else(|| cgroup::find_pod_cgroup(&self.cgroup_root, uid))
+            else {
                 self.waiting
                     .insert(uid.clone(), "waiting for cgroup".into());
                 continue;
             };
+            // The daemon's own pod (its namespace labelled by mistake, or on purpose): its
+            // sockets must never be captured, or it would send its own traffic to itself.
+            if cgroup::contains_process(&cgroup_dir, own_pid) {
+                let why = "not captured: the node proxy's own pod".to_string();
+                refused.insert(format!("{pod_name}: {why}"));
+                self.waiting.insert(uid.clone(), why);
+                continue;
+            }
+            // The kernel walks at most MAX_CGROUP_DEPTH levels up from a task: a pod below
+            // that would look enrolled here and be invisible there.
+            let level = cgroup::cgroup_level(&cgroup_dir);
+            if level > MAX_CGROUP_DEPTH as usize {
+                let why = format!(
+                    "not captured: cgroup at level {level}, deeper than the {MAX_CGROUP_DEPTH} levels the kernel program walks"
+                );
+                refused.insert(format!("{pod_name}: {why}"));
+                self.waiting.insert(uid.clone(), why);
+                continue;
+            }
+            // From here on the kernel knows the pod: until our listener is up, its
+            // connects get the namespace's fail mode instead of going out directly.
+            if !self.pending.contains_key(uid) {
+                match self.write_pending(want, &cgroup_dir) {
+                    Ok(p) => {
+                        self.pending.insert(uid.clone(), p);
+                    }
+                    Err(e) => {
+                        blocked = true;
+                        self.metrics.daemon.enrolment_failures.inc();
+                        warn!(pod = %want.workload.pod_name, namespace = %want.workload.namespace, error = %e, "writing the kernel entry failed; will retry");
+                        self.waiting.insert(uid.clone(), format!("error: {e}"));
+                        continue;
+                    }
+                }
+            }
             let Some(pid) = cgroup::sandbox_process(&cgroup_dir) else {
-                self.waiting
-                    .insert(uid.clone(), "waiting for a process".into());
+                if let Some(p) = self.pending.get_mut(uid) {
+                    p.reason = "waiting_for_process";
+                }
+                self.waiting.insert(
+                    uid.clone(),
+                    format!(
+                        "waiting for a process (kernel entry written: {})",
+                        fail_mode_effect(want.fail_mode)
+                    ),
+                );
                 continue;
             };
             match self.enrol(want, cgroup_dir, pid).await {
@@ -244,15 +353,50 @@ impl Enroller {
                         fail_mode = fail_mode_name(pod.fail_mode),
                         "pod enrolled"
                     );
+                    self.pending.remove(uid);
                     self.pods.insert(uid.clone(), pod);
                 }
                 Err(e) => {
                     blocked = true;
                     self.metrics.daemon.enrolment_failures.inc();
-                    warn!(pod = %want.workload.pod_name, namespace = %want.workload.namespace, error = %e, "enrolment failed; will retry");
-                    self.waiting.insert(uid.clone(), format!("error: {e}"));
+                    let taken = matches!(&e, EnrolError::Listener { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse);
+                    if let Some(p) = self.pending.get_mut(uid) {
+                        p.reason = if taken {
+                            "listener_port_taken"
+                        } else {
+                            "enrolment_error"
+                        };
+                    }
+                    warn!(pod = %want.workload.pod_name, namespace = %want.workload.namespace, error = %e, fail_mode = fail_mode_name(want.fail_mode), "enrolment failed; the pod's connects get its fail mode; will retry");
+                    self.waiting.insert(
+                        uid.clone(),
+                        format!("error: {e} ({})", fail_mode_effect(want.fail_mode)),
+                    );
                 }
             }
+        }
+        for line in refused.difference(&self.refused) {
+            warn!("{line}");
+        }
+        let too_deep = refused.iter().filter(|l| l.contains("deeper than")).count();
+        self.refused = refused;
+        let mut by_reason: BTreeMap<&'static str, i64> = [
+            ("waiting_for_process", 0),
+            ("listener_port_taken", 0),
+            ("enrolment_error", 0),
+            ("cgroup_too_deep", too_deep as i64),
+        ]
+        .into_iter()
+        .collect();
+        for p in self.pending.values() {
+            *by_reason.entry(p.reason).or_default() += 1;
+        }
+        for (reason, n) in by_reason {
+            self.metrics
+                .daemon
+                .pods_not_listening
+                .get_or_create(&NotListeningLabels { reason })
+                .set(n);
         }
         self.ready.set_blocked(READY_CONDITION, blocked);
         self.metrics
@@ -287,7 +431,8 @@ impl Enroller {
             return Err(EnrolError::PidLeft { pid });
         }
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
-        let std_listener = worker.listener(addr).await.map_err(|e| match e {
+        let token = listener_token();
+        let std_listener = worker.listener(addr, token).await.map_err(|e| match e {
             netns::NetnsError::Socket(source) => EnrolError::Listener {
                 port: self.outbound_port,
                 source,
@@ -327,9 +472,15 @@ impl Enroller {
             pid,
             netns_cookie,
             fail_mode: want.fail_mode,
+            token,
             ctx,
             listener_task,
             enrolled_at: SystemTime::now(),
+            entry_written_at: self
+                .pending
+                .get(&want.workload.uid)
+                .map(|p| p.written_at)
+                .unwrap_or_else(SystemTime::now),
         };
         self.next_pod_id = self.next_pod_id.wrapping_add(1);
         // The map entry last: the kernel redirects only once the listener is accepting.
@@ -340,6 +491,27 @@ impl Enroller {
             pod.listener_task.abort();
             return Err(e.into());
         }
+        Ok(pod)
+    }
+
+    /// The kernel entry of a captured pod that has no listener yet.
+    fn write_pending(
+        &mut self,
+        want: &CapturedPod,
+        cgroup_dir: &std::path::Path,
+    ) -> Result<PendingPod, EnrolError> {
+        let pod = PendingPod {
+            cgroup: cgroup_dir.to_owned(),
+            cgroup_id: cgroup::cgroup_id(cgroup_dir)?,
+            pod_id: self.next_pod_id,
+            fail_mode: want.fail_mode,
+            reason: "waiting_for_process",
+            written_at: SystemTime::now(),
+        };
+        self.next_pod_id = self.next_pod_id.wrapping_add(1);
+        self.maps
+            .enrol(pod.cgroup_id, pending_entry(&pod, self.outbound_port))?;
+        tracing::debug!(pod = %want.workload.pod_name, cgroup_id = pod.cgroup_id, fail_mode = fail_mode_name(pod.fail_mode), "kernel entry written; no listener yet");
         Ok(pod)
     }
 
@@ -382,7 +554,11 @@ impl Enroller {
                     listener: None,
                     pid: None,
                     enrolled_at_unix_ms: None,
+                    kernel_entry: None,
+                    kernel_entry_at_unix_ms: None,
                 };
+                let unix_ms =
+                    |t: SystemTime| t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis());
                 match self.pods.get(uid) {
                     Some(p) => WorkloadStatus {
                         state: "enrolled".into(),
@@ -392,14 +568,21 @@ impl Enroller {
                         netns_cookie: Some(p.netns_cookie),
                         listener: Some(format!("127.0.0.1:{}", self.outbound_port)),
                         pid: Some(p.pid),
-                        enrolled_at_unix_ms: p
-                            .enrolled_at
-                            .duration_since(UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_millis()),
+                        enrolled_at_unix_ms: unix_ms(p.enrolled_at),
+                        kernel_entry: Some("listening"),
+                        kernel_entry_at_unix_ms: unix_ms(p.entry_written_at),
                         ..base
                     },
-                    None => base,
+                    None => match self.pending.get(uid) {
+                        Some(p) => WorkloadStatus {
+                            cgroup: Some(p.cgroup.clone()),
+                            cgroup_id: Some(p.cgroup_id),
+                            kernel_entry: Some("not listening: fail mode applies"),
+                            kernel_entry_at_unix_ms: unix_ms(p.written_at),
+                            ..base
+                        },
+                        None => base,
+                    },
                 }
             })
             .collect();
@@ -411,8 +594,36 @@ fn enrolment_entry(pod: &EnrolledPod, port: u16) -> Enrolment {
     Enrolment {
         netns_cookie: pod.netns_cookie,
         pod_id: pod.pod_id,
+        listener_token: pod.token,
         listener_port: port,
         fail_mode: pod.fail_mode as u8,
+        flags: ENROLMENT_LISTENING,
         _pad: 0,
+    }
+}
+
+fn pending_entry(pod: &PendingPod, port: u16) -> Enrolment {
+    Enrolment {
+        netns_cookie: 0,
+        pod_id: pod.pod_id,
+        listener_token: 0,
+        listener_port: port,
+        fail_mode: pod.fail_mode as u8,
+        flags: 0,
+        _pad: 0,
+    }
+}
+
+/// A fresh listener token: a random `SO_PRIORITY` above 6 (values up to 6 need no
+/// privilege, so a pod could set those), below 2^31 (the option is an int).
+fn listener_token() -> u32 {
+    7 + rand::random::<u32>() % (i32::MAX as u32 - 7)
+}
+
+/// What the kernel does with a pod's connects while it has no listener.
+fn fail_mode_effect(mode: FailMode) -> &'static str {
+    match mode {
+        FailMode::Closed => "fail-closed: its connects are refused",
+        FailMode::Open => "fail-open: its connects go direct",
     }
 }

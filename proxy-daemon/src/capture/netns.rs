@@ -68,6 +68,7 @@ enum Request {
     Refill,
     Listener {
         addr: SocketAddr,
+        token: u32,
         reply: oneshot::Sender<std::io::Result<std::net::TcpListener>>,
     },
     Stream {
@@ -118,8 +119,8 @@ impl NetnsWorker {
                 while let Ok(req) = rx.recv() {
                     match req {
                         Request::Refill => refill(&stock),
-                        Request::Listener { addr, reply } => {
-                            let _ = reply.send(make_listener(addr));
+                        Request::Listener { addr, token, reply } => {
+                            let _ = reply.send(make_listener(addr, token));
                         }
                         Request::Stream { domain, reply } => {
                             let _ = reply.send(make_stream(domain));
@@ -138,11 +139,16 @@ impl NetnsWorker {
         }
     }
 
-    /// A non-blocking listener bound inside the pod netns.
-    pub async fn listener(&self, addr: SocketAddr) -> Result<std::net::TcpListener, NetnsError> {
+    /// A non-blocking listener bound inside the pod netns, carrying `token` as its
+    /// `SO_PRIORITY` (how the kernel program recognises it).
+    pub async fn listener(
+        &self,
+        addr: SocketAddr,
+        token: u32,
+    ) -> Result<std::net::TcpListener, NetnsError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request::Listener { addr, reply })
+            .send(Request::Listener { addr, token, reply })
             .map_err(|_| NetnsError::WorkerGone)?;
         Ok(rx.await.map_err(|_| NetnsError::WorkerGone)??)
     }
@@ -197,9 +203,12 @@ fn refill(stock: &std::sync::Mutex<Vec<OwnedFd>>) {
     }
 }
 
-fn make_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn make_listener(addr: SocketAddr, token: u32) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // Priority only orders packets in qdiscs, and loopback has none: harmless to the
+    // connections, and values above 6 need CAP_NET_ADMIN, which the daemon has.
+    socket.set_priority(token)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;

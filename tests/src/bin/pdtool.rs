@@ -60,6 +60,14 @@ enum Cmd {
         #[arg(long)]
         half_close: bool,
     },
+    /// Listen on `--addr` (an app taking a port) and hold it for `--ms`; prints the result
+    /// of the bind at once.
+    Bind {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        ms: u64,
+    },
     HoldMany {
         #[arg(long)]
         to: SocketAddr,
@@ -799,6 +807,22 @@ fn main() {
                 Ok(v) => v,
                 Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
             }
+        }
+        Cmd::Bind { addr, ms } => {
+            use std::io::Write as _;
+            let held = std::net::TcpListener::bind(addr);
+            let out = match &held {
+                Ok(l) => {
+                    json!({"result": "ok", "local": l.local_addr().map(|a| a.to_string()).unwrap_or_default()})
+                }
+                Err(e) => json!({"result": classify(e), "error": e.to_string()}),
+            };
+            println!("{out}");
+            let _ = std::io::stdout().flush();
+            if held.is_ok() {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            return;
         }
         Cmd::HoldMany { to, count, ms } => {
             raise_nofile();

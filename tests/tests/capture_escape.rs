@@ -1,0 +1,258 @@
+//! A captured pod trying to get out of capture: taking the listener port, dialling over an
+//! IPv6 socket, racing its own enrolment. And the one pod that must never be captured:
+//! the node proxy's own. Each defence is checked the way an operator would see it — the
+//! pod's connects, /config_dump and the capture counters.
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{namespace_yaml, pod_yaml},
+    node_with_upstream, wait_for,
+};
+
+/// The capture decision counter the kernel keeps, as the metrics endpoint shows it.
+fn decisions(daemon: &Daemon, decision: &str) -> f64 {
+    daemon.metric_sum("proxy_daemon_capture_decisions", &[("decision", decision)])
+}
+
+#[test]
+fn a_pod_cannot_stand_in_for_the_listener_and_a_held_port_means_the_fail_mode() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("squat", 80);
+    let pod = node.pod("strict", "squatter-0");
+    let to = upstream.addr(80).to_string();
+    // Before any daemon ran, the app took the listener port (it started first).
+    let mut squatter = pod.spawn_app(&["bind", "--addr", "127.0.0.1:15001", "--ms", "60000"]);
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            (pod.pdtool(&["bind", "--addr", "127.0.0.1:15001"])["result"] != "ok").then_some(())
+        })
+        .is_some(),
+        "the squatter holds the port"
+    );
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("strict", true, Some("closed")) + &pod_yaml(&pod, &[("app", "squatter")])),
+    );
+    let mut daemon = Daemon::spawn(&node, &[]);
+    // Not ready (a pod has no listener), but serving its admin port.
+    assert!(wait_for(Duration::from_secs(20), || daemon.readiness()).is_some());
+    let state = wait_for(Duration::from_secs(10), || {
+        daemon
+            .workload_state(&pod.uid)
+            .filter(|w| w["kernel_entry"] == "not listening: fail mode applies")
+            .filter(|w| w["state"].as_str().unwrap_or("").contains("in use"))
+    })
+    .unwrap_or_else(|| panic!("no pending entry; log:\n{}", daemon.log_text()));
+    assert!(
+        state["state"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fail-closed: its connects are refused"),
+        "{state}"
+    );
+    // Fail-closed: refused, not let out directly and not sent to the squatter.
+    let out = pod.pdtool(&["connect", "--to", &to]);
+    assert_eq!(out["result"], "eperm", "{out}");
+    assert_eq!(
+        daemon.metric_sum(
+            "proxy_daemon_pods_not_listening",
+            &[("reason", "listener_port_taken")]
+        ),
+        1.0
+    );
+    assert!(decisions(&daemon, "not_listening") >= 1.0);
+    assert!(daemon.readiness().is_some_and(|(code, _)| code == 503));
+
+    // The port freed, the daemon takes it; from now on the pod may not bind it at all.
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let out = pod.pdtool(&["connect", "--to", &to]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(
+        out["local"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("127.0.0.1:"),
+        "{out}"
+    );
+    let before = decisions(&daemon, "bind_refused");
+    for addr in [
+        "127.0.0.1:15001",
+        "0.0.0.0:15001",
+        "[::]:15001",
+        "[::ffff:127.0.0.1]:15001",
+    ] {
+        let out = pod.pdtool(&["bind", "--addr", addr]);
+        assert_eq!(out["result"], "eperm", "bind {addr}: {out}");
+    }
+    // Other ports are the app's own.
+    let out = pod.pdtool(&["bind", "--addr", "127.0.0.1:15002"]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert_eq!(decisions(&daemon, "bind_refused") - before, 4.0);
+
+    // No daemon running (crash): the pod still cannot take the port, and a listener that
+    // is not ours (a process of the node in the pod's network namespace) is never used.
+    daemon.kill9();
+    let out = pod.pdtool(&["bind", "--addr", "127.0.0.1:15001"]);
+    assert_eq!(out["result"], "eperm", "{out}");
+    let foreign = pod.host.listen_loopback(15001);
+    let out = pod.pdtool(&["connect", "--to", &to, "--timeout-ms", "1000"]);
+    assert_eq!(
+        out["result"], "eperm",
+        "refused, not sent to the foreign listener: {out}"
+    );
+    drop(foreign);
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert!(decisions(&daemon, "foreign_listener") >= 1.0);
+    let out = pod.pdtool(&["connect", "--to", &to]);
+    assert_eq!(out["result"], "ok", "{out}");
+}
+
+#[test]
+fn dual_stack_sockets_are_captured_and_native_ipv6_gets_the_fail_mode() {
+    let (mut node, _servers, upstream, seen) = node_with_upstream("six", 80);
+    let open_pod = node.pod("relaxed", "jvm-0");
+    let closed_pod = node.pod("strict", "jvm-1");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("relaxed", true, None)
+            + &namespace_yaml("strict", true, Some("closed"))
+            + &pod_yaml(&open_pod, &[("app", "jvm")])
+            + &pod_yaml(&closed_pod, &[("app", "jvm")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    for pod in [&open_pod, &closed_pod] {
+        daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    }
+    // What a JVM does: an AF_INET6 socket dialling the IPv4-mapped address.
+    let mapped = format!("[::ffff:{}]:80", upstream.ip);
+    for pod in [&open_pod, &closed_pod] {
+        let out = pod.pdtool(&["connect", "--to", &mapped]);
+        assert_eq!(out["result"], "ok", "{out}");
+        assert!(
+            out["local"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("[::ffff:127.0.0.1]:"),
+            "captured through the pod's listener: {out}"
+        );
+        // getpeername6 shows the app where it connected, not our listener.
+        assert_eq!(out["peer"], mapped, "{out}");
+        // The upstream saw the pod's own address, as for IPv4 sockets.
+        let peers = seen.peers();
+        assert!(
+            peers
+                .iter()
+                .any(|(peer, _)| peer.ip() == std::net::IpAddr::V4(pod.host.ip)),
+            "upstream saw {peers:?}"
+        );
+    }
+    assert!(decisions(&daemon, "redirected") >= 2.0);
+    // A native IPv6 destination cannot be proxied yet: fail-closed refuses it, fail-open
+    // lets it try directly (there is no IPv6 route here, so that fails on its own).
+    let v6 = "[fd00:70d::1]:80";
+    let out = closed_pod.pdtool(&["connect", "--to", v6, "--timeout-ms", "1000"]);
+    assert_eq!(out["result"], "eperm", "{out}");
+    let out = open_pod.pdtool(&["connect", "--to", v6, "--timeout-ms", "1000"]);
+    assert_ne!(out["result"], "eperm", "{out}");
+    assert_eq!(decisions(&daemon, "ipv6_refused"), 1.0);
+    assert_eq!(decisions(&daemon, "ipv6_direct"), 1.0);
+    // Loopback stays the pod's own, over either family.
+    let local = open_pod.pdtool(&["bind", "--addr", "[::1]:0"]);
+    assert_eq!(local["result"], "ok", "{local}");
+}
+
+#[test]
+fn a_new_fail_closed_pod_never_connects_directly_not_even_at_its_start() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("start", 80);
+    let mut pod = node.pod("strict", "fresh-0");
+    // The pod is known to the configuration (the API has it) before kubelet makes its
+    // cgroup, as in a cluster.
+    pod.stop();
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("strict", true, Some("closed")) + &pod_yaml(&pod, &[("app", "fresh")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    assert!(wait_for(Duration::from_secs(5), || daemon
+        .workload_state(&pod.uid)
+        .filter(|w| w["state"] == "waiting for cgroup"))
+    .is_some());
+    let to = upstream.addr(80).to_string();
+    // kubelet's order: the pod cgroup and sandbox, then the app, which connects at once
+    // and keeps connecting.
+    let created_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    let started = Instant::now();
+    pod.start();
+    let app = pod
+        .host
+        .command(
+            Some(&pod.app_cgroup()),
+            &proxy_tests::target_bin("pdtool"),
+            &["watch", "--to", &to, "--ms", "1500"],
+        )
+        .output()
+        .expect("pdtool watch");
+    let tally: serde_json::Value = serde_json::from_slice(&app.stdout).expect("watch JSON");
+    let state = daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let window_ms = state["kernel_entry_at_unix_ms"]
+        .as_f64()
+        .unwrap_or(f64::MAX)
+        - created_ms;
+    let enrolled_ms = state["enrolled_at_unix_ms"].as_f64().unwrap_or(f64::MAX) - created_ms;
+    println!(
+        "kernel entry {window_ms} ms after the pod cgroup was made; listener up after {enrolled_ms} ms; app saw {tally} (ran {:?})",
+        started.elapsed()
+    );
+    assert_eq!(
+        tally.get("direct"),
+        None,
+        "a connect went out directly: {tally}"
+    );
+    assert!(tally["captured"].as_u64().unwrap_or(0) > 0, "{tally}");
+    // The cgroup watch, not the 200 ms poll, wrote the entry.
+    assert!(window_ms < 100.0, "kernel entry after {window_ms} ms");
+}
+
+#[test]
+fn the_node_proxy_never_captures_its_own_pod() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("self", 80);
+    // The daemon's own pod, in a namespace labelled for capture, fail-closed (a mistake an
+    // operator can make), and an ordinary pod beside it.
+    let own = node.pod("proxy-system", "proxy-daemon-x7k2p");
+    let app = node.pod("shop", "web-0");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("proxy-system", true, Some("closed"))
+            + &namespace_yaml("shop", true, Some("closed"))
+            + &pod_yaml(&own, &[("app", "proxy-daemon")])
+            + &pod_yaml(&app, &[("app", "web")])),
+    );
+    let daemon = Daemon::spawn_in(&node, &[], Some(&own.app_cgroup()));
+    daemon.wait_ready(Duration::from_secs(20));
+    daemon.wait_enrolled(&app.uid, Duration::from_secs(5));
+    let state = daemon.workload_state(&own.uid).expect("own pod listed");
+    assert_eq!(
+        state["state"], "not captured: the node proxy's own pod",
+        "{state}"
+    );
+    assert_eq!(state["kernel_entry"], serde_json::Value::Null, "{state}");
+    // The daemon's own connects (made from its cgroup, inside the app pod's namespace)
+    // go out: the app's request is answered.
+    let out = app.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(
+        out["local"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("127.0.0.1:"),
+        "{out}"
+    );
+    assert_eq!(decisions(&daemon, "netns_mismatch"), 0.0);
+    assert!(daemon.log_text().contains("the node proxy's own pod"));
+}
