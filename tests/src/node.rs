@@ -285,7 +285,9 @@ pub struct Node {
     pub id: String,
     pub bridge: String,
     /// `--cgroup-root` for this node's daemon: pods live below it.
+    /// May be moved deeper by a test; the node's own directory is removed on drop.
     pub cgroup_root: PathBuf,
+    cgroup_top: PathBuf,
     pub config_dir: PathBuf,
     pub pin_dir: PathBuf,
     pub work_dir: PathBuf,
@@ -315,6 +317,7 @@ impl Node {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/pdt-{id}")),
             id,
             bridge,
+            cgroup_top: cgroup_root.clone(),
             cgroup_root,
             config_dir,
             work_dir,
@@ -547,7 +550,7 @@ pub fn endpoint_pod_yaml(
 
 impl Drop for Node {
     fn drop(&mut self) {
-        remove_cgroup_tree(&self.cgroup_root);
+        remove_cgroup_tree(&self.cgroup_top);
         for ns in &self.netns {
             sh_quiet(&["ip", "netns", "del", ns]);
         }

@@ -256,3 +256,49 @@ fn the_node_proxy_never_captures_its_own_pod() {
     assert_eq!(decisions(&daemon, "netns_mismatch"), 0.0);
     assert!(daemon.log_text().contains("the node proxy's own pod"));
 }
+
+#[test]
+fn a_pod_deeper_than_the_kernel_walks_is_reported_not_shown_as_enrolled() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("deep", 80);
+    // A node whose kubelet tree starts 10 levels down: its pods sit at level 13, one more
+    // than the connect program walks.
+    let deep_root = (0..9).fold(node.cgroup_root.clone(), |p, i| p.join(format!("n{i}")));
+    std::fs::create_dir_all(deep_root.join("kubepods.slice/kubepods-besteffort.slice")).unwrap();
+    node.cgroup_root = deep_root;
+    let pod = node.pod("strict", "deep-0");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("strict", true, Some("closed")) + &pod_yaml(&pod, &[("app", "deep")])),
+    );
+    let daemon = Daemon::spawn(&node, &[]);
+    assert!(wait_for(Duration::from_secs(20), || daemon.readiness()).is_some());
+    let state = wait_for(Duration::from_secs(5), || {
+        daemon
+            .workload_state(&pod.uid)
+            .filter(|w| w["state"].as_str().unwrap_or("").contains("deeper than"))
+    })
+    .unwrap_or_else(|| panic!("not reported; log:\n{}", daemon.log_text()));
+    assert!(
+        state["state"].as_str().unwrap_or("").contains("level 13"),
+        "{state}"
+    );
+    assert_eq!(state["kernel_entry"], serde_json::Value::Null, "{state}");
+    assert_eq!(
+        daemon.metric_sum(
+            "proxy_daemon_pods_not_listening",
+            &[("reason", "cgroup_too_deep")]
+        ),
+        1.0
+    );
+    // What the kernel sees of it: a task it cannot place, counted.
+    let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(
+        out["local"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&pod.host.ip.to_string()),
+        "{out}"
+    );
+    assert!(decisions(&daemon, "too_deep") >= 1.0);
+}
