@@ -113,6 +113,7 @@ pub struct Settings {
     /// Downstream connection budgets (node, per source namespace).
     pub max_connections: usize,
     pub max_connections_per_namespace: usize,
+    pub max_idle_upstream_connections: usize,
     pub header_read_timeout: Option<Duration>,
     /// Tracing as the flags set it (the mesh configuration may replace it on reload).
     pub tracing: crate::spans::TraceSettings,
@@ -361,6 +362,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         max_series_per_workload: args.max_series_per_workload,
         max_connections: args.max_connections,
         max_connections_per_namespace: args.max_connections_per_namespace,
+        max_idle_upstream_connections: args.max_idle_upstream_connections,
         header_read_timeout: (args.http_header_read_timeout_ms > 0)
             .then(|| Duration::from_millis(args.http_header_read_timeout_ms)),
         tracing,
@@ -807,19 +809,27 @@ async fn expire_series(metrics: Arc<Metrics>, published: Arc<Published>, retenti
 /// The node's and each namespace's connection budget: as configured, else from the
 /// open-file limit (two sockets per proxied connection, 1,024 descriptors kept for the
 /// daemon's own files, listeners and upstream pools) and half of that per namespace.
-fn connection_budgets(settings: &Settings) -> (usize, usize) {
+/// (node, per namespace, idle upstream) connection budgets. File descriptors are shared
+/// out so the daemon never reaches "too many open files": 1,024 for itself (listeners,
+/// pinned maps, exporters), an eighth for idle upstream connections, the rest at two per
+/// downstream connection (client and upstream socket).
+fn connection_budgets(settings: &Settings) -> (usize, usize, usize) {
     let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(soft, _)| soft)
-        .unwrap_or(1024);
+        .unwrap_or(1024) as usize;
+    let idle = match settings.max_idle_upstream_connections {
+        0 => (nofile / 8).max(64),
+        n => n,
+    };
     let node = match settings.max_connections {
-        0 => (nofile.saturating_sub(1024) / 2).max(64) as usize,
+        0 => (nofile.saturating_sub(1024 + idle) / 2).max(64),
         n => n,
     };
     let per_namespace = match settings.max_connections_per_namespace {
         0 => (node / 2).max(1),
         n => n.min(node),
     };
-    (node, per_namespace)
+    (node, per_namespace, idle)
 }
 
 /// Every proxied connection holds two sockets; the usual soft limit of 1024 would cap a
@@ -936,6 +946,17 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     };
     // Set when the drain starts: HTTP connections close after the request in flight.
     let (drain_tx, drain_rx) = watch::channel(false);
+    let (node_budget, namespace_budget, idle_budget) = connection_budgets(&settings);
+    info!(
+        node = node_budget,
+        per_namespace = namespace_budget,
+        idle_upstream = idle_budget,
+        "connection budgets"
+    );
+    let idle_upstream = Arc::new(crate::proxy::http::IdleBudget::new(
+        idle_budget,
+        &metrics.daemon,
+    ));
     let inputs = Arc::new(ProxyInputs {
         orig_dst: Box::new(
             attached
@@ -962,11 +983,8 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         tls: Arc::new(tls),
         tracer: tracer.clone(),
         draining: drain_rx,
-        connections: {
-            let (node, per_namespace) = connection_budgets(&settings);
-            info!(node, per_namespace, "downstream connection budgets");
-            crate::proxy::limits::ConnectionBudget::new(node, per_namespace)
-        },
+        connections: crate::proxy::limits::ConnectionBudget::new(node_budget, namespace_budget),
+        idle_upstream,
     });
     tokio::spawn(apply_mesh_tracing(
         tracer.clone(),

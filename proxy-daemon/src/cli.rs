@@ -217,7 +217,8 @@ pub struct RunArgs {
     pub zipkin_endpoint: Option<String>,
 
     /// Downstream connections in flight on the node at most (0: from the open-file limit,
-    /// two sockets per connection, 1,024 kept for everything else). Beyond: reset, counted.
+    /// two sockets per connection, after 1,024 for everything else and the idle upstream
+    /// connections' share). Beyond: reset, counted.
     #[arg(long, env = "PROXY_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
@@ -225,6 +226,11 @@ pub struct RunArgs {
     /// so that one tenant cannot take every place.
     #[arg(long, env = "PROXY_MAX_CONNECTIONS_PER_NAMESPACE", default_value_t = 0)]
     pub max_connections_per_namespace: usize,
+
+    /// Idle upstream HTTP connections kept for reuse on the node at most, all pods together
+    /// (0: an eighth of the open-file limit). Beyond, a finished connection is closed.
+    #[arg(long, env = "PROXY_MAX_IDLE_UPSTREAM_CONNECTIONS", default_value_t = 0)]
+    pub max_idle_upstream_connections: usize,
 
     /// An HTTP/1 request's head must arrive within this many milliseconds, or the
     /// connection is closed (slow-header attacks; 0 turns it off).

@@ -459,6 +459,12 @@ pub struct MirrorDropLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdleClosedLabels {
+    /// node_cap | idle_timeout
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NotListeningLabels {
     /// waiting_for_process | listener_port_taken | enrolment_error | cgroup_too_deep
     pub reason: &'static str,
@@ -564,6 +570,14 @@ pub struct DaemonMetrics {
     pub map_entries: Family<MapLabels, Gauge>,
     pub capture_decisions: Family<DecisionLabels, Gauge>,
     pub orig_dst_missing: Counter,
+    /// Opaque TCP connections closed by `tcp.idleTimeout`.
+    pub tcp_idle_timeouts: Counter,
+    /// Upstream HTTP connections not kept idle because the node-wide cap was reached,
+    /// or closed by `http.idleTimeout`.
+    pub upstream_idle_closed: Family<IdleClosedLabels, Counter>,
+    /// Its two series, made once at start.
+    pub upstream_idle_closed_at_cap: Counter,
+    pub upstream_idle_closed_idle: Counter,
     pub upstream_connect_failures: Counter,
     pub active_connections: Gauge,
     pub mirror_requests: Family<MirrorLabels, Counter>,
@@ -648,7 +662,19 @@ impl Metrics {
             "Response size in bytes (headers and body)",
             http.response_bytes.clone(),
         );
-        let daemon = DaemonMetrics::default();
+        let mut daemon = DaemonMetrics::default();
+        let at_cap = daemon
+            .upstream_idle_closed
+            .get_or_create(&IdleClosedLabels { reason: "node_cap" })
+            .clone();
+        daemon.upstream_idle_closed_at_cap = at_cap;
+        let idle = daemon
+            .upstream_idle_closed
+            .get_or_create(&IdleClosedLabels {
+                reason: "idle_timeout",
+            })
+            .clone();
+        daemon.upstream_idle_closed_idle = idle;
         let sub = registry.sub_registry_with_prefix("proxy_daemon");
         sub.register(
             "metric_series_overflow",
@@ -714,6 +740,16 @@ impl Metrics {
             "orig_dst_missing",
             "Accepted connections with no original destination (closed)",
             daemon.orig_dst_missing.clone(),
+        );
+        sub.register(
+            "tcp_idle_timeouts",
+            "Opaque TCP connections closed after DestinationRule connectionPool.tcp.idleTimeout (default 1h) without a byte either way",
+            daemon.tcp_idle_timeouts.clone(),
+        );
+        sub.register(
+            "upstream_idle_closed",
+            "Upstream HTTP/1 connections closed instead of kept idle: node_cap (--max-idle-upstream-connections reached) or idle_timeout (connectionPool.http.idleTimeout, default 1h)",
+            daemon.upstream_idle_closed.clone(),
         );
         sub.register(
             "upstream_connect_failures",

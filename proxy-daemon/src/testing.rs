@@ -149,6 +149,7 @@ impl InProcess {
             )
             .0,
             connections: crate::proxy::limits::ConnectionBudget::new(4096, 4096),
+            idle_upstream: Arc::new(crate::proxy::http::IdleBudget::new(4096, &metrics.daemon)),
             // Never draining: the sender lives as long as the harness's inputs.
             draining: tokio::sync::watch::channel(false).1,
         });
@@ -157,9 +158,7 @@ impl InProcess {
             workload,
             netns: Arc::new(LocalSockets),
             netns_cookie: 0,
-            http_pool: Arc::new(UpstreamPool::new(
-                metrics.daemon.upstream_idle_connections.clone(),
-            )),
+            http_pool: Arc::new(UpstreamPool::new(inputs.idle_upstream.clone())),
         }));
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await

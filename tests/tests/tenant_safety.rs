@@ -514,3 +514,136 @@ fn scrapes_are_bounded_and_admin_can_require_a_token() {
     assert!(daemon.metric_sum("proxy_daemon_scrapes_refused_total", &[]) >= refused as f64);
     let _ = std::fs::remove_file(&token_file);
 }
+
+/// `connectionPool.tcp.idleTimeout` closes a quiet opaque TCP connection (Istio's default is
+/// an hour, so without a rule the other stays); `http.idleTimeout` closes parked upstream
+/// connections; and the node keeps at most `--max-idle-upstream-connections` parked.
+#[test]
+fn idle_connections_are_closed_on_time_and_capped_for_the_node() {
+    let mut node = Node::new("idle");
+    let servers = Servers::new();
+    let mail = node.host("mail");
+    servers.banner(&mail, 25, "220 mail.test ESMTP ready");
+    servers.banner(&mail, 2525, "220 other ready");
+    let api = node.host("api");
+    servers.http_echo(
+        &api,
+        80,
+        HttpEcho {
+            name: "api".into(),
+            ..Default::default()
+        },
+    );
+    let pod = node.pod("shop", "client-0");
+    let rules = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: mail, namespace: shop}}
+spec:
+  hosts: [mail.test]
+  addresses: [{mail}/32]
+  ports: [{{number: 25, name: tcp-smtp, protocol: TCP}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: mail, namespace: shop}}
+spec:
+  host: mail.test
+  trafficPolicy:
+    connectionPool:
+      tcp: {{idleTimeout: 1s}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.test]
+  addresses: [{api}/32]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: shop}}
+spec:
+  host: api.test
+  trafficPolicy:
+    connectionPool:
+      http: {{idleTimeout: 1s}}
+",
+        mail = mail.ip,
+        api = api.ip
+    );
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, None) + &pod_yaml(&pod, &[("app", "client")]) + &rules),
+    );
+    let daemon = Daemon::start(&node, &["--max-idle-upstream-connections", "1"]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+
+    // Opaque TCP: the ruled connection closes after its quiet second, the other stays.
+    let ruled = pod.pdtool(&[
+        "raw",
+        "--to",
+        &mail.addr(25).to_string(),
+        "--send",
+        "",
+        "--wait-ms",
+        "4000",
+    ]);
+    let other = pod.pdtool(&[
+        "raw",
+        "--to",
+        &mail.addr(2525).to_string(),
+        "--send",
+        "",
+        "--wait-ms",
+        "2500",
+    ]);
+    assert_eq!(ruled["first_line"], "220 mail.test ESMTP ready", "{ruled}");
+    let closed = ruled["closed_after_ms"]
+        .as_u64()
+        .expect("closed by the proxy");
+    assert!((900..3000).contains(&closed), "{ruled}");
+    assert_eq!(other["first_line"], "220 other ready", "{other}");
+    assert_eq!(other["closed_after_ms"], serde_json::Value::Null, "{other}");
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_tcp_idle_timeouts_total", &[]),
+        1.0
+    );
+
+    // HTTP: two requests at once need two upstream connections; the node keeps one.
+    let out = pod.pdtool(&[
+        "http",
+        "--to",
+        &api.addr(80).to_string(),
+        "--host",
+        "api.test",
+        "--parallel",
+        "2",
+        "--count",
+        "20",
+    ]);
+    assert_eq!(out["statuses"]["200"], 40, "{out}");
+    let idle = |d: &Daemon| d.metric_sum("proxy_daemon_upstream_idle_connections", &[]);
+    assert_eq!(idle(&daemon), 1.0);
+    assert!(
+        daemon.metric_sum(
+            "proxy_daemon_upstream_idle_closed_total",
+            &[("reason", "node_cap")]
+        ) >= 1.0
+    );
+    // …and closes it after its idle second.
+    let swept = proxy_tests::wait_for(Duration::from_secs(4), || {
+        (idle(&daemon) == 0.0).then_some(())
+    });
+    assert!(swept.is_some(), "still parked: {}", idle(&daemon));
+    assert_eq!(
+        daemon.metric_sum(
+            "proxy_daemon_upstream_idle_closed_total",
+            &[("reason", "idle_timeout")]
+        ),
+        1.0
+    );
+}

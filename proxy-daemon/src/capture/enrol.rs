@@ -240,6 +240,10 @@ impl Enroller {
                 }
             }
         }
+        // Idle upstream connections past their idle timeout give their descriptors back.
+        for p in self.pods.values() {
+            p.ctx.load().http_pool.sweep();
+        }
         // Keep fail modes and identities (labels: sourceLabels routing, metric labels)
         // current.
         for (uid, want) in &snapshot.pods {
@@ -456,7 +460,7 @@ impl Enroller {
             netns: Arc::new(worker),
             netns_cookie,
             http_pool: Arc::new(crate::proxy::http::UpstreamPool::new(
-                self.metrics.daemon.upstream_idle_connections.clone(),
+                self.inputs.idle_upstream.clone(),
             )),
         }));
         let listener_task = tokio::spawn(proxy::run_outbound_listener(

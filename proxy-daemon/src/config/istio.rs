@@ -32,7 +32,6 @@ pub const KNOWN_UNSUPPORTED_FIELDS: &[&str] = &[
     "egressProxy",
     "statPrefix",
     "maxStreamDuration",
-    "idleTimeout",
     "tcpKeepalive",
     "splitExternalLocalOriginErrors",
     "consecutiveLocalOriginFailures",
@@ -341,6 +340,7 @@ pub struct LoadBalancerSettings {
 pub struct TcpSettings {
     pub max_connections: Option<i64>,
     pub connect_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -352,6 +352,7 @@ pub struct HttpSettings {
     pub max_retries: Option<i64>,
     pub h2_upgrade_policy: Option<String>,
     pub use_client_protocol: Option<bool>,
+    pub idle_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -268,6 +268,7 @@ mod breaker_tests {
             http2_max_requests: None,
             max_requests_per_connection: None,
             max_retries: None,
+            ..Default::default()
         };
         let (noisy, quiet) = (scope("noisy"), scope("quiet"));
         let held = limits.admit(&noisy, "h", Some(&pool), true).await;

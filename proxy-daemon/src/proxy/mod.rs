@@ -178,6 +178,8 @@ pub struct ProxyInputs {
     pub tracer: Arc<crate::spans::Tracer>,
     /// Downstream connections in flight, node-wide and per source namespace.
     pub connections: limits::ConnectionBudget,
+    /// Idle upstream connections of all pods: count and cap.
+    pub idle_upstream: Arc<http::IdleBudget>,
     /// Turns true when the daemon starts draining: HTTP connections finish the request in
     /// flight and close (`Connection: close`, h2 GOAWAY) instead of waiting for more.
     pub draining: tokio::sync::watch::Receiver<bool>,

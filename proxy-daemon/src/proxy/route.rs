@@ -26,6 +26,8 @@ pub enum L4Decision {
         /// TLS to originate (DestinationRule `tls` on a TCP port; never over the app's
         /// own TLS).
         tls: Option<std::sync::Arc<crate::proxy::tls::UpstreamTls>>,
+        /// Close after this long without a byte either way (None: never).
+        idle_timeout: Option<std::time::Duration>,
     },
     /// Refuse: registry-only and nothing registered (reset the client), or no endpoint.
     Refuse {
@@ -57,6 +59,29 @@ pub fn upstream_tls(
         .routes
         .destination_rule(&target.hostname, client_namespace)?;
     tls_of(&dr.effective(Some(port), subset), target)
+}
+
+/// Envoy's and Istio's default idle timeout of a TCP proxy connection.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The opaque TCP idle timeout towards `port` of `subset` of `target`: its
+/// DestinationRule's `connectionPool.tcp.idleTimeout`, else 1 h; `0s` disables (None).
+pub fn tcp_idle_timeout(
+    snap: &Snapshot,
+    target: &ServiceInfo,
+    subset: Option<&str>,
+    port: u32,
+    client_namespace: &str,
+) -> Option<std::time::Duration> {
+    let configured = snap
+        .routes
+        .destination_rule(&target.hostname, client_namespace)
+        .and_then(|dr| dr.effective(Some(port), subset).connection_pool)
+        .and_then(|p| p.tcp_idle_timeout);
+    match configured.unwrap_or(DEFAULT_TCP_IDLE_TIMEOUT) {
+        t if t.is_zero() => None,
+        t => Some(t),
+    }
 }
 
 /// The TLS to originate under an already merged policy.
@@ -193,6 +218,7 @@ pub fn decide(
         } else {
             L4Decision::Forward {
                 upstream: SocketAddr::V4(dst),
+                idle_timeout: Some(DEFAULT_TCP_IDLE_TIMEOUT),
                 labels: DestinationLabels {
                     service: named,
                     service_name: PASSTHROUGH_CLUSTER.into(),
@@ -271,6 +297,7 @@ pub fn decide(
         }
         return L4Decision::Forward {
             upstream: dialled_target(target, dst),
+            idle_timeout: tcp_idle_timeout(snap, target, subset, port, &src.namespace),
             labels,
             tls,
         };
@@ -293,6 +320,7 @@ pub fn decide(
     match endpoint_for(snap, eps, target, subset, port, &src.namespace, how) {
         Ok(upstream) => L4Decision::Forward {
             upstream,
+            idle_timeout: tcp_idle_timeout(snap, target, subset, port, &src.namespace),
             labels,
             tls,
         },

@@ -106,25 +106,48 @@ pub async fn detect_declared(stream: &TcpStream, declared: Declared) -> Protocol
     }
 }
 
+/// Peeks into `buf` once more than `seen` bytes are buffered, or the peer closed (0).
+///
+/// Waits on readiness, never on a timer: a peek leaves the bytes in place, so the socket
+/// stays readable and a naive loop would spin (one slow client sending a byte at a time
+/// must cost a parked task, not a core). Inside `try_io`, a peek that found nothing new
+/// clears tokio's readiness, race-free (bytes that arrived meanwhile set it again), and
+/// the next `readable()` waits for the kernel's next wakeup.
+async fn peek_more(stream: &TcpStream, buf: &mut [u8], seen: usize) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        stream.readable().await?;
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            // SAFETY: recv into a valid, writable buffer of buf.len() bytes on an open fd.
+            let n = unsafe {
+                libc::recv(
+                    stream.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            match usize::try_from(n) {
+                Err(_) => Err(std::io::Error::last_os_error()),
+                Ok(n) if n > seen || n == 0 => Ok(n),
+                Ok(_) => Err(std::io::ErrorKind::WouldBlock.into()),
+            }
+        });
+        match peeked {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
 async fn detect_within(stream: &TcpStream, wait: Duration) -> Protocol {
     let mut buf = [0u8; 32];
     let deadline = tokio::time::Instant::now() + wait;
     let mut seen = 0;
     loop {
-        let peeked = tokio::time::timeout_at(deadline, async {
-            loop {
-                // Wait for more bytes than last time (peek returns what is buffered).
-                let _ = stream.readable().await;
-                match stream.peek(&mut buf).await {
-                    Ok(n) if n > seen || n == 0 => return Some(n),
-                    Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-                    Err(_) => return None,
-                }
-            }
-        })
-        .await;
+        let peeked = tokio::time::timeout_at(deadline, peek_more(stream, &mut buf, seen)).await;
         let n = match peeked {
-            Ok(Some(n)) if n > 0 => n,
+            Ok(Ok(n)) if n > 0 => n,
             // Closed, error or timeout: nothing to parse.
             _ => return Protocol::Opaque,
         };
@@ -189,21 +212,22 @@ pub fn client_hello_sni(record: &[u8]) -> Option<String> {
 pub async fn peek_sni(stream: &TcpStream) -> Option<String> {
     let mut buf = vec![0u8; 16 * 1024 + 5];
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let mut seen = 0;
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+        let n = tokio::time::timeout_at(deadline, peek_more(stream, &mut buf, seen))
             .await
             .ok()?
             .ok()?;
+        if n == 0 {
+            return None;
+        }
         if n >= 5 {
             let want = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
             if n >= want || n == buf.len() {
                 return client_hello_sni(&buf[..n]);
             }
         }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        seen = n;
     }
 }
 
@@ -266,5 +290,71 @@ mod tests {
         assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02]), Some(Protocol::Tls));
         assert_eq!(classify(&[0x16]), None);
         assert_eq!(classify(b"\x00\x01binary"), Some(Protocol::Opaque));
+    }
+
+    /// CPU time of the calling thread.
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the valid timespec we pass.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    #[test]
+    fn clients_that_trickle_bytes_cost_no_cpu_while_they_wait() {
+        use tokio::io::AsyncWriteExt as _;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut clients = Vec::new();
+            let mut sniffs = Vec::new();
+            for i in 0..200 {
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                // Half the clients stop after one byte of a request, half after one byte
+                // of a TLS record: neither says enough to classify.
+                c.write_all(if i % 2 == 0 { b"G" } else { b"\x16" })
+                    .await
+                    .unwrap();
+                let (server, _) = listener.accept().await.unwrap();
+                clients.push(c);
+                sniffs.push(tokio::spawn(async move {
+                    let p = detect_declared(&server, Declared::Http).await;
+                    (p, server)
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let before = thread_cpu();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let spent = thread_cpu() - before;
+            // A 1 ms poll per connection would be 100,000 wakeups here.
+            assert!(
+                spent < Duration::from_millis(25),
+                "{spent:?} of CPU while 200 clients waited"
+            );
+            for (i, c) in clients.iter_mut().enumerate() {
+                let rest: &[u8] = if i % 2 == 0 {
+                    b"ET / HTTP/1.1\r\n"
+                } else {
+                    &[3, 1, 0, 4]
+                };
+                c.write_all(rest).await.unwrap();
+            }
+            for (i, s) in sniffs.into_iter().enumerate() {
+                let (p, _server) = s.await.unwrap();
+                let want = if i % 2 == 0 {
+                    Protocol::Http1
+                } else {
+                    Protocol::Tls
+                };
+                assert_eq!(p, want, "client {i}");
+            }
+        });
     }
 }

@@ -41,12 +41,13 @@ pub async fn proxy(
         sni.as_deref(),
     );
     let tcp = &inputs.metrics.tcp;
-    let (upstream_addr, destination, tls) = match decision {
+    let (upstream_addr, destination, tls, idle_timeout) = match decision {
         L4Decision::Forward {
             upstream,
             labels,
             tls,
-        } => (upstream, Arc::new(labels), tls),
+            idle_timeout,
+        } => (upstream, Arc::new(labels), tls, idle_timeout),
         L4Decision::Refuse { labels, flags } => {
             let dest = Arc::new(labels);
             let refused =
@@ -161,16 +162,34 @@ pub async fn proxy(
     let handles = tcp.handles(&labels);
     let (received, sent) = (handles.received_bytes, handles.sent_bytes);
     let (mut client_read, mut client_write) = client.split();
+    let activity = Activity::new();
     let result = match upstream {
         UpstreamIo::Plain(mut plain) => {
             let copied = {
                 let (mut upstream_read, mut upstream_write) = plain.split();
-                tokio::try_join!(
-                    copy_counted(&mut client_read, &mut upstream_write, &received),
-                    copy_counted(&mut upstream_read, &mut client_write, &sent),
+                until_idle(
+                    async {
+                        tokio::try_join!(
+                            copy_counted(
+                                &mut client_read,
+                                &mut upstream_write,
+                                &received,
+                                (&activity, 0)
+                            ),
+                            copy_counted(
+                                &mut upstream_read,
+                                &mut client_write,
+                                &sent,
+                                (&activity, 1)
+                            ),
+                        )
+                    },
+                    &activity,
+                    idle_timeout,
                 )
+                .await
             };
-            if copied.is_err() {
+            if matches!(copied, Some(Err(_))) {
                 // The client reset (or a write failed): reset the upstream too.
                 let _ = socket2::SockRef::from(&plain).set_linger(Some(Duration::ZERO));
             }
@@ -178,10 +197,31 @@ pub async fn proxy(
         }
         tls_stream => {
             let (mut upstream_read, mut upstream_write) = tokio::io::split(tls_stream);
-            tokio::try_join!(
-                copy_counted(&mut client_read, &mut upstream_write, &received),
-                copy_counted(&mut upstream_read, &mut client_write, &sent),
+            until_idle(
+                async {
+                    tokio::try_join!(
+                        copy_counted(
+                            &mut client_read,
+                            &mut upstream_write,
+                            &received,
+                            (&activity, 0)
+                        ),
+                        copy_counted(&mut upstream_read, &mut client_write, &sent, (&activity, 1)),
+                    )
+                },
+                &activity,
+                idle_timeout,
             )
+            .await
+        }
+    };
+    let result = match result {
+        Some(copied) => copied,
+        None => {
+            // tcp.idleTimeout: both sides closed (FIN), as Envoy's tcp_proxy does.
+            daemon.tcp_idle_timeouts.inc();
+            debug!(dst = %dst.0, timeout = ?idle_timeout, "opaque TCP connection idle: closed");
+            Ok((activity.bytes(0), activity.bytes(1)))
         }
     };
     if result.is_err() {
@@ -247,17 +287,83 @@ fn log_close(
     });
 }
 
-/// Copies until EOF, then shuts down the write side (half-close), counting as it goes.
+/// When bytes last moved on a connection, either way, and how many moved each way.
+struct Activity {
+    started: tokio::time::Instant,
+    /// Milliseconds after `started`.
+    last_ms: std::sync::atomic::AtomicU64,
+    bytes: [std::sync::atomic::AtomicU64; 2],
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            last_ms: Default::default(),
+            bytes: Default::default(),
+        }
+    }
+
+    fn moved(&self, direction: usize, n: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.last_ms
+            .store(self.started.elapsed().as_millis() as u64, Relaxed);
+        self.bytes[direction].fetch_add(n, Relaxed);
+    }
+
+    fn bytes(&self, direction: usize) -> u64 {
+        self.bytes[direction].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        let ms = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.started + Duration::from_millis(ms)
+    }
+}
+
+/// Runs `copy` to its end, or gives up (None) once no byte moved for `timeout`. The timer
+/// is re-armed from the last activity, not per read, so a busy connection costs no timer
+/// churn.
+async fn until_idle<T>(
+    copy: impl std::future::Future<Output = T>,
+    activity: &Activity,
+    timeout: Option<Duration>,
+) -> Option<T> {
+    let Some(timeout) = timeout else {
+        return Some(copy.await);
+    };
+    let idle = async {
+        loop {
+            let deadline = activity.last() + timeout;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        out = copy => Some(out),
+        _ = idle => None,
+    }
+}
+
+/// The first read buffer of each direction: an idle connection holds this much, not
+/// [`COPY_BUFFER`] (one that moves data grows to it after a full read).
+const FIRST_BUFFER: usize = 4 * 1024;
+
+/// Copies until EOF, then shuts down the write side (half-close), counting as it goes
+/// (direction 0: client → upstream, 1: upstream → client).
 async fn copy_counted<R, W>(
     reader: &mut R,
     writer: &mut W,
     counter: &Counter,
+    (activity, direction): (&Activity, usize),
 ) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut buf = vec![0u8; FIRST_BUFFER];
     let mut total = 0u64;
     loop {
         let n = reader.read(&mut buf).await?;
@@ -268,5 +374,9 @@ where
         writer.write_all(&buf[..n]).await?;
         total += n as u64;
         counter.inc_by(n as u64);
+        activity.moved(direction, n as u64);
+        if n == buf.len() && buf.len() < COPY_BUFFER {
+            buf.resize(COPY_BUFFER, 0);
+        }
     }
 }

@@ -11,8 +11,8 @@ use errors::*;
 use headers::*;
 pub use mirror::MIRROR_CONCURRENCY;
 use mirror::*;
-pub use pool::UpstreamPool;
 use pool::*;
+pub use pool::{IdleBudget, UpstreamPool};
 use retry::*;
 
 use std::{
@@ -434,7 +434,6 @@ async fn handle(
                     tried.push(upstream);
                 }
                 let load = inputs.endpoints.in_flight.start(upstream);
-                let max_per_conn = pool.as_ref().and_then(|p| p.max_requests_per_connection);
                 let result = forward(
                     inputs,
                     pod,
@@ -442,7 +441,7 @@ async fn handle(
                     tls.as_deref(),
                     out,
                     per_try,
-                    max_per_conn,
+                    pool.as_ref(),
                 )
                 .await;
                 inputs.endpoints.health.record(

@@ -1,18 +1,52 @@
 //! Upstream side: connections opened from the pod's netns (TLS originated when the
 //! DestinationRule says so), kept idle per pod and endpoint, requests forwarded over them.
 use super::*;
+use crate::state::routes::ConnectionPool;
 
 /// Idle upstream connections per pod, upstream address and TLS setting (sockets live in
 /// the pod netns): HTTP/1 connections one request at a time, HTTP/2 ones shared
 /// (multiplexed).
 pub struct UpstreamPool {
-    /// Idle HTTP/1 senders with how many requests each has carried.
-    pub(super) idle: Mutex<HashMap<PoolKey, Vec<(Sender, u32)>>>,
+    /// Idle HTTP/1 senders.
+    pub(super) idle: Mutex<HashMap<PoolKey, Vec<Parked>>>,
     pub(super) h2: Mutex<HashMap<PoolKey, client_http2::SendRequest<Body>>>,
-    /// Idle HTTP/1 connections of all pods (`proxy_daemon_upstream_idle_connections`),
-    /// shared by every pool.
-    pub(super) idle_gauge: prometheus_client::metrics::gauge::Gauge,
+    /// The node-wide count and cap of idle connections, shared by every pod's pool.
+    budget: Arc<IdleBudget>,
 }
+
+/// An idle HTTP/1 connection in a pool.
+pub(super) struct Parked {
+    sender: Sender,
+    /// Requests it has carried (connectionPool.http.maxRequestsPerConnection).
+    uses: u32,
+    /// When `http.idleTimeout` closes it (None: never).
+    expires: Option<tokio::time::Instant>,
+}
+
+/// Idle upstream connections of every pod together: each holds a file descriptor and
+/// belongs to no client, so their number is capped for the node (the connection budgets
+/// leave room for exactly this many).
+pub struct IdleBudget {
+    /// `proxy_daemon_upstream_idle_connections`.
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    cap: i64,
+    closed_at_cap: prometheus_client::metrics::counter::Counter,
+    closed_idle: prometheus_client::metrics::counter::Counter,
+}
+
+impl IdleBudget {
+    pub fn new(cap: usize, metrics: &crate::metrics::DaemonMetrics) -> Self {
+        Self {
+            gauge: metrics.upstream_idle_connections.clone(),
+            cap: i64::try_from(cap).unwrap_or(i64::MAX),
+            closed_at_cap: metrics.upstream_idle_closed_at_cap.clone(),
+            closed_idle: metrics.upstream_idle_closed_idle.clone(),
+        }
+    }
+}
+
+/// Istio's default `connectionPool.http.idleTimeout`.
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// (address, TLS setting's pool key; 0 for plain connections).
 pub(super) type PoolKey = (SocketAddr, u64);
@@ -24,34 +58,79 @@ pub(super) fn pool_key(upstream: SocketAddr, tls: Option<&UpstreamTls>) -> PoolK
 pub(super) const MAX_IDLE_PER_UPSTREAM: usize = 32;
 
 impl UpstreamPool {
-    /// An empty pool counting its idle connections into `idle_gauge`.
-    pub fn new(idle_gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+    /// An empty pool counting its idle connections into the node's `budget`.
+    pub fn new(budget: Arc<IdleBudget>) -> Self {
         Self {
             idle: Default::default(),
             h2: Default::default(),
-            idle_gauge,
+            budget,
         }
     }
 
     pub(super) fn take(&self, addr: PoolKey) -> Option<(Sender, u32)> {
+        let now = tokio::time::Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&addr)?;
-        while let Some((s, uses)) = list.pop() {
-            self.idle_gauge.dec();
-            if !s.is_closed() && s.is_ready() {
-                return Some((s, uses));
+        while let Some(p) = list.pop() {
+            self.budget.gauge.dec();
+            if p.expires.is_some_and(|e| e <= now) {
+                self.budget.closed_idle.inc();
+                continue;
+            }
+            if !p.sender.is_closed() && p.sender.is_ready() {
+                return Some((p.sender, p.uses));
             }
         }
         None
     }
 
-    pub(super) fn put(&self, addr: PoolKey, s: Sender, uses: u32) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(addr).or_default();
-        if list.len() < MAX_IDLE_PER_UPSTREAM {
-            list.push((s, uses));
-            self.idle_gauge.inc();
+    /// Parks a connection for reuse, unless its upstream has enough parked already or the
+    /// node is at its cap (then dropping the sender closes it).
+    pub(super) fn put(&self, addr: PoolKey, sender: Sender, uses: u32, idle: Option<Duration>) {
+        let idle_timeout = idle.unwrap_or(DEFAULT_HTTP_IDLE_TIMEOUT);
+        // 0s: disabled (Envoy's meaning), never closed for idleness.
+        let expires = (!idle_timeout.is_zero()).then(|| tokio::time::Instant::now() + idle_timeout);
+        if self.budget.gauge.get() >= self.budget.cap {
+            self.budget.closed_at_cap.inc();
+            return;
         }
+        let mut pools = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = pools.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_UPSTREAM {
+            list.push(Parked {
+                sender,
+                uses,
+                expires,
+            });
+            self.budget.gauge.inc();
+        }
+    }
+
+    /// Closes parked connections past their idle timeout or closed by the server, and
+    /// forgets empty upstreams. Called periodically, so a pod that stops sending does not
+    /// keep its connections (and descriptors) for ever.
+    pub fn sweep(&self) {
+        let now = tokio::time::Instant::now();
+        let mut pools = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for list in pools.values_mut() {
+            list.retain(|p| {
+                let expired = p.expires.is_some_and(|e| e <= now);
+                let keep = !expired && !p.sender.is_closed();
+                if !keep {
+                    self.budget.gauge.dec();
+                    if expired {
+                        self.budget.closed_idle.inc();
+                    }
+                }
+                keep
+            });
+        }
+        pools.retain(|_, list| !list.is_empty());
+        drop(pools);
+        self.h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, s| !s.is_closed());
     }
 }
 
@@ -59,7 +138,7 @@ impl Drop for UpstreamPool {
     fn drop(&mut self) {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let n: usize = idle.values().map(Vec::len).sum();
-        self.idle_gauge.dec_by(n as i64);
+        self.budget.gauge.dec_by(n as i64);
     }
 }
 
@@ -195,11 +274,13 @@ pub(super) async fn forward(
     tls: Option<&UpstreamTls>,
     mut req: Request<Body>,
     timeout: Option<Duration>,
-    max_requests_per_connection: Option<u32>,
+    pool: Option<&ConnectionPool>,
 ) -> Result<Response<Body>, UpstreamError> {
-    let max_uses = max_requests_per_connection
+    let max_uses = pool
+        .and_then(|p| p.max_requests_per_connection)
         .filter(|n| *n > 0)
         .unwrap_or(u32::MAX);
+    let idle_timeout = pool.and_then(|p| p.http_idle_timeout);
     let upgrade = is_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if req.version() == http::Version::HTTP_2 {
@@ -253,7 +334,7 @@ pub(super) async fn forward(
         }
     } else if uses < max_uses {
         // connectionPool.http.maxRequestsPerConnection: a used-up connection is not reused.
-        pod.http_pool.put(key, sender, uses);
+        pod.http_pool.put(key, sender, uses, idle_timeout);
     }
     Ok(resp.map(|b| b.boxed()))
 }

@@ -50,6 +50,14 @@ pub struct ConnectionPool {
     pub http2_max_requests: Option<u32>,
     pub max_requests_per_connection: Option<u32>,
     pub max_retries: Option<u32>,
+    /// `tcp.idleTimeout`: an opaque TCP connection with no bytes either way this long is
+    /// closed (Istio's default 1 h; 0s disables).
+    #[serde(serialize_with = "ser_duration")]
+    pub tcp_idle_timeout: Option<Duration>,
+    /// `http.idleTimeout`: a pooled upstream connection unused this long is closed
+    /// (default 1 h; 0s disables).
+    #[serde(serialize_with = "ser_duration")]
+    pub http_idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -272,6 +280,14 @@ pub(super) fn level_policy(
         http2_max_requests: u(p.http.as_ref().and_then(|h| h.http2_max_requests)),
         max_requests_per_connection: u(p.http.as_ref().and_then(|h| h.max_requests_per_connection)),
         max_retries: u(p.http.as_ref().and_then(|h| h.max_retries)),
+        tcp_idle_timeout: p
+            .tcp
+            .as_ref()
+            .and_then(|t| cx.duration(&t.idle_timeout, "tcp.idleTimeout")),
+        http_idle_timeout: p
+            .http
+            .as_ref()
+            .and_then(|h| cx.duration(&h.idle_timeout, "http.idleTimeout")),
     });
     let outlier_detection = outlier.as_ref().map(|od| {
         let line = od.referenced.line();
