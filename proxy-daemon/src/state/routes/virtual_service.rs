@@ -325,12 +325,12 @@ pub(super) fn compile_virtual_service(
                 .as_ref()
                 .and_then(|x| cx.matcher(x, "authority"));
             for (k, v) in &mv.headers {
-                if let Some(mm) = cx.matcher(v, &format!("headers.{k}")) {
+                if let Some(mm) = cx.header_matcher(v, &format!("headers.{k}")) {
                     hm.headers.push((k.to_ascii_lowercase(), mm));
                 }
             }
             for (k, v) in &mv.without_headers {
-                if let Some(mm) = cx.matcher(v, &format!("withoutHeaders.{k}")) {
+                if let Some(mm) = cx.header_matcher(v, &format!("withoutHeaders.{k}")) {
                     hm.without_headers.push((k.to_ascii_lowercase(), mm));
                 }
             }
