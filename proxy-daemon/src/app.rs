@@ -98,6 +98,7 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Detach the programs and remove the pins on a clean stop (for uninstalling).
     pub detach_on_exit: bool,
+    pub run_dir: PathBuf,
     /// With `--admin-token-file`: the bearer token every admin request must carry.
     #[serde(skip)]
     pub admin_token: Option<AdminToken>,
@@ -335,6 +336,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         bpf_pin_dir: args.bpf_pin_dir.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         detach_on_exit: args.detach_on_exit,
+        run_dir: args.run_dir.clone(),
         admin_token: match &args.admin_token_file {
             None => None,
             Some(path) => {
@@ -752,19 +754,34 @@ async fn drain_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
-async fn shutdown_signal(mut quit: watch::Receiver<bool>) -> &'static str {
+/// Why the daemon stops when a successor took its sockets.
+const HANDED_OVER: &str = "handed over to a new daemon";
+
+async fn shutdown_signal(
+    mut quit: watch::Receiver<bool>,
+    handed: tokio::sync::oneshot::Receiver<()>,
+) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
+    // A dropped sender (the hand-over thread failed) is not a reason to stop.
+    let handed = async {
+        if handed.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
-        let _ = quit.changed().await;
-        return "quitquitquit";
+        tokio::select! {
+            _ = quit.changed() => return "quitquitquit",
+            _ = handed => return HANDED_OVER,
+        }
     };
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
         _ = quit.changed() => "quitquitquit",
+        _ = handed => HANDED_OVER,
     }
 }
 
@@ -851,9 +868,48 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     let ready = Ready::new();
     let startup_block = ready.register_task("startup");
 
-    let admin_listener = bind(settings.admin_addr, "--admin-addr").await?;
-    let metrics_listener = bind(settings.metrics_addr, "--metrics-addr").await?;
-    let health_listener = bind(settings.health_addr, "--health-addr").await?;
+    // A daemon already running for these pins hands over its sockets (a rolling update):
+    // the same ports and pod listeners, so no connect is refused meanwhile.
+    let handover_path = crate::handover::socket_path(&settings.run_dir, &settings.bpf_pin_dir);
+    let mut taken = match crate::handover::take(&handover_path) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(error = %e, "no hand-over from a running daemon; starting fresh");
+            None
+        }
+    };
+    let handover_table = Arc::new(crate::handover::Table::default());
+    let mut port = |name: &'static str, addr: SocketAddr, flag: &'static str| {
+        let fd = taken.as_mut().and_then(|t| t.ports.remove(name));
+        async move {
+            if let Some(fd) = fd {
+                let std = std::net::TcpListener::from(fd);
+                // Only if it is the address this daemon is configured for.
+                if std.local_addr().ok() == Some(addr) && std.set_nonblocking(true).is_ok() {
+                    if let Ok(l) = TcpListener::from_std(std) {
+                        return Ok(l);
+                    }
+                }
+            }
+            bind(addr, flag).await
+        }
+    };
+    let admin_listener = port("admin", settings.admin_addr, "--admin-addr").await?;
+    let metrics_listener = port("metrics", settings.metrics_addr, "--metrics-addr").await?;
+    let health_listener = port("health", settings.health_addr, "--health-addr").await?;
+    for (item, l) in [
+        (crate::handover::Item::Admin, &admin_listener),
+        (crate::handover::Item::Metrics, &metrics_listener),
+        (crate::handover::Item::Health, &health_listener),
+    ] {
+        if let Ok(fd) = std::os::fd::AsFd::as_fd(l).try_clone_to_owned() {
+            handover_table.set(item, Arc::new(fd));
+        }
+    }
+    let taken_pods = taken
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.pods))
+        .unwrap_or_default();
 
     let mut daemon_metrics = Metrics::new();
     // Each component registers its own metrics under the daemon's prefix.
@@ -1018,6 +1074,10 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         published.clone(),
         inputs.clone(),
         ready.clone(),
+        crate::handover::PodListeners {
+            table: handover_table.clone(),
+            taken: taken_pods,
+        },
     );
     let workload_status = enroller.status();
     if let Err(e) =
@@ -1159,6 +1219,19 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         })
     };
     drop(startup_block);
+    // Serve our own hand-over socket, and tell a predecessor to drain once we are ready.
+    let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
+    crate::handover::serve(handover_path, handover_table.clone(), handed_tx);
+    if let Some(taken) = taken {
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + crate::handover::READY_WAIT;
+            while !ready.is_ready() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = tokio::task::spawn_blocking(move || taken.confirm()).await;
+        });
+    }
     info!(
         config_dir = ?settings.config_dir,
         kubernetes = settings.cluster.is_some(),
@@ -1167,7 +1240,14 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         "proxy-daemon running"
     );
 
-    let why = shutdown_signal(quit_rx).await;
+    let why = shutdown_signal(quit_rx, handed_rx).await;
+    let handed_over = why == HANDED_OVER;
+    if handed_over {
+        // The successor answers on the same ports from now on.
+        for s in &servers {
+            s.abort();
+        }
+    }
     // Not ready from the first moment of the drain: load balancers and the DaemonSet's
     // rollout see it at once.
     let _draining = ready.register_task("draining: shutting down");
@@ -1191,7 +1271,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         );
     }
     drop(maps);
-    if settings.detach_on_exit {
+    if settings.detach_on_exit && !handed_over {
         attached.detach();
     } else {
         // Stop is not uninstall: the programs and pins stay, so capture and fail-closed
@@ -1203,7 +1283,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         );
         drop(attached);
     }
-    if let Some(c) = &settings.cluster {
+    if let (Some(c), false) = (&settings.cluster, handed_over) {
         if let Some(run_dir) = c.credentials_dir.parent() {
             let _ = std::fs::remove_dir_all(run_dir);
         }

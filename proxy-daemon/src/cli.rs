@@ -147,6 +147,11 @@ pub struct RunArgs {
     )]
     pub bpf_pin_dir: PathBuf,
 
+    /// Runtime directory: the hand-over socket a newer daemon on this node takes the
+    /// listeners and ports from (a hostPath in the chart, shared by old and new pods).
+    #[arg(long, env = "PROXY_RUN_DIR", default_value = "/run/proxy-daemon")]
+    pub run_dir: PathBuf,
+
     /// On a clean stop, also detach the programs and remove the pins (as `uninstall` does):
     /// set it before removing the DaemonSet for good. Otherwise a stop leaves them for the
     /// next daemon, so capture and fail-closed hold across restarts and upgrades.

@@ -16,6 +16,7 @@ pub mod config;
 /// What the fuzz targets run, shared with the regression replay of what they found.
 #[cfg(any(test, feature = "testing"))]
 pub mod fuzzing;
+pub mod handover;
 pub mod metrics;
 pub mod proxy;
 pub mod readiness;

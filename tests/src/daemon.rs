@@ -42,10 +42,25 @@ impl Daemon {
         node: &Node,
         extra: &[&str],
     ) -> (Command, SocketAddr, SocketAddr, SocketAddr, PathBuf) {
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = node.work_dir.join(format!("daemon-{}.log", admin.port()));
+        // A port the test chose itself (a successor on its predecessor's ports) wins.
+        let given = |flag: &str| {
+            extra
+                .iter()
+                .position(|a| *a == flag)
+                .and_then(|i| extra.get(i + 1))
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+        };
+        let admin = given("--admin-addr")
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let metrics = given("--metrics-addr")
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let health = given("--health-addr")
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let log = node.work_dir.join(format!(
+            "daemon-{}-{:08x}.log",
+            admin.port(),
+            rand::random::<u32>()
+        ));
         let defaults: Vec<(&str, String)> = vec![
             ("--config-dir", node.config_dir.display().to_string()),
             ("--cgroup-root", node.cgroup_root.display().to_string()),
@@ -237,6 +252,19 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits for the daemon to exit by itself (after a hand-over); its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// SIGTERM and wait; returns the exit code.

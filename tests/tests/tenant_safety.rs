@@ -361,6 +361,23 @@ fn slow_or_oversized_request_heads_are_cut_off() {
         closed.is_some_and(|ms| (900..4000).contains(&ms)),
         "the slow head is cut off after the header read timeout: {slow}"
     );
+    // A keep-alive connection gone quiet after its response: the next head must arrive
+    // within the same time, so idle connections are closed too (response first).
+    let idle = pod.pdtool(&[
+        "raw",
+        "--to",
+        &to,
+        "--send",
+        "GET / HTTP/1.1\\r\\nHost: backend\\r\\n\\r\\n",
+        "--wait-ms",
+        "5000",
+    ]);
+    assert_eq!(idle["first_line"], "HTTP/1.1 200 OK", "{idle}");
+    let closed = idle["closed_after_ms"].as_u64();
+    assert!(
+        closed.is_some_and(|ms| (900..4000).contains(&ms)),
+        "the idle keep-alive connection is closed after the timeout: {idle}"
+    );
     // A head over 64 KiB: 431, as Envoy answers.
     let big = format!("X-Big: {}", "a".repeat(70 * 1024));
     let out = pod.pdtool(&["http", "--to", &to, "--host", "backend", "-H", &big]);

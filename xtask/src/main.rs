@@ -38,6 +38,9 @@ enum Cmd {
     Demo,
     /// Quick measurements: captured vs direct connects, latency, daemon memory.
     Bench,
+    /// The long versions of the tests CI runs short: 200 pods churned over two minutes
+    /// under traffic, ten hand-overs under load, a 20,000-connection slowloris.
+    Soak,
     /// Fuzz the protocol sniffer, the ClientHello parser, the HTTP request path, the YAML
     /// loader + compiler and the EnvoyFilter cluster-name parser (cargo-fuzz, nightly) for
     /// N minutes in all; crashes become regression inputs the normal tests replay.
@@ -497,6 +500,27 @@ fn main() -> Result<()> {
         }
         Cmd::Manifests { check } => manifests(check),
         Cmd::Fuzz { minutes, target } => fuzz::fuzz(minutes, target),
+        Cmd::Soak => {
+            setup()?;
+            run(&mut cargo(&["build", "--workspace", "--bins"]))?;
+            run(
+                cargo(&["test", "-p", "proxy-tests", "--test", "handover", "--"])
+                    .args(["--nocapture", "--test-threads=1"])
+                    .env("PDT_CHURN_PODS", "200")
+                    .env("PDT_CHURN_SECS", "120")
+                    .env("PDT_HANDOVERS", "10"),
+            )?;
+            run(cargo(&[
+                "test",
+                "-p",
+                "proxy-tests",
+                "--test",
+                "tenant_safety",
+                "slowloris",
+            ])
+            .args(["--", "--nocapture"])
+            .env("PDT_SLOWLORIS_CONNECTIONS", "20000"))
+        }
         Cmd::Modgraph {
             root,
             dot,

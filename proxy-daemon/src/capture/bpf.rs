@@ -190,6 +190,11 @@ impl EnrolmentMaps {
             .map_err(map_err(maps::ENROLLED))
     }
 
+    /// The kernel entry of a cgroup, if any.
+    pub fn entry(&self, cgroup_id: u64) -> Option<Enrolment> {
+        self.enrolled.get(&cgroup_id, 0).ok()
+    }
+
     pub fn unenrol(&mut self, cgroup_id: u64) {
         let _ = self.enrolled.remove(&cgroup_id);
     }

@@ -111,6 +111,10 @@ pub struct Enroller {
     refused: std::collections::BTreeSet<String>,
     /// Woken by the cgroup watch when kubelet's tree changes.
     wake: Arc<tokio::sync::Notify>,
+    /// Our listeners, for a successor daemon to take.
+    handover: Arc<crate::handover::Table>,
+    /// Listeners taken from the previous daemon, by pod uid, not yet adopted.
+    taken: std::collections::HashMap<String, crate::handover::TakenListener>,
     /// Pods of captured namespaces left alone on purpose, already logged.
     skipped: std::collections::BTreeSet<String>,
     next_pod_id: u32,
@@ -125,6 +129,7 @@ impl Enroller {
         published: Arc<Published>,
         inputs: Arc<ProxyInputs>,
         ready: Ready,
+        listeners: crate::handover::PodListeners,
     ) -> Self {
         let metrics = inputs.metrics.clone();
         Self {
@@ -140,6 +145,8 @@ impl Enroller {
             waiting: BTreeMap::new(),
             refused: Default::default(),
             wake: Arc::new(tokio::sync::Notify::new()),
+            handover: listeners.table,
+            taken: listeners.taken,
             skipped: Default::default(),
             next_pod_id: 1,
             status: Arc::new(ArcSwap::from_pointee(Vec::new())),
@@ -435,14 +442,42 @@ impl Enroller {
             return Err(EnrolError::PidLeft { pid });
         }
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
-        let token = listener_token();
-        let std_listener = worker.listener(addr, token).await.map_err(|e| match e {
-            netns::NetnsError::Socket(source) => EnrolError::Listener {
+        // The previous daemon's listener for this pod, if it handed one over for the same
+        // network namespace and cgroup: the very socket, its backlog and its token, so the
+        // kernel entry stays as it is and no connect falls between two listeners.
+        let adopted = self
+            .taken
+            .remove(&want.workload.uid)
+            .filter(|t| t.netns_inode == worker.inode && t.cgroup_id == cgroup_id);
+        let (std_listener, token) = match adopted {
+            Some(t) => {
+                let l = std::net::TcpListener::from(t.fd);
+                l.set_nonblocking(true)
+                    .map_err(|source| EnrolError::Listener {
+                        port: self.outbound_port,
+                        source,
+                    })?;
+                info!(pod = %want.workload.pod_name, "adopted the previous daemon's listener");
+                (l, t.token)
+            }
+            None => {
+                let token = listener_token();
+                let l = worker.listener(addr, token).await.map_err(|e| match e {
+                    netns::NetnsError::Socket(source) => EnrolError::Listener {
+                        port: self.outbound_port,
+                        source,
+                    },
+                    other => EnrolError::Netns(other),
+                })?;
+                (l, token)
+            }
+        };
+        let handover_fd = std::os::fd::AsFd::as_fd(&std_listener)
+            .try_clone_to_owned()
+            .map_err(|source| EnrolError::Listener {
                 port: self.outbound_port,
                 source,
-            },
-            other => EnrolError::Netns(other),
-        })?;
+            })?;
         let netns_cookie =
             netns::socket_netns_cookie(&std_listener).map_err(|source| EnrolError::Listener {
                 port: self.outbound_port,
@@ -495,6 +530,15 @@ impl Enroller {
             pod.listener_task.abort();
             return Err(e.into());
         }
+        self.handover.set(
+            crate::handover::Item::Pod {
+                uid: want.workload.uid.clone(),
+                netns_inode: pod.netns_inode,
+                cgroup_id,
+                token,
+            },
+            Arc::new(handover_fd),
+        );
         Ok(pod)
     }
 
@@ -513,6 +557,16 @@ impl Enroller {
             written_at: SystemTime::now(),
         };
         self.next_pod_id = self.next_pod_id.wrapping_add(1);
+        // An entry a previous daemon left for a live listener stays until ours replaces
+        // it (a hand-over: the same listener, so connects keep being redirected); without
+        // a listener the kernel applies the fail mode either way.
+        let listening = self
+            .maps
+            .entry(pod.cgroup_id)
+            .is_some_and(|e| e.flags & ENROLMENT_LISTENING != 0);
+        if listening {
+            return Ok(pod);
+        }
         self.maps
             .enrol(pod.cgroup_id, pending_entry(&pod, self.outbound_port))?;
         tracing::debug!(pod = %want.workload.pod_name, cgroup_id = pod.cgroup_id, fail_mode = fail_mode_name(pod.fail_mode), "kernel entry written; no listener yet");
@@ -525,6 +579,7 @@ impl Enroller {
         };
         // Map entry first, so no new connect is sent to a listener about to close.
         self.maps.unenrol(pod.cgroup_id);
+        self.handover.remove_pod(uid);
         pod.listener_task.abort();
         let started = Instant::now();
         let forgotten = self.maps.forget_netns(pod.netns_cookie);

@@ -59,6 +59,10 @@ pub fn split_documents(path: &Path, text: &str) -> Vec<Document> {
     let mut docs = Vec::new();
     let mut current = String::new();
     let mut first_line = 1;
+    // Lines as YAML counts them (a lone CR breaks a line too), so that the line numbers
+    // the parser reports and ours agree (found by fuzzing: a file with lone CRs had its
+    // errors reported past its end).
+    let text = yaml_line_breaks(text);
     for (idx, line) in text.lines().enumerate() {
         let is_separator = line == "---" || line.starts_with("--- ") || line.starts_with("---\t");
         if is_separator {
@@ -84,6 +88,15 @@ pub fn split_documents(path: &Path, text: &str) -> Vec<Document> {
             .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
     });
     docs
+}
+
+/// `text` with every YAML line break (CRLF, CR, LF) as LF.
+pub fn yaml_line_breaks(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\r') {
+        std::borrow::Cow::Owned(text.replace("\r\n", "\n").replace('\r', "\n"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -204,6 +204,194 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// A client under steady load for `--ms`, as real ones behave: HTTP/1.1 at `--rate`
+    /// requests a second over a kept-alive connection (or one per request with
+    /// `--new-connections`), honouring `Connection: close`, and sending a request again
+    /// once if a reused connection closed before any byte of its answer (what Go, curl and
+    /// browsers do). Every request must get a 200 from the server; tallies failures and
+    /// the slowest answer.
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        ms: u64,
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long)]
+        new_connections: bool,
+    },
+    /// Opaque TCP streams one after another for `--ms`: each sends `--bytes` (seeded by
+    /// its index), half-closes, reads the server's whole stream and checks its SHA-256
+    /// against `--expect-sha256`. Prints the SHA-256 of every stream sent.
+    Streams {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long)]
+        expect_sha256: String,
+        #[arg(long)]
+        ms: u64,
+    },
+}
+
+/// One HTTP/1.1 GET on `conn` (opened if None). Ok(status) or why not; `fresh` says the
+/// connection was opened for this request; the connection is kept unless the answer
+/// says close.
+fn load_request(
+    conn: &mut Option<(TcpStream, BufReader<TcpStream>)>,
+    to: SocketAddr,
+    host: &str,
+    keep_alive: bool,
+) -> Result<u16, (bool, String)> {
+    let fresh = conn.is_none();
+    if conn.is_none() {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map_err(|e| (true, format!("connect: {e}")))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let r = BufReader::new(s.try_clone().map_err(|e| (true, e.to_string()))?);
+        *conn = Some((s, r));
+    }
+    let Some((w, r)) = conn.as_mut() else {
+        return Err((true, "no connection".into()));
+    };
+    let close = if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n{close}\r\n");
+    if let Err(e) = w.write_all(req.as_bytes()) {
+        *conn = None;
+        return Err((fresh, format!("write: {e}")));
+    }
+    // Whether the answer started: a close before its first byte may be retried.
+    if r.fill_buf().map(|b| b.is_empty()).unwrap_or(true) {
+        *conn = None;
+        return Err((fresh, "closed before any answer".into()));
+    }
+    match read_response(r) {
+        Ok((status, headers, _)) => {
+            let closing = headers
+                .iter()
+                .any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"));
+            if closing || !keep_alive {
+                *conn = None;
+            }
+            Ok(status)
+        }
+        Err(e) => {
+            *conn = None;
+            // Part of an answer came: never sent again (it may have had an effect).
+            Err((true, format!("answer: {e}")))
+        }
+    }
+}
+
+fn load(
+    to: SocketAddr,
+    host: &str,
+    ms: u64,
+    rate: f64,
+    new_connections: bool,
+) -> serde_json::Value {
+    let started = Instant::now();
+    let mut conn = None;
+    let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+    let mut errors = Vec::new();
+    let (mut retries, mut connections) = (0u64, 0u64);
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut i = 0u64;
+    while started.elapsed() < Duration::from_millis(ms) {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        i += 1;
+        let t = Instant::now();
+        let mut result = {
+            connections += u64::from(conn.is_none());
+            load_request(&mut conn, to, host, !new_connections)
+        };
+        if let Err((false, _)) = &result {
+            // A reused connection the server closed before answering: once more on a new one.
+            retries += 1;
+            connections += 1;
+            result = load_request(&mut conn, to, host, !new_connections);
+        }
+        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        match result {
+            Ok(status) => *statuses.entry(status.to_string()).or_default() += 1,
+            Err((_, e)) => errors.push(format!(
+                "request {i} at {} ms: {e}",
+                started.elapsed().as_millis()
+            )),
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    json!({"requests": i, "statuses": statuses, "errors": errors, "retries": retries,
+        "connections": connections, "p50_us": pct(0.5), "p99_us": pct(0.99),
+        "max_us": latencies.last().copied().unwrap_or(0.0)})
+}
+
+fn streams(to: SocketAddr, bytes: u64, expect: &str, ms: u64) -> serde_json::Value {
+    let started = Instant::now();
+    let (mut ok, mut bad) = (0u64, Vec::new());
+    let mut sent = Vec::new();
+    let mut seed = 1000u64;
+    while started.elapsed() < Duration::from_millis(ms) {
+        seed += 1;
+        let run = || -> std::io::Result<(String, String)> {
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut reader = s.try_clone()?;
+            let recv = std::thread::spawn(move || -> std::io::Result<String> {
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match reader.read(&mut buf)? {
+                        0 => return Ok(hex::encode(h.finalize())),
+                        n => h.update(&buf[..n]),
+                    }
+                }
+            });
+            let mut w = s;
+            let mut h = Sha256::new();
+            let mut state = seed;
+            let mut left = bytes;
+            let mut buf = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                fill(&mut state, &mut buf[..n]);
+                w.write_all(&buf[..n])?;
+                h.update(&buf[..n]);
+                left -= n as u64;
+            }
+            w.shutdown(Shutdown::Write)?;
+            let got = recv
+                .join()
+                .map_err(|_| std::io::Error::other("receiver panicked"))??;
+            Ok((hex::encode(h.finalize()), got))
+        };
+        match run() {
+            Ok((mine, got)) if got == expect => {
+                ok += 1;
+                sent.push(mine);
+            }
+            Ok((_, got)) => bad.push(format!("stream {seed}: received {got}")),
+            Err(e) => bad.push(format!(
+                "stream {seed} at {} ms: {e}",
+                started.elapsed().as_millis()
+            )),
+        }
+    }
+    json!({"ok": ok, "bad": bad, "sent": sent})
 }
 
 fn classify(e: &std::io::Error) -> &'static str {
@@ -1056,6 +1244,19 @@ fn main() {
             onward,
             onward_host,
         } => serve(port, &name, onward, &onward_host),
+        Cmd::Load {
+            to,
+            host,
+            ms,
+            rate,
+            new_connections,
+        } => load(to, &host, ms, rate, new_connections),
+        Cmd::Streams {
+            to,
+            bytes,
+            expect_sha256,
+            ms,
+        } => streams(to, bytes, &expect_sha256, ms),
         Cmd::Xfer { to, bytes, seed } => {
             let started = Instant::now();
             match TcpStream::connect(to) {

@@ -1,0 +1,376 @@
+//! Upgrades without losing a request: a new daemon started beside the running one takes
+//! its sockets (the pod listeners and the admin, metrics and health ports), the old one
+//! drains and exits, while captured pods keep sending. Checked per request: every HTTP
+//! request answered 200, every opaque TCP stream's SHA-256 intact, no connect refused.
+use std::time::{Duration, Instant};
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{namespace_yaml, pod_yaml, Node},
+    servers::{HttpEcho, Servers},
+};
+use sha2::{Digest as _, Sha256};
+
+const STREAM_BYTES: u64 = 1 << 20;
+const SERVER_SEED: u64 = 77;
+
+fn expected_server_stream() -> String {
+    let mut h = Sha256::new();
+    let mut state = SERVER_SEED;
+    let mut left = STREAM_BYTES;
+    let mut buf = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        proxy_tests::fill(&mut state, &mut buf[..n]);
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    hex::encode(h.finalize())
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    l.local_addr().expect("addr").to_string()
+}
+
+#[test]
+fn hand_overs_under_load_lose_no_request_and_no_stream() {
+    let handovers: usize = std::env::var("PDT_HANDOVERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let mut node = Node::new("handover");
+    let servers = Servers::new();
+    let backend = node.host("backend");
+    servers.http_echo(
+        &backend,
+        80,
+        HttpEcho {
+            name: "backend".into(),
+            ..Default::default()
+        },
+    );
+    let records = servers.xfer(&backend, 9000, STREAM_BYTES, SERVER_SEED);
+    let open_pod = node.pod("relaxed", "client-0");
+    let closed_pod = node.pod("strict", "client-1");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("relaxed", true, None)
+            + &namespace_yaml("strict", true, Some("closed"))
+            + &pod_yaml(&open_pod, &[("app", "client")])
+            + &pod_yaml(&closed_pod, &[("app", "client")])),
+    );
+    // Every daemon on the same ports, as a DaemonSet's pods are.
+    let (admin, metrics, health) = (free_addr(), free_addr(), free_addr());
+    let flags = [
+        "--admin-addr",
+        admin.as_str(),
+        "--metrics-addr",
+        metrics.as_str(),
+        "--health-addr",
+        health.as_str(),
+        "--drain-timeout-secs",
+        "20",
+    ];
+    let mut current = Daemon::start(&node, &flags);
+    for pod in [&open_pod, &closed_pod] {
+        current.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    }
+    let to_http = backend.addr(80).to_string();
+    let to_tcp = backend.addr(9000).to_string();
+    let load_ms = (handovers as u64 * 1500 + 3000).to_string();
+    let expected = expected_server_stream();
+    let spawn = |pod: &proxy_tests::Pod, args: &[&str]| {
+        pod.host
+            .command(
+                Some(&pod.app_cgroup()),
+                &proxy_tests::target_bin("pdtool"),
+                args,
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("load")
+    };
+    let keep_alive = spawn(
+        &open_pod,
+        &[
+            "load", "--to", &to_http, "--host", "backend", "--ms", &load_ms, "--rate", "200",
+        ],
+    );
+    let new_conns = spawn(
+        &closed_pod,
+        &[
+            "load",
+            "--to",
+            &to_http,
+            "--host",
+            "backend",
+            "--ms",
+            &load_ms,
+            "--rate",
+            "100",
+            "--new-connections",
+        ],
+    );
+    let streams = spawn(
+        &open_pod,
+        &[
+            "streams",
+            "--to",
+            &to_tcp,
+            "--bytes",
+            &STREAM_BYTES.to_string(),
+            "--expect-sha256",
+            &expected,
+            "--ms",
+            &load_ms,
+        ],
+    );
+    let mut longest = Duration::ZERO;
+    for i in 0..handovers {
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let next = Daemon::start(&node, &flags);
+        // The old one stops accepting, drains and exits by itself.
+        let code = current.wait_exit(Duration::from_secs(25));
+        let took = started.elapsed();
+        longest = longest.max(took);
+        assert_eq!(
+            code,
+            Some(0),
+            "hand-over {i}: old daemon log:\n{}",
+            current.log_text()
+        );
+        assert!(current.log_text().contains("handed over to a new daemon"));
+        assert!(
+            next.log_text()
+                .contains("took over the running daemon's sockets"),
+            "{}",
+            next.log_text()
+        );
+        // The same ports answer, now from the new daemon.
+        assert!(next.is_ready());
+        current = next;
+    }
+    let read = |child: std::process::Child| -> serde_json::Value {
+        let out = child.wait_with_output().expect("load output");
+        serde_json::from_slice(&out.stdout).expect("load JSON")
+    };
+    let (ka, nc, st) = (read(keep_alive), read(new_conns), read(streams));
+    println!(
+        "{handovers} hand-overs (longest {longest:?}) | keep-alive {} | new connections {} | streams ok {} bad {}",
+        serde_json::json!({"requests": ka["requests"], "statuses": ka["statuses"], "retries": ka["retries"], "p99_us": ka["p99_us"], "max_us": ka["max_us"]}),
+        serde_json::json!({"requests": nc["requests"], "statuses": nc["statuses"], "p99_us": nc["p99_us"], "max_us": nc["max_us"]}),
+        st["ok"],
+        st["bad"]
+    );
+    for (name, out) in [("keep-alive", &ka), ("new connections", &nc)] {
+        assert_eq!(out["errors"], serde_json::json!([]), "{name}: {out}");
+        let requests = out["requests"].as_u64().unwrap_or(0);
+        assert!(requests > 100, "{name}: {out}");
+        assert_eq!(
+            out["statuses"]["200"].as_u64(),
+            Some(requests),
+            "{name}: {out}"
+        );
+    }
+    assert_eq!(st["bad"], serde_json::json!([]), "{st}");
+    assert!(st["ok"].as_u64().unwrap_or(0) > 0, "{st}");
+    // The server received every stream whole, through whichever daemon carried it.
+    let sent: Vec<String> = st["sent"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    // (The server records a stream once its own side is done: give the last a moment.)
+    let missing = |got: &[proxy_tests::servers::XferRecord]| -> Vec<String> {
+        sent.iter()
+            .filter(|hash| {
+                !got.iter()
+                    .any(|r| &r.received_sha256 == *hash && r.received_bytes == STREAM_BYTES)
+            })
+            .cloned()
+            .collect()
+    };
+    let all_there = proxy_tests::wait_for(Duration::from_secs(3), || {
+        missing(&records.lock().expect("records"))
+            .is_empty()
+            .then_some(())
+    });
+    assert!(
+        all_there.is_some(),
+        "streams that did not arrive whole: {:?}",
+        missing(&records.lock().expect("records"))
+    );
+    // Nothing was refused in the fail-closed namespace, and the last daemon runs.
+    assert_eq!(
+        current.metric_sum(
+            "proxy_daemon_capture_decisions",
+            &[("decision", "fail_closed_refused")]
+        ),
+        0.0
+    );
+    assert_eq!(current.terminate(), Some(0));
+}
+
+/// Pods come and go while traffic flows: every live pod of a captured namespace is captured,
+/// and afterwards map entries, listeners, threads, fds and metric series are back at their
+/// baseline. `PDT_CHURN_PODS` / `PDT_CHURN_SECS` size it (CI: 40 pods over 20 s;
+/// `cargo xtask soak`: 200 over 120 s).
+#[test]
+fn pod_churn_leaves_nothing_behind() {
+    let pods: usize = std::env::var("PDT_CHURN_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let secs: u64 = std::env::var("PDT_CHURN_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut node = Node::new("churn");
+    let servers = Servers::new();
+    let backend = node.host("backend");
+    servers.http_echo(
+        &backend,
+        80,
+        HttpEcho {
+            name: "backend".into(),
+            ..Default::default()
+        },
+    );
+    let _seen = servers.identity(&backend, 81);
+    let steady = node.pod("steady", "web-0");
+    node.write_config(
+        "base.yaml",
+        &(namespace_yaml("steady", true, None)
+            + &namespace_yaml("churn", true, Some("closed"))
+            + &pod_yaml(&steady, &[("app", "web")])),
+    );
+    let daemon = Daemon::start(
+        &node,
+        &["--metrics-retention-secs", "1", "--log-level", "info"],
+    );
+    daemon.wait_enrolled(&steady.uid, Duration::from_secs(5));
+    let to = backend.addr(80).to_string();
+    // Warm up, then the baseline.
+    let out = steady.pdtool(&["http", "--to", &to, "--host", "backend", "--count", "20"]);
+    assert_eq!(out["statuses"]["200"], 20, "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = daemon.pid().expect("pid");
+    let gauges = |d: &Daemon| {
+        let text = d.metrics_text();
+        let g = |name: &str, labels: &[(&str, &str)]| {
+            proxy_tests::daemon::sum_samples(&text, name, labels)
+        };
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("istio_") && !l.starts_with('#'))
+            .count();
+        (
+            g("proxy_daemon_listeners", &[]),
+            g("proxy_daemon_ebpf_map_entries", &[("map", "PD_ENROLLED")]),
+            g("proxy_daemon_ebpf_map_entries", &[("map", "PD_CLIENT_DST")]),
+            series,
+        )
+    };
+    let base = gauges(&daemon);
+    let (fds_before, threads_before) = (open_fds(pid), threads(pid));
+    let steady_load = steady
+        .host
+        .command(
+            Some(&steady.app_cgroup()),
+            &proxy_tests::target_bin("pdtool"),
+            &[
+                "load",
+                "--to",
+                &to,
+                "--host",
+                "backend",
+                "--ms",
+                &((secs + 5) * 1000).to_string(),
+                "--rate",
+                "50",
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("load");
+    // Create and delete pods over `secs`, a few alive at any time; each one, once enrolled,
+    // must be captured (fail-closed namespace: never a direct connect).
+    let started = Instant::now();
+    let gap = Duration::from_secs(secs) / pods as u32;
+    let mut alive: std::collections::VecDeque<(proxy_tests::Pod, String)> = Default::default();
+    let mut checked = 0;
+    for i in 0..pods {
+        let pod = node.pod("churn", &format!("churn-{i}"));
+        let file = format!("churn-{i}.yaml");
+        node.write_config(&file, &pod_yaml(&pod, &[("app", "churn")]));
+        daemon.wait_enrolled(&pod.uid, Duration::from_secs(10));
+        let out = pod.pdtool(&["http", "--to", &to, "--host", "backend", "--count", "3"]);
+        assert_eq!(out["statuses"]["200"], 3, "pod {i}: {out}");
+        let captured = pod.pdtool(&["connect", "--to", &backend.addr(81).to_string()]);
+        assert_eq!(captured["result"], "ok", "pod {i}: {captured}");
+        assert!(
+            captured["local"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("127.0.0.1:"),
+            "pod {i} connected directly: {captured}"
+        );
+        checked += 1;
+        alive.push_back((pod, file));
+        if alive.len() > 4 {
+            let (mut gone, file) = alive.pop_front().expect("oldest");
+            node.remove_config(&file);
+            gone.stop();
+        }
+        std::thread::sleep(gap.saturating_sub(Duration::from_millis(50)));
+    }
+    for (mut gone, file) in alive.drain(..) {
+        node.remove_config(&file);
+        gone.stop();
+    }
+    let churn_took = started.elapsed();
+    let load = steady_load.wait_with_output().expect("load");
+    let load: serde_json::Value = serde_json::from_slice(&load.stdout).expect("load JSON");
+    assert_eq!(load["errors"], serde_json::json!([]), "{load}");
+    // Back to the baseline once the last pods' state and series have expired.
+    let settled = proxy_tests::wait_for(Duration::from_secs(15), || {
+        let now = gauges(&daemon);
+        (now.0 == base.0 && now.1 == base.1 && now.3 <= base.3).then_some(now)
+    });
+    let (fds_after, threads_after) = (open_fds(pid), threads(pid));
+    println!(
+        "churn: {checked} pods in {churn_took:?} | listeners/enrolled/orig-dst entries/istio series {base:?} → {:?} | fds {fds_before} → {fds_after} | threads {threads_before} → {threads_after} | steady pod {}",
+        gauges(&daemon),
+        serde_json::json!({"requests": load["requests"], "statuses": load["statuses"], "p99_us": load["p99_us"]})
+    );
+    assert!(
+        settled.is_some(),
+        "not back to the baseline: {base:?} → {:?}",
+        gauges(&daemon)
+    );
+    assert!(
+        fds_after <= fds_before + 4,
+        "fds {fds_before} → {fds_after}"
+    );
+    assert!(
+        threads_after <= threads_before + 2,
+        "threads {threads_before} → {threads_after}"
+    );
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
