@@ -218,11 +218,13 @@ def validate_core(doc: Doc) -> str:
 def check_monitor(doc: Doc) -> str:
     spec = doc.obj["spec"]
     endpoints = spec.get("endpoints") or spec.get("podMetricsEndpoints")
-    assert endpoints and endpoints[0]["port"] == "http-metrics", endpoints
+    # By name, or by number when the chart declares no container ports (hand-over).
+    assert endpoints and (endpoints[0].get("port") == "http-metrics"
+                          or endpoints[0].get("targetPort") == 15320), endpoints
     assert endpoints[0]["path"] == "/metrics", endpoints
     assert spec["selector"]["matchLabels"]["app.kubernetes.io/name"] == "proxy-daemon"
     return ("custom resource: kubernetes-validate has no schema for it, so checked here: "
-            "port http-metrics, path /metrics, selector")
+            "port http-metrics (or 15320), path /metrics, selector")
 
 
 def daemonset_checks(c: Checks, docs: list[Doc]) -> None:
@@ -254,13 +256,18 @@ def daemonset_checks(c: Checks, docs: list[Doc]) -> None:
     def probes() -> str:
         ready = ctr["readinessProbe"]["httpGet"]
         assert ready["path"] == "/healthz/ready", ready
-        assert ready["port"] == "http-health", ready
+        assert ready["port"] == 15321, ready
         live = ctr["livenessProbe"]
-        assert "tcpSocket" in live and live["tcpSocket"]["port"] == "http-health", live
+        assert "tcpSocket" in live and live["tcpSocket"]["port"] == 15321, live
         assert (live["initialDelaySeconds"], live["periodSeconds"],
                 live["failureThreshold"]) == (10, 10, 6), live
-        ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
-        assert ports == {"http-metrics": 15320, "http-health": 15321}, ports
+        # Hand-over rollouts run two pods on a node at once: no declared ports (with
+        # hostNetwork they are host ports, which the surge pod could not get).
+        if ds["spec"]["updateStrategy"]["rollingUpdate"].get("maxSurge"):
+            assert not ctr.get("ports"), ctr.get("ports")
+        else:
+            ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
+            assert ports == {"http-metrics": 15320, "http-health": 15321}, ports
         return "readiness GET /healthz/ready :15321, liveness tcpSocket :15321"
 
     def node_name() -> str:
@@ -274,7 +281,8 @@ def daemonset_checks(c: Checks, docs: list[Doc]) -> None:
     def scheduling() -> str:
         strategy = ds["spec"]["updateStrategy"]
         assert strategy["type"] == "RollingUpdate", strategy
-        assert strategy["rollingUpdate"]["maxUnavailable"] == 1, strategy
+        # Hand-over: the new pod beside the old one, which leaves once the new is ready.
+        assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}, strategy
         assert pod["priorityClassName"] == "system-node-critical", pod["priorityClassName"]
         assert {"operator": "Exists"} in pod.get("tolerations", []), pod.get("tolerations")
         drain = int(cm["PROXY_DRAIN_TIMEOUT_SECS"])
@@ -282,7 +290,7 @@ def daemonset_checks(c: Checks, docs: list[Doc]) -> None:
             pod["terminationGracePeriodSeconds"])
         assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
         assert pod["automountServiceAccountToken"] is True
-        return (f"maxUnavailable 1, system-node-critical, tolerates all, "
+        return (f"maxSurge 1 / maxUnavailable 0 (hand-over), system-node-critical, tolerates all, "
                 f"grace {drain}+10 s")
 
     def resources() -> str:
@@ -304,9 +312,14 @@ def daemonset_checks(c: Checks, docs: list[Doc]) -> None:
                                              "type": "DirectoryOrCreate"}
         assert cm["PROXY_BPF_PIN_DIR"].startswith("/sys/fs/bpf/"), cm["PROXY_BPF_PIN_DIR"]
         assert mounts["tmp"]["mountPath"] == "/tmp" and "emptyDir" in vols["tmp"]
+        run = mounts["run"]
+        assert run["mountPath"] == "/run/proxy-daemon" and not run.get("readOnly"), run
+        assert vols["run"]["hostPath"] == {"path": "/run/proxy-daemon",
+                                           "type": "DirectoryOrCreate"}
         host_paths = sorted(v["hostPath"]["path"] for v in vols.values() if "hostPath" in v)
-        assert host_paths == ["/sys/fs/bpf", "/sys/fs/cgroup"], host_paths
-        return "cgroup2 root read-only at /host/sys/fs/cgroup, bpffs, /tmp emptyDir"
+        assert host_paths == ["/run/proxy-daemon", "/sys/fs/bpf", "/sys/fs/cgroup"], host_paths
+        return ("cgroup2 root read-only at /host/sys/fs/cgroup, bpffs, the hand-over run "
+                "dir, /tmp emptyDir")
 
     def scrape() -> str:
         ann = ds["spec"]["template"]["metadata"]["annotations"]
@@ -354,6 +367,8 @@ def check_all(manifests_path: Path) -> int:
     c.check("renders with rbac.secrets=false", render_variant("nosecrets", "rbac.secrets=false"))
     c.check("renders with securityContext.privileged=true",
             render_variant("privileged", "securityContext.privileged=true"))
+    c.check("renders with updateStrategy.handover=false",
+            render_variant("nohandover", "updateStrategy.handover=false,podMonitor.enabled=true"))
 
     def rejects(set_string: str, needle: str) -> Callable[[], str]:
         def fn() -> str:
@@ -393,7 +408,7 @@ def check_all(manifests_path: Path) -> int:
     seen: set[str] = set()
     namespace_doc = Doc("(plain manifests)", NAMESPACE_DOC)
     labelled = [("default", namespace_doc)] + [
-        (key, doc) for key in ("default", "monitors", "nosecrets", "privileged")
+        (key, doc) for key in ("default", "monitors", "nosecrets", "privileged", "nohandover")
         for doc in variants.get(key, [])]
     for key, doc in labelled:
         if doc.text in seen:

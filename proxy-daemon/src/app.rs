@@ -99,6 +99,7 @@ pub struct Settings {
     /// Detach the programs and remove the pins on a clean stop (for uninstalling).
     pub detach_on_exit: bool,
     pub run_dir: PathBuf,
+    pub stay_after_handover: bool,
     /// With `--admin-token-file`: the bearer token every admin request must carry.
     #[serde(skip)]
     pub admin_token: Option<AdminToken>,
@@ -337,6 +338,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         detach_on_exit: args.detach_on_exit,
         run_dir: args.run_dir.clone(),
+        stay_after_handover: args.stay_after_handover,
         admin_token: match &args.admin_token_file {
             None => None,
             Some(path) => {
@@ -1220,8 +1222,32 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     };
     drop(startup_block);
     // Serve our own hand-over socket, and tell a predecessor to drain once we are ready.
+    let (stage_tx, mut stage_rx) = watch::channel(crate::handover::Stage::Serving);
+    crate::handover::serve(handover_path, handover_table.clone(), stage_tx);
+    // While a successor holds our sockets and gets ready, probes of the shared health
+    // port reach either of us: ours say "not ready" so that only its answer counts.
     let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
-    crate::handover::serve(handover_path, handover_table.clone(), handed_tx);
+    {
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let mut handing = None;
+            while stage_rx.changed().await.is_ok() {
+                let stage = *stage_rx.borrow_and_update();
+                match stage {
+                    crate::handover::Stage::Taken => {
+                        handing = Some(ready.register_task("handing over to a new daemon"));
+                    }
+                    crate::handover::Stage::Serving => handing = None,
+                    crate::handover::Stage::Done => {
+                        let _ = handed_tx.send(());
+                        // Not ready again: this daemon is leaving.
+                        std::mem::forget(handing.take());
+                        return;
+                    }
+                }
+            }
+        });
+    }
     if let Some(taken) = taken {
         let ready = ready.clone();
         tokio::spawn(async move {
@@ -1290,6 +1316,12 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     }
     for s in servers {
         s.abort();
+    }
+    if handed_over && settings.stay_after_handover {
+        info!("handed over and drained; waiting for SIGTERM (the DaemonSet controller removes this pod)");
+        let (_never_tx, never) = tokio::sync::oneshot::channel::<()>();
+        let (_quit, quit) = watch::channel(false);
+        shutdown_signal(quit, never).await;
     }
     Ok(())
 }

@@ -152,6 +152,12 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_RUN_DIR", default_value = "/run/proxy-daemon")]
     pub run_dir: PathBuf,
 
+    /// After handing over to a newer daemon and draining, wait (idle, not ready) for
+    /// SIGTERM instead of exiting: under a DaemonSet an exited container is restarted, and
+    /// the controller deletes the old pod itself once the new one is ready.
+    #[arg(long, env = "PROXY_STAY_AFTER_HANDOVER")]
+    pub stay_after_handover: bool,
+
     /// On a clean stop, also detach the programs and remove the pins (as `uninstall` does):
     /// set it before removing the DaemonSet for good. Otherwise a stop leaves them for the
     /// next daemon, so capture and fail-closed hold across restarts and upgrades.

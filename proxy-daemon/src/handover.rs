@@ -228,14 +228,24 @@ fn receive(fd: RawFd) -> Result<(Vec<u8>, Option<OwnedFd>), nix::errno::Errno> {
     Ok((buf, received))
 }
 
+/// Where a hand-over stands, as the predecessor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Serving,
+    /// A successor holds our sockets and is getting ready: both accept meanwhile.
+    Taken,
+    /// The successor is ready: stop accepting, drain, leave.
+    Done,
+}
+
 /// Serves the hand-over socket until a successor has taken the sockets and said it is
-/// ready; then `taken` fires (the caller drains and exits). Runs on its own thread: the
-/// exchange is a few blocking calls, once in the daemon's life.
-pub fn serve(path: PathBuf, table: Arc<Table>, taken: tokio::sync::oneshot::Sender<()>) {
+/// ready, reporting each stage on `stage`. Runs on its own thread: the exchange is a few
+/// blocking calls, once in the daemon's life.
+pub fn serve(path: PathBuf, table: Arc<Table>, stage: tokio::sync::watch::Sender<Stage>) {
     let result = std::thread::Builder::new()
         .name("handover".into())
         .spawn(move || {
-            if let Err(e) = serve_blocking(&path, &table, taken) {
+            if let Err(e) = serve_blocking(&path, &table, &stage) {
                 warn!(path = %path.display(), error = %e, "hand-over socket stopped; a new daemon will start beside this one instead of taking over");
             }
         });
@@ -247,7 +257,7 @@ pub fn serve(path: PathBuf, table: Arc<Table>, taken: tokio::sync::oneshot::Send
 fn serve_blocking(
     path: &Path,
     table: &Table,
-    taken: tokio::sync::oneshot::Sender<()>,
+    stage: &tokio::sync::watch::Sender<Stage>,
 ) -> Result<(), HandoverError> {
     let err = |source| HandoverError::Socket {
         path: path.to_owned(),
@@ -272,7 +282,7 @@ fn serve_blocking(
         let raw = socket::accept(listener.as_raw_fd()).map_err(err)?;
         // SAFETY: accept returned a new descriptor that we now own.
         let conn = unsafe { OwnedFd::from_raw_fd(raw) };
-        match hand_over(&conn, table) {
+        match hand_over(&conn, table, stage) {
             Ok(()) => {
                 info!("a new daemon took this daemon's sockets and is ready: draining");
                 let now = std::fs::metadata(path)
@@ -281,15 +291,22 @@ fn serve_blocking(
                 if now.is_some() && now == ours {
                     let _ = std::fs::remove_file(path);
                 }
-                let _ = taken.send(());
+                let _ = stage.send(Stage::Done);
                 return Ok(());
             }
-            Err(e) => warn!(error = %e, "hand-over did not complete; still serving"),
+            Err(e) => {
+                warn!(error = %e, "hand-over did not complete; still serving");
+                let _ = stage.send(Stage::Serving);
+            }
         }
     }
 }
 
-fn hand_over(conn: &OwnedFd, table: &Table) -> Result<(), HandoverError> {
+fn hand_over(
+    conn: &OwnedFd,
+    table: &Table,
+    stage: &tokio::sync::watch::Sender<Stage>,
+) -> Result<(), HandoverError> {
     let perr = |e: nix::errno::Errno| HandoverError::Protocol(e.to_string());
     let timeout = nix::sys::time::TimeVal::new(5, 0);
     let _ = socket::setsockopt(conn, socket::sockopt::ReceiveTimeout, &timeout);
@@ -314,6 +331,7 @@ fn hand_over(conn: &OwnedFd, table: &Table) -> Result<(), HandoverError> {
         .map_err(perr)?;
     }
     socket::send(conn.as_raw_fd(), END, MsgFlags::empty()).map_err(perr)?;
+    let _ = stage.send(Stage::Taken);
     // Until the successor is ready both accept on the same sockets; it may take a while
     // (its first configuration load, eBPF attach).
     let wait = nix::sys::time::TimeVal::new(READY_WAIT.as_secs() as i64 + 5, 0);
@@ -351,7 +369,7 @@ mod tests {
             },
             Arc::new(OwnedFd::from(listener.try_clone().unwrap())),
         );
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, mut rx) = tokio::sync::watch::channel(Stage::Serving);
         serve(path.clone(), table, tx);
         let taken = (0..100)
             .find_map(|_| {
@@ -366,8 +384,13 @@ mod tests {
         let _client = std::net::TcpStream::connect(addr).unwrap();
         drop(listener);
         assert!(admin.accept().is_ok());
+        assert_eq!(*rx.borrow_and_update(), Stage::Taken);
         taken.confirm();
-        assert!(rx.blocking_recv().is_ok());
+        let done = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            *rx.borrow() == Stage::Done
+        });
+        assert!(done);
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

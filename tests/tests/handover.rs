@@ -374,3 +374,56 @@ fn threads(pid: u32) -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// Under a DaemonSet the old pod must not exit by itself after handing over (its container
+/// would be restarted and take the sockets back): with --stay-after-handover it drains and
+/// waits, not ready, for the controller's SIGTERM, while the new daemon serves.
+#[test]
+fn under_a_daemonset_the_old_daemon_waits_for_its_sigterm_after_handing_over() {
+    let (mut node, _servers, upstream, _seen) = proxy_tests::node_with_upstream("stay", 80);
+    let pod = node.pod("shop", "web-0");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, Some("closed")) + &pod_yaml(&pod, &[("app", "web")])),
+    );
+    let (admin, metrics, health) = (free_addr(), free_addr(), free_addr());
+    let flags = [
+        "--admin-addr",
+        admin.as_str(),
+        "--metrics-addr",
+        metrics.as_str(),
+        "--health-addr",
+        health.as_str(),
+        "--stay-after-handover",
+    ];
+    let mut old = Daemon::start(&node, &flags);
+    old.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let new = Daemon::start(&node, &flags);
+    assert!(
+        proxy_tests::wait_for(Duration::from_secs(5), || old
+            .log_text()
+            .contains("waiting for SIGTERM")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        old.log_text()
+    );
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(2)),
+        None,
+        "the old daemon stays"
+    );
+    // The pod is served (by the new daemon) while the old one waits.
+    let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(new.is_ready());
+    assert_eq!(old.terminate(), Some(0));
+    let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_eq!(
+        out["result"], "ok",
+        "still served after the old pod is gone: {out}"
+    );
+    assert!(new
+        .workload_state(&pod.uid)
+        .is_some_and(|w| w["state"] == "enrolled"));
+}
