@@ -1109,16 +1109,39 @@ fn main() {
         Cmd::Watch { to, ms } => {
             let started = Instant::now();
             let mut counts = std::collections::BTreeMap::<String, u64>::new();
+            // Runs of the same outcome, in order: what happened when.
+            let mut runs: Vec<serde_json::Value> = Vec::new();
+            let mut current: Option<(String, u128, u128, u64)> = None;
             while started.elapsed() < Duration::from_millis(ms) {
+                let at = started.elapsed().as_millis();
                 let kind = match exchange(to, "watch", Duration::from_secs(2)) {
                     Ok((_, local, _)) if local.ip().is_loopback() => "captured".to_string(),
                     Ok(_) => "direct".to_string(),
                     Err(e) => classify(&e).to_string(),
                 };
-                *counts.entry(kind).or_default() += 1;
+                *counts.entry(kind.clone()).or_default() += 1;
+                match &mut current {
+                    Some((k, _, to_ms, n)) if *k == kind => {
+                        *to_ms = at;
+                        *n += 1;
+                    }
+                    _ => {
+                        if let Some((k, from, to_ms, n)) = current.take() {
+                            runs.push(
+                                json!({"kind": k, "from_ms": from, "to_ms": to_ms, "count": n}),
+                            );
+                        }
+                        current = Some((kind, at, at, 1));
+                    }
+                }
                 std::thread::sleep(Duration::from_millis(2));
             }
-            json!(counts)
+            if let Some((k, from, to_ms, n)) = current.take() {
+                runs.push(json!({"kind": k, "from_ms": from, "to_ms": to_ms, "count": n}));
+            }
+            let mut out = json!(counts);
+            out["runs"] = json!(runs);
+            out
         }
         Cmd::Spread { to, count } => {
             let mut servers = std::collections::BTreeMap::<String, u64>::new();
