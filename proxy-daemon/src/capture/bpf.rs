@@ -358,25 +358,122 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
+/// The enrolment value of the first release (16 bytes: netns cookie, pod id, listener
+/// port, fail mode, padding), as pinned by a daemon of that version.
+const ENROLMENT_V1_SIZE: usize = 16;
+
+/// Enrolment entries of an older layout, read before its pins are replaced.
+fn read_old_enrolments(pin_dir: &Path) -> Vec<(u64, Enrolment)> {
+    let Ok(data) = MapData::from_pin(pin_dir.join(maps::ENROLLED)) else {
+        return Vec::new();
+    };
+    let Ok(map) = Map::from_map_data(data) else {
+        return Vec::new();
+    };
+    let Ok(old) = HashMap::<_, u64, [u8; ENROLMENT_V1_SIZE]>::try_from(map) else {
+        // Neither this layout nor the first one: nothing we can carry over.
+        return Vec::new();
+    };
+    old.iter()
+        .filter_map(Result::ok)
+        .map(|(cgroup_id, v)| {
+            let netns_cookie = u64::from_ne_bytes(v[0..8].try_into().unwrap_or_default());
+            let pod_id = u32::from_ne_bytes(v[8..12].try_into().unwrap_or_default());
+            let listener_port = u16::from_ne_bytes([v[12], v[13]]);
+            (
+                cgroup_id,
+                Enrolment {
+                    netns_cookie,
+                    pod_id,
+                    // The old listener carries no token: "not listening" until this
+                    // daemon's own listener replaces the entry; meanwhile the fail mode.
+                    listener_token: 0,
+                    listener_port,
+                    fail_mode: v[14],
+                    flags: 0,
+                    _pad: 0,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Whether every map pinned in `pin_dir` has the key size, value size and capacity this
+/// build's programs expect. The loader reuses a pinned map by name without comparing
+/// (found by the upgrade test: a first-release map made the verifier refuse the programs,
+/// so the daemon could not start), hence the check here.
+fn pins_compatible(pin_dir: &Path) -> Result<(), String> {
+    use proxy_common::{CAPTURE_STAT_SLOTS, MAX_ENROLLED, MAX_TRACKED_CONNECTIONS};
+    let size = |n: usize| n as u32;
+    let expected = [
+        (maps::ENROLLED, 8, size(std::mem::size_of::<Enrolment>()), MAX_ENROLLED),
+        (maps::SOCK_ORIG_DST, 8, size(std::mem::size_of::<OrigDst>()), MAX_TRACKED_CONNECTIONS),
+        (
+            maps::CLIENT_ORIG_DST,
+            size(std::mem::size_of::<ClientKey>()),
+            size(std::mem::size_of::<OrigDst>()),
+            MAX_TRACKED_CONNECTIONS,
+        ),
+        (maps::CAPTURE_STATS, 4, 8, CAPTURE_STAT_SLOTS),
+    ];
+    for (name, key, value, max) in expected {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(|e| format!("{name}: {e}"))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        if found != (key, value, max) {
+            return Err(format!(
+                "{name}: key/value size and capacity {found:?}, this build needs {:?}",
+                (key, value, max)
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn load_object(pin_dir: &Path) -> Result<Ebpf, BpfError> {
     let load = || {
         EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(PROGRAM_OBJECT)
     };
-    match load() {
-        Ok(ebpf) => Ok(ebpf),
-        Err(first) => {
-            // Maps pinned by an older build may have another layout; they are only reusable
-            // if compatible. Drop the stale pins (programs still attached keep their own
-            // copies alive) and load fresh.
-            warn!(error = %first, "loading with pinned maps failed; replacing stale map pins");
-            for name in maps::ALL {
-                let _ = fs::remove_file(pin_dir.join(name));
+    let why = match pins_compatible(pin_dir) {
+        Ok(()) => match load() {
+            Ok(ebpf) => return Ok(ebpf),
+            Err(e) => e.to_string(),
+        },
+        Err(why) => why,
+    };
+    // Maps pinned by an older build may have another layout; they are only reusable if
+    // compatible. Carry the enrolments over (each pod keeps its fail mode: a fail-closed
+    // pod must not go direct while this daemon starts), drop the stale pins (programs
+    // still attached keep their own copies alive) and load fresh.
+    let carried = read_old_enrolments(pin_dir);
+    warn!(reason = %why, carried = carried.len(), "pinned maps not reusable; replacing them, carrying the enrolments over");
+    for name in maps::ALL {
+        let _ = fs::remove_file(pin_dir.join(name));
+    }
+    let mut ebpf = load()?;
+    if let Some(map) = ebpf.map_mut(maps::ENROLLED) {
+        if let Ok(mut enrolled) = HashMap::<_, u64, Enrolment>::try_from(map) {
+            for (cgroup_id, e) in &carried {
+                if let Err(err) = enrolled.insert(cgroup_id, e, 0) {
+                    warn!(cgroup_id, error = %err, "carrying an enrolment over");
+                }
             }
-            Ok(load()?)
         }
     }
+    if !carried.is_empty() {
+        info!(
+            entries = carried.len(),
+            "enrolments carried over from an older map layout (fail mode in force until each pod's listener is up)"
+        );
+    }
+    Ok(ebpf)
 }
 
 /// Attaches `link` and replaces whatever link an earlier daemon pinned at `path`: new one
