@@ -214,7 +214,8 @@ fn harness() -> &'static Harness {
             .unwrap_or_else(|e| panic!("runtime: {e}"));
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let upstream = runtime.block_on(upstream_server(seen.clone()));
-        let service = SocketAddrV4::new(Ipv4Addr::new(240, 0, 0, 10), 80);
+        // Loopback: whatever the fuzzer makes of a request, nothing leaves the machine.
+        let service = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 10), 80);
         let yaml = HTTP_CONFIG
             .replace("UPSTREAM_PORT", &upstream.port().to_string())
             .replace("SERVICE_IP", &service.ip().to_string());

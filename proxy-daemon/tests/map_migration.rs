@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use aya::maps::{HashMap, MapData};
-use proxy_daemon::capture::{bpf, cgroup};
 use proxy_common::{FailMode, ENROLMENT_LISTENING};
+use proxy_daemon::capture::{bpf, cgroup};
 
 struct Cleanup {
     pin_dir: PathBuf,
@@ -46,8 +46,10 @@ fn first_release_enrolments_are_carried_over_with_their_fail_mode() {
         v[14] = mode as u8;
         v
     };
-    old.insert(1111, entry(77, 1, FailMode::Closed), 0).expect("insert");
-    old.insert(2222, entry(78, 2, FailMode::Open), 0).expect("insert");
+    old.insert(1111, entry(77, 1, FailMode::Closed), 0)
+        .expect("insert");
+    old.insert(2222, entry(78, 2, FailMode::Open), 0)
+        .expect("insert");
     // (pin consumes the handle; the pin keeps the map.)
     old.pin(pin_dir.join("PD_ENROLLED")).expect("pin v1 map");
 
@@ -55,7 +57,11 @@ fn first_release_enrolments_are_carried_over_with_their_fail_mode() {
     let maps = loaded.enrolment;
     let closed = maps.entry(1111).expect("fail-closed pod carried over");
     assert_eq!(closed.fail_mode, FailMode::Closed as u8);
-    assert_eq!(closed.flags & ENROLMENT_LISTENING, 0, "not listening until re-enrolled");
+    assert_eq!(
+        closed.flags & ENROLMENT_LISTENING,
+        0,
+        "not listening until re-enrolled"
+    );
     assert_eq!(closed.listener_port, 15001);
     let open = maps.entry(2222).expect("fail-open pod carried over");
     assert_eq!(open.fail_mode, FailMode::Open as u8);

@@ -39,7 +39,8 @@ enum Cmd {
     /// Quick measurements: captured vs direct connects, latency, daemon memory.
     Bench,
     /// The long versions of the tests CI runs short: 200 pods churned over two minutes
-    /// under traffic, ten hand-overs under load, a 20,000-connection slowloris.
+    /// under traffic, ten hand-overs under load, a 20,000-connection slowloris, 100,000
+    /// distinct Host headers from one pod.
     Soak,
     /// Fuzz the protocol sniffer, the ClientHello parser, the HTTP request path, the YAML
     /// loader + compiler and the EnvoyFilter cluster-name parser (cargo-fuzz, nightly) for

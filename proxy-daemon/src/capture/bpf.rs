@@ -406,8 +406,18 @@ fn pins_compatible(pin_dir: &Path) -> Result<(), String> {
     use proxy_common::{CAPTURE_STAT_SLOTS, MAX_ENROLLED, MAX_TRACKED_CONNECTIONS};
     let size = |n: usize| n as u32;
     let expected = [
-        (maps::ENROLLED, 8, size(std::mem::size_of::<Enrolment>()), MAX_ENROLLED),
-        (maps::SOCK_ORIG_DST, 8, size(std::mem::size_of::<OrigDst>()), MAX_TRACKED_CONNECTIONS),
+        (
+            maps::ENROLLED,
+            8,
+            size(std::mem::size_of::<Enrolment>()),
+            MAX_ENROLLED,
+        ),
+        (
+            maps::SOCK_ORIG_DST,
+            8,
+            size(std::mem::size_of::<OrigDst>()),
+            MAX_TRACKED_CONNECTIONS,
+        ),
         (
             maps::CLIENT_ORIG_DST,
             size(std::mem::size_of::<ClientKey>()),

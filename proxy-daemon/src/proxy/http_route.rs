@@ -199,6 +199,8 @@ fn service_for<'a>(
         .filter(|c| !c.is_empty())
         .find_map(|c| snap.registry.by_host(c))
         .or_else(|| snap.registry.by_addr(SocketAddr::V4(dst)))
+        // A ServiceEntry not exported to the client's namespace is not in its registry.
+        .filter(|s| s.visible_to(src_ns))
 }
 
 fn matcher_ok(m: &Option<Matcher>, value: Option<&str>, ignore_case: bool) -> bool {
@@ -413,7 +415,10 @@ pub fn decide(
             timeout,
         );
     };
-    let vss = snap.routes.virtual_services_for(&svc.hostname);
+    let vss: Vec<_> = snap
+        .routes
+        .virtual_services_for(&svc.hostname, &src.namespace)
+        .collect();
     let rules: Vec<HttpRule> = vss.iter().flat_map(|vs| vs.http.iter().cloned()).collect();
     if vss.is_empty() || rules.is_empty() {
         // No VirtualService: the service itself, on the port dialled.
@@ -506,7 +511,11 @@ pub fn decide(
             };
             edits.headers.push(dest.headers.request.clone());
             response_headers.push(dest.headers.response.clone());
-            let Some(target) = snap.registry.by_host(&dest.destination.host) else {
+            let Some(target) = snap
+                .registry
+                .by_host(&dest.destination.host)
+                .filter(|t| t.visible_to(&src.namespace))
+            else {
                 return no_route(req, "NR");
             };
             let labels = labels_for(target);

@@ -204,7 +204,11 @@ pub fn decide(
     let (src, scope) = (&*pod.workload, &pod.source_labels);
     // The SNI of the app's own TLS names the service when the registry knows it.
     let by_sni = sni.and_then(|h| snap.registry.by_host(h));
-    let Some(svc) = by_sni.or_else(|| snap.registry.by_addr(SocketAddr::V4(dst))) else {
+    // A ServiceEntry not exported to the client's namespace is not in its registry.
+    let Some(svc) = by_sni
+        .or_else(|| snap.registry.by_addr(SocketAddr::V4(dst)))
+        .filter(|s| s.visible_to(&src.namespace))
+    else {
         let named = sni.map(str::to_string).unwrap_or_else(|| dst.to_string());
         return if registry_only(snap, src, default_policy) {
             L4Decision::Refuse {
@@ -231,8 +235,7 @@ pub fn decide(
     // VirtualService tcp[] rules for the service's host: first match wins.
     let rule_dest = snap
         .routes
-        .virtual_services_for(&svc.hostname)
-        .iter()
+        .virtual_services_for(&svc.hostname, &src.namespace)
         .flat_map(|vs| {
             if sni.is_some() {
                 vs.tls.iter()
@@ -254,7 +257,11 @@ pub fn decide(
         })
         .and_then(|r| pick_weighted(&r.destinations, roll));
     let (target, subset, port) = match rule_dest {
-        Some(d) => match snap.registry.by_host(&d.destination.host) {
+        Some(d) => match snap
+            .registry
+            .by_host(&d.destination.host)
+            .filter(|t| t.visible_to(&src.namespace))
+        {
             Some(t) => (
                 t,
                 d.destination.subset.as_deref(),

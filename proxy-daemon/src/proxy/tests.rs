@@ -344,3 +344,90 @@ async fn consistent_hash_pins_each_user_to_one_endpoint() {
         60
     );
 }
+
+/// exportTo decides what each namespace sees: a VirtualService and a DestinationRule kept
+/// to team-a (`.`) steer team-a's traffic only; team-b's clients get the Service as is.
+/// A ServiceEntry exported only to team-a is, for team-b, not in the registry at all.
+#[tokio::test]
+async fn export_to_keeps_each_namespaces_rules_to_itself() {
+    let (v1, v2, yaml) = reviews(0).await;
+    let api = upstream(Ipv4Addr::new(127, 0, 0, 4), 0, "partner-api", 0).await;
+    let yaml = yaml
+        + &format!(
+            "apiVersion: v1
+kind: Namespace
+metadata: {{name: team-b, labels: {{nodeproxy.io/capture: enabled}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client-b, namespace: team-b, uid: u-client-b, labels: {{app: client}}}}
+spec: {{containers: [{{name: app}}]}}
+status: {{phase: Running, podIP: 127.0.0.1}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews-for-shop, namespace: shop}}
+spec:
+  hosts: [reviews.backend.svc.cluster.local]
+  exportTo: [.]
+  http:
+  - route: [{{destination: {{host: reviews.backend.svc.cluster.local, subset: v2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-subsets-for-shop, namespace: shop}}
+spec:
+  host: reviews.backend.svc.cluster.local
+  exportTo: [.]
+  subsets:
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: partner, namespace: shop}}
+spec:
+  hosts: [partner.example]
+  addresses: [127.0.0.9/32]
+  exportTo: [.]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.4}}]
+",
+            port = api.port
+        );
+    let shop = InProcess::start(&yaml, "shop", "client-1").await;
+    let team_b = InProcess::start(&yaml, "team-b", "client-b").await;
+    for _ in 0..6 {
+        assert_eq!(get(&shop, svc(), "").await, (200, "reviews-v2".into()));
+    }
+    let mut seen_b = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (status, body) = get(&team_b, svc(), "").await;
+        assert_eq!(status, 200);
+        seen_b.insert(body);
+    }
+    assert!(
+        seen_b.contains("reviews-v1"),
+        "team-b does not see shop's rule (both versions serve it): {seen_b:?}"
+    );
+    assert!(v1.served.load(Ordering::SeqCst) > 0 && v2.served.load(Ordering::SeqCst) >= 6);
+    // The ServiceEntry: shop reaches the partner through it (and its targetPort);
+    // for team-b the address is an unknown one, passed through as dialled (nothing
+    // listens on 127.0.0.9:80, so the connect fails: 503 UF), metered as passthrough.
+    // (A loopback address: a test never sends traffic off the machine.)
+    let partner = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 9), 80);
+    assert_eq!(
+        get_host(&shop, partner, "partner.example", "").await,
+        (200, "partner-api".into())
+    );
+    let (status, body) = get_host(&team_b, partner, "partner.example", "").await;
+    assert_eq!(status, 503, "team-b has no such entry: {body}");
+    let text = team_b.metrics_text();
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total")
+            && l.contains("destination_service_name=\"PassthroughCluster\"")),
+        "{text}"
+    );
+    assert_eq!(api.served.load(Ordering::SeqCst), 1);
+}

@@ -102,12 +102,21 @@ pub struct ServiceInfo {
     pub addresses: Vec<String>,
     pub ports: Vec<PortInfo>,
     pub endpoints: Vec<EndpointInfo>,
+    /// Namespaces whose workloads see it (ServiceEntry `exportTo`; empty: all).
+    pub export_to: Vec<String>,
     pub source: String,
 }
 
 impl ServiceInfo {
     pub fn port(&self, port: u32) -> Option<&PortInfo> {
         self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// Whether workloads of namespace `client` see this service: one not exported to
+    /// them is, for them, not in the registry (passthrough, or BlackHole when
+    /// registry-only).
+    pub fn visible_to(&self, client: &str) -> bool {
+        crate::state::routes::exported_to(&self.export_to, &self.namespace, client)
     }
 }
 
@@ -381,6 +390,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                     addresses,
                     ports,
                     endpoints,
+                    export_to: Vec::new(),
                     source: format!(
                         "{} ({}:{})",
                         o.object_ref,
@@ -481,6 +491,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                         addresses: spec.addresses.iter().map(|a| a.value.clone()).collect(),
                         ports: ports.clone(),
                         endpoints: endpoints.clone(),
+                        export_to: spec.export_to.clone(),
                         source: format!(
                             "{} ({}:{})",
                             o.object_ref,

@@ -66,7 +66,11 @@ pub(super) fn send_mirror(
     };
     let (upstream, labels, tls, port) = {
         let snap = inputs.config.load();
-        let Some(target) = snap.registry.by_host(&dest.host) else {
+        let Some(target) = snap
+            .registry
+            .by_host(&dest.host)
+            .filter(|t| t.visible_to(&pod.workload.namespace))
+        else {
             return dropped("no_destination");
         };
         let port = dest

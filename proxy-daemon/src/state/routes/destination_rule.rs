@@ -127,6 +127,8 @@ pub struct SubsetPolicy {
 pub struct CompiledDestinationRule {
     pub name: String,
     pub namespace: String,
+    /// Namespaces that see it (empty: all).
+    pub export_to: Vec<String>,
     pub host: String,
     pub policy: Policy,
     pub port_policies: BTreeMap<u32, Policy>,
@@ -412,6 +414,7 @@ pub(super) fn compile_destination_rule(
     }
     CompiledDestinationRule {
         name: o.object_ref.name.clone(),
+        export_to: dr.spec.export_to.clone(),
         namespace: ns,
         host,
         policy,

@@ -57,13 +57,16 @@ impl RouteTable {
         namespace: &str,
     ) -> Option<&CompiledDestinationRule> {
         let list = self.destination_rules.get(host)?;
-        list.iter()
+        // Only rules exported to the client's namespace (exportTo) are candidates: a rule
+        // one namespace keeps to itself never steers another's traffic.
+        let visible = || {
+            list.iter()
+                .filter(move |d| exported_to(&d.export_to, &d.namespace, namespace))
+        };
+        visible()
             .find(|d| d.namespace == namespace)
-            .or_else(|| {
-                list.iter()
-                    .find(|d| host.split('.').nth(1) == Some(d.namespace.as_str()))
-            })
-            .or_else(|| list.first())
+            .or_else(|| visible().find(|d| host.split('.').nth(1) == Some(d.namespace.as_str())))
+            .or_else(|| visible().next())
     }
 
     /// The Sidecar governing a workload: one in its namespace whose selector matches wins
@@ -95,18 +98,44 @@ impl RouteTable {
             .filter(move |f| f.namespace == namespace && selects(&f.selector, labels))
     }
 
-    /// VirtualServices for a host, exact name first, then the longest wildcard.
-    pub fn virtual_services_for(&self, host: &str) -> &[std::sync::Arc<CompiledVirtualService>] {
-        if let Some(v) = self.virtual_services.get(host) {
-            return v;
-        }
-        self.virtual_services
-            .iter()
-            .filter(|(p, _)| crate::state::registry::host_matches(p, host))
-            .max_by_key(|(p, _)| p.len())
-            .map(|(_, v)| v.as_slice())
-            .unwrap_or(&[])
+    /// VirtualServices for a host that namespace `client` sees (exportTo): exact name
+    /// first, then the longest wildcard, each only if one of its rules is visible.
+    pub fn virtual_services_for<'a>(
+        &'a self,
+        host: &str,
+        client: &'a str,
+    ) -> impl Iterator<Item = &'a std::sync::Arc<CompiledVirtualService>> + 'a {
+        let visible = move |vs: &&std::sync::Arc<CompiledVirtualService>| vs.visible_to(client);
+        let list = match self.virtual_services.get(host) {
+            Some(v) if v.iter().any(|vs| vs.visible_to(client)) => v.as_slice(),
+            _ => self
+                .virtual_services
+                .iter()
+                .filter(|(p, v)| {
+                    crate::state::registry::host_matches(p, host)
+                        && v.iter().any(|vs| vs.visible_to(client))
+                })
+                .max_by_key(|(p, _)| p.len())
+                .map(|(_, v)| v.as_slice())
+                .unwrap_or(&[]),
+        };
+        list.iter().filter(visible)
     }
+}
+
+/// Istio's `exportTo`: whether an object of namespace `owner` is visible to workloads of
+/// namespace `client`. Empty is the mesh default, `*` (all); `.` is the owner's own
+/// namespace, `~` none, anything else a namespace name.
+pub fn exported_to(export_to: &[String], owner: &str, client: &str) -> bool {
+    if export_to.is_empty() {
+        return true;
+    }
+    export_to.iter().any(|e| match e.as_str() {
+        "*" => true,
+        "." => owner == client,
+        "~" => false,
+        ns => ns == client,
+    })
 }
 
 /// Label selector semantics: every selector label present with the same value.

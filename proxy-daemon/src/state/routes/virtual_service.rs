@@ -112,6 +112,13 @@ pub struct CompiledVirtualService {
     pub source: String,
 }
 
+impl CompiledVirtualService {
+    /// Whether workloads of namespace `client` see this VirtualService (exportTo).
+    pub fn visible_to(&self, client: &str) -> bool {
+        super::exported_to(&self.export_to, &self.namespace, client)
+    }
+}
+
 pub(super) fn header_ops(h: &Option<istio::HeaderOperations>) -> HeaderOps {
     match h {
         Some(h) => HeaderOps {
