@@ -45,7 +45,9 @@ fn mirror_api_mirrors_everything_to_the_mirror_namespace() {
     let snap = compile("mirror-api.yaml");
     let vs = &snap
         .routes
-        .virtual_services_for("api.azar.svc.cluster.local")[0];
+        .virtual_services_for("api.azar.svc.cluster.local", "azar")
+        .next()
+        .expect("a VirtualService");
     let rule = &vs.http[0];
     assert!(rule.matches.is_empty());
     let HttpAction::Route { destinations } = &rule.action else {
@@ -73,7 +75,9 @@ fn route_by_source_sends_test_and_mirror_pods_to_the_cache_with_a_header() {
     let snap = compile("route-by-source.yaml");
     let rules = &snap
         .routes
-        .virtual_services_for("tiny-microservice.azar.svc.cluster.local")[0]
+        .virtual_services_for("tiny-microservice.azar.svc.cluster.local", "azar")
+        .next()
+        .expect("a VirtualService")
         .http;
     assert_eq!(rules.len(), 3);
     for (rule, stack, header) in [(&rules[0], "mirror", "true"), (&rules[1], "test", "false")] {
@@ -128,7 +132,12 @@ fn subsets_and_weights_split_10_90_for_mesh_traffic() {
         .expect("DR");
     assert_eq!(dr.subsets["v1"].labels["version"], "v1");
     assert_eq!(dr.subsets["v2"].labels["version"], "v2");
-    let rule = &snap.routes.virtual_services_for(host)[0].http[0];
+    let rule = &snap
+        .routes
+        .virtual_services_for(host, "azar")
+        .next()
+        .expect("a VirtualService")
+        .http[0];
     assert!(matches!(rule.matches[0].uri, Some(Matcher::Prefix(ref p)) if p == "/"));
     let HttpAction::Route { destinations } = &rule.action else {
         panic!()
