@@ -192,7 +192,10 @@ impl Harness {
     }
 }
 
-/// Set by any panic in the process, including one inside a connection's task (which
+/// Name of the harness runtime's threads.
+const HARNESS_THREAD: &str = "fuzz-harness";
+
+/// Set by a panic on a harness thread, such as one inside a connection's task (which
 /// tokio would otherwise swallow).
 static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -204,10 +207,15 @@ fn harness() -> &'static Harness {
     HARNESS.get_or_init(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+            // Only the harness's own threads: other tests in the same binary may panic
+            // on purpose.
+            if std::thread::current().name() == Some(HARNESS_THREAD) {
+                PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             previous(info);
         }));
         let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name(HARNESS_THREAD)
             .worker_threads(2)
             .enable_all()
             .build()

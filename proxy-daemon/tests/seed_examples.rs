@@ -2,6 +2,9 @@
 //! (Copies of ../shared/fixtures/seed-examples live in tests/fixtures/seed-examples.)
 use std::path::{Path, PathBuf};
 
+/// A client workload without labels (no Sidecar selects it).
+static NO_LABELS: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+
 use proxy_common::FailMode;
 use proxy_daemon::{
     config::local,
@@ -45,7 +48,7 @@ fn mirror_api_mirrors_everything_to_the_mirror_namespace() {
     let snap = compile("mirror-api.yaml");
     let vs = &snap
         .routes
-        .virtual_services_for("api.azar.svc.cluster.local", "azar")
+        .virtual_services_for("api.azar.svc.cluster.local", "azar", &NO_LABELS)
         .next()
         .expect("a VirtualService");
     let rule = &vs.http[0];
@@ -75,7 +78,11 @@ fn route_by_source_sends_test_and_mirror_pods_to_the_cache_with_a_header() {
     let snap = compile("route-by-source.yaml");
     let rules = &snap
         .routes
-        .virtual_services_for("tiny-microservice.azar.svc.cluster.local", "azar")
+        .virtual_services_for(
+            "tiny-microservice.azar.svc.cluster.local",
+            "azar",
+            &NO_LABELS,
+        )
         .next()
         .expect("a VirtualService")
         .http;
@@ -134,7 +141,7 @@ fn subsets_and_weights_split_10_90_for_mesh_traffic() {
     assert_eq!(dr.subsets["v2"].labels["version"], "v2");
     let rule = &snap
         .routes
-        .virtual_services_for(host, "azar")
+        .virtual_services_for(host, "azar", &NO_LABELS)
         .next()
         .expect("a VirtualService")
         .http[0];

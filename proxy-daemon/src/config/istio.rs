@@ -26,7 +26,6 @@ pub const KNOWN_UNSUPPORTED_FIELDS: &[&str] = &[
     "proxyProtocol",
     "workloadSelector",
     "ingress",
-    "egress",
     "inboundConnectionPool",
     "outboundTrafficPolicyEgressProxy",
     "egressProxy",
@@ -515,13 +514,29 @@ pub struct OutboundTrafficPolicy {
     pub mode: OutboundMode,
 }
 
-/// Sidecar: only `workloadSelector` + `outboundTrafficPolicy` mean something to a node proxy.
+/// Sidecar: `workloadSelector`, `outboundTrafficPolicy` and `egress[].hosts` (what the
+/// workload sees) mean something to a node proxy.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SidecarSpec {
     #[serde(rename = "workloadSelector")]
     pub workload_selector: Option<WorkloadSelector>,
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    #[serde(default)]
+    pub egress: Vec<Spanned<SidecarEgress>>,
+}
+
+/// One egress listener of a Sidecar: its `hosts` (`namespace/dnsName`) say which services
+/// and rules the workload sees. A node proxy has no per-workload listeners, so `port`,
+/// `bind` and `captureMode` do not apply (accepted, noted).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SidecarEgress {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub port: Option<serde::de::IgnoredAny>,
+    pub bind: Option<serde::de::IgnoredAny>,
+    pub capture_mode: Option<serde::de::IgnoredAny>,
 }
 
 // ---- EnvoyFilter: the outbound route overrides teams write (Envoy's snake_case inside `value`).

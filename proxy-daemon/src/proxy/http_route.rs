@@ -171,9 +171,10 @@ fn host_only(authority: &str) -> &str {
 fn service_for<'a>(
     snap: &'a Snapshot,
     host: &str,
-    src_ns: &str,
+    src: &WorkloadInfo,
     dst: std::net::SocketAddrV4,
 ) -> Option<&'a ServiceInfo> {
+    let src_ns = src.namespace.as_str();
     let host = host.to_ascii_lowercase();
     let dots = host.matches('.').count();
     let candidates = [
@@ -199,8 +200,9 @@ fn service_for<'a>(
         .filter(|c| !c.is_empty())
         .find_map(|c| snap.registry.by_host(c))
         .or_else(|| snap.registry.by_addr(SocketAddr::V4(dst)))
-        // A ServiceEntry not exported to the client's namespace is not in its registry.
-        .filter(|s| s.visible_to(src_ns))
+        // A service the client does not see (exportTo, Sidecar egress hosts) is not in
+        // its registry.
+        .filter(|s| super::route::sees_service(snap, src, s))
 }
 
 fn matcher_ok(m: &Option<Matcher>, value: Option<&str>, ignore_case: bool) -> bool {
@@ -402,7 +404,7 @@ pub fn decide(
             None => {}
         }
     }
-    let Some(svc) = service_for(snap, host_only(req.authority), &src.namespace, req.dst) else {
+    let Some(svc) = service_for(snap, host_only(req.authority), src, req.dst) else {
         if super::route::registry_only(snap, src, policy) {
             return blackhole(req);
         }
@@ -417,7 +419,7 @@ pub fn decide(
     };
     let vss: Vec<_> = snap
         .routes
-        .virtual_services_for(&svc.hostname, &src.namespace)
+        .virtual_services_for(&svc.hostname, &src.namespace, &src.labels)
         .collect();
     let rules: Vec<HttpRule> = vss.iter().flat_map(|vs| vs.http.iter().cloned()).collect();
     if vss.is_empty() || rules.is_empty() {
@@ -514,7 +516,7 @@ pub fn decide(
             let Some(target) = snap
                 .registry
                 .by_host(&dest.destination.host)
-                .filter(|t| t.visible_to(&src.namespace))
+                .filter(|t| super::route::sees_service(snap, src, t))
             else {
                 return no_route(req, "NR");
             };

@@ -180,6 +180,19 @@ pub fn dst_within(snap: &Snapshot, svc: &ServiceInfo, dst: SocketAddrV4) -> bool
                 .is_some_and(|s| s.hostname == svc.hostname))
 }
 
+/// Whether `src` sees `svc`: exported to its namespace and imported by its Sidecar. One it
+/// does not see is, for it, not in the registry (passthrough, or BlackHole when
+/// registry-only).
+pub fn sees_service(snap: &Snapshot, src: &WorkloadInfo, svc: &ServiceInfo) -> bool {
+    snap.routes.sees(
+        &src.namespace,
+        &src.labels,
+        &svc.export_to,
+        &svc.namespace,
+        &svc.hostname,
+    )
+}
+
 /// Where a ServiceEntry without endpoints sends a connection the app dialled itself: the
 /// address dialled, at the entry's `targetPort` when it sets one (Istio ≥ 1.22 honours it
 /// for `resolution: NONE`: how its docs originate TLS for an app that dials port 80).
@@ -207,7 +220,7 @@ pub fn decide(
     // A ServiceEntry not exported to the client's namespace is not in its registry.
     let Some(svc) = by_sni
         .or_else(|| snap.registry.by_addr(SocketAddr::V4(dst)))
-        .filter(|s| s.visible_to(&src.namespace))
+        .filter(|s| sees_service(snap, src, s))
     else {
         let named = sni.map(str::to_string).unwrap_or_else(|| dst.to_string());
         return if registry_only(snap, src, default_policy) {
@@ -235,7 +248,7 @@ pub fn decide(
     // VirtualService tcp[] rules for the service's host: first match wins.
     let rule_dest = snap
         .routes
-        .virtual_services_for(&svc.hostname, &src.namespace)
+        .virtual_services_for(&svc.hostname, &src.namespace, &src.labels)
         .flat_map(|vs| {
             if sni.is_some() {
                 vs.tls.iter()
@@ -260,7 +273,7 @@ pub fn decide(
         Some(d) => match snap
             .registry
             .by_host(&d.destination.host)
-            .filter(|t| t.visible_to(&src.namespace))
+            .filter(|t| sees_service(snap, src, t))
         {
             Some(t) => (
                 t,

@@ -431,3 +431,41 @@ spec:
     );
     assert_eq!(api.served.load(Ordering::SeqCst), 1);
 }
+
+/// A Sidecar's `egress.hosts` narrow what its workloads see: with only its own namespace
+/// imported (and registry-only), a Service of another namespace is not in the client's
+/// registry (BlackHole, 502); importing that namespace brings it back.
+#[tokio::test]
+async fn sidecar_egress_hosts_decide_which_services_a_workload_sees() {
+    let (v1, _v2, yaml) = reviews(0).await;
+    let sidecar = |hosts: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default, namespace: shop}}
+spec:
+  egress:
+  - hosts: [{hosts}]
+  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}
+"
+        )
+    };
+    let narrow = InProcess::start(
+        &(yaml.clone() + &sidecar("./*, istio-system/*")),
+        "shop",
+        "client-1",
+    )
+    .await;
+    let (status, body) = get(&narrow, svc(), "").await;
+    assert_eq!(status, 502, "backend's Service is not imported: {body}");
+    let text = narrow.metrics_text();
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("destination_service_name=\"BlackHoleCluster\"")),
+        "{text}"
+    );
+    assert_eq!(v1.served.load(Ordering::SeqCst), 0);
+    let wide = InProcess::start(&(yaml + &sidecar("./*, backend/*")), "shop", "client-1").await;
+    let (status, _) = get(&wide, svc(), "").await;
+    assert_eq!(status, 200, "imported from backend/*");
+}

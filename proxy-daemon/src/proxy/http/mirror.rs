@@ -69,7 +69,7 @@ pub(super) fn send_mirror(
         let Some(target) = snap
             .registry
             .by_host(&dest.host)
-            .filter(|t| t.visible_to(&pod.workload.namespace))
+            .filter(|t| route::sees_service(&snap, &pod.workload, t))
         else {
             return dropped("no_destination");
         };

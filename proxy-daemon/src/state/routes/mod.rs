@@ -98,28 +98,48 @@ impl RouteTable {
             .filter(move |f| f.namespace == namespace && selects(&f.selector, labels))
     }
 
-    /// VirtualServices for a host that namespace `client` sees (exportTo): exact name
-    /// first, then the longest wildcard, each only if one of its rules is visible.
+    /// Whether a workload of namespace `client` with `labels` sees a service or rule of
+    /// namespace `owner` for `host`: exported to its namespace (exportTo) and imported by
+    /// the Sidecar that governs it (`egress[].hosts`), as a sidecar's configuration would
+    /// hold it.
+    pub fn sees(
+        &self,
+        client: &str,
+        labels: &BTreeMap<String, String>,
+        export_to: &[String],
+        owner: &str,
+        host: &str,
+    ) -> bool {
+        exported_to(export_to, owner, client)
+            && self
+                .sidecar_for(client, labels)
+                .is_none_or(|sc| sc.imports(client, owner, host))
+    }
+
+    /// VirtualServices for a host that a workload (namespace `client`, `labels`) sees:
+    /// exact name first, then the longest wildcard, each only if one of its rules is seen.
     pub fn virtual_services_for<'a>(
         &'a self,
-        host: &str,
+        host: &'a str,
         client: &'a str,
+        labels: &'a BTreeMap<String, String>,
     ) -> impl Iterator<Item = &'a std::sync::Arc<CompiledVirtualService>> + 'a {
-        let visible = move |vs: &&std::sync::Arc<CompiledVirtualService>| vs.visible_to(client);
+        let seen = move |vs: &std::sync::Arc<CompiledVirtualService>| {
+            self.sees(client, labels, &vs.export_to, &vs.namespace, host)
+        };
         let list = match self.virtual_services.get(host) {
-            Some(v) if v.iter().any(|vs| vs.visible_to(client)) => v.as_slice(),
+            Some(v) if v.iter().any(seen) => v.as_slice(),
             _ => self
                 .virtual_services
                 .iter()
                 .filter(|(p, v)| {
-                    crate::state::registry::host_matches(p, host)
-                        && v.iter().any(|vs| vs.visible_to(client))
+                    crate::state::registry::host_matches(p, host) && v.iter().any(seen)
                 })
                 .max_by_key(|(p, _)| p.len())
                 .map(|(_, v)| v.as_slice())
                 .unwrap_or(&[]),
         };
-        list.iter().filter(visible)
+        list.iter().filter(move |vs| seen(vs))
     }
 }
 
@@ -314,7 +334,7 @@ pub fn build(
                 Some(f) => table.envoy_filters.push(f),
                 None => table.skipped_envoy_filters += 1,
             },
-            Object::Sidecar(sc) => table.sidecars.push(compile_sidecar(o, sc)),
+            Object::Sidecar(sc) => table.sidecars.push(compile_sidecar(o, sc, findings)),
             Object::Gateway => findings.push(o.finding(
                 Severity::Note,
                 0,
