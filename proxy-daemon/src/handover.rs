@@ -369,7 +369,7 @@ mod tests {
             },
             Arc::new(OwnedFd::from(listener.try_clone().unwrap())),
         );
-        let (tx, mut rx) = tokio::sync::watch::channel(Stage::Serving);
+        let (tx, rx) = tokio::sync::watch::channel(Stage::Serving);
         serve(path.clone(), table, tx);
         let taken = (0..100)
             .find_map(|_| {
