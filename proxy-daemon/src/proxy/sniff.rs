@@ -106,17 +106,25 @@ pub async fn detect_declared(stream: &TcpStream, declared: Declared) -> Protocol
     }
 }
 
-/// Peeks into `buf` once more than `seen` bytes are buffered, or the peer closed (0).
+/// Peeks into `buf` once more than `seen` bytes are buffered, or the peer closed (0):
+/// (bytes buffered, whether the peer has shut its side so no more will come).
 ///
 /// Waits on readiness, never on a timer: a peek leaves the bytes in place, so the socket
 /// stays readable and a naive loop would spin (one slow client sending a byte at a time
 /// must cost a parked task, not a core). Inside `try_io`, a peek that found nothing new
 /// clears tokio's readiness, race-free (bytes that arrived meanwhile set it again), and
-/// the next `readable()` waits for the kernel's next wakeup.
-async fn peek_more(stream: &TcpStream, buf: &mut [u8], seen: usize) -> std::io::Result<usize> {
+/// the next wait is for the kernel's next wakeup. A peer that sent a few bytes and then
+/// shut its side (FIN) sets no new readiness, only "read closed": seen here, so that such
+/// a client is not waited on until the deadline (found by fuzzing: `PO` then FIN held a
+/// declared-HTTP connection for the hour-long wait).
+async fn peek_more(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    seen: usize,
+) -> std::io::Result<(usize, bool)> {
     use std::os::fd::AsRawFd as _;
     loop {
-        stream.readable().await?;
+        let ready = stream.ready(tokio::io::Interest::READABLE).await?;
         let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
             // SAFETY: recv into a valid, writable buffer of buf.len() bytes on an open fd.
             let n = unsafe {
@@ -134,8 +142,13 @@ async fn peek_more(stream: &TcpStream, buf: &mut [u8], seen: usize) -> std::io::
             }
         });
         match peeked {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            other => return other,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if ready.is_read_closed() {
+                    return Ok((seen, true));
+                }
+            }
+            Err(e) => return Err(e),
+            Ok(n) => return Ok((n, ready.is_read_closed())),
         }
     }
 }
@@ -146,8 +159,8 @@ async fn detect_within(stream: &TcpStream, wait: Duration) -> Protocol {
     let mut seen = 0;
     loop {
         let peeked = tokio::time::timeout_at(deadline, peek_more(stream, &mut buf, seen)).await;
-        let n = match peeked {
-            Ok(Ok(n)) if n > 0 => n,
+        let (n, closed) = match peeked {
+            Ok(Ok((n, closed))) if n > 0 => (n, closed),
             // Closed, error or timeout: nothing to parse.
             _ => return Protocol::Opaque,
         };
@@ -155,7 +168,9 @@ async fn detect_within(stream: &TcpStream, wait: Duration) -> Protocol {
         if let Some(p) = classify(&buf[..n]) {
             return p;
         }
-        if n == buf.len() {
+        // Full buffer, or the client said all it will: what it sent is not a protocol
+        // we know the start of.
+        if n == buf.len() || closed {
             return Protocol::Opaque;
         }
     }
@@ -214,7 +229,7 @@ pub async fn peek_sni(stream: &TcpStream) -> Option<String> {
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     let mut seen = 0;
     loop {
-        let n = tokio::time::timeout_at(deadline, peek_more(stream, &mut buf, seen))
+        let (n, closed) = tokio::time::timeout_at(deadline, peek_more(stream, &mut buf, seen))
             .await
             .ok()?
             .ok()?;
@@ -226,6 +241,9 @@ pub async fn peek_sni(stream: &TcpStream) -> Option<String> {
             if n >= want || n == buf.len() {
                 return client_hello_sni(&buf[..n]);
             }
+        }
+        if closed {
+            return client_hello_sni(&buf[..n]);
         }
         seen = n;
     }
@@ -355,6 +373,32 @@ mod tests {
                 };
                 assert_eq!(p, want, "client {i}");
             }
+        });
+    }
+
+    #[test]
+    fn a_client_that_says_a_little_and_closes_is_not_waited_on() {
+        use tokio::io::AsyncWriteExt as _;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut c = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            c.write_all(b"PO").await.unwrap();
+            c.shutdown().await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            // A declared HTTP port waits up to an hour for a request; this one is over.
+            let p = tokio::time::timeout(
+                Duration::from_secs(2),
+                detect_declared(&server, Declared::Http),
+            )
+            .await
+            .expect("not waited on until the deadline");
+            assert_eq!(p, Protocol::Opaque);
         });
     }
 }
