@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod kube_api;
 pub mod node;
 pub mod pki;
+pub mod reviews;
 pub mod servers;
 
 pub use daemon::Daemon;

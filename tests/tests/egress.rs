@@ -897,3 +897,61 @@ spec:
         daemon.metrics_text()
     );
 }
+
+/// `insecureSkipVerify: true` originates TLS to a server whose certificate nothing vouches
+/// for (Istio's escape hatch); without it the same server is refused (503 UF). And with
+/// `--tls-session-cache 0` every connection makes a full handshake (no resumption).
+#[test]
+fn insecure_skip_verify_and_a_zero_session_cache_do_what_they_say() {
+    let mut e = Egress::new("egskip");
+    let ca = TestCa::new("unknown-ca");
+    let api = e.external("api-skip", &ca, &["api.skip.test"], None);
+    let rules = |skip: bool| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api-skip, namespace: azar}}
+spec:
+  hosts: [api.skip.test]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, targetPort: 443, name: http, protocol: HTTP}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api-skip, namespace: azar}}
+spec:
+  host: api.skip.test
+  trafficPolicy:
+    tls: {{mode: SIMPLE{}}}
+",
+            if skip { ", insecureSkipVerify: true" } else { "" }
+        )
+    };
+    e.node.write_config("skip.yaml", &rules(false));
+    let daemon = e.start(&["--tls-session-cache", "0"]);
+    let to = api.addr(80).to_string();
+    let out = e.get(&to, "api.skip.test", "/get");
+    assert_eq!(out["statuses"]["503"], 1, "not vouched for: refused: {out}");
+    e.node.write_config("skip.yaml", &rules(true));
+    let ok = wait_for(Duration::from_secs(5), || {
+        let out = e.get(&to, "api.skip.test", "/get");
+        (out["statuses"]["200"] == 1).then_some(out)
+    })
+    .expect("insecureSkipVerify lets it through");
+    assert_eq!(ok["first"]["body"]["server"], "httpbin-tls", "{ok}");
+    // Parallel clients need several upstream connections: all full handshakes.
+    let out = e.pod.pdtool(&[
+        "http", "--to", &to, "--host", "api.skip.test", "--parallel", "4", "--count", "5",
+    ]);
+    assert_eq!(out["statuses"]["200"], 20, "{out}");
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_upstream_tls_handshakes_total", &[("result", "resumed")]),
+        0.0,
+        "no resumption with a zero session cache"
+    );
+    assert!(
+        daemon.metric_sum("proxy_daemon_upstream_tls_handshakes_total", &[("result", "full")])
+            >= 4.0
+    );
+}

@@ -4,12 +4,11 @@ use std::time::{Duration, Instant};
 
 use proxy_tests::{
     daemon::Daemon,
-    node::{endpoint_pod_yaml, namespace_yaml, pod_yaml, Node},
+    node::{endpoint_pod_yaml, Node},
     servers::{HttpEcho, Servers},
 };
 
-const CLUSTER_IP: &str = "198.18.0.250";
-const HOST: &str = "reviews.backend.svc.cluster.local";
+use proxy_tests::reviews::{served, to, Reviews, CLUSTER_IP, HOST};
 
 /// reviews v1/v2 as HTTP echo servers behind a Service with subsets, plus `extra` YAML.
 fn setup(
@@ -35,77 +34,12 @@ fn setup_with(
     pods: &[(&str, &[(&str, &str)])],
     flags: &[&str],
 ) -> (Node, Servers, Vec<proxy_tests::Pod>, Daemon) {
-    let mut node = Node::new(tag);
-    let servers = Servers::new();
-    let b1 = node.host("reviews-v1");
-    let b2 = node.host("reviews-v2");
-    servers.http_echo(
-        &b1,
-        9080,
-        HttpEcho {
-            name: "reviews-v1".into(),
-            ..Default::default()
-        },
-    );
-    servers.http_echo(&b2, 9080, v2);
-    let mut yaml = namespace_yaml("backend", false, None)
-        + &namespace_yaml("shop", true, None)
-        + &endpoint_pod_yaml(
-            &b1,
-            "reviews-v1-a",
-            "backend",
-            &[("app", "reviews"), ("version", "v1")],
-        )
-        + &endpoint_pod_yaml(
-            &b2,
-            "reviews-v2-a",
-            "backend",
-            &[("app", "reviews"), ("version", "v2")],
-        )
-        + &format!(
-            "apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: backend}}
-spec:
-  clusterIP: {CLUSTER_IP}
-  selector: {{app: reviews}}
-  ports: [{{name: http, port: 80, targetPort: 9080}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: backend}}
-spec:
-  host: {HOST}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-"
-        )
-        + extra;
-    if !yaml.trim_end().ends_with("---") {
-        yaml.push_str("\n---\n");
-    }
-    let mut made = Vec::new();
+    let mut b = Reviews::builder(tag).v2(v2).yaml(extra).flags(flags);
     for (name, labels) in pods {
-        let p = node.pod("shop", name);
-        yaml.push_str(&pod_yaml(&p, labels));
-        made.push(p);
+        b = b.pod("shop", name, labels);
     }
-    node.write_config("all.yaml", &yaml);
-    let daemon = Daemon::start(&node, flags);
-    for p in &made {
-        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
-    }
-    (node, servers, made, daemon)
-}
-
-fn to() -> String {
-    format!("{CLUSTER_IP}:80")
-}
-
-fn served(out: &serde_json::Value, name: &str) -> u64 {
-    out["servers"][name].as_u64().unwrap_or(0)
+    let r = b.start();
+    (r.node, r.servers, r.pods, r.daemon)
 }
 
 #[test]

@@ -1,0 +1,180 @@
+//! Istio fields that route requests, each end to end (real pods, eBPF capture, echo servers
+//! as backends) and each checked as an Istio user would: who answered, with what.
+use proxy_tests::reviews::{served, to, Reviews, HOST};
+
+fn vs(http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+{http}"
+    )
+}
+
+fn get(pod: &proxy_tests::Pod, path: &str, headers: &[&str], count: &str) -> serde_json::Value {
+    let to = to();
+    let mut args = vec![
+        "http", "--to", &to, "--host", HOST, "--path", path, "--count", count,
+    ];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    pod.pdtool(&args)
+}
+
+#[test]
+fn redirect_and_direct_response_answer_without_a_backend() {
+    let r = Reviews::builder("redirect")
+        .yaml(&vs(&format!(
+            "  - match: [{{uri: {{prefix: /old}}}}]
+    redirect: {{uri: /new, authority: shop.example, redirectCode: 308}}
+  - match: [{{uri: {{exact: /teapot}}}}]
+    directResponse: {{status: 418, body: {{string: short and stout}}}}
+  - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+"
+        )))
+        .pod("shop", "client-0", &[("app", "client")])
+        .start();
+    let pod = &r.pods[0];
+    let out = get(pod, "/old/page", &[], "1");
+    assert_eq!(out["first"]["status"], 308, "{out}");
+    assert_eq!(out["first"]["headers"]["location"], "http://shop.example/new", "{out}");
+    let out = get(pod, "/teapot", &[], "1");
+    assert_eq!(out["first"]["status"], 418, "{out}");
+    assert_eq!(out["first"]["body"], "short and stout", "{out}");
+    assert_eq!(served(&out, "reviews-v1") + served(&out, "reviews-v2"), 0);
+    // Everything else is routed.
+    let out = get(pod, "/other", &[], "2");
+    assert_eq!(served(&out, "reviews-v1"), 2, "{out}");
+    // Istio's metrics for answers the proxy made itself: the route's destination.
+    assert!(
+        r.daemon.metric_sum(
+            "istio_requests_total",
+            &[("response_code", "418"), ("source_workload", "client")]
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn source_namespace_query_params_without_headers_authority_and_port_select_routes() {
+    let r = Reviews::builder("matchfields")
+        .yaml(&vs(&format!(
+            "  - match: [{{sourceNamespace: team-b}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+    headers: {{response: {{set: {{x-rule: source-namespace}}}}}}
+  - match: [{{queryParams: {{debug: {{exact: '1'}}}}}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+    headers: {{response: {{set: {{x-rule: query}}}}}}
+  - match: [{{withoutHeaders: {{x-legacy: {{}}}}, uri: {{prefix: /modern}}}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+    headers: {{response: {{set: {{x-rule: without-headers}}}}}}
+  - match: [{{authority: {{exact: reviews.alt}}}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+    headers: {{response: {{set: {{x-rule: authority}}}}}}
+  - match: [{{port: 8080}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+    headers: {{response: {{set: {{x-rule: port}}}}}}
+  - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+"
+        )))
+        .pod("shop", "client-a", &[("app", "client")])
+        .pod("team-b", "client-b", &[("app", "client")])
+        .start();
+    let (a, b) = (&r.pods[0], &r.pods[1]);
+    let rule = |out: &serde_json::Value| out["first"]["headers"]["x-rule"].clone();
+    // sourceNamespace: the same request, two namespaces.
+    let out = get(b, "/", &[], "3");
+    assert_eq!(served(&out, "reviews-v2"), 3, "{out}");
+    assert_eq!(rule(&out), "source-namespace");
+    let out = get(a, "/", &[], "3");
+    assert_eq!(served(&out, "reviews-v1"), 3, "{out}");
+    // queryParams: exact value only.
+    let out = get(a, "/items?debug=1&x=2", &[], "2");
+    assert_eq!((served(&out, "reviews-v2"), rule(&out)), (2, "query".into()), "{out}");
+    let out = get(a, "/items?debug=10", &[], "2");
+    assert_eq!(served(&out, "reviews-v1"), 2, "{out}");
+    // withoutHeaders: the rule applies only while the header is absent.
+    let out = get(a, "/modern/x", &[], "2");
+    assert_eq!(rule(&out), "without-headers", "{out}");
+    let out = get(a, "/modern/x", &["x-legacy: 1"], "2");
+    assert_eq!(served(&out, "reviews-v1"), 2, "{out}");
+    // authority: the Host the app sent.
+    let to = to();
+    let out = a.pdtool(&["http", "--to", &to, "--host", "reviews.alt", "--count", "2"]);
+    assert_eq!(rule(&out), "authority", "{out}");
+    // port: the Service port the app dialled.
+    let alt = to.replace(":80", ":8080");
+    let out = a.pdtool(&["http", "--to", &alt, "--host", HOST, "--count", "2"]);
+    assert_eq!((served(&out, "reviews-v2"), rule(&out)), (2, "port".into()), "{out}");
+}
+
+#[test]
+fn round_robin_alternates_and_random_spreads() {
+    let dr = |lb: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-lb, namespace: shop}}
+spec:
+  host: {HOST}
+  trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}
+"
+        )
+    };
+    let r = Reviews::builder("rr")
+        .yaml(&dr("ROUND_ROBIN"))
+        .pod("shop", "client-0", &[("app", "client")])
+        .start();
+    let out = get(&r.pods[0], "/", &[], "100");
+    // Round robin over two endpoints: an even split, whatever the timing.
+    let (v1, v2) = (served(&out, "reviews-v1"), served(&out, "reviews-v2"));
+    assert_eq!(v1 + v2, 100, "{out}");
+    assert!(v1.abs_diff(v2) <= 2, "ROUND_ROBIN {v1}/{v2}");
+    drop(r);
+    let r = Reviews::builder("random")
+        .yaml(&dr("RANDOM"))
+        .pod("shop", "client-0", &[("app", "client")])
+        .start();
+    let out = get(&r.pods[0], "/", &[], "200");
+    let (v1, v2) = (served(&out, "reviews-v1"), served(&out, "reviews-v2"));
+    assert_eq!(v1 + v2, 200, "{out}");
+    // Binomial(200, ½): below 60 on one side has odds under 1e-8; and not alternating.
+    assert!(v1 >= 60 && v2 >= 60, "RANDOM {v1}/{v2}");
+}
+
+#[test]
+fn maglev_consistent_hash_pins_each_user_end_to_end() {
+    let r = Reviews::builder("maglev")
+        .yaml(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-hash, namespace: shop}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {{httpHeaderName: x-user, maglev: {{tableSize: 65537}}}}
+"
+        ))
+        .pod("shop", "client-0", &[("app", "client")])
+        .start();
+    let mut by_backend = std::collections::BTreeMap::<String, u32>::new();
+    for user in 0..24 {
+        let header = format!("x-user: user-{user}");
+        let out = get(&r.pods[0], "/", &[&header], "10");
+        let v1 = served(&out, "reviews-v1");
+        let v2 = served(&out, "reviews-v2");
+        assert!(
+            (v1, v2) == (10, 0) || (v1, v2) == (0, 10),
+            "user {user} moved between backends: {v1}/{v2}"
+        );
+        *by_backend
+            .entry(if v1 > 0 { "v1" } else { "v2" }.into())
+            .or_default() += 1;
+    }
+    // 24 users on a 65,537-slot table over two endpoints land on both.
+    assert_eq!(by_backend.len(), 2, "{by_backend:?}");
+}
