@@ -925,7 +925,11 @@ spec:
   trafficPolicy:
     tls: {{mode: SIMPLE{}}}
 ",
-            if skip { ", insecureSkipVerify: true" } else { "" }
+            if skip {
+                ", insecureSkipVerify: true"
+            } else {
+                ""
+            }
         )
     };
     e.node.write_config("skip.yaml", &rules(false));
@@ -942,16 +946,29 @@ spec:
     assert_eq!(ok["first"]["body"]["server"], "httpbin-tls", "{ok}");
     // Parallel clients need several upstream connections: all full handshakes.
     let out = e.pod.pdtool(&[
-        "http", "--to", &to, "--host", "api.skip.test", "--parallel", "4", "--count", "5",
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "api.skip.test",
+        "--parallel",
+        "4",
+        "--count",
+        "5",
     ]);
     assert_eq!(out["statuses"]["200"], 20, "{out}");
     assert_eq!(
-        daemon.metric_sum("proxy_daemon_upstream_tls_handshakes_total", &[("result", "resumed")]),
+        daemon.metric_sum(
+            "proxy_daemon_upstream_tls_handshakes_total",
+            &[("result", "resumed")]
+        ),
         0.0,
         "no resumption with a zero session cache"
     );
     assert!(
-        daemon.metric_sum("proxy_daemon_upstream_tls_handshakes_total", &[("result", "full")])
-            >= 4.0
+        daemon.metric_sum(
+            "proxy_daemon_upstream_tls_handshakes_total",
+            &[("result", "full")]
+        ) >= 4.0
     );
 }

@@ -41,7 +41,10 @@ fn redirect_and_direct_response_answer_without_a_backend() {
     let pod = &r.pods[0];
     let out = get(pod, "/old/page", &[], "1");
     assert_eq!(out["first"]["status"], 308, "{out}");
-    assert_eq!(out["first"]["headers"]["location"], "http://shop.example/new", "{out}");
+    assert_eq!(
+        out["first"]["headers"]["location"], "http://shop.example/new",
+        "{out}"
+    );
     let out = get(pod, "/teapot", &[], "1");
     assert_eq!(out["first"]["status"], 418, "{out}");
     assert_eq!(out["first"]["body"], "short and stout", "{out}");
@@ -93,7 +96,11 @@ fn source_namespace_query_params_without_headers_authority_and_port_select_route
     assert_eq!(served(&out, "reviews-v1"), 3, "{out}");
     // queryParams: exact value only.
     let out = get(a, "/items?debug=1&x=2", &[], "2");
-    assert_eq!((served(&out, "reviews-v2"), rule(&out)), (2, "query".into()), "{out}");
+    assert_eq!(
+        (served(&out, "reviews-v2"), rule(&out)),
+        (2, "query".into()),
+        "{out}"
+    );
     let out = get(a, "/items?debug=10", &[], "2");
     assert_eq!(served(&out, "reviews-v1"), 2, "{out}");
     // withoutHeaders: the rule applies only while the header is absent.
@@ -108,7 +115,11 @@ fn source_namespace_query_params_without_headers_authority_and_port_select_route
     // port: the Service port the app dialled.
     let alt = to.replace(":80", ":8080");
     let out = a.pdtool(&["http", "--to", &alt, "--host", HOST, "--count", "2"]);
-    assert_eq!((served(&out, "reviews-v2"), rule(&out)), (2, "port".into()), "{out}");
+    assert_eq!(
+        (served(&out, "reviews-v2"), rule(&out)),
+        (2, "port".into()),
+        "{out}"
+    );
 }
 
 #[test]
