@@ -30,12 +30,18 @@ pub struct Reviews {
     pub daemon: Daemon,
 }
 
+/// A client pod to make: namespace, name, labels.
+struct PodSpec {
+    namespace: String,
+    name: String,
+    labels: Vec<(String, String)>,
+}
+
 pub struct ReviewsBuilder {
     tag: String,
     v2: HttpEcho,
     extra: String,
-    /// (namespace, name, labels)
-    pods: Vec<(String, String, Vec<(String, String)>)>,
+    pods: Vec<PodSpec>,
     flags: Vec<String>,
 }
 
@@ -71,14 +77,14 @@ impl ReviewsBuilder {
 
     /// A client pod in captured namespace `namespace`.
     pub fn pod(mut self, namespace: &str, name: &str, labels: &[(&str, &str)]) -> Self {
-        self.pods.push((
-            namespace.into(),
-            name.into(),
-            labels
+        self.pods.push(PodSpec {
+            namespace: namespace.into(),
+            name: name.into(),
+            labels: labels
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        ));
+        });
         self
     }
 
@@ -101,7 +107,7 @@ impl ReviewsBuilder {
             },
         );
         servers.http_echo(&b2, 9080, self.v2);
-        let mut namespaces: Vec<&str> = self.pods.iter().map(|p| p.0.as_str()).collect();
+        let mut namespaces: Vec<&str> = self.pods.iter().map(|p| p.namespace.as_str()).collect();
         namespaces.sort();
         namespaces.dedup();
         let mut yaml = namespace_yaml("backend", false, None);
@@ -144,9 +150,10 @@ spec:
         );
         yaml += &self.extra;
         let mut pods = Vec::new();
-        for (ns, name, labels) in &self.pods {
-            let p = node.pod(ns, name);
-            let labels: Vec<(&str, &str)> = labels
+        for spec in &self.pods {
+            let p = node.pod(&spec.namespace, &spec.name);
+            let labels: Vec<(&str, &str)> = spec
+                .labels
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
