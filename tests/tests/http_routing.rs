@@ -8,7 +8,7 @@ use proxy_tests::{
     servers::{HttpEcho, Servers},
 };
 
-use proxy_tests::reviews::{served, to, Reviews, CLUSTER_IP, HOST};
+use proxy_tests::reviews::{served, to, Reviews, HOST};
 
 /// reviews v1/v2 as HTTP echo servers behind a Service with subsets, plus `extra` YAML.
 fn setup(
