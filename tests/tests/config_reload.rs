@@ -116,11 +116,12 @@ fn twenty_reloads_under_traffic_lose_no_connection() {
         captured >= 1000,
         "too few requests to prove anything: {counts}"
     );
-    assert_eq!(
-        counts.as_object().unwrap().len(),
-        1,
-        "every connection captured and answered: {counts}"
-    );
+    // One kind of outcome (besides the timeline of runs): captured, every time.
+    let kinds = counts
+        .as_object()
+        .map(|o| o.keys().filter(|k| *k != "runs").count())
+        .unwrap_or(0);
+    assert_eq!(kinds, 1, "every connection captured and answered: {counts}");
     assert!(daemon.metric_sum("proxy_daemon_config_reloads_total", &[]) >= 21.0);
     assert_eq!(
         daemon.metric_sum("proxy_daemon_config_errors_total", &[]),

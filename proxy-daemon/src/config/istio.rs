@@ -163,7 +163,7 @@ pub struct Percent {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultDelay {
     pub fixed_delay: Option<Spanned<String>>,
-    pub percentage: Option<Percent>,
+    pub percentage: Option<Spanned<Percent>>,
     pub percent: Option<i64>,
 }
 
@@ -171,7 +171,7 @@ pub struct FaultDelay {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultAbort {
     pub http_status: Option<u32>,
-    pub percentage: Option<Percent>,
+    pub percentage: Option<Spanned<Percent>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -185,7 +185,7 @@ pub struct HttpFaultInjection {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpMirrorPolicy {
     pub destination: Destination,
-    pub percentage: Option<Percent>,
+    pub percentage: Option<Spanned<Percent>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -205,7 +205,7 @@ pub struct HttpRoute {
     pub mirror: Option<Destination>,
     #[serde(default)]
     pub mirrors: Vec<HttpMirrorPolicy>,
-    pub mirror_percentage: Option<Percent>,
+    pub mirror_percentage: Option<Spanned<Percent>>,
     /// Deprecated spelling kept by Istio; both forms appear in published YAML.
     #[serde(alias = "mirror_percent")]
     pub mirror_percent: Option<u32>,

@@ -261,10 +261,15 @@ impl Ctx<'_> {
             }
         }
     }
-    fn percent(&mut self, p: &Option<istio::Percent>, line: u64, what: &str) -> Option<f64> {
-        let v = p.as_ref()?.value;
+    /// A percentage (0–100); an error names the percentage's own line.
+    fn percent(&mut self, p: &Option<Spanned<istio::Percent>>, what: &str) -> Option<f64> {
+        let p = p.as_ref()?;
+        let v = p.value.value;
         if !(0.0..=100.0).contains(&v) {
-            self.err(line, format!("{what}: percentage {v} is outside 0–100"));
+            self.err(
+                p.referenced.line(),
+                format!("{what}: percentage {v} is outside 0–100"),
+            );
             return None;
         }
         Some(v)

@@ -460,7 +460,7 @@ pub(super) fn compile_virtual_service(
                 .delay
                 .as_ref()
                 .map(|d| {
-                    cx.percent(&d.percentage, line, "fault.delay")
+                    cx.percent(&d.percentage, "fault.delay")
                         .or(d.percent.map(|p| p as f64))
                         .unwrap_or(100.0)
                 })
@@ -469,17 +469,14 @@ pub(super) fn compile_virtual_service(
             abort_percent: f
                 .abort
                 .as_ref()
-                .map(|a| {
-                    cx.percent(&a.percentage, line, "fault.abort")
-                        .unwrap_or(100.0)
-                })
+                .map(|a| cx.percent(&a.percentage, "fault.abort").unwrap_or(100.0))
                 .unwrap_or(0.0),
         });
         let mut mirrors = Vec::new();
         if let Some(m) = &r.mirror {
             let percent = match (&r.mirror_percentage, r.mirror_percent) {
                 (Some(_), _) => cx
-                    .percent(&r.mirror_percentage, line, "mirrorPercentage")
+                    .percent(&r.mirror_percentage, "mirrorPercentage")
                     .unwrap_or(100.0),
                 (None, Some(p)) if p <= 100 => p as f64,
                 (None, Some(p)) => {
@@ -500,7 +497,7 @@ pub(super) fn compile_virtual_service(
         }
         for m in &r.mirrors {
             let percent = cx
-                .percent(&m.percentage, line, "mirrors.percentage")
+                .percent(&m.percentage, "mirrors.percentage")
                 .unwrap_or(100.0);
             mirrors.push(MirrorPolicy {
                 destination: cx.destination(&m.destination, &ns, check),
