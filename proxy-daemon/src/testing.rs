@@ -179,6 +179,9 @@ impl InProcess {
     /// one to `dst`.
     pub async fn connect(&self, dst: SocketAddrV4) -> TcpStream {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        // Ports in TIME_WAIT may be taken again: a long run (the fuzzer's tens of
+        // thousands of connections) would otherwise run out of them.
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
         socket
             .bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .expect("bind");

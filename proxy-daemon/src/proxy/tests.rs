@@ -469,3 +469,34 @@ spec:
     let (status, _) = get(&wide, svc(), "").await;
     assert_eq!(status, 200, "imported from backend/*");
 }
+
+/// A fault without a percentage faults nobody (Istio sends Envoy no percentage, and
+/// Envoy's default is 0 %); with `percentage: 100` everyone.
+#[tokio::test]
+async fn a_fault_without_a_percentage_faults_no_request() {
+    let (_v1, _v2, yaml) = reviews(0).await;
+    let fault = |percentage: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [reviews.backend.svc.cluster.local]
+  http:
+  - fault: {{abort: {{httpStatus: 418{percentage}}}}}
+    route: [{{destination: {{host: reviews.backend.svc.cluster.local, subset: v1}}}}]
+"
+        )
+    };
+    let dp = InProcess::start(&(yaml.clone() + &fault("")), "shop", "client-1").await;
+    for _ in 0..5 {
+        assert_eq!(get(&dp, svc(), "").await.0, 200);
+    }
+    let dp = InProcess::start(
+        &(yaml + &fault(", percentage: {value: 100}")),
+        "shop",
+        "client-1",
+    )
+    .await;
+    assert_eq!(get(&dp, svc(), "").await.0, 418);
+}

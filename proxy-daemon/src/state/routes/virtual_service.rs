@@ -451,6 +451,9 @@ pub(super) fn compile_virtual_service(
                 retry_on,
             }
         });
+        // An unset fault percentage faults no request: Istio passes no percentage to
+        // Envoy, whose FractionalPercent then defaults to 0 (the deprecated integer
+        // `percent` of delays likewise defaults to 0).
         let fault = r.fault.as_ref().map(|f| Fault {
             delay: f
                 .delay
@@ -462,14 +465,14 @@ pub(super) fn compile_virtual_service(
                 .map(|d| {
                     cx.percent(&d.percentage, "fault.delay")
                         .or(d.percent.map(|p| p as f64))
-                        .unwrap_or(100.0)
+                        .unwrap_or(0.0)
                 })
                 .unwrap_or(0.0),
             abort_status: f.abort.as_ref().and_then(|a| a.http_status),
             abort_percent: f
                 .abort
                 .as_ref()
-                .map(|a| cx.percent(&a.percentage, "fault.abort").unwrap_or(100.0))
+                .map(|a| cx.percent(&a.percentage, "fault.abort").unwrap_or(0.0))
                 .unwrap_or(0.0),
         });
         let mut mirrors = Vec::new();
