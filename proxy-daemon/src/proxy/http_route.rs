@@ -486,16 +486,25 @@ pub fn decide(
             scheme,
             code,
         } => {
+            // Envoy's redirect: what the rule does not replace is kept — the request's
+            // Host (with its port, unless the rule sets one) and its query string
+            // (unless the new path carries its own).
             let scheme = scheme.clone().unwrap_or_else(|| "http".into());
-            let host = authority
-                .clone()
-                .unwrap_or_else(|| host_only(req.authority).to_string());
+            let host = match (authority, rport) {
+                (Some(a), _) => a.clone(),
+                (None, Some(_)) => host_only(req.authority).to_string(),
+                (None, None) => req.authority.to_string(),
+            };
             let port_part = rport.map(|p| format!(":{p}")).unwrap_or_default();
             let path = uri.clone().unwrap_or_else(|| req.path.to_string());
+            let query = match (req.query, path.contains('?')) {
+                (Some(q), false) if !q.is_empty() => format!("?{q}"),
+                _ => String::new(),
+            };
             HttpDecision::Respond {
                 status: *code as u16,
                 body: String::new(),
-                location: Some(format!("{scheme}://{host}{port_part}{path}")),
+                location: Some(format!("{scheme}://{host}{port_part}{path}{query}")),
                 labels: labels_for(svc),
                 flags: "",
             }
