@@ -572,3 +572,33 @@ endpoints:
     assert_eq!(svc.endpoints[0].pod.as_deref(), Some("reviews-v2-def"));
     assert_eq!(svc.endpoints[0].ports["http"], 9080);
 }
+
+#[test]
+fn outlier_detection_without_a_threshold_ejects_after_five_5xx_as_envoy_does() {
+    let rule = |od: &str| {
+        format!(
+            "{PODS}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  host: reviews.shop.svc.cluster.local
+  trafficPolicy: {{outlierDetection: {{{od}}}}}
+"
+        )
+    };
+    let threshold = |od: &str| {
+        let snap = compile_yaml(&rule(od));
+        let dr = snap
+            .routes
+            .destination_rule("reviews.shop.svc.cluster.local", "shop")
+            .expect("rule");
+        dr.effective(None, None)
+            .outlier_detection
+            .expect("outlier detection")
+            .consecutive_5xx_errors
+    };
+    assert_eq!(threshold("baseEjectionTime: 30s"), Some(5));
+    assert_eq!(threshold("consecutive5xxErrors: 2"), Some(2));
+    assert_eq!(threshold("consecutive5xxErrors: 0"), None, "0 turns it off");
+}

@@ -299,7 +299,9 @@ pub(super) fn level_policy(
             cx.err(line, format!("maxEjectionPercent {max} is outside 0–100"));
         }
         Outlier {
-            consecutive_5xx_errors: u(od.consecutive_5xx_errors),
+            // Unset is Envoy's default, 5 consecutive 5xx (Istio passes nothing, and Envoy
+            // enforces its default); 0 turns it off.
+            consecutive_5xx_errors: u(od.consecutive_5xx_errors.or(Some(5))).filter(|n| *n > 0),
             consecutive_gateway_errors: u(od.consecutive_gateway_errors.or(od.consecutive_errors)),
             interval: cx.duration(&od.interval, "outlierDetection.interval"),
             base_ejection_time: cx
