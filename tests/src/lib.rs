@@ -129,6 +129,22 @@ pub fn http_request_with(
     Ok((status, body))
 }
 
+/// A test's size from the environment (the long versions `cargo xtask soak` runs), else
+/// `default` (the CI size).
+pub fn env_size<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Open file descriptors of a process (0 if it is gone).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 /// Resident set size of a process, KiB (0 if it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -35,10 +35,7 @@ fn free_addr() -> String {
 
 #[test]
 fn hand_overs_under_load_lose_no_request_and_no_stream() {
-    let handovers: usize = std::env::var("PDT_HANDOVERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let handovers: usize = proxy_tests::env_size("PDT_HANDOVERS", 10);
     let mut node = Node::new("handover");
     let servers = Servers::new();
     let backend = node.host("backend");
@@ -222,14 +219,8 @@ fn hand_overs_under_load_lose_no_request_and_no_stream() {
 /// `cargo xtask soak`: 200 over 120 s).
 #[test]
 fn pod_churn_leaves_nothing_behind() {
-    let pods: usize = std::env::var("PDT_CHURN_PODS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
-    let secs: u64 = std::env::var("PDT_CHURN_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let pods: usize = proxy_tests::env_size("PDT_CHURN_PODS", 40);
+    let secs: u64 = proxy_tests::env_size("PDT_CHURN_SECS", 20);
     let mut node = Node::new("churn");
     let servers = Servers::new();
     let backend = node.host("backend");
@@ -277,7 +268,7 @@ fn pod_churn_leaves_nothing_behind() {
         )
     };
     let base = gauges(&daemon);
-    let (fds_before, threads_before) = (open_fds(pid), threads(pid));
+    let (fds_before, threads_before) = (proxy_tests::open_fds(pid), threads(pid));
     let steady_load = steady
         .host
         .command(
@@ -342,7 +333,7 @@ fn pod_churn_leaves_nothing_behind() {
         let now = gauges(&daemon);
         (now.0 == base.0 && now.1 == base.1 && now.3 <= base.3).then_some(now)
     });
-    let (fds_after, threads_after) = (open_fds(pid), threads(pid));
+    let (fds_after, threads_after) = (proxy_tests::open_fds(pid), threads(pid));
     println!(
         "churn: {checked} pods in {churn_took:?} | listeners/enrolled/orig-dst entries/istio series {base:?} → {:?} | fds {fds_before} → {fds_after} | threads {threads_before} → {threads_after} | steady pod {}",
         gauges(&daemon),
@@ -361,12 +352,6 @@ fn pod_churn_leaves_nothing_behind() {
         threads_after <= threads_before + 2,
         "threads {threads_before} → {threads_after}"
     );
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 fn threads(pid: u32) -> usize {

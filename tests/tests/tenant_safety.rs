@@ -82,13 +82,8 @@ fn random_host_headers_cannot_grow_the_nodes_metric_series_without_bound() {
     };
     let pid = daemon.pid().expect("pid");
     // CI: 40,000 distinct hosts; PDT_DISTINCT_HOSTS=100000 for the README's numbers.
-    let total: u64 = std::env::var("PDT_DISTINCT_HOSTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40_000)
-        .max(30_000)
-        / 10_000
-        * 10_000;
+    let total: u64 =
+        proxy_tests::env_size("PDT_DISTINCT_HOSTS", 40_000).max(30_000) / 10_000 * 10_000;
     let (scrape_before, rss_before) = (daemon.metrics_text().len(), proxy_tests::rss_kib(pid));
     // Passthrough traffic is labelled by its Host (as Istio does), so every request of
     // the flood is a new label set.
@@ -266,12 +261,6 @@ spec:
     .expect("nothing stays held once the copies are done");
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_connection_flood_from_one_namespace_leaves_the_others_their_share() {
     let t = tenants(
@@ -294,7 +283,7 @@ fn a_connection_flood_from_one_namespace_leaves_the_others_their_share() {
         out["p99_us"].as_f64().unwrap_or(f64::MAX)
     };
     let quiet_p99 = measure();
-    let fds_before = open_fds(pid);
+    let fds_before = proxy_tests::open_fds(pid);
 
     // 5,000 idle connections from one pod (a slowloris that never sends a byte).
     let mut hold = attacker
@@ -318,7 +307,7 @@ fn a_connection_flood_from_one_namespace_leaves_the_others_their_share() {
         "proxy_daemon_connections_refused_total",
         &[("reason", "namespace_limit"), ("namespace", "noisy")],
     );
-    let fds_during = open_fds(pid);
+    let fds_during = proxy_tests::open_fds(pid);
     let flood_p99 = measure();
     eprintln!(
         "flood: {} | refused {refused} | daemon fds {fds_before} → {fds_during} | quiet pod p99 {quiet_p99:.0} µs before, {flood_p99:.0} µs during",
@@ -685,10 +674,7 @@ spec:
 /// 6,000; the README's numbers: 20,000).
 #[test]
 fn a_slowloris_from_one_pod_is_bounded_cut_off_and_does_not_slow_the_others() {
-    let count: usize = std::env::var("PDT_SLOWLORIS_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6000);
+    let count: usize = proxy_tests::env_size("PDT_SLOWLORIS_CONNECTIONS", 6000);
     let t = tenants(
         "slowloris",
         "loris",
@@ -704,7 +690,7 @@ fn a_slowloris_from_one_pod_is_bounded_cut_off_and_does_not_slow_the_others() {
         out["p99_us"].as_f64().unwrap_or(f64::MAX)
     };
     let quiet_p99 = measure();
-    let (fds_before, rss_before) = (open_fds(pid), proxy_tests::rss_kib(pid));
+    let (fds_before, rss_before) = (proxy_tests::open_fds(pid), proxy_tests::rss_kib(pid));
     let mut loris = attacker
         .host
         .command(
@@ -731,7 +717,7 @@ fn a_slowloris_from_one_pod_is_bounded_cut_off_and_does_not_slow_the_others() {
     let mut opened = String::new();
     std::io::BufRead::read_line(&mut out, &mut opened).expect("slowloris reports");
     std::thread::sleep(Duration::from_millis(1000));
-    let (fds_during, rss_during) = (open_fds(pid), proxy_tests::rss_kib(pid));
+    let (fds_during, rss_during) = (proxy_tests::open_fds(pid), proxy_tests::rss_kib(pid));
     let attack_p99 = measure();
     let refused = daemon.metric_sum(
         "proxy_daemon_connections_refused_total",
@@ -742,7 +728,7 @@ fn a_slowloris_from_one_pod_is_bounded_cut_off_and_does_not_slow_the_others() {
     let _ = loris.wait();
     let end: serde_json::Value = serde_json::from_str(last.trim()).expect("JSON");
     std::thread::sleep(Duration::from_millis(500));
-    let fds_after = open_fds(pid);
+    let fds_after = proxy_tests::open_fds(pid);
     println!(
         "slowloris {count}: {} | refused {refused} | daemon fds {fds_before} → {fds_during} → {fds_after}, RSS {rss_before} → {rss_during} KiB | quiet pod p99 {quiet_p99:.0} µs before, {attack_p99:.0} µs during | end {end}",
         opened.trim()
