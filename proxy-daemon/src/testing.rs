@@ -83,6 +83,7 @@ pub struct InProcess {
     listener: SocketAddr,
     orig_dsts: OrigDsts,
     task: JoinHandle<()>,
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 impl InProcess {
@@ -125,6 +126,7 @@ impl InProcess {
         let dns = Arc::new(
             DnsCache::new(&[SocketAddr::from((Ipv4Addr::LOCALHOST, 9))], None).expect("dns cache"),
         );
+        let (drain, draining) = tokio::sync::watch::channel(false);
         let inputs = Arc::new(ProxyInputs {
             orig_dst: Box::new(orig_dsts.clone()),
             metrics: metrics.clone(),
@@ -150,8 +152,8 @@ impl InProcess {
             .0,
             connections: crate::proxy::limits::ConnectionBudget::new(4096, 4096),
             idle_upstream: Arc::new(crate::proxy::http::IdleBudget::new(4096, &metrics.daemon)),
-            // Never draining: the sender lives as long as the harness's inputs.
-            draining: tokio::sync::watch::channel(false).1,
+            // Draining once the test says so (`start_drain`).
+            draining,
         });
         let ctx = Arc::new(ArcSwap::from_pointee(PodContext {
             source_labels: SourceLabels::of(&workload),
@@ -172,7 +174,14 @@ impl InProcess {
             listener: addr,
             orig_dsts,
             task,
+            drain,
         }
+    }
+
+    /// Starts the drain a hand-over or SIGTERM starts: HTTP connections finish what they
+    /// serve and close.
+    pub fn start_drain(&self) {
+        let _ = self.drain.send(true);
     }
 
     /// What an app in the pod gets from `connect(dst)`: a connection the proxy handles as

@@ -171,6 +171,9 @@ fn hand_overs_under_load_lose_no_request_and_no_stream() {
             "{name}: {out}"
         );
     }
+    // Not even a resend: a draining daemon answers each keep-alive connection's next
+    // request with Connection: close instead of closing it between requests.
+    assert_eq!(ka["retries"], serde_json::json!(0), "keep-alive: {ka}");
     assert_eq!(st["bad"], serde_json::json!([]), "{st}");
     assert!(st["ok"].as_u64().unwrap_or(0) > 0, "{st}");
     // The server received every stream whole, through whichever daemon carried it.

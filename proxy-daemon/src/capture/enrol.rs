@@ -189,8 +189,16 @@ impl Enroller {
             }
             self.reconcile().await;
         }
+        let mut stopped = Vec::new();
         for (_, pod) in std::mem::take(&mut self.pods) {
             pod.listener_task.abort();
+            stopped.push(pod.listener_task);
+        }
+        // An aborted task may be in the middle of a poll on another worker; waiting for
+        // each to end means every connection it accepted is already counted when the drain
+        // looks at the active-connection count.
+        for task in stopped {
+            let _ = task.await;
         }
         self.metrics.daemon.listeners.set(0);
         self.maps

@@ -250,13 +250,17 @@ pub async fn run_outbound_listener(
                         continue;
                     }
                 };
+                // Every connection counts for the drain, whatever its protocol, from the
+                // moment it is accepted: counted inside the task, a connection accepted just
+                // before the drain could go unseen until its task first ran, and the
+                // daemon could exit with it unanswered.
+                let active = inputs.metrics.daemon.active_connections.clone();
+                active.inc();
+                let active = ActiveGuard(active);
                 let inputs = inputs.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    // Every connection counts for the drain, whatever its protocol.
-                    let active = inputs.metrics.daemon.active_connections.clone();
-                    active.inc();
-                    let _active = ActiveGuard(active);
+                    let _active = active;
                     let client = ClientAddr(peer);
                     if let Err(e) = handle_connection(inputs, pod.clone(), stream, client).await {
                         debug!(pod = %pod.workload.pod_name, error = %e, "connection ended with error");
@@ -297,7 +301,15 @@ async fn handle_connection(
             .map(|p| sniff::Declared::from(p.class))
             .unwrap_or(sniff::Declared::Undeclared)
     };
-    match sniff::detect_declared(&stream, declared).await {
+    let mut draining = inputs.draining.clone();
+    let detected = tokio::select! {
+        p = sniff::detect_declared(&stream, declared) => p,
+        // A connection that has sent nothing by a drain's grace is closed: it would
+        // otherwise hold the drain to its timeout (pools open connections long before
+        // their first request, and a declared HTTP port waits for one for an hour).
+        _ = http::drained_for(&mut draining, http::FIRST_REQUEST_GRACE) => return Ok(()),
+    };
+    match detected {
         sniff::Protocol::Http1 => http::serve(inputs, pod, stream, dst).await,
         // The app's own TLS is not terminated: routed by its SNI, copied as it is.
         sniff::Protocol::Tls => {

@@ -500,3 +500,106 @@ spec:
     .await;
     assert_eq!(get(&dp, svc(), "").await.0, 418);
 }
+
+/// A hand-over's drain must not drop a request that is on its way: not the first of a
+/// connection accepted just before it (a fresh connection's request is never resent by
+/// clients), nor the next one on a keep-alive connection. Each is answered with
+/// `Connection: close`; a keep-alive connection that stays quiet is closed after a grace.
+#[tokio::test]
+async fn a_drain_answers_requests_on_their_way_with_connection_close() {
+    const REQUEST: &[u8] =
+        b"GET /items HTTP/1.1\r\nhost: reviews.backend.svc.cluster.local\r\n\r\n";
+    let (v1, v2, yaml) = reviews(0).await;
+    let dp = InProcess::start(&yaml, "shop", "client-1").await;
+    // Two keep-alive connections, served once and idle when the drain starts.
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut c = dp.connect(svc()).await;
+        c.write_all(REQUEST).await.expect("write");
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).await.expect("first answer");
+        assert_eq!(&head, b"HTTP/1.1 200");
+        kept.push(c);
+    }
+    // Connected, requests not yet sent: the proxy accepted them and waits for their heads
+    // (many, since which of a connection's wake-ups comes first varies).
+    let mut fresh = Vec::new();
+    for _ in 0..16 {
+        fresh.push(dp.connect(svc()).await);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let drain_started = std::time::Instant::now();
+    dp.start_drain();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut quiet = kept.pop().expect("two");
+    let again = kept.pop().expect("two");
+    let ask = |mut c: tokio::net::TcpStream, skip_first: bool| async move {
+        c.write_all(REQUEST).await.expect("write");
+        let mut resp = String::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut resp))
+            .await
+            .expect("answered and closed in time")
+            .expect("read");
+        if skip_first {
+            // The rest of the first answer, read before the drain, comes first.
+            resp = resp
+                .split_once("HTTP/1.1 ")
+                .map(|(_, r)| format!("HTTP/1.1 {r}"))
+                .unwrap_or(resp);
+        }
+        resp
+    };
+    let mut answers = Vec::new();
+    for c in fresh {
+        answers.push(ask(c, false).await);
+    }
+    answers.push(ask(again, true).await);
+    for (i, resp) in answers.iter().enumerate() {
+        assert!(resp.starts_with("HTTP/1.1 200"), "connection {i}: {resp:?}");
+        assert!(
+            resp.to_ascii_lowercase().contains("connection: close"),
+            "the last response says it closes: {resp}"
+        );
+        assert!(resp.contains("\r\n\r\nreviews-v"), "{resp}");
+    }
+    // The quiet keep-alive connection is closed once the grace is over, not before.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), quiet.read_to_end(&mut rest))
+        .await
+        .expect("quiet connection closed in time")
+        .expect("read");
+    let took = drain_started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "closed {took:?} after the drain started"
+    );
+    let served = v1.served.load(Ordering::SeqCst) + v2.served.load(Ordering::SeqCst);
+    assert_eq!(served, 2 + 16 + 1);
+}
+
+/// A connection that never sends does not hold a drain to its timeout: it is closed a
+/// grace after the drain starts, and the active-connection count the drain waits on
+/// falls to 0.
+#[tokio::test]
+async fn a_drain_closes_a_connection_that_never_sends_after_a_grace() {
+    let (_v1, _v2, yaml) = reviews(0).await;
+    let dp = InProcess::start(&yaml, "shop", "client-1").await;
+    let mut silent = dp.connect(svc()).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(dp.metrics.daemon.active_connections.get(), 1);
+    let started = std::time::Instant::now();
+    dp.start_drain();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    let took = started.elapsed();
+    assert!(rest.is_empty());
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "closed {took:?} after the drain started"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(dp.metrics.daemon.active_connections.get(), 0);
+}

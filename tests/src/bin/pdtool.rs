@@ -268,9 +268,16 @@ fn load_request(
         return Err((fresh, format!("write: {e}")));
     }
     // Whether the answer started: a close before its first byte may be retried.
-    if r.fill_buf().map(|b| b.is_empty()).unwrap_or(true) {
-        *conn = None;
-        return Err((fresh, "closed before any answer".into()));
+    match r.fill_buf() {
+        Ok(b) if !b.is_empty() => {}
+        Ok(_) => {
+            *conn = None;
+            return Err((fresh, "closed before any answer (FIN)".into()));
+        }
+        Err(e) => {
+            *conn = None;
+            return Err((fresh, format!("closed before any answer ({e})")));
+        }
     }
     match read_response(r) {
         Ok((status, headers, _)) => {
@@ -322,9 +329,11 @@ fn load(
         latencies.push(t.elapsed().as_secs_f64() * 1e6);
         match result {
             Ok(status) => *statuses.entry(status.to_string()).or_default() += 1,
+            // The wall clock too, to find the moment in the daemons' logs.
             Err((_, e)) => errors.push(format!(
-                "request {i} at {} ms: {e}",
-                started.elapsed().as_millis()
+                "request {i} at {} ms ({}): {e}",
+                started.elapsed().as_millis(),
+                humantime_utc()
             )),
         }
     }
@@ -1336,4 +1345,19 @@ fn main() {
         }
     };
     println!("{out}");
+}
+
+/// Now as `HH:MM:SS.ffffff` UTC, as the daemon's log lines show time.
+fn humantime_utc() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        now.subsec_micros()
+    )
 }

@@ -70,9 +70,25 @@ pub async fn serve(
 ) -> Result<(), ProxyError> {
     let header_read_timeout = inputs.settings.header_read_timeout;
     let inputs_draining = inputs.draining.clone();
+    let requests = RequestSeen::new();
+    let seen = requests.clone();
     let service = service_fn(move |req| {
         let (inputs, pod) = (inputs.clone(), pod.clone());
-        async move { Ok::<_, Infallible>(handle(&inputs, &pod, dst, req).await) }
+        seen.arrived();
+        let connect = req.method() == hyper::Method::CONNECT;
+        async move {
+            let mut resp = handle(&inputs, &pod, dst, req).await;
+            // During a drain every answer says the connection closes: hyper then closes
+            // it after this response, however quickly the request was served. (Not an
+            // upgrade's or a tunnel's: the connection carries that stream until it ends.)
+            let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (connect && resp.status().is_success());
+            if !upgrade && *inputs.draining.borrow() {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = server_http1::Builder::new();
     // A request head must come whole and in time: at most 100 headers and 64 KiB (Envoy's
@@ -92,16 +108,76 @@ pub async fn serve(
     let ended = tokio::select! {
         r = conn.as_mut() => r,
         _ = wait_true(&mut draining) => {
-            // Finish the request in flight (its response says Connection: close), then
-            // close; an idle connection closes at once.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            match requests.wait_while_serving(conn.as_mut()).await {
+                Some(ended) => ended,
+                None => {
+                    // Finish the request in flight (its response says Connection: close),
+                    // then close; a connection quiet for the whole grace closes now.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
     };
     if let Err(e) = ended {
         debug!(error = %e, "http connection ended");
     }
     Ok(())
+}
+
+/// How long a drain waits for a connection's next request before closing it.
+///
+/// Closing an HTTP/1 connection between requests races the client's next request, which
+/// then fails unanswered: clients resend only on a reused connection, never the first
+/// request of a fresh one (and hyper's graceful shutdown closes a connection whose request
+/// head is not read yet, however fresh). So a drain answers each connection's next request,
+/// with `Connection: close`, and closes only those that stay quiet this long.
+pub(super) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// Counts a connection's requests as they reach the service, so a drain can wait for the
+/// next one.
+#[derive(Clone)]
+struct RequestSeen(Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>);
+
+impl RequestSeen {
+    fn new() -> Self {
+        Self(Arc::new((
+            std::sync::atomic::AtomicU64::new(0),
+            tokio::sync::Notify::new(),
+        )))
+    }
+
+    fn arrived(&self) {
+        self.0 .0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.0 .1.notify_one();
+    }
+
+    /// Keeps serving `conn` until its next request has reached the service (it is then in
+    /// flight, and a graceful shutdown lets it finish), or the grace is over; or the
+    /// connection ends by itself meanwhile: then its result.
+    async fn wait_while_serving<F: std::future::Future + Unpin>(
+        &self,
+        mut conn: F,
+    ) -> Option<F::Output> {
+        let (count, notify) = (&self.0 .0, &self.0 .1);
+        let at_drain = count.load(std::sync::atomic::Ordering::Acquire);
+        let grace = tokio::time::sleep(FIRST_REQUEST_GRACE);
+        tokio::pin!(grace);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if count.load(std::sync::atomic::Ordering::Acquire) != at_drain {
+                return None;
+            }
+            tokio::select! {
+                r = &mut conn => return Some(r),
+                // (A permit stored by an earlier request wakes this once: look again.)
+                _ = notified => {}
+                _ = &mut grace => return None,
+            }
+        }
+    }
 }
 
 /// HTTP/2 with prior knowledge (h2c, gRPC): the same per-request routing, forwarded over
@@ -113,8 +189,11 @@ pub async fn serve_h2(
     dst: OrigDstAddr,
 ) -> Result<(), ProxyError> {
     let inputs_draining = inputs.draining.clone();
+    let requests = RequestSeen::new();
+    let seen = requests.clone();
     let service = service_fn(move |req| {
         let (inputs, pod) = (inputs.clone(), pod.clone());
+        seen.arrived();
         async move { Ok::<_, Infallible>(handle(&inputs, &pod, dst, req).await) }
     });
     let mut draining = inputs_draining;
@@ -128,15 +207,26 @@ pub async fn serve_h2(
     let ended = tokio::select! {
         r = conn.as_mut() => r,
         _ = wait_true(&mut draining) => {
-            // GOAWAY: streams in flight finish, no new ones.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            match requests.wait_while_serving(conn.as_mut()).await {
+                Some(ended) => ended,
+                None => {
+                    // GOAWAY: streams in flight finish, no new ones.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
     };
     if let Err(e) = ended {
         debug!(error = %e, "h2 connection ended");
     }
     Ok(())
+}
+
+/// Resolves `grace` after a drain started.
+pub(super) async fn drained_for(flag: &mut tokio::sync::watch::Receiver<bool>, grace: Duration) {
+    wait_true(flag).await;
+    tokio::time::sleep(grace).await;
 }
 
 /// Resolves once the flag is true (never, if its sender is gone while false).
