@@ -33,6 +33,10 @@ fn redirect_and_direct_response_answer_without_a_backend() {
     redirect: {{uri: /new, authority: shop.example, redirectCode: 308}}
   - match: [{{uri: {{exact: /teapot}}}}]
     directResponse: {{status: 418, body: {{string: short and stout}}}}
+  - match: [{{uri: {{exact: /binary}}}}]
+    directResponse: {{status: 200, body: {{bytes: aGVsbG8gYnl0ZXM=}}}}
+  - match: [{{uri: {{prefix: /gw}}, gateways: [istio-system/ingress]}}]
+    directResponse: {{status: 403}}
   - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
 "
         )))
@@ -49,6 +53,13 @@ fn redirect_and_direct_response_answer_without_a_backend() {
     assert_eq!(out["first"]["status"], 418, "{out}");
     assert_eq!(out["first"]["body"], "short and stout", "{out}");
     assert_eq!(served(&out, "reviews-v1") + served(&out, "reviews-v2"), 0);
+    // `body.bytes` is base64, as in Istio.
+    let out = get(pod, "/binary", &[], "1");
+    assert_eq!(out["first"]["status"], 200, "{out}");
+    assert_eq!(out["first"]["body"], "hello bytes", "{out}");
+    // A match block bound to a gateway (not `mesh`) never matches pod traffic.
+    let out = get(pod, "/gw/admin", &[], "1");
+    assert_eq!(served(&out, "reviews-v1"), 1, "{out}");
     // Everything else is routed.
     let out = get(pod, "/other", &[], "2");
     assert_eq!(served(&out, "reviews-v1"), 2, "{out}");

@@ -39,6 +39,13 @@ pub const KNOWN_UNSUPPORTED_FIELDS: &[&str] = &[
     "locality",
     "serviceAccount",
     "sniHosts",
+    "retryIgnorePreviousHosts",
+    "backoff",
+    "retryBudget",
+    "attributes",
+    "maxConnectionDuration",
+    "maxConcurrentStreams",
+    "caCrl",
 ];
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -608,12 +615,18 @@ pub struct RouteConfigurationMatch {
     pub name: Option<String>,
     pub port_number: Option<u32>,
     pub vhost: Option<serde_saphyr::Spanned<VhostMatch>>,
+    /// Istio's, kept only to say they are not supported (the filter is then skipped).
+    pub port_name: Option<Spanned<serde_json::Value>>,
+    pub gateway: Option<Spanned<serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VhostMatch {
     pub name: Option<String>,
+    /// Istio's, kept only to say they are not supported (the filter is then skipped).
+    pub domain_name: Option<Spanned<serde_json::Value>>,
+    pub route: Option<Spanned<serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -632,6 +645,8 @@ pub struct PatchMatch {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProxyMatch {
     pub proxy_version: Option<String>,
+    /// Istio's; `match.proxy` as a whole is reported as not supported.
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// A patch's `value` is kept as text here and parsed by the compiler once `applyTo` and

@@ -148,7 +148,7 @@ pub enum HttpDecision {
     },
     Respond {
         status: u16,
-        body: String,
+        body: bytes::Bytes,
         location: Option<String>,
         labels: DestinationLabels,
         flags: &'static str,
@@ -503,7 +503,7 @@ pub fn decide(
             };
             HttpDecision::Respond {
                 status: *code as u16,
-                body: String::new(),
+                body: bytes::Bytes::new(),
                 location: Some(format!("{scheme}://{host}{port_part}{path}{query}")),
                 labels: labels_for(svc),
                 flags: "",

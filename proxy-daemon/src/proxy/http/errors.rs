@@ -2,16 +2,8 @@
 //! Envoy's status codes and response flags.
 use super::*;
 
-pub(super) fn local_response(
-    status: u16,
-    body: String,
-    location: Option<String>,
-) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+pub(super) fn local_response(status: u16, body: Bytes, location: Option<String>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

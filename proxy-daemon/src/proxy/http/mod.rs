@@ -396,7 +396,9 @@ async fn handle(
                 body_count.store(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 (Some(b), None)
             }
-            Err(e) => return local_response(400, format!("reading request body: {e}\n"), None),
+            Err(e) => {
+                return local_response(400, format!("reading request body: {e}\n").into(), None)
+            }
         }
     } else {
         let counted = report::CountingBody {
@@ -488,7 +490,9 @@ async fn handle(
                 };
                 let mut out = match clone_head(&parts).body(body) {
                     Ok(r) => r,
-                    Err(e) => return local_response(400, format!("bad request: {e}\n"), None),
+                    Err(e) => {
+                        return local_response(400, format!("bad request: {e}\n").into(), None)
+                    }
                 };
                 rewrite(&mut out, &edits);
                 trace.inject(out.headers_mut());
@@ -601,7 +605,7 @@ async fn handle(
                             ..Default::default()
                         };
                         Attempt {
-                            resp: local_response(status, format!("{failure}\n"), None),
+                            resp: local_response(status, format!("{failure}\n").into(), None),
                             labels,
                             upstream: Some(upstream),
                             flags,

@@ -123,10 +123,25 @@ fn unsupported_patch(ef: &istio::EnvoyFilterSpec) -> Option<(u64, String)> {
             .and_then(|m| m.context.as_deref())
             .unwrap_or("ANY");
         let matched_on = p.patch_match.as_ref().and_then(|m| {
+            let rc = m.route_configuration.as_ref();
+            let vhost = rc.and_then(|r| r.vhost.as_ref()).map(|v| &v.value);
+            let line = |v: &Spanned<serde_json::Value>| v.referenced.line();
             m.listener
                 .as_ref()
-                .map(|l| ("listener", l.referenced.line()))
-                .or(m.cluster.as_ref().map(|c| ("cluster", c.referenced.line())))
+                .map(|l| ("listener", line(l)))
+                .or(m.cluster.as_ref().map(|c| ("cluster", line(c))))
+                .or(rc
+                    .and_then(|r| r.port_name.as_ref())
+                    .map(|v| ("routeConfiguration.portName", line(v))))
+                .or(rc
+                    .and_then(|r| r.gateway.as_ref())
+                    .map(|v| ("routeConfiguration.gateway", line(v))))
+                .or(vhost
+                    .and_then(|v| v.domain_name.as_ref())
+                    .map(|v| ("routeConfiguration.vhost.domainName", line(v))))
+                .or(vhost
+                    .and_then(|v| v.route.as_ref())
+                    .map(|v| ("routeConfiguration.vhost.route", line(v))))
         });
         let why = if !matches!(
             (apply_to, op),

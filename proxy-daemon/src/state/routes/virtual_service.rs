@@ -69,8 +69,20 @@ pub enum HttpAction {
     },
     DirectResponse {
         status: u32,
-        body: Option<String>,
+        #[serde(serialize_with = "body_as_text")]
+        body: Option<bytes::Bytes>,
     },
+}
+
+/// A direct response's body in `/config_dump`: as text (binary bytes shown lossily).
+fn body_as_text<S: serde::Serializer>(
+    body: &Option<bytes::Bytes>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match body {
+        Some(b) => s.serialize_some(&String::from_utf8_lossy(b)),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -347,12 +359,20 @@ pub(super) fn compile_virtual_service(
                 }
             }
             if !mv.gateways.is_empty() && !mv.gateways.iter().any(|g| g == "mesh") {
+                // As in Istio: a match block that names gateways but not `mesh` is left
+                // out of the sidecar's (here: the node proxy's) routes.
                 cx.note(
                     m.referenced.line(),
                     "match bound to gateways only: never matches pod traffic",
                 );
+                continue;
             }
             matches.push(hm);
+        }
+        if !r.matches.is_empty() && matches.is_empty() {
+            // Every match block was for gateways: the rule is not a catch-all here, it
+            // is absent.
+            continue;
         }
         if r.matches.is_empty() {
             catch_all_line = Some(line);
@@ -397,9 +417,37 @@ pub(super) fn compile_virtual_service(
                         format!("directResponse.status {} is not an HTTP status", dr.status),
                     );
                 }
+                let body = match dr.body {
+                    None => None,
+                    Some(b) => match (b.string, b.bytes) {
+                        (Some(s), None) => Some(bytes::Bytes::from(s)),
+                        // Istio's `bytes` is base64, as protobuf JSON writes bytes.
+                        (None, Some(b64)) => {
+                            use base64::Engine as _;
+                            match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
+                                Ok(raw) => Some(bytes::Bytes::from(raw)),
+                                Err(e) => {
+                                    cx.err(
+                                        line,
+                                        format!("directResponse.body.bytes is not base64: {e}"),
+                                    );
+                                    None
+                                }
+                            }
+                        }
+                        (Some(_), Some(_)) => {
+                            cx.err(
+                                line,
+                                "directResponse.body: string and bytes exclude each other",
+                            );
+                            None
+                        }
+                        (None, None) => None,
+                    },
+                };
                 HttpAction::DirectResponse {
                     status: dr.status,
-                    body: dr.body.and_then(|b| b.string),
+                    body,
                 }
             }
             [false, false, false] => {
@@ -544,27 +592,71 @@ pub(super) fn compile_virtual_service(
         destinations: l4(cx, route, line),
         source: cx.source(line),
     };
+    // As in Istio: match blocks naming gateways but not `mesh` are left out; a rule whose
+    // blocks all are is absent (not a catch-all).
+    let for_pods =
+        |gateways: &[String]| gateways.is_empty() || gateways.iter().any(|g| g == "mesh");
     let tcp: Vec<L4Rule> = spec
         .tcp
         .iter()
-        .map(|t| {
+        .filter_map(|t| {
             let subnets = t.value.matches.iter().map(|m| &m.destination_subnets[..]);
             check_subnets(&mut cx, t.referenced.line(), subnets);
-            let matches = t.value.matches.iter().map(L4Match::from).collect();
-            l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
+            let kept: Vec<_> = t
+                .value
+                .matches
+                .iter()
+                .filter(|m| for_pods(&m.gateways))
+                .collect();
+            if kept.len() < t.value.matches.len() {
+                cx.note(
+                    t.referenced.line(),
+                    "match bound to gateways only: never matches pod traffic",
+                );
+                if kept.is_empty() {
+                    return None;
+                }
+            }
+            let matches = kept.into_iter().map(L4Match::from).collect();
+            Some(l4_rule(
+                &mut cx,
+                matches,
+                &t.value.route,
+                t.referenced.line(),
+            ))
         })
         .collect();
     let tls: Vec<L4Rule> = spec
         .tls
         .iter()
-        .map(|t| {
+        .filter_map(|t| {
             if t.value.matches.iter().all(|m| m.sni_hosts.is_empty()) {
                 cx.err(t.referenced.line(), "tls routes need match[].sniHosts");
             }
             let subnets = t.value.matches.iter().map(|m| &m.destination_subnets[..]);
             check_subnets(&mut cx, t.referenced.line(), subnets);
-            let matches = t.value.matches.iter().map(L4Match::from).collect();
-            l4_rule(&mut cx, matches, &t.value.route, t.referenced.line())
+            let kept: Vec<_> = t
+                .value
+                .matches
+                .iter()
+                .filter(|m| for_pods(&m.gateways))
+                .collect();
+            if kept.len() < t.value.matches.len() {
+                cx.note(
+                    t.referenced.line(),
+                    "match bound to gateways only: never matches pod traffic",
+                );
+                if kept.is_empty() {
+                    return None;
+                }
+            }
+            let matches = kept.into_iter().map(L4Match::from).collect();
+            Some(l4_rule(
+                &mut cx,
+                matches,
+                &t.value.route,
+                t.referenced.line(),
+            ))
         })
         .collect();
     Some(CompiledVirtualService {
