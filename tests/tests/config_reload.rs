@@ -319,3 +319,91 @@ fn fifos_and_huge_files_in_the_config_dir_never_stall_or_replace_the_config() {
     let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
     assert_eq!(out["result"], "ok", "{out}");
 }
+
+/// Istio users change VirtualServices under traffic (a canary shift is a series of such
+/// edits): each swap must take effect without failing a routed HTTP request, on
+/// keep-alive connections (already routed once) and on new ones alike.
+#[test]
+fn swapping_a_virtual_service_under_routed_http_load_fails_no_request() {
+    use proxy_tests::reviews::{Reviews, HOST};
+    let vs = |subset: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route: [{{destination: {{host: {HOST}, subset: {subset}}}}}]
+"
+        )
+    };
+    let r = Reviews::builder("vs-swap")
+        .pod("shop", "client-0", &[("app", "client")])
+        .start();
+    let swap = |subset: &str| {
+        let before = generation(&r.daemon);
+        r.node.write_config("swap.yaml", &vs(subset));
+        wait_for(Duration::from_secs(5), || {
+            (generation(&r.daemon) > before).then_some(())
+        })
+        .unwrap_or_else(|| panic!("swap to {subset} not effective"));
+    };
+    swap("v1");
+    let pod = &r.pods[0];
+    let to = proxy_tests::reviews::to();
+    let swaps = 10;
+    let load_ms = (swaps * 400 + 1500).to_string();
+    let spawn = |args: &[&str]| {
+        pod.host
+            .command(
+                Some(&pod.app_cgroup()),
+                &proxy_tests::target_bin("pdtool"),
+                args,
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("load")
+    };
+    let base = [
+        "load", "--to", &to, "--host", HOST, "--ms", &load_ms, "--rate",
+    ];
+    let keep_alive = spawn(&[&base[..], &["200"]].concat());
+    let new_conns = spawn(&[&base[..], &["100", "--new-connections"]].concat());
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..swaps {
+        swap(if i % 2 == 0 { "v2" } else { "v1" });
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let read = |child: std::process::Child| -> serde_json::Value {
+        let out = child.wait_with_output().expect("load output");
+        serde_json::from_slice(&out.stdout).expect("load JSON")
+    };
+    for (name, out) in [
+        ("keep-alive", read(keep_alive)),
+        ("new connections", read(new_conns)),
+    ] {
+        eprintln!("{name} through {swaps} swaps: {out}");
+        assert_eq!(out["errors"], serde_json::json!([]), "{name}: {out}");
+        assert_eq!(out["retries"], serde_json::json!(0), "{name}: {out}");
+        let requests = out["requests"].as_u64().unwrap_or(0);
+        assert!(requests > 300, "{name}: {out}");
+        assert_eq!(
+            out["statuses"]["200"].as_u64(),
+            Some(requests),
+            "{name}: {out}"
+        );
+        // Both versions answered: the swaps took effect on this very traffic, keep-alive
+        // connections included (routes are chosen per request, not per connection).
+        for v in ["reviews-v1", "reviews-v2"] {
+            assert!(
+                out["servers"][v].as_u64().unwrap_or(0) > requests / 10,
+                "{name}: {v} barely served: {out}"
+            );
+        }
+    }
+    assert_eq!(
+        r.daemon.metric_sum("proxy_daemon_config_errors_total", &[]),
+        0.0
+    );
+}

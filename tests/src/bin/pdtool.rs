@@ -245,7 +245,7 @@ fn load_request(
     to: SocketAddr,
     host: &str,
     keep_alive: bool,
-) -> Result<u16, (bool, String)> {
+) -> Result<(u16, Option<String>), (bool, String)> {
     let fresh = conn.is_none();
     if conn.is_none() {
         let s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
@@ -287,7 +287,11 @@ fn load_request(
             if closing || !keep_alive {
                 *conn = None;
             }
-            Ok(status)
+            let server = headers
+                .iter()
+                .find(|(k, _)| k == "x-served-by")
+                .map(|(_, v)| v.clone());
+            Ok((status, server))
         }
         Err(e) => {
             *conn = None;
@@ -307,6 +311,7 @@ fn load(
     let started = Instant::now();
     let mut conn = None;
     let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+    let mut servers = std::collections::BTreeMap::<String, u64>::new();
     let mut errors = Vec::new();
     let (mut retries, mut connections) = (0u64, 0u64);
     let mut latencies: Vec<f64> = Vec::new();
@@ -328,7 +333,12 @@ fn load(
         }
         latencies.push(t.elapsed().as_secs_f64() * 1e6);
         match result {
-            Ok(status) => *statuses.entry(status.to_string()).or_default() += 1,
+            Ok((status, server)) => {
+                *statuses.entry(status.to_string()).or_default() += 1;
+                if let Some(server) = server {
+                    *servers.entry(server).or_default() += 1;
+                }
+            }
             // The wall clock too, to find the moment in the daemons' logs.
             Err((_, e)) => errors.push(format!(
                 "request {i} at {} ms ({}): {e}",
@@ -344,7 +354,7 @@ fn load(
             .copied()
             .unwrap_or(0.0)
     };
-    json!({"requests": i, "statuses": statuses, "errors": errors, "retries": retries,
+    json!({"requests": i, "statuses": statuses, "servers": servers, "errors": errors, "retries": retries,
         "connections": connections, "p50_us": pct(0.5), "p99_us": pct(0.99),
         "max_us": latencies.last().copied().unwrap_or(0.0)})
 }
