@@ -474,7 +474,7 @@ fn fault_injection_aborts_and_delays() {
 }
 
 #[test]
-fn outlier_detection_stops_sending_to_a_broken_pod_within_five_requests() {
+fn outlier_detection_ejects_a_broken_pod_after_exactly_its_threshold() {
     let broken = HttpEcho {
         name: "reviews-v2".into(),
         fail_every: 1,
@@ -508,7 +508,11 @@ spec:
     );
     let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "100"]);
     let failed = out["statuses"]["503"].as_u64().unwrap_or(0);
-    assert!(failed <= 5, "the broken pod got at most 5 requests: {out}");
+    // Bounded from both sides: two 503s in a row are what ejects (not one, not a third).
+    assert_eq!(
+        failed, 2,
+        "the broken pod got exactly consecutive5xxErrors requests: {out}"
+    );
     assert_eq!(
         out["statuses"]["200"].as_u64().unwrap_or(0) + failed,
         100,
@@ -919,4 +923,80 @@ spec:
     assert_eq!(call("8"), 3, "RESOURCE_EXHAUSTED is retried twice");
     assert_eq!(call("13"), 1, "INTERNAL is not in retryOn");
     assert_eq!(call("0"), 1, "OK is not retried");
+}
+
+/// Envoy's ejection clock, end to end: an ejected endpoint comes back at the first
+/// `interval` tick after `baseEjectionTime` × its ejection count, fails again and is
+/// ejected for twice as long; meanwhile its healthy peer takes everything.
+#[test]
+fn an_ejection_ends_on_an_interval_tick_and_doubles_when_the_pod_fails_again() {
+    let broken = HttpEcho {
+        name: "reviews-v2".into(),
+        fail_every: 1,
+        ..Default::default()
+    };
+    let dr_and_vs = format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-health, namespace: shop}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 2, interval: 250ms, baseEjectionTime: 1s, maxEjectionPercent: 100}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - retries: {{attempts: 0}}
+    route: [{{destination: {{host: {HOST}}}}}]
+"
+    );
+    let (_node, _servers, pods, _daemon) = setup_with(
+        "eject-clock",
+        broken,
+        &dr_and_vs,
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&[
+        "load",
+        "--to",
+        &to(),
+        "--host",
+        HOST,
+        "--ms",
+        "4600",
+        "--rate",
+        "100",
+    ]);
+    let times: Vec<u64> = out["not_ok"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p[0].as_u64()).collect())
+        .unwrap_or_default();
+    // Three bursts of two 503s: at the start, after the 1 s ejection (ending on a tick,
+    // 1.0–1.25 s later, plus the time to be picked twice), and after a 2 s one.
+    assert_eq!(
+        times.len(),
+        6,
+        "three ejections of two failures each: {out}"
+    );
+    let back_1 = times[2] - times[1];
+    let back_2 = times[4] - times[3];
+    eprintln!("ejections lasted {back_1} ms, then {back_2} ms");
+    assert!(
+        (1000..1600).contains(&back_1),
+        "first ejection lasted {back_1} ms (1 s, to the next 250 ms tick): {out}"
+    );
+    assert!(
+        (2000..2600).contains(&back_2),
+        "second ejection lasted {back_2} ms (2 s: the multiplier grew): {out}"
+    );
+    assert_eq!(
+        out["errors"],
+        serde_json::json!([]),
+        "every request answered: {out}"
+    );
 }

@@ -32,8 +32,6 @@ pub const KNOWN_UNSUPPORTED_FIELDS: &[&str] = &[
     "statPrefix",
     "maxStreamDuration",
     "tcpKeepalive",
-    "splitExternalLocalOriginErrors",
-    "consecutiveLocalOriginFailures",
     "mirrorPolicy",
     "network",
     "locality",
@@ -380,6 +378,9 @@ pub struct OutlierDetection {
     pub base_ejection_time: Option<Spanned<String>>,
     pub max_ejection_percent: Option<i64>,
     pub min_health_percent: Option<i64>,
+    #[serde(default)]
+    pub split_external_local_origin_errors: bool,
+    pub consecutive_local_origin_failures: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

@@ -134,6 +134,9 @@ impl Retry {
 pub enum HttpDecision {
     Forward {
         upstream: SocketAddr,
+        /// The cluster `upstream` was chosen from (outlier detection counts it there);
+        /// None for the address the app dialled (passthrough, resolution NONE).
+        cluster: Option<crate::proxy::outlier::ClusterKey>,
         /// TLS to originate (DestinationRule `tls`), if any.
         tls: Option<Arc<UpstreamTls>>,
         labels: DestinationLabels,
@@ -364,6 +367,7 @@ pub fn decide(
                 return plain_forward(
                     SocketAddr::V4(req.dst),
                     None,
+                    None,
                     passthrough_labels(req),
                     edits,
                     Vec::new(),
@@ -392,12 +396,18 @@ pub fn decide(
                     return no_route(req, "NR");
                 };
                 let labels = labels_for(target);
-                let (chosen, cookie_ops, tls) =
+                let (chosen, cookie_ops, tls, cluster) =
                     pick(snap, eps, target, subset.as_deref(), *cport, src, req);
                 return match chosen {
-                    Ok(upstream) => {
-                        plain_forward(upstream, tls, labels, edits, cookie_ops, timeout)
-                    }
+                    Ok(upstream) => plain_forward(
+                        upstream,
+                        Some(cluster),
+                        tls,
+                        labels,
+                        edits,
+                        cookie_ops,
+                        timeout,
+                    ),
                     Err(flags) => unavailable(labels, flags),
                 };
             }
@@ -410,6 +420,7 @@ pub fn decide(
         }
         return plain_forward(
             SocketAddr::V4(req.dst),
+            None,
             None,
             passthrough_labels(req),
             edits,
@@ -442,6 +453,7 @@ pub fn decide(
             let tls = upstream_tls(snap, svc, None, port, &src.namespace);
             return plain_forward(
                 super::route::dialled_target(svc, req.dst),
+                None,
                 tls,
                 labels,
                 edits,
@@ -452,9 +464,17 @@ pub fn decide(
         if unanswered_and_elsewhere(snap, eps, svc, src, policy, req) {
             return spoofed(req, svc);
         }
-        let (chosen, cookie_ops, tls) = pick(snap, eps, svc, None, port, src, req);
+        let (chosen, cookie_ops, tls, cluster) = pick(snap, eps, svc, None, port, src, req);
         return match chosen {
-            Ok(upstream) => plain_forward(upstream, tls, labels, edits, cookie_ops, timeout),
+            Ok(upstream) => plain_forward(
+                upstream,
+                Some(cluster),
+                tls,
+                labels,
+                edits,
+                cookie_ops,
+                timeout,
+            ),
             Err(flags) => unavailable(labels, flags),
         };
     }
@@ -534,7 +554,7 @@ pub fn decide(
             if unanswered_and_elsewhere(snap, eps, target, src, policy, req) {
                 return spoofed(req, target);
             }
-            let (chosen, cookie_ops, tls) = pick(
+            let (chosen, cookie_ops, tls, cluster) = pick(
                 snap,
                 eps,
                 target,
@@ -547,6 +567,7 @@ pub fn decide(
             match chosen {
                 Ok(upstream) => HttpDecision::Forward {
                     upstream,
+                    cluster: Some(cluster),
                     tls,
                     labels,
                     edits,
@@ -630,6 +651,7 @@ fn pick(
     Result<SocketAddr, &'static str>,
     Vec<HeaderOps>,
     Option<Arc<UpstreamTls>>,
+    crate::proxy::outlier::ClusterKey,
 ) {
     // One merge of the destination's policy gives both the balancer and the TLS.
     let policy = snap
@@ -677,12 +699,14 @@ fn pick(
         ));
     }
     let tls = policy.as_ref().and_then(|p| tls_of(p, target));
-    (chosen, ops, tls)
+    let cluster = crate::proxy::outlier::ClusterKey::new(&target.hostname, port, subset);
+    (chosen, ops, tls, cluster)
 }
 
 /// A forward with no route rule behind it: Istio's default retries, no fault, no mirror.
 fn plain_forward(
     upstream: SocketAddr,
+    cluster: Option<crate::proxy::outlier::ClusterKey>,
     tls: Option<Arc<UpstreamTls>>,
     labels: DestinationLabels,
     edits: RequestEdits,
@@ -691,6 +715,7 @@ fn plain_forward(
 ) -> HttpDecision {
     HttpDecision::Forward {
         upstream,
+        cluster,
         tls,
         labels,
         edits,

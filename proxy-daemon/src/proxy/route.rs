@@ -440,7 +440,12 @@ pub fn endpoint_for(
         .map(|dr| dr.effective(Some(port), subset));
     let addrs = match policy.as_ref().and_then(|p| p.outlier_detection.as_ref()) {
         Some(od) => match scope {
-            Some(scope) => eps.health.filter(scope, addrs, od),
+            Some(scope) => eps.health.filter(
+                scope,
+                crate::proxy::outlier::ClusterKey::new(&target.hostname, port, subset),
+                addrs,
+                od,
+            ),
             None => addrs,
         },
         None => addrs,

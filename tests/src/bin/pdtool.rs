@@ -313,6 +313,8 @@ fn load(
     let mut statuses = std::collections::BTreeMap::<String, u64>::new();
     let mut servers = std::collections::BTreeMap::<String, u64>::new();
     let mut errors = Vec::new();
+    // When each answer other than 200 came (ms since the start, status): the first 1,000.
+    let mut not_ok: Vec<(u128, u16)> = Vec::new();
     let (mut retries, mut connections) = (0u64, 0u64);
     let mut latencies: Vec<f64> = Vec::new();
     let mut i = 0u64;
@@ -335,6 +337,9 @@ fn load(
         match result {
             Ok((status, server)) => {
                 *statuses.entry(status.to_string()).or_default() += 1;
+                if status != 200 && not_ok.len() < 1000 {
+                    not_ok.push((started.elapsed().as_millis(), status));
+                }
                 if let Some(server) = server {
                     *servers.entry(server).or_default() += 1;
                 }
@@ -354,7 +359,8 @@ fn load(
             .copied()
             .unwrap_or(0.0)
     };
-    json!({"requests": i, "statuses": statuses, "servers": servers, "errors": errors, "retries": retries,
+    json!({"requests": i, "statuses": statuses, "servers": servers, "not_ok": not_ok,
+        "errors": errors, "retries": retries,
         "connections": connections, "p50_us": pct(0.5), "p99_us": pct(0.99),
         "max_us": latencies.last().copied().unwrap_or(0.0)})
 }

@@ -425,6 +425,7 @@ async fn handle(
             },
             HttpDecision::Forward {
                 upstream,
+                cluster,
                 tls,
                 labels,
                 edits,
@@ -538,11 +539,17 @@ async fn handle(
                     pool.as_ref(),
                 )
                 .await;
-                inputs.endpoints.health.record(
-                    &pod.source_labels,
-                    upstream,
-                    result.as_ref().ok().map(|r| r.status().as_u16()),
-                );
+                if let Some(cluster) = cluster {
+                    inputs.endpoints.health.record(
+                        &pod.source_labels,
+                        cluster,
+                        upstream,
+                        match &result {
+                            Ok(r) => crate::proxy::outlier::Outcome::Status(r.status().as_u16()),
+                            Err(_) => crate::proxy::outlier::Outcome::LocalFailure,
+                        },
+                    );
+                }
                 if trace.sampled() {
                     events.push(crate::spans::SpanEvent {
                         time: std::time::SystemTime::now(),

@@ -69,6 +69,12 @@ pub struct Outlier {
     #[serde(serialize_with = "ser_duration")]
     pub base_ejection_time: Option<Duration>,
     pub max_ejection_percent: u32,
+    /// Envoy's healthy panic threshold: below this share of healthy endpoints, all are used.
+    pub min_health_percent: u32,
+    /// Connect failures, timeouts and resets counted apart from the upstream's 5xx.
+    pub split_external_local_origin_errors: bool,
+    /// With the split: consecutive local-origin failures that eject (Envoy's default 5).
+    pub consecutive_local_origin_failures: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -298,15 +304,38 @@ pub(super) fn level_policy(
         if !(0..=100).contains(&max) {
             cx.err(line, format!("maxEjectionPercent {max} is outside 0–100"));
         }
+        let min_health = od.min_health_percent.unwrap_or(0);
+        if !(0..=100).contains(&min_health) {
+            cx.err(
+                line,
+                format!("minHealthPercent {min_health} is outside 0–100"),
+            );
+        }
+        // Unset is Envoy's default, 5 consecutive 5xx (Istio passes nothing, and Envoy
+        // enforces its default); 0 turns it off. Istio's deprecated consecutiveErrors
+        // counts gateway errors only: with it (and no consecutive5xxErrors), Istio turns
+        // the 5xx detector's enforcement off.
+        let consecutive_5xx = match (od.consecutive_5xx_errors, od.consecutive_errors) {
+            (Some(n), _) => Some(n),
+            (None, Some(n)) if n > 0 => Some(0),
+            (None, _) => Some(5),
+        };
+        let local_origin = match od.consecutive_local_origin_failures {
+            Some(n) if n > 0 => Some(n),
+            _ => Some(5),
+        };
         Outlier {
-            // Unset is Envoy's default, 5 consecutive 5xx (Istio passes nothing, and Envoy
-            // enforces its default); 0 turns it off.
-            consecutive_5xx_errors: u(od.consecutive_5xx_errors.or(Some(5))).filter(|n| *n > 0),
-            consecutive_gateway_errors: u(od.consecutive_gateway_errors.or(od.consecutive_errors)),
+            consecutive_5xx_errors: u(consecutive_5xx).filter(|n| *n > 0),
+            consecutive_gateway_errors: u(od.consecutive_gateway_errors.or(od.consecutive_errors))
+                .filter(|n| *n > 0),
             interval: cx.duration(&od.interval, "outlierDetection.interval"),
             base_ejection_time: cx
                 .duration(&od.base_ejection_time, "outlierDetection.baseEjectionTime"),
             max_ejection_percent: max.clamp(0, 100) as u32,
+            min_health_percent: min_health.clamp(0, 100) as u32,
+            split_external_local_origin_errors: od.split_external_local_origin_errors,
+            consecutive_local_origin_failures: u(local_origin)
+                .filter(|_| od.split_external_local_origin_errors),
         }
     });
     let tls = tls.as_ref().map(|t| {
