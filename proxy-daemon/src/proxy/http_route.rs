@@ -396,8 +396,12 @@ pub fn decide(
                     return no_route(req, "NR");
                 };
                 let labels = labels_for(target);
-                let (chosen, cookie_ops, tls, cluster) =
-                    pick(snap, eps, target, subset.as_deref(), *cport, src, req);
+                let Picked {
+                    chosen,
+                    cookie_ops,
+                    tls,
+                    cluster,
+                } = pick(snap, eps, target, subset.as_deref(), *cport, src, req);
                 return match chosen {
                     Ok(upstream) => plain_forward(
                         upstream,
@@ -464,7 +468,12 @@ pub fn decide(
         if unanswered_and_elsewhere(snap, eps, svc, src, policy, req) {
             return spoofed(req, svc);
         }
-        let (chosen, cookie_ops, tls, cluster) = pick(snap, eps, svc, None, port, src, req);
+        let Picked {
+            chosen,
+            cookie_ops,
+            tls,
+            cluster,
+        } = pick(snap, eps, svc, None, port, src, req);
         return match chosen {
             Ok(upstream) => plain_forward(
                 upstream,
@@ -554,7 +563,12 @@ pub fn decide(
             if unanswered_and_elsewhere(snap, eps, target, src, policy, req) {
                 return spoofed(req, target);
             }
-            let (chosen, cookie_ops, tls, cluster) = pick(
+            let Picked {
+                chosen,
+                cookie_ops,
+                tls,
+                cluster,
+            } = pick(
                 snap,
                 eps,
                 target,
@@ -637,8 +651,17 @@ fn hash_key(
     }
 }
 
-/// Picks an endpoint under the destination's policy; the HeaderOps set a generated
-/// consistent-hash cookie on the response when one was needed.
+/// What [`pick`] chose: the endpoint (or Envoy's flag for none), the HeaderOps that set
+/// a generated consistent-hash cookie on the response when one was needed, the TLS to
+/// originate, and the cluster the endpoint was chosen from.
+struct Picked {
+    chosen: Result<SocketAddr, &'static str>,
+    cookie_ops: Vec<HeaderOps>,
+    tls: Option<Arc<UpstreamTls>>,
+    cluster: crate::proxy::outlier::ClusterKey,
+}
+
+/// Picks an endpoint under the destination's policy.
 fn pick(
     snap: &Snapshot,
     eps: &Endpoints,
@@ -647,12 +670,7 @@ fn pick(
     port: u32,
     src: &WorkloadInfo,
     req: &RequestView,
-) -> (
-    Result<SocketAddr, &'static str>,
-    Vec<HeaderOps>,
-    Option<Arc<UpstreamTls>>,
-    crate::proxy::outlier::ClusterKey,
-) {
+) -> Picked {
     // One merge of the destination's policy gives both the balancer and the TLS.
     let policy = snap
         .routes
@@ -700,7 +718,12 @@ fn pick(
     }
     let tls = policy.as_ref().and_then(|p| tls_of(p, target));
     let cluster = crate::proxy::outlier::ClusterKey::new(&target.hostname, port, subset);
-    (chosen, ops, tls, cluster)
+    Picked {
+        chosen,
+        cookie_ops: ops,
+        tls,
+        cluster,
+    }
 }
 
 /// A forward with no route rule behind it: Istio's default retries, no fault, no mirror.
