@@ -477,6 +477,8 @@ pub struct HttpsEcho {
     pub key_pem: String,
     /// Require a client certificate signed by this CA.
     pub client_ca_pem: Option<String>,
+    /// Offer h2 by ALPN too (and serve h2 when the client picks it).
+    pub h2: bool,
 }
 
 impl Servers {
@@ -580,7 +582,11 @@ impl Servers {
             None => builder.with_no_client_auth(),
         };
         let mut config = builder.with_single_cert(chain, key).expect("server config");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = if cfg.h2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let std_listener = host.listen(port);
         let name = cfg.name;
@@ -604,10 +610,18 @@ impl Servers {
                         "resumed": matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed)),
                         "peer": peer.ip().to_string(),
                     });
+                    let h2 = conn.alpn_protocol() == Some(b"h2");
                     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let mut body = seen.clone();
                         body["path"] = req.uri().path().into();
-                        body["host"] = req.headers().get("host").and_then(|v| v.to_str().ok()).into();
+                        body["proto"] = format!("{:?}", req.version()).into();
+                        body["host"] = req
+                            .headers()
+                            .get("host")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                            .into();
                         async move {
                             let resp = hyper::Response::builder()
                                 .header("x-served-by", name)
@@ -617,9 +631,16 @@ impl Servers {
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    }
                 });
             }
         });

@@ -626,6 +626,7 @@ fn tls_credentials_come_from_a_secret_of_the_clients_own_namespace() {
             cert_pem: leaf.cert_pem,
             key_pem: leaf.key_pem,
             client_ca_pem: Some(client_ca.cert_pem.clone()),
+            h2: false,
         },
     );
     let hosts = c.node.work_dir.join("hosts");

@@ -91,6 +91,7 @@ impl Egress {
                 cert_pem: leaf.cert_pem,
                 key_pem: leaf.key_pem,
                 client_ca_pem: client_ca.map(|c| c.cert_pem.clone()),
+                h2: false,
             },
         );
         self.servers.http_echo(
@@ -287,6 +288,7 @@ fn bad_certificates_fail_visibly_and_fixed_files_are_picked_up_without_restart()
             cert_pem: leaf.cert_pem,
             key_pem: leaf.key_pem,
             client_ca_pem: None,
+            h2: false,
         },
     );
     e.answer("httpbin.org", &[httpbin.ip], 30);
@@ -642,6 +644,7 @@ fn tls_is_originated_for_tcp_ports_too_but_never_over_the_apps_own_tls() {
             cert_pem: leaf.cert_pem.clone(),
             key_pem: leaf.key_pem.clone(),
             client_ca_pem: None,
+            h2: false,
         },
     );
     e.servers.https_echo(
@@ -652,6 +655,7 @@ fn tls_is_originated_for_tcp_ports_too_but_never_over_the_apps_own_tls() {
             cert_pem: leaf.cert_pem,
             key_pem: leaf.key_pem,
             client_ca_pem: None,
+            h2: false,
         },
     );
     e.answer("db.test", &[db.ip], 30);
@@ -847,6 +851,7 @@ fn spiffe_subject_alt_names_are_checked_not_dropped() {
             cert_pem: leaf.cert_pem,
             key_pem: leaf.key_pem,
             client_ca_pem: None,
+            h2: false,
         },
     );
     let ca_file = pki::write(&e.pki, "ca.pem", &ca.cert_pem);
@@ -971,4 +976,86 @@ spec:
             &[("result", "full")]
         ) >= 4.0
     );
+}
+
+/// ALPN follows the upstream protocol when TLS is originated: a port-80 HTTP/1.1 app whose
+/// DestinationRule asks `h2UpgradePolicy: UPGRADE` reaches the external HTTPS server over
+/// h2 (ALPN `h2`); without it, the same server (which offers both) is asked for
+/// `http/1.1`.
+#[test]
+fn originated_tls_offers_h2_by_alpn_when_the_request_goes_upstream_over_h2() {
+    let mut e = Egress::new("egalpn");
+    let ca = TestCa::new("test-ca");
+    let api = e.node.host("api");
+    let leaf = ca.server(&["api.example.com"], false);
+    e.servers.https_echo(
+        &api,
+        443,
+        HttpsEcho {
+            name: "api-tls",
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+            client_ca_pem: None,
+            h2: true,
+        },
+    );
+    e.answer("api.example.com", &[api.ip], 30);
+    let ca_file = pki::write(&e.pki, "ca.pem", &ca.cert_pem);
+    let config = |pool: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: azar}}
+spec:
+  hosts: [api.example.com]
+  location: MESH_EXTERNAL
+  ports: [{{number: 80, targetPort: 443, name: http, protocol: HTTP}}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: azar}}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    {pool}
+    tls: {{mode: SIMPLE, caCertificates: {ca}}}
+",
+            ca = ca_file.display()
+        )
+    };
+    e.node.write_config("api.yaml", &config(""));
+    let daemon = e.start(&[]);
+    let to = api.addr(80).to_string();
+    let out = e.get(&to, "api.example.com", "/v1/items");
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    let body = &out["first"]["body"];
+    assert_eq!(body["alpn"], "http/1.1", "{out}");
+    assert_eq!(body["proto"], "HTTP/1.1", "{out}");
+    let before = daemon.config_dump()["config"]["generation"]
+        .as_u64()
+        .unwrap_or(0);
+    e.node.write_config(
+        "api.yaml",
+        &config("connectionPool: {http: {h2UpgradePolicy: UPGRADE}}"),
+    );
+    wait_for(Duration::from_secs(5), || {
+        (daemon.config_dump()["config"]["generation"]
+            .as_u64()
+            .unwrap_or(0)
+            > before)
+            .then_some(())
+    })
+    .expect("reloaded");
+    let out = e.get(&to, "api.example.com", "/v1/items");
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    let body = &out["first"]["body"];
+    assert_eq!(
+        body["alpn"], "h2",
+        "ALPN follows the upstream protocol: {out}"
+    );
+    assert_eq!(body["proto"], "HTTP/2.0", "{out}");
+    assert_eq!(body["host"], "api.example.com", ":authority kept: {out}");
+    assert_eq!(body["path"], "/v1/items", "{out}");
+    assert_eq!(body["sni"], "api.example.com", "{out}");
 }

@@ -354,7 +354,7 @@ pub struct HttpSettings {
     pub http2_max_requests: Option<i64>,
     pub max_requests_per_connection: Option<i64>,
     pub max_retries: Option<i64>,
-    pub h2_upgrade_policy: Option<String>,
+    pub h2_upgrade_policy: Option<Spanned<String>>,
     pub use_client_protocol: Option<bool>,
     pub idle_timeout: Option<Spanned<String>>,
 }

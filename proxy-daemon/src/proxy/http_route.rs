@@ -8,10 +8,10 @@ use http::HeaderMap;
 use std::sync::Arc;
 
 use super::route::{endpoint_for, is_dns, labels_for, pick_weighted, tls_of, upstream_tls};
-use crate::state::routes::{HashKey, LoadBalancer};
+use crate::state::routes::{ConnectionPool, HashKey, LoadBalancer};
 use crate::{
     metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
-    state::registry::{ServiceInfo, CLUSTER_DOMAIN},
+    state::registry::{PortInfo, ServiceInfo, CLUSTER_DOMAIN},
     state::routes::{
         selects, ClusterRef, HeaderOps, HttpAction, HttpMatch, HttpRule, Matcher, RoutePatch,
     },
@@ -134,6 +134,8 @@ impl Retry {
 pub enum HttpDecision {
     Forward {
         upstream: SocketAddr,
+        /// The protocol to speak to `upstream`.
+        protocol: UpstreamProtocol,
         /// The cluster `upstream` was chosen from (outlier detection counts it there);
         /// None for the address the app dialled (passthrough, resolution NONE).
         cluster: Option<crate::proxy::outlier::ClusterKey>,
@@ -365,8 +367,7 @@ pub fn decide(
         match &ov.cluster {
             Some(ClusterRef::Passthrough) => {
                 return plain_forward(
-                    SocketAddr::V4(req.dst),
-                    None,
+                    (SocketAddr::V4(req.dst), UpstreamProtocol::AsClient, None),
                     None,
                     passthrough_labels(req),
                     edits,
@@ -401,11 +402,11 @@ pub fn decide(
                     cookie_ops,
                     tls,
                     cluster,
+                    protocol,
                 } = pick(snap, eps, target, subset.as_deref(), *cport, src, req);
                 return match chosen {
                     Ok(upstream) => plain_forward(
-                        upstream,
-                        Some(cluster),
+                        (upstream, protocol, Some(cluster)),
                         tls,
                         labels,
                         edits,
@@ -423,8 +424,7 @@ pub fn decide(
             return blackhole(req);
         }
         return plain_forward(
-            SocketAddr::V4(req.dst),
-            None,
+            (SocketAddr::V4(req.dst), UpstreamProtocol::AsClient, None),
             None,
             passthrough_labels(req),
             edits,
@@ -456,8 +456,11 @@ pub fn decide(
             }
             let tls = upstream_tls(snap, svc, None, port, &src.namespace);
             return plain_forward(
-                super::route::dialled_target(svc, req.dst),
-                None,
+                (
+                    super::route::dialled_target(svc, req.dst),
+                    UpstreamProtocol::of(svc.port(port), None),
+                    None,
+                ),
                 tls,
                 labels,
                 edits,
@@ -473,11 +476,11 @@ pub fn decide(
             cookie_ops,
             tls,
             cluster,
+            protocol,
         } = pick(snap, eps, svc, None, port, src, req);
         return match chosen {
             Ok(upstream) => plain_forward(
-                upstream,
-                Some(cluster),
+                (upstream, protocol, Some(cluster)),
                 tls,
                 labels,
                 edits,
@@ -568,6 +571,7 @@ pub fn decide(
                 cookie_ops,
                 tls,
                 cluster,
+                protocol,
             } = pick(
                 snap,
                 eps,
@@ -581,6 +585,7 @@ pub fn decide(
             match chosen {
                 Ok(upstream) => HttpDecision::Forward {
                     upstream,
+                    protocol,
                     cluster: Some(cluster),
                     tls,
                     labels,
@@ -651,6 +656,43 @@ fn hash_key(
     }
 }
 
+/// Which HTTP version a request goes upstream in (Istio's choice for the destination's
+/// cluster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    /// The client's own: ports whose protocol is sniffed, `useClientProtocol: true`, and
+    /// destinations outside the registry.
+    AsClient,
+}
+
+impl UpstreamProtocol {
+    /// Istio's cluster protocol: `useClientProtocol` keeps the client's; a port declared
+    /// HTTP2 or gRPC (name prefix or appProtocol) is h2; a port declared HTTP is HTTP/1.1
+    /// unless `h2UpgradePolicy: UPGRADE`; a sniffed port keeps the client's.
+    pub fn of(port: Option<&PortInfo>, pool: Option<&ConnectionPool>) -> Self {
+        if pool.is_some_and(|p| p.use_client_protocol) {
+            return Self::AsClient;
+        }
+        let upgrade = pool.and_then(|p| p.h2_upgrade) == Some(true);
+        match port.map(|p| p.protocol.as_str()) {
+            Some(p) if p.eq_ignore_ascii_case("HTTP2") || p.eq_ignore_ascii_case("GRPC") => {
+                Self::Http2
+            }
+            Some(p) if p.eq_ignore_ascii_case("GRPC-WEB") => Self::Http2,
+            Some(p) if p.eq_ignore_ascii_case("HTTP") => {
+                if upgrade {
+                    Self::Http2
+                } else {
+                    Self::Http1
+                }
+            }
+            _ => Self::AsClient,
+        }
+    }
+}
+
 /// What [`pick`] chose: the endpoint (or Envoy's flag for none), the HeaderOps that set
 /// a generated consistent-hash cookie on the response when one was needed, the TLS to
 /// originate, and the cluster the endpoint was chosen from.
@@ -659,6 +701,7 @@ struct Picked {
     cookie_ops: Vec<HeaderOps>,
     tls: Option<Arc<UpstreamTls>>,
     cluster: crate::proxy::outlier::ClusterKey,
+    protocol: UpstreamProtocol,
 }
 
 /// Picks an endpoint under the destination's policy.
@@ -718,18 +761,26 @@ fn pick(
     }
     let tls = policy.as_ref().and_then(|p| tls_of(p, target));
     let cluster = crate::proxy::outlier::ClusterKey::new(&target.hostname, port, subset);
+    let protocol = UpstreamProtocol::of(
+        target.port(port),
+        policy.as_ref().and_then(|p| p.connection_pool.as_ref()),
+    );
     Picked {
         chosen,
         cookie_ops: ops,
         tls,
         cluster,
+        protocol,
     }
 }
 
 /// A forward with no route rule behind it: Istio's default retries, no fault, no mirror.
 fn plain_forward(
-    upstream: SocketAddr,
-    cluster: Option<crate::proxy::outlier::ClusterKey>,
+    (upstream, protocol, cluster): (
+        SocketAddr,
+        UpstreamProtocol,
+        Option<crate::proxy::outlier::ClusterKey>,
+    ),
     tls: Option<Arc<UpstreamTls>>,
     labels: DestinationLabels,
     edits: RequestEdits,
@@ -738,6 +789,7 @@ fn plain_forward(
 ) -> HttpDecision {
     HttpDecision::Forward {
         upstream,
+        protocol,
         cluster,
         tls,
         labels,

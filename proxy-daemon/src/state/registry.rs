@@ -301,8 +301,12 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                         // (empty: detect from the traffic).
                         protocol: p
                             .app_protocol
-                            .clone()
-                            .map(|a| a.to_ascii_uppercase())
+                            .as_deref()
+                            .map(|a| match a {
+                                // Kubernetes' own name for HTTP/2 over cleartext.
+                                "kubernetes.io/h2c" => "HTTP2".to_string(),
+                                a => a.to_ascii_uppercase(),
+                            })
                             .or_else(|| infer_protocol(p.name.as_deref()))
                             .unwrap_or_default(),
                     })

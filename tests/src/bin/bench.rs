@@ -311,6 +311,7 @@ fn main() {
             cert_pem: leaf.cert_pem,
             key_pem: leaf.key_pem,
             client_ca_pem: None,
+            h2: false,
         },
     );
     servers.http_echo(

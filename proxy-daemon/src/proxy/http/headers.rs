@@ -32,6 +32,15 @@ pub(super) fn strip_hop_by_hop(headers: &mut http::HeaderMap, keep_upgrade: bool
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
         .collect();
+    // `TE: trailers` says the client takes trailers (gRPC needs it; it is the one TE
+    // value h2 allows): kept, as Envoy keeps it.
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     for h in HOP_BY_HOP {
         if keep_upgrade && (h == "connection" || h == "upgrade") {
             continue;
@@ -43,6 +52,9 @@ pub(super) fn strip_hop_by_hop(headers: &mut http::HeaderMap, keep_upgrade: bool
             continue;
         }
         headers.remove(h.as_str());
+    }
+    if te_trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
 }
 

@@ -189,6 +189,7 @@ pub(super) fn send_mirror(
             &inputs,
             &pod,
             upstream,
+            crate::proxy::http_route::UpstreamProtocol::AsClient,
             tls.as_deref(),
             req,
             Some(MIRROR_TIMEOUT),

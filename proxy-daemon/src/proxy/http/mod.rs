@@ -425,6 +425,7 @@ async fn handle(
             },
             HttpDecision::Forward {
                 upstream,
+                protocol,
                 cluster,
                 tls,
                 labels,
@@ -533,6 +534,7 @@ async fn handle(
                     inputs,
                     pod,
                     upstream,
+                    protocol,
                     tls.as_deref(),
                     out,
                     per_try,

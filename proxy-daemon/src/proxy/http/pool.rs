@@ -1,7 +1,7 @@
 //! Upstream side: connections opened from the pod's netns (TLS originated when the
 //! DestinationRule says so), kept idle per pod and endpoint, requests forwarded over them.
 use super::*;
-use crate::state::routes::ConnectionPool;
+use crate::{proxy::http_route::UpstreamProtocol, state::routes::ConnectionPool};
 
 /// Idle upstream connections per pod, upstream address and TLS setting (sockets live in
 /// the pod netns): HTTP/1 connections one request at a time, HTTP/2 ones shared
@@ -267,10 +267,12 @@ pub(super) async fn forward_h2(
 
 /// Sends one attempt upstream; Err is (status, Envoy flag, message) for the client.
 /// For an Upgrade, the upstream's OnUpgrade is left in the response's extensions.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn forward(
     inputs: &ProxyInputs,
     pod: &PodContext,
     upstream: SocketAddr,
+    protocol: UpstreamProtocol,
     tls: Option<&UpstreamTls>,
     mut req: Request<Body>,
     timeout: Option<Duration>,
@@ -283,8 +285,19 @@ pub(super) async fn forward(
     let idle_timeout = pool.and_then(|p| p.http_idle_timeout);
     let upgrade = is_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    if req.version() == http::Version::HTTP_2 {
-        return forward_h2(inputs, pod, upstream, tls, req, timeout).await;
+    let client_version = req.version();
+    // An Upgrade (WebSocket) stays on HTTP/1.1, as Envoy keeps it without extended CONNECT.
+    let h2 = match protocol {
+        UpstreamProtocol::Http2 => !upgrade,
+        UpstreamProtocol::Http1 => false,
+        UpstreamProtocol::AsClient => client_version == http::Version::HTTP_2,
+    };
+    if h2 != (client_version == http::Version::HTTP_2) {
+        translate_request(&mut req, h2, tls.is_some());
+    }
+    if h2 {
+        let resp = forward_h2(inputs, pod, upstream, tls, req, timeout).await?;
+        return Ok(translate_response(resp, client_version));
     }
     let key = pool_key(upstream, tls);
     // A pooled connection the server closed meanwhile hands the request back unsent.
@@ -336,5 +349,60 @@ pub(super) async fn forward(
         // connectionPool.http.maxRequestsPerConnection: a used-up connection is not reused.
         pod.http_pool.put(key, sender, uses, idle_timeout);
     }
-    Ok(resp.map(|b| b.boxed()))
+    Ok(translate_response(resp.map(|b| b.boxed()), client_version))
+}
+
+/// Rewrites a request for the other HTTP version upstream: h2 wants the scheme and
+/// authority in the URI (`:scheme`, `:authority`) and no Host header; HTTP/1.1 wants the
+/// path in the request line and the authority in Host.
+fn translate_request(req: &mut Request<Body>, to_h2: bool, tls: bool) {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if to_h2 {
+        let authority = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        if let Some(authority) = authority {
+            let scheme = if tls { "https" } else { "http" };
+            if let Ok(uri) = format!("{scheme}://{authority}{path}").parse() {
+                *req.uri_mut() = uri;
+            }
+        }
+        req.headers_mut().remove(header::HOST);
+        *req.version_mut() = http::Version::HTTP_2;
+    } else {
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(v) = req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        if let Ok(uri) = path.parse() {
+            *req.uri_mut() = uri;
+        }
+        *req.version_mut() = http::Version::HTTP_11;
+    }
+}
+
+/// The response as the client's HTTP version carries it: an h2 client must get no
+/// connection-specific headers (they are a protocol error in h2).
+fn translate_response(mut resp: Response<Body>, client_version: http::Version) -> Response<Body> {
+    if resp.version() != client_version {
+        if client_version == http::Version::HTTP_2 {
+            for h in HOP_BY_HOP {
+                resp.headers_mut().remove(h);
+            }
+        }
+        *resp.version_mut() = client_version;
+    }
+    resp
 }

@@ -58,6 +58,12 @@ pub struct ConnectionPool {
     /// (default 1 h; 0s disables).
     #[serde(serialize_with = "ser_duration")]
     pub http_idle_timeout: Option<Duration>,
+    /// `http.h2UpgradePolicy`: Some(true) UPGRADE (HTTP/1.1 requests go upstream over
+    /// h2), Some(false) DO_NOT_UPGRADE, None DEFAULT (the mesh default: no upgrade).
+    pub h2_upgrade: Option<bool>,
+    /// `http.useClientProtocol`: upstream in the protocol the client used, whatever the
+    /// port declares.
+    pub use_client_protocol: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -296,6 +302,28 @@ pub(super) fn level_policy(
             .http
             .as_ref()
             .and_then(|h| cx.duration(&h.idle_timeout, "http.idleTimeout")),
+        h2_upgrade: match p.http.as_ref().and_then(|h| h.h2_upgrade_policy.as_ref()) {
+            None => None,
+            Some(v) => match v.value.as_str() {
+            "DEFAULT" => None,
+            "UPGRADE" => Some(true),
+            "DO_NOT_UPGRADE" => Some(false),
+            other => {
+                cx.err(
+                    v.referenced.line(),
+                    format!(
+                        "connectionPool.http.h2UpgradePolicy {other:?}: expected DEFAULT, DO_NOT_UPGRADE or UPGRADE"
+                    ),
+                );
+                None
+            }
+            },
+        },
+        use_client_protocol: p
+            .http
+            .as_ref()
+            .and_then(|h| h.use_client_protocol)
+            .unwrap_or(false),
     });
     let outlier_detection = outlier.as_ref().map(|od| {
         let line = od.referenced.line();
