@@ -129,6 +129,7 @@ fn unsupported_patch(ef: &istio::EnvoyFilterSpec) -> Option<(u64, String)> {
             m.listener
                 .as_ref()
                 .map(|l| ("listener", line(l)))
+                .or(m.proxy.as_ref().map(|p| ("proxy", p.referenced.line())))
                 .or(m.cluster.as_ref().map(|c| ("cluster", line(c))))
                 .or(rc
                     .and_then(|r| r.port_name.as_ref())
@@ -142,6 +143,9 @@ fn unsupported_patch(ef: &istio::EnvoyFilterSpec) -> Option<(u64, String)> {
                 .or(vhost
                     .and_then(|v| v.route.as_ref())
                     .map(|v| ("routeConfiguration.vhost.route", line(v))))
+                .or(rc
+                    .and_then(|r| r.vhost.as_ref())
+                    .map(|v| ("routeConfiguration.vhost", v.referenced.line())))
         });
         let why = if !matches!(
             (apply_to, op),
@@ -200,24 +204,6 @@ pub(super) fn compile_envoy_filter(
                 format!("{what}: context {context} is not supported (ANY or SIDECAR_OUTBOUND)"),
             );
             continue;
-        }
-        if let Some(m) = &p.patch_match {
-            if let Some(px) = &m.proxy {
-                cx.err(
-                    px.referenced.line(),
-                    format!("{what}: match.proxy is not supported"),
-                );
-            }
-            if let Some(vh) = m
-                .route_configuration
-                .as_ref()
-                .and_then(|r| r.vhost.as_ref())
-            {
-                cx.err(
-                    vh.referenced.line(),
-                    format!("{what}: routeConfiguration.vhost is not supported"),
-                );
-            }
         }
         let rc = p
             .patch_match
