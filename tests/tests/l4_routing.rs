@@ -258,3 +258,66 @@ fn half_closes_and_resets_reach_the_other_side_as_they_were() {
         );
     }
 }
+
+/// tcp[] match fields: `port` (the port the app dialled), `sourceNamespace`, and a block
+/// bound to a gateway, which never matches pod traffic.
+#[test]
+fn tcp_matches_by_port_and_source_namespace_and_skips_gateway_blocks() {
+    let mut node = Node::new("tcpmatch");
+    let servers = Servers::new();
+    let (b1, b2, yaml) = backend(&mut node, &servers);
+    let one_port = "ports: [{name: tcp-reviews, port: 80, targetPort: 9080}]";
+    assert!(yaml.contains(one_port));
+    let yaml = yaml.replace(
+        one_port,
+        "ports: [{name: tcp-reviews, port: 80, targetPort: 9080}, {name: tcp-alt, port: 81, targetPort: 9080}]",
+    );
+    let client = node.pod("shop", "client-1");
+    let other = node.pod("team-b", "client-b");
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: backend}
+spec:
+  hosts: [reviews.backend.svc.cluster.local]
+  tcp:
+  - match: [{gateways: [istio-system/ingress]}]
+    route: [{destination: {host: reviews.backend.svc.cluster.local, subset: v2}}]
+  - match: [{port: 81}]
+    route: [{destination: {host: reviews.backend.svc.cluster.local, subset: v2}}]
+  - match: [{sourceNamespace: team-b}]
+    route: [{destination: {host: reviews.backend.svc.cluster.local, subset: v2}}]
+  - route: [{destination: {host: reviews.backend.svc.cluster.local, subset: v1}}]
+---
+";
+    node.write_config(
+        "all.yaml",
+        &(yaml
+            + vs
+            + &namespace_yaml("shop", true, None)
+            + &namespace_yaml("team-b", true, None)
+            + &pod_yaml(&client, &[("app", "client")])
+            + &pod_yaml(&other, &[("app", "client")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(5));
+    daemon.wait_enrolled(&other.uid, Duration::from_secs(5));
+    let spread = |pod: &proxy_tests::Pod, port: u16| {
+        pod.pdtool(&[
+            "spread",
+            "--to",
+            &format!("{CLUSTER_IP}:{port}"),
+            "--count",
+            "20",
+        ])
+    };
+    let out = spread(&client, 80);
+    assert_eq!(
+        count(&out, &b1),
+        20,
+        "no gateway block, default route: {out}"
+    );
+    let out = spread(&client, 81);
+    assert_eq!(count(&out, &b2), 20, "port 81: {out}");
+    let out = spread(&other, 80);
+    assert_eq!(count(&out, &b2), 20, "sourceNamespace team-b: {out}");
+}

@@ -200,3 +200,106 @@ spec:
     // 24 users on a 65,537-slot table over two endpoints land on both.
     assert_eq!(by_backend.len(), 2, "{by_backend:?}");
 }
+
+/// The remaining HTTP rule fields, one request each, checked where a user would look:
+/// which version answered, what the upstream received, what the client got back.
+#[test]
+fn method_scheme_case_rewrites_redirects_faults_and_header_edits_do_what_istio_says() {
+    let r = Reviews::builder("morefields")
+        .yaml(&vs(&format!(
+            "  - name: by-method
+    match: [{{name: posts, method: {{exact: POST}}}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+    headers: {{response: {{set: {{x-rule: method}}}}}}
+  - match: [{{uri: {{prefix: /CaseLess}}, ignoreUriCase: true}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+    headers: {{response: {{set: {{x-rule: ignore-case}}}}}}
+  - match: [{{scheme: {{exact: https}}, uri: {{prefix: /scheme}}}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+    headers: {{response: {{set: {{x-rule: https-scheme}}}}}}
+  - match: [{{uri: {{prefix: /to-https}}}}]
+    redirect: {{scheme: https, port: 8443, uri: /secure}}
+  - match: [{{uri: {{prefix: /authority}}}}]
+    rewrite: {{authority: internal.reviews}}
+    route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+  - match: [{{uri: {{prefix: /slow}}}}]
+    fault: {{delay: {{percent: 100, fixedDelay: 300ms}}}}
+    route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+  - match: [{{uri: {{prefix: /edit}}}}]
+    headers:
+      request: {{add: {{x-added: two}}}}
+      response: {{add: {{x-resp-added: 'yes'}}, remove: [content-type]}}
+    route:
+    - destination: {{host: {HOST}, subset: v1}}
+      headers: {{request: {{set: {{x-dest: v1}}}}, response: {{set: {{x-dest-resp: v1}}}}}}
+  - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+"
+        )))
+        .pod("shop", "client-0", &[("app", "client")])
+        .start();
+    let pod = &r.pods[0];
+    let to = to();
+    let rule = |out: &serde_json::Value| out["first"]["headers"]["x-rule"].clone();
+    // method: a POST goes to v2, a GET does not.
+    let out = pod.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        HOST,
+        "--body-bytes",
+        "10",
+        "--count",
+        "2",
+    ]);
+    assert_eq!(
+        (served(&out, "reviews-v2"), rule(&out)),
+        (2, "method".into()),
+        "{out}"
+    );
+    assert_eq!(served(&get(pod, "/", &[], "2"), "reviews-v1"), 2);
+    // ignoreUriCase: /caseless matches the /CaseLess prefix.
+    let out = get(pod, "/caseless/page", &[], "1");
+    assert_eq!(rule(&out), "ignore-case", "{out}");
+    // scheme: the app speaks plain http, so an `https` scheme match never matches it.
+    let out = get(pod, "/scheme", &[], "1");
+    assert_eq!(served(&out, "reviews-v1"), 1, "{out}");
+    // redirect scheme and port.
+    let out = get(pod, "/to-https/a", &[], "1");
+    assert_eq!(out["first"]["status"], 301, "{out}");
+    assert_eq!(
+        out["first"]["headers"]["location"],
+        format!("https://{HOST}:8443/secure"),
+        "{out}"
+    );
+    // rewrite.authority: the upstream sees the new Host.
+    let out = get(pod, "/authority", &[], "1");
+    assert_eq!(
+        out["first"]["body"]["headers"]["host"], "internal.reviews",
+        "{out}"
+    );
+    // fault.delay.percent (Istio's integer form).
+    let started = std::time::Instant::now();
+    let out = get(pod, "/slow", &[], "1");
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "delayed 300 ms: {:?}",
+        started.elapsed()
+    );
+    // Header edits: the rule's request add, the destination's own request set, the
+    // rule's response add and remove, the destination's response set.
+    let out = get(pod, "/edit", &[], "1");
+    let seen = &out["first"]["body"]["headers"];
+    assert_eq!(seen["x-added"], "two", "{out}");
+    assert_eq!(seen["x-dest"], "v1", "{out}");
+    let headers = &out["first"]["headers"];
+    assert_eq!(headers["x-resp-added"], "yes", "{out}");
+    assert_eq!(headers["x-dest-resp"], "v1", "{out}");
+    assert!(headers["content-type"].is_null(), "removed: {out}");
+    // Rule and match names are shown where the rules are.
+    let dump = r.daemon.config_dump();
+    let rules = &dump["snapshot"]["routes"]["virtual_services"][HOST][0]["http"];
+    assert_eq!(rules[0]["name"], "by-method", "{rules}");
+    assert_eq!(rules[0]["matches"][0]["name"], "posts", "{rules}");
+}

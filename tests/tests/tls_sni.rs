@@ -105,3 +105,123 @@ spec:
         1.0
     );
 }
+
+/// tls[] match fields besides sniHosts — `sourceNamespace`, `sourceLabels`,
+/// `destinationSubnets`, a gateway-bound block (never for pods) — and `route[].weight`.
+#[test]
+fn tls_routes_match_by_source_and_dialled_subnet_and_split_by_weight() {
+    let mut node = Node::new("snimatch");
+    let servers = Servers::new();
+    let dialled = node.host("dialled");
+    let _ = servers.tls_record_sink(&dialled, 443, "dialled");
+    let elsewhere = node.host("elsewhere");
+    let _ = servers.tls_record_sink(&elsewhere, 443, "elsewhere");
+    let mut yaml = namespace_yaml("shop", true, None)
+        + &namespace_yaml("team-b", true, None)
+        + &namespace_yaml("backend", false, None);
+    for (name, ip) in [
+        ("a", "198.18.0.221"),
+        ("b", "198.18.0.222"),
+        ("c", "198.18.0.223"),
+    ] {
+        let host = node.host(&format!("tls-{name}"));
+        let _ = servers.tls_record_sink(
+            &host,
+            8443,
+            Box::leak(format!("tls-{name}").into_boxed_str()),
+        );
+        yaml += &endpoint_pod_yaml(
+            &host,
+            &format!("tls-{name}-0"),
+            "backend",
+            &[("app", &format!("tls-{name}"))],
+        );
+        yaml += &format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: tls-{name}, namespace: backend}}
+spec:
+  clusterIP: {ip}
+  selector: {{app: tls-{name}}}
+  ports: [{{name: tls, port: 443, targetPort: 8443}}]
+---
+"
+        );
+    }
+    let dest = |n: &str| {
+        format!(
+            "{{destination: {{host: tls-{n}.backend.svc.cluster.local, port: {{number: 443}}}}}}"
+        )
+    };
+    yaml += &format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.example.com]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.example.com]
+  tls:
+  - match: [{{sniHosts: [api.example.com], gateways: [istio-system/egress]}}]
+    route: [{c}]
+  - match: [{{sniHosts: [api.example.com], sourceNamespace: team-b}}]
+    route: [{b}]
+  - match: [{{sniHosts: [api.example.com], sourceLabels: {{tier: canary}}}}]
+    route: [{b}]
+  - match: [{{sniHosts: [api.example.com], destinationSubnets: [{elsewhere}/32]}}]
+    route: [{c}]
+  - match: [{{sniHosts: [api.example.com]}}]
+    route:
+    - {{destination: {{host: tls-a.backend.svc.cluster.local, port: {{number: 443}}}}, weight: 25}}
+    - {{destination: {{host: tls-b.backend.svc.cluster.local, port: {{number: 443}}}}, weight: 75}}
+---
+",
+        b = dest("b"),
+        c = dest("c"),
+        elsewhere = elsewhere.ip,
+    );
+    let client = node.pod("shop", "client-1");
+    let canary = node.pod("shop", "canary-1");
+    let other = node.pod("team-b", "client-b");
+    yaml += &pod_yaml(&client, &[("app", "client")]);
+    yaml += &pod_yaml(&canary, &[("app", "client"), ("tier", "canary")]);
+    yaml += &pod_yaml(&other, &[("app", "client")]);
+    node.write_config("all.yaml", &yaml);
+    let daemon = Daemon::start(&node, &[]);
+    for p in [&client, &canary, &other] {
+        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    let hello = |pod: &proxy_tests::Pod, to: &proxy_tests::Host| -> String {
+        let out = pod.pdtool(&[
+            "tls-hello",
+            "--to",
+            &to.addr(443).to_string(),
+            "--sni",
+            "api.example.com",
+        ]);
+        out["reply"].as_str().unwrap_or("").to_string()
+    };
+    let mut tally = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..200 {
+        *tally.entry(hello(&client, &dialled)).or_default() += 1;
+    }
+    // No gateway block, no source rule: the weighted split, 25/75 (±10 in 200).
+    let a = tally.get("tls-a").copied().unwrap_or(0);
+    assert_eq!(
+        a + tally.get("tls-b").copied().unwrap_or(0),
+        200,
+        "{tally:?}"
+    );
+    assert!((30..=70).contains(&a), "25 % of 200 to tls-a: {tally:?}");
+    for _ in 0..5 {
+        assert_eq!(hello(&other, &dialled), "tls-b", "sourceNamespace");
+        assert_eq!(hello(&canary, &dialled), "tls-b", "sourceLabels");
+        assert_eq!(hello(&client, &elsewhere), "tls-c", "destinationSubnets");
+    }
+}
