@@ -303,3 +303,114 @@ fn method_scheme_case_rewrites_redirects_faults_and_header_edits_do_what_istio_s
     assert_eq!(rules[0]["name"], "by-method", "{rules}");
     assert_eq!(rules[0]["matches"][0]["name"], "posts", "{rules}");
 }
+
+/// The other consistent-hash keys and ring sizes: a query parameter (with Istio's
+/// deprecated top-level `minimumRingSize`) and the source IP (with `ringHash`).
+#[test]
+fn query_parameter_and_source_ip_hashing_pin_clients_end_to_end() {
+    let r = Reviews::builder("hashkeys")
+        .yaml(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-hash, namespace: shop}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {{httpQueryParameterName: user, minimumRingSize: 64}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-hash, namespace: team-b}}
+spec:
+  host: {HOST}
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {{useSourceIp: true, ringHash: {{minimumRingSize: 2048}}}}
+"
+        ))
+        .pod("shop", "client-0", &[("app", "client")])
+        .pod("team-b", "client-b", &[("app", "client")])
+        .start();
+    let pinned = |out: &serde_json::Value| {
+        let (v1, v2) = (served(out, "reviews-v1"), served(out, "reviews-v2"));
+        assert!(
+            (v1, v2) == (10, 0) || (v1, v2) == (0, 10),
+            "moved between backends: {out}"
+        );
+        if v1 > 0 {
+            "v1"
+        } else {
+            "v2"
+        }
+    };
+    let mut by_backend = std::collections::BTreeSet::new();
+    for user in 0..24 {
+        let out = get(
+            &r.pods[0],
+            &format!("/items?user=u{user}&page=2"),
+            &[],
+            "10",
+        );
+        by_backend.insert(pinned(&out));
+    }
+    assert_eq!(by_backend.len(), 2, "users land on both backends");
+    // By source IP: every request of the pod, whatever it carries, to one backend.
+    let first = pinned(&get(&r.pods[1], "/a?user=x", &[], "10"));
+    for path in ["/b?user=y", "/c", "/d?user=z"] {
+        assert_eq!(pinned(&get(&r.pods[1], path, &[], "10")), first);
+    }
+    // The ring sizes asked for are the ones built (shown with the policy).
+    let dump = r.daemon.config_dump().to_string();
+    assert!(dump.contains("\"minimum_ring_size\":64"), "{dump}");
+    assert!(dump.contains("\"minimum_ring_size\":2048"), "{dump}");
+}
+
+/// `connectionPool.tcp.connectTimeout` bounds the upstream connect, as Envoy's cluster
+/// connect_timeout: an endpoint nobody answers for fails after it, not after the daemon's
+/// default.
+#[test]
+fn connect_timeout_bounds_the_upstream_connect() {
+    let r = Reviews::builder("conntimeout")
+        .yaml(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dead, namespace: shop}
+spec:
+  hosts: [dead.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 198.18.0.199}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dead, namespace: shop}
+spec:
+  host: dead.example
+  trafficPolicy:
+    connectionPool: {tcp: {connectTimeout: 300ms}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: dead, namespace: shop}
+spec:
+  hosts: [dead.example]
+  http:
+  - retries: {attempts: 0}
+    route: [{destination: {host: dead.example}}]
+",
+        )
+        .pod("shop", "client-0", &[("app", "client")])
+        .flags(&["--connect-timeout-ms", "5000"])
+        .start();
+    let to = to();
+    let started = std::time::Instant::now();
+    let out = r.pods[0].pdtool(&["http", "--to", &to, "--host", "dead.example"]);
+    let took = started.elapsed();
+    assert_eq!(out["statuses"]["503"], 1, "{out}");
+    assert!(
+        took >= std::time::Duration::from_millis(280)
+            && took < std::time::Duration::from_millis(1500),
+        "failed after {took:?}: the rule's 300 ms, not the daemon's 5 s: {out}"
+    );
+}

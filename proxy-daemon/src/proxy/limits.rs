@@ -140,11 +140,11 @@ impl HostLimits {
             limit.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(Overflow);
         }
-        let waited = tokio::time::timeout(
-            pool.connect_timeout.unwrap_or(Duration::from_secs(10)),
-            limit.slots.clone().acquire_owned(),
-        )
-        .await;
+        // Envoy keeps a pending request until a slot frees or its route timeout ends; the
+        // route timeout ends it here too (the caller's deadline), and this bound keeps a
+        // request without one from waiting for ever.
+        let waited =
+            tokio::time::timeout(PENDING_WAIT_LIMIT, limit.slots.clone().acquire_owned()).await;
         limit.pending.fetch_sub(1, Ordering::AcqRel);
         match waited {
             Ok(Ok(p)) => Ok(Some(p)),
@@ -152,6 +152,9 @@ impl HostLimits {
         }
     }
 }
+
+/// The longest a request waits in a connection pool's pending queue.
+const PENDING_WAIT_LIMIT: Duration = Duration::from_secs(10);
 
 /// Why a downstream connection was refused at accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

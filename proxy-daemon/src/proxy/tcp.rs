@@ -105,15 +105,19 @@ pub async fn proxy(
     let labels = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "");
     tcp.open(&labels);
 
-    let connected = match connect_from_pod(pod, upstream_addr, inputs.settings.connect_timeout)
-        .await
-    {
+    // connectionPool.tcp.connectTimeout bounds the connect (and TLS handshake), as
+    // Envoy's cluster connect_timeout does; the daemon's flag is the default.
+    let connect_timeout = pool
+        .as_ref()
+        .and_then(|p| p.connect_timeout)
+        .unwrap_or(inputs.settings.connect_timeout);
+    let connected = match connect_from_pod(pod, upstream_addr, connect_timeout).await {
         Ok(s) => match &tls {
             None => Ok(UpstreamIo::Plain(s)),
             Some(t) => {
                 // DestinationRule tls on a TCP port: the bytes go out inside TLS.
                 let handshake = tokio::time::timeout(
-                    inputs.settings.connect_timeout,
+                    connect_timeout,
                     inputs.tls.connect(t, b"", s, &pod.workload.namespace),
                 )
                 .await

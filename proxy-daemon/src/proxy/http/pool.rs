@@ -150,8 +150,9 @@ pub(super) async fn open_upstream(
     upstream: SocketAddr,
     tls: Option<&UpstreamTls>,
     alpn: &'static [u8],
+    connect_timeout: Duration,
 ) -> Result<UpstreamIo, UpstreamError> {
-    let stream = connect_from_pod(pod, upstream, inputs.settings.connect_timeout)
+    let stream = connect_from_pod(pod, upstream, connect_timeout)
         .await
         .map_err(UpstreamError::Connect)?;
     let Some(tls) = tls else {
@@ -159,7 +160,7 @@ pub(super) async fn open_upstream(
     };
     let handshakes = &inputs.metrics.daemon.upstream_tls_handshakes;
     let result = tokio::time::timeout(
-        inputs.settings.connect_timeout,
+        connect_timeout,
         inputs
             .tls
             .connect(tls, alpn, stream, &pod.workload.namespace),
@@ -196,8 +197,9 @@ pub(super) async fn connect_upstream(
     pod: &PodContext,
     upstream: SocketAddr,
     tls: Option<&UpstreamTls>,
+    connect_timeout: Duration,
 ) -> Result<Sender, UpstreamError> {
-    let stream = open_upstream(inputs, pod, upstream, tls, b"http/1.1").await?;
+    let stream = open_upstream(inputs, pod, upstream, tls, b"http/1.1", connect_timeout).await?;
     let (sender, conn) = client_http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake {
@@ -218,6 +220,7 @@ pub(super) async fn forward_h2(
     tls: Option<&UpstreamTls>,
     req: Request<Body>,
     timeout: Option<Duration>,
+    connect_timeout: Duration,
 ) -> Result<Response<Body>, UpstreamError> {
     let key = pool_key(upstream, tls);
     let existing = {
@@ -227,7 +230,7 @@ pub(super) async fn forward_h2(
     let mut sender = match existing {
         Some(s) => s,
         None => {
-            let stream = open_upstream(inputs, pod, upstream, tls, b"h2").await?;
+            let stream = open_upstream(inputs, pod, upstream, tls, b"h2", connect_timeout).await?;
             let (sender, conn) =
                 client_http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                     .await
@@ -283,6 +286,11 @@ pub(super) async fn forward(
         .filter(|n| *n > 0)
         .unwrap_or(u32::MAX);
     let idle_timeout = pool.and_then(|p| p.http_idle_timeout);
+    // connectionPool.tcp.connectTimeout bounds the connect and TLS handshake (Envoy's
+    // cluster connect_timeout); the daemon's flag is the default.
+    let connect_timeout = pool
+        .and_then(|p| p.connect_timeout)
+        .unwrap_or(inputs.settings.connect_timeout);
     let upgrade = is_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
     let client_version = req.version();
@@ -296,7 +304,7 @@ pub(super) async fn forward(
         translate_request(&mut req, h2, tls.is_some());
     }
     if h2 {
-        let resp = forward_h2(inputs, pod, upstream, tls, req, timeout).await?;
+        let resp = forward_h2(inputs, pod, upstream, tls, req, timeout, connect_timeout).await?;
         return Ok(translate_response(resp, client_version));
     }
     let key = pool_key(upstream, tls);
@@ -309,13 +317,16 @@ pub(super) async fn forward(
     let send = async {
         let (mut sender, mut uses) = match pooled {
             Some((s, uses)) => (s, uses),
-            None => (connect_upstream(inputs, pod, upstream, tls).await?, 0),
+            None => (
+                connect_upstream(inputs, pod, upstream, tls, connect_timeout).await?,
+                0,
+            ),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
-                    sender = connect_upstream(inputs, pod, upstream, tls).await?;
+                    sender = connect_upstream(inputs, pod, upstream, tls, connect_timeout).await?;
                     uses = 0;
                     sender
                         .send_request(req)
