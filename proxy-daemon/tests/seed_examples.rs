@@ -9,7 +9,8 @@ use proxy_common::FailMode;
 use proxy_daemon::{
     config::local,
     state::routes::{
-        ClusterRef, HashAlgorithm, HashKey, HttpAction, LoadBalancer, Matcher, RoutePatch,
+        AddedHeader, AddedRoute, ClusterRef, HashAlgorithm, HashKey, HeaderAppend, HttpAction,
+        LoadBalancer, Matcher, RoutePatch,
     },
     state::{self, CaptureSettings, Snapshot},
     validate,
@@ -252,7 +253,11 @@ fn envoy_filter_overrides_port_80_and_passes_the_metadata_address_through() {
                 );
                 assert_eq!(
                     request_headers_to_add,
-                    &vec![("x-azar-mirror".into(), header.into(), true)]
+                    &vec![AddedHeader {
+                        name: "x-azar-mirror".into(),
+                        value: header.into(),
+                        action: HeaderAppend::AppendIfExistsOrAdd,
+                    }]
                 );
             }
             other => panic!("{other:?}"),
@@ -269,7 +274,7 @@ fn envoy_filter_overrides_port_80_and_passes_the_metadata_address_through() {
                     ]
                 );
                 assert!(
-                    matches!(&routes[0], (Matcher::Prefix(p), ClusterRef::Passthrough) if p == "/")
+                    matches!(&routes[0], AddedRoute { matcher: Matcher::Prefix(p), cluster: ClusterRef::Passthrough, .. } if p == "/")
                 );
             }
             other => panic!("{other:?}"),

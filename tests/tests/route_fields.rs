@@ -414,3 +414,141 @@ spec:
         "failed after {took:?}: the rule's 300 ms, not the daemon's 5 s: {out}"
     );
 }
+
+/// EnvoyFilter as Istio applies it: the root namespace's filters reach every workload,
+/// `priority` orders patches (lower first, so a later one overwrites), `append: false` and
+/// `append_action` decide how a header is added, `routeConfiguration.portNumber` picks the
+/// port, `value.timeout` is read as the route's, and an added virtual host's routes carry
+/// their own `match.path`, `route.timeout`, `request_headers_to_add` and `name`.
+#[test]
+fn envoy_filters_apply_in_priority_order_mesh_wide_and_per_added_route() {
+    let slow = proxy_tests::servers::HttpEcho {
+        name: "reviews-v2".into(),
+        delay: std::time::Duration::from_millis(600),
+        ..Default::default()
+    };
+    let merge = |name: &str, ns: &str, extra: &str, port: u16, value: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+{extra}  configPatches:
+  - applyTo: HTTP_ROUTE
+    match: {{context: SIDECAR_OUTBOUND, routeConfiguration: {{portNumber: {port}}}}}
+    patch:
+      operation: MERGE
+      value: {value}
+---
+"
+        )
+    };
+    let yaml = merge(
+        "overwrite",
+        "shop",
+        "  priority: 10\n  workloadSelector: {labels: {app: client}}\n",
+        80,
+        "{request_headers_to_add: [{header: {key: x-order, value: ten}, append: false}]}",
+    ) + &merge(
+        "mesh-wide",
+        "istio-system",
+        "",
+        80,
+        &format!(
+            "{{route: {{cluster: 'outbound|80|v1|{HOST}'}}, request_headers_to_add: [{{header: {{key: x-order, value: zero}}}}, {{header: {{key: x-mesh, value: root}}}}, {{header: {{key: x-keep, value: filter}}, append_action: ADD_IF_ABSENT}}]}}"
+        ),
+    ) + &merge(
+        "alt-timeout",
+        "shop",
+        "",
+        8080,
+        &format!("{{timeout: 200ms, route: {{cluster: 'outbound|8080|v2|{HOST}'}}}}"),
+    ) + &format!(
+        "apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {{name: special-host, namespace: shop}}
+spec:
+  priority: 20
+  configPatches:
+  - applyTo: VIRTUAL_HOST
+    match: {{context: SIDECAR_OUTBOUND, routeConfiguration: {{portNumber: 80}}}}
+    patch:
+      operation: ADD
+      value:
+        name: special
+        domains: [special.example]
+        routes:
+        - name: exact-one
+          match: {{path: /exact}}
+          route: {{cluster: 'outbound|80|v2|{HOST}', timeout: 200ms}}
+        - match: {{prefix: /}}
+          route: {{cluster: 'outbound|80|v1|{HOST}'}}
+          request_headers_to_add: [{{header: {{key: x-vhost, value: special}}}}]
+"
+    );
+    let r = Reviews::builder("envoyfilter")
+        .v2(slow)
+        .yaml(&yaml)
+        .pod("shop", "client-0", &[("app", "client")])
+        .start();
+    let pod = &r.pods[0];
+    let to = to();
+    // Port 80, the generated virtual host: the root filter (priority 0) sends to v1 and
+    // appends x-order: zero; then "overwrite" (priority 10, listed first) replaces it.
+    let out = get(pod, "/", &["x-keep: client"], "1");
+    let seen = &out["first"]["body"]["headers"];
+    assert_eq!(served(&out, "reviews-v1"), 1, "{out}");
+    assert_eq!(
+        seen["x-order"], "ten",
+        "priority order, append: false: {out}"
+    );
+    assert_eq!(
+        seen["x-mesh"], "root",
+        "the root namespace's filter applies: {out}"
+    );
+    assert_eq!(
+        seen["x-keep"], "client",
+        "ADD_IF_ABSENT keeps the app's: {out}"
+    );
+    // Port 8080: value.timeout as the route timeout (v2 answers after 600 ms).
+    let alt = to.replace(":80", ":8080");
+    let started = std::time::Instant::now();
+    let out = pod.pdtool(&["http", "--to", &alt, "--host", HOST]);
+    assert_eq!(out["statuses"]["504"], 1, "{out}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(550),
+        "{:?}",
+        started.elapsed()
+    );
+    // The added virtual host: its exact-path route's own timeout, and its prefix route's
+    // own header.
+    let out = pod.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "special.example",
+        "--path",
+        "/exact",
+    ]);
+    assert_eq!(out["statuses"]["504"], 1, "{out}");
+    let out = pod.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "special.example",
+        "--path",
+        "/other",
+    ]);
+    assert_eq!(served(&out, "reviews-v1"), 1, "{out}");
+    assert_eq!(
+        out["first"]["body"]["headers"]["x-vhost"], "special",
+        "{out}"
+    );
+    let dump = r.daemon.config_dump().to_string();
+    assert!(
+        dump.contains("\"exact-one\""),
+        "the route's name is kept: {dump}"
+    );
+}

@@ -42,8 +42,8 @@ pub struct RequestEdits {
     /// (matched prefix, replacement): Istio replaces the matched prefix, or the whole path.
     pub rewrite_uri: Option<(Option<String>, String)>,
     pub rewrite_authority: Option<String>,
-    /// Envoy's request_headers_to_add (appended).
-    pub add_headers: Vec<(String, String)>,
+    /// Envoy's request_headers_to_add, each with its append action.
+    pub add_headers: Vec<crate::state::routes::AddedHeader>,
 }
 
 /// Retries as Envoy applies them to one route.
@@ -275,7 +275,7 @@ fn passthrough_labels(req: &RequestView) -> DestinationLabels {
 /// What an EnvoyFilter chain says about this request's route, if anything.
 struct Override {
     cluster: Option<ClusterRef>,
-    add_headers: Vec<(String, String)>,
+    add_headers: Vec<crate::state::routes::AddedHeader>,
     timeout: Option<Duration>,
 }
 
@@ -313,10 +313,13 @@ fn envoy_filter_override(
     };
     if let Some(i) = added {
         if let RoutePatch::AddVirtualHost { routes, .. } = &patches[i].patch {
-            ov.cluster = routes
-                .iter()
-                .find(|(m, _)| m.matches(req.path, false))
-                .map(|(_, c)| c.clone());
+            let route = routes.iter().find(|r| r.matcher.matches(req.path, false));
+            ov.cluster = route.map(|r| r.cluster.clone());
+            if let Some(r) = route {
+                ov.timeout = r.timeout;
+                ov.add_headers
+                    .extend(r.request_headers_to_add.iter().cloned());
+            }
             if ov.cluster.is_none() {
                 // No route of the added virtual host matches: Envoy answers 404.
                 ov.cluster = Some(ClusterRef::BlackHole);
@@ -336,11 +339,8 @@ fn envoy_filter_override(
             if cluster.is_some() {
                 ov.cluster = cluster.clone();
             }
-            ov.add_headers.extend(
-                request_headers_to_add
-                    .iter()
-                    .map(|(k, v, _)| (k.clone(), v.clone())),
-            );
+            ov.add_headers
+                .extend(request_headers_to_add.iter().cloned());
             if timeout.is_some() {
                 ov.timeout = *timeout;
             }

@@ -88,12 +88,32 @@ pub(super) fn rewrite(req: &mut Request<Body>, edits: &RequestEdits) {
     for ops in &edits.headers {
         apply_ops(req.headers_mut(), ops);
     }
-    for (k, v) in &edits.add_headers {
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(v),
-        ) {
-            req.headers_mut().append(k, v);
+    for h in &edits.add_headers {
+        use crate::state::routes::HeaderAppend;
+        let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) else {
+            continue;
+        };
+        let headers = req.headers_mut();
+        match h.action {
+            HeaderAppend::AppendIfExistsOrAdd => {
+                headers.append(k, v);
+            }
+            HeaderAppend::AddIfAbsent => {
+                if !headers.contains_key(&k) {
+                    headers.insert(k, v);
+                }
+            }
+            HeaderAppend::OverwriteIfExistsOrAdd => {
+                headers.insert(k, v);
+            }
+            HeaderAppend::OverwriteIfExists => {
+                if headers.contains_key(&k) {
+                    headers.insert(k, v);
+                }
+            }
         }
     }
     if let Some(authority) = edits

@@ -17,13 +17,43 @@ pub enum ClusterRef {
     },
 }
 
+/// Envoy's HeaderValueOption `append_action` (`append: false` is
+/// OVERWRITE_IF_EXISTS_OR_ADD; the default appends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HeaderAppend {
+    AppendIfExistsOrAdd,
+    AddIfAbsent,
+    OverwriteIfExistsOrAdd,
+    OverwriteIfExists,
+}
+
+/// A header an EnvoyFilter adds to requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AddedHeader {
+    pub name: String,
+    pub value: String,
+    pub action: HeaderAppend,
+}
+
+/// A route of an added virtual host.
+#[derive(Debug, Clone, Serialize)]
+pub struct AddedRoute {
+    pub name: Option<String>,
+    pub matcher: Matcher,
+    pub cluster: ClusterRef,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Option<Duration>,
+    pub request_headers_to_add: Vec<AddedHeader>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum RoutePatch {
     /// HTTP_ROUTE MERGE: applies to every route of every virtual host of the port.
     MergeHttpRoute {
         cluster: Option<ClusterRef>,
-        request_headers_to_add: Vec<(String, String, bool)>,
+        request_headers_to_add: Vec<AddedHeader>,
         #[serde(serialize_with = "ser_duration")]
         timeout: Option<Duration>,
     },
@@ -31,8 +61,42 @@ pub enum RoutePatch {
     AddVirtualHost {
         name: Option<String>,
         domains: Vec<String>,
-        routes: Vec<(Matcher, ClusterRef)>,
+        routes: Vec<AddedRoute>,
     },
+}
+
+/// Envoy's `request_headers_to_add` entries as this proxy applies them.
+fn added_headers(list: &[istio::EnvoyHeaderValueOption]) -> Result<Vec<AddedHeader>, String> {
+    list.iter()
+        .map(|h| {
+            let action = match (h.append, h.append_action.as_deref()) {
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "header {}: append and append_action exclude each other",
+                        h.header.key
+                    ))
+                }
+                (Some(false), None) => HeaderAppend::OverwriteIfExistsOrAdd,
+                (Some(true) | None, None) | (None, Some("APPEND_IF_EXISTS_OR_ADD")) => {
+                    HeaderAppend::AppendIfExistsOrAdd
+                }
+                (None, Some("ADD_IF_ABSENT")) => HeaderAppend::AddIfAbsent,
+                (None, Some("OVERWRITE_IF_EXISTS_OR_ADD")) => HeaderAppend::OverwriteIfExistsOrAdd,
+                (None, Some("OVERWRITE_IF_EXISTS")) => HeaderAppend::OverwriteIfExists,
+                (None, Some(other)) => {
+                    return Err(format!(
+                        "header {}: append_action {other:?}: expected APPEND_IF_EXISTS_OR_ADD, ADD_IF_ABSENT, OVERWRITE_IF_EXISTS_OR_ADD or OVERWRITE_IF_EXISTS",
+                        h.header.key
+                    ))
+                }
+            };
+            Ok(AddedHeader {
+                name: h.header.key.to_ascii_lowercase(),
+                value: h.header.value.clone(),
+                action,
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +111,8 @@ pub struct PortPatch {
 pub struct CompiledEnvoyFilter {
     pub name: String,
     pub namespace: String,
+    /// `priority`: lower is applied first (default 0).
+    pub priority: i64,
     pub selector: BTreeMap<String, String>,
     pub patches: Vec<PortPatch>,
     pub source: String,
@@ -261,19 +327,17 @@ pub(super) fn compile_envoy_filter(
                             }
                             None => None,
                         };
+                        let request_headers_to_add = match added_headers(&v.request_headers_to_add)
+                        {
+                            Ok(h) => h,
+                            Err(e) => {
+                                cx.err(value_line, format!("{what}: {e}"));
+                                continue;
+                            }
+                        };
                         RoutePatch::MergeHttpRoute {
                             cluster,
-                            request_headers_to_add: v
-                                .request_headers_to_add
-                                .iter()
-                                .map(|h| {
-                                    (
-                                        h.header.key.to_ascii_lowercase(),
-                                        h.header.value.clone(),
-                                        h.append.unwrap_or(true),
-                                    )
-                                })
-                                .collect(),
+                            request_headers_to_add,
                             timeout,
                         }
                     }
@@ -313,19 +377,53 @@ pub(super) fn compile_envoy_filter(
                                     continue;
                                 }
                             };
-                            match r
+                            let cluster = match r
                                 .route
                                 .as_ref()
                                 .and_then(|a| a.cluster.as_deref())
                                 .map(parse_cluster)
                             {
-                                Some(Ok(c)) => routes.push((m, c)),
-                                Some(Err(e)) => cx.err(value_line, format!("{what}: {e}")),
-                                None => cx.err(
-                                    value_line,
-                                    format!("{what}: each route needs route.cluster"),
-                                ),
-                            }
+                                Some(Ok(c)) => c,
+                                Some(Err(e)) => {
+                                    cx.err(value_line, format!("{what}: {e}"));
+                                    continue;
+                                }
+                                None => {
+                                    cx.err(
+                                        value_line,
+                                        format!("{what}: each route needs route.cluster"),
+                                    );
+                                    continue;
+                                }
+                            };
+                            let timeout = match r
+                                .route
+                                .as_ref()
+                                .and_then(|a| a.timeout.as_deref())
+                                .map(duration::parse)
+                            {
+                                Some(Ok(d)) => Some(d),
+                                Some(Err(e)) => {
+                                    cx.err(value_line, format!("{what}: route.timeout: {e}"));
+                                    continue;
+                                }
+                                None => None,
+                            };
+                            let request_headers_to_add =
+                                match added_headers(&r.request_headers_to_add) {
+                                    Ok(h) => h,
+                                    Err(e) => {
+                                        cx.err(value_line, format!("{what}: {e}"));
+                                        continue;
+                                    }
+                                };
+                            routes.push(AddedRoute {
+                                name: r.name.clone(),
+                                matcher: m,
+                                cluster,
+                                timeout,
+                                request_headers_to_add,
+                            });
                         }
                         RoutePatch::AddVirtualHost {
                             name: v.name,
@@ -356,6 +454,7 @@ pub(super) fn compile_envoy_filter(
     Some(CompiledEnvoyFilter {
         name: o.object_ref.name.clone(),
         namespace: o.object_ref.namespace.clone(),
+        priority: ef.spec.priority.unwrap_or(0),
         selector: ef
             .spec
             .workload_selector

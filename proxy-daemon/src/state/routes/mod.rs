@@ -35,6 +35,10 @@ fn ser_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::O
 }
 
 /// Everything routing needs, compiled.
+/// Istio's config root namespace (meshConfig.rootNamespace's default): its selector-less
+/// Sidecar is the mesh-wide default, its EnvoyFilters apply to every workload.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
 #[derive(Debug, Default, Serialize)]
 pub struct RouteTable {
     /// host (FQDN or wildcard) → VirtualServices for it, in configuration order.
@@ -70,32 +74,44 @@ impl RouteTable {
     }
 
     /// The Sidecar governing a workload: one in its namespace whose selector matches wins
-    /// over the namespace's selector-less default (Istio's rule).
+    /// over the namespace's selector-less default, and that over the selector-less one in
+    /// Istio's root namespace (the mesh-wide default) — Istio's rule.
     pub fn sidecar_for(
         &self,
         namespace: &str,
         labels: &BTreeMap<String, String>,
     ) -> Option<&CompiledSidecar> {
-        let in_ns = || {
-            self.sidecars
-                .iter()
-                .filter(move |s| s.namespace == namespace)
+        let in_ns = |ns: &'_ str| {
+            let ns = ns.to_string();
+            self.sidecars.iter().filter(move |s| s.namespace == ns)
         };
-        in_ns()
+        in_ns(namespace)
             .find(|s| s.selector.as_ref().is_some_and(|sel| selects(sel, labels)))
-            .or_else(|| in_ns().find(|s| s.selector.is_none()))
+            .or_else(|| in_ns(namespace).find(|s| s.selector.is_none()))
+            .or_else(|| in_ns(ROOT_NAMESPACE).find(|s| s.selector.is_none()))
     }
 
-    /// EnvoyFilters applying to a workload, in configuration order: those of its namespace
-    /// whose workloadSelector matches (an empty selector selects every workload there).
+    /// EnvoyFilters applying to a workload, in the order Istio applies them: those of the
+    /// root namespace (mesh-wide) and of its namespace whose workloadSelector matches (an
+    /// empty selector selects every workload), by `priority` (lower first), the root
+    /// namespace's before the workload's own at equal priority, then in configuration
+    /// order. Later patches win where they overlap.
     pub fn envoy_filters_for<'a>(
         &'a self,
         namespace: &'a str,
         labels: &'a BTreeMap<String, String>,
     ) -> impl Iterator<Item = &'a CompiledEnvoyFilter> + 'a {
-        self.envoy_filters
+        let mut chosen: Vec<&CompiledEnvoyFilter> = self
+            .envoy_filters
             .iter()
-            .filter(move |f| f.namespace == namespace && selects(&f.selector, labels))
+            .filter(move |f| {
+                (f.namespace == namespace || f.namespace == ROOT_NAMESPACE)
+                    && selects(&f.selector, labels)
+            })
+            .collect();
+        // A stable sort keeps configuration order within equal keys.
+        chosen.sort_by_key(|f| (f.priority, f.namespace != ROOT_NAMESPACE));
+        chosen.into_iter()
     }
 
     /// Whether a workload of namespace `client` with `labels` sees a service or rule of
