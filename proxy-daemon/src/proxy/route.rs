@@ -399,6 +399,9 @@ pub fn endpoint_for(
     };
     let dns_named = is_dns(target);
     let mut addrs: Vec<SocketAddr> = Vec::new();
+    // Endpoints whose load-balancing weight is not 1 (ServiceEntry `endpoints[].weight`);
+    // empty in the common case, where every choice below is unweighted.
+    let mut weights: Vec<(SocketAddr, u32)> = Vec::new();
     if dns_named && target.endpoints.is_empty() {
         // The host itself is resolved; its addresses carry no labels.
         if subset_labels.as_ref().is_none_or(|l| l.is_empty()) {
@@ -419,6 +422,7 @@ pub fn endpoint_for(
             .iter()
             .filter(|e| subset_labels.as_ref().is_none_or(|l| selects(l, &e.labels)))
         {
+            let before = addrs.len();
             match ep.ip {
                 Some(ip) => addrs.push(at(ip, Some(&ep.ports))),
                 None if dns_named => addrs.extend(
@@ -428,6 +432,9 @@ pub fn endpoint_for(
                         .map(|ip| at(*ip, Some(&ep.ports))),
                 ),
                 None => {}
+            }
+            if ep.weight != 1 {
+                weights.extend(addrs[before..].iter().map(|a| (*a, ep.weight)));
             }
         }
     }
@@ -471,6 +478,46 @@ pub fn endpoint_for(
             fresh
         }
     };
+    let weighted = !weights.is_empty() && !matches!(lb, Some(LoadBalancer::ConsistentHash { .. }));
+    if weighted {
+        let weight_of = |a: &SocketAddr| {
+            weights
+                .iter()
+                .find(|(w, _)| w == a)
+                .map(|(_, w)| u64::from(*w))
+                .unwrap_or(1)
+        };
+        let total: u64 = addrs.iter().map(weight_of).sum();
+        // The n-th unit of the total weight, and the endpoint that holds it.
+        let nth = |n: u64| {
+            let mut left = n % total.max(1);
+            for a in &addrs {
+                let w = weight_of(a);
+                if left < w {
+                    return *a;
+                }
+                left -= w;
+            }
+            addrs[0]
+        };
+        let chosen = match lb {
+            // Weighted round robin: every endpoint's share of each cycle of the total.
+            Some(LoadBalancer::Simple {
+                algorithm: SimpleLb::RoundRobin,
+            }) => nth(eps.round_robin.next(&target.hostname) as u64),
+            Some(LoadBalancer::Simple {
+                algorithm: SimpleLb::Random,
+            }) => nth(rand::random::<u64>()),
+            // Least request with weights (Envoy's default): two weighted draws, the one
+            // with fewer requests in flight.
+            _ => {
+                let (a, b) = (nth(rand::random::<u64>()), nth(rand::random::<u64>()));
+                let pair = [a, b];
+                pair[eps.in_flight.least_loaded(&pair, 0) % 2]
+            }
+        };
+        return Ok(chosen);
+    }
     let index = match (lb, hash) {
         (Some(LoadBalancer::ConsistentHash { algorithm, .. }), Some(h)) => {
             let table =

@@ -91,6 +91,8 @@ pub struct EndpointInfo {
     pub ports: BTreeMap<String, u32>,
     pub labels: BTreeMap<String, String>,
     pub pod: Option<String>,
+    /// Load-balancing weight (ServiceEntry `endpoints[].weight`; 1 when unset).
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -341,6 +343,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                                             .map(|p| p.metadata.labels.clone())
                                             .unwrap_or_default(),
                                         pod: pod.map(|p| p.metadata.name.clone()),
+                                        weight: 1,
                                     });
                                 }
                             }
@@ -373,6 +376,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                                     ports,
                                     labels: p.metadata.labels.clone(),
                                     pod: Some(p.metadata.name.clone()),
+                                    weight: 1,
                                 })
                             })
                             .collect(),
@@ -469,6 +473,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                         ports: e.value.ports.clone(),
                         labels: e.value.labels.clone(),
                         pod: None,
+                        weight: e.value.weight.filter(|w| *w > 0).unwrap_or(1),
                     })
                     .collect();
                 for h in &spec.hosts {
