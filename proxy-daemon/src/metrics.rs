@@ -560,6 +560,8 @@ pub struct DaemonMetrics {
     pub pods_not_listening: Family<NotListeningLabels, Gauge>,
     pub listeners: Gauge,
     pub listener_failures: Counter,
+    /// Retries not made because the destination's maxRetries were in flight.
+    pub retry_overflows: Counter,
     pub enrolment_failures: Counter,
     pub config_reloads: Counter,
     pub config_errors: Counter,
@@ -700,6 +702,11 @@ impl Metrics {
             "listener_failures",
             "Failures to create or run a pod listener",
             daemon.listener_failures.clone(),
+        );
+        sub.register(
+            "retry_overflows",
+            "Retries not made: the destination's connectionPool.http.maxRetries were in flight (Envoy's upstream_rq_retry_overflow)",
+            daemon.retry_overflows.clone(),
         );
         sub.register(
             "enrolment_failures",

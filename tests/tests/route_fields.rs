@@ -647,3 +647,58 @@ spec:
     let out = ask("lr.example", "/light/x", "20");
     assert_eq!(served(&out, "light"), 20, "{out}");
 }
+
+/// `connectionPool.http.maxRetries`: retries in flight to a destination at once (Envoy's
+/// retry circuit breaker). Over it, the failed answer stands and the overflow is counted.
+#[test]
+fn max_retries_caps_retries_in_flight_and_counts_the_overflow() {
+    let failing = proxy_tests::servers::HttpEcho {
+        name: "reviews-v2".into(),
+        fail_every: 1,
+        delay: std::time::Duration::from_millis(30),
+        ..Default::default()
+    };
+    let r = Reviews::builder("maxretries")
+        .v2(failing)
+        .yaml(&vs(&format!(
+            "  - retries: {{attempts: 3, retryOn: 5xx}}
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+"
+        )))
+        .yaml(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews-retries, namespace: shop}}
+spec:
+  host: {HOST}
+  trafficPolicy: {{connectionPool: {{http: {{maxRetries: 1}}}}}}
+  subsets: [{{name: v2, labels: {{version: v2}}}}]
+"
+        ))
+        .pod("shop", "client-0", &[("app", "client")])
+        .start();
+    let out = r.pods[0].pdtool(&[
+        "http",
+        "--to",
+        &to(),
+        "--host",
+        HOST,
+        "--parallel",
+        "8",
+        "--count",
+        "5",
+    ]);
+    assert_eq!(
+        out["statuses"]["503"], 40,
+        "the failed answers stand: {out}"
+    );
+    let overflows = r
+        .daemon
+        .metric_sum("proxy_daemon_retry_overflows_total", &[]);
+    // 40 requests would make 120 retries; with one retry in flight at a time most of those
+    // that overlap are refused.
+    assert!(
+        overflows >= 20.0 && overflows < 120.0,
+        "retries refused for the cap: {overflows}"
+    );
+}

@@ -153,6 +153,56 @@ impl HostLimits {
     }
 }
 
+/// Retries in flight per (source workload, destination host), under the destination's
+/// `connectionPool.http.maxRetries` (Istio's default: no limit).
+#[derive(Default)]
+pub struct RetryLimits(Mutex<HashMap<(crate::proxy::outlier::Scope, String), Arc<AtomicU32>>>);
+
+/// One retry's place under maxRetries, given back when dropped.
+pub struct RetrySlot(Option<Arc<AtomicU32>>);
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        if let Some(n) = &self.0 {
+            n.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl RetryLimits {
+    /// A place for one more retry to `host`, or None when `max` are already in flight.
+    pub fn begin(
+        &self,
+        scope: &crate::proxy::outlier::Scope,
+        host: &str,
+        max: Option<u32>,
+    ) -> Option<RetrySlot> {
+        let Some(max) = max else {
+            return Some(RetrySlot(None));
+        };
+        let counter = {
+            let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry((scope.clone(), host.to_string()))
+                .or_default()
+                .clone()
+        };
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| RetrySlot(Some(counter)))
+    }
+
+    /// Forgets hosts with no retry in flight. Returns how many.
+    pub fn prune(&self) -> usize {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let before = all.len();
+        all.retain(|_, n| n.load(Ordering::Acquire) > 0);
+        before - all.len()
+    }
+}
+
 /// The longest a request waits in a connection pool's pending queue.
 const PENDING_WAIT_LIMIT: Duration = Duration::from_secs(10);
 

@@ -117,6 +117,7 @@ pub struct Endpoints {
     pub health: outlier::HealthTable,
     pub in_flight: limits::InFlight,
     pub host_limits: limits::HostLimits,
+    pub retry_limits: limits::RetryLimits,
     pub tables: balance::Tables,
     pub round_robin: balance::RoundRobin,
 }
@@ -128,6 +129,7 @@ impl Endpoints {
             health: Default::default(),
             in_flight: Default::default(),
             host_limits: Default::default(),
+            retry_limits: Default::default(),
             tables: Default::default(),
             round_robin: Default::default(),
         }
@@ -137,7 +139,7 @@ impl Endpoints {
     /// (ejected ones stay until their ejection ends), limits of idle hosts. Returns how
     /// many entries went.
     pub fn prune(&self, idle: Duration) -> usize {
-        self.health.prune(idle) + self.host_limits.prune()
+        self.health.prune(idle) + self.host_limits.prune() + self.retry_limits.prune()
     }
 }
 

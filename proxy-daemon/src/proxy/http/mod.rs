@@ -408,6 +408,8 @@ async fn handle(
         (None, Some(counted.boxed()))
     };
     let mut attempt = 0u32;
+    // The retry in progress holds a place under maxRetries until the next attempt ends.
+    let mut _retry_slot: Option<crate::proxy::limits::RetrySlot> = None;
     loop {
         let done = match decision {
             HttpDecision::Respond {
@@ -422,6 +424,7 @@ async fn handle(
                 upstream: None,
                 flags,
                 retry: None,
+                max_retries: None,
             },
             HttpDecision::Forward {
                 upstream,
@@ -599,6 +602,7 @@ async fn handle(
                             upstream: Some(upstream),
                             flags: "",
                             retry: Some((retry, outcome)),
+                            max_retries: pool.as_ref().and_then(|p| p.max_retries),
                         }
                     }
                     Err(failure) => {
@@ -619,12 +623,13 @@ async fn handle(
                             upstream: Some(upstream),
                             flags,
                             retry: Some((retry, outcome)),
+                            max_retries: pool.as_ref().and_then(|p| p.max_retries),
                         }
                     }
                 }
             }
         };
-        let again = match &done.retry {
+        let mut again = match &done.retry {
             Some((policy, outcome)) => {
                 attempt < policy.attempts
                     && buffered.is_some()
@@ -633,6 +638,22 @@ async fn handle(
             }
             None => false,
         };
+        if again {
+            // connectionPool.http.maxRetries (Envoy's retry circuit breaker): retries in
+            // flight to the destination, from this workload, at once; over it the failed
+            // answer stands (counted as a retry overflow).
+            match inputs.endpoints.retry_limits.begin(
+                &pod.source_labels,
+                &done.labels.service,
+                done.max_retries,
+            ) {
+                Some(guard) => _retry_slot = Some(guard),
+                None => {
+                    again = false;
+                    inputs.metrics.daemon.retry_overflows.inc();
+                }
+            }
+        }
         if !again {
             let code = done.resp.status().as_u16();
             // Envoy's URX: retries exhausted on a failing upstream (with the last

@@ -32,4 +32,6 @@ pub(super) struct Attempt {
     pub(super) flags: &'static str,
     /// The policy and what to judge it on (status, or the failure's flag).
     pub(super) retry: Option<(http_route::Retry, http_route::AttemptOutcome)>,
+    /// The destination's `connectionPool.http.maxRetries`: retries in flight to it at once.
+    pub(super) max_retries: Option<u32>,
 }
