@@ -698,7 +698,7 @@ spec:
     // 40 requests would make 120 retries; with one retry in flight at a time most of those
     // that overlap are refused.
     assert!(
-        overflows >= 20.0 && overflows < 120.0,
+        (20.0..120.0).contains(&overflows),
         "retries refused for the cap: {overflows}"
     );
 }
