@@ -1059,3 +1059,29 @@ spec:
     assert_eq!(body["path"], "/v1/items", "{out}");
     assert_eq!(body["sni"], "api.example.com", "{out}");
 }
+
+/// DestinationRule `tls.sni` replaces the SNI sent when TLS is originated (default: the
+/// destination's host name).
+#[test]
+fn originated_tls_sends_the_sni_the_rule_names() {
+    let mut e = Egress::new("egsni");
+    let ca = TestCa::new("test-ca");
+    let httpbin = e.external("httpbin", &ca, &["httpbin.org", "edge.httpbin.org"], None);
+    e.answer("httpbin.org", &[httpbin.ip], 30);
+    let ca_file = pki::write(&e.pki, "ca.pem", &ca.cert_pem);
+    let config = seed_with_ca(&ca_file).replace(
+        "          mode: SIMPLE\n",
+        "          mode: SIMPLE\n          sni: edge.httpbin.org\n",
+    );
+    assert!(config.contains("sni: edge.httpbin.org"));
+    e.node
+        .write_config("serviceentry-tls-origination.yaml", &config);
+    let _daemon = e.start(&[]);
+    let out = e.get(&httpbin.addr(80).to_string(), "httpbin.org", "/");
+    assert_eq!(out["statuses"]["200"], 1, "{out}");
+    assert_eq!(out["first"]["body"]["sni"], "edge.httpbin.org", "{out}");
+    assert_eq!(
+        out["first"]["body"]["host"], "httpbin.org",
+        "the Host is the app's: {out}"
+    );
+}

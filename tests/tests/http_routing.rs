@@ -475,6 +475,17 @@ fn fault_injection_aborts_and_delays() {
 
 #[test]
 fn outlier_detection_ejects_a_broken_pod_after_exactly_its_threshold() {
+    outlier_ejects_after_two("outlier", "consecutive5xxErrors: 2");
+}
+
+/// Istio's deprecated `consecutiveErrors` counts gateway errors (the broken pod answers
+/// 503, one of them).
+#[test]
+fn deprecated_consecutive_errors_eject_on_gateway_errors() {
+    outlier_ejects_after_two("outlier-old", "consecutiveErrors: 2");
+}
+
+fn outlier_ejects_after_two(tag: &str, threshold: &str) {
     let broken = HttpEcho {
         name: "reviews-v2".into(),
         fail_every: 1,
@@ -487,7 +498,7 @@ metadata: {{name: reviews-health, namespace: shop}}
 spec:
   host: {HOST}
   trafficPolicy:
-    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}}
+    outlierDetection: {{{threshold}, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -500,7 +511,7 @@ spec:
 "
     );
     let (_node, _servers, pods, _daemon) = setup_with(
-        "outlier",
+        tag,
         broken,
         &dr_and_vs,
         &[("client-1", &[("app", "client")])],
