@@ -702,3 +702,77 @@ spec:
         "retries refused for the cap: {overflows}"
     );
 }
+
+/// `simple: PASSTHROUGH` (Envoy's ORIGINAL_DST): the connection goes to the address the
+/// app dialled, not to a balanced endpoint.
+#[test]
+fn passthrough_load_balancing_keeps_the_dialled_endpoint() {
+    let mut r = Reviews::builder("lbpassthrough")
+        .pod("shop", "client-0", &[("app", "client")])
+        .start();
+    let mut hosts = Vec::new();
+    for name in ["pod-a", "pod-b"] {
+        let h = r.node.host(name);
+        r.servers.http_echo(
+            &h,
+            80,
+            proxy_tests::servers::HttpEcho {
+                name: name.into(),
+                ..Default::default()
+            },
+        );
+        hosts.push(h);
+    }
+    let entry = |lb: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pods, namespace: shop}}
+spec:
+  hosts: [pods.example]
+  addresses: [{a}/32, {b}/32]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {a}}}, {{address: {b}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: pods, namespace: shop}}
+spec:
+  host: pods.example
+  trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}
+",
+            a = hosts[0].ip,
+            b = hosts[1].ip
+        )
+    };
+    let pod = &r.pods[0];
+    let to_b = hosts[1].addr(80).to_string();
+    let ask = || {
+        pod.pdtool(&[
+            "http",
+            "--to",
+            &to_b,
+            "--host",
+            "pods.example",
+            "--count",
+            "40",
+        ])
+    };
+    r.node.write_config("pods.yaml", &entry("ROUND_ROBIN"));
+    let balanced = proxy_tests::wait_for(std::time::Duration::from_secs(5), || {
+        let out = ask();
+        (served(&out, "pod-a") > 0 && served(&out, "pod-b") > 0).then_some(())
+    });
+    assert!(balanced.is_some(), "ROUND_ROBIN spreads over both");
+    r.node.write_config("pods.yaml", &entry("PASSTHROUGH"));
+    let kept = proxy_tests::wait_for(std::time::Duration::from_secs(5), || {
+        let out = ask();
+        (served(&out, "pod-b") == 40).then_some(())
+    });
+    assert!(
+        kept.is_some(),
+        "PASSTHROUGH keeps the dialled pod-b: {}",
+        ask()
+    );
+}

@@ -739,6 +739,7 @@ fn pick(
             scope: Some(req.scope),
             hash,
             avoid: req.avoid,
+            dialled: Some(SocketAddr::V4(req.dst)),
         },
     );
     if chosen == Err("UH")

@@ -169,6 +169,9 @@ pub struct Choice<'a> {
     pub hash: Option<u64>,
     /// Endpoints earlier attempts of the request went to (a retry prefers others).
     pub avoid: &'a [SocketAddr],
+    /// The address the app dialled: `simple: PASSTHROUGH` (Envoy's ORIGINAL_DST) connects
+    /// there instead of choosing an endpoint.
+    pub dialled: Option<SocketAddr>,
 }
 
 pub fn dst_within(snap: &Snapshot, svc: &ServiceInfo, dst: SocketAddrV4) -> bool {
@@ -336,6 +339,7 @@ pub fn decide(
         scope: Some(scope),
         hash,
         avoid: &[],
+        dialled: Some(SocketAddr::V4(dst)),
     };
     match endpoint_for(snap, eps, target, subset, port, &src.namespace, how) {
         Ok(upstream) => L4Decision::Forward {
@@ -375,7 +379,12 @@ pub fn endpoint_for(
     client_namespace: &str,
     how: Choice,
 ) -> Result<SocketAddr, &'static str> {
-    let Choice { scope, hash, avoid } = how;
+    let Choice {
+        scope,
+        hash,
+        avoid,
+        dialled,
+    } = how;
     let subset_labels = match subset {
         Some(s) => Some(
             snap.routes
@@ -478,6 +487,16 @@ pub fn endpoint_for(
             fresh
         }
     };
+    if let (
+        Some(LoadBalancer::Simple {
+            algorithm: SimpleLb::Passthrough,
+        }),
+        Some(dialled),
+    ) = (&lb, dialled)
+    {
+        // Istio's PASSTHROUGH: the original destination, no load balancing.
+        return Ok(dialled);
+    }
     let weighted = !weights.is_empty() && !matches!(lb, Some(LoadBalancer::ConsistentHash { .. }));
     if weighted {
         let weight_of = |a: &SocketAddr| {
