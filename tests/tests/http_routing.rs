@@ -880,7 +880,7 @@ spec:
 
 #[test]
 fn grpc_status_conditions_decide_retries() {
-    let (mut node, servers, pods, _daemon) = setup(
+    let (mut node, servers, pods, daemon) = setup(
         "grpcretry",
         Duration::ZERO,
         "",
@@ -890,10 +890,8 @@ fn grpc_status_conditions_decide_retries() {
     let g = node.host("grpc-status");
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     servers.h2c_echo_logged(&g, 50051, "grpc", Some(log.clone()));
-    node.write_config(
-        "grpc.yaml",
-        &(endpoint_pod_yaml(&g, "grpc-0", "backend", &[("app", "grpc")])
-            + "apiVersion: v1
+    let grpc_yaml = endpoint_pod_yaml(&g, "grpc-0", "backend", &[("app", "grpc")])
+        + "apiVersion: v1
 kind: Service
 metadata: {name: grpc, namespace: backend}
 spec:
@@ -907,10 +905,10 @@ metadata: {name: grpc, namespace: backend}
 spec:
   hosts: [grpc.backend.svc.cluster.local]
   http:
-  - retries: {attempts: 2, retryOn: \"unavailable,resource-exhausted\"}
+  - retries: {attempts: 2, retryOn: \"cancelled,deadline-exceeded,unavailable,resource-exhausted\"}
     route: [{destination: {host: grpc.backend.svc.cluster.local}}]
-"),
-    );
+";
+    node.write_config("grpc.yaml", &grpc_yaml);
     // The server answers with the grpc-status the call asks for (trailers-only).
     let call = |status: &str| {
         log.lock().unwrap().clear();
@@ -932,8 +930,32 @@ spec:
         .expect("gRPC service reachable");
     assert_eq!(call("14"), 3, "UNAVAILABLE is retried twice");
     assert_eq!(call("8"), 3, "RESOURCE_EXHAUSTED is retried twice");
+    assert_eq!(call("1"), 3, "CANCELLED is retried twice");
+    assert_eq!(call("4"), 3, "DEADLINE_EXCEEDED is retried twice");
     assert_eq!(call("13"), 1, "INTERNAL is not in retryOn");
+    assert_eq!(call("5"), 1, "NOT_FOUND is no retry condition");
     assert_eq!(call("0"), 1, "OK is not retried");
+    // `internal` alone: now INTERNAL is retried and UNAVAILABLE is not.
+    let before = daemon.config_dump()["config"]["generation"]
+        .as_u64()
+        .unwrap_or(0);
+    node.write_config(
+        "grpc.yaml",
+        &grpc_yaml.replace(
+            "cancelled,deadline-exceeded,unavailable,resource-exhausted",
+            "internal",
+        ),
+    );
+    proxy_tests::wait_for(Duration::from_secs(5), || {
+        (daemon.config_dump()["config"]["generation"]
+            .as_u64()
+            .unwrap_or(0)
+            > before)
+            .then_some(())
+    })
+    .expect("reloaded");
+    assert_eq!(call("13"), 3, "INTERNAL is retried twice");
+    assert_eq!(call("14"), 1, "UNAVAILABLE is no longer in retryOn");
 }
 
 /// Envoy's ejection clock, end to end: an ejected endpoint comes back at the first
