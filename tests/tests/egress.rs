@@ -949,7 +949,7 @@ spec:
     })
     .expect("insecureSkipVerify lets it through");
     assert_eq!(ok["first"]["body"]["server"], "httpbin-tls", "{ok}");
-    // Parallel clients need several upstream connections: all full handshakes.
+    // Parallel clients may need several upstream connections: none resumes.
     let out = e.pod.pdtool(&[
         "http",
         "--to",
@@ -970,11 +970,14 @@ spec:
         0.0,
         "no resumption with a zero session cache"
     );
+    // At least two upstream connections were made (the refused one and the first that
+    // passed; parallel clients usually add more, but overlap is timing), every one a full
+    // handshake.
     assert!(
         daemon.metric_sum(
             "proxy_daemon_upstream_tls_handshakes_total",
             &[("result", "full")]
-        ) >= 4.0
+        ) >= 2.0
     );
 }
 

@@ -136,6 +136,9 @@ pub enum HttpDecision {
         upstream: SocketAddr,
         /// The protocol to speak to `upstream`.
         protocol: UpstreamProtocol,
+        /// The destination cluster's connectionPool (its DestinationRule at the port and
+        /// subset routed to), if any.
+        pool: Option<ConnectionPool>,
         /// The cluster `upstream` was chosen from (outlier detection counts it there);
         /// None for the address the app dialled (passthrough, resolution NONE).
         cluster: Option<crate::proxy::outlier::ClusterKey>,
@@ -326,9 +329,11 @@ fn envoy_filter_override(
             }
         }
     }
-    let merges_from = added.map(|i| i + 1).unwrap_or(0);
+    // Istio patches the generated virtual hosts' routes first and appends added virtual
+    // hosts after: an HTTP_ROUTE MERGE never reaches a route of an added one.
+    let merges: &[&crate::state::routes::PortPatch] = if added.is_some() { &[] } else { &patches };
     let mut touched = added.is_some();
-    for p in &patches[merges_from..] {
+    for p in merges {
         if let RoutePatch::MergeHttpRoute {
             cluster,
             request_headers_to_add,
@@ -367,7 +372,12 @@ pub fn decide(
         match &ov.cluster {
             Some(ClusterRef::Passthrough) => {
                 return plain_forward(
-                    (SocketAddr::V4(req.dst), UpstreamProtocol::AsClient, None),
+                    (
+                        SocketAddr::V4(req.dst),
+                        UpstreamProtocol::AsClient,
+                        None,
+                        None,
+                    ),
                     None,
                     passthrough_labels(req),
                     edits,
@@ -403,10 +413,11 @@ pub fn decide(
                     tls,
                     cluster,
                     protocol,
+                    pool,
                 } = pick(snap, eps, target, subset.as_deref(), *cport, src, req);
                 return match chosen {
                     Ok(upstream) => plain_forward(
-                        (upstream, protocol, Some(cluster)),
+                        (upstream, protocol, Some(cluster), pool),
                         tls,
                         labels,
                         edits,
@@ -424,7 +435,12 @@ pub fn decide(
             return blackhole(req);
         }
         return plain_forward(
-            (SocketAddr::V4(req.dst), UpstreamProtocol::AsClient, None),
+            (
+                SocketAddr::V4(req.dst),
+                UpstreamProtocol::AsClient,
+                None,
+                None,
+            ),
             None,
             passthrough_labels(req),
             edits,
@@ -455,11 +471,16 @@ pub fn decide(
                 return spoofed(req, svc);
             }
             let tls = upstream_tls(snap, svc, None, port, &src.namespace);
+            let pool = snap
+                .routes
+                .destination_rule(&svc.hostname, &src.namespace)
+                .and_then(|dr| dr.effective(Some(port), None).connection_pool);
             return plain_forward(
                 (
                     super::route::dialled_target(svc, req.dst),
-                    UpstreamProtocol::of(svc.port(port), None),
+                    UpstreamProtocol::of(svc.port(port), pool.as_ref()),
                     None,
+                    pool,
                 ),
                 tls,
                 labels,
@@ -477,10 +498,11 @@ pub fn decide(
             tls,
             cluster,
             protocol,
+            pool,
         } = pick(snap, eps, svc, None, port, src, req);
         return match chosen {
             Ok(upstream) => plain_forward(
-                (upstream, protocol, Some(cluster)),
+                (upstream, protocol, Some(cluster), pool),
                 tls,
                 labels,
                 edits,
@@ -572,6 +594,7 @@ pub fn decide(
                 tls,
                 cluster,
                 protocol,
+                pool,
             } = pick(
                 snap,
                 eps,
@@ -586,6 +609,7 @@ pub fn decide(
                 Ok(upstream) => HttpDecision::Forward {
                     upstream,
                     protocol,
+                    pool,
                     cluster: Some(cluster),
                     tls,
                     labels,
@@ -669,8 +693,9 @@ pub enum UpstreamProtocol {
 
 impl UpstreamProtocol {
     /// Istio's cluster protocol: `useClientProtocol` keeps the client's; a port declared
-    /// HTTP2 or gRPC (name prefix or appProtocol) is h2; a port declared HTTP is HTTP/1.1
-    /// unless `h2UpgradePolicy: UPGRADE`; a sniffed port keeps the client's.
+    /// HTTP2 or gRPC (name prefix or appProtocol) is h2; a port declared HTTP, or sniffed,
+    /// goes h2 under `h2UpgradePolicy: UPGRADE` (Istio's shouldH2Upgrade takes both);
+    /// otherwise HTTP/1.1 for a declared port and the client's own for a sniffed one.
     pub fn of(port: Option<&PortInfo>, pool: Option<&ConnectionPool>) -> Self {
         if pool.is_some_and(|p| p.use_client_protocol) {
             return Self::AsClient;
@@ -688,6 +713,7 @@ impl UpstreamProtocol {
                     Self::Http1
                 }
             }
+            _ if upgrade => Self::Http2,
             _ => Self::AsClient,
         }
     }
@@ -702,6 +728,7 @@ struct Picked {
     tls: Option<Arc<UpstreamTls>>,
     cluster: crate::proxy::outlier::ClusterKey,
     protocol: UpstreamProtocol,
+    pool: Option<ConnectionPool>,
 }
 
 /// Picks an endpoint under the destination's policy.
@@ -762,25 +789,25 @@ fn pick(
     }
     let tls = policy.as_ref().and_then(|p| tls_of(p, target));
     let cluster = crate::proxy::outlier::ClusterKey::new(&target.hostname, port, subset);
-    let protocol = UpstreamProtocol::of(
-        target.port(port),
-        policy.as_ref().and_then(|p| p.connection_pool.as_ref()),
-    );
+    let pool = policy.and_then(|p| p.connection_pool);
+    let protocol = UpstreamProtocol::of(target.port(port), pool.as_ref());
     Picked {
         chosen,
         cookie_ops: ops,
         tls,
         cluster,
         protocol,
+        pool,
     }
 }
 
 /// A forward with no route rule behind it: Istio's default retries, no fault, no mirror.
 fn plain_forward(
-    (upstream, protocol, cluster): (
+    (upstream, protocol, cluster, pool): (
         SocketAddr,
         UpstreamProtocol,
         Option<crate::proxy::outlier::ClusterKey>,
+        Option<ConnectionPool>,
     ),
     tls: Option<Arc<UpstreamTls>>,
     labels: DestinationLabels,
@@ -791,6 +818,7 @@ fn plain_forward(
     HttpDecision::Forward {
         upstream,
         protocol,
+        pool,
         cluster,
         tls,
         labels,

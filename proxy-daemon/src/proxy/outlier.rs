@@ -6,12 +6,14 @@
 //! - Runs of 5xx (`consecutive5xxErrors`), of 502/503/504 (`consecutiveGatewayErrors`) or,
 //!   with `splitExternalLocalOriginErrors`, of locally-originated failures (connect
 //!   failures, timeouts, resets: `consecutiveLocalOriginFailures`) eject the endpoint, as
-//!   long as no more than `maxEjectionPercent` of the cluster is ejected (at least one
-//!   endpoint always may be, as in Envoy).
+//!   long as no more than `maxEjectionPercent` of the cluster is ejected (Envoy's rule, without
+//!   `always_eject_one_host`, which Istio does not set: at the default 10 %, a cluster of
+//!   fewer than 10 endpoints ejects none).
 //! - An ejection lasts `baseEjectionTime` × the endpoint's ejection multiplier, capped at
 //!   Envoy's `max_ejection_time` (300 s, or `baseEjectionTime` if longer); the endpoint
-//!   returns at the first `interval` tick after that, and every tick it spends healthy
-//!   lowers its multiplier by one.
+//!   returns at the first `interval` tick after that with its failure runs reset, and
+//!   every tick it spends healthy lowers its multiplier by one (which grows only while the
+//!   ejection it gives is under the cap, as in Envoy).
 //! - Below `minHealthPercent` healthy endpoints, all are used (Envoy's panic threshold).
 //!
 //! The interval ticks are evaluated when endpoints are next chosen (a timer per cluster
@@ -168,8 +170,10 @@ impl Health {
 #[derive(Debug)]
 struct ClusterHealth {
     /// Interval ticks count from here (the cluster's first use, as Envoy's timer starts
-    /// with the cluster).
+    /// with the cluster; again from a change of `interval`).
     epoch: Instant,
+    /// The interval the ticks were counted with.
+    interval: Duration,
     /// Ticks already applied.
     ticks_done: u64,
     hosts: HashMap<SocketAddr, Health>,
@@ -179,6 +183,7 @@ impl ClusterHealth {
     fn new(now: Instant) -> Self {
         Self {
             epoch: now,
+            interval: DEFAULT_INTERVAL,
             ticks_done: 0,
             hosts: HashMap::new(),
         }
@@ -189,6 +194,13 @@ impl ClusterHealth {
     /// multiplier.
     fn tick(&mut self, now: Instant, interval: Duration) {
         let interval = interval.max(Duration::from_millis(1));
+        if interval != self.interval {
+            // A new interval: its ticks count from now (as Envoy restarts its timer).
+            self.interval = interval;
+            self.epoch = now;
+            self.ticks_done = 0;
+            return;
+        }
         let ticks_now = (now.duration_since(self.epoch).as_nanos() / interval.as_nanos()) as u64;
         if ticks_now <= self.ticks_done {
             return;
@@ -206,7 +218,10 @@ impl ClusterHealth {
                         .unwrap_or(0)
                         .max(since + 1);
                     if due_tick <= ticks_now {
+                        // Envoy's uneject: back in service with its runs cleared (failures
+                        // of requests that were in flight meanwhile do not count).
                         h.ejected = None;
+                        h.reset_runs();
                         ticks_now - due_tick
                     } else {
                         0
@@ -299,15 +314,17 @@ impl HealthTable {
             if h.ejected.is_some() || !h.crossed(policy) {
                 continue;
             }
-            // Envoy: eject while the ejected share stays within maxEjectionPercent, and
-            // always at least one endpoint when none is ejected.
-            let allowed = (ejected_now + 1) * 100 <= total * policy.max_ejection_percent as usize
-                || ejected_now == 0;
+            // Envoy: eject while the ejected share stays within maxEjectionPercent.
+            let allowed = (ejected_now + 1) * 100 <= total * policy.max_ejection_percent as usize;
             h.reset_runs();
             if !allowed {
                 continue;
             }
-            h.multiplier += 1;
+            // Envoy raises the multiplier only while the ejection it gives is under the
+            // cap (one healthy tick per step brings it back down).
+            if base.saturating_mul(h.multiplier) < cap + base {
+                h.multiplier += 1;
+            }
             h.ejected = Some(Ejection {
                 at: h.last_failure,
                 lasts: base.saturating_mul(h.multiplier).min(cap),
@@ -408,7 +425,7 @@ mod tests {
     }
 
     #[test]
-    fn max_ejection_percent_caps_ejections_but_one_always_may_be() {
+    fn max_ejection_percent_caps_ejections_even_below_one_endpoint() {
         let table = HealthTable::default();
         let me = scope("client");
         let ten = eps(10);
@@ -422,14 +439,15 @@ mod tests {
             8,
             "20 % of 10"
         );
-        // 10 % of 3 endpoints is 0.3: Envoy still ejects one.
+        // 10 % of 3 endpoints is 0.3: Envoy (without always_eject_one_host, which Istio
+        // does not set) ejects none.
         let three = eps(3);
         let other = ClusterKey::new("ratings", 80, None);
         p.max_ejection_percent = 10;
         for ep in &three {
             table.record(&me, other, *ep, Outcome::Status(500));
         }
-        assert_eq!(table.filter(&me, other, three, &p).len(), 2);
+        assert_eq!(table.filter(&me, other, three, &p).len(), 3);
     }
 
     #[test]

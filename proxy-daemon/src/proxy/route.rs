@@ -395,6 +395,24 @@ pub fn endpoint_for(
         ),
         None => None,
     };
+    let policy = snap
+        .routes
+        .destination_rule(&target.hostname, client_namespace)
+        .map(|dr| dr.effective(Some(port), subset));
+    if let (
+        Some(LoadBalancer::Simple {
+            algorithm: SimpleLb::Passthrough,
+        }),
+        Some(dialled),
+    ) = (
+        policy.as_ref().and_then(|p| p.load_balancer.as_ref()),
+        dialled,
+    ) {
+        // Istio's PASSTHROUGH (Envoy's ORIGINAL_DST): the original destination, with no
+        // endpoint set and no load balancing, so no endpoints, DNS answers or ejections
+        // stand in its way.
+        return Ok(dialled);
+    }
     let port_info = target.port(port);
     let at = |ip: IpAddr, ep_ports: Option<&std::collections::BTreeMap<String, u32>>| {
         let target_port = port_info
@@ -450,10 +468,6 @@ pub fn endpoint_for(
     if addrs.is_empty() {
         return Err("UH");
     }
-    let policy = snap
-        .routes
-        .destination_rule(&target.hostname, client_namespace)
-        .map(|dr| dr.effective(Some(port), subset));
     let addrs = match policy.as_ref().and_then(|p| p.outlier_detection.as_ref()) {
         Some(od) => match scope {
             Some(scope) => eps.health.filter(
@@ -487,16 +501,6 @@ pub fn endpoint_for(
             fresh
         }
     };
-    if let (
-        Some(LoadBalancer::Simple {
-            algorithm: SimpleLb::Passthrough,
-        }),
-        Some(dialled),
-    ) = (&lb, dialled)
-    {
-        // Istio's PASSTHROUGH: the original destination, no load balancing.
-        return Ok(dialled);
-    }
     let weighted = !weights.is_empty() && !matches!(lb, Some(LoadBalancer::ConsistentHash { .. }));
     if weighted {
         let weight_of = |a: &SocketAddr| {

@@ -377,11 +377,12 @@ async fn handle(
             .await;
         decision = decide(&parts, &tried);
     }
-    // The route's timeout covers every attempt.
+    // The route's timeout covers every attempt; 0 disables it (Envoy's rule, which an
+    // EnvoyFilter's `timeout: 0s` can ask for over a VirtualService's timeout).
     let deadline = match &decision {
         HttpDecision::Forward {
             timeout: Some(t), ..
-        } => Some(started + *t),
+        } if !t.is_zero() => Some(started + *t),
         _ => None,
     };
     let retriable_body = client_upgrade.is_none()
@@ -429,6 +430,7 @@ async fn handle(
             HttpDecision::Forward {
                 upstream,
                 protocol,
+                pool,
                 cluster,
                 tls,
                 labels,
@@ -508,15 +510,6 @@ async fn handle(
                 };
                 // Circuit breaking on the destination's connectionPool, then count the
                 // attempt on its endpoint (LEAST_REQUEST) until the response headers arrive.
-                let pool = {
-                    let snap = inputs.config.load();
-                    snap.routes
-                        .destination_rule(&labels.service, &pod.workload.namespace)
-                        .and_then(|dr| {
-                            dr.effective(Some(dst.0.port() as u32), None)
-                                .connection_pool
-                        })
-                };
                 let Ok(permit) = inputs
                     .endpoints
                     .host_limits

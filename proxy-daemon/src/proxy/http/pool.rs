@@ -300,7 +300,10 @@ pub(super) async fn forward(
         UpstreamProtocol::Http1 => false,
         UpstreamProtocol::AsClient => client_version == http::Version::HTTP_2,
     };
-    if h2 != (client_version == http::Version::HTTP_2) {
+    // An h2 upstream always gets `:scheme` and `:authority` from the request as it now
+    // stands (a rewritten URI or authority included); an h2 client's request going out as
+    // HTTP/1.1 gets its Host and request line.
+    if h2 || client_version == http::Version::HTTP_2 {
         translate_request(&mut req, h2, tls.is_some());
     }
     if h2 {
@@ -388,6 +391,19 @@ fn translate_request(req: &mut Request<Body>, to_h2: bool, tls: bool) {
         req.headers_mut().remove(header::HOST);
         *req.version_mut() = http::Version::HTTP_2;
     } else {
+        // h2 may split Cookie into several fields; HTTP/1.1 servers expect one
+        // (RFC 9113 §8.2.3: joined with "; ").
+        let cookies: Vec<&[u8]> = req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        if cookies.len() > 1 {
+            if let Ok(joined) = HeaderValue::from_bytes(&cookies.join(&b"; "[..])) {
+                req.headers_mut().insert(header::COOKIE, joined);
+            }
+        }
         if !req.headers().contains_key(header::HOST) {
             if let Some(v) = req
                 .uri()
@@ -416,4 +432,60 @@ fn translate_response(mut resp: Response<Body>, client_version: http::Version) -
         *resp.version_mut() = client_version;
     }
     resp
+}
+
+#[cfg(test)]
+mod translation_tests {
+    use super::*;
+
+    fn request(version: http::Version, uri: &str, headers: &[(&str, &str)]) -> Request<Body> {
+        let mut b = Request::builder().version(version).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(empty()).expect("request")
+    }
+
+    #[test]
+    fn an_http1_request_gets_scheme_and_authority_for_h2_and_loses_host() {
+        let mut req = request(
+            http::Version::HTTP_11,
+            "/v1/items?x=1",
+            &[("host", "api.example:8080")],
+        );
+        translate_request(&mut req, true, true);
+        assert_eq!(
+            req.uri().to_string(),
+            "https://api.example:8080/v1/items?x=1"
+        );
+        assert!(req.headers().get(header::HOST).is_none());
+        assert_eq!(req.version(), http::Version::HTTP_2);
+    }
+
+    #[test]
+    fn an_h2_request_with_a_rewritten_host_keeps_it_as_authority() {
+        // rewrite.authority sets Host; the h2 upstream must see it as :authority.
+        let mut req = request(
+            http::Version::HTTP_2,
+            "http://old.example/path",
+            &[("host", "new.example")],
+        );
+        translate_request(&mut req, true, false);
+        assert_eq!(req.uri().to_string(), "http://new.example/path");
+    }
+
+    #[test]
+    fn an_h2_request_for_http1_gets_host_one_cookie_and_an_origin_form_path() {
+        let mut req = request(
+            http::Version::HTTP_2,
+            "http://web.example/a?b=c",
+            &[("cookie", "a=1"), ("cookie", "b=2")],
+        );
+        translate_request(&mut req, false, false);
+        assert_eq!(req.uri().to_string(), "/a?b=c");
+        assert_eq!(req.headers()[header::HOST], "web.example");
+        let cookies: Vec<_> = req.headers().get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, vec!["a=1; b=2"]);
+        assert_eq!(req.version(), http::Version::HTTP_11);
+    }
 }

@@ -284,16 +284,19 @@ pub(super) fn level_policy(
         }
     });
     let u = |v: Option<i64>| v.map(|v| v.clamp(0, u32::MAX as i64) as u32);
+    // Istio passes these thresholds on only when above 0 (0 leaves Envoy's default: for
+    // maxRetries and the others, no limit).
+    let positive = |v: Option<i64>| u(v).filter(|n| *n > 0);
     let connection_pool = pool.as_ref().map(|p| ConnectionPool {
-        max_connections: u(p.tcp.as_ref().and_then(|t| t.max_connections)),
+        max_connections: positive(p.tcp.as_ref().and_then(|t| t.max_connections)),
         connect_timeout: p
             .tcp
             .as_ref()
             .and_then(|t| cx.duration(&t.connect_timeout, "tcp.connectTimeout")),
-        http1_max_pending_requests: u(p.http.as_ref().and_then(|h| h.http1_max_pending_requests)),
-        http2_max_requests: u(p.http.as_ref().and_then(|h| h.http2_max_requests)),
-        max_requests_per_connection: u(p.http.as_ref().and_then(|h| h.max_requests_per_connection)),
-        max_retries: u(p.http.as_ref().and_then(|h| h.max_retries)),
+        http1_max_pending_requests: positive(p.http.as_ref().and_then(|h| h.http1_max_pending_requests)),
+        http2_max_requests: positive(p.http.as_ref().and_then(|h| h.http2_max_requests)),
+        max_requests_per_connection: positive(p.http.as_ref().and_then(|h| h.max_requests_per_connection)),
+        max_retries: positive(p.http.as_ref().and_then(|h| h.max_retries)),
         tcp_idle_timeout: p
             .tcp
             .as_ref()
@@ -328,7 +331,8 @@ pub(super) fn level_policy(
     let outlier_detection = outlier.as_ref().map(|od| {
         let line = od.referenced.line();
         let od = &od.value;
-        let max = od.max_ejection_percent.unwrap_or(10);
+        // Istio passes maxEjectionPercent only when above 0; otherwise Envoy's 10 applies.
+        let max = od.max_ejection_percent.filter(|m| *m > 0).unwrap_or(10);
         if !(0..=100).contains(&max) {
             cx.err(line, format!("maxEjectionPercent {max} is outside 0–100"));
         }

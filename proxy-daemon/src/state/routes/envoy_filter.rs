@@ -164,6 +164,9 @@ impl std::fmt::Display for ClusterRef {
     }
 }
 
+/// Envoy's route timeout when a RouteAction sets none.
+const ENVOY_DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What we carry out of EnvoyFilter: outbound route patches.
 const SUPPORTED_PATCHES: &str =
     "supported: HTTP_ROUTE MERGE and VIRTUAL_HOST ADD in context ANY or SIDECAR_OUTBOUND";
@@ -396,6 +399,7 @@ pub(super) fn compile_envoy_filter(
                                     continue;
                                 }
                             };
+                            // An Envoy RouteAction without a timeout has Envoy's 15 s.
                             let timeout = match r
                                 .route
                                 .as_ref()
@@ -403,11 +407,11 @@ pub(super) fn compile_envoy_filter(
                                 .map(duration::parse)
                             {
                                 Some(Ok(d)) => Some(d),
+                                None => Some(ENVOY_DEFAULT_ROUTE_TIMEOUT),
                                 Some(Err(e)) => {
                                     cx.err(value_line, format!("{what}: route.timeout: {e}"));
                                     continue;
                                 }
-                                None => None,
                             };
                             let request_headers_to_add =
                                 match added_headers(&r.request_headers_to_add) {
