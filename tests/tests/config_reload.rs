@@ -246,9 +246,10 @@ fn what_istio_accepts_loads_with_warnings_and_unsupported_envoy_filters_are_skip
     node.write_config("istio.yaml", &accepted);
     let daemon = Daemon::start(&node, &[]);
     daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    // Two: the Lua HTTP_FILTER and the one matching a route by name.
     assert_eq!(
         daemon.metric_sum("proxy_daemon_config_skipped_envoy_filters", &[]),
-        1.0
+        2.0
     );
     let findings = daemon.config_dump()["snapshot"]["findings"].to_string();
     assert!(
