@@ -36,8 +36,13 @@ enum Cmd {
     /// Set up, build, and run the demo node: pods as network namespaces, the daemon
     /// capturing them with deploy/examples/demo.yaml, some traffic, the metrics it made.
     Demo,
-    /// Quick measurements: captured vs direct connects, latency, daemon memory.
-    Bench,
+    /// The performance suite: wrk, h2load and iperf3 over direct, eBPF-captured and
+    /// HAProxy paths, side by side (Markdown in target/bench/report.md), then the older
+    /// quick measurements. `--quick`: one short round of the suite only (about 3 minutes).
+    Bench {
+        #[arg(long)]
+        quick: bool,
+    },
     /// The long versions of the tests CI runs short: 200 pods churned over two minutes
     /// under traffic, ten hand-overs under load, a 20,000-connection slowloris, 100,000
     /// distinct Host headers from one pod.
@@ -478,16 +483,41 @@ fn main() -> Result<()> {
             run(Command::new(workspace_root().join("target/debug/demo"))
                 .current_dir(workspace_root()))
         }
-        Cmd::Bench => {
+        Cmd::Bench { quick } => {
             setup()?;
-            // The peer the L7 path is compared with (bench only: CI never needs it).
-            if !have("haproxy") {
+            // The peer, the upstream and the load generators (bench only: CI never needs
+            // them).
+            let wanted = [
+                ("haproxy", "haproxy"),
+                ("nginx", "nginx-light"),
+                ("wrk", "wrk"),
+                ("h2load", "nghttp2-client"),
+                ("iperf3", "iperf3"),
+            ];
+            let missing: Vec<&str> = wanted
+                .iter()
+                .filter(|(bin, _)| !have(bin))
+                .map(|(_, pkg)| *pkg)
+                .collect();
+            if !missing.is_empty() {
                 run(Command::new("apt-get").args(["update", "-qq"]))?;
                 run(Command::new("apt-get")
-                    .args(["install", "-y", "-qq", "--no-install-recommends", "haproxy"])
+                    .args(["install", "-y", "-qq", "--no-install-recommends"])
+                    .args(&missing)
                     .env("DEBIAN_FRONTEND", "noninteractive"))?;
             }
             run(&mut cargo(&["build", "--release", "--workspace", "--bins"]))?;
+            let mut suite = Command::new(workspace_root().join("target/release/bench-suite"));
+            suite
+                .current_dir(workspace_root())
+                .env("PROXY_BIN_DIR", workspace_root().join("target/release"));
+            if quick {
+                suite.arg("--quick");
+            }
+            run(&mut suite)?;
+            if quick {
+                return Ok(());
+            }
             run(Command::new(workspace_root().join("target/release/bench"))
                 .current_dir(workspace_root())
                 .env("PROXY_BIN_DIR", workspace_root().join("target/release")))?;

@@ -252,11 +252,11 @@ pub fn matches(m: &HttpMatch, req: &RequestView, src: &WorkloadInfo) -> bool {
 }
 
 fn first_rule<'a>(
-    rules: &'a [HttpRule],
+    mut rules: impl Iterator<Item = &'a HttpRule>,
     req: &RequestView,
     src: &WorkloadInfo,
 ) -> Option<(&'a HttpRule, Option<&'a HttpMatch>)> {
-    rules.iter().find_map(|r| {
+    rules.find_map(|r| {
         if r.matches.is_empty() {
             return Some((r, None));
         }
@@ -452,8 +452,9 @@ pub fn decide(
         .routes
         .virtual_services_for(&svc.hostname, &src.namespace, &src.labels)
         .collect();
-    let rules: Vec<HttpRule> = vss.iter().flat_map(|vs| vs.http.iter().cloned()).collect();
-    if vss.is_empty() || rules.is_empty() {
+    // The rules in order, borrowed from the snapshot (never cloned per request).
+    let rules = || vss.iter().flat_map(|vs| vs.http.iter());
+    if vss.is_empty() || rules().next().is_none() {
         // No VirtualService: the service itself, on the port dialled.
         let labels = labels_for(svc);
         if svc.endpoints.is_empty()
@@ -512,7 +513,7 @@ pub fn decide(
             Err(flags) => unavailable(labels, flags),
         };
     }
-    let Some((rule, matched)) = first_rule(&rules, req, src) else {
+    let Some((rule, matched)) = first_rule(rules(), req, src) else {
         return HttpDecision::Respond {
             status: 404,
             body: "no route matched\n".into(),

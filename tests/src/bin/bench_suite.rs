@@ -1,0 +1,439 @@
+//! The side-by-side performance suite (`cargo xtask bench`): the same scenarios over each
+//! path, interleaved and repeated, medians reported as a Markdown table (stdout and
+//! `target/bench/report.md`). Not a test: nothing here passes or fails.
+//!
+//! Paths: A direct (the app to nginx), C captured by the eBPF programs through
+//! proxy-daemon, D HAProxy as an explicit reverse proxy. (B, iptables capture, and C+,
+//! sockmap, are not built yet: the report says so.)
+//! Scenarios: S1 keep-alive 1 KiB GETs (wrk, 16 connections) at saturation, plus latency
+//! at fixed rates; S2 `Connection: close` GETs at 16 and 64 clients; S3 1 MiB GETs and an
+//! iperf3 stream through opaque-TCP passthrough; S4 RSS idle and per idle connection; S6
+//! h2 on one multiplexed connection (h2load).
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{namespace_yaml, pod_yaml, Node, Pod},
+    Host,
+};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// CPU time (user + system) of a process, in microseconds.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    ticks as f64 * 1e6 / 100.0
+}
+
+/// A duration as wrk prints it ("812.00us", "1.23ms", "2.00s"), in microseconds.
+fn wrk_duration_us(s: &str) -> Option<f64> {
+    let (num, mul) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * mul)
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct WrkRun {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    requests: f64,
+}
+
+fn parse_wrk(out: &str) -> WrkRun {
+    let mut r = WrkRun::default();
+    for line in out.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        match t.as_slice() {
+            ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(0.0),
+            ["50%", v] => r.p50_us = wrk_duration_us(v).unwrap_or(f64::NAN),
+            ["99%", v] => r.p99_us = wrk_duration_us(v).unwrap_or(f64::NAN),
+            [n, "requests", "in", ..] => r.requests = n.parse().unwrap_or(0.0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse().unwrap_or(0),
+            ["Socket", "errors:", ..] => {
+                r.errors += line
+                    .split(',')
+                    .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    r
+}
+
+struct BenchPath {
+    pod: usize,
+    /// Where the client connects (and the Host it sends).
+    to: String,
+    /// The proxy's pid, whose CPU is charged to the path.
+    proxy: Option<u32>,
+}
+
+struct Suite {
+    quick: bool,
+    secs: u32,
+    rounds: usize,
+    pods: Vec<Pod>,
+}
+
+impl Suite {
+    fn run(&self, pod: usize, program: &str, args: &[&str]) -> String {
+        let pod = &self.pods[pod];
+        let out = pod
+            .host
+            .command(Some(&pod.app_cgroup()), Path::new(program), args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wrk(&self, path: &BenchPath, url_path: &str, conns: u32, extra: &[&str]) -> (WrkRun, f64) {
+        let before = path.proxy.map(cpu_us).unwrap_or(0.0);
+        let url = format!("http://{}{url_path}", path.to);
+        let (c, d) = (conns.to_string(), format!("{}s", self.secs));
+        let mut args = vec!["-t", "1", "-c", &c, "-d", &d, "--latency"];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let out = self.run(path.pod, "wrk", &args);
+        let run = parse_wrk(&out);
+        let after = path.proxy.map(cpu_us).unwrap_or(0.0);
+        let cpu_per_req = if run.requests > 0.0 && path.proxy.is_some() {
+            (after - before) / run.requests
+        } else {
+            f64::NAN
+        };
+        (run, cpu_per_req)
+    }
+}
+
+fn spawn_in(host: &Host, program: &str, args: &[&str]) -> Child {
+    host.command(None, Path::new(program), args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+fn nginx_conf(dir: &Path) -> PathBuf {
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("1k"), vec![b'x'; 1024]).expect("1k");
+    std::fs::write(www.join("1m"), vec![b'x'; 1 << 20]).expect("1m");
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\nerror_log stderr error;\npid {d}/nginx.pid;\nuser root;\n\
+             events {{ worker_connections 16384; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n  sendfile on;\n\
+             client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3;\n\
+             uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;\n\
+             server {{ listen 80 reuseport; listen 81 http2; location / {{ root {d}/www; }} }}\n}}\n"
+        ),
+    )
+    .expect("nginx.conf");
+    conf
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let mut node = Node::new("suite");
+    let nginx_host = node.host("nginx");
+    let haproxy_host = node.host("haproxy");
+    let captured = node.pod("captured", "client-cap");
+    let direct = node.pod("plain", "client-direct");
+    node.write_config(
+        "bench.yaml",
+        &(namespace_yaml("captured", true, None)
+            + &namespace_yaml("plain", false, None)
+            + &pod_yaml(&captured, &[("app", "cap")])
+            + &pod_yaml(&direct, &[("app", "direct")])),
+    );
+    let work = node.work_dir.join("suite");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let conf = nginx_conf(&work);
+    let mut nginx = spawn_in(
+        &nginx_host,
+        "nginx",
+        &[
+            "-p",
+            work.to_str().unwrap_or_default(),
+            "-c",
+            conf.to_str().unwrap_or_default(),
+            "-g",
+            "daemon off;",
+        ],
+    );
+    let mut iperf = spawn_in(&nginx_host, "iperf3", &["-s", "-p", "5201"]);
+    let up = nginx_host.addr(80).to_string();
+    let haproxy_cfg = work.join("haproxy.cfg");
+    std::fs::write(
+        &haproxy_cfg,
+        format!(
+            "global\n  nbthread 2\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\nfrontend fe\n  bind :8080\n  default_backend be\nbackend be\n  http-reuse always\n  server web {up}\n"
+        ),
+    )
+    .expect("haproxy.cfg");
+    let mut haproxy = spawn_in(
+        &haproxy_host,
+        "haproxy",
+        &["-db", "-f", haproxy_cfg.to_str().unwrap_or_default()],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    if let Ok(Some(status)) = haproxy.try_wait() {
+        eprintln!("haproxy exited at start ({status}): the D column will be empty");
+    }
+    let daemon = Daemon::start(&node, &["--log-level", "warn"]);
+    daemon.wait_enrolled(&captured.uid, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    let daemon_pid = daemon.pid().expect("daemon pid");
+    let rss_idle = proxy_tests::rss_kib(daemon_pid);
+    let suite = Suite {
+        quick,
+        secs: if quick { 3 } else { 10 },
+        rounds: if quick { 1 } else { 3 },
+        pods: vec![direct, captured],
+    };
+    let paths = [
+        BenchPath {
+            pod: 0,
+            to: up.clone(),
+            proxy: None,
+        },
+        BenchPath {
+            pod: 1,
+            to: up.clone(),
+            proxy: Some(daemon_pid),
+        },
+        BenchPath {
+            pod: 0,
+            to: haproxy_host.addr(8080).to_string(),
+            proxy: Some(haproxy.id()),
+        },
+    ];
+    // Warm up every path (connections, pools, page cache).
+    for p in &paths {
+        let _ = suite.run(
+            p.pod,
+            "wrk",
+            &[
+                "-t",
+                "1",
+                "-c",
+                "4",
+                "-d",
+                "1s",
+                &format!("http://{}/1k", p.to),
+            ],
+        );
+    }
+
+    type Row = (String, [Vec<f64>; 3], &'static str);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut row = |label: &str, unit: &'static str| -> usize {
+        rows.push((
+            label.to_string(),
+            [Vec::new(), Vec::new(), Vec::new()],
+            unit,
+        ));
+        rows.len() - 1
+    };
+    let s1_rps = row("S1 keep-alive 1 KiB, 16 conns: req/s", "req/s");
+    let s1_p50 = row("S1 same: p50", "µs");
+    let s1_p99 = row("S1 same: p99", "µs");
+    let s1_cpu = row("S1 same: proxy CPU per request", "µs");
+    let s2_16 = row("S2 Connection: close, 16 clients: req/s", "req/s");
+    let s2_16cpu = row("S2 same: proxy CPU per request", "µs");
+    let s2_64 = row("S2 Connection: close, 64 clients: req/s", "req/s");
+    let s3_1m = row("S3 1 MiB GETs, 4 conns: req/s", "req/s");
+    let s3_iperf = row("S3 iperf3 through opaque TCP: Gbit/s", "Gbit/s");
+    let s6_h2 = row("S6 h2 (h2load, 1 conn × 100 streams): req/s", "req/s");
+    let mut errors = 0u64;
+    for _round in 0..suite.rounds {
+        for (i, p) in paths.iter().enumerate() {
+            let (r, cpu) = suite.wrk(p, "/1k", 16, &[]);
+            errors += r.errors;
+            rows[s1_rps].1[i].push(r.rps);
+            rows[s1_p50].1[i].push(r.p50_us);
+            rows[s1_p99].1[i].push(r.p99_us);
+            rows[s1_cpu].1[i].push(cpu);
+            let (r, cpu) = suite.wrk(p, "/1k", 16, &["-H", "Connection: close"]);
+            errors += r.errors;
+            rows[s2_16].1[i].push(r.rps);
+            rows[s2_16cpu].1[i].push(cpu);
+            if !suite.quick {
+                let (r, _) = suite.wrk(p, "/1k", 64, &["-H", "Connection: close"]);
+                errors += r.errors;
+                rows[s2_64].1[i].push(r.rps);
+            }
+            let (r, _) = suite.wrk(p, "/1m", 4, &[]);
+            errors += r.errors;
+            rows[s3_1m].1[i].push(r.rps);
+            // iperf3 and h2 are not proxied by HAProxy here (http mode).
+            if i < 2 {
+                let t = suite.secs.to_string();
+                let out = suite.run(
+                    p.pod,
+                    "iperf3",
+                    &[
+                        "-c",
+                        &nginx_host.ip.to_string(),
+                        "-p",
+                        "5201",
+                        "-t",
+                        &t,
+                        "-J",
+                    ],
+                );
+                let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                rows[s3_iperf].1[i].push(
+                    v["end"]["sum_received"]["bits_per_second"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN)
+                        / 1e9,
+                );
+                let n = if suite.quick { "20000" } else { "100000" };
+                let out = suite.run(
+                    p.pod,
+                    "h2load",
+                    &[
+                        "-n",
+                        n,
+                        "-c",
+                        "1",
+                        "-m",
+                        "100",
+                        &format!("http://{}:81/1k", nginx_host.ip),
+                    ],
+                );
+                let rps = out
+                    .lines()
+                    .find_map(|l| l.strip_prefix("finished in"))
+                    .and_then(|l| l.split(',').nth(1))
+                    .and_then(|s| s.split_whitespace().next())
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .unwrap_or(f64::NAN);
+                rows[s6_h2].1[i].push(rps);
+            }
+        }
+    }
+
+    // S4: RSS idle and per idle proxied connection.
+    let mut s4 = String::new();
+    let counts: &[usize] = if quick { &[1000] } else { &[1000, 10000] };
+    for &n in counts {
+        let before = proxy_tests::rss_kib(daemon_pid);
+        let mut hold = suite.pods[1]
+            .host
+            .command(
+                Some(&suite.pods[1].app_cgroup()),
+                &proxy_tests::target_bin("pdtool"),
+                &[
+                    "hold-many",
+                    "--to",
+                    &up,
+                    "--count",
+                    &n.to_string(),
+                    "--ms",
+                    "3000",
+                ],
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("hold-many");
+        std::thread::sleep(Duration::from_millis(2000));
+        let during = proxy_tests::rss_kib(daemon_pid);
+        let _ = hold.wait();
+        let _ = writeln!(
+            s4,
+            "| S4 RSS with {n} idle proxied connections | {during} KiB | {:.1} KiB per connection |",
+            (during as f64 - before as f64) / n as f64
+        );
+    }
+    for child in [&mut nginx, &mut iperf, &mut haproxy] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## proxy-daemon performance suite ({}; medians of {} interleaved round{}, {} s per run; release build; 2 cores shared by load, proxy and upstream)\n",
+        if quick { "--quick" } else { "full" },
+        suite.rounds,
+        if suite.rounds == 1 { "" } else { "s" },
+        suite.secs
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | A direct | C eBPF + proxy-daemon | D HAProxy 2.6 | C / A | C / D |\n|---|---|---|---|---|---|"
+    );
+    for (label, v, unit) in &rows {
+        let m: Vec<f64> = v.iter().map(|x| median(x.clone())).collect();
+        let fmt = |x: f64| {
+            if x.is_nan() {
+                "—".to_string()
+            } else if *unit == "Gbit/s" {
+                format!("{x:.2} {unit}")
+            } else {
+                format!("{x:.0} {unit}")
+            }
+        };
+        let ratio = |a: f64, b: f64| {
+            if a.is_nan() || b.is_nan() || b == 0.0 {
+                "—".to_string()
+            } else {
+                format!("{:.2}×", a / b)
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} |",
+            fmt(m[0]),
+            fmt(m[1]),
+            fmt(m[2]),
+            ratio(m[1], m[0]),
+            ratio(m[1], m[2])
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n| memory | value | |\n|---|---|---|\n| S4 daemon RSS idle | {rss_idle} KiB | |\n{s4}"
+    );
+    let _ = writeln!(
+        md,
+        "Errors (non-2xx, socket errors) over all wrk runs: {errors}. Not built yet: path B (iptables capture), path C+ (sockmap), S5 (1,000 services × 5 routes with a mirror and scrapes)."
+    );
+    print!("{md}");
+    let report = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let _ = std::fs::create_dir_all(&report);
+    let _ = std::fs::write(report.join("report.md"), &md);
+    drop(daemon);
+}
