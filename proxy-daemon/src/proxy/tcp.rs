@@ -165,34 +165,22 @@ pub async fn proxy(
     };
     let handles = tcp.handles(&labels);
     let (received, sent) = (handles.received_bytes, handles.sent_bytes);
-    let (mut client_read, mut client_write) = client.split();
     let activity = Activity::new();
     let result = match upstream {
-        UpstreamIo::Plain(mut plain) => {
-            let copied = {
-                let (mut upstream_read, mut upstream_write) = plain.split();
-                until_idle(
-                    async {
-                        tokio::try_join!(
-                            copy_counted(
-                                &mut client_read,
-                                &mut upstream_write,
-                                &received,
-                                (&activity, 0)
-                            ),
-                            copy_counted(
-                                &mut upstream_read,
-                                &mut client_write,
-                                &sent,
-                                (&activity, 1)
-                            ),
-                        )
-                    },
-                    &activity,
-                    idle_timeout,
-                )
-                .await
-            };
+        UpstreamIo::Plain(plain) => {
+            // Plain on both sides: the kernel moves the bytes (splice through a pipe),
+            // never copying them into the daemon.
+            let copied = until_idle(
+                async {
+                    tokio::try_join!(
+                        splice_counted(&client, &plain, &received, (&activity, 0)),
+                        splice_counted(&plain, &client, &sent, (&activity, 1)),
+                    )
+                },
+                &activity,
+                idle_timeout,
+            )
+            .await;
             if matches!(copied, Some(Err(_))) {
                 // The client reset (or a write failed): reset the upstream too.
                 let _ = socket2::SockRef::from(&plain).set_linger(Some(Duration::ZERO));
@@ -200,6 +188,7 @@ pub async fn proxy(
             copied
         }
         tls_stream => {
+            let (mut client_read, mut client_write) = client.split();
             let (mut upstream_read, mut upstream_write) = tokio::io::split(tls_stream);
             until_idle(
                 async {
@@ -382,5 +371,137 @@ where
         if n == buf.len() && buf.len() < COPY_BUFFER {
             buf.resize(COPY_BUFFER, 0);
         }
+    }
+}
+
+/// A pipe for splice(2), closed on drop.
+struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> std::io::Result<Self> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: both descriptors were just created and are owned by nothing else.
+        Ok(unsafe {
+            Pipe {
+                read: std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                write: std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+}
+
+/// One splice(2) call, non-blocking: bytes moved (0 at EOF), or the error.
+fn splice_once(from: libc::c_int, to: libc::c_int, len: usize) -> std::io::Result<usize> {
+    // SAFETY: plain descriptors, no offsets; the kernel checks everything else.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// [`copy_counted`] for two plain sockets, with splice(2): socket → pipe → socket inside
+/// the kernel, waiting on tokio's readiness. The pipe is made when the first bytes are
+/// ready to move (an idle connection holds no extra descriptors); when none can be made
+/// (descriptors spent), the bytes are copied as [`copy_counted`] does.
+async fn splice_counted(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &Counter,
+    (activity, direction): (&Activity, usize),
+) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    use tokio::io::Interest;
+    let mut total = 0u64;
+    let mut pipe: Option<Pipe> = None;
+    loop {
+        from.readable().await?;
+        let pipe_ref = match &pipe {
+            Some(p) => p,
+            None => match Pipe::new() {
+                Ok(p) => pipe.insert(p),
+                Err(_) => return copy_plain(from, to, counter, (activity, direction), total).await,
+            },
+        };
+        let moved = from.try_io(Interest::READABLE, || {
+            splice_once(from.as_raw_fd(), pipe_ref.write.as_raw_fd(), COPY_BUFFER)
+        });
+        let n = match moved {
+            Ok(0) => {
+                // EOF: pass the half-close on.
+                socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+                return Ok(total);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice_once(pipe_ref.read.as_raw_fd(), to.as_raw_fd(), left)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
+        counter.inc_by(n as u64);
+        activity.moved(direction, n as u64);
+    }
+}
+
+/// The copy loop for two plain sockets without a pipe (descriptors spent).
+async fn copy_plain(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &Counter,
+    (activity, direction): (&Activity, usize),
+    mut total: u64,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => {
+                socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+                return Ok(total);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut sent = 0;
+        while sent < n {
+            to.writable().await?;
+            match to.try_write(&buf[sent..n]) {
+                Ok(m) => sent += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
+        counter.inc_by(n as u64);
+        activity.moved(direction, n as u64);
     }
 }
