@@ -295,8 +295,7 @@ pub(super) fn compile_virtual_service(
         cx.err(0, "spec.hosts is required");
     }
     // `gateways` omitted or containing `mesh`: applies to sidecar (here: node) traffic.
-    let for_mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
-    if !for_mesh {
+    if !binds_pods(&spec.gateways) {
         cx.note(
             0,
             format!(
@@ -358,7 +357,7 @@ pub(super) fn compile_virtual_service(
                     hm.query_params.push((k.clone(), mm));
                 }
             }
-            if !mv.gateways.is_empty() && !mv.gateways.iter().any(|g| g == "mesh") {
+            if !binds_pods(&mv.gateways) {
                 // As in Istio: a match block that names gateways but not `mesh` is left
                 // out of the sidecar's (here: the node proxy's) routes.
                 cx.note(
@@ -592,31 +591,15 @@ pub(super) fn compile_virtual_service(
         destinations: l4(cx, route, line),
         source: cx.source(line),
     };
-    // As in Istio: match blocks naming gateways but not `mesh` are left out; a rule whose
-    // blocks all are is absent (not a catch-all).
-    let for_pods =
-        |gateways: &[String]| gateways.is_empty() || gateways.iter().any(|g| g == "mesh");
     let tcp: Vec<L4Rule> = spec
         .tcp
         .iter()
         .filter_map(|t| {
             let subnets = t.value.matches.iter().map(|m| &m.destination_subnets[..]);
             check_subnets(&mut cx, t.referenced.line(), subnets);
-            let kept: Vec<_> = t
-                .value
-                .matches
-                .iter()
-                .filter(|m| for_pods(&m.gateways))
-                .collect();
-            if kept.len() < t.value.matches.len() {
-                cx.note(
-                    t.referenced.line(),
-                    "match bound to gateways only: never matches pod traffic",
-                );
-                if kept.is_empty() {
-                    return None;
-                }
-            }
+            let kept = kept_for_pods(&mut cx, t.referenced.line(), &t.value.matches, |m| {
+                &m.gateways
+            })?;
             let matches = kept.into_iter().map(L4Match::from).collect();
             Some(l4_rule(
                 &mut cx,
@@ -635,21 +618,9 @@ pub(super) fn compile_virtual_service(
             }
             let subnets = t.value.matches.iter().map(|m| &m.destination_subnets[..]);
             check_subnets(&mut cx, t.referenced.line(), subnets);
-            let kept: Vec<_> = t
-                .value
-                .matches
-                .iter()
-                .filter(|m| for_pods(&m.gateways))
-                .collect();
-            if kept.len() < t.value.matches.len() {
-                cx.note(
-                    t.referenced.line(),
-                    "match bound to gateways only: never matches pod traffic",
-                );
-                if kept.is_empty() {
-                    return None;
-                }
-            }
+            let kept = kept_for_pods(&mut cx, t.referenced.line(), &t.value.matches, |m| {
+                &m.gateways
+            })?;
             let matches = kept.into_iter().map(L4Match::from).collect();
             Some(l4_rule(
                 &mut cx,
@@ -673,6 +644,34 @@ pub(super) fn compile_virtual_service(
         tls,
         source: cx.source(0),
     })
+}
+
+/// Whether a `gateways` list applies to sidecar (here: the node proxy's pod) traffic:
+/// omitted, or naming `mesh` (Istio's rule).
+fn binds_pods(gateways: &[String]) -> bool {
+    gateways.is_empty() || gateways.iter().any(|g| g == "mesh")
+}
+
+/// The match blocks of an L4 rule that apply to pod traffic: as in Istio, blocks naming
+/// gateways but not `mesh` are left out (noted); a rule whose blocks all are is absent
+/// (None), not a catch-all.
+fn kept_for_pods<'a, M>(
+    cx: &mut Ctx,
+    line: u64,
+    matches: &'a [M],
+    gateways: impl Fn(&M) -> &Vec<String>,
+) -> Option<Vec<&'a M>> {
+    let kept: Vec<&M> = matches.iter().filter(|m| binds_pods(gateways(m))).collect();
+    if kept.len() < matches.len() {
+        cx.note(
+            line,
+            "match bound to gateways only: never matches pod traffic",
+        );
+        if kept.is_empty() {
+            return None;
+        }
+    }
+    Some(kept)
 }
 
 /// Reports every `destinationSubnets` entry that is not an address or CIDR (the compiled
