@@ -407,25 +407,8 @@ pub fn decide(
                     return no_route(req, "NR");
                 };
                 let labels = labels_for(target);
-                let Picked {
-                    chosen,
-                    cookie_ops,
-                    tls,
-                    cluster,
-                    protocol,
-                    pool,
-                } = pick(snap, eps, target, subset.as_deref(), *cport, src, req);
-                return match chosen {
-                    Ok(upstream) => plain_forward(
-                        (upstream, protocol, Some(cluster), pool),
-                        tls,
-                        labels,
-                        edits,
-                        cookie_ops,
-                        timeout,
-                    ),
-                    Err(flags) => unavailable(labels, flags),
-                };
+                let picked = pick(snap, eps, target, subset.as_deref(), *cport, src, req);
+                return forward_picked(picked, labels, edits, timeout);
             }
             None => {}
         }
@@ -493,25 +476,8 @@ pub fn decide(
         if unanswered_and_elsewhere(snap, eps, svc, src, policy, req) {
             return spoofed(req, svc);
         }
-        let Picked {
-            chosen,
-            cookie_ops,
-            tls,
-            cluster,
-            protocol,
-            pool,
-        } = pick(snap, eps, svc, None, port, src, req);
-        return match chosen {
-            Ok(upstream) => plain_forward(
-                (upstream, protocol, Some(cluster), pool),
-                tls,
-                labels,
-                edits,
-                cookie_ops,
-                timeout,
-            ),
-            Err(flags) => unavailable(labels, flags),
-        };
+        let picked = pick(snap, eps, svc, None, port, src, req);
+        return forward_picked(picked, labels, edits, timeout);
     }
     let Some((rule, matched)) = first_rule(rules(), req, src) else {
         return HttpDecision::Respond {
@@ -799,6 +765,26 @@ fn pick(
         cluster,
         protocol,
         pool,
+    }
+}
+
+/// [`plain_forward`] to what [`pick`] chose, or Envoy's answer when it chose nothing.
+fn forward_picked(
+    picked: Picked,
+    labels: DestinationLabels,
+    edits: RequestEdits,
+    timeout: Option<Duration>,
+) -> HttpDecision {
+    match picked.chosen {
+        Ok(upstream) => plain_forward(
+            (upstream, picked.protocol, Some(picked.cluster), picked.pool),
+            picked.tls,
+            labels,
+            edits,
+            picked.cookie_ops,
+            timeout,
+        ),
+        Err(flags) => unavailable(labels, flags),
     }
 }
 
