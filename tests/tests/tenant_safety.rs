@@ -151,11 +151,13 @@ fn random_host_headers_cannot_grow_the_nodes_metric_series_without_bound() {
         rss_after_20k,
         rss_after_all
     );
-    // Unbounded series would cost about 17 MiB per 20,000 hosts (the growth up to the
-    // cap); a quarter of that is the allowance for allocator and load noise.
+    // Unbounded series would cost the next 20,000 hosts about what the first 20,000 did
+    // (the growth up to the cap, ~17 MiB); under half of that is allocator and load noise
+    // (this machine shows RSS falling by ~10 MiB here; CI under the suite's load, +6 MiB).
+    let growth_to_cap = rss_after_20k.saturating_sub(rss_before);
     assert!(
-        rss_after_all < rss_after_20k + 4096,
-        "RSS grew from {rss_after_20k} to {rss_after_all} KiB"
+        rss_after_all < rss_after_20k + growth_to_cap / 2,
+        "RSS grew from {rss_after_20k} to {rss_after_all} KiB (to the cap: +{growth_to_cap} KiB)"
     );
     // Another tenant's series are its own, whatever the attacker did.
     let ok = victim.pdtool(&[
