@@ -1038,6 +1038,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         config: published.clone(),
         endpoints: crate::proxy::Endpoints::new(dns.clone()),
         mirror_slots: Arc::new(tokio::sync::Semaphore::new(settings.mirror_max_in_flight)),
+        splice_pipes: Arc::new(tokio::sync::Semaphore::new(crate::proxy::tcp::SPLICE_PIPES)),
         tls: Arc::new(tls),
         tracer: tracer.clone(),
         draining: drain_rx,

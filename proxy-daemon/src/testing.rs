@@ -139,6 +139,7 @@ impl InProcess {
             config: published.clone(),
             endpoints: Endpoints::new(dns),
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(proxy::http::MIRROR_CONCURRENCY)),
+            splice_pipes: Arc::new(tokio::sync::Semaphore::new(proxy::tcp::SPLICE_PIPES)),
             tls: Arc::new(Originator::new(None, 16)),
             tracer: crate::spans::Tracer::new(
                 crate::spans::TraceSettings {

@@ -174,6 +174,11 @@ pub struct ProxyInputs {
     pub endpoints: Endpoints,
     /// Mirror copies in flight (fire-and-forget, bounded).
     pub mirror_slots: Arc<tokio::sync::Semaphore>,
+    /// Splice pipes in use node-wide (two descriptors each): the connection budgets count
+    /// two sockets per connection, so pipes come out of the daemon's own reserve and are
+    /// capped; beyond the cap, bytes are copied in user space. A pod opening many busy
+    /// opaque connections cannot spend the node's descriptors on pipes.
+    pub splice_pipes: Arc<tokio::sync::Semaphore>,
     /// Upstream TLS (DestinationRule `tls`).
     pub tls: Arc<crate::proxy::tls::Originator>,
     /// Trace context, sampling and span export (see [`crate::spans`]).

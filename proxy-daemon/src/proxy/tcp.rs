@@ -20,6 +20,10 @@ use crate::{
 
 const COPY_BUFFER: usize = 64 * 1024;
 
+/// Splice pipes at most, node-wide: 256 pipes are 512 descriptors of the 1,024 the fd
+/// budgets keep for the daemon itself.
+pub const SPLICE_PIPES: usize = 256;
+
 pub async fn proxy(
     inputs: &ProxyInputs,
     pod: &PodContext,
@@ -173,8 +177,20 @@ pub async fn proxy(
             let copied = until_idle(
                 async {
                     tokio::try_join!(
-                        splice_counted(&client, &plain, &received, (&activity, 0)),
-                        splice_counted(&plain, &client, &sent, (&activity, 1)),
+                        splice_counted(
+                            &inputs.splice_pipes,
+                            &client,
+                            &plain,
+                            &received,
+                            (&activity, 0)
+                        ),
+                        splice_counted(
+                            &inputs.splice_pipes,
+                            &plain,
+                            &client,
+                            &sent,
+                            (&activity, 1)
+                        ),
                     )
                 },
                 &activity,
@@ -374,14 +390,19 @@ where
     }
 }
 
-/// A pipe for splice(2), closed on drop.
+/// A pipe for splice(2), closed on drop (with its place under [`SPLICE_PIPES`]).
 struct Pipe {
     read: std::os::fd::OwnedFd,
     write: std::os::fd::OwnedFd,
+    _place: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Pipe {
-    fn new() -> std::io::Result<Self> {
+    fn new(budget: &Arc<tokio::sync::Semaphore>) -> std::io::Result<Self> {
+        let place = budget
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| std::io::Error::other("splice pipes at their cap"))?;
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: pipe2 writes two descriptors into the array it is given.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -393,6 +414,7 @@ impl Pipe {
             Pipe {
                 read: std::os::fd::OwnedFd::from_raw_fd(fds[0]),
                 write: std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+                _place: place,
             }
         })
     }
@@ -421,8 +443,10 @@ fn splice_once(from: libc::c_int, to: libc::c_int, len: usize) -> std::io::Resul
 /// [`copy_counted`] for two plain sockets, with splice(2): socket → pipe → socket inside
 /// the kernel, waiting on tokio's readiness. The pipe is made when the first bytes are
 /// ready to move (an idle connection holds no extra descriptors); when none can be made
-/// (descriptors spent), the bytes are copied as [`copy_counted`] does.
+/// (descriptors spent, or [`SPLICE_PIPES`] in use), the bytes are copied as
+/// [`copy_counted`] does.
 async fn splice_counted(
+    budget: &Arc<tokio::sync::Semaphore>,
     from: &TcpStream,
     to: &TcpStream,
     counter: &Counter,
@@ -436,7 +460,7 @@ async fn splice_counted(
         from.readable().await?;
         let pipe_ref = match &pipe {
             Some(p) => p,
-            None => match Pipe::new() {
+            None => match Pipe::new(budget) {
                 Ok(p) => pipe.insert(p),
                 Err(_) => return copy_plain(from, to, counter, (activity, direction), total).await,
             },
@@ -503,5 +527,55 @@ async fn copy_plain(
         total += n as u64;
         counter.inc_by(n as u64);
         activity.moved(direction, n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let a = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (b, _) = l.accept().await.expect("accept");
+        (a, b)
+    }
+
+    /// Bytes arrive whole and the half-close passes on, with a pipe under the cap and with
+    /// the user-space copy once the cap is spent; the pipe's place is given back.
+    #[tokio::test]
+    async fn splice_moves_bytes_and_falls_back_when_the_pipe_cap_is_spent() {
+        for cap in [1, 0] {
+            let budget = Arc::new(tokio::sync::Semaphore::new(cap));
+            let (mut app, from) = pair().await;
+            let (to, mut upstream) = pair().await;
+            let counter = Counter::default();
+            let activity = Activity::new();
+            let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            let sent = payload.clone();
+            let writer = tokio::spawn(async move {
+                app.write_all(&sent).await.expect("write");
+                app.shutdown().await.expect("shutdown");
+                app
+            });
+            let copy = splice_counted(&budget, &from, &to, &counter, (&activity, 0));
+            let read = async {
+                let mut got = Vec::new();
+                upstream.read_to_end(&mut got).await.expect("read");
+                got
+            };
+            let (copied, got) = tokio::join!(copy, read);
+            assert_eq!(copied.expect("copied"), payload.len() as u64, "cap {cap}");
+            assert_eq!(got, payload, "cap {cap}: bytes intact, EOF passed on");
+            assert_eq!(counter.get(), payload.len() as u64);
+            assert_eq!(budget.available_permits(), cap, "the pipe's place is back");
+            let _ = writer.await;
+        }
     }
 }
