@@ -533,7 +533,6 @@ async fn copy_plain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// A connected pair of loopback sockets.
     async fn pair() -> (TcpStream, TcpStream) {
