@@ -22,12 +22,15 @@ fn a_pod_cannot_stand_in_for_the_listener_and_a_held_port_means_the_fail_mode() 
     let to = upstream.addr(80).to_string();
     // Before any daemon ran, the app took the listener port (it started first).
     let mut squatter = pod.spawn_app(&["bind", "--addr", "127.0.0.1:15001", "--ms", "60000"]);
+    // Generous: on two cores shared with the rest of the suite a debug binary can take
+    // seconds to start; a squatter that died instead is named with its exit status.
+    let held = wait_for(Duration::from_secs(20), || {
+        (pod.pdtool(&["bind", "--addr", "127.0.0.1:15001"])["result"] != "ok").then_some(())
+    });
     assert!(
-        wait_for(Duration::from_secs(5), || {
-            (pod.pdtool(&["bind", "--addr", "127.0.0.1:15001"])["result"] != "ok").then_some(())
-        })
-        .is_some(),
-        "the squatter holds the port"
+        held.is_some(),
+        "the squatter holds the port (squatter: {:?})",
+        squatter.try_wait()
     );
     node.write_config(
         "all.yaml",
@@ -215,8 +218,10 @@ fn a_new_fail_closed_pod_never_connects_directly_not_even_at_its_start() {
         "a connect went out directly: {tally}"
     );
     assert!(tally["captured"].as_u64().unwrap_or(0) > 0, "{tally}");
-    // The cgroup watch, not the 200 ms poll, wrote the entry.
-    assert!(window_ms < 100.0, "kernel entry after {window_ms} ms");
+    // The cgroup watch, not the 200 ms poll, wrote the entry: asked of the daemon rather
+    // than inferred from a time, which two loaded cores can stretch past the poll interval.
+    assert_eq!(state["kernel_entry_by"], "cgroup watch", "{state}");
+    assert!(window_ms < 1000.0, "kernel entry after {window_ms} ms");
 }
 
 #[test]

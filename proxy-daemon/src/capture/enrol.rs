@@ -66,6 +66,9 @@ pub struct WorkloadStatus {
     pub kernel_entry: Option<&'static str>,
     /// When the kernel entry was first written (for a new pod: how soon after its cgroup).
     pub kernel_entry_at_unix_ms: Option<u128>,
+    /// What started the pass that wrote it: "startup", "cgroup watch", "configuration" or
+    /// "poll" (the backstop).
+    pub kernel_entry_by: Option<&'static str>,
 }
 
 /// A captured pod with a kernel entry but no listener yet: its cgroup exists, but it has no
@@ -78,6 +81,8 @@ struct PendingPod {
     /// The `pods_not_listening` reason.
     reason: &'static str,
     written_at: SystemTime,
+    /// What started the pass that wrote the entry (see `Enroller::pass_cause`).
+    written_by: &'static str,
 }
 
 struct EnrolledPod {
@@ -94,6 +99,7 @@ struct EnrolledPod {
     listener_task: JoinHandle<()>,
     enrolled_at: SystemTime,
     entry_written_at: SystemTime,
+    entry_written_by: &'static str,
 }
 
 pub struct Enroller {
@@ -119,6 +125,10 @@ pub struct Enroller {
     skipped: std::collections::BTreeSet<String>,
     next_pod_id: u32,
     status: Arc<ArcSwap<Vec<WorkloadStatus>>>,
+    /// What started the current pass: "startup", "cgroup watch", "configuration" or
+    /// "poll". Reported per kernel entry, so a slow entry shows which path found the pod
+    /// (the inotify watch should; the poll is the backstop).
+    pass_cause: &'static str,
 }
 
 impl Enroller {
@@ -150,6 +160,7 @@ impl Enroller {
             skipped: Default::default(),
             next_pod_id: 1,
             status: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            pass_cause: "startup",
         }
     }
 
@@ -178,12 +189,12 @@ impl Enroller {
         self.reconcile().await;
         self.forget_foreign_entries();
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
-                _ = wake.notified() => {}
-                r = changed.changed() => { if r.is_err() { break } }
+            self.pass_cause = tokio::select! {
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => "poll",
+                _ = wake.notified() => "cgroup watch",
+                r = changed.changed() => { if r.is_err() { break } "configuration" }
                 _ = stop.changed() => break,
-            }
+            };
             if *stop.borrow() {
                 break;
             }
@@ -528,6 +539,10 @@ impl Enroller {
                 .get(&want.workload.uid)
                 .map(|p| p.written_at)
                 .unwrap_or_else(SystemTime::now),
+            entry_written_by: self
+                .pending
+                .get(&want.workload.uid)
+                .map_or(self.pass_cause, |p| p.written_by),
         };
         self.next_pod_id = self.next_pod_id.wrapping_add(1);
         // The map entry last: the kernel redirects only once the listener is accepting.
@@ -563,6 +578,7 @@ impl Enroller {
             fail_mode: want.fail_mode,
             reason: "waiting_for_process",
             written_at: SystemTime::now(),
+            written_by: self.pass_cause,
         };
         self.next_pod_id = self.next_pod_id.wrapping_add(1);
         // An entry a previous daemon left for a live listener stays until ours replaces
@@ -623,6 +639,7 @@ impl Enroller {
                     enrolled_at_unix_ms: None,
                     kernel_entry: None,
                     kernel_entry_at_unix_ms: None,
+                    kernel_entry_by: None,
                 };
                 let unix_ms =
                     |t: SystemTime| t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis());
@@ -638,6 +655,7 @@ impl Enroller {
                         enrolled_at_unix_ms: unix_ms(p.enrolled_at),
                         kernel_entry: Some("listening"),
                         kernel_entry_at_unix_ms: unix_ms(p.entry_written_at),
+                        kernel_entry_by: Some(p.entry_written_by),
                         ..base
                     },
                     None => match self.pending.get(uid) {
@@ -646,6 +664,7 @@ impl Enroller {
                             cgroup_id: Some(p.cgroup_id),
                             kernel_entry: Some("not listening: fail mode applies"),
                             kernel_entry_at_unix_ms: unix_ms(p.written_at),
+                            kernel_entry_by: Some(p.written_by),
                             ..base
                         },
                         None => base,
