@@ -89,6 +89,8 @@ pub struct Settings {
     pub cluster: Option<crate::config::cluster::ClusterSettings>,
     pub cgroup_root: PathBuf,
     pub capture: CaptureSettings,
+    /// `--capture`: the eBPF programs, or iptables rules in each pod's netns.
+    pub capture_mode: crate::cli::CaptureArg,
     pub outbound_port: u16,
     pub outbound_traffic_policy: crate::cli::OutboundTrafficPolicyArg,
     pub admin_addr: SocketAddr,
@@ -265,7 +267,9 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
             return Err(startup(format!("--kubeconfig {}: {e}", path.display())));
         }
     }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+    if args.capture == crate::cli::CaptureArg::Iptables {
+        crate::capture::iptables::check_available().map_err(|e| startup(e.to_string()))?;
+    } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(startup(
             "kernel has no BTF (/sys/kernel/btf/vmlinux missing): use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
         ));
@@ -329,6 +333,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
                 FailModeArg::Closed => FailMode::Closed,
             },
         },
+        capture_mode: args.capture,
         outbound_port: args.outbound_port,
         outbound_traffic_policy: args.outbound_traffic_policy,
         admin_addr: args.admin_addr,
@@ -957,16 +962,34 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         None => None,
     };
 
-    let loaded = bpf::load_and_attach(&settings.cgroup_root, &settings.bpf_pin_dir)
-        .map_err(|e| AppError::Runtime(anyhow::anyhow!("attaching eBPF programs: {e}")))?;
-    let bpf::Loaded {
-        attached,
-        enrolment,
-        logger,
-    } = loaded;
-    if let Some(logger) = logger {
-        tokio::spawn(drain_ebpf_logs(logger));
-    }
+    let iptables = settings.capture_mode == crate::cli::CaptureArg::Iptables;
+    // Under `--capture iptables` nothing is loaded into the kernel: the rules go into each
+    // pod's netns at enrolment and the original destination comes from the socket.
+    let (attached, enrolment) = if iptables {
+        if settings.capture.default_fail_mode == FailMode::Open {
+            warn!("--capture iptables: a pod whose listener is gone is refused, not let out directly (fail-open needs --capture ebpf)");
+        }
+        (None, bpf::EnrolmentMaps::in_memory())
+    } else {
+        let loaded = bpf::load_and_attach(&settings.cgroup_root, &settings.bpf_pin_dir)
+            .map_err(|e| AppError::Runtime(anyhow::anyhow!("attaching eBPF programs: {e}")))?;
+        let bpf::Loaded {
+            attached,
+            enrolment,
+            logger,
+        } = loaded;
+        if let Some(logger) = logger {
+            tokio::spawn(drain_ebpf_logs(logger));
+        }
+        (Some(attached), enrolment)
+    };
+    let orig_dst: Box<dyn crate::proxy::OrigDstLookup> = match &attached {
+        Some(a) => Box::new(
+            a.orig_dst_table()
+                .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?,
+        ),
+        None => Box::new(crate::capture::iptables::SockOrigDst),
+    };
     let dns = Arc::new(
         crate::proxy::dns::DnsCache::new(&settings.dns_servers, settings.hosts_file.clone())
             .map_err(|e| startup(e.to_string()))?,
@@ -1016,11 +1039,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         &metrics.daemon,
     ));
     let inputs = Arc::new(ProxyInputs {
-        orig_dst: Box::new(
-            attached
-                .orig_dst_table()
-                .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?,
-        ),
+        orig_dst,
         metrics: metrics.clone(),
         settings: crate::proxy::ProxySettings {
             connect_timeout: settings.connect_timeout,
@@ -1082,6 +1101,11 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             taken: taken_pods,
         },
     );
+    let enroller = if iptables {
+        enroller.with_iptables()
+    } else {
+        enroller
+    };
     let workload_status = enroller.status();
     if let Err(e) =
         crate::capture::cgroup::watch_pod_cgroups(&settings.cgroup_root, enroller.waker())
@@ -1089,7 +1113,9 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         warn!(error = %e, "no cgroup watch: new pods are found by the {} ms poll", crate::capture::enrol::RECONCILE_INTERVAL.as_millis());
     }
     let map_stats = attached
-        .map_stats()
+        .as_ref()
+        .map(|a| a.map_stats())
+        .transpose()
         .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?;
 
     let cluster_store = match (kube_client, &settings.cluster) {
@@ -1107,10 +1133,19 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             "settings",
             Box::new(move || serde_json::to_value(&*s).unwrap_or_default()),
         );
-        let info = attached.info.clone();
+        let info = attached.as_ref().map(|a| a.info.clone());
+        let port = settings.outbound_port;
         dump.add(
             "ebpf",
-            Box::new(move || serde_json::to_value(&info).unwrap_or_default()),
+            Box::new(move || match &info {
+                Some(info) => serde_json::to_value(info).unwrap_or_default(),
+                None => serde_json::json!({
+                    "capture": "iptables",
+                    "chain": crate::capture::iptables::CHAIN,
+                    "redirect_to_port": port,
+                    "upstream_mark": crate::capture::iptables::UPSTREAM_MARK,
+                }),
+            }),
         );
         let ws = workload_status.clone();
         dump.add(
@@ -1174,7 +1209,9 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             admin::metrics_handler(metrics.clone(), {
                 let metrics = metrics.clone();
                 Arc::new(move || {
-                    map_stats.export(&metrics.daemon);
+                    if let Some(m) = &map_stats {
+                        m.export(&metrics.daemon);
+                    }
                     metrics.refresh_process();
                 })
             }),
@@ -1299,8 +1336,10 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     }
     drop(maps);
     if settings.detach_on_exit && !handed_over {
-        attached.detach();
-    } else {
+        if let Some(attached) = attached {
+            attached.detach();
+        }
+    } else if attached.is_some() {
         // Stop is not uninstall: the programs and pins stay, so capture and fail-closed
         // hold while no daemon runs (fail-open pods connect directly, fail-closed ones are
         // refused) until the next daemon adopts them. `proxy-daemon uninstall` removes them.

@@ -52,6 +52,17 @@ pub enum Command {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
+pub enum CaptureArg {
+    /// cgroup eBPF programs (connect4/6, sock_ops): fail modes, bind guard, no rules in pods.
+    Ebpf,
+    /// iptables REDIRECT in each captured pod's netns, original destination from
+    /// SO_ORIGINAL_DST: for kernels without cgroup BPF. A pod without a listener is always
+    /// refused (fail-closed), whatever its fail mode.
+    Iptables,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FailModeArg {
     Open,
     Closed,
@@ -101,6 +112,11 @@ pub struct RunArgs {
     /// Where pod cgroups are found and programs attached. Defaults to the cgroup2 mount.
     #[arg(long, env = "PROXY_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
+
+    /// How pod connects reach the listener: cgroup eBPF, or iptables REDIRECT in each pod's
+    /// netns with SO_ORIGINAL_DST (kernels without cgroup BPF; needs iptables and nsenter).
+    #[arg(long, env = "PROXY_CAPTURE", value_enum, default_value_t = CaptureArg::Ebpf)]
+    pub capture: CaptureArg,
 
     /// Namespaces with this label are captured.
     #[arg(

@@ -66,7 +66,7 @@ impl OrigDsts {
 }
 
 impl OrigDstLookup for OrigDsts {
-    fn lookup(&self, key: &ClientKey) -> Option<OrigDst> {
+    fn lookup(&self, key: &ClientKey, _socket: std::os::fd::BorrowedFd<'_>) -> Option<OrigDst> {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -169,7 +169,12 @@ fn setup() -> Result<()> {
     }
     // Debian packages the tests and demo use.
     let mut missing = Vec::new();
-    for (program, package) in [("ip", "iproute2"), ("kubectl", "kubernetes-client")] {
+    for (program, package) in [
+        ("ip", "iproute2"),
+        ("kubectl", "kubernetes-client"),
+        ("iptables", "iptables"),
+        ("nsenter", "util-linux"),
+    ] {
         if !have(program) {
             missing.push(package);
         }

@@ -116,10 +116,19 @@ pub struct Attached {
 }
 
 /// Handles the enrolment side writes through (one owner).
-pub struct EnrolmentMaps {
-    enrolled: HashMap<MapData, u64, Enrolment>,
-    client_dst: HashMap<MapData, ClientKey, OrigDst>,
-    sock_dst: HashMap<MapData, u64, OrigDst>,
+pub struct EnrolmentMaps(Entries);
+
+// One value per daemon, owned by the enroller: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Entries {
+    Kernel {
+        enrolled: HashMap<MapData, u64, Enrolment>,
+        client_dst: HashMap<MapData, ClientKey, OrigDst>,
+        sock_dst: HashMap<MapData, u64, OrigDst>,
+    },
+    /// `--capture iptables`: no programs read the entries; the enroller keeps them in
+    /// memory so its pod states (listening, waiting, fail mode) read the same.
+    Memory(std::collections::BTreeMap<u64, Enrolment>),
 }
 
 /// Read-only handle the data path uses to find a connection's original destination.
@@ -128,7 +137,7 @@ pub struct OrigDstTable {
 }
 
 impl crate::proxy::OrigDstLookup for OrigDstTable {
-    fn lookup(&self, key: &ClientKey) -> Option<OrigDst> {
+    fn lookup(&self, key: &ClientKey, _socket: std::os::fd::BorrowedFd<'_>) -> Option<OrigDst> {
         self.map.get(key, 0).ok()
     }
 }
@@ -184,46 +193,76 @@ impl Attached {
 }
 
 impl EnrolmentMaps {
+    /// Entries without kernel maps (`--capture iptables`).
+    pub fn in_memory() -> Self {
+        Self(Entries::Memory(Default::default()))
+    }
+
     pub fn enrol(&mut self, cgroup_id: u64, enrolment: Enrolment) -> Result<(), BpfError> {
-        self.enrolled
-            .insert(cgroup_id, enrolment, 0)
-            .map_err(map_err(maps::ENROLLED))
+        match &mut self.0 {
+            Entries::Kernel { enrolled, .. } => enrolled
+                .insert(cgroup_id, enrolment, 0)
+                .map_err(map_err(maps::ENROLLED)),
+            Entries::Memory(m) => {
+                m.insert(cgroup_id, enrolment);
+                Ok(())
+            }
+        }
     }
 
     /// The kernel entry of a cgroup, if any.
     pub fn entry(&self, cgroup_id: u64) -> Option<Enrolment> {
-        self.enrolled.get(&cgroup_id, 0).ok()
+        match &self.0 {
+            Entries::Kernel { enrolled, .. } => enrolled.get(&cgroup_id, 0).ok(),
+            Entries::Memory(m) => m.get(&cgroup_id).copied(),
+        }
     }
 
     pub fn unenrol(&mut self, cgroup_id: u64) {
-        let _ = self.enrolled.remove(&cgroup_id);
+        match &mut self.0 {
+            Entries::Kernel { enrolled, .. } => {
+                let _ = enrolled.remove(&cgroup_id);
+            }
+            Entries::Memory(m) => {
+                m.remove(&cgroup_id);
+            }
+        }
     }
 
     pub fn enrolled(&self) -> Vec<(u64, Enrolment)> {
-        self.enrolled.iter().filter_map(Result::ok).collect()
+        match &self.0 {
+            Entries::Kernel { enrolled, .. } => enrolled.iter().filter_map(Result::ok).collect(),
+            Entries::Memory(m) => m.iter().map(|(k, v)| (*k, *v)).collect(),
+        }
     }
 
     /// Drops the connection entries of a network namespace (its pod is gone).
     pub fn forget_netns(&mut self, netns_cookie: u64) -> usize {
-        let client_keys: Vec<ClientKey> = self
-            .client_dst
+        let Entries::Kernel {
+            client_dst,
+            sock_dst,
+            ..
+        } = &mut self.0
+        else {
+            return 0;
+        };
+        let client_keys: Vec<ClientKey> = client_dst
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, _)| k.netns_cookie == netns_cookie)
             .map(|(k, _)| k)
             .collect();
-        let sock_keys: Vec<u64> = self
-            .sock_dst
+        let sock_keys: Vec<u64> = sock_dst
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, v)| v.netns_cookie == netns_cookie)
             .map(|(k, _)| k)
             .collect();
         for k in &client_keys {
-            let _ = self.client_dst.remove(k);
+            let _ = client_dst.remove(k);
         }
         for k in &sock_keys {
-            let _ = self.sock_dst.remove(k);
+            let _ = sock_dst.remove(k);
         }
         client_keys.len() + sock_keys.len()
     }
@@ -627,14 +666,14 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
         .collect();
     let take =
         |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(BpfError::Missing(name));
-    let enrolment = EnrolmentMaps {
+    let enrolment = EnrolmentMaps(Entries::Kernel {
         enrolled: HashMap::try_from(take(&mut ebpf, maps::ENROLLED)?)
             .map_err(map_err(maps::ENROLLED))?,
         client_dst: HashMap::try_from(take(&mut ebpf, maps::CLIENT_ORIG_DST)?)
             .map_err(map_err(maps::CLIENT_ORIG_DST))?,
         sock_dst: HashMap::try_from(take(&mut ebpf, maps::SOCK_ORIG_DST)?)
             .map_err(map_err(maps::SOCK_ORIG_DST))?,
-    };
+    });
     info!(
         cgroup_root = %cgroup_root.display(),
         pin_dir = %pin_dir.display(),

@@ -43,6 +43,8 @@ pub enum EnrolError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error("process {pid} left the pod's cgroup while its netns was opened; retrying")]
     PidLeft { pid: u32 },
+    #[error("{0}")]
+    Iptables(#[from] crate::capture::iptables::IptablesError),
 }
 
 /// What /config_dump shows of each captured pod.
@@ -129,6 +131,9 @@ pub struct Enroller {
     /// "poll". Reported per kernel entry, so a slow entry shows which path found the pod
     /// (the inotify watch should; the poll is the backstop).
     pass_cause: &'static str,
+    /// `--capture iptables`: each pod's netns gets the redirect rules at enrolment, and the
+    /// daemon's upstream sockets there carry the mark the rules let through.
+    iptables: bool,
 }
 
 impl Enroller {
@@ -161,7 +166,14 @@ impl Enroller {
             next_pod_id: 1,
             status: Arc::new(ArcSwap::from_pointee(Vec::new())),
             pass_cause: "startup",
+            iptables: false,
         }
+    }
+
+    /// Capture by iptables rules in each pod's netns instead of the eBPF programs.
+    pub fn with_iptables(mut self) -> Self {
+        self.iptables = true;
+        self
     }
 
     pub fn status(&self) -> Arc<ArcSwap<Vec<WorkloadStatus>>> {
@@ -453,7 +465,12 @@ impl Enroller {
         pid: u32,
     ) -> Result<EnrolledPod, EnrolError> {
         let cgroup_id = cgroup::cgroup_id(&cgroup_dir)?;
-        let worker = NetnsWorker::spawn(pid, &want.workload.pod_name)?;
+        let worker = NetnsWorker::spawn(
+            pid,
+            &want.workload.pod_name,
+            self.iptables
+                .then_some(crate::capture::iptables::UPSTREAM_MARK),
+        )?;
         // The netns file is open now. If the pid had been reused by a process outside the
         // pod between choosing and opening it, the file is someone else's namespace: the
         // pid must still be in the pod's cgroup after the open.
@@ -545,6 +562,15 @@ impl Enroller {
                 .map_or(self.pass_cause, |p| p.written_by),
         };
         self.next_pod_id = self.next_pod_id.wrapping_add(1);
+        if self.iptables {
+            let closed = matches!(want.fail_mode, FailMode::Closed);
+            if let Err(e) =
+                crate::capture::iptables::redirect(pid, self.outbound_port, closed).await
+            {
+                pod.listener_task.abort();
+                return Err(e.into());
+            }
+        }
         // The map entry last: the kernel redirects only once the listener is accepting.
         if let Err(e) = self
             .maps
@@ -603,6 +629,12 @@ impl Enroller {
         };
         // Map entry first, so no new connect is sent to a listener about to close.
         self.maps.unenrol(pod.cgroup_id);
+        if self.iptables {
+            // The rules go before the listener closes too, in the background: the enroller
+            // does not wait on a process per pod that leaves.
+            let pid = pod.pid;
+            tokio::spawn(crate::capture::iptables::remove(pid));
+        }
         self.handover.remove_pod(uid);
         pod.listener_task.abort();
         let started = Instant::now();

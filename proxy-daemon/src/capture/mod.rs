@@ -4,4 +4,5 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod enrol;
+pub mod iptables;
 pub mod netns;

@@ -90,8 +90,9 @@ pub struct NetnsWorker {
 
 impl NetnsWorker {
     /// Enters the netns of `pid` on a new thread. The thread holds the netns file, so the
-    /// namespace stays valid for our sockets while we use it.
-    pub fn spawn(pid: u32, label: &str) -> Result<Self, NetnsError> {
+    /// namespace stays valid for our sockets while we use it. `mark`: the `SO_MARK` of
+    /// every upstream socket (`--capture iptables` lets marked sockets through).
+    pub fn spawn(pid: u32, label: &str, mark: Option<u32>) -> Result<Self, NetnsError> {
         let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let file = File::open(&path).map_err(|source| NetnsError::Open {
             path: path.clone(),
@@ -118,12 +119,12 @@ impl NetnsWorker {
                 // Ends when the worker handle (the only sender) is dropped.
                 while let Ok(req) = rx.recv() {
                     match req {
-                        Request::Refill => refill(&stock),
+                        Request::Refill => refill(&stock, mark),
                         Request::Listener { addr, token, reply } => {
                             let _ = reply.send(make_listener(addr, token));
                         }
                         Request::Stream { domain, reply } => {
-                            let _ = reply.send(make_stream(domain));
+                            let _ = reply.send(make_stream(domain, mark));
                         }
                     }
                 }
@@ -192,11 +193,11 @@ impl crate::proxy::SocketFactory for NetnsWorker {
     }
 }
 
-fn refill(stock: &std::sync::Mutex<Vec<OwnedFd>>) {
+fn refill(stock: &std::sync::Mutex<Vec<OwnedFd>>, mark: Option<u32>) {
     let missing =
         SPARE_SOCKETS.saturating_sub(stock.lock().map(|s| s.len()).unwrap_or(SPARE_SOCKETS));
     let fresh: Vec<OwnedFd> = (0..missing)
-        .filter_map(|_| make_stream(Domain::IPV4).ok())
+        .filter_map(|_| make_stream(Domain::IPV4, mark).ok())
         .collect();
     if let Ok(mut s) = stock.lock() {
         s.extend(fresh);
@@ -215,8 +216,11 @@ fn make_listener(addr: SocketAddr, token: u32) -> std::io::Result<std::net::TcpL
     Ok(socket.into())
 }
 
-fn make_stream(domain: Domain) -> std::io::Result<OwnedFd> {
+fn make_stream(domain: Domain, mark: Option<u32>) -> std::io::Result<OwnedFd> {
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     Ok(socket.into())

@@ -42,10 +42,11 @@ pub trait SocketFactory: Send + Sync {
     >;
 }
 
-/// Where an accepted connection was going: capture provides it from the eBPF maps (the
-/// client's netns cookie and port → original destination).
+/// Where an accepted connection was going: capture provides it, from the eBPF maps (the
+/// client's netns cookie and port → original destination) or, under `--capture iptables`,
+/// from the accepted socket itself (`SO_ORIGINAL_DST`).
 pub trait OrigDstLookup: Send + Sync {
-    fn lookup(&self, key: &ClientKey) -> Option<OrigDst>;
+    fn lookup(&self, key: &ClientKey, socket: std::os::fd::BorrowedFd<'_>) -> Option<OrigDst>;
 }
 
 /// What the data path does with a destination the registry does not know (Istio's
@@ -193,10 +194,15 @@ pub struct ProxyInputs {
 }
 
 impl ProxyInputs {
-    fn orig_dst(&self, pod: &PodContext, client: ClientAddr) -> Result<OrigDstAddr, ProxyError> {
+    fn orig_dst(
+        &self,
+        pod: &PodContext,
+        client: ClientAddr,
+        socket: &TcpStream,
+    ) -> Result<OrigDstAddr, ProxyError> {
         let key = ClientKey::new(pod.netns_cookie, client.0.port());
         self.orig_dst
-            .lookup(&key)
+            .lookup(&key, std::os::fd::AsFd::as_fd(socket))
             .map(OrigDstAddr::from)
             .ok_or(ProxyError::NoOrigDst(client))
     }
@@ -290,7 +296,7 @@ async fn handle_connection(
     stream: TcpStream,
     client: ClientAddr,
 ) -> Result<(), ProxyError> {
-    let dst = match inputs.orig_dst(&pod, client) {
+    let dst = match inputs.orig_dst(&pod, client, &stream) {
         Ok(dst) => dst,
         Err(e) => {
             inputs.metrics.daemon.orig_dst_missing.inc();

@@ -1,0 +1,188 @@
+//! `--capture iptables`: for kernels without cgroup eBPF, and as the benchmark's fair
+//! comparison. Each captured pod's network namespace gets a nat `OUTPUT` chain that
+//! `REDIRECT`s its TCP connects to the pod's listener; the listener reads where each one was
+//! going with `SO_ORIGINAL_DST` (conntrack, per netns). The daemon's own upstream sockets,
+//! made in the same netns, carry [`UPSTREAM_MARK`] and are let through.
+//!
+//! What this mode cannot give, and the eBPF mode does: a connect while no listener accepts
+//! is refused by the redirect whatever the pod's fail mode (a fail-open pod is not let out
+//! directly); a pod can bind the listener port itself before the daemon does; and native
+//! IPv6 connects are refused only for fail-closed pods (`ip6tables`, when installed), not
+//! proxied.
+
+use std::os::fd::BorrowedFd;
+use std::process::Stdio;
+
+use proxy_common::{ClientKey, OrigDst};
+use tokio::io::AsyncWriteExt;
+
+/// `SO_MARK` on the daemon's upstream sockets in a pod netns; the redirect chain returns on
+/// it. Istio's ztunnel uses the same value (1337) for the same purpose.
+pub const UPSTREAM_MARK: u32 = 0x539;
+const MARK_MASK: u32 = 0xfff;
+/// Our chain in the pod's nat table (and filter table, for IPv6), jumped to from `OUTPUT`.
+pub const CHAIN: &str = "PROXY_DAEMON_OUTPUT";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("--capture iptables needs `{0}` on the node: {1}")]
+    Missing(&'static str, String),
+    #[error("iptables in the netns of process {pid}: {message}")]
+    Failed { pid: u32, message: String },
+}
+
+/// Startup check: the tools the mode runs must be there (exit 2 with the reason if not).
+pub fn check_available() -> Result<(), IptablesError> {
+    for tool in ["nsenter", "iptables-restore", "iptables"] {
+        let out = std::process::Command::new(tool)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        match out {
+            Ok(s) if s.success() => {}
+            Ok(s) => return Err(IptablesError::Missing(tool, format!("--version: {s}"))),
+            Err(e) => return Err(IptablesError::Missing(tool, e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// The nat rules of one pod: loopback and the daemon's marked sockets go out as they are,
+/// every other TCP connect to `port` on 127.0.0.1 (locally made packets are redirected to
+/// the loopback address).
+fn nat_rules(port: u16) -> String {
+    format!(
+        "*nat\n\
+         :{CHAIN} - [0:0]\n\
+         -A {CHAIN} -m mark --mark {UPSTREAM_MARK:#x}/{MARK_MASK:#x} -j RETURN\n\
+         -A {CHAIN} -d 127.0.0.0/8 -j RETURN\n\
+         -A {CHAIN} -p tcp -j REDIRECT --to-ports {port}\n\
+         COMMIT\n"
+    )
+}
+
+/// IPv6 is not proxied: a fail-closed pod's native IPv6 connects are refused, as the eBPF
+/// mode does (loopback and the daemon's own sockets excepted).
+fn ip6_rules() -> String {
+    format!(
+        "*filter\n\
+         :{CHAIN} - [0:0]\n\
+         -A {CHAIN} -m mark --mark {UPSTREAM_MARK:#x}/{MARK_MASK:#x} -j RETURN\n\
+         -A {CHAIN} -d ::1/128 -j RETURN\n\
+         -A {CHAIN} -p tcp -j REJECT --reject-with tcp-reset\n\
+         COMMIT\n"
+    )
+}
+
+/// Runs `script` with `sh` inside the network namespace of `pid`, `input` on its stdin.
+async fn in_netns(pid: u32, script: &str, input: &str) -> Result<(), IptablesError> {
+    let failed = |message: String| IptablesError::Failed { pid, message };
+    let mut child = tokio::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "sh", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| failed(format!("nsenter: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .map_err(|e| failed(format!("writing the rules: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(failed(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Installs (or replaces: the chain is flushed and refilled, the jump added once) the
+/// redirect in the pod's netns. Idempotent, so a restarted daemon re-applies it as is.
+pub async fn redirect(pid: u32, port: u16, fail_closed: bool) -> Result<(), IptablesError> {
+    let nat = format!(
+        "iptables-restore -w --noflush && \
+         {{ iptables -w -t nat -C OUTPUT -p tcp -j {CHAIN} 2>/dev/null || \
+            iptables -w -t nat -A OUTPUT -p tcp -j {CHAIN}; }}"
+    );
+    in_netns(pid, &nat, &nat_rules(port)).await?;
+    if fail_closed {
+        let ip6 = format!(
+            "command -v ip6tables-restore >/dev/null || exit 0; \
+             ip6tables-restore -w --noflush && \
+             {{ ip6tables -w -C OUTPUT -p tcp -j {CHAIN} 2>/dev/null || \
+                ip6tables -w -A OUTPUT -p tcp -j {CHAIN}; }}"
+        );
+        in_netns(pid, &ip6, &ip6_rules()).await?;
+    }
+    Ok(())
+}
+
+/// Removes the redirect (the pod stays, capture ends). Best effort: a pod whose netns is
+/// gone took its rules with it.
+pub async fn remove(pid: u32) {
+    let script = format!(
+        "iptables -w -t nat -D OUTPUT -p tcp -j {CHAIN} 2>/dev/null; \
+         iptables -w -t nat -F {CHAIN} 2>/dev/null; iptables -w -t nat -X {CHAIN} 2>/dev/null; \
+         command -v ip6tables >/dev/null || exit 0; \
+         ip6tables -w -D OUTPUT -p tcp -j {CHAIN} 2>/dev/null; \
+         ip6tables -w -F {CHAIN} 2>/dev/null; ip6tables -w -X {CHAIN} 2>/dev/null; exit 0"
+    );
+    if let Err(e) = in_netns(pid, &script, "").await {
+        tracing::debug!(error = %e, "removing the redirect");
+    }
+}
+
+/// Marks a socket the daemon makes in a pod netns, so the redirect lets it through.
+pub fn mark_upstream(socket: &socket2::Socket) -> std::io::Result<()> {
+    socket.set_mark(UPSTREAM_MARK)
+}
+
+/// The data path's original destination in this mode: conntrack's, asked of the accepted
+/// socket (`SO_ORIGINAL_DST`).
+pub struct SockOrigDst;
+
+impl crate::proxy::OrigDstLookup for SockOrigDst {
+    fn lookup(&self, key: &ClientKey, socket: BorrowedFd<'_>) -> Option<OrigDst> {
+        let addr =
+            nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::OriginalDst).ok()?;
+        if i32::from(addr.sin_family) != libc::AF_INET {
+            return None;
+        }
+        Some(OrigDst {
+            netns_cookie: key.netns_cookie,
+            cgroup_id: 0,
+            ip4_be: addr.sin_addr.s_addr,
+            port: u16::from_be(addr.sin_port),
+            _pad: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_return_for_loopback_and_our_mark_before_the_redirect() {
+        let r = nat_rules(15001);
+        let mark = r.find("--mark 0x539/0xfff -j RETURN").expect(&r);
+        let lo = r.find("-d 127.0.0.0/8 -j RETURN").expect(&r);
+        let redirect = r.find("REDIRECT --to-ports 15001").expect(&r);
+        assert!(mark < redirect && lo < redirect, "{r}");
+        assert!(r.starts_with("*nat\n") && r.ends_with("COMMIT\n"), "{r}");
+        let r6 = ip6_rules();
+        assert!(r6.find("-d ::1/128 -j RETURN") < r6.find("REJECT"), "{r6}");
+    }
+}

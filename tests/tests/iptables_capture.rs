@@ -1,0 +1,205 @@
+//! `--capture iptables`: no eBPF at all; each captured pod's netns gets a REDIRECT to its
+//! listener and the daemon reads the original destination with SO_ORIGINAL_DST. The same
+//! routing, identity and metrics as the eBPF mode, and the mode's own limits stated.
+use std::time::Duration;
+
+use proxy_tests::{
+    daemon::Daemon,
+    node::{namespace_yaml, pod_yaml},
+    node_with_upstream,
+    reviews::{served, to, Reviews, HOST},
+    wait_for,
+};
+
+const IPTABLES: &[&str] = &["--capture", "iptables"];
+
+/// The nat rules in a pod's netns, as `iptables -S` prints them.
+fn nat_rules(pod: &proxy_tests::Pod) -> String {
+    let out = pod
+        .host
+        .command(
+            None,
+            std::path::Path::new("iptables"),
+            &["-w", "-t", "nat", "-S"],
+        )
+        .output()
+        .expect("iptables -S");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn virtual_service_routing_and_istio_metrics_work_without_any_ebpf() {
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - match: [{{headers: {{x-canary: {{exact: 'yes'}}}}}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+  - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+"
+    );
+    let r = Reviews::builder("ipt-route")
+        .yaml(&vs)
+        .flags(IPTABLES)
+        .pod("shop", "client-1", &[("app", "client"), ("version", "v3")])
+        .start();
+    let pod = &r.pods[0];
+    // Nothing is loaded into the kernel; the dump says how capture works instead.
+    let dump = r.daemon.config_dump();
+    assert_eq!(dump["ebpf"]["capture"], "iptables", "{}", dump["ebpf"]);
+    assert_eq!(dump["ebpf"]["programs"], serde_json::Value::Null);
+    let rules = nat_rules(pod);
+    assert!(
+        rules.contains("-A OUTPUT -p tcp -j PROXY_DAEMON_OUTPUT")
+            && rules.contains("--to-ports 15001"),
+        "{rules}"
+    );
+
+    let plain = pod.pdtool(&[
+        "http",
+        "--to",
+        &to(),
+        "--host",
+        "reviews.backend",
+        "--count",
+        "20",
+    ]);
+    assert_eq!(plain["statuses"]["200"], 20, "{plain}");
+    assert_eq!(served(&plain, "reviews-v1"), 20, "{plain}");
+    let canary = pod.pdtool(&[
+        "http",
+        "--to",
+        &to(),
+        "--host",
+        "reviews.backend",
+        "--header",
+        "x-canary: yes",
+        "--count",
+        "20",
+    ]);
+    assert_eq!(served(&canary, "reviews-v2"), 20, "{canary}");
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_workload_namespace", "shop"),
+        ("source_version", "v3"),
+        ("destination_service", HOST),
+        ("response_code", "200"),
+    ];
+    let counted = wait_for(Duration::from_secs(3), || {
+        (r.daemon.metric_sum("istio_requests_total", &labels) == 40.0).then_some(())
+    });
+    assert!(counted.is_some(), "{}", r.daemon.metrics_text());
+}
+
+#[test]
+fn passthrough_keeps_the_dialled_address_and_the_pod_ip_and_only_captured_pods_are_redirected() {
+    let (mut node, _servers, upstream, seen) = node_with_upstream("ipt-pass", 8080);
+    let captured = node.pod("shop", "web-1");
+    let plain = node.pod("plain", "cron-1");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, None)
+            + &namespace_yaml("plain", false, None)
+            + &pod_yaml(&captured, &[("app", "web")])
+            + &pod_yaml(&plain, &[("app", "cron")])),
+    );
+    let daemon = Daemon::start(&node, IPTABLES);
+    daemon.wait_enrolled(&captured.uid, Duration::from_secs(5));
+    let dst = upstream.addr(8080).to_string();
+
+    let out = captured.pdtool(&["connect", "--to", &dst]);
+    assert_eq!(out["result"], "ok", "{out}");
+    // NAT is invisible to the app: its peer is what it dialled...
+    assert_eq!(out["peer"], dst, "{out}");
+    assert!(
+        out["reply"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("{dst} ")),
+        "{out}"
+    );
+    // ...the upstream saw the pod's own IP (the daemon's socket is in the pod netns, marked
+    // so the redirect lets it out, not looped back to the listener)...
+    let peers = seen.peers();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0].0.ip(), std::net::IpAddr::V4(captured.host.ip));
+    // ...and the daemon proxied it, knowing where it was going.
+    let opened = |workload: &str| {
+        daemon.metric_sum(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("source_workload", workload),
+                ("destination_service", dst.as_str()),
+                ("destination_service_name", "PassthroughCluster"),
+            ],
+        )
+    };
+    assert!(
+        wait_for(Duration::from_secs(3), || (opened("web") == 1.0)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        daemon.metrics_text()
+    );
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_orig_dst_missing_total", &[]),
+        0.0
+    );
+
+    // A namespace not labelled for capture gets no rules and goes out directly.
+    assert!(!nat_rules(&plain).contains("PROXY_DAEMON_OUTPUT"));
+    let out = plain.pdtool(&["connect", "--to", &dst]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert_eq!(opened("cron"), 0.0);
+}
+
+#[test]
+fn no_listener_means_refused_a_restart_recaptures_and_an_opted_out_pod_gets_its_rules_removed() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("ipt-life", 80);
+    let pod = node.pod("shop", "web-1");
+    let yaml = |capture: &str| {
+        namespace_yaml("shop", true, None)
+            + &pod_yaml(&pod, &[("app", "web"), ("nodeproxy.io/capture", capture)])
+    };
+    node.write_config("all.yaml", &yaml("enabled"));
+    let to = upstream.addr(80).to_string();
+    let mut daemon = Daemon::start(&node, IPTABLES);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert_eq!(pod.pdtool(&["connect", "--to", &to])["result"], "ok");
+
+    // The mode's stated limit: with the daemon gone the redirect stays and nobody listens,
+    // so connects are refused at once (never hang), whatever the fail mode.
+    daemon.kill9();
+    let out = pod.pdtool(&["connect", "--to", &to]);
+    assert_eq!(out["result"], "refused", "{out}");
+
+    // A new daemon re-applies the rules as they are (no duplicate jump) and captures again.
+    let daemon = Daemon::start(&node, IPTABLES);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let out = pod.pdtool(&["connect", "--to", &to]);
+    assert_eq!(out["result"], "ok", "{out}");
+    let rules = nat_rules(&pod);
+    assert_eq!(
+        rules.matches("-j PROXY_DAEMON_OUTPUT").count(),
+        1,
+        "{rules}"
+    );
+
+    // Opting the pod out removes its rules: it connects directly, not refused.
+    node.write_config("all.yaml", &yaml("disabled"));
+    let gone = wait_for(Duration::from_secs(10), || {
+        (!nat_rules(&pod).contains("PROXY_DAEMON_OUTPUT")).then_some(())
+    });
+    assert!(gone.is_some(), "{}", nat_rules(&pod));
+    let before = daemon.metric_sum("istio_tcp_connections_opened_total", &[]);
+    let out = pod.pdtool(&["connect", "--to", &to]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert_eq!(
+        daemon.metric_sum("istio_tcp_connections_opened_total", &[]),
+        before
+    );
+}
