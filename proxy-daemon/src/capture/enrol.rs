@@ -256,6 +256,21 @@ impl Enroller {
                 self.unenrol(&uid, reason);
             }
         }
+        // A listener the previous daemon handed over for a pod this daemon does not capture
+        // (its configuration or capture mode differs) would hold that pod's connects in a
+        // backlog nobody accepts: closed, they are reset and the pod's kernel entry is
+        // removed after the first pass, so its next connects go the uncaptured way. Only
+        // once a configuration is published (generation 0 is the empty one before it).
+        let before = self.taken.len();
+        if snapshot.generation > 0 {
+            self.taken.retain(|uid, _| snapshot.pods.contains_key(uid));
+        }
+        if self.taken.len() < before {
+            info!(
+                listeners = before - self.taken.len(),
+                "closed handed-over listeners of pods this daemon does not capture"
+            );
+        }
         let pending: Vec<String> = self.pending.keys().cloned().collect();
         for uid in pending {
             let gone = !snapshot.pods.contains_key(&uid) || !self.pending[&uid].cgroup.exists();
