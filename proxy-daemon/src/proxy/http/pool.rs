@@ -361,7 +361,17 @@ pub(super) async fn forward(
         }
     } else if uses < max_uses {
         // connectionPool.http.maxRequestsPerConnection: a used-up connection is not reused.
-        pod.http_pool.put(key, sender, uses, idle_timeout);
+        // Parked only once its response body has been read to the end (an HTTP/1
+        // connection takes its next request only then): parked at the response head, a
+        // concurrent request would find it busy and drop it, and every burst would open
+        // fresh upstream connections. A body the client abandons closes it instead.
+        let pool = pod.http_pool.clone();
+        let mut sender = sender;
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool.put(key, sender, uses, idle_timeout);
+            }
+        });
     }
     Ok(translate_response(resp.map(|b| b.boxed()), client_version))
 }
