@@ -482,6 +482,31 @@ mod tests {
     }
 
     #[test]
+    fn service_entry_addresses_find_host_prefixes_exactly_and_the_longest_range() {
+        let se = |name: &str, addr: &str| {
+            format!("---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  hosts: [{name}.ext]\n  addresses: [{addr}]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: NONE\n")
+        };
+        // The wide range first: the order written must not matter.
+        let yaml = format!(
+            "{NS}{}{}{}",
+            se("wide", "10.0.0.0/8"),
+            se("narrow", "10.1.0.0/16"),
+            se("one", "10.1.2.3/32")
+        );
+        let snap = compile(&objects(&yaml), &settings(), 1).expect("compiles");
+        let host = |ip: &str, port: u16| {
+            snap.registry
+                .by_addr(std::net::SocketAddr::new(ip.parse().unwrap(), port))
+                .map(|s| s.hostname.clone())
+        };
+        assert_eq!(host("10.1.2.3", 80).as_deref(), Some("one.ext"));
+        assert_eq!(host("10.1.2.4", 80).as_deref(), Some("narrow.ext"));
+        assert_eq!(host("10.2.0.1", 80).as_deref(), Some("wide.ext"));
+        assert_eq!(host("10.1.2.3", 81), None);
+        assert_eq!(host("11.0.0.1", 80), None);
+    }
+
+    #[test]
     fn a_malformed_destination_subnet_is_an_error_of_its_virtual_service() {
         let yaml = format!(
             "{NS}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: db, namespace: shop}}\nspec:\n  hosts: [db]\n  tcp:\n  - match: [{{destinationSubnets: [10.0.0.0/40]}}]\n    route: [{{destination: {{host: db}}}}]\n"

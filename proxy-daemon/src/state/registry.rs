@@ -156,8 +156,7 @@ impl Registry {
         }
         self.cidrs
             .iter()
-            .filter(|c| c.net.contains(&addr.ip()))
-            .max_by_key(|c| c.net.prefix_len())
+            .find(|c| c.net.contains(&addr.ip()))
             .and_then(|c| self.services.get(&c.hostname))
             .filter(|s| s.port(addr.port() as u32).is_some())
     }
@@ -194,16 +193,31 @@ impl Registry {
             return;
         }
         for a in &svc.addresses {
-            if let Ok(ip) = a.parse::<IpAddr>() {
+            // A host prefix (`/32`, `/128`) is one address: looked up by hash like a plain
+            // IP, not scanned with the ranges on every connection.
+            let single = a.parse::<IpAddr>().ok().or_else(|| {
+                parse_cidr(a)
+                    .filter(|n| n.prefix_len() == n.max_prefix_len())
+                    .map(|n| n.addr())
+            });
+            if let Some(ip) = single {
                 for p in &svc.ports {
                     self.by_addr
                         .insert(SocketAddr::new(ip, p.port as u16), svc.hostname.clone());
                 }
             } else if let Some(net) = parse_cidr(a) {
-                self.cidrs.push(Cidr {
-                    net,
-                    hostname: svc.hostname.clone(),
-                });
+                // Longest prefix first: the first range that contains an address is the
+                // most specific one.
+                let at = self
+                    .cidrs
+                    .partition_point(|c| c.net.prefix_len() >= net.prefix_len());
+                self.cidrs.insert(
+                    at,
+                    Cidr {
+                        net,
+                        hostname: svc.hostname.clone(),
+                    },
+                );
             }
         }
         if svc.hostname.starts_with('*') {
