@@ -2,13 +2,16 @@
 //! path, interleaved and repeated, medians reported as a Markdown table (stdout and
 //! `target/bench/report.md`). Not a test: nothing here passes or fails.
 //!
-//! Paths: A direct (the app to nginx), C captured by the eBPF programs through
-//! proxy-daemon, D HAProxy as an explicit reverse proxy. (B, iptables capture, and C+,
-//! sockmap, are not built yet: the report says so.)
+//! Paths: A direct (the app to nginx), B captured by iptables REDIRECT through a second
+//! proxy-daemon (`--capture iptables`, its own capture label), C captured by the eBPF
+//! programs through proxy-daemon, D HAProxy as an explicit reverse proxy. (C+, sockmap, is
+//! not built: the report says so.)
 //! Scenarios: S1 keep-alive 1 KiB GETs (wrk, 16 connections) at saturation, plus latency
-//! at fixed rates; S2 `Connection: close` GETs at 16 and 64 clients; S3 1 MiB GETs and an
-//! iperf3 stream through opaque-TCP passthrough; S4 RSS idle and per idle connection; S6
-//! h2 on one multiplexed connection (h2load).
+//! at fixed rates (`pdtool rate`); S2 `Connection: close` GETs at 16 and 64 clients; S3
+//! 1 MiB GETs and an iperf3 stream through opaque-TCP passthrough; S4 RSS idle and per idle
+//! connection; S5 S1 again on C with 1,000 services × 5 routes configured, a 100 % mirror
+//! on the tested route and a scrape every second; S6 h2 on one multiplexed connection
+//! (h2load).
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
@@ -155,11 +158,83 @@ fn nginx_conf(dir: &Path) -> PathBuf {
              http {{\n  access_log off;\n  keepalive_requests 1000000;\n  sendfile on;\n\
              client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3;\n\
              uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;\n\
-             server {{ listen 80 reuseport; listen 81 http2; location / {{ root {d}/www; }} }}\n}}\n"
+             server {{ listen 80 reuseport; listen 81 http2; listen 82; location / {{ root {d}/www; }} }}\n}}\n"
         ),
     )
     .expect("nginx.conf");
     conf
+}
+
+/// S5's configuration: the tested host (nginx's address) behind a ServiceEntry whose
+/// VirtualService mirrors every request to nginx's port 82, and 1,000 more services with
+/// five routes each (prefix, header, method, regex and catch-all matches).
+fn s5_config(nginx: &str) -> String {
+    let mut y = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: web, namespace: captured}}
+spec:
+  hosts: [web.bench]
+  addresses: [{nginx}/32]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {nginx}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: mirror, namespace: captured}}
+spec:
+  hosts: [mirror.bench]
+  ports: [{{number: 82, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {nginx}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: captured}}
+spec:
+  hosts: [web.bench]
+  http:
+  - route: [{{destination: {{host: web.bench, port: {{number: 80}}}}}}]
+    mirror: {{host: mirror.bench, port: {{number: 82}}}}
+    mirrorPercentage: {{value: 100}}
+---
+"
+    );
+    for i in 0..1000u32 {
+        let (a, b) = (10 + i / 250, 1 + i % 250);
+        let _ = write!(
+            y,
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: svc-{i}, namespace: captured}}
+spec:
+  hosts: [svc-{i}.bench]
+  addresses: [198.18.{a}.{b}/32]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {nginx}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: svc-{i}, namespace: captured}}
+spec:
+  hosts: [svc-{i}.bench]
+  http:
+  - match: [{{uri: {{prefix: /v1/{i}/}}}}]
+    route: [{{destination: {{host: svc-{i}.bench}}}}]
+  - match: [{{headers: {{x-tenant: {{exact: t{i}}}}}}}]
+    route: [{{destination: {{host: svc-{i}.bench}}}}]
+  - match: [{{method: {{exact: POST}}, uri: {{exact: /submit}}}}]
+    route: [{{destination: {{host: svc-{i}.bench}}}}]
+  - match: [{{uri: {{regex: '/items/[0-9]+/{i}'}}}}]
+    route: [{{destination: {{host: svc-{i}.bench}}}}]
+  - route: [{{destination: {{host: svc-{i}.bench}}}}]
+---
+"
+        );
+    }
+    y
 }
 
 fn main() {
@@ -169,12 +244,15 @@ fn main() {
     let haproxy_host = node.host("haproxy");
     let captured = node.pod("captured", "client-cap");
     let direct = node.pod("plain", "client-direct");
+    let redirected = node.pod("redirected", "client-ipt");
     node.write_config(
         "bench.yaml",
         &(namespace_yaml("captured", true, None)
             + &namespace_yaml("plain", false, None)
+            + "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: redirected\n  labels:\n    bench.io/capture: iptables\n---\n"
             + &pod_yaml(&captured, &[("app", "cap")])
-            + &pod_yaml(&direct, &[("app", "direct")])),
+            + &pod_yaml(&direct, &[("app", "direct")])
+            + &pod_yaml(&redirected, &[("app", "ipt")])),
     );
     let work = node.work_dir.join("suite");
     std::fs::create_dir_all(&work).expect("work dir");
@@ -212,20 +290,50 @@ fn main() {
     }
     let daemon = Daemon::start(&node, &["--log-level", "warn"]);
     daemon.wait_enrolled(&captured.uid, Duration::from_secs(5));
+    // Path B: the same binary, capturing its own namespace label by iptables. Its own pin
+    // directory: the hand-over socket is named after it, and sharing it would make B take
+    // over C's sockets.
+    let ipt_pins = format!("{}-ipt", node.pin_dir.display());
+    let daemon_ipt = Daemon::start(
+        &node,
+        &[
+            "--bpf-pin-dir",
+            &ipt_pins,
+            "--log-level",
+            "warn",
+            "--capture",
+            "iptables",
+            "--capture-label",
+            "bench.io/capture=iptables",
+            "--fail-mode",
+            "closed",
+        ],
+    );
+    daemon_ipt.wait_enrolled(&redirected.uid, Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(500));
     let daemon_pid = daemon.pid().expect("daemon pid");
+    let ipt_pid = daemon_ipt.pid().expect("iptables daemon pid");
     let rss_idle = proxy_tests::rss_kib(daemon_pid);
     let suite = Suite {
         quick,
         secs: if quick { 3 } else { 10 },
         rounds: if quick { 1 } else { 3 },
-        pods: vec![direct, captured],
+        pods: vec![direct, captured, redirected],
     };
+    const A: usize = 0;
+    const B: usize = 1;
+    const C: usize = 2;
+    const D: usize = 3;
     let paths = [
         BenchPath {
             pod: 0,
             to: up.clone(),
             proxy: None,
+        },
+        BenchPath {
+            pod: 2,
+            to: up.clone(),
+            proxy: Some(ipt_pid),
         },
         BenchPath {
             pod: 1,
@@ -238,6 +346,57 @@ fn main() {
             proxy: Some(haproxy.id()),
         },
     ];
+    // `--profile`: perf on the daemon during S1 and S2-64 on C (and HAProxy during S1 for
+    // comparison), reports in target/bench/profile-*.txt; no table.
+    if std::env::args().any(|a| a == "--profile") {
+        let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+        let _ = std::fs::create_dir_all(&out_dir);
+        let runs: [(&str, usize, &str, u32, &[&str]); 3] = [
+            ("s1-c", C, "/1k", 16, &[]),
+            ("s2-64-c", C, "/1k", 64, &["-H", "Connection: close"]),
+            ("s1-d", D, "/1k", 16, &[]),
+        ];
+        for (name, i, url, conns, extra) in runs {
+            let Some(pid) = paths[i].proxy else { continue };
+            let data = out_dir.join(format!("profile-{name}.data"));
+            let mut perf = std::process::Command::new("perf")
+                .args(["record", "-F", "1999", "-g", "-p", &pid.to_string(), "-o"])
+                .arg(&data)
+                .args(["--", "sleep", &suite.secs.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("perf");
+            let (r, cpu) = suite.wrk(&paths[i], url, conns, extra);
+            let _ = perf.wait();
+            let report = std::process::Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "--percent-limit",
+                    "0.7",
+                    "-g",
+                    "none",
+                    "-i",
+                ])
+                .arg(&data)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let text = format!(
+                "{name}: {:.0} req/s, {cpu:.1} µs CPU per request\n\n{report}",
+                r.rps
+            );
+            let _ = std::fs::write(out_dir.join(format!("profile-{name}.txt")), &text);
+            println!("{name}: {:.0} req/s, {cpu:.1} µs CPU per request", r.rps);
+        }
+        for child in [&mut nginx, &mut iperf, &mut haproxy] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        return;
+    }
     // Warm up every path (connections, pools, page cache).
     for p in &paths {
         let _ = suite.run(
@@ -255,12 +414,12 @@ fn main() {
         );
     }
 
-    type Row = (String, [Vec<f64>; 3], &'static str);
+    type Row = (String, [Vec<f64>; 4], &'static str);
     let mut rows: Vec<Row> = Vec::new();
     let mut row = |label: &str, unit: &'static str| -> usize {
         rows.push((
             label.to_string(),
-            [Vec::new(), Vec::new(), Vec::new()],
+            [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
             unit,
         ));
         rows.len() - 1
@@ -275,6 +434,14 @@ fn main() {
     let s3_1m = row("S3 1 MiB GETs, 4 conns: req/s", "req/s");
     let s3_iperf = row("S3 iperf3 through opaque TCP: Gbit/s", "Gbit/s");
     let s6_h2 = row("S6 h2 (h2load, 1 conn × 100 streams): req/s", "req/s");
+    let r1k_p50 = row("S1 at a fixed 1,000 req/s (4 conns): p50", "µs");
+    let r1k_p99 = row("S1 at a fixed 1,000 req/s (4 conns): p99", "µs");
+    let r5k_p50 = row("S1 at a fixed 5,000 req/s (16 conns): p50", "µs");
+    let r5k_p99 = row("S1 at a fixed 5,000 req/s (16 conns): p99", "µs");
+    let s5 = row(
+        "S5 S1 with 1,000 services × 5 routes, 100 % mirror, 1 s scrapes: req/s",
+        "req/s",
+    );
     let mut errors = 0u64;
     for _round in 0..suite.rounds {
         for (i, p) in paths.iter().enumerate() {
@@ -293,11 +460,41 @@ fn main() {
                 errors += r.errors;
                 rows[s2_64].1[i].push(r.rps);
             }
+            // Latency at fixed rates, from each request's scheduled time (no coordinated
+            // omission): what a service under ordinary load sees.
+            for (rate, conns, p50, p99) in [
+                ("1000", "4", r1k_p50, r1k_p99),
+                ("5000", "16", r5k_p50, r5k_p99),
+            ] {
+                let out = suite.run(
+                    p.pod,
+                    &proxy_tests::target_bin("pdtool").display().to_string(),
+                    &[
+                        "rate",
+                        "--to",
+                        &p.to,
+                        "--host",
+                        "bench",
+                        "--ms",
+                        &(suite.secs * 1000).to_string(),
+                        "--rate",
+                        rate,
+                        "--conns",
+                        conns,
+                        "--path",
+                        "/1k",
+                    ],
+                );
+                let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                errors += v["failed"].as_u64().unwrap_or(0);
+                rows[p50].1[i].push(v["p50_us"].as_f64().unwrap_or(f64::NAN));
+                rows[p99].1[i].push(v["p99_us"].as_f64().unwrap_or(f64::NAN));
+            }
             let (r, _) = suite.wrk(p, "/1m", 4, &[]);
             errors += r.errors;
             rows[s3_1m].1[i].push(r.rps);
             // iperf3 and h2 are not proxied by HAProxy here (http mode).
-            if i < 2 {
+            if i != D {
                 let t = suite.secs.to_string();
                 let out = suite.run(
                     p.pod,
@@ -377,6 +574,55 @@ fn main() {
             (during as f64 - before as f64) / n as f64
         );
     }
+    // S5: S1 again on B and C with a big configuration, a 100 % mirror on the tested route
+    // and a scrape every second.
+    node.write_config("s5.yaml", &s5_config(&nginx_host.ip.to_string()));
+    let loaded = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        [&daemon, &daemon_ipt].iter().all(|d| {
+            d.config_dump()["snapshot"]
+                .to_string()
+                .contains("svc-999.bench")
+        })
+    });
+    if !loaded {
+        eprintln!("S5 configuration not loaded within 20 s");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_s5_config = proxy_tests::rss_kib(daemon_pid);
+    for _round in 0..suite.rounds {
+        for (i, p) in paths.iter().enumerate() {
+            if i == A || i == D {
+                continue;
+            }
+            let scraping = std::sync::atomic::AtomicBool::new(true);
+            let scraper_of = if i == B { &daemon_ipt } else { &daemon };
+            let r = std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    while scraping.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = scraper_of.metrics_text();
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                });
+                let (r, _) = suite.wrk(p, "/1k", 16, &[]);
+                scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+                r
+            });
+            errors += r.errors;
+            rows[s5].1[i].push(r.rps);
+        }
+    }
+    let mirrored = daemon.metric_sum(
+        "istio_requests_total",
+        &[("destination_service", "mirror.bench")],
+    );
+    let rss_s5_after = proxy_tests::rss_kib(daemon_pid);
+    node.remove_config("s5.yaml");
+    let _ = writeln!(
+        s4,
+        "| RSS with S5's configuration loaded (2,003 objects), before its load | {rss_s5_config} KiB | |\n| RSS after S5's load (mirror included) | {rss_s5_after} KiB | |"
+    );
+
     for child in [&mut nginx, &mut iperf, &mut haproxy] {
         let _ = child.kill();
         let _ = child.wait();
@@ -393,10 +639,13 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "| scenario | A direct | C eBPF + proxy-daemon | D HAProxy 2.6 | C / A | C / D |\n|---|---|---|---|---|---|"
+        "| scenario | A direct | B iptables + proxy-daemon | C eBPF + proxy-daemon | D HAProxy 2.6 | C / A | C / B | C / D |\n|---|---|---|---|---|---|---|---|"
     );
-    for (label, v, unit) in &rows {
-        let m: Vec<f64> = v.iter().map(|x| median(x.clone())).collect();
+    let medians: Vec<[f64; 4]> = rows
+        .iter()
+        .map(|(_, v, _)| [0, 1, 2, 3].map(|i| median(v[i].clone())))
+        .collect();
+    for ((label, _, unit), m) in rows.iter().zip(&medians) {
         let fmt = |x: f64| {
             if x.is_nan() {
                 "—".to_string()
@@ -415,23 +664,47 @@ fn main() {
         };
         let _ = writeln!(
             md,
-            "| {label} | {} | {} | {} | {} | {} |",
-            fmt(m[0]),
-            fmt(m[1]),
-            fmt(m[2]),
-            ratio(m[1], m[0]),
-            ratio(m[1], m[2])
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt(m[A]),
+            fmt(m[B]),
+            fmt(m[C]),
+            fmt(m[D]),
+            ratio(m[C], m[A]),
+            ratio(m[C], m[B]),
+            ratio(m[C], m[D])
         );
     }
+    let _ = writeln!(
+        md,
+        "\n| added latency vs direct (median of rounds) | B iptables | C eBPF | D HAProxy |\n|---|---|---|---|"
+    );
+    for idx in [r1k_p50, r1k_p99, r5k_p50, r5k_p99] {
+        let m = medians[idx];
+        let _ = writeln!(
+            md,
+            "| {} | {:+.0} µs | {:+.0} µs | {:+.0} µs |",
+            rows[idx].0,
+            m[B] - m[A],
+            m[C] - m[A],
+            m[D] - m[A]
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nS5 / S1 on C: {:.2}× (B: {:.2}×); mirror copies counted on C: {mirrored}.",
+        medians[s5][C] / medians[s1_rps][C],
+        medians[s5][B] / medians[s1_rps][B]
+    );
     let _ = writeln!(
         md,
         "\n| memory | value | |\n|---|---|---|\n| S4 daemon RSS idle | {rss_idle} KiB | |\n{s4}"
     );
     let _ = writeln!(
         md,
-        "Errors (non-2xx, socket errors) over all wrk runs: {errors}. Not built yet: path B (iptables capture), path C+ (sockmap), S5 (1,000 services × 5 routes with a mirror and scrapes)."
+        "Errors (non-2xx, socket errors) over all wrk and rate runs: {errors}. Not built: path C+ (sockmap/sk_msg)."
     );
     print!("{md}");
+    drop(daemon_ipt);
     let report = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&report);
     let _ = std::fs::write(report.join("report.md"), &md);

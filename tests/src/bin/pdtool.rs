@@ -222,6 +222,23 @@ enum Cmd {
         #[arg(long)]
         new_connections: bool,
     },
+    /// Keep-alive GETs at a fixed total `--rate` over `--conns` connections (one thread
+    /// each) for `--ms`; latency counted from each request's scheduled send time, so a
+    /// stall is charged to every request it delays (no coordinated omission, as wrk2).
+    Rate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        ms: u64,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value_t = 4)]
+        conns: u32,
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
     /// Opaque TCP streams one after another for `--ms`: each sends `--bytes` (seeded by
     /// its index), half-closes, reads the server's whole stream and checks its SHA-256
     /// against `--expect-sha256`. Prints the SHA-256 of every stream sent.
@@ -244,6 +261,7 @@ fn load_request(
     conn: &mut Option<(TcpStream, BufReader<TcpStream>)>,
     to: SocketAddr,
     host: &str,
+    path: &str,
     keep_alive: bool,
 ) -> Result<(u16, Option<String>), (bool, String)> {
     let fresh = conn.is_none();
@@ -262,7 +280,7 @@ fn load_request(
     } else {
         "Connection: close\r\n"
     };
-    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n{close}\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{close}\r\n");
     if let Err(e) = w.write_all(req.as_bytes()) {
         *conn = None;
         return Err((fresh, format!("write: {e}")));
@@ -325,13 +343,13 @@ fn load(
         let t = Instant::now();
         let mut result = {
             connections += u64::from(conn.is_none());
-            load_request(&mut conn, to, host, !new_connections)
+            load_request(&mut conn, to, host, "/", !new_connections)
         };
         if let Err((false, _)) = &result {
             // A reused connection the server closed before answering: once more on a new one.
             retries += 1;
             connections += 1;
-            result = load_request(&mut conn, to, host, !new_connections);
+            result = load_request(&mut conn, to, host, "/", !new_connections);
         }
         latencies.push(t.elapsed().as_secs_f64() * 1e6);
         match result {
@@ -363,6 +381,64 @@ fn load(
         "errors": errors, "retries": retries,
         "connections": connections, "p50_us": pct(0.5), "p99_us": pct(0.99),
         "max_us": latencies.last().copied().unwrap_or(0.0)})
+}
+
+fn rate(
+    to: SocketAddr,
+    host: &str,
+    path: &str,
+    ms: u64,
+    rate: f64,
+    conns: u32,
+) -> serde_json::Value {
+    let conns = conns.max(1);
+    let per_conn = rate / f64::from(conns);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..conns)
+        .map(|c| {
+            let (host, path) = (host.to_string(), path.to_string());
+            std::thread::spawn(move || {
+                // Spread the connections' schedules evenly over one period.
+                let offset = f64::from(c) / (per_conn * f64::from(conns));
+                let mut conn = None;
+                let (mut lat, mut failed) = (Vec::new(), 0u64);
+                let mut i = 0u64;
+                loop {
+                    let due = started + Duration::from_secs_f64(offset + i as f64 / per_conn);
+                    if due.duration_since(started) >= Duration::from_millis(ms) {
+                        break;
+                    }
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    i += 1;
+                    match load_request(&mut conn, to, &host, &path, true) {
+                        Ok((200, _)) => lat.push(due.elapsed().as_secs_f64() * 1e6),
+                        _ => {
+                            failed += 1;
+                            conn = None;
+                        }
+                    }
+                }
+                (lat, failed)
+            })
+        })
+        .collect();
+    let (mut latencies, mut failed) = (Vec::new(), 0u64);
+    for w in workers {
+        if let Ok((l, f)) = w.join() {
+            latencies.extend(l);
+            failed += f;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    json!({"ok": latencies.len(), "failed": failed,
+        "per_sec": latencies.len() as f64 / started.elapsed().as_secs_f64(),
+        "p50_us": pct(0.5), "p99_us": pct(0.99), "max_us": latencies.last().copied().unwrap_or(0.0)})
 }
 
 fn streams(to: SocketAddr, bytes: u64, expect: &str, ms: u64) -> serde_json::Value {
@@ -1299,6 +1375,14 @@ fn main() {
             rate,
             new_connections,
         } => load(to, &host, ms, rate, new_connections),
+        Cmd::Rate {
+            to,
+            host,
+            ms,
+            rate: r,
+            conns,
+            path,
+        } => rate(to, &host, &path, ms, r, conns),
         Cmd::Streams {
             to,
             bytes,
