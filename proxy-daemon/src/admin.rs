@@ -138,6 +138,8 @@ pub fn admin_handler(
     Arc::new(move |method, path, query, _| match (method, path) {
         (&Method::GET, "/config_dump") => {
             let body = serde_json::to_vec_pretty(&dump.render()).unwrap_or_default();
+            // The JSON tree of a large mesh is several times the body: freed, it goes back.
+            crate::memory::release_freed();
             respond(StatusCode::OK, "application/json", body)
         }
         // Changing state takes a POST (as Envoy's admin does): a GET, which a browser, a

@@ -455,6 +455,9 @@ fn publish(
         }
     }
     published.store(snap);
+    // The parse and compile peak is behind us; the old snapshot goes once its last
+    // connection lets go of it.
+    crate::memory::release_freed();
     metrics.daemon.config_reloads.inc();
     metrics
         .daemon
