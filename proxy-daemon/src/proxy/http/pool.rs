@@ -55,7 +55,12 @@ pub(super) fn pool_key(upstream: SocketAddr, tls: Option<&UpstreamTls>) -> PoolK
     (upstream, tls.map(|t| t.pool_key).unwrap_or(0))
 }
 
-pub(super) const MAX_IDLE_PER_UPSTREAM: usize = 32;
+/// Idle connections a pod keeps per upstream: Envoy's default circuit breaker
+/// (`max_connections` 1024 per cluster); the node-wide idle budget bounds them all. It was
+/// 32: 64 concurrent clients then closed half their upstream connections after every
+/// request and opened them again, and the connect storm (ephemeral-port search among
+/// TIME_WAIT sockets) took a third of the daemon's CPU.
+pub(super) const MAX_IDLE_PER_UPSTREAM: usize = 1024;
 
 impl UpstreamPool {
     /// An empty pool counting its idle connections into the node's `budget`.
