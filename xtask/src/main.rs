@@ -42,6 +42,10 @@ enum Cmd {
     Bench {
         #[arg(long)]
         quick: bool,
+        /// Only profile: perf on the daemon during S1 and S2-64 (and HAProxy during S1),
+        /// reports in target/bench/profile-*.txt.
+        #[arg(long)]
+        profile: bool,
     },
     /// The long versions of the tests CI runs short: 200 pods churned over two minutes
     /// under traffic, ten hand-overs under load, a 20,000-connection slowloris, 100,000
@@ -488,7 +492,7 @@ fn main() -> Result<()> {
             run(Command::new(workspace_root().join("target/debug/demo"))
                 .current_dir(workspace_root()))
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, profile } => {
             setup()?;
             // The peer, the upstream and the load generators (bench only: CI never needs
             // them).
@@ -498,6 +502,7 @@ fn main() -> Result<()> {
                 ("wrk", "wrk"),
                 ("h2load", "nghttp2-client"),
                 ("iperf3", "iperf3"),
+                ("perf", "linux-perf"),
             ];
             let missing: Vec<&str> = wanted
                 .iter()
@@ -519,8 +524,11 @@ fn main() -> Result<()> {
             if quick {
                 suite.arg("--quick");
             }
+            if profile {
+                suite.arg("--profile");
+            }
             run(&mut suite)?;
-            if quick {
+            if quick || profile {
                 return Ok(());
             }
             run(Command::new(workspace_root().join("target/release/bench"))

@@ -476,7 +476,7 @@ fn main() {
                         "--host",
                         "bench",
                         "--ms",
-                        &(suite.secs * 1000).to_string(),
+                        &(suite.secs.div_ceil(2).max(3) * 1000).to_string(),
                         "--rate",
                         rate,
                         "--conns",
