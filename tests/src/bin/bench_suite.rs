@@ -391,6 +391,29 @@ fn main() {
             let _ = std::fs::write(out_dir.join(format!("profile-{name}.txt")), &text);
             println!("{name}: {:.0} req/s, {cpu:.1} µs CPU per request", r.rps);
         }
+        // System calls per request, the daemon beside HAProxy (perf trace's summary).
+        for (name, i) in [("s1-c", C), ("s1-d", D)] {
+            let Some(pid) = paths[i].proxy else { continue };
+            let trace = std::process::Command::new("perf")
+                .args(["trace", "-s", "-p", &pid.to_string(), "--", "sleep"])
+                .arg(suite.secs.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("perf trace");
+            let (r, _) = suite.wrk(&paths[i], "/1k", 16, &[]);
+            let out = trace
+                .wait_with_output()
+                .map(|o| o.stderr)
+                .unwrap_or_default();
+            let text = format!(
+                "{name}: {:.0} requests in {} s\n\n{}",
+                r.requests,
+                suite.secs,
+                String::from_utf8_lossy(&out)
+            );
+            let _ = std::fs::write(out_dir.join(format!("syscalls-{name}.txt")), &text);
+        }
         for child in [&mut nginx, &mut iperf, &mut haproxy] {
             let _ = child.kill();
             let _ = child.wait();
