@@ -543,8 +543,14 @@ fn main() -> Result<()> {
             ))?;
             // The hot pieces in process (criterion): route decision over 1,000 services,
             // sniffing, a metric record, an access-log line.
-            run(cargo(&["bench", "-p", "proxy-daemon", "--bench", "hot_paths", "--"])
-                .args(["--warm-up-time", "1", "--measurement-time", "3"]))
+            run(
+                cargo(&["bench", "-p", "proxy-daemon", "--bench", "hot_paths", "--"]).args([
+                    "--warm-up-time",
+                    "1",
+                    "--measurement-time",
+                    "3",
+                ]),
+            )
         }
         Cmd::Manifests { check } => manifests(check),
         Cmd::Fuzz { minutes, target } => fuzz::fuzz(minutes, target),
