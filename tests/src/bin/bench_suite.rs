@@ -168,7 +168,7 @@ fn nginx_conf(dir: &Path) -> PathBuf {
 /// S5's configuration: the tested host (nginx's address) behind a ServiceEntry whose
 /// VirtualService mirrors every request to nginx's port 82, and 1,000 more services with
 /// five routes each (prefix, header, method, regex and catch-all matches).
-fn s5_config(nginx: &str) -> String {
+fn s5_config(nginx: &str, mirror: bool) -> String {
     let mut y = format!(
         "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -196,11 +196,22 @@ spec:
   hosts: [web.bench]
   http:
   - route: [{{destination: {{host: web.bench, port: {{number: 80}}}}}}]
-    mirror: {{host: mirror.bench, port: {{number: 82}}}}
-    mirrorPercentage: {{value: 100}}
 ---
 "
     );
+    if !mirror {
+        // Without the mirror, and without its ServiceEntry (how the load waits for it).
+        let at = y
+            .find("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: mirror")
+            .unwrap_or(0);
+        let end = y[at..].find("---\n").map_or(y.len(), |e| at + e + 4);
+        y.replace_range(at..end, "");
+    } else {
+        y = y.replace(
+            "  - route: [{destination: {host: web.bench, port: {number: 80}}}]\n",
+            "  - route: [{destination: {host: web.bench, port: {number: 80}}}]\n    mirror: {host: mirror.bench, port: {number: 82}}\n    mirrorPercentage: {value: 100}\n",
+        );
+    }
     for i in 0..1000u32 {
         let (a, b) = (10 + i / 250, 1 + i % 250);
         let _ = write!(
@@ -465,6 +476,10 @@ fn main() {
         "S5 S1 with 1,000 services × 5 routes, 100 % mirror, 1 s scrapes: req/s",
         "req/s",
     );
+    let s5_plain = row(
+        "S5 without the mirror (1,000 services × 5 routes, 1 s scrapes): req/s",
+        "req/s",
+    );
     let mut errors = 0u64;
     for _round in 0..suite.rounds {
         for (i, p) in paths.iter().enumerate() {
@@ -599,51 +614,58 @@ fn main() {
     }
     // S5: S1 again on B and C with a big configuration, a 100 % mirror on the tested route
     // and a scrape every second.
-    node.write_config("s5.yaml", &s5_config(&nginx_host.ip.to_string()));
-    let loaded = (0..200).any(|_| {
-        std::thread::sleep(Duration::from_millis(100));
-        [&daemon, &daemon_ipt].iter().all(|d| {
-            d.config_dump()["snapshot"]
-                .to_string()
-                .contains("svc-999.bench")
-        })
-    });
-    if !loaded {
-        eprintln!("S5 configuration not loaded within 20 s");
-    }
-    std::thread::sleep(Duration::from_secs(1));
-    let rss_s5_config = proxy_tests::rss_kib(daemon_pid);
-    for _round in 0..suite.rounds {
-        for (i, p) in paths.iter().enumerate() {
-            if i == A || i == D {
-                continue;
-            }
-            let scraping = std::sync::atomic::AtomicBool::new(true);
-            let scraper_of = if i == B { &daemon_ipt } else { &daemon };
-            let r = std::thread::scope(|scope| {
-                scope.spawn(|| {
-                    while scraping.load(std::sync::atomic::Ordering::Relaxed) {
-                        let _ = scraper_of.metrics_text();
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
+    let mut rss_s5_config = 0;
+    let mut mirrored = 0.0;
+    for (variant, mirror) in [(s5, true), (s5_plain, false)] {
+        node.write_config("s5.yaml", &s5_config(&nginx_host.ip.to_string(), mirror));
+        let loaded = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            [&daemon, &daemon_ipt].iter().all(|d| {
+                let snap = d.config_dump()["snapshot"].to_string();
+                snap.contains("svc-999.bench") && snap.contains("mirror.bench") == mirror
+            })
+        });
+        if !loaded {
+            eprintln!("S5 configuration (mirror: {mirror}) not loaded within 20 s");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        if mirror {
+            rss_s5_config = proxy_tests::rss_kib(daemon_pid);
+        }
+        for _round in 0..suite.rounds {
+            for (i, p) in paths.iter().enumerate() {
+                if i == A || i == D {
+                    continue;
+                }
+                let scraping = std::sync::atomic::AtomicBool::new(true);
+                let scraper_of = if i == B { &daemon_ipt } else { &daemon };
+                let r = std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        while scraping.load(std::sync::atomic::Ordering::Relaxed) {
+                            let _ = scraper_of.metrics_text();
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    });
+                    let (r, _) = suite.wrk(p, "/1k", 16, &[]);
+                    scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+                    r
                 });
-                let (r, _) = suite.wrk(p, "/1k", 16, &[]);
-                scraping.store(false, std::sync::atomic::Ordering::Relaxed);
-                r
-            });
-            errors += r.errors;
-            rows[s5].1[i].push(r.rps);
+                errors += r.errors;
+                rows[variant].1[i].push(r.rps);
+            }
+        }
+        if mirror {
+            mirrored = daemon.metric_sum(
+                "istio_requests_total",
+                &[("destination_service", "mirror.bench")],
+            );
         }
     }
-    let mirrored = daemon.metric_sum(
-        "istio_requests_total",
-        &[("destination_service", "mirror.bench")],
-    );
     let rss_s5_after = proxy_tests::rss_kib(daemon_pid);
     node.remove_config("s5.yaml");
     let _ = writeln!(
         s4,
-        "| RSS with S5's configuration loaded (2,003 objects), before its load | {rss_s5_config} KiB | |\n| RSS after S5's load (mirror included) | {rss_s5_after} KiB | |"
+        "| RSS with S5's configuration loaded (2,003 objects), before its load | {rss_s5_config} KiB | |\n| RSS after S5's loads | {rss_s5_after} KiB | |"
     );
 
     for child in [&mut nginx, &mut iperf, &mut haproxy] {
@@ -714,9 +736,11 @@ fn main() {
     }
     let _ = writeln!(
         md,
-        "\nS5 / S1 on C: {:.2}× (B: {:.2}×); mirror copies counted on C: {mirrored}.",
+        "\nS5 / S1 on C: {:.2}× with the mirror, {:.2}× without (B: {:.2}×, {:.2}×); mirror copies counted on C: {mirrored}.",
         medians[s5][C] / medians[s1_rps][C],
-        medians[s5][B] / medians[s1_rps][B]
+        medians[s5_plain][C] / medians[s1_rps][C],
+        medians[s5][B] / medians[s1_rps][B],
+        medians[s5_plain][B] / medians[s1_rps][B]
     );
     let _ = writeln!(
         md,
