@@ -21,16 +21,31 @@ fn a_pod_cannot_stand_in_for_the_listener_and_a_held_port_means_the_fail_mode() 
     let pod = node.pod("strict", "squatter-0");
     let to = upstream.addr(80).to_string();
     // Before any daemon ran, the app took the listener port (it started first).
-    let mut squatter = pod.spawn_app(&["bind", "--addr", "127.0.0.1:15001", "--ms", "60000"]);
-    // Generous: on two cores shared with the rest of the suite a debug binary can take
-    // seconds to start; a squatter that died instead is named with its exit status.
-    let held = wait_for(Duration::from_secs(20), || {
-        (pod.pdtool(&["bind", "--addr", "127.0.0.1:15001"])["result"] != "ok").then_some(())
-    });
+    // It says so itself once bound (probing with a bind of our own could take the port
+    // in the moment the squatter tries, and make it give up).
+    let mut squatter = pod
+        .host
+        .command(
+            Some(&pod.app_cgroup()),
+            &proxy_tests::target_bin("pdtool"),
+            &["bind", "--addr", "127.0.0.1:15001", "--ms", "60000"],
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the squatter");
+    let mut first = String::new();
+    if let Some(out) = squatter.stdout.take() {
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut first);
+    }
     assert!(
-        held.is_some(),
-        "the squatter holds the port (squatter: {:?})",
-        squatter.try_wait()
+        first.contains("\"result\":\"ok\""),
+        "the squatter holds the port: {first}"
+    );
+    assert_ne!(
+        pod.pdtool(&["bind", "--addr", "127.0.0.1:15001"])["result"],
+        "ok",
+        "the port is held"
     );
     node.write_config(
         "all.yaml",
