@@ -82,6 +82,15 @@ fn snapshot(n: usize) -> state::Snapshot {
     state::compile(&objects, &settings, 1).unwrap_or_else(|e| panic!("{} errors", e.len()))
 }
 
+/// The one captured pod of [`mesh`].
+fn captured_pod(snap: &state::Snapshot) -> Arc<proxy_daemon::state::workload::WorkloadInfo> {
+    snap.pods
+        .values()
+        .next()
+        .map(|p| p.workload.clone())
+        .expect("the pod is captured")
+}
+
 fn route_decision(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -89,12 +98,7 @@ fn route_decision(c: &mut Criterion) {
         .expect("runtime");
     let _guard = rt.enter();
     let snap = snapshot(1000);
-    let workload = snap
-        .pods
-        .values()
-        .next()
-        .map(|p| p.workload.clone())
-        .expect("the pod is captured");
+    let workload = captured_pod(&snap);
     let dns =
         Arc::new(DnsCache::new(&[SocketAddr::from((Ipv4Addr::LOCALHOST, 9))], None).expect("dns"));
     let endpoints = Endpoints::new(dns);
@@ -146,12 +150,7 @@ fn sniffing(c: &mut Criterion) {
 
 fn metric_record(c: &mut Criterion) {
     let snap = snapshot(1);
-    let workload = snap
-        .pods
-        .values()
-        .next()
-        .map(|p| p.workload.clone())
-        .expect("the pod is captured");
+    let workload = captured_pod(&snap);
     let metrics = Metrics::new();
     let source = SourceLabels::of(&workload);
     let peer = PeerLabels::of(&workload);
