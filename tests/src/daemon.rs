@@ -171,7 +171,15 @@ impl Daemon {
     }
 
     fn try_start(node: &Node, extra: &[&str]) -> Result<Self, String> {
-        let mut d = Self::spawn(node, extra);
+        // Inside the node's cgroup tree but in no pod, as a DaemonSet pod is: the sock_ops
+        // program (attached at that root) then sees the daemon's own sockets too.
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cgroup = node
+            .cgroup_root
+            .join(format!("system.slice/proxy-daemon-{n}"));
+        fs::create_dir_all(&cgroup).expect("daemon cgroup");
+        let mut d = Self::spawn_in(node, extra, Some(&cgroup));
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.is_ready() {
             // A daemon that exited will never be ready: say so now, with its log.
