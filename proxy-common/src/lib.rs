@@ -23,6 +23,10 @@ pub mod maps {
     pub const CLIENT_ORIG_DST: &str = "PD_CLIENT_DST";
     /// per-CPU counters indexed by [`super::CaptureStat`].
     pub const CAPTURE_STATS: &str = "PD_STATS";
+    /// [`super::SockPairKey`] → socket: both ends of each app ↔ listener loopback
+    /// connection of a pod enrolled with [`super::ENROLMENT_SOCKMAP`]. Not pinned: each
+    /// daemon has its own, with its own sk_msg program attached.
+    pub const SOCK_PAIRS: &str = "PD_SOCK_PAIRS";
     /// Every map the daemon pins, in one place for cleanup.
     pub const ALL: [&str; 4] = [ENROLLED, SOCK_ORIG_DST, CLIENT_ORIG_DST, CAPTURE_STATS];
 }
@@ -36,6 +40,7 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "pd_getpeername6";
     pub const BIND4: &str = "pd_bind4";
     pub const BIND6: &str = "pd_bind6";
+    pub const SK_MSG: &str = "pd_sk_msg";
 }
 
 /// Capacity of the enrolment map (pods per node; kubelet's default limit is 110).
@@ -57,6 +62,15 @@ pub enum FailMode {
 /// only says "this cgroup is a captured pod": every connect gets the pod's fail mode (a pod
 /// whose cgroup just appeared, or whose listener port something else holds).
 pub const ENROLMENT_LISTENING: u8 = 1;
+
+/// [`Enrolment::flags`]: the pod's connections to its listener skip the loopback TCP
+/// stack: sock_ops puts both ends in [`maps::SOCK_PAIRS`] and the sk_msg program hands each
+/// sent message straight to the other end's receive queue (`--sockmap`).
+pub const ENROLMENT_SOCKMAP: u8 = 2;
+
+/// Capacity of [`maps::SOCK_PAIRS`] (two entries per connection). When it is full, a
+/// connection simply goes through loopback TCP.
+pub const MAX_SOCK_PAIRS: u32 = 65_536;
 
 /// Enrolment of one pod: value of [`maps::ENROLLED`], keyed by the pod cgroup's id.
 #[repr(C)]
@@ -118,6 +132,36 @@ impl ClientKey {
     }
 }
 
+/// Key of [`maps::SOCK_PAIRS`]: one end of a loopback connection inside a pod netns (both
+/// ends are 127.0.0.1 there, so the ports and the netns name it). The other end's key has
+/// the ports swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockPairKey {
+    pub netns_cookie: u64,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl SockPairKey {
+    pub const fn new(netns_cookie: u64, local_port: u16, remote_port: u16) -> Self {
+        Self {
+            netns_cookie,
+            local_port,
+            remote_port,
+            _pad: 0,
+        }
+    }
+
+    /// The key of the connection's other end.
+    pub const fn peer(&self) -> Self {
+        Self::new(self.netns_cookie, self.remote_port, self.local_port)
+    }
+}
+
 /// Indexes of [`maps::CAPTURE_STATS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,10 +186,15 @@ pub enum CaptureStat {
     TooDeep = 8,
     /// Something else listens on the listener port in the pod netns: not redirected there.
     ForeignListener = 9,
+    /// A socket end put in [`maps::SOCK_PAIRS`] (two per connection).
+    SockmapPaired = 10,
+    /// A message whose other end was not in [`maps::SOCK_PAIRS`]: sent through TCP, and
+    /// so is every later message of that socket (order is kept).
+    SockmapFallback = 11,
 }
 
 /// Number of [`CaptureStat`] slots.
-pub const CAPTURE_STAT_SLOTS: u32 = 10;
+pub const CAPTURE_STAT_SLOTS: u32 = 12;
 
 #[cfg(feature = "user")]
 mod user {
@@ -153,4 +202,21 @@ mod user {
     unsafe impl aya::Pod for super::Enrolment {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::SockPairKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sock_pair_key_and_its_peer_name_the_two_ends_of_one_connection() {
+        let app = SockPairKey::new(7, 40_000, DEFAULT_OUTBOUND_PORT);
+        let listener = app.peer();
+        assert_eq!(listener, SockPairKey::new(7, DEFAULT_OUTBOUND_PORT, 40_000));
+        assert_eq!(listener.peer(), app);
+        // Another pod's connection with the same ports is another key.
+        assert_ne!(SockPairKey::new(8, 40_000, DEFAULT_OUTBOUND_PORT), app);
+        assert_eq!(core::mem::size_of::<SockPairKey>(), 16);
+    }
 }

@@ -91,6 +91,8 @@ pub struct Settings {
     pub capture: CaptureSettings,
     /// `--capture`: the eBPF programs, or iptables rules in each pod's netns.
     pub capture_mode: crate::cli::CaptureArg,
+    /// `--sockmap`: pod ↔ listener messages skip loopback TCP (eBPF capture only).
+    pub sockmap: bool,
     pub outbound_port: u16,
     pub outbound_traffic_policy: crate::cli::OutboundTrafficPolicyArg,
     pub admin_addr: SocketAddr,
@@ -267,6 +269,11 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
             return Err(startup(format!("--kubeconfig {}: {e}", path.display())));
         }
     }
+    if args.sockmap && args.capture == crate::cli::CaptureArg::Iptables {
+        return Err(startup(
+            "--sockmap needs --capture ebpf (the pairing is done by the sock_ops program)",
+        ));
+    }
     if args.capture == crate::cli::CaptureArg::Iptables {
         crate::capture::iptables::check_available().map_err(|e| startup(e.to_string()))?;
     } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
@@ -334,6 +341,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
             },
         },
         capture_mode: args.capture,
+        sockmap: args.sockmap,
         outbound_port: args.outbound_port,
         outbound_traffic_policy: args.outbound_traffic_policy,
         admin_addr: args.admin_addr,
@@ -1056,6 +1064,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             },
             mirror_max_body_bytes: settings.mirror_max_body_bytes,
             header_read_timeout: settings.header_read_timeout,
+            downstream_sockmap: settings.sockmap,
         },
         config: published.clone(),
         endpoints: crate::proxy::Endpoints::new(dns.clone()),
@@ -1106,6 +1115,8 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     );
     let enroller = if iptables {
         enroller.with_iptables()
+    } else if settings.sockmap {
+        enroller.with_sockmap()
     } else {
         enroller
     };

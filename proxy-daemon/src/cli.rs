@@ -118,6 +118,12 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_CAPTURE", value_enum, default_value_t = CaptureArg::Ebpf)]
     pub capture: CaptureArg,
 
+    /// With --capture ebpf: a pod's connections to its listener skip the loopback TCP
+    /// stack (sockmap + sk_msg hand each message to the other end's receive queue).
+    /// Opaque TCP is then copied through the daemon instead of spliced.
+    #[arg(long, env = "PROXY_SOCKMAP")]
+    pub sockmap: bool,
+
     /// Namespaces with this label are captured.
     #[arg(
         long,

@@ -2,22 +2,25 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sock_tuple, sk_action, BPF_F_CURRENT_NETNS, BPF_F_INGRESS,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
-    CaptureStat, ClientKey, Enrolment, FailMode, OrigDst, CAPTURE_STAT_SLOTS, ENROLMENT_LISTENING,
-    MAX_CGROUP_DEPTH, MAX_ENROLLED, MAX_TRACKED_CONNECTIONS,
+    CaptureStat, ClientKey, Enrolment, FailMode, OrigDst, SockPairKey, CAPTURE_STAT_SLOTS,
+    ENROLMENT_LISTENING, ENROLMENT_SOCKMAP, MAX_CGROUP_DEPTH, MAX_ENROLLED, MAX_SOCK_PAIRS,
+    MAX_TRACKED_CONNECTIONS,
 };
 
 /// Return values of cgroup sock_addr programs.
@@ -40,6 +43,14 @@ static SOCK_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_
 #[map(name = "PD_CLIENT_DST")]
 static CLIENT_ORIG_DST: LruHashMap<ClientKey, OrigDst> =
     LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+
+#[map(name = "PD_SOCK_PAIRS")]
+static SOCK_PAIRS: SockHash<SockPairKey> = SockHash::with_max_entries(MAX_SOCK_PAIRS, 0);
+
+/// Socket ends whose first message found no other end in [`SOCK_PAIRS`]: they stay on
+/// TCP, since mixing paths could deliver later bytes before earlier ones.
+#[map(name = "PD_SOCK_TCP")]
+static SOCK_ON_TCP: LruHashMap<SockPairKey, u8> = LruHashMap::with_max_entries(MAX_SOCK_PAIRS, 0);
 
 #[map(name = "PD_STATS")]
 static CAPTURE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(CAPTURE_STAT_SLOTS, 0);
@@ -308,6 +319,8 @@ fn listener_alive(ctx: &SockAddrContext, port_be: u16, token: u32) -> bool {
 pub fn pd_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => publish_client_key(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => pair_app_end(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => pair_listener_end(&ctx),
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == BPF_TCP_CLOSE {
                 forget_connection(&ctx);
@@ -344,6 +357,107 @@ fn forget_connection(ctx: &SockOpsContext) {
     };
     let _ = SOCK_ORIG_DST.remove(&cookie);
     let _ = CLIENT_ORIG_DST.remove(&ClientKey::new(netns_cookie, ctx.local_port() as u16));
+}
+
+/// `remote_port` of sock_ops and sk_msg contexts, in host order: the kernel hands the
+/// network-order port in the word's upper 16 bits (local_port is already host order).
+#[inline(always)]
+fn remote_port_host(word: u32) -> u16 {
+    (u32::from_be(word) & 0xffff) as u16
+}
+
+/// The listener port of the enrolled pod cgroup `cgroup_id`, if it asked for sockmap
+/// pairing.
+#[inline(always)]
+fn sockmap_listener(cgroup_id: u64) -> Option<u16> {
+    // SAFETY: value is Copy and read at once.
+    match unsafe { ENROLLED.get(&cgroup_id) } {
+        Some(e) if e.flags & ENROLMENT_SOCKMAP != 0 => Some(e.listener_port),
+        _ => None,
+    }
+}
+
+/// Puts this socket end in [`SOCK_PAIRS`] under `key`.
+#[inline(always)]
+fn pair(ctx: &SockOpsContext, mut key: SockPairKey) {
+    let _ = SOCK_ON_TCP.remove(&key);
+    // SAFETY: the kernel hands a valid bpf_sock_ops for the program's lifetime.
+    if SOCK_PAIRS
+        .update(&mut key, unsafe { &mut *ctx.ops }, 0)
+        .is_ok()
+    {
+        count(CaptureStat::SockmapPaired);
+    }
+}
+
+/// The app's end of a redirected connection, once established (it is in the pod netns,
+/// 127.0.0.1:<ephemeral> → 127.0.0.1:<listener>).
+#[inline(always)]
+fn pair_app_end(ctx: &SockOpsContext) {
+    // SAFETY: helper on our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: value is Copy and read at once.
+    let Some(orig) = (unsafe { SOCK_ORIG_DST.get(&cookie) }).copied() else {
+        return;
+    };
+    let remote_port = remote_port_host(ctx.remote_port());
+    if sockmap_listener(orig.cgroup_id) != Some(remote_port) {
+        return;
+    }
+    let key = SockPairKey::new(orig.netns_cookie, ctx.local_port() as u16, remote_port);
+    pair(ctx, key);
+}
+
+/// The listener's end of a redirected connection, once accepted by the kernel: a socket
+/// on 127.0.0.1 whose peer port is a redirected client's in this netns.
+#[inline(always)]
+fn pair_listener_end(ctx: &SockOpsContext) {
+    if ctx.local_ip4() != LOOPBACK_BE || ctx.remote_ip4() != LOOPBACK_BE {
+        return;
+    }
+    // SAFETY: helper on our own context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let remote_port = remote_port_host(ctx.remote_port());
+    // SAFETY: value is Copy and read at once.
+    let Some(orig) =
+        (unsafe { CLIENT_ORIG_DST.get(&ClientKey::new(netns_cookie, remote_port)) }).copied()
+    else {
+        return;
+    };
+    // Only our listener's end: a pod's own server that happens to accept from the same
+    // client port is left alone.
+    let local_port = ctx.local_port() as u16;
+    if sockmap_listener(orig.cgroup_id) != Some(local_port) {
+        return;
+    }
+    pair(ctx, SockPairKey::new(netns_cookie, local_port, remote_port));
+}
+
+/// Every message sent on a paired end goes straight to the other end's receive queue,
+/// skipping loopback TCP. If the other end is not paired (yet, or no more), the message
+/// and all later ones of this end go through TCP.
+#[sk_msg]
+pub fn pd_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the kernel hands a valid sk_msg_md for the program's lifetime.
+    let md = unsafe { &*ctx.msg };
+    // SAFETY: helper on our own context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.msg.cast()) };
+    let own = SockPairKey::new(
+        netns_cookie,
+        md.local_port as u16,
+        remote_port_host(md.remote_port),
+    );
+    // SAFETY: value is Copy and read at once.
+    if unsafe { SOCK_ON_TCP.get(&own) }.is_some() {
+        return sk_action::SK_PASS;
+    }
+    let mut peer = own.peer();
+    if SOCK_PAIRS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
+        return sk_action::SK_PASS;
+    }
+    count(CaptureStat::SockmapFallback);
+    let _ = SOCK_ON_TCP.insert(&own, &1, 0);
+    sk_action::SK_PASS
 }
 
 #[cgroup_sock_addr(getpeername4)]

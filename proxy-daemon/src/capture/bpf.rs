@@ -14,14 +14,14 @@ use std::{
 // bpf_link_create on a cgroup takes no attach flags: a link never replaces another, so
 // "Single" (flags 0) is the right mode even though several daemons may attach side by side.
 use aya::{
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
     },
     Ebpf, EbpfLoader,
 };
-use proxy_common::{maps, programs, CaptureStat, ClientKey, Enrolment, OrigDst};
+use proxy_common::{maps, programs, CaptureStat, ClientKey, Enrolment, OrigDst, SockPairKey};
 use tracing::{info, warn};
 
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
@@ -69,11 +69,13 @@ pub struct CaptureCounts {
     pub ipv6_refused: u64,
     pub too_deep: u64,
     pub foreign_listener: u64,
+    pub sockmap_paired: u64,
+    pub sockmap_fallback: u64,
 }
 
 impl CaptureCounts {
     /// (metric label, value) of every decision.
-    pub fn labelled(&self) -> [(&'static str, u64); 10] {
+    pub fn labelled(&self) -> [(&'static str, u64); 12] {
         [
             ("redirected", self.redirected),
             ("fail_open_bypass", self.bypass_fail_open),
@@ -85,6 +87,8 @@ impl CaptureCounts {
             ("ipv6_refused", self.ipv6_refused),
             ("too_deep", self.too_deep),
             ("foreign_listener", self.foreign_listener),
+            ("sockmap_paired", self.sockmap_paired),
+            ("sockmap_fallback", self.sockmap_fallback),
         ]
     }
 }
@@ -304,6 +308,8 @@ impl MapStats {
             ipv6_refused: sum(CaptureStat::Ipv6Refused),
             too_deep: sum(CaptureStat::TooDeep),
             foreign_listener: sum(CaptureStat::ForeignListener),
+            sockmap_paired: sum(CaptureStat::SockmapPaired),
+            sockmap_fallback: sum(CaptureStat::SockmapFallback),
         }
     }
 }
@@ -591,6 +597,31 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
         source,
     })?;
 
+    // The sk_msg program goes on this daemon's own sockmap before sock_ops can put any
+    // socket in it (and nothing is, until the enroller flags a pod for it).
+    {
+        let name = programs::SK_MSG;
+        let perr = |source| BpfError::Program { name, source };
+        let pairs: SockHash<&MapData, SockPairKey> = SockHash::try_from(
+            ebpf.map(maps::SOCK_PAIRS)
+                .ok_or(BpfError::Missing(maps::SOCK_PAIRS))?,
+        )
+        .map_err(map_err(maps::SOCK_PAIRS))?;
+        let pairs_fd = pairs.fd().try_clone().map_err(|e| BpfError::Map {
+            name: maps::SOCK_PAIRS,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "dup",
+                io_error: e,
+            }),
+        })?;
+        let program: &mut SkMsg = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(perr)?;
+        program.load().map_err(perr)?;
+        program.attach(&pairs_fd).map_err(perr)?;
+    }
     // Attach every new link before any old one is dropped: no connect slips through.
     let cgroup = cgroup.as_fd();
     let new_links = [

@@ -26,7 +26,7 @@ use crate::{
     readiness::Ready,
     state::{fail_mode_name, CapturedPod, Published},
 };
-use proxy_common::{Enrolment, FailMode, ENROLMENT_LISTENING, MAX_CGROUP_DEPTH};
+use proxy_common::{Enrolment, FailMode, ENROLMENT_LISTENING, ENROLMENT_SOCKMAP, MAX_CGROUP_DEPTH};
 
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
 const READY_CONDITION: &str = "pod listeners";
@@ -134,6 +134,8 @@ pub struct Enroller {
     /// `--capture iptables`: each pod's netns gets the redirect rules at enrolment, and the
     /// daemon's upstream sockets there carry the mark the rules let through.
     iptables: bool,
+    /// Extra [`Enrolment::flags`] every listening pod gets ([`ENROLMENT_SOCKMAP`]).
+    extra_flags: u8,
 }
 
 impl Enroller {
@@ -167,12 +169,19 @@ impl Enroller {
             status: Arc::new(ArcSwap::from_pointee(Vec::new())),
             pass_cause: "startup",
             iptables: false,
+            extra_flags: 0,
         }
     }
 
     /// Capture by iptables rules in each pod's netns instead of the eBPF programs.
     pub fn with_iptables(mut self) -> Self {
         self.iptables = true;
+        self
+    }
+
+    /// Pair each pod's connections to its listener in the sockmap (`--sockmap`).
+    pub fn with_sockmap(mut self) -> Self {
+        self.extra_flags |= ENROLMENT_SOCKMAP;
         self
     }
 
@@ -314,7 +323,7 @@ impl Enroller {
                 }
                 if p.fail_mode != want.fail_mode {
                     p.fail_mode = want.fail_mode;
-                    let entry = enrolment_entry(p, self.outbound_port);
+                    let entry = enrolment_entry(p, self.outbound_port, self.extra_flags);
                     if let Err(e) = self.maps.enrol(p.cgroup_id, entry) {
                         warn!(pod = %want.workload.pod_name, error = %e, "updating fail mode");
                     }
@@ -587,10 +596,10 @@ impl Enroller {
             }
         }
         // The map entry last: the kernel redirects only once the listener is accepting.
-        if let Err(e) = self
-            .maps
-            .enrol(cgroup_id, enrolment_entry(&pod, self.outbound_port))
-        {
+        if let Err(e) = self.maps.enrol(
+            cgroup_id,
+            enrolment_entry(&pod, self.outbound_port, self.extra_flags),
+        ) {
             pod.listener_task.abort();
             return Err(e.into());
         }
@@ -723,14 +732,14 @@ impl Enroller {
     }
 }
 
-fn enrolment_entry(pod: &EnrolledPod, port: u16) -> Enrolment {
+fn enrolment_entry(pod: &EnrolledPod, port: u16, extra_flags: u8) -> Enrolment {
     Enrolment {
         netns_cookie: pod.netns_cookie,
         pod_id: pod.pod_id,
         listener_token: pod.token,
         listener_port: port,
         fail_mode: pod.fail_mode as u8,
-        flags: ENROLMENT_LISTENING,
+        flags: ENROLMENT_LISTENING | extra_flags,
         _pad: 0,
     }
 }

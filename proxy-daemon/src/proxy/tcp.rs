@@ -173,17 +173,26 @@ pub async fn proxy(
     let result = match upstream {
         UpstreamIo::Plain(plain) => {
             // Plain on both sides: the kernel moves the bytes (splice through a pipe),
-            // never copying them into the daemon.
+            // never copying them into the daemon. Under `--sockmap` the pod's bytes wait
+            // in the socket's message queue, which splice does not read: copied.
+            let upward = async {
+                if inputs.settings.downstream_sockmap {
+                    copy_plain(&client, &plain, &received, (&activity, 0), 0).await
+                } else {
+                    splice_counted(
+                        &inputs.splice_pipes,
+                        &client,
+                        &plain,
+                        &received,
+                        (&activity, 0),
+                    )
+                    .await
+                }
+            };
             let copied = until_idle(
                 async {
                     tokio::try_join!(
-                        splice_counted(
-                            &inputs.splice_pipes,
-                            &client,
-                            &plain,
-                            &received,
-                            (&activity, 0)
-                        ),
+                        upward,
                         splice_counted(
                             &inputs.splice_pipes,
                             &plain,
