@@ -256,14 +256,17 @@ fn main() {
     let captured = node.pod("captured", "client-cap");
     let direct = node.pod("plain", "client-direct");
     let redirected = node.pod("redirected", "client-ipt");
+    let paired = node.pod("paired", "client-skm");
     node.write_config(
         "bench.yaml",
         &(namespace_yaml("captured", true, None)
             + &namespace_yaml("plain", false, None)
             + "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: redirected\n  labels:\n    bench.io/capture: iptables\n---\n"
+            + "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: paired\n  labels:\n    bench.io/capture: sockmap\n---\n"
             + &pod_yaml(&captured, &[("app", "cap")])
             + &pod_yaml(&direct, &[("app", "direct")])
-            + &pod_yaml(&redirected, &[("app", "ipt")])),
+            + &pod_yaml(&redirected, &[("app", "ipt")])
+            + &pod_yaml(&paired, &[("app", "skm")])),
     );
     let work = node.work_dir.join("suite");
     std::fs::create_dir_all(&work).expect("work dir");
@@ -321,20 +324,37 @@ fn main() {
         ],
     );
     daemon_ipt.wait_enrolled(&redirected.uid, Duration::from_secs(5));
+    // Path C+: eBPF capture plus sockmap pairing, its own label and pin directory.
+    let skm_pins = format!("{}-skm", node.pin_dir.display());
+    let daemon_skm = Daemon::start(
+        &node,
+        &[
+            "--bpf-pin-dir",
+            &skm_pins,
+            "--log-level",
+            "warn",
+            "--sockmap",
+            "--capture-label",
+            "bench.io/capture=sockmap",
+        ],
+    );
+    daemon_skm.wait_enrolled(&paired.uid, Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(500));
     let daemon_pid = daemon.pid().expect("daemon pid");
     let ipt_pid = daemon_ipt.pid().expect("iptables daemon pid");
+    let skm_pid = daemon_skm.pid().expect("sockmap daemon pid");
     let rss_idle = proxy_tests::rss_kib(daemon_pid);
     let suite = Suite {
         quick,
         secs: if quick { 3 } else { 10 },
         rounds: if quick { 1 } else { 3 },
-        pods: vec![direct, captured, redirected],
+        pods: vec![direct, captured, redirected, paired],
     };
     const A: usize = 0;
     const B: usize = 1;
     const C: usize = 2;
-    const D: usize = 3;
+    const CP: usize = 3;
+    const D: usize = 4;
     let paths = [
         BenchPath {
             pod: 0,
@@ -352,6 +372,11 @@ fn main() {
             proxy: Some(daemon_pid),
         },
         BenchPath {
+            pod: 3,
+            to: up.clone(),
+            proxy: Some(skm_pid),
+        },
+        BenchPath {
             pod: 0,
             to: haproxy_host.addr(8080).to_string(),
             proxy: Some(haproxy.id()),
@@ -362,8 +387,9 @@ fn main() {
     if std::env::args().any(|a| a == "--profile") {
         let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
         let _ = std::fs::create_dir_all(&out_dir);
-        let runs: [(&str, usize, &str, u32, &[&str]); 3] = [
+        let runs: [(&str, usize, &str, u32, &[&str]); 4] = [
             ("s1-c", C, "/1k", 16, &[]),
+            ("s1-cplus", CP, "/1k", 16, &[]),
             ("s2-64-c", C, "/1k", 64, &["-H", "Connection: close"]),
             ("s1-d", D, "/1k", 16, &[]),
         ];
@@ -448,12 +474,12 @@ fn main() {
         );
     }
 
-    type Row = (String, [Vec<f64>; 4], &'static str);
+    type Row = (String, [Vec<f64>; 5], &'static str);
     let mut rows: Vec<Row> = Vec::new();
     let mut row = |label: &str, unit: &'static str| -> usize {
         rows.push((
             label.to_string(),
-            [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
+            [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()],
             unit,
         ));
         rows.len() - 1
@@ -634,7 +660,7 @@ fn main() {
         }
         for _round in 0..suite.rounds {
             for (i, p) in paths.iter().enumerate() {
-                if i == A || i == D {
+                if i == A || i == CP || i == D {
                     continue;
                 }
                 let scraping = std::sync::atomic::AtomicBool::new(true);
@@ -684,11 +710,11 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "| scenario | A direct | B iptables + proxy-daemon | C eBPF + proxy-daemon | D HAProxy 2.6 | C / A | C / B | C / D |\n|---|---|---|---|---|---|---|---|"
+        "| scenario | A direct | B iptables + proxy-daemon | C eBPF + proxy-daemon | C+ eBPF + sockmap | D HAProxy 2.6 | C / A | C / B | C / D | C+ / C | C+ / D |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
-    let medians: Vec<[f64; 4]> = rows
+    let medians: Vec<[f64; 5]> = rows
         .iter()
-        .map(|(_, v, _)| [0, 1, 2, 3].map(|i| median(v[i].clone())))
+        .map(|(_, v, _)| [0, 1, 2, 3, 4].map(|i| median(v[i].clone())))
         .collect();
     for ((label, _, unit), m) in rows.iter().zip(&medians) {
         let fmt = |x: f64| {
@@ -709,28 +735,32 @@ fn main() {
         };
         let _ = writeln!(
             md,
-            "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             fmt(m[A]),
             fmt(m[B]),
             fmt(m[C]),
+            fmt(m[CP]),
             fmt(m[D]),
             ratio(m[C], m[A]),
             ratio(m[C], m[B]),
-            ratio(m[C], m[D])
+            ratio(m[C], m[D]),
+            ratio(m[CP], m[C]),
+            ratio(m[CP], m[D])
         );
     }
     let _ = writeln!(
         md,
-        "\n| added latency vs direct (median of rounds) | B iptables | C eBPF | D HAProxy |\n|---|---|---|---|"
+        "\n| added latency vs direct (median of rounds) | B iptables | C eBPF | C+ sockmap | D HAProxy |\n|---|---|---|---|---|"
     );
     for idx in [r1k_p50, r1k_p99, r5k_p50, r5k_p99] {
         let m = medians[idx];
         let _ = writeln!(
             md,
-            "| {} | {:+.0} µs | {:+.0} µs | {:+.0} µs |",
+            "| {} | {:+.0} µs | {:+.0} µs | {:+.0} µs | {:+.0} µs |",
             rows[idx].0,
             m[B] - m[A],
             m[C] - m[A],
+            m[CP] - m[A],
             m[D] - m[A]
         );
     }
@@ -748,8 +778,11 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "Errors (non-2xx, socket errors) over all wrk and rate runs: {errors}. Not built: path C+ (sockmap/sk_msg)."
+        "Errors (non-2xx, socket errors) over all wrk and rate runs: {errors}. Path C+ pairing: {} socket ends paired, {} messages fell back to TCP.",
+        daemon_skm.metric_sum("proxy_daemon_capture_decisions", &[("decision", "sockmap_paired")]),
+        daemon_skm.metric_sum("proxy_daemon_capture_decisions", &[("decision", "sockmap_fallback")])
     );
+    drop(daemon_skm);
     print!("{md}");
     drop(daemon_ipt);
     let report = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
