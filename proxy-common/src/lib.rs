@@ -191,10 +191,13 @@ pub enum CaptureStat {
     /// A message whose other end was not in [`maps::SOCK_PAIRS`]: sent through TCP, and
     /// so is every later message of that socket (order is kept).
     SockmapFallback = 11,
+    /// A paired end that handed over its budget of bytes: TCP from then on, so what the
+    /// receiver has not read stays bounded.
+    SockmapBudgetSpent = 12,
 }
 
 /// Number of [`CaptureStat`] slots.
-pub const CAPTURE_STAT_SLOTS: u32 = 12;
+pub const CAPTURE_STAT_SLOTS: u32 = 13;
 
 #[cfg(feature = "user")]
 mod user {

@@ -1064,7 +1064,6 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             },
             mirror_max_body_bytes: settings.mirror_max_body_bytes,
             header_read_timeout: settings.header_read_timeout,
-            downstream_sockmap: settings.sockmap,
         },
         config: published.clone(),
         endpoints: crate::proxy::Endpoints::new(dns.clone()),

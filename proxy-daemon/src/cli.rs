@@ -120,7 +120,9 @@ pub struct RunArgs {
 
     /// With --capture ebpf: a pod's connections to its listener skip the loopback TCP
     /// stack (sockmap + sk_msg hand each message to the other end's receive queue).
-    /// Opaque TCP is then copied through the daemon instead of spliced.
+    /// Each connection hands over at most 4 MiB from the app, then uses TCP. Off by
+    /// default: the kernel's recvmsg on a paired socket can return EAGAIN to a blocking
+    /// read woken without data (see the README).
     #[arg(long, env = "PROXY_SOCKMAP")]
     pub sockmap: bool,
 

@@ -131,7 +131,6 @@ impl InProcess {
             orig_dst: Box::new(orig_dsts.clone()),
             metrics: metrics.clone(),
             settings: crate::proxy::ProxySettings {
-                downstream_sockmap: false,
                 connect_timeout: Duration::from_secs(2),
                 outbound_policy: OutboundPolicy::AllowAny,
                 mirror_max_body_bytes: 1024 * 1024,

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_tuple, sk_action, BPF_F_CURRENT_NETNS, BPF_F_INGRESS,
+        bpf_sock_tuple, sk_action, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_NOEXIST,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
@@ -29,6 +29,9 @@ const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const LOOPBACK_NET: u32 = 127;
 const LOOPBACK_BE: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+/// `bpf_sock.state` values (include/net/tcp_states.h).
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_CLOSE_WAIT: u32 = 8;
 /// Third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as stored (network order).
 const V4_MAPPED_PREFIX_BE: u32 = 0x0000_ffffu32.to_be();
 /// Last word of `::1`, as stored.
@@ -47,10 +50,29 @@ static CLIENT_ORIG_DST: LruHashMap<ClientKey, OrigDst> =
 #[map(name = "PD_SOCK_PAIRS")]
 static SOCK_PAIRS: SockHash<SockPairKey> = SockHash::with_max_entries(MAX_SOCK_PAIRS, 0);
 
-/// Socket ends whose first message found no other end in [`SOCK_PAIRS`]: they stay on
-/// TCP, since mixing paths could deliver later bytes before earlier ones.
-#[map(name = "PD_SOCK_TCP")]
-static SOCK_ON_TCP: LruHashMap<SockPairKey, u8> = LruHashMap::with_max_entries(MAX_SOCK_PAIRS, 0);
+/// Bytes each paired end has handed to the other end, or [`ON_TCP`] once the end went back
+/// to TCP for good. Written when the end is paired (an end without an entry uses TCP),
+/// removed when its socket closes; a plain hash, never evicted (an evicted entry would let
+/// a socket switch back to redirecting, and bytes could overtake earlier ones).
+#[map(name = "PD_SOCK_SENT")]
+static SOCK_SENT: HashMap<SockPairKey, u64> = HashMap::with_max_entries(MAX_SOCK_PAIRS, 0);
+
+/// [`SOCK_SENT`] value of an end that uses TCP from now on. Going from redirecting to TCP
+/// keeps order (the receiver reads the redirected queue first); never the other way.
+const ON_TCP: u64 = u64::MAX;
+
+/// [`SOCK_SENT`] value of the listener's end, which is not counted: what it hands over is
+/// queued at the app's socket, in the pod's own memory cgroup, so a pod that does not read
+/// only holds itself up.
+const UNCOUNTED: u64 = u64::MAX - 1;
+
+/// Bytes the app's end may hand over before it goes back to TCP. A redirected message is
+/// queued at the receiver whatever its receive buffer says, so without this a pod writing
+/// faster than the daemon reads (an upload to a slow upstream, or on purpose) would pile
+/// up memory in the daemon, which every tenant shares; with it, no connection holds more
+/// unread bytes at the daemon than TCP's largest receive buffer (tcp_rmem's 6 MiB default
+/// maximum) would.
+const REDIRECT_BUDGET: u64 = 4 << 20;
 
 #[map(name = "PD_STATS")]
 static CAPTURE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(CAPTURE_STAT_SLOTS, 0);
@@ -357,6 +379,11 @@ fn forget_connection(ctx: &SockOpsContext) {
     };
     let _ = SOCK_ORIG_DST.remove(&cookie);
     let _ = CLIENT_ORIG_DST.remove(&ClientKey::new(netns_cookie, ctx.local_port() as u16));
+    let _ = SOCK_SENT.remove(&SockPairKey::new(
+        netns_cookie,
+        ctx.local_port() as u16,
+        remote_port_host(ctx.remote_port()),
+    ));
 }
 
 /// `remote_port` of sock_ops and sk_msg contexts, in host order: the kernel hands the
@@ -377,16 +404,25 @@ fn sockmap_listener(cgroup_id: u64) -> Option<u16> {
     }
 }
 
-/// Puts this socket end in [`SOCK_PAIRS`] under `key`.
+/// Puts this socket end in [`SOCK_PAIRS`] under `key`, unless a byte of it already went
+/// through TCP (TCP Fast Open data in the SYN): its later messages must not overtake it.
 #[inline(always)]
-fn pair(ctx: &SockOpsContext, mut key: SockPairKey) {
-    let _ = SOCK_ON_TCP.remove(&key);
+fn pair(ctx: &SockOpsContext, mut key: SockPairKey, initial: u64) {
     // SAFETY: the kernel hands a valid bpf_sock_ops for the program's lifetime.
-    if SOCK_PAIRS
-        .update(&mut key, unsafe { &mut *ctx.ops }, 0)
-        .is_ok()
-    {
+    let ops = unsafe { &mut *ctx.ops };
+    if ops.data_segs_out != 0 || ops.local_ip4 != LOOPBACK_BE || ops.remote_ip4 != LOOPBACK_BE {
+        return;
+    }
+    if SOCK_SENT.insert(&key, &initial, 0).is_err() {
+        return;
+    }
+    // NOEXIST: a key in use is never taken over by another socket.
+    if SOCK_PAIRS.update(&mut key, ops, BPF_NOEXIST as u64).is_ok() {
         count(CaptureStat::SockmapPaired);
+        // State callbacks, so close removes this end's SOCK_SENT entry.
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    } else {
+        let _ = SOCK_SENT.remove(&key);
     }
 }
 
@@ -405,16 +441,13 @@ fn pair_app_end(ctx: &SockOpsContext) {
         return;
     }
     let key = SockPairKey::new(orig.netns_cookie, ctx.local_port() as u16, remote_port);
-    pair(ctx, key);
+    pair(ctx, key, 0);
 }
 
 /// The listener's end of a redirected connection, once accepted by the kernel: a socket
 /// on 127.0.0.1 whose peer port is a redirected client's in this netns.
 #[inline(always)]
 fn pair_listener_end(ctx: &SockOpsContext) {
-    if ctx.local_ip4() != LOOPBACK_BE || ctx.remote_ip4() != LOOPBACK_BE {
-        return;
-    }
     // SAFETY: helper on our own context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let remote_port = remote_port_host(ctx.remote_port());
@@ -430,7 +463,11 @@ fn pair_listener_end(ctx: &SockOpsContext) {
     if sockmap_listener(orig.cgroup_id) != Some(local_port) {
         return;
     }
-    pair(ctx, SockPairKey::new(netns_cookie, local_port, remote_port));
+    pair(
+        ctx,
+        SockPairKey::new(netns_cookie, local_port, remote_port),
+        UNCOUNTED,
+    );
 }
 
 /// Every message sent on a paired end goes straight to the other end's receive queue,
@@ -440,6 +477,13 @@ fn pair_listener_end(ctx: &SockOpsContext) {
 pub fn pd_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the kernel hands a valid sk_msg_md for the program's lifetime.
     let md = unsafe { &*ctx.msg };
+    // SAFETY: `sk` of an sk_msg context is the sending socket, never null.
+    let state = unsafe { (*md.__bindgen_anon_3.sk).state };
+    if state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT {
+        // Shut down for writing, or closing: TCP says so (EPIPE) instead of a redirect
+        // delivering bytes after the FIN.
+        return sk_action::SK_PASS;
+    }
     // SAFETY: helper on our own context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.msg.cast()) };
     let own = SockPairKey::new(
@@ -447,16 +491,36 @@ pub fn pd_sk_msg(ctx: SkMsgContext) -> u32 {
         md.local_port as u16,
         remote_port_host(md.remote_port),
     );
-    // SAFETY: value is Copy and read at once.
-    if unsafe { SOCK_ON_TCP.get(&own) }.is_some() {
+    // One message of a socket at a time (the kernel holds the socket's lock), so the
+    // entry is read and written without atomics.
+    let Some(sent) = SOCK_SENT.get_ptr_mut(&own) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: a valid map value pointer, written only under this socket's lock.
+    let before = unsafe { *sent };
+    if before == ON_TCP {
+        return sk_action::SK_PASS;
+    }
+    let after = if before == UNCOUNTED {
+        UNCOUNTED
+    } else {
+        before + md.size as u64
+    };
+    if after != UNCOUNTED && after > REDIRECT_BUDGET {
+        count(CaptureStat::SockmapBudgetSpent);
+        // SAFETY: as above.
+        unsafe { *sent = ON_TCP };
         return sk_action::SK_PASS;
     }
     let mut peer = own.peer();
     if SOCK_PAIRS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
+        // SAFETY: as above.
+        unsafe { *sent = after };
         return sk_action::SK_PASS;
     }
     count(CaptureStat::SockmapFallback);
-    let _ = SOCK_ON_TCP.insert(&own, &1, 0);
+    // SAFETY: as above.
+    unsafe { *sent = ON_TCP };
     sk_action::SK_PASS
 }
 

@@ -71,11 +71,12 @@ pub struct CaptureCounts {
     pub foreign_listener: u64,
     pub sockmap_paired: u64,
     pub sockmap_fallback: u64,
+    pub sockmap_budget_spent: u64,
 }
 
 impl CaptureCounts {
     /// (metric label, value) of every decision.
-    pub fn labelled(&self) -> [(&'static str, u64); 12] {
+    pub fn labelled(&self) -> [(&'static str, u64); 13] {
         [
             ("redirected", self.redirected),
             ("fail_open_bypass", self.bypass_fail_open),
@@ -89,6 +90,7 @@ impl CaptureCounts {
             ("foreign_listener", self.foreign_listener),
             ("sockmap_paired", self.sockmap_paired),
             ("sockmap_fallback", self.sockmap_fallback),
+            ("sockmap_budget_spent", self.sockmap_budget_spent),
         ]
     }
 }
@@ -310,6 +312,7 @@ impl MapStats {
             foreign_listener: sum(CaptureStat::ForeignListener),
             sockmap_paired: sum(CaptureStat::SockmapPaired),
             sockmap_fallback: sum(CaptureStat::SockmapFallback),
+            sockmap_budget_spent: sum(CaptureStat::SockmapBudgetSpent),
         }
     }
 }

@@ -162,9 +162,6 @@ pub struct ProxySettings {
     pub mirror_max_body_bytes: usize,
     /// An HTTP/1 request head must arrive within this (slowloris); None: no limit.
     pub header_read_timeout: Option<Duration>,
-    /// `--sockmap`: accepted sockets may sit in the sockmap, where the bytes a pod sends
-    /// wait in a queue splice(2) does not read; opaque TCP from the pod is copied.
-    pub downstream_sockmap: bool,
 }
 
 /// What every connection handler shares.

@@ -173,26 +173,18 @@ pub async fn proxy(
     let result = match upstream {
         UpstreamIo::Plain(plain) => {
             // Plain on both sides: the kernel moves the bytes (splice through a pipe),
-            // never copying them into the daemon. Under `--sockmap` the pod's bytes wait
-            // in the socket's message queue, which splice does not read: copied.
-            let upward = async {
-                if inputs.settings.downstream_sockmap {
-                    copy_plain(&client, &plain, &received, (&activity, 0), 0).await
-                } else {
-                    splice_counted(
-                        &inputs.splice_pipes,
-                        &client,
-                        &plain,
-                        &received,
-                        (&activity, 0),
-                    )
-                    .await
-                }
-            };
+            // never copying them into the daemon (a client socket paired by `--sockmap`
+            // is found out and copied: see `waiting_beyond_splice`).
             let copied = until_idle(
                 async {
                     tokio::try_join!(
-                        upward,
+                        splice_counted(
+                            &inputs.splice_pipes,
+                            &client,
+                            &plain,
+                            &received,
+                            (&activity, 0)
+                        ),
                         splice_counted(
                             &inputs.splice_pipes,
                             &plain,
@@ -479,12 +471,20 @@ async fn splice_counted(
         });
         let n = match moved {
             Ok(0) => {
+                if waiting_beyond_splice(from) {
+                    return copy_plain(from, to, counter, (activity, direction), total).await;
+                }
                 // EOF: pass the half-close on.
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
                 return Ok(total);
             }
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if waiting_beyond_splice(from) {
+                    return copy_plain(from, to, counter, (activity, direction), total).await;
+                }
+                continue;
+            }
             Err(e) => return Err(e),
         };
         let mut left = n;
@@ -504,6 +504,27 @@ async fn splice_counted(
     }
 }
 
+/// Whether `socket` has bytes to read that splice(2) did not find: a socket paired in a
+/// sockmap (`--sockmap`, by this daemon or by the one it took over from) receives the
+/// pod's messages in a queue only recv(2) reads. Asked when splice finds nothing, or the
+/// FIN; a byte that merely arrived in between makes the caller copy, which is correct too.
+fn waiting_beyond_splice(socket: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut byte = 0u8;
+    // Straight to the kernel, not through tokio's `try_io`: the splice that just found
+    // nothing cleared tokio's readiness, and `try_io` would not even ask.
+    // SAFETY: one byte into a valid buffer; the kernel checks the descriptor.
+    let peeked = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    peeked > 0
+}
+
 /// The copy loop for two plain sockets without a pipe (descriptors spent).
 async fn copy_plain(
     from: &TcpStream,
@@ -514,14 +535,17 @@ async fn copy_plain(
 ) -> std::io::Result<u64> {
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
-        from.readable().await?;
+        // Read first, wait after: a caller may hand over with readiness already spent.
         let n = match from.try_read(&mut buf) {
             Ok(0) => {
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
                 return Ok(total);
             }
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                from.readable().await?;
+                continue;
+            }
             Err(e) => return Err(e),
         };
         let mut sent = 0;
