@@ -555,12 +555,30 @@ impl Drop for Node {
             sh_quiet(&["ip", "netns", "del", ns]);
         }
         sh_quiet(&["ip", "link", "del", &self.bridge]);
-        if let Ok(entries) = fs::read_dir(&self.pin_dir) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
+        // The node's pin directory and those a test gave further daemons (`<pin dir>-…`).
+        let mut pin_dirs = vec![self.pin_dir.clone()];
+        if let (Some(parent), Some(name)) = (
+            self.pin_dir.parent(),
+            self.pin_dir.file_name().and_then(|n| n.to_str()),
+        ) {
+            let prefix = format!("{name}-");
+            if let Ok(entries) = fs::read_dir(parent) {
+                pin_dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                        .map(|e| e.path()),
+                );
             }
         }
-        let _ = fs::remove_dir(&self.pin_dir);
+        for dir in pin_dirs {
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+            let _ = fs::remove_dir(&dir);
+        }
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.work_dir);
         }

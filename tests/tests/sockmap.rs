@@ -1,7 +1,8 @@
 //! `--sockmap`: both ends of each pod ↔ listener connection sit in a sockhash and an
 //! sk_msg program hands every message straight to the other end's receive queue. What a
 //! user checks: the same routing, metrics and byte-exact opaque TCP as without it, and the
-//! counters showing the connections really were paired.
+//! counters showing the connections really were paired, and that a pod cannot use the
+//! redirect to pile bytes up in the daemon.
 use std::time::Duration;
 
 use proxy_tests::{
@@ -73,7 +74,11 @@ spec:
     // TCP.
     let paired = decisions(&r.daemon, "sockmap_paired");
     assert!(paired >= 4.0, "paired ends: {paired}");
-    assert_eq!(decisions(&r.daemon, "sockmap_fallback"), 0.0);
+    // A connection's first message may beat the pairing of the listener's end (the
+    // handshake's last ACK handled late under load): that end then stays on TCP. At most
+    // once per connection.
+    let fell_back = decisions(&r.daemon, "sockmap_fallback");
+    assert!(fell_back <= 2.0, "fallbacks: {fell_back}");
     let dump = r.daemon.config_dump();
     assert_eq!(dump["settings"]["sockmap"], true, "{}", dump["settings"]);
 }
@@ -101,8 +106,16 @@ fn opaque_tcp_over_paired_sockets_arrives_byte_identical_both_ways() {
         &SIZE.to_string(),
         "--seed",
         "42",
+        // Once its budget is spent the app's end sends through TCP, whose ACKs wake this
+        // blocking reader with nothing to read: the kernel's sockmap recvmsg then says
+        // EAGAIN (a limit stated in the README). Read on, to check the bytes themselves.
+        "--retry-eagain",
     ]);
     assert_eq!(out["result"], "ok", "{out}");
+    eprintln!(
+        "spurious EAGAIN on the app's blocking reads: {}",
+        out["spurious_eagain"]
+    );
     let rec = wait_for(Duration::from_secs(5), || {
         records.lock().unwrap().first().cloned()
     })
@@ -132,4 +145,56 @@ fn opaque_tcp_over_paired_sockets_arrives_byte_identical_both_ways() {
     );
     assert_eq!(decisions(&daemon, "sockmap_paired"), 2.0);
     assert_eq!(decisions(&daemon, "sockmap_fallback"), 0.0);
+    // 20 MiB from the app is past its end's 4 MiB budget: it went on over TCP midway, and
+    // the hashes above show no byte overtook another at the switch. The listener's end is
+    // not counted (what it hands over waits in the pod's own memory).
+    assert_eq!(decisions(&daemon, "sockmap_budget_spent"), 1.0);
+}
+
+#[test]
+fn a_pod_flooding_a_stalled_upstream_is_pushed_back_instead_of_filling_the_daemon() {
+    const FLOOD: u64 = 256 * 1024 * 1024;
+    let mut node = Node::new("sockmap-flood");
+    let upstream = node.host("stalled");
+    // Accepts and never reads: everything the pod sends waits somewhere on the way.
+    let listener = upstream.listen(7100);
+    listener.set_nonblocking(false).expect("blocking accept");
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(4).flatten() {
+            keep.lock().unwrap().push(s);
+        }
+    });
+    let pod = node.pod("shop", "flooder-1");
+    node.write_config(
+        "shop.yaml",
+        &(namespace_yaml("shop", true, None) + &pod_yaml(&pod, &[("app", "flooder")])),
+    );
+    let daemon = Daemon::start(&node, SOCKMAP);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+
+    let out = pod.pdtool(&[
+        "flood",
+        "--to",
+        &upstream.addr(7100).to_string(),
+        "--bytes",
+        &FLOOD.to_string(),
+        "--ms",
+        "1500",
+    ]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert_eq!(out["blocked"], true, "the pod's writes never waited: {out}");
+    // Redirected bytes are queued at the daemon whatever its receive buffer says; the
+    // budget sends the rest through TCP, whose windows push back. What got in is the
+    // budget plus the TCP buffers on the way (pod, daemon, upstream), far below the flood.
+    let written = out["written"].as_u64().unwrap_or(u64::MAX);
+    eprintln!("written into a stalled path before the pod's write waited: {written} bytes");
+    assert!(
+        written < 48 * 1024 * 1024,
+        "{written} bytes written into a stalled path"
+    );
+    assert_eq!(decisions(&daemon, "sockmap_budget_spent"), 1.0);
+    assert_eq!(decisions(&daemon, "sockmap_paired"), 2.0);
+    drop(held);
 }

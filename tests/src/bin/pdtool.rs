@@ -163,6 +163,16 @@ enum Cmd {
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
     },
+    /// Write `--bytes` as fast as the connection takes them, without reading; stop once
+    /// one write has waited `--ms` (the path pushed back). Reports what was written.
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long)]
+        ms: u64,
+    },
     /// Connect and keep the connection open (idle) for a while.
     Hold {
         #[arg(long)]
@@ -203,6 +213,11 @@ enum Cmd {
         bytes: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Read again when a blocking read says EAGAIN (counted as `spurious_eagain`):
+        /// Linux's recvmsg for a socket in a sockmap returns it after a wake-up that
+        /// brought no data, e.g. the same socket's send buffer freeing up.
+        #[arg(long)]
+        retry_eagain: bool,
     },
     /// A client under steady load for `--ms`, as real ones behave: HTTP/1.1 at `--rate`
     /// requests a second over a kept-alive connection (or one per request with
@@ -1353,6 +1368,35 @@ fn main() {
             count,
             headers,
         } => h2_run(to, &authority, &path, count, &headers),
+        Cmd::Flood { to, bytes, ms } => match TcpStream::connect(to) {
+            Ok(mut s) => {
+                let _ = s.set_write_timeout(Some(Duration::from_millis(ms)));
+                let buf = vec![0x5au8; 64 * 1024];
+                let mut written = 0u64;
+                let mut outcome = json!({"result": "ok", "blocked": false});
+                while written < bytes {
+                    match s.write(&buf) {
+                        Ok(n) => written += n as u64,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            outcome["blocked"] = true.into();
+                            break;
+                        }
+                        Err(e) => {
+                            outcome = json!({"result": classify(&e), "error": e.to_string()});
+                            break;
+                        }
+                    }
+                }
+                outcome["written"] = written.into();
+                outcome
+            }
+            Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
+        },
         Cmd::Hold { to, ms } => match TcpStream::connect(to) {
             Ok(s) => {
                 let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -1389,7 +1433,14 @@ fn main() {
             expect_sha256,
             ms,
         } => streams(to, bytes, &expect_sha256, ms),
-        Cmd::Xfer { to, bytes, seed } => {
+        Cmd::Xfer {
+            to,
+            bytes,
+            seed,
+            retry_eagain,
+        } => {
+            let spurious = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let spurious_seen = spurious.clone();
             let started = Instant::now();
             match TcpStream::connect(to) {
                 Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
@@ -1405,6 +1456,13 @@ fn main() {
                                 Ok(n) => {
                                     h.update(&buf[..n]);
                                     total += n as u64;
+                                }
+                                Err(e)
+                                    if retry_eagain
+                                        && e.kind() == std::io::ErrorKind::WouldBlock =>
+                                {
+                                    spurious_seen
+                                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 }
                                 Err(e) => return Err(e.to_string()),
                             }
@@ -1434,7 +1492,8 @@ fn main() {
                         (None, Ok((rh, rn))) => {
                             json!({"result": "ok", "sent_sha256": hex::encode(h.finalize()),
                             "sent_bytes": bytes, "received_sha256": rh, "received_bytes": rn,
-                            "elapsed_ms": started.elapsed().as_secs_f64() * 1e3})
+                            "elapsed_ms": started.elapsed().as_secs_f64() * 1e3,
+                            "spurious_eagain": spurious.load(std::sync::atomic::Ordering::Relaxed)})
                         }
                         (s, r) => {
                             json!({"result": "error", "send_error": s, "receive": format!("{r:?}")})
