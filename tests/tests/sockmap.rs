@@ -198,3 +198,29 @@ fn a_pod_flooding_a_stalled_upstream_is_pushed_back_instead_of_filling_the_daemo
     assert_eq!(decisions(&daemon, "sockmap_paired"), 2.0);
     drop(held);
 }
+
+#[test]
+fn a_short_opaque_request_over_a_paired_socket_is_answered() {
+    // One small message, then the app waits for the answer: nothing later would wake a
+    // daemon that missed it (iperf3's control connection is such a client).
+    let (mut node, _servers, upstream, _seen) =
+        proxy_tests::node_with_upstream("sockmap-short", 8080);
+    let pod = node.pod("shop", "asker-1");
+    node.write_config(
+        "shop.yaml",
+        &(namespace_yaml("shop", true, None) + &pod_yaml(&pod, &[("app", "asker")])),
+    );
+    let daemon = Daemon::start(&node, SOCKMAP);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    for _ in 0..20 {
+        let out = pod.pdtool(&[
+            "connect",
+            "--to",
+            &upstream.addr(8080).to_string(),
+            "--timeout-ms",
+            "3000",
+        ]);
+        assert_eq!(out["result"], "ok", "{out}");
+    }
+    assert!(decisions(&daemon, "sockmap_paired") >= 40.0);
+}

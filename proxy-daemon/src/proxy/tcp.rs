@@ -466,25 +466,32 @@ async fn splice_counted(
                 Err(_) => return copy_plain(from, to, counter, (activity, direction), total).await,
             },
         };
+        // The paired check runs inside `try_io`, so tokio keeps the readiness when the
+        // bytes wait where only recv(2) finds them: the copy loop then reads at once.
         let moved = from.try_io(Interest::READABLE, || {
-            splice_once(from.as_raw_fd(), pipe_ref.write.as_raw_fd(), COPY_BUFFER)
+            match splice_once(from.as_raw_fd(), pipe_ref.write.as_raw_fd(), COPY_BUFFER) {
+                Ok(0) if waiting_beyond_splice(from.as_raw_fd()) => Ok(SpliceIn::Paired),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && waiting_beyond_splice(from.as_raw_fd()) =>
+                {
+                    Ok(SpliceIn::Paired)
+                }
+                Ok(n) => Ok(SpliceIn::Moved(n)),
+                Err(e) => Err(e),
+            }
         });
         let n = match moved {
-            Ok(0) => {
-                if waiting_beyond_splice(from) {
-                    return copy_plain(from, to, counter, (activity, direction), total).await;
-                }
+            Ok(SpliceIn::Paired) => {
+                return copy_plain(from, to, counter, (activity, direction), total).await;
+            }
+            Ok(SpliceIn::Moved(0)) => {
                 // EOF: pass the half-close on.
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
                 return Ok(total);
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if waiting_beyond_splice(from) {
-                    return copy_plain(from, to, counter, (activity, direction), total).await;
-                }
-                continue;
-            }
+            Ok(SpliceIn::Moved(n)) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
         let mut left = n;
@@ -504,19 +511,24 @@ async fn splice_counted(
     }
 }
 
+/// What one splice from the client found.
+enum SpliceIn {
+    /// Bytes moved into the pipe (0: end of stream).
+    Moved(usize),
+    /// The socket is paired in a sockmap: see [`waiting_beyond_splice`].
+    Paired,
+}
+
 /// Whether `socket` has bytes to read that splice(2) did not find: a socket paired in a
 /// sockmap (`--sockmap`, by this daemon or by the one it took over from) receives the
 /// pod's messages in a queue only recv(2) reads. Asked when splice finds nothing, or the
 /// FIN; a byte that merely arrived in between makes the caller copy, which is correct too.
-fn waiting_beyond_splice(socket: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd as _;
+fn waiting_beyond_splice(socket: std::os::fd::RawFd) -> bool {
     let mut byte = 0u8;
-    // Straight to the kernel, not through tokio's `try_io`: the splice that just found
-    // nothing cleared tokio's readiness, and `try_io` would not even ask.
     // SAFETY: one byte into a valid buffer; the kernel checks the descriptor.
     let peeked = unsafe {
         libc::recv(
-            socket.as_raw_fd(),
+            socket,
             (&mut byte as *mut u8).cast(),
             1,
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
