@@ -165,3 +165,52 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// `pdtool xfer` of `size` bytes each way from `pod` (workload `workload`) through the
+/// daemon to a [`Servers::xfer`] server at `to` sending `size` bytes: checks both
+/// directions byte for byte against the server's record, and the one connection in the
+/// Istio TCP metrics. Returns pdtool's answer.
+pub fn xfer_both_ways(
+    pod: &Pod,
+    workload: &str,
+    to: std::net::SocketAddr,
+    records: &std::sync::Arc<std::sync::Mutex<Vec<servers::XferRecord>>>,
+    size: u64,
+    daemon: &Daemon,
+    extra: &[&str],
+) -> serde_json::Value {
+    use std::time::Duration;
+    let (to, bytes) = (to.to_string(), size.to_string());
+    let mut args = vec!["xfer", "--to", &to, "--bytes", &bytes, "--seed", "42"];
+    args.extend_from_slice(extra);
+    let out = pod.pdtool(&args);
+    assert_eq!(out["result"], "ok", "{out}");
+    let rec = wait_for(Duration::from_secs(5), || {
+        records.lock().ok().and_then(|r| r.first().cloned())
+    })
+    .expect("server record");
+    assert_eq!(rec.received_bytes, size);
+    assert_eq!(
+        out["sent_sha256"], rec.received_sha256,
+        "client→server bytes differ"
+    );
+    assert_eq!(out["received_bytes"], size);
+    assert_eq!(
+        out["received_sha256"], rec.sent_sha256,
+        "server→client bytes differ"
+    );
+    let labels = [("source_workload", workload)];
+    assert!(wait_for(Duration::from_secs(3), || {
+        (daemon.metric_sum("istio_tcp_connections_closed_total", &labels) == 1.0).then_some(())
+    })
+    .is_some());
+    assert_eq!(
+        daemon.metric_sum("istio_tcp_received_bytes_total", &labels),
+        size as f64
+    );
+    assert_eq!(
+        daemon.metric_sum("istio_tcp_sent_bytes_total", &labels),
+        size as f64
+    );
+    out
+}

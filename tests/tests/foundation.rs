@@ -218,42 +218,14 @@ fn fifty_megabytes_each_way_with_half_close_arrive_byte_identical() {
     let daemon = Daemon::start(&node, &[]);
     daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
 
-    let out = pod.pdtool(&[
-        "xfer",
-        "--to",
-        &upstream.addr(7000).to_string(),
-        "--bytes",
-        &SIZE.to_string(),
-        "--seed",
-        "42",
-    ]);
-    assert_eq!(out["result"], "ok", "{out}");
-    let rec = wait_for(Duration::from_secs(5), || {
-        records.lock().unwrap().first().cloned()
-    })
-    .expect("server record");
-    assert_eq!(rec.received_bytes, SIZE);
-    assert_eq!(
-        out["sent_sha256"], rec.received_sha256,
-        "client→server bytes differ"
-    );
-    assert_eq!(out["received_bytes"], SIZE);
-    assert_eq!(
-        out["received_sha256"], rec.sent_sha256,
-        "server→client bytes differ"
-    );
-    let labels = [("source_workload", "uploader")];
-    assert!(wait_for(Duration::from_secs(3), || {
-        (daemon.metric_sum("istio_tcp_connections_closed_total", &labels) == 1.0).then_some(())
-    })
-    .is_some());
-    assert_eq!(
-        daemon.metric_sum("istio_tcp_received_bytes_total", &labels),
-        SIZE as f64
-    );
-    assert_eq!(
-        daemon.metric_sum("istio_tcp_sent_bytes_total", &labels),
-        SIZE as f64
+    let out = proxy_tests::xfer_both_ways(
+        &pod,
+        "uploader",
+        upstream.addr(7000),
+        &records,
+        SIZE,
+        &daemon,
+        &[],
     );
     eprintln!(
         "50 MiB each way through the proxy: {:.0} ms",
