@@ -18,6 +18,22 @@ pub fn to() -> String {
     format!("{CLUSTER_IP}:80")
 }
 
+/// A VirtualService for [`HOST`]: requests with `x-canary: yes` to subset v2, the rest to v1.
+pub fn canary_virtual_service() -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - match: [{{headers: {{x-canary: {{exact: 'yes'}}}}}}]
+    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
+  - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+"
+    )
+}
+
 /// How many of pdtool's answers came from `name`.
 pub fn served(out: &serde_json::Value, name: &str) -> u64 {
     out["servers"][name].as_u64().unwrap_or(0)

@@ -7,7 +7,7 @@ use proxy_tests::{
     daemon::Daemon,
     node::{namespace_yaml, pod_yaml},
     node_with_upstream,
-    reviews::{served, to, Reviews, HOST},
+    reviews::{canary_virtual_service, served, to, Reviews, HOST},
     wait_for,
 };
 
@@ -29,18 +29,7 @@ fn nat_rules(pod: &proxy_tests::Pod) -> String {
 
 #[test]
 fn virtual_service_routing_and_istio_metrics_work_without_any_ebpf() {
-    let vs = format!(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: backend}}
-spec:
-  hosts: [{HOST}]
-  http:
-  - match: [{{headers: {{x-canary: {{exact: 'yes'}}}}}}]
-    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
-  - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
-"
-    );
+    let vs = canary_virtual_service();
     let r = Reviews::builder("ipt-route")
         .yaml(&vs)
         .flags(IPTABLES)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use proxy_tests::{
     daemon::Daemon,
     node::{namespace_yaml, pod_yaml, Node},
-    reviews::{served, to, Reviews, HOST},
+    reviews::{canary_virtual_service, served, to, Reviews},
     servers::Servers,
     wait_for,
 };
@@ -21,18 +21,7 @@ fn decisions(daemon: &Daemon, decision: &str) -> f64 {
 
 #[test]
 fn routed_http_over_paired_sockets_is_routed_counted_and_never_falls_back() {
-    let vs = format!(
-        "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: backend}}
-spec:
-  hosts: [{HOST}]
-  http:
-  - match: [{{headers: {{x-canary: {{exact: 'yes'}}}}}}]
-    route: [{{destination: {{host: {HOST}, subset: v2}}}}]
-  - route: [{{destination: {{host: {HOST}, subset: v1}}}}]
-"
-    );
+    let vs = canary_virtual_service();
     let r = Reviews::builder("sockmap-route")
         .yaml(&vs)
         .flags(SOCKMAP)
