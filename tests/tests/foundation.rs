@@ -517,6 +517,11 @@ fn startup_errors_exit_2_with_one_line_saying_what_to_do() {
             None,
             "expected KEY=VALUE",
         ),
+        (
+            vec!["--sockmap".into(), "--capture".into(), "iptables".into()],
+            None,
+            "--sockmap needs --capture ebpf",
+        ),
     ];
     for (extra, uid, expect) in cases {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
