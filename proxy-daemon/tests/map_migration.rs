@@ -29,7 +29,8 @@ fn first_release_enrolments_are_carried_over_with_their_fail_mode() {
     let id = format!("pdt-migr-{:08x}", rand::random::<u32>());
     let pin_dir = PathBuf::from("/sys/fs/bpf").join(&id);
     let cgroup_root = cgroup::cgroup2_mount().expect("cgroup2").join(&id);
-    std::fs::create_dir_all(&pin_dir).expect("pin dir");
+    // As the daemon does: a fresh boot has no bpffs at /sys/fs/bpf yet.
+    bpf::ensure_bpffs(&pin_dir).expect("pin dir on bpffs");
     std::fs::create_dir_all(&cgroup_root).expect("cgroup");
     let _cleanup = Cleanup {
         pin_dir: pin_dir.clone(),

@@ -370,8 +370,9 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, BpfError> {
     Ok(removed)
 }
 
-/// Makes sure `pin_dir` sits on a bpffs, mounting /sys/fs/bpf when it is not one yet.
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
+/// Makes sure `pin_dir` sits on a bpffs, mounting /sys/fs/bpf when it is not one yet (a
+/// fresh boot has none), and creates it.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
     let is_bpffs = |p: &Path| {
         nix::sys::statfs::statfs(p)
             // __fsword_t is i64 on x86_64 but not on every arch.
