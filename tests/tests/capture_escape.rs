@@ -227,10 +227,14 @@ fn a_new_fail_closed_pod_never_connects_directly_not_even_at_its_start() {
         "kernel entry {window_ms} ms after the pod cgroup was made; listener up after {enrolled_ms} ms; app saw {tally} (ran {:?})",
         started.elapsed()
     );
+    if std::env::var_os("PDT_SHOW_LOG").is_some() {
+        println!("{}", daemon.log_text());
+    }
     assert_eq!(
         tally.get("direct"),
         None,
-        "a connect went out directly: {tally}"
+        "a connect went out directly: {tally}\nstate: {state}\ndaemon log:\n{}",
+        daemon.log_text()
     );
     assert!(tally["captured"].as_u64().unwrap_or(0) > 0, "{tally}");
     // The cgroup watch, not the 200 ms poll, wrote the entry: asked of the daemon rather
@@ -321,4 +325,90 @@ fn a_pod_deeper_than_the_kernel_walks_is_reported_not_shown_as_enrolled() {
         "{out}"
     );
     assert!(decisions(&daemon, "too_deep") >= 1.0);
+}
+
+/// A runtime moves a pod's first process into the pod's cgroup before that process enters
+/// the sandbox's network namespace (runc's bootstrap does; so does this harness, for a
+/// moment). Here it waits there 400 ms while the app, already in the pod's namespace,
+/// keeps connecting: the daemon must not take the node's namespace for the pod's (its
+/// listener would be in the wrong place, and re-enrolling it once removed the kernel entry:
+/// a fail-closed pod's connect went out directly), and must enrol the pod within
+/// moments of the process arriving, not at the next 200 ms poll.
+#[test]
+fn a_pod_process_still_in_the_nodes_network_namespace_is_never_taken_for_the_pods() {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("latens", 80);
+    let mut pod = node.pod("strict", "late-0");
+    pod.stop();
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("strict", true, Some("closed")) + &pod_yaml(&pod, &[("app", "late")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    assert!(wait_for(Duration::from_secs(5), || daemon
+        .workload_state(&pod.uid)
+        .filter(|w| w["state"] == "waiting for cgroup"))
+    .is_some());
+    // The cgroups, and a first process that sits in the node's namespace for a while.
+    std::fs::create_dir_all(pod.pause_cgroup()).unwrap();
+    std::fs::create_dir_all(pod.app_cgroup()).unwrap();
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pod.pause_cgroup().join("cgroup.procs"))
+        .unwrap();
+    let mut sandbox = std::process::Command::new("sh");
+    sandbox.args([
+        "-c",
+        &format!(
+            "sleep 0.4; exec ip netns exec {} sleep infinity",
+            pod.host.netns
+        ),
+    ]);
+    // SAFETY: one write(2) between fork and exec, on a file opened before the fork.
+    unsafe {
+        sandbox.pre_exec(move || {
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _sandbox = proxy_tests::KillOnDrop(sandbox.spawn().expect("sandbox process"));
+    let sandbox_entered = Instant::now() + Duration::from_millis(400);
+    let to = upstream.addr(80).to_string();
+    let app = pod
+        .host
+        .command(
+            Some(&pod.app_cgroup()),
+            &proxy_tests::target_bin("pdtool"),
+            &["watch", "--to", &to, "--ms", "1500"],
+        )
+        .output()
+        .expect("pdtool watch");
+    let tally: serde_json::Value = serde_json::from_slice(&app.stdout).expect("watch JSON");
+    let state = daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let log = daemon.log_text();
+    assert_eq!(
+        tally.get("direct"),
+        None,
+        "a connect went out directly: {tally}\n{log}"
+    );
+    assert!(tally["captured"].as_u64().unwrap_or(0) > 0, "{tally}");
+    // Enrolled once, in the pod's own namespace.
+    let pod_netns = std::fs::metadata(format!("/run/netns/{}", pod.host.netns))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    assert_eq!(state["netns_inode"], pod_netns, "{state}");
+    assert_eq!(log.matches("pod enrolled").count(), 1, "{log}");
+    // Soon after the process entered it, by the short re-check rather than the poll.
+    let enrolled_ms = state["enrolled_at_unix_ms"].as_f64().unwrap_or(f64::MAX);
+    let entered_ms = (std::time::SystemTime::now() - sandbox_entered.elapsed())
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    println!(
+        "enrolled {} ms after the sandbox process entered the pod's namespace",
+        enrolled_ms - entered_ms
+    );
+    assert!(enrolled_ms - entered_ms < 150.0, "{state}");
 }

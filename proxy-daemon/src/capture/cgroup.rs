@@ -278,6 +278,17 @@ pub fn sandbox_process(cgroup: &Path) -> Option<u32> {
     // never a candidate, however many processes it holds or whatever they are called.
     let node_userns = fs::metadata("/proc/self/ns/user").ok().map(|m| m.ino());
     pids.retain(|pid| netns_owner_userns(*pid) == node_userns);
+    // Nor the node's own network namespace (the daemon's: it runs with the host's): a
+    // runtime puts a process into the pod's cgroup before that process enters the
+    // sandbox's namespace, and a pod enrolled in that moment would get its listener in
+    // the node's namespace and its own connects refused or, re-enrolled, let out.
+    let node_netns = fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino());
+    pids.retain(|pid| {
+        let netns = fs::metadata(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .map(|m| m.ino());
+        netns.is_some() && netns != node_netns
+    });
     if let Some(pid) = pids.iter().copied().find(|pid| {
         fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "pause")
     }) {

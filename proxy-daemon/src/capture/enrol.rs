@@ -29,6 +29,9 @@ use crate::{
 use proxy_common::{Enrolment, FailMode, ENROLMENT_LISTENING, ENROLMENT_SOCKMAP, MAX_CGROUP_DEPTH};
 
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How soon to look again at a pod whose processes are not in its network namespace yet.
+pub const RECHECK_INTERVAL: Duration = Duration::from_millis(20);
 const READY_CONDITION: &str = "pod listeners";
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +139,9 @@ pub struct Enroller {
     iptables: bool,
     /// Extra [`Enrolment::flags`] every listening pod gets ([`ENROLMENT_SOCKMAP`]).
     extra_flags: u8,
+    /// A pod has processes but none in its own network namespace yet: the next pass comes
+    /// after [`RECHECK_INTERVAL`], not the poll's.
+    recheck_soon: bool,
 }
 
 impl Enroller {
@@ -170,6 +176,7 @@ impl Enroller {
             pass_cause: "startup",
             iptables: false,
             extra_flags: 0,
+            recheck_soon: false,
         }
     }
 
@@ -210,8 +217,13 @@ impl Enroller {
         self.reconcile().await;
         self.forget_foreign_entries();
         loop {
+            let interval = if self.recheck_soon {
+                RECHECK_INTERVAL
+            } else {
+                RECONCILE_INTERVAL
+            };
             self.pass_cause = tokio::select! {
-                _ = tokio::time::sleep(RECONCILE_INTERVAL) => "poll",
+                _ = tokio::time::sleep(interval) => "poll",
                 _ = wake.notified() => "cgroup watch",
                 r = changed.changed() => { if r.is_err() { break } "configuration" }
                 _ = stop.changed() => break,
@@ -253,16 +265,17 @@ impl Enroller {
         // Drop what is no longer wanted or no longer there.
         let uids: Vec<String> = self.pods.keys().cloned().collect();
         for uid in uids {
-            let reason = match snapshot.pods.get(&uid) {
-                None => Some("removed from configuration"),
-                Some(_) if !self.pods[&uid].cgroup.exists() => Some("cgroup gone"),
-                Some(_) if self.netns_changed(&self.pods[&uid]) => {
-                    Some("network namespace changed")
+            match snapshot.pods.get(&uid) {
+                None => self.unenrol(&uid, "removed from configuration"),
+                Some(_) if !self.pods[&uid].cgroup.exists() => self.unenrol(&uid, "cgroup gone"),
+                // Still captured: its entry goes back to "not listening" (the fail mode)
+                // in one map update, and this pass enrols it again in its new namespace.
+                // Deleting the entry first would let a fail-closed pod's connects out
+                // directly in between.
+                Some(want) if self.netns_changed(&self.pods[&uid]) => {
+                    self.reenrol_later(&uid, want, "network namespace changed")
                 }
-                Some(_) => None,
-            };
-            if let Some(reason) = reason {
-                self.unenrol(&uid, reason);
+                Some(_) => {}
             }
         }
         // A listener the previous daemon handed over for a pod this daemon does not capture
@@ -345,6 +358,7 @@ impl Enroller {
         self.skipped = skipped;
         // Enrol what is wanted and present.
         self.waiting.clear();
+        self.recheck_soon = false;
         let mut blocked = false;
         let mut refused = std::collections::BTreeSet::new();
         let own_pid = std::process::id();
@@ -399,6 +413,12 @@ impl Enroller {
             let Some(pid) = cgroup::sandbox_process(&cgroup_dir) else {
                 if let Some(p) = self.pending.get_mut(uid) {
                     p.reason = "waiting_for_process";
+                }
+                // Processes that have not joined the pod's network namespace yet (a
+                // runtime moves a process into the cgroup before it enters the sandbox):
+                // nothing notifies that step, so look again shortly.
+                if !cgroup::processes(&cgroup_dir, 1).is_empty() {
+                    self.recheck_soon = true;
                 }
                 self.waiting.insert(
                     uid.clone(),
@@ -647,12 +667,46 @@ impl Enroller {
         Ok(pod)
     }
 
+    /// Takes a pod that is still captured out of service: its kernel entry becomes a
+    /// pending one (the fail mode applies, never a direct way out) before its listener
+    /// closes; the enrol step of the pass enrols it again.
+    fn reenrol_later(&mut self, uid: &str, want: &CapturedPod, reason: &str) {
+        let Some(pod) = self.pods.get(uid) else {
+            return;
+        };
+        let pending = PendingPod {
+            cgroup: pod.cgroup.clone(),
+            cgroup_id: pod.cgroup_id,
+            pod_id: pod.pod_id,
+            fail_mode: want.fail_mode,
+            reason: "waiting_for_process",
+            written_at: SystemTime::now(),
+            written_by: self.pass_cause,
+        };
+        if let Err(e) = self.maps.enrol(
+            pending.cgroup_id,
+            pending_entry(&pending, self.outbound_port),
+        ) {
+            warn!(pod = %want.workload.pod_name, error = %e, "writing the pending kernel entry failed");
+        }
+        self.pending.insert(uid.to_string(), pending);
+        self.retire(uid, reason, false);
+    }
+
     fn unenrol(&mut self, uid: &str, reason: &str) {
+        self.retire(uid, reason, true);
+    }
+
+    /// Closes a pod's listener and forgets its connections; `remove_entry`: its kernel
+    /// entry goes too (the pod is no longer captured, or gone).
+    fn retire(&mut self, uid: &str, reason: &str, remove_entry: bool) {
         let Some(pod) = self.pods.remove(uid) else {
             return;
         };
         // Map entry first, so no new connect is sent to a listener about to close.
-        self.maps.unenrol(pod.cgroup_id);
+        if remove_entry {
+            self.maps.unenrol(pod.cgroup_id);
+        }
         if self.iptables {
             // The rules go before the listener closes too, in the background: the enroller
             // does not wait on a process per pod that leaves.
