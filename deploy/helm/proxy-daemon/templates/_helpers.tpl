@@ -45,3 +45,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "proxy-daemon.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The Secret holding the admin port's token: adminToken.existingSecret, else the one
+the chart makes (templates/admin-token.yaml). */}}
+{{- define "proxy-daemon.adminTokenSecret" -}}
+{{- .Values.adminToken.existingSecret | default (printf "%s-admin-token" (include "proxy-daemon.fullname" .)) }}
+{{- end }}
+
+{{/* The token's key in that Secret: `token` in the chart's own. */}}
+{{- define "proxy-daemon.adminTokenKey" -}}
+{{- if .Values.adminToken.existingSecret }}
+{{- .Values.adminToken.existingSecretKey | default "token" }}
+{{- else }}
+{{- "token" }}
+{{- end }}
+{{- end }}
