@@ -40,6 +40,8 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "pd_getpeername6";
     pub const BIND4: &str = "pd_bind4";
     pub const BIND6: &str = "pd_bind6";
+    pub const POST_BIND4: &str = "pd_post_bind4";
+    pub const POST_BIND6: &str = "pd_post_bind6";
     pub const SK_MSG: &str = "pd_sk_msg";
 }
 
@@ -194,10 +196,14 @@ pub enum CaptureStat {
     /// A paired end that handed over its budget of bytes: TCP from then on, so what the
     /// receiver has not read stays bounded.
     SockmapBudgetSpent = 12,
+    /// A pod socket that the kernel gave the listener port to (`bind` to port 0 with the
+    /// local port range set to it): the bind was undone.
+    AutobindRefused = 13,
 }
 
-/// Number of [`CaptureStat`] slots.
-pub const CAPTURE_STAT_SLOTS: u32 = 13;
+/// Number of [`CaptureStat`] slots: room to spare, so a new counter does not change the
+/// pinned map's layout (which makes an upgrade replace the maps).
+pub const CAPTURE_STAT_SLOTS: u32 = 32;
 
 #[cfg(feature = "user")]
 mod user {

@@ -78,6 +78,7 @@ fn snapshot(n: usize) -> state::Snapshot {
         label_value: "enabled".into(),
         node_name: "bench-node".into(),
         default_fail_mode: FailMode::Open,
+        default_export_to: Vec::new(),
     };
     state::compile(&objects, &settings, 1).unwrap_or_else(|e| panic!("{} errors", e.len()))
 }

@@ -116,6 +116,7 @@ pub struct Settings {
     pub tls_session_cache: usize,
     pub metrics_retention: Duration,
     pub max_series_per_workload: usize,
+    pub max_passthrough_lines_per_workload: usize,
     /// Downstream connection budgets (node, per source namespace).
     pub max_connections: usize,
     pub max_connections_per_namespace: usize,
@@ -207,6 +208,21 @@ async fn apply_mesh_tracing(
 /// A collector named by host (cluster mode: a Service, `otel-collector.observability`)
 /// is found in the daemon's own registry: a ready endpoint at the port's target port,
 /// else the service's address.
+/// `--default-export-to`, checked as Istio checks an `exportTo` list.
+fn default_export_to(list: &[String]) -> Result<Vec<String>, AppError> {
+    let list: Vec<String> = list
+        .iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    state::check_export_to(&list).map_err(|e| {
+        startup(format!(
+            "--default-export-to (PROXY_DEFAULT_EXPORT_TO): {e}"
+        ))
+    })?;
+    Ok(list)
+}
+
 fn collector_resolver(published: Arc<Published>) -> crate::spans::ResolveHost {
     Arc::new(move |host: &str, port: u16| {
         let snap = published.load();
@@ -219,7 +235,10 @@ fn collector_resolver(published: Arc<Published>) -> crate::spans::ResolveHost {
                 format!("{host}.cluster.local")
             },
         ];
-        let svc = candidates.iter().find_map(|h| snap.registry.by_host(h))?;
+        // The daemon's own lookup (no client namespace): a Service before any entry.
+        let svc = candidates
+            .iter()
+            .find_map(|h| snap.registry.by_host_unscoped(h))?;
         let port_info = svc.port(port as u32);
         let endpoint = svc.endpoints.iter().find_map(|e| {
             let ip = e.ip?;
@@ -339,6 +358,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
                 FailModeArg::Open => FailMode::Open,
                 FailModeArg::Closed => FailMode::Closed,
             },
+            default_export_to: default_export_to(&args.default_export_to)?,
         },
         capture_mode: args.capture,
         sockmap: args.sockmap,
@@ -377,6 +397,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         tls_session_cache: args.tls_session_cache,
         metrics_retention: Duration::from_secs(args.metrics_retention_secs),
         max_series_per_workload: args.max_series_per_workload,
+        max_passthrough_lines_per_workload: args.max_passthrough_lines_per_workload,
         max_connections: args.max_connections,
         max_connections_per_namespace: args.max_connections_per_namespace,
         max_idle_upstream_connections: args.max_idle_upstream_connections,
@@ -451,6 +472,17 @@ fn publish(
         .daemon
         .config_skipped_envoy_filters
         .set(snap.routes.skipped_envoy_filters as i64);
+    metrics.daemon.config_conflicts.clear();
+    for c in &snap.conflicts {
+        metrics
+            .daemon
+            .config_conflicts
+            .get_or_create(&crate::metrics::ConflictLabels {
+                kind: c.kind(),
+                reason: c.reason(),
+            })
+            .inc();
+    }
     // What is accepted but ignored or doubtful, said once: only what the last snapshot
     // did not already say (cluster mode recompiles on every change).
     let before: std::collections::HashSet<String> =
@@ -943,6 +975,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             .sub_registry_with_prefix("proxy_daemon"),
     );
     daemon_metrics.set_series_cap(settings.max_series_per_workload);
+    daemon_metrics.set_unnamed_lines_cap(settings.max_passthrough_lines_per_workload);
     let metrics = Arc::new(daemon_metrics);
     let published = Arc::new(Published::new());
     let config_status = Arc::new(Mutex::new(ConfigStatus::default()));

@@ -126,6 +126,19 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_SOCKMAP")]
     pub sockmap: bool,
 
+    /// The `exportTo` of VirtualServices, DestinationRules and ServiceEntries that set none
+    /// (Istio's MeshConfig `defaultVirtualServiceExportTo`, `defaultDestinationRuleExportTo`
+    /// and `defaultServiceExportTo` override it per kind): `*` (Istio's default: every
+    /// namespace), `.` (the object's own namespace only: the choice where namespaces do not
+    /// trust each other), `~`, or namespace names, comma-separated. Kubernetes Services
+    /// stay visible to all unless the mesh config says otherwise.
+    #[arg(
+        long,
+        env = "PROXY_DEFAULT_EXPORT_TO",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub default_export_to: Vec<String>,
     /// Namespaces with this label are captured.
     #[arg(
         long,
@@ -280,6 +293,12 @@ pub struct RunArgs {
     /// sets are counted in its overflow series (`destination_service="overflow"`).
     #[arg(long, env = "PROXY_MAX_SERIES_PER_WORKLOAD", default_value_t = crate::metrics::DEFAULT_MAX_SERIES_PER_WORKLOAD)]
     pub max_series_per_workload: usize,
+    /// Scrape lines one workload's traffic to destinations the configuration does not name
+    /// (PassthroughCluster, BlackHoleCluster: a Host, SNI or port the pod chose) may add;
+    /// past it, that traffic is counted in the workload's overflow series
+    /// (`destination_service="overflow"`). An HTTP destination takes 67 lines, a TCP one 4.
+    #[arg(long, env = "PROXY_MAX_PASSTHROUGH_LINES_PER_WORKLOAD", default_value_t = crate::metrics::DEFAULT_MAX_UNNAMED_LINES_PER_WORKLOAD)]
+    pub max_passthrough_lines_per_workload: usize,
 
     /// Trace headers written upstream when a request brought none (a request that brought
     /// some is answered in its own formats): any of `w3c`, `b3`, `b3-single`.

@@ -78,6 +78,7 @@ pub fn yaml(data: &[u8]) {
         label_value: "enabled".into(),
         node_name: "fuzz-node".into(),
         default_fail_mode: proxy_common::FailMode::Open,
+        default_export_to: Vec::new(),
     };
     if let Err(errors) = state::compile(&objects, &settings, 1) {
         for e in errors {

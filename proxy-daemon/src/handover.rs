@@ -33,6 +33,8 @@ pub const READY_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
+    #[error("hand-over peer refused: {0}")]
+    Peer(String),
     #[error("hand-over socket {path}: {source}")]
     Socket {
         path: PathBuf,
@@ -131,6 +133,41 @@ impl Taken {
     }
 }
 
+/// Whether the other end of a hand-over connection may have our sockets (or give us its
+/// own): root, as we are, and — where its /proc entry can be seen from here — running an
+/// executable of our name (not the same file: a successor is a newer build). A process
+/// that reached the socket file any other way gets nothing, and is counted.
+fn check_peer(conn: &OwnedFd) -> Result<(), HandoverError> {
+    let refuse = |why: String| {
+        crate::metrics::HANDOVER_PEERS_REFUSED.inc();
+        Err(HandoverError::Peer(why))
+    };
+    let creds = match socket::getsockopt(conn, socket::sockopt::PeerCredentials) {
+        Ok(c) => c,
+        Err(e) => return refuse(format!("no peer credentials: {e}")),
+    };
+    let ours = nix::unistd::geteuid().as_raw();
+    if creds.uid() != 0 || creds.uid() != ours {
+        return refuse(format!("uid {} (pid {})", creds.uid(), creds.pid()));
+    }
+    let exe_name = |path: &str| {
+        std::fs::read_link(path)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .map(|n| n.trim_end_matches(" (deleted)").to_string())
+    };
+    match (
+        exe_name(&format!("/proc/{}/exe", creds.pid())),
+        exe_name("/proc/self/exe"),
+    ) {
+        (Some(theirs), Some(mine)) if theirs != mine => {
+            refuse(format!("pid {} runs {theirs:?}, not {mine:?}", creds.pid()))
+        }
+        // Not visible from this pid namespace: uid 0 is all that can be known.
+        _ => Ok(()),
+    }
+}
+
 fn seqpacket() -> Result<OwnedFd, nix::errno::Errno> {
     socket::socket(
         AddressFamily::Unix,
@@ -157,6 +194,8 @@ pub fn take(path: &Path) -> Result<Option<Taken>, HandoverError> {
         Err(nix::errno::Errno::ECONNREFUSED) | Err(nix::errno::Errno::ENOENT) => return Ok(None),
         Err(e) => return Err(err(e)),
     }
+    // What it hands us becomes our listeners: only another daemon may.
+    check_peer(&conn)?;
     let timeout = nix::sys::time::TimeVal::new(5, 0);
     let _ = socket::setsockopt(&conn, socket::sockopt::ReceiveTimeout, &timeout);
     socket::send(conn.as_raw_fd(), HELLO, MsgFlags::empty()).map_err(err)?;
@@ -308,6 +347,8 @@ fn hand_over(
     stage: &tokio::sync::watch::Sender<Stage>,
 ) -> Result<(), HandoverError> {
     let perr = |e: nix::errno::Errno| HandoverError::Protocol(e.to_string());
+    // Whoever passes receives every listener of the node.
+    check_peer(conn)?;
     let timeout = nix::sys::time::TimeVal::new(5, 0);
     let _ = socket::setsockopt(conn, socket::sockopt::ReceiveTimeout, &timeout);
     let (hello, _) = receive(conn.as_raw_fd()).map_err(perr)?;

@@ -28,6 +28,26 @@ pub struct DestinationLabels {
 }
 
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
+/// `destination_service` of traffic to a destination the configuration does not name:
+/// the Host or SNI it carried when that is a host name or an address (lowercased: one
+/// name, one series), else the address dialled. Both come from the pod; a value that is
+/// not a name (quotes, spaces, control characters) never becomes a label.
+pub fn unnamed_service(carried: Option<&str>, dialled: std::net::SocketAddr) -> String {
+    match carried {
+        Some(name) if is_host_name(name) => name.to_ascii_lowercase(),
+        _ => dialled.to_string(),
+    }
+}
+
+/// A DNS name, an IPv4 address or a bracketed IPv6 one (what a Host or SNI may hold).
+pub fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
+        })
+}
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 
 /// Istio's TCP metric labels, in full (values outside our view are `unknown`). Cloning
@@ -93,7 +113,38 @@ impl IstioTcpLabels {
 
 impl EncodeLabelSet for IstioTcpLabels {
     fn encode(&self, encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        self.pairs().encode(encoder)
+        self.pairs().map(|(k, v)| (k, Escaped(v))).encode(encoder)
+    }
+}
+
+/// A label value written as the Prometheus text format requires: `\`, `"` and line feeds
+/// escaped. Istio's label values carry what pods chose (a Host, an SNI, pod labels from
+/// local files): unescaped, one quote makes the node's whole scrape unparsable and a line
+/// feed can forge series. Other control characters have no escape in the format; they
+/// become U+FFFD.
+#[derive(Debug, Clone, Copy)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl prometheus_client::encoding::EncodeLabelValue for Escaped<'_> {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        let v = self.0;
+        if !v.chars().any(|c| c == '\\' || c == '"' || c.is_control()) {
+            return encoder.write_str(v);
+        }
+        for c in v.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c if c.is_control() => encoder.write_char('\u{fffd}')?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -113,12 +164,12 @@ impl EncodeLabelSet for RequestLabels {
             .grpc_response_status
             .map(|g| g.to_string())
             .unwrap_or_default();
-        let base = self.base.pairs();
-        let mut all: Vec<(&str, &str)> = Vec::with_capacity(base.len() + 2);
+        let base = self.base.pairs().map(|(k, v)| (k, Escaped(v)));
+        let mut all: Vec<(&str, Escaped)> = Vec::with_capacity(base.len() + 2);
         // response_code and grpc_response_status sit just before response_flags.
         all.extend_from_slice(&base[..21]);
-        all.push(("response_code", &code));
-        all.push(("grpc_response_status", &grpc));
+        all.push(("response_code", Escaped(&code)));
+        all.push(("grpc_response_status", Escaped(&grpc)));
         all.extend_from_slice(&base[21..]);
         all.encode(encoder)
     }
@@ -254,6 +305,11 @@ thread_local! {
 /// handle caches compare, so a removed series' handles are never used again.
 struct SeriesIndex<L> {
     by_source: Mutex<HashMap<(String, String), HashSet<L>>>,
+    /// Scrape lines one label set of this family takes (a counter: 1 per counter family;
+    /// a histogram: its buckets, +Inf, sum and count).
+    lines_per_series: usize,
+    /// Lines of series to destinations a pod chose (shared by the HTTP and TCP families).
+    unnamed: Arc<UnnamedBudget>,
     epoch: AtomicU64,
     /// Series one source workload may have; past it, new label sets are folded into its
     /// overflow series (a pod looping over random Host headers cannot grow the node's
@@ -263,8 +319,75 @@ struct SeriesIndex<L> {
     overflowed: Counter,
 }
 
+/// Hand-over connections whose other end was not another daemon (see
+/// `handover::check_peer`): counted from wherever they are met, before the registry is.
+pub static HANDOVER_PEERS_REFUSED: std::sync::LazyLock<Counter> =
+    std::sync::LazyLock::new(Counter::default);
+
 /// Series per source workload by default (`--max-series-per-workload`).
 pub const DEFAULT_MAX_SERIES_PER_WORKLOAD: usize = 2000;
+
+/// Scrape lines one source workload's series to destinations the configuration does not
+/// name may add, by default (`--max-passthrough-lines-per-workload`). Configured
+/// destinations are bounded by the configuration; these are chosen by the pod (a Host
+/// header, an SNI, a port), so they get a small budget of their own: about ten HTTP
+/// destinations with their histograms, or a couple of hundred TCP ones, then one overflow
+/// series per workload.
+pub const DEFAULT_MAX_UNNAMED_LINES_PER_WORKLOAD: usize = 700;
+
+/// Scrape lines spent per source workload on series to unnamed destinations
+/// (PassthroughCluster, BlackHoleCluster), across the HTTP and TCP families.
+#[derive(Debug)]
+pub struct UnnamedBudget {
+    used: Mutex<HashMap<(String, String), usize>>,
+    limit: AtomicUsize,
+}
+
+impl Default for UnnamedBudget {
+    fn default() -> Self {
+        Self {
+            used: Mutex::new(HashMap::new()),
+            limit: AtomicUsize::new(DEFAULT_MAX_UNNAMED_LINES_PER_WORKLOAD),
+        }
+    }
+}
+
+impl UnnamedBudget {
+    /// Takes `lines` for `source` if, after it, no more than `share` of the limit is used
+    /// (quarters: exact destinations may use three, their overflow series all four).
+    fn take(&self, source: &(String, String), lines: usize, quarters: usize) -> bool {
+        let cap = self.limit.load(Ordering::Relaxed) / 4 * quarters;
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let now = used.entry(source.clone()).or_default();
+        if *now + lines > cap {
+            return false;
+        }
+        *now += lines;
+        true
+    }
+
+    fn forget(&self, source: &(String, String)) {
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(source);
+    }
+}
+
+/// What the series index needs of one family's label sets.
+trait SeriesLabels: Clone + std::hash::Hash + Eq {
+    fn source(&self) -> &SourceLabels;
+    /// Whether the destination is one the configuration does not name (the pod chose it).
+    fn unnamed(&self) -> bool;
+    /// The same source's overflow series for a named destination.
+    fn overflowed(&self) -> Self;
+    /// The same source's overflow series for an unnamed destination: destination
+    /// `overflow`, the pseudo cluster, response code and flags kept.
+    fn unnamed_overflow(&self) -> Self;
+    /// The last resort once even those are spent: response code and flags cleared, so
+    /// what is left is bounded by the few protocols and pseudo clusters.
+    fn saturated(&self) -> Self;
+}
 
 /// What an overflow series names as its destination.
 pub const OVERFLOW: &str = "overflow";
@@ -273,6 +396,8 @@ impl<L> Default for SeriesIndex<L> {
     fn default() -> Self {
         Self {
             by_source: Mutex::new(HashMap::new()),
+            lines_per_series: 1,
+            unnamed: Arc::default(),
             epoch: AtomicU64::new(0),
             cap: AtomicUsize::new(DEFAULT_MAX_SERIES_PER_WORKLOAD),
             overflowed: Counter::default(),
@@ -292,7 +417,16 @@ fn overflow_destination() -> (Arc<PeerLabels>, Arc<DestinationLabels>) {
     )
 }
 
-impl IstioTcpLabels {
+impl SeriesLabels for IstioTcpLabels {
+    fn source(&self) -> &SourceLabels {
+        &self.source
+    }
+
+    fn unnamed(&self) -> bool {
+        self.service.service_name == PASSTHROUGH_CLUSTER
+            || self.service.service_name == BLACKHOLE_CLUSTER
+    }
+
     /// The same source, protocol and flags, with the overflow destination.
     fn overflowed(&self) -> Self {
         let (peer, service) = overflow_destination();
@@ -302,26 +436,113 @@ impl IstioTcpLabels {
             ..self.clone()
         }
     }
+
+    fn unnamed_overflow(&self) -> Self {
+        Self {
+            peer: PeerLabels::unknown(),
+            service: Arc::new(DestinationLabels {
+                service: OVERFLOW.into(),
+                service_name: self.service.service_name.clone(),
+                service_namespace: UNKNOWN.into(),
+            }),
+            ..self.clone()
+        }
+    }
+
+    fn saturated(&self) -> Self {
+        Self {
+            response_flags: Cow::Borrowed("-"),
+            ..self.unnamed_overflow()
+        }
+    }
 }
 
-impl RequestLabels {
+impl SeriesLabels for RequestLabels {
+    fn source(&self) -> &SourceLabels {
+        &self.base.source
+    }
+
+    fn unnamed(&self) -> bool {
+        self.base.unnamed()
+    }
+
     fn overflowed(&self) -> Self {
         Self {
             base: self.base.overflowed(),
             ..self.clone()
         }
     }
+
+    fn unnamed_overflow(&self) -> Self {
+        Self {
+            base: self.base.unnamed_overflow(),
+            ..self.clone()
+        }
+    }
+
+    fn saturated(&self) -> Self {
+        Self {
+            response_code: 0,
+            grpc_response_status: None,
+            base: self.base.saturated(),
+        }
+    }
 }
 
-impl<L: Clone + std::hash::Hash + Eq> SeriesIndex<L> {
+impl<L: SeriesLabels> SeriesIndex<L> {
+    fn with_lines(lines_per_series: usize, unnamed: Arc<UnnamedBudget>) -> Self {
+        Self {
+            lines_per_series,
+            unnamed,
+            ..Default::default()
+        }
+    }
+
+    /// The series a new label set of `key`'s workload is counted in, recorded in `set`:
+    /// itself while the caps allow, else its workload's overflow series.
+    fn admit(&self, set: &mut HashSet<L>, labels: &L, key: &(String, String)) -> L {
+        let cap = self.cap.load(Ordering::Relaxed);
+        if !labels.unnamed() {
+            if set.len() < cap {
+                set.insert(labels.clone());
+                return labels.clone();
+            }
+            let folded = labels.overflowed();
+            set.insert(folded.clone());
+            self.overflowed.inc();
+            return folded;
+        }
+        // A destination the pod chose: within the workload's line budget (three quarters
+        // of it for exact destinations, all of it once folded), else the last resort.
+        for (candidate, quarters) in [(labels.clone(), 3), (labels.unnamed_overflow(), 4)] {
+            let folded = quarters == 4;
+            if set.contains(&candidate) {
+                self.overflowed.inc();
+                return candidate;
+            }
+            // The series cap holds for exact destinations; their overflow series is what
+            // the cap folds into.
+            let room = folded || set.len() < cap;
+            if room && self.unnamed.take(key, self.lines_per_series, quarters) {
+                if folded {
+                    self.overflowed.inc();
+                }
+                set.insert(candidate.clone());
+                return candidate;
+            }
+        }
+        let last = labels.saturated();
+        set.insert(last.clone());
+        self.overflowed.inc();
+        last
+    }
+
     /// The handles of `labels` from this thread's `cache`; on a thread's first use of the
     /// series they are made by `make` and the series is indexed under `source`.
     fn handles<H: Clone>(
         &self,
         cache: &'static std::thread::LocalKey<HandleCache<L, H>>,
         labels: &L,
-        source: &SourceLabels,
-        overflow: impl FnOnce(&L) -> L,
         make: impl FnOnce(&L) -> H,
     ) -> H {
         let owner = self as *const Self as usize;
@@ -336,17 +557,13 @@ impl<L: Clone + std::hash::Hash + Eq> SeriesIndex<L> {
             }
             let series = {
                 let mut index = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
-                let set = index
-                    .entry((source.namespace.clone(), source.workload.clone()))
-                    .or_default();
-                if set.contains(labels) || set.len() < self.cap.load(Ordering::Relaxed) {
-                    set.insert(labels.clone());
+                let source = labels.source();
+                let key = (source.namespace.clone(), source.workload.clone());
+                let set = index.entry(key.clone()).or_default();
+                if set.contains(labels) {
                     labels.clone()
                 } else {
-                    let folded = overflow(labels);
-                    set.insert(folded.clone());
-                    self.overflowed.inc();
-                    folded
+                    self.admit(set, labels, &key)
                 }
             };
             let h = make(&series);
@@ -364,6 +581,8 @@ impl<L: Clone + std::hash::Hash + Eq> SeriesIndex<L> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(namespace.to_string(), workload.to_string()))
             .unwrap_or_default();
+        self.unnamed
+            .forget(&(namespace.to_string(), workload.to_string()));
         self.epoch.fetch_add(1, Ordering::AcqRel);
         gone
     }
@@ -393,18 +612,14 @@ impl Default for HttpMetrics {
 impl HttpMetrics {
     pub fn record(&self, r: RequestRecord) {
         let l = &r.labels;
-        let handles = self.series.handles(
-            &REQUEST_HANDLES,
-            l,
-            &l.base.source,
-            RequestLabels::overflowed,
-            |l| RequestHandles {
+        let handles = self
+            .series
+            .handles(&REQUEST_HANDLES, l, |l| RequestHandles {
                 requests: self.requests.get_or_create(l).clone(),
                 duration: self.duration.get_or_create(l).clone(),
                 request_bytes: self.request_bytes.get_or_create(l).clone(),
                 response_bytes: self.response_bytes.get_or_create(l).clone(),
-            },
-        );
+            });
         handles.requests.inc();
         handles.duration.observe(r.duration.as_secs_f64() * 1000.0);
         handles.request_bytes.observe(r.request_bytes as f64);
@@ -478,7 +693,8 @@ pub struct MapLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     /// redirected | fail_open_bypass | fail_closed_refused | netns_mismatch | not_listening |
-    /// bind_refused | ipv6_direct | ipv6_refused | too_deep | foreign_listener
+    /// bind_refused | ipv6_direct | ipv6_refused | too_deep | foreign_listener |
+    /// sockmap_* | autobind_refused
     pub decision: &'static str,
 }
 
@@ -512,18 +728,12 @@ impl TcpMetrics {
     /// The counters of `labels`: no lock shared between cores once a thread has seen the
     /// series (the families and the expiry index are touched on first use only).
     pub fn handles(&self, labels: &IstioTcpLabels) -> TcpHandles {
-        self.series.handles(
-            &TCP_HANDLES,
-            labels,
-            &labels.source,
-            IstioTcpLabels::overflowed,
-            |l| TcpHandles {
-                opened: self.opened.get_or_create(l).clone(),
-                closed: self.closed.get_or_create(l).clone(),
-                sent_bytes: self.sent_bytes.get_or_create(l).clone(),
-                received_bytes: self.received_bytes.get_or_create(l).clone(),
-            },
-        )
+        self.series.handles(&TCP_HANDLES, labels, |l| TcpHandles {
+            opened: self.opened.get_or_create(l).clone(),
+            closed: self.closed.get_or_create(l).clone(),
+            sent_bytes: self.sent_bytes.get_or_create(l).clone(),
+            received_bytes: self.received_bytes.get_or_create(l).clone(),
+        })
     }
 
     /// Counts a connection opened.
@@ -600,6 +810,23 @@ pub struct DaemonMetrics {
     pub process_threads: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
     pub config_rejected_objects: Family<KindLabels, Gauge>,
+    /// Cross-object conflicts in the configuration in use (one namespace's object that
+    /// would take another's host or address, competing VirtualServices…).
+    pub config_conflicts: Family<ConflictLabels, Gauge>,
+    /// Enrolled pods with a power over their own capture worth an operator's look.
+    pub pods_flagged: Family<FlagLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlagLabels {
+    /// net_admin | port_range_covers_listener
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConflictLabels {
+    pub kind: &'static str,
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -618,7 +845,12 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let overflow = Family::<KindLabels, Counter>::default();
-        let mut tcp = TcpMetrics::default();
+        let unnamed = Arc::new(UnnamedBudget::default());
+        // A TCP label set is one line in each of the four counter families.
+        let mut tcp = TcpMetrics {
+            series: SeriesIndex::with_lines(4, unnamed.clone()),
+            ..Default::default()
+        };
         tcp.series.overflowed = overflow
             .get_or_create(&KindLabels { kind: "tcp".into() })
             .clone();
@@ -642,7 +874,12 @@ impl Metrics {
             "Total bytes received during request in case of a TCP connection",
             tcp.received_bytes.clone(),
         );
-        let mut http = HttpMetrics::default();
+        // A request label set: the counter, and three histograms of the bounds, +Inf, sum
+        // and count each.
+        let mut http = HttpMetrics {
+            series: SeriesIndex::with_lines(1 + 3 * (DURATION_BUCKETS_MS.len() + 3), unnamed),
+            ..Default::default()
+        };
         http.series.overflowed = overflow
             .get_or_create(&KindLabels {
                 kind: "http".into(),
@@ -775,6 +1012,21 @@ impl Metrics {
             daemon.config_rejected_objects.clone(),
         );
         sub.register(
+            "handover_peers_refused",
+            "Connections to the hand-over socket refused because the peer was not another daemon (not root, or another executable)",
+            HANDOVER_PEERS_REFUSED.clone(),
+        );
+        sub.register(
+            "pods_flagged",
+            "Enrolled pods whose own powers weaken capture, by reason: net_admin (a process holds CAP_NET_ADMIN over the pod's network namespace and can rewrite its rules), port_range_covers_listener (its local port range includes the listener port; the port is reserved)",
+            daemon.pods_flagged.clone(),
+        );
+        sub.register(
+            "config_conflicts",
+            "Conflicts in the configuration in use, each also a warning at its object's line: a ServiceEntry naming another namespace's Service address or host, a VirtualService for another namespace's Service, competing VirtualServices or DestinationRules, objects defined twice",
+            daemon.config_conflicts.clone(),
+        );
+        sub.register(
             "mirror_requests",
             "Mirror copies sent, by route and outcome",
             daemon.mirror_requests.clone(),
@@ -871,6 +1123,15 @@ impl Metrics {
     pub fn set_series_cap(&self, cap: usize) {
         self.http.series.cap.store(cap.max(1), Ordering::Relaxed);
         self.tcp.series.cap.store(cap.max(1), Ordering::Relaxed);
+    }
+
+    /// `--max-passthrough-lines-per-workload` (the HTTP and TCP families share it).
+    pub fn set_unnamed_lines_cap(&self, lines: usize) {
+        self.http
+            .series
+            .unnamed
+            .limit
+            .store(lines, Ordering::Relaxed);
     }
 
     /// The daemon's own process, from /proc/self (called on each scrape).
@@ -1035,6 +1296,121 @@ mod cap_tests {
         assert!(
             text.contains("proxy_daemon_metric_series_overflow_total{kind=\"http\"} 7"),
             "{text}"
+        );
+    }
+
+    fn tcp_labels(source: &Arc<SourceLabels>, service: &str, cluster: &str) -> IstioTcpLabels {
+        IstioTcpLabels::new(
+            source,
+            &PeerLabels::unknown(),
+            &Arc::new(DestinationLabels {
+                service: service.into(),
+                service_name: cluster.into(),
+                service_namespace: UNKNOWN.into(),
+            }),
+            "",
+        )
+    }
+
+    fn lines_of(text: &str, workload: &str) -> usize {
+        text.lines()
+            .filter(|l| l.contains(&format!("source_workload=\"{workload}\"")))
+            .count()
+    }
+
+    #[test]
+    fn what_a_pod_dials_outside_the_configuration_adds_a_bounded_number_of_scrape_lines() {
+        let m = Metrics::new();
+        let (noisy, quiet) = (source("noisy"), source("quiet"));
+        // 1,500 Host headers and 1,500 ports, all passthrough.
+        for i in 0..1500 {
+            m.http.record(RequestRecord {
+                labels: labels(&noisy, &format!("h{i}.example"), 200),
+                duration: std::time::Duration::from_millis(1),
+                request_bytes: 1,
+                response_bytes: 1,
+            });
+            m.tcp.open(&tcp_labels(
+                &noisy,
+                &format!("10.0.0.1:{}", 1000 + i),
+                PASSTHROUGH_CLUSTER,
+            ));
+        }
+        let text = m.encode();
+        let noisy_lines = lines_of(&text, "noisy");
+        assert!(
+            noisy_lines <= DEFAULT_MAX_UNNAMED_LINES_PER_WORKLOAD,
+            "{noisy_lines} lines"
+        );
+        // Nothing is lost: every request and connection is counted, the rest in overflow.
+        let total = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && l.contains("source_workload=\"noisy\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        assert_eq!(total("istio_requests_total{"), 1500.0);
+        assert_eq!(total("istio_tcp_connections_opened_total{"), 1500.0);
+        assert!(text.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("destination_service=\"overflow\"")
+            && l.contains("destination_service_name=\"PassthroughCluster\"")));
+        // Even a pod that also varies the response code stays within a few series more.
+        for code in 200..600 {
+            m.http.record(RequestRecord {
+                labels: labels(&noisy, &format!("c{code}.example"), code),
+                duration: std::time::Duration::from_millis(1),
+                request_bytes: 1,
+                response_bytes: 1,
+            });
+        }
+        let noisy_lines = lines_of(&m.encode(), "noisy");
+        assert!(
+            noisy_lines <= DEFAULT_MAX_UNNAMED_LINES_PER_WORKLOAD + 2 * 67,
+            "{noisy_lines}"
+        );
+        // Destinations the configuration names are not held by this budget.
+        for i in 0..50 {
+            m.tcp.open(&tcp_labels(
+                &quiet,
+                &format!("svc{i}.ns.svc.cluster.local"),
+                &format!("svc{i}"),
+            ));
+        }
+        assert_eq!(lines_of(&m.encode(), "quiet"), 50 * 4);
+        // A workload that leaves gives its budget back.
+        m.http.forget_source("ns", "noisy");
+        m.tcp.forget_source("ns", "noisy");
+        m.tcp
+            .open(&tcp_labels(&noisy, "10.0.0.2:80", PASSTHROUGH_CLUSTER));
+        assert!(m.encode().contains("destination_service=\"10.0.0.2:80\""));
+    }
+
+    #[test]
+    fn label_values_are_escaped_so_no_request_can_break_or_forge_the_scrape() {
+        let m = Metrics::new();
+        let evil = "x\",destination_service=\"forged\"} 1\nistio_requests_total{source_workload=\"victim\"\\";
+        m.tcp
+            .open(&tcp_labels(&source("noisy"), evil, PASSTHROUGH_CLUSTER));
+        let text = m.encode();
+        let opened: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .collect();
+        assert_eq!(opened.len(), 1, "{text}");
+        assert!(!text.contains("source_workload=\"victim\""), "{text}");
+        assert!(
+            opened[0].contains(r#"destination_service="x\",destination_service=\"forged\"} 1\nistio_requests_total{source_workload=\"victim\"\\""#),
+            "{}",
+            opened[0]
+        );
+        // Control characters without an escape in the format are replaced.
+        assert_eq!(
+            unnamed_service(Some("a\u{1b}b"), "10.1.1.1:443".parse().unwrap()),
+            "10.1.1.1:443"
+        );
+        assert_eq!(
+            unnamed_service(Some("API.Example.com"), "10.1.1.1:443".parse().unwrap()),
+            "api.example.com"
         );
     }
 }

@@ -100,6 +100,7 @@ impl InProcess {
             label_value: "enabled".into(),
             node_name: "test-node".into(),
             default_fail_mode: FailMode::Open,
+            default_export_to: Vec::new(),
         };
         let snap = state::compile(&objects, &settings, 1).unwrap_or_else(|errors| {
             panic!(

@@ -33,16 +33,12 @@ pub fn problems(paths: &[PathBuf]) -> Vec<ConfigError> {
         label_value: "enabled".into(),
         node_name: String::new(),
         default_fail_mode: FailMode::Open,
+        default_export_to: Vec::new(),
     };
     match state::compile(&objects, &settings, 0) {
         Err(errors) => out.extend(errors),
-        Ok(_) => {
-            // Compile again only for its findings: warnings and notes do not fail it.
-            let mut findings = Vec::new();
-            let registry = crate::state::registry::build(&objects, &mut findings);
-            crate::state::routes::build(&objects, &registry, &mut findings);
-            out.extend(findings);
-        }
+        // Warnings and notes do not fail it.
+        Ok(snap) => out.extend(snap.diagnostics),
     }
     state::sort_findings(&mut out);
     out.dedup();

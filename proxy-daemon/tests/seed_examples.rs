@@ -28,6 +28,7 @@ fn settings() -> CaptureSettings {
         label_value: "enabled".into(),
         node_name: "n".into(),
         default_fail_mode: FailMode::Open,
+        default_export_to: Vec::new(),
     }
 }
 
@@ -49,7 +50,7 @@ fn mirror_api_mirrors_everything_to_the_mirror_namespace() {
     let snap = compile("mirror-api.yaml");
     let vs = &snap
         .routes
-        .virtual_services_for("api.azar.svc.cluster.local", "azar", &NO_LABELS)
+        .virtual_services_for("api.azar.svc.cluster.local", "azar", &NO_LABELS, None)
         .next()
         .expect("a VirtualService");
     let rule = &vs.http[0];
@@ -83,6 +84,7 @@ fn route_by_source_sends_test_and_mirror_pods_to_the_cache_with_a_header() {
             "tiny-microservice.azar.svc.cluster.local",
             "azar",
             &NO_LABELS,
+            None,
         )
         .next()
         .expect("a VirtualService")
@@ -131,18 +133,23 @@ fn route_by_source_sends_test_and_mirror_pods_to_the_cache_with_a_header() {
 fn subsets_and_weights_split_10_90_for_mesh_traffic() {
     let snap = compile("subsets-weights.yaml");
     let host = "httpping-without-sidecar.infra-jinsu-lab.svc.cluster.local";
-    let svc = snap.registry.by_host(host).expect("service");
+    let svc = snap.registry.by_host(host, "default").expect("service");
     assert_eq!(svc.ports[0].port, 8080);
     assert_eq!(svc.ports[0].target_port, Some(80));
     let dr = snap
         .routes
-        .destination_rule(host, "infra-jinsu-lab")
+        .destination_rule(host, "infra-jinsu-lab", Some("infra-jinsu-lab"))
         .expect("DR");
     assert_eq!(dr.subsets["v1"].labels["version"], "v1");
     assert_eq!(dr.subsets["v2"].labels["version"], "v2");
     let rule = &snap
         .routes
-        .virtual_services_for(host, "azar", &NO_LABELS)
+        .virtual_services_for(
+            host,
+            "azar",
+            &NO_LABELS,
+            snap.registry.kubernetes_owner(host),
+        )
         .next()
         .expect("a VirtualService")
         .http[0];
@@ -175,6 +182,7 @@ fn consistent_hash_on_header_foo() {
         .destination_rule(
             "httpping-without-sidecar.infra-jinsu-lab.svc.cluster.local",
             "infra-jinsu-lab",
+            Some("infra-jinsu-lab"),
         )
         .expect("DR");
     match &dr.effective(None, None).load_balancer {
@@ -195,7 +203,7 @@ fn service_entry_with_tls_origination_on_port_80() {
     let snap = compile("serviceentry-tls-origination.yaml");
     let se = snap
         .registry
-        .by_host("httpbin.org")
+        .by_host("httpbin.org", "default")
         .expect("ServiceEntry host");
     let p80 = se.port(80).expect("port 80");
     assert_eq!(
@@ -212,7 +220,7 @@ fn service_entry_with_tls_origination_on_port_80() {
     ));
     let dr = snap
         .routes
-        .destination_rule("httpbin.org", "test-ext-svc")
+        .destination_rule("httpbin.org", "test-ext-svc", None)
         .expect("DR");
     let tls80 = dr.effective(Some(80), None).tls.expect("tls on 80");
     assert_eq!(tls80.mode, TlsMode::Simple);
@@ -377,31 +385,39 @@ spec:
     let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
     assert_eq!(
         snap.registry
-            .by_addr(addr("10.96.0.7:9080"))
+            .by_addr(addr("10.96.0.7:9080"), "default")
             .unwrap()
             .hostname,
         "reviews.shop.svc.cluster.local"
     );
     assert!(
-        snap.registry.by_addr(addr("10.96.0.7:80")).is_none(),
+        snap.registry
+            .by_addr(addr("10.96.0.7:80"), "default")
+            .is_none(),
         "port must be a service port"
     );
     assert_eq!(
         snap.registry
-            .by_addr(addr("192.0.2.55:443"))
+            .by_addr(addr("192.0.2.55:443"), "default")
             .unwrap()
             .hostname,
         "*.partners.example"
     );
-    assert!(snap.registry.by_addr(addr("192.0.3.1:443")).is_none());
+    assert!(snap
+        .registry
+        .by_addr(addr("192.0.3.1:443"), "default")
+        .is_none());
     assert_eq!(
         snap.registry
-            .by_host("API.partners.example")
+            .by_host("API.partners.example", "default")
             .unwrap()
             .hostname,
         "*.partners.example"
     );
-    assert!(snap.registry.by_host("partners.example").is_none());
+    assert!(snap
+        .registry
+        .by_host("partners.example", "default")
+        .is_none());
     use proxy_daemon::config::istio::OutboundMode;
     let l = |pairs: &[(&str, &str)]| {
         pairs
@@ -457,7 +473,7 @@ spec:
     std::fs::remove_dir_all(&dir).unwrap();
     let dr = snap
         .routes
-        .destination_rule("reviews.shop.svc.cluster.local", "shop")
+        .destination_rule("reviews.shop.svc.cluster.local", "shop", Some("shop"))
         .unwrap();
     let lb = |p: &proxy_daemon::state::routes::Policy| match &p.load_balancer {
         Some(LoadBalancer::Simple { algorithm }) => *algorithm,
@@ -529,7 +545,7 @@ fn service_without_slices_takes_ready_pods_matching_its_selector() {
     let snap = compile_yaml(PODS);
     let svc = snap
         .registry
-        .by_host("reviews.shop.svc.cluster.local")
+        .by_host("reviews.shop.svc.cluster.local", "default")
         .unwrap();
     assert_eq!(
         svc.endpoints.len(),
@@ -569,7 +585,7 @@ endpoints:
     let snap = compile_yaml(&yaml);
     let svc = snap
         .registry
-        .by_host("reviews.shop.svc.cluster.local")
+        .by_host("reviews.shop.svc.cluster.local", "default")
         .unwrap();
     assert_eq!(svc.endpoints.len(), 1, "{:?}", svc.endpoints);
     assert_eq!(svc.endpoints[0].address, "198.18.0.12");
@@ -596,7 +612,7 @@ spec:
         let snap = compile_yaml(&rule(od));
         let dr = snap
             .routes
-            .destination_rule("reviews.shop.svc.cluster.local", "shop")
+            .destination_rule("reviews.shop.svc.cluster.local", "shop", Some("shop"))
             .expect("rule");
         dr.effective(None, None)
             .outlier_detection

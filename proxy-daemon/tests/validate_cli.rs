@@ -120,3 +120,26 @@ spec:
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Istio's fault-injection task applies `fault-injection-details-v1.yaml` after
+/// `destination-rule-all.yaml`, redefining the `details` DestinationRule: accepted as
+/// `kubectl apply` takes it (the later definition), with a warning naming both places.
+#[test]
+fn istios_fault_injection_sample_is_accepted_after_the_file_it_redefines() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/istio-samples");
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy-daemon"))
+        .args([
+            "validate",
+            "destination-rule-all.yaml",
+            "fault-injection-details-v1.yaml",
+        ])
+        .current_dir(&fixtures)
+        .output()
+        .expect("run validate");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("fault-injection-details-v1.yaml:23: DestinationRule/default/details: warning: replaces the definition at destination-rule-all.yaml:")),
+        "{text}"
+    );
+}

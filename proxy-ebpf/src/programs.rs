@@ -11,9 +11,9 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_msg, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
@@ -299,6 +299,38 @@ pub fn pd_bind6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     guard_bind(sa.user_port)
+}
+
+/// post_bind4/post_bind6: the port the kernel chose for a `bind` to port 0 is known only
+/// here. A pod that sets `net.ipv4.ip_local_port_range` to the listener port (a "safe"
+/// sysctl any pod spec may set) would otherwise be given it and stand in for the proxy.
+/// (Connect and listen without a bind choose a port without this hook; the daemon reserves
+/// its ports in each pod's namespace for those: `ip_local_reserved_ports`.)
+#[inline(always)]
+fn guard_post_bind(ctx: &SockContext) -> i32 {
+    // SAFETY: the kernel hands a valid bpf_sock for the program's lifetime.
+    let sk = unsafe { &*ctx.sock };
+    if sk.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let port = sk.src_port as u16;
+    match enrolled_ancestor() {
+        Ancestor::Enrolled(_, e) if e.listener_port == port => {
+            count(CaptureStat::AutobindRefused);
+            REFUSE
+        }
+        _ => ALLOW,
+    }
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn pd_post_bind4(ctx: SockContext) -> i32 {
+    guard_post_bind(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn pd_post_bind6(ctx: SockContext) -> i32 {
+    guard_post_bind(&ctx)
 }
 
 /// Whether *our* listener listens on 127.0.0.1:<port> in the caller's network namespace:

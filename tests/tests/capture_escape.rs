@@ -412,3 +412,210 @@ fn a_pod_process_still_in_the_nodes_network_namespace_is_never_taken_for_the_pod
     );
     assert!(enrolled_ms - entered_ms < 150.0, "{state}");
 }
+
+/// Runs `script` with `sh` in the pod's network namespace (and `cgroup`, if given), as a
+/// process of the pod would: `/proc/sys/net` is that namespace's.
+fn pod_sh(
+    pod: &proxy_tests::Pod,
+    cgroup: Option<&std::path::Path>,
+    script: &str,
+) -> std::process::Output {
+    pod.host
+        .command(cgroup, std::path::Path::new("sh"), &["-c", script])
+        .output()
+        .expect("sh in the pod")
+}
+
+fn pod_sysctl(pod: &proxy_tests::Pod, key: &str) -> String {
+    let out = pod_sh(pod, None, &format!("cat /proc/sys/net/ipv4/{key}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn set_pod_sysctl(pod: &proxy_tests::Pod, key: &str, value: &str) {
+    let out = pod_sh(
+        pod,
+        None,
+        &format!("echo '{value}' > /proc/sys/net/ipv4/{key}"),
+    );
+    assert!(
+        out.status.success(),
+        "{key}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `net.ipv4.ip_local_port_range` is a "safe" sysctl any pod spec may set: set to the
+/// listener port, the kernel would hand that port to the pod's first socket that binds
+/// port 0, connects or listens, and the pod would stand in for the proxy. The daemon
+/// reserves its port in the pod's namespace (`ip_local_reserved_ports`: the kernel never
+/// hands it out), says the pod asked for it, and a post-bind program undoes such a bind
+/// when the reservation is gone (here: no daemon running, and a pod that could rewrite it).
+#[test]
+fn a_pod_cannot_be_handed_the_listener_port_by_its_local_port_range() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("prange", 80);
+    let pod = node.pod("strict", "ranged-0");
+    // As the pod spec's securityContext.sysctls sets it, before anything of ours runs.
+    set_pod_sysctl(&pod, "ip_local_port_range", "15001 15001");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("strict", true, Some("closed")) + &pod_yaml(&pod, &[("app", "ranged")])),
+    );
+    let mut daemon = Daemon::start(&node, &[]);
+    let state = daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let reserved = pod_sysctl(&pod, "ip_local_reserved_ports");
+    assert!(
+        reserved.split(',').any(|p| p == "15001"),
+        "reserved: {reserved:?}"
+    );
+    assert!(
+        state["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|v| v == "port_range_covers_listener")),
+        "{state}"
+    );
+    assert_eq!(
+        daemon.metric_sum(
+            "proxy_daemon_pods_flagged",
+            &[("reason", "port_range_covers_listener")]
+        ),
+        1.0
+    );
+    // The one port of its range is reserved: a bind to port 0 finds none.
+    let out = pod.pdtool(&["bind", "--addr", "127.0.0.1:0"]);
+    assert_ne!(out["result"], "ok", "{out}");
+    // With a usable range, the pod is proxied as usual.
+    set_pod_sysctl(&pod, "ip_local_port_range", "40000 40100");
+    let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(
+        out["local"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("127.0.0.1:"),
+        "{out}"
+    );
+    // No daemon (killed), and the reservation cleared (a pod with CAP_NET_ADMIN can): the
+    // kernel would now pick the listener port; the post-bind program refuses it.
+    daemon.kill9();
+    set_pod_sysctl(&pod, "ip_local_reserved_ports", "");
+    set_pod_sysctl(&pod, "ip_local_port_range", "15001 15001");
+    let out = pod.pdtool(&["bind", "--addr", "127.0.0.1:0"]);
+    assert_eq!(out["result"], "eperm", "{out}");
+    set_pod_sysctl(&pod, "ip_local_port_range", "40000 40100");
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert!(decisions(&daemon, "autobind_refused") >= 1.0);
+    assert!(pod_sysctl(&pod, "ip_local_reserved_ports")
+        .split(',')
+        .any(|p| p == "15001"));
+}
+
+/// What a pod with CAP_NET_ADMIN over its own network namespace can undo, said plainly:
+/// the cgroup programs decide every connect it makes, but the namespace's netfilter rules
+/// are its own, so it can DNAT a loopback connection (which capture leaves alone) to
+/// anywhere. Such a pod is flagged (/config_dump, `proxy_daemon_pods_flagged`); a pod
+/// without the capability can do neither.
+#[test]
+fn a_pod_holding_net_admin_is_flagged_and_can_route_loopback_out_but_no_other_pod_can() {
+    let (mut node, _servers, upstream, seen) = node_with_upstream("netadmin", 80);
+    let admin = node.pod("tools", "admin-0");
+    let mut plain = node.pod("tools", "plain-0");
+    // The plain pod's processes run without CAP_NET_ADMIN (dropped from the bounding set,
+    // as a runtime does for a container that does not add it).
+    plain.stop();
+    std::fs::create_dir_all(plain.pause_cgroup()).unwrap();
+    std::fs::create_dir_all(plain.app_cgroup()).unwrap();
+    let no_admin = ["--bounding-set=-net_admin", "--"];
+    let _pause = proxy_tests::KillOnDrop(
+        plain
+            .host
+            .command(
+                Some(&plain.pause_cgroup()),
+                std::path::Path::new("setpriv"),
+                &[no_admin[0], no_admin[1], "sleep", "infinity"],
+            )
+            .spawn()
+            .expect("pause without NET_ADMIN"),
+    );
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("tools", true, Some("closed"))
+            + &pod_yaml(&admin, &[("app", "admin")])
+            + &pod_yaml(&plain, &[("app", "plain")])),
+    );
+    let daemon = Daemon::start(&node, &[]);
+    for p in [&admin, &plain] {
+        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    let flags = |p: &proxy_tests::Pod| {
+        daemon
+            .workload_state(&p.uid)
+            .map(|s| s["flags"].to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || flags(&admin)
+            .contains("net_admin")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        flags(&admin)
+    );
+    assert!(!flags(&plain).contains("net_admin"), "{}", flags(&plain));
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_pods_flagged", &[("reason", "net_admin")]),
+        1.0
+    );
+
+    let up = upstream.addr(80);
+    let dnat = format!(
+        "echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet && \
+         iptables -w -t nat -A OUTPUT -d 127.0.0.5/32 -p tcp -j DNAT --to-destination {up} && \
+         iptables -w -t nat -A POSTROUTING -s 127.0.0.0/8 ! -d 127.0.0.0/8 -j MASQUERADE"
+    );
+    // Without the capability: refused by the kernel.
+    let out = plain
+        .host
+        .command(
+            Some(&plain.app_cgroup()),
+            std::path::Path::new("setpriv"),
+            &[no_admin[0], no_admin[1], "sh", "-c", &dnat],
+        )
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a pod without NET_ADMIN rewrote its rules"
+    );
+    // With it: a connection to a loopback address leaves the pod, unproxied.
+    let out = pod_sh(&admin, Some(&admin.app_cgroup()), &dnat);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = admin.pdtool(&["connect", "--to", "127.0.0.5:80"]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(seen
+        .peers()
+        .iter()
+        .any(|(p, _)| p.ip() == std::net::IpAddr::V4(admin.host.ip)));
+    assert_eq!(
+        daemon.metric_sum(
+            "istio_tcp_connections_opened_total",
+            &[("source_workload", "admin")]
+        ),
+        0.0,
+        "the DNAT went around the proxy, as documented"
+    );
+    // What it cannot undo: its connects to anything else are still the proxy's.
+    let out = admin.pdtool(&["connect", "--to", &up.to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(
+        out["local"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("127.0.0.1:"),
+        "{out}"
+    );
+}

@@ -640,7 +640,6 @@ fn tls_credentials_come_from_a_secret_of_the_clients_own_namespace() {
     .unwrap();
     let cert = client_ca.client("client.shop");
     c.api.apply(namespace_json("egress", &[]));
-    c.api.apply(namespace_json("team-b", &[]));
     let secret = |ns: &str| {
         secret_json(
             ns,
@@ -654,13 +653,15 @@ fn tls_credentials_come_from_a_secret_of_the_clients_own_namespace() {
         )
     };
     // As in Istio, a credential serves the pods of its own namespace: the client pod is in
-    // `shop`, whose rules and Secret it may use. `team-b` (no pods on this node) has a
-    // rule for another host naming a Secret of the same name, which exists there too.
+    // `shop`, whose rules and Secret it may use. `egress` (the hosts' namespace, with no
+    // pods on this node) has a rule for another host naming a Secret of the same name,
+    // which exists there too: the rule applies to shop's pods (a host's own namespace's
+    // rule does), its credential is not lent to them.
     c.api.apply(secret("shop"));
-    c.api.apply(secret("team-b"));
+    c.api.apply(secret("egress"));
     for (ns, host) in [
         ("shop", "api.partner.test"),
-        ("team-b", "other.partner.test"),
+        ("egress", "other.partner.test"),
         ("shop", "fresh.partner.test"),
     ] {
         c.api.apply(istio_json(
@@ -699,7 +700,7 @@ fn tls_credentials_come_from_a_secret_of_the_clients_own_namespace() {
     let other = get("other.partner.test");
     assert_eq!(
         other["first"]["status"], 503,
-        "team-b's credential is never lent to a pod of shop: {other}"
+        "egress's credential is never lent to a pod of shop: {other}"
     );
     assert!(
         daemon.log_text().contains("pods of shop cannot use it"),
@@ -717,7 +718,7 @@ fn tls_credentials_come_from_a_secret_of_the_clients_own_namespace() {
     assert!(
         !requests
             .iter()
-            .any(|r| r.contains("/namespaces/team-b/secrets")),
+            .any(|r| r.contains("/namespaces/egress/secrets")),
         "a namespace without pods on this node has its Secrets left unread: {requests:?}"
     );
     assert!(

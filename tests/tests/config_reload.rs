@@ -197,7 +197,8 @@ fn config_dump_shows_registry_routes_in_match_order_and_where_each_came_from() {
     node.write_config("vs.yaml", &reviews_vs(2));
     let daemon = Daemon::start(&node, &[]);
     let dump = daemon.config_dump();
-    let svc = &dump["snapshot"]["registry"]["services"]["reviews.shop.svc.cluster.local"];
+    // Every service of a hostname (one here), oldest first.
+    let svc = &dump["snapshot"]["registry"]["services"]["reviews.shop.svc.cluster.local"][0];
     assert_eq!(svc["addresses"][0], "198.18.0.200");
     assert_eq!(svc["ports"][0]["port"], 9080);
     let rules = dump["snapshot"]["routes"]["virtual_services"]["reviews.shop.svc.cluster.local"][0]

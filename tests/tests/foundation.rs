@@ -336,8 +336,8 @@ fn kill_9_leaves_fail_open_pods_direct_and_fail_closed_pods_refused_then_restart
         .collect();
     assert_eq!(
         links.len(),
-        7,
-        "connect4/6, getpeername4/6, bind4/6, sock_ops"
+        9,
+        "connect4/6, getpeername4/6, bind4/6, post_bind4/6, sock_ops"
     );
     for pod in [&open_pod, &closed_pod] {
         let out = pod.pdtool(&["connect", "--to", &to]);

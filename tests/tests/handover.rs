@@ -550,3 +550,68 @@ fn kill_9_under_load_recovers_without_an_operator() {
         "held connection ended at {closed_after} ms (kill at {killed_ms} ms)"
     );
 }
+
+/// The hand-over socket gives every listener of the node to whoever asks: only another
+/// daemon may (root, running an executable of the daemon's name), and a daemon takes
+/// sockets only from one. Here the asker, and then the offerer, is this test process: root,
+/// but not proxy-daemon.
+#[test]
+fn only_another_daemon_may_take_the_sockets_or_offer_its_own() {
+    let (mut node, _servers, upstream, _seen) = proxy_tests::node_with_upstream("hpeer", 80);
+    let pod = node.pod("shop", "web-0");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, Some("closed")) + &pod_yaml(&pod, &[("app", "web")])),
+    );
+    let mut daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let path = proxy_daemon::handover::socket_path(
+        std::path::Path::new("/run/proxy-daemon"),
+        &node.pin_dir,
+    );
+    let taken = proxy_daemon::handover::take(&path);
+    assert!(
+        !taken.as_ref().is_ok_and(|t| t.is_some()),
+        "a process that is not a daemon got the node's listeners"
+    );
+    assert!(proxy_tests::wait_for(Duration::from_secs(3), || (daemon
+        .metric_sum("proxy_daemon_handover_peers_refused_total", &[])
+        == 1.0)
+        .then_some(()))
+    .is_some());
+    // It keeps serving its pods (and its hand-over socket).
+    let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+    daemon.kill9();
+
+    // Something that is not a daemon listens where a predecessor would: a new daemon
+    // takes nothing from it and starts on its own.
+    let listener = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("seqpacket");
+    let _ = std::fs::remove_file(&path);
+    nix::sys::socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&listener),
+        &nix::sys::socket::UnixAddr::new(&path).unwrap(),
+    )
+    .expect("bind");
+    nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(4).unwrap())
+        .expect("listen");
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_handover_peers_refused_total", &[]),
+        1.0
+    );
+    assert!(
+        daemon.log_text().contains("hand-over peer refused"),
+        "{}",
+        daemon.log_text()
+    );
+    let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+}

@@ -192,3 +192,40 @@ fn no_listener_means_refused_a_restart_recaptures_and_an_opted_out_pod_gets_its_
         before
     );
 }
+
+/// The redirect lets the daemon's own sockets out by their cgroup, not by a mark: a pod
+/// that sets the mark ztunnel and this daemon's sockets carry (0x539; `SO_MARK` needs only
+/// CAP_NET_RAW since Linux 5.17, and runtimes grant it) is redirected like any other.
+#[test]
+fn a_pod_setting_the_daemons_mark_is_redirected_all_the_same() {
+    let (mut node, _servers, upstream, seen) = node_with_upstream("ipt-mark", 8080);
+    let pod = node.pod("shop", "web-1");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, None) + &pod_yaml(&pod, &[("app", "web")])),
+    );
+    let daemon = Daemon::start(&node, IPTABLES);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    let rules = nat_rules(&pod);
+    assert!(rules.contains("-m cgroup --path"), "{rules}");
+    assert!(!rules.contains("--mark"), "{rules}");
+    let dst = upstream.addr(8080).to_string();
+    let out = pod.pdtool(&["connect", "--to", &dst, "--mark", &0x539.to_string()]);
+    assert_eq!(out["result"], "ok", "{out}");
+    // Proxied: the daemon counted it as the pod's, and the upstream saw one connection
+    // from the pod's address (the daemon's, made in the pod's namespace).
+    assert!(
+        wait_for(Duration::from_secs(3), || (daemon.metric_sum(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("source_workload", "web"),
+                ("destination_service", dst.as_str())
+            ]
+        ) == 1.0)
+            .then_some(()))
+        .is_some(),
+        "the marked connect went around the proxy: {}",
+        daemon.metrics_text()
+    );
+    assert_eq!(seen.peers().len(), 1);
+}

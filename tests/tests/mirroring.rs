@@ -346,6 +346,7 @@ spec:
     );
     assert!(wait_for(Duration::from_secs(5), || {
         daemon.config_dump()["snapshot"]["registry"]["services"]["resetter.azar.svc.cluster.local"]
+            [0]
             .is_object()
             .then_some(())
     })

@@ -64,14 +64,6 @@ fn deployment_pod_yaml(pod: &Pod, deployment: &str, labels: &[(&str, &str)]) -> 
     y
 }
 
-fn promtool() -> std::path::PathBuf {
-    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/promtool");
-    if local.exists() {
-        return local;
-    }
-    "promtool".into()
-}
-
 struct Scene {
     node: Node,
     /// The cluster.yaml the scene wrote (tests rewrite it).
@@ -434,34 +426,7 @@ fn istio_metrics_count_every_request_with_istios_labels() {
     }
 
     // promtool accepts the scrape.
-    let file = std::env::temp_dir().join(format!("pd-scrape-{}.txt", std::process::id()));
-    std::fs::write(&file, &text).unwrap();
-    let out = std::process::Command::new(promtool())
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&file).unwrap())
-        .output()
-        .expect("promtool (installed by `cargo xtask setup`)");
-    let _ = std::fs::remove_file(&file);
-    // promtool's naming lint objects to one of Istio's own metric names (a real sidecar's
-    // scrape gets the same line); that name is the contract, so that one line is allowed
-    // and nothing else: no parse error (exit 1), no other lint.
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let istio_naming =
-        r#"istio_request_duration_milliseconds use base unit "seconds" instead of "milliseconds""#;
-    let problems: Vec<&str> = report
-        .lines()
-        .filter(|l| !l.trim().is_empty() && l.trim() != istio_naming)
-        .collect();
-    assert!(
-        out.status.success() || (out.status.code() == Some(3) && problems.is_empty()),
-        "promtool check metrics ({:?}): {report}",
-        out.status.code()
-    );
-    assert!(problems.is_empty(), "promtool: {problems:?}");
+    proxy_tests::promtool_check(&text).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The daemon's JSON log lines written by the access log.

@@ -871,3 +871,170 @@ spec:
         0.0
     );
 }
+
+/// What a pod puts in a Host header or an SNI ends up in the node's scrape (Istio labels
+/// passthrough traffic by it). Quotes, backslashes and line feeds there could make the
+/// whole scrape unparsable or write series of their own; and a pod choosing a new Host or
+/// port per connection could grow the scrape for everyone. Checked with promtool, by
+/// looking for the forged series, and by counting the scrape's lines.
+#[test]
+fn hostile_hosts_and_snis_cannot_break_or_forge_the_scrape_or_grow_it_without_bound() {
+    let t = tenants("forge", "scraper", "", &[]);
+    let (daemon, attacker, victim, upstream) = (&t.daemon, &t.attacker, &t.victim, &t.upstream);
+    t._servers.banner(upstream, 443, "220 tls-ish\r\n");
+    let to = upstream.addr(80).to_string();
+    // The victim's own traffic, for a series an attacker might want to forge.
+    let ok = victim.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "api.partner.example",
+        "--count",
+        "3",
+    ]);
+    assert_eq!(ok["statuses"]["200"], 3, "{ok}");
+    for host in [
+        r#"x",reporter="forged"#,
+        r#"a\b"} 99"#,
+        "}\u{7f}{",
+        "forged.example\u{202e}",
+    ] {
+        let out = attacker.pdtool(&["http", "--to", &to, "--host", host]);
+        assert!(
+            out["statuses"].as_object().is_some_and(|s| !s.is_empty()),
+            "{host:?}: {out}"
+        );
+    }
+    let tls_to = upstream.addr(443).to_string();
+    for sni in [
+        "\"} 9\nforged_total{reporter=\"destination\"} 9\n#".to_string(),
+        format!("evil\r\n\u{1b}[2J{}", "q".repeat(20)),
+    ] {
+        let hex_name: String = sni.bytes().map(|b| format!("{b:02x}")).collect();
+        let out = attacker.pdtool(&["tls-hello", "--to", &tls_to, "--sni-hex", &hex_name]);
+        assert_eq!(out["result"], "ok", "{sni:?}: {out}");
+    }
+    // Every connection above is reported once it closes; wait for the last one.
+    assert!(
+        proxy_tests::wait_for(Duration::from_secs(5), || {
+            (daemon.metric_sum(
+                "istio_tcp_connections_closed_total",
+                &[
+                    ("source_workload", "scraper"),
+                    ("destination_service", &tls_to),
+                ],
+            ) == 2.0)
+                .then_some(())
+        })
+        .is_some(),
+        "{}",
+        daemon.metrics_text()
+    );
+    let text = daemon.metrics_text();
+    proxy_tests::promtool_check(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!text.lines().any(|l| l.starts_with("forged")), "{text}");
+    assert!(!text.contains("reporter=\"forged\""), "{text}");
+    assert!(!text.contains("reporter=\"destination\""), "{text}");
+    assert!(!text.contains('\u{1b}') && !text.contains('\u{202e}') && !text.contains('\r'));
+    // The victim's series are as it made them.
+    assert_eq!(
+        daemon.metric_sum("istio_requests_total", &[("source_workload", "web")]),
+        3.0
+    );
+    // The access log carries the same values only quoted, one line each.
+    // (The daemon's own lines are coloured with ANSI escapes; what a request carried is
+    // never written raw, in access log lines or any other.)
+    let log = daemon.log_text();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("evil") || l.contains("forged"))
+    {
+        let plain = without_colours(line);
+        assert!(
+            !plain.contains('\u{1b}') && !plain.contains('\u{202e}') && !plain.contains('\r'),
+            "raw escape in the log: {line:?}"
+        );
+    }
+    assert!(
+        !log.lines().any(|l| l.starts_with("forged")),
+        "a forged log line"
+    );
+
+    // 1,500 Host headers and 1,500 ports, all destinations no configuration names.
+    let lines_before = daemon.metrics_text().lines().count();
+    let out = attacker.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "h{i}.passthrough.example",
+        "--count",
+        "1500",
+    ]);
+    assert_eq!(out["statuses"]["200"], 1500, "{out}");
+    let out = attacker.pdtool(&[
+        "ports",
+        "--to",
+        &upstream.ip.to_string(),
+        "--from",
+        "20000",
+        "--count",
+        "1500",
+    ]);
+    let dialled: u64 = out["outcomes"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, n)| n.as_u64())
+        .sum();
+    assert_eq!(dialled, 1500, "{out}");
+    // Counted, all of them: in the overflow series past the budget.
+    assert!(proxy_tests::wait_for(Duration::from_secs(5), || {
+        (daemon.metric_sum(
+            "istio_tcp_connections_closed_total",
+            &[("source_workload", "scraper")],
+        ) >= 1502.0)
+            .then_some(())
+    })
+    .is_some());
+    let text = daemon.metrics_text();
+    let growth = text.lines().count() - lines_before;
+    eprintln!("scrape: {lines_before} lines, +{growth} after 1,500 Hosts and 1,500 ports");
+    assert!(growth < 1000, "the scrape grew by {growth} lines");
+    assert!(
+        daemon.metric_sum(
+            "istio_requests_total",
+            &[
+                ("source_workload", "scraper"),
+                ("destination_service", "overflow")
+            ]
+        ) > 1000.0
+    );
+    assert!(
+        daemon.metric_sum("proxy_daemon_metric_series_overflow_total", &[]) > 2000.0,
+        "the defence is counted"
+    );
+}
+
+/// A log line without the SGR colour sequences (`ESC [ digits ; … m`) tracing adds.
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find("\u{1b}[") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let params = after
+            .bytes()
+            .take_while(|b| b.is_ascii_digit() || *b == b';')
+            .count();
+        if after.as_bytes().get(params) == Some(&b'm') {
+            rest = &after[params + 1..];
+        } else {
+            out.push('\u{1b}');
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}

@@ -17,7 +17,7 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SkMsg, SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -72,11 +72,12 @@ pub struct CaptureCounts {
     pub sockmap_paired: u64,
     pub sockmap_fallback: u64,
     pub sockmap_budget_spent: u64,
+    pub autobind_refused: u64,
 }
 
 impl CaptureCounts {
     /// (metric label, value) of every decision.
-    pub fn labelled(&self) -> [(&'static str, u64); 13] {
+    pub fn labelled(&self) -> [(&'static str, u64); 14] {
         [
             ("redirected", self.redirected),
             ("fail_open_bypass", self.bypass_fail_open),
@@ -91,6 +92,7 @@ impl CaptureCounts {
             ("sockmap_paired", self.sockmap_paired),
             ("sockmap_fallback", self.sockmap_fallback),
             ("sockmap_budget_spent", self.sockmap_budget_spent),
+            ("autobind_refused", self.autobind_refused),
         ]
     }
 }
@@ -313,6 +315,7 @@ impl MapStats {
             sockmap_paired: sum(CaptureStat::SockmapPaired),
             sockmap_fallback: sum(CaptureStat::SockmapFallback),
             sockmap_budget_spent: sum(CaptureStat::SockmapBudgetSpent),
+            autobind_refused: sum(CaptureStat::AutobindRefused),
         }
     }
 }
@@ -668,6 +671,14 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
         (
             programs::BIND6,
             load_attach!(ebpf, CgroupSockAddr, programs::BIND6, cgroup, pin_dir),
+        ),
+        (
+            programs::POST_BIND4,
+            load_attach!(ebpf, CgroupSock, programs::POST_BIND4, cgroup, pin_dir),
+        ),
+        (
+            programs::POST_BIND6,
+            load_attach!(ebpf, CgroupSock, programs::POST_BIND6, cgroup, pin_dir),
         ),
     ];
     let mut links = Vec::new();

@@ -309,6 +309,33 @@ pub fn sandbox_process(cgroup: &Path) -> Option<u32> {
         .map(|(_, pid)| *pid)
 }
 
+/// CAP_NET_ADMIN's bit in /proc/<pid>/status `CapEff`.
+const CAP_NET_ADMIN: u32 = 12;
+
+/// Whether a process of the pod (up to `limit` of them) holds CAP_NET_ADMIN over the
+/// pod's network namespace: effective, in the node's user namespace (which owns a pod's
+/// namespace; capabilities in a user namespace of the pod's own do not reach it). Such a
+/// process can rewrite its namespace's routing and netfilter rules, and so undo what
+/// happens in the pod's namespace (iptables capture, reserved ports, a DNAT of a loopback
+/// connection to anywhere), though never the cgroup programs themselves.
+pub fn holds_net_admin(cgroup: &Path, limit: usize) -> bool {
+    let node_userns = fs::metadata("/proc/self/ns/user").ok().map(|m| m.ino());
+    processes(cgroup, limit).into_iter().any(|pid| {
+        let in_node_userns = fs::metadata(format!("/proc/{pid}/ns/user"))
+            .ok()
+            .map(|m| m.ino())
+            == node_userns;
+        in_node_userns
+            && fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|status| {
+                    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+                    u64::from_str_radix(hex.trim(), 16).ok()
+                })
+                .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+    })
+}
+
 /// NS_GET_USERNS (linux/nsfs.h): the user namespace that owns a namespace.
 const NS_GET_USERNS: libc::c_ulong = 0xb701;
 

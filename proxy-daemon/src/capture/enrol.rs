@@ -74,7 +74,37 @@ pub struct WorkloadStatus {
     /// What started the pass that wrote it: "startup", "cgroup watch", "configuration" or
     /// "poll" (the backstop).
     pub kernel_entry_by: Option<&'static str>,
+    /// What an operator should know about the pod's own powers over capture (see
+    /// [`PodFlag`]), counted in `proxy_daemon_pods_flagged{reason}`.
+    pub flags: Vec<&'static str>,
+    /// The pod namespace's `ip_local_port_range` (the proxy's ports are reserved in it).
+    pub local_port_range: Option<netns::LocalPortRange>,
 }
+
+/// Something about a captured pod that weakens what capture can promise for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodFlag {
+    /// A process holds CAP_NET_ADMIN over the pod's namespace: it can rewrite that
+    /// namespace's routes and netfilter rules (a DNAT of a loopback connection, the
+    /// reserved ports, iptables-mode rules), though not the cgroup programs.
+    NetAdmin,
+    /// The namespace's local port range includes the listener port (the port is reserved,
+    /// so the kernel does not hand it out; the pod asked for it all the same).
+    PortRangeCoversListener,
+}
+
+impl PodFlag {
+    pub fn reason(self) -> &'static str {
+        match self {
+            PodFlag::NetAdmin => "net_admin",
+            PodFlag::PortRangeCoversListener => "port_range_covers_listener",
+        }
+    }
+}
+
+/// How often the capabilities of an enrolled pod's processes are looked at again (a
+/// container that starts later may hold more than the sandbox did).
+const CAPABILITY_RECHECK: Duration = Duration::from_secs(2);
 
 /// A captured pod with a kernel entry but no listener yet: its cgroup exists, but it has no
 /// process yet, or its listener could not be made. The kernel gives it the fail mode.
@@ -105,6 +135,25 @@ struct EnrolledPod {
     enrolled_at: SystemTime,
     entry_written_at: SystemTime,
     entry_written_by: &'static str,
+    local_port_range: Option<netns::LocalPortRange>,
+    net_admin: bool,
+    capabilities_checked: Instant,
+}
+
+impl EnrolledPod {
+    fn flags(&self, listener_port: u16) -> Vec<PodFlag> {
+        let mut flags = Vec::new();
+        if self.net_admin {
+            flags.push(PodFlag::NetAdmin);
+        }
+        if self
+            .local_port_range
+            .is_some_and(|r| r.contains(listener_port))
+        {
+            flags.push(PodFlag::PortRangeCoversListener);
+        }
+        flags
+    }
 }
 
 pub struct Enroller {
@@ -490,7 +539,39 @@ impl Enroller {
             .enrolled_pods
             .set(self.pods.len() as i64);
         self.metrics.daemon.listeners.set(self.pods.len() as i64);
+        self.check_capabilities();
         self.publish_status(&snapshot.pods);
+    }
+
+    /// Looks again (every [`CAPABILITY_RECHECK`]) at which enrolled pods have processes
+    /// holding CAP_NET_ADMIN; says so once when a pod gains it, and counts flagged pods.
+    fn check_capabilities(&mut self) {
+        for p in self.pods.values_mut() {
+            if p.capabilities_checked.elapsed() < CAPABILITY_RECHECK {
+                continue;
+            }
+            p.capabilities_checked = Instant::now();
+            let held = cgroup::holds_net_admin(&p.cgroup, 1024);
+            if held && !p.net_admin {
+                let ctx = p.ctx.load();
+                warn!(pod = %ctx.workload.pod_name, namespace = %ctx.workload.namespace, "a process of the pod holds CAP_NET_ADMIN: it can rewrite its network namespace's rules (what the cgroup programs decide still holds)");
+            }
+            p.net_admin = held;
+        }
+        for flag in [PodFlag::NetAdmin, PodFlag::PortRangeCoversListener] {
+            let n = self
+                .pods
+                .values()
+                .filter(|p| p.flags(self.outbound_port).contains(&flag))
+                .count();
+            self.metrics
+                .daemon
+                .pods_flagged
+                .get_or_create(&crate::metrics::FlagLabels {
+                    reason: flag.reason(),
+                })
+                .set(n as i64);
+        }
     }
 
     fn netns_changed(&self, pod: &EnrolledPod) -> bool {
@@ -520,6 +601,19 @@ impl Enroller {
         // pid must still be in the pod's cgroup after the open.
         if !cgroup::contains_process(&cgroup_dir, pid) {
             return Err(EnrolError::PidLeft { pid });
+        }
+        // The proxy's ports, reserved in the pod's namespace before the listener is made:
+        // a socket of the pod that binds port 0, connects or listens without a bind never
+        // gets one, whatever local port range the pod spec set (a "safe" sysctl).
+        let local_port_range = match worker.reserve_ports(vec![self.outbound_port]).await {
+            Ok(range) => Some(range),
+            Err(e) => {
+                warn!(pod = %want.workload.pod_name, error = %e, "reserving the proxy's ports in the pod's network namespace failed");
+                None
+            }
+        };
+        if local_port_range.is_some_and(|r| r.contains(self.outbound_port)) {
+            warn!(pod = %want.workload.pod_name, namespace = %want.workload.namespace, port = self.outbound_port, "the pod's local port range includes the listener port; it is reserved, so the kernel will not hand it out");
         }
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
         // The previous daemon's listener for this pod, if it handed one over for the same
@@ -604,6 +698,12 @@ impl Enroller {
                 .pending
                 .get(&want.workload.uid)
                 .map_or(self.pass_cause, |p| p.written_by),
+            local_port_range,
+            net_admin: false,
+            // Looked at on this pass's flag check.
+            capabilities_checked: Instant::now()
+                .checked_sub(CAPABILITY_RECHECK)
+                .unwrap_or_else(Instant::now),
         };
         self.next_pod_id = self.next_pod_id.wrapping_add(1);
         if self.iptables {
@@ -750,6 +850,8 @@ impl Enroller {
                     kernel_entry: None,
                     kernel_entry_at_unix_ms: None,
                     kernel_entry_by: None,
+                    flags: Vec::new(),
+                    local_port_range: None,
                 };
                 let unix_ms =
                     |t: SystemTime| t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis());
@@ -766,6 +868,12 @@ impl Enroller {
                         kernel_entry: Some("listening"),
                         kernel_entry_at_unix_ms: unix_ms(p.entry_written_at),
                         kernel_entry_by: Some(p.entry_written_by),
+                        flags: p
+                            .flags(self.outbound_port)
+                            .into_iter()
+                            .map(PodFlag::reason)
+                            .collect(),
+                        local_port_range: p.local_port_range,
                         ..base
                     },
                     None => match self.pending.get(uid) {

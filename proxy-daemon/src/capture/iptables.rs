@@ -2,7 +2,10 @@
 //! comparison. Each captured pod's network namespace gets a nat `OUTPUT` chain that
 //! `REDIRECT`s its TCP connects to the pod's listener; the listener reads where each one was
 //! going with `SO_ORIGINAL_DST` (conntrack, per netns). The daemon's own upstream sockets,
-//! made in the same netns, carry [`UPSTREAM_MARK`] and are let through.
+//! made in the same netns, are let through by their cgroup (`-m cgroup --path`, the
+//! daemon's own): a property a pod cannot give its sockets. (They also carry
+//! [`UPSTREAM_MARK`], as ztunnel's do, but the mark is not trusted: since Linux 5.17
+//! `SO_MARK` needs only CAP_NET_RAW, which container runtimes grant by default.)
 //!
 //! What this mode cannot give, and the eBPF mode does: a connect while no listener accepts
 //! is refused by the redirect whatever the pod's fail mode (a fail-open pod is not let out
@@ -19,7 +22,6 @@ use tokio::io::AsyncWriteExt;
 /// `SO_MARK` on the daemon's upstream sockets in a pod netns; the redirect chain returns on
 /// it. Istio's ztunnel uses the same value (1337) for the same purpose.
 pub const UPSTREAM_MARK: u32 = 0x539;
-const MARK_MASK: u32 = 0xfff;
 /// Our chain in the pod's nat table (and filter table, for IPv6), jumped to from `OUTPUT`.
 pub const CHAIN: &str = "PROXY_DAEMON_OUTPUT";
 
@@ -31,8 +33,10 @@ pub enum IptablesError {
     Failed { pid: u32, message: String },
 }
 
-/// Startup check: the tools the mode runs must be there (exit 2 with the reason if not).
+/// Startup check: the tools the mode runs must be there, and the daemon's cgroup known
+/// (exit 2 with the reason if not).
 pub fn check_available() -> Result<(), IptablesError> {
+    own_cgroup()?;
     for tool in ["nsenter", "iptables-restore", "iptables"] {
         let out = std::process::Command::new(tool)
             .arg("--version")
@@ -49,14 +53,15 @@ pub fn check_available() -> Result<(), IptablesError> {
     Ok(())
 }
 
-/// The nat rules of one pod: loopback and the daemon's marked sockets go out as they are,
-/// every other TCP connect to `port` on 127.0.0.1 (locally made packets are redirected to
-/// the loopback address).
-fn nat_rules(port: u16) -> String {
+/// The nat rules of one pod: loopback and the daemon's own sockets (those of its cgroup,
+/// `daemon_cgroup` as /proc/self/cgroup names it) go out as they are, every other TCP
+/// connect to `port` on 127.0.0.1 (locally made packets are redirected to the loopback
+/// address).
+fn nat_rules(port: u16, daemon_cgroup: &str) -> String {
     format!(
         "*nat\n\
          :{CHAIN} - [0:0]\n\
-         -A {CHAIN} -m mark --mark {UPSTREAM_MARK:#x}/{MARK_MASK:#x} -j RETURN\n\
+         -A {CHAIN} -m cgroup --path \"{daemon_cgroup}\" -j RETURN\n\
          -A {CHAIN} -d 127.0.0.0/8 -j RETURN\n\
          -A {CHAIN} -p tcp -j REDIRECT --to-ports {port}\n\
          COMMIT\n"
@@ -65,15 +70,35 @@ fn nat_rules(port: u16) -> String {
 
 /// IPv6 is not proxied: a fail-closed pod's native IPv6 connects are refused, as the eBPF
 /// mode does (loopback and the daemon's own sockets excepted).
-fn ip6_rules() -> String {
+fn ip6_rules(daemon_cgroup: &str) -> String {
     format!(
         "*filter\n\
          :{CHAIN} - [0:0]\n\
-         -A {CHAIN} -m mark --mark {UPSTREAM_MARK:#x}/{MARK_MASK:#x} -j RETURN\n\
+         -A {CHAIN} -m cgroup --path \"{daemon_cgroup}\" -j RETURN\n\
          -A {CHAIN} -d ::1/128 -j RETURN\n\
          -A {CHAIN} -p tcp -j REJECT --reject-with tcp-reset\n\
          COMMIT\n"
     )
+}
+
+/// The daemon's own cgroup (v2), as the kernel names it to this process: the path the
+/// `cgroup` match resolves in the cgroup namespace of the iptables it runs (the daemon's).
+pub fn own_cgroup() -> Result<String, IptablesError> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| IptablesError::Missing("/proc/self/cgroup", e.to_string()))?;
+    parse_own_cgroup(&text).ok_or_else(|| {
+        IptablesError::Missing(
+            "a cgroup v2 membership (0::/path in /proc/self/cgroup)",
+            text.trim().to_string(),
+        )
+    })
+}
+
+fn parse_own_cgroup(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+        .filter(|p| p.starts_with('/') && !p.contains(['"', '\\', '\n']))
 }
 
 /// Runs `script` with `sh` inside the network namespace of `pid`, `input` on its stdin.
@@ -111,12 +136,13 @@ async fn in_netns(pid: u32, script: &str, input: &str) -> Result<(), IptablesErr
 /// Installs (or replaces: the chain is flushed and refilled, the jump added once) the
 /// redirect in the pod's netns. Idempotent, so a restarted daemon re-applies it as is.
 pub async fn redirect(pid: u32, port: u16, fail_closed: bool) -> Result<(), IptablesError> {
+    let daemon_cgroup = own_cgroup()?;
     let nat = format!(
         "iptables-restore -w --noflush && \
          {{ iptables -w -t nat -C OUTPUT -p tcp -j {CHAIN} 2>/dev/null || \
             iptables -w -t nat -A OUTPUT -p tcp -j {CHAIN}; }}"
     );
-    in_netns(pid, &nat, &nat_rules(port)).await?;
+    in_netns(pid, &nat, &nat_rules(port, &daemon_cgroup)).await?;
     if fail_closed {
         let ip6 = format!(
             "command -v ip6tables-restore >/dev/null || exit 0; \
@@ -124,7 +150,7 @@ pub async fn redirect(pid: u32, port: u16, fail_closed: bool) -> Result<(), Ipta
              {{ ip6tables -w -C OUTPUT -p tcp -j {CHAIN} 2>/dev/null || \
                 ip6tables -w -A OUTPUT -p tcp -j {CHAIN}; }}"
         );
-        in_netns(pid, &ip6, &ip6_rules()).await?;
+        in_netns(pid, &ip6, &ip6_rules(&daemon_cgroup)).await?;
     }
     Ok(())
 }
@@ -175,14 +201,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rules_return_for_loopback_and_our_mark_before_the_redirect() {
-        let r = nat_rules(15001);
-        let mark = r.find("--mark 0x539/0xfff -j RETURN").expect(&r);
+    fn rules_return_for_loopback_and_our_cgroup_before_the_redirect_and_never_for_a_mark() {
+        let r = nat_rules(15001, "/system.slice/proxy.scope");
+        let ours = r
+            .find("-m cgroup --path \"/system.slice/proxy.scope\" -j RETURN")
+            .expect(&r);
         let lo = r.find("-d 127.0.0.0/8 -j RETURN").expect(&r);
         let redirect = r.find("REDIRECT --to-ports 15001").expect(&r);
-        assert!(mark < redirect && lo < redirect, "{r}");
+        assert!(ours < redirect && lo < redirect, "{r}");
+        assert!(
+            !r.contains("--mark"),
+            "a mark a pod can set lets nothing through: {r}"
+        );
         assert!(r.starts_with("*nat\n") && r.ends_with("COMMIT\n"), "{r}");
-        let r6 = ip6_rules();
+        let r6 = ip6_rules("/a");
         assert!(r6.find("-d ::1/128 -j RETURN") < r6.find("REJECT"), "{r6}");
+        assert!(!r6.contains("--mark"), "{r6}");
+    }
+
+    #[test]
+    fn the_daemons_cgroup_comes_from_the_v2_line() {
+        let hybrid = "12:pids:/x\n1:name=systemd:/x\n0::/kubepods/pod1/daemon\n";
+        assert_eq!(
+            parse_own_cgroup(hybrid).as_deref(),
+            Some("/kubepods/pod1/daemon")
+        );
+        assert_eq!(parse_own_cgroup("0::/\n").as_deref(), Some("/"));
+        assert_eq!(parse_own_cgroup("1:cpu:/x\n"), None);
+        assert_eq!(parse_own_cgroup("0::/a\"b\n"), None);
     }
 }

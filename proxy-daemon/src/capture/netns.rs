@@ -75,6 +75,66 @@ enum Request {
         domain: Domain,
         reply: oneshot::Sender<std::io::Result<OwnedFd>>,
     },
+    ReservePorts {
+        ports: Vec<u16>,
+        reply: oneshot::Sender<std::io::Result<LocalPortRange>>,
+    },
+}
+
+/// The namespace's `net.ipv4.ip_local_port_range`: where the kernel picks ports for
+/// sockets that did not bind one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LocalPortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl LocalPortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.low..=self.high).contains(&port)
+    }
+}
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Adds `ports` to the calling thread's network namespace's `ip_local_reserved_ports`
+/// (the kernel never picks a reserved port for a socket that did not ask for one, whatever
+/// the local port range says) and reads its local port range. /proc/sys/net shows the
+/// namespace of the thread that reads it: call from the pod's worker thread.
+fn reserve_ports(ports: &[u16]) -> std::io::Result<LocalPortRange> {
+    let current = std::fs::read_to_string(RESERVED_PORTS)?;
+    let mut list: Vec<String> = current
+        .trim()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let reserved = |p: u16, list: &[String]| {
+        list.iter().any(|item| match item.split_once('-') {
+            Some((a, b)) => {
+                a.parse::<u16>().is_ok_and(|a| a <= p) && b.parse::<u16>().is_ok_and(|b| p <= b)
+            }
+            None => item.parse::<u16>() == Ok(p),
+        })
+    };
+    let missing: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|p| !reserved(*p, &list))
+        .collect();
+    if !missing.is_empty() {
+        list.extend(missing.iter().map(u16::to_string));
+        std::fs::write(RESERVED_PORTS, list.join(","))?;
+    }
+    let range = std::fs::read_to_string(PORT_RANGE)?;
+    let mut bounds = range
+        .split_whitespace()
+        .filter_map(|v| v.parse::<u16>().ok());
+    match (bounds.next(), bounds.next()) {
+        (Some(low), Some(high)) => Ok(LocalPortRange { low, high }),
+        _ => Err(std::io::Error::other(format!("{PORT_RANGE}: {range:?}"))),
+    }
 }
 
 /// Ready-made upstream sockets kept per pod, so a connection usually takes one without a
@@ -126,6 +186,9 @@ impl NetnsWorker {
                         Request::Stream { domain, reply } => {
                             let _ = reply.send(make_stream(domain, mark));
                         }
+                        Request::ReservePorts { ports, reply } => {
+                            let _ = reply.send(reserve_ports(&ports));
+                        }
                     }
                 }
             })
@@ -155,6 +218,15 @@ impl NetnsWorker {
     }
 
     /// A fresh non-blocking TCP socket inside the pod netns, ready to connect.
+    /// Reserves `ports` in the pod's namespace (see [`reserve_ports`]); its local port range.
+    pub async fn reserve_ports(&self, ports: Vec<u16>) -> Result<LocalPortRange, NetnsError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::ReservePorts { ports, reply })
+            .map_err(|_| NetnsError::WorkerGone)?;
+        Ok(rx.await.map_err(|_| NetnsError::WorkerGone)??)
+    }
+
     pub async fn tcp_socket(&self, domain: Domain) -> Result<OwnedFd, NetnsError> {
         if domain == Domain::IPV4 {
             let (spare, left) = {

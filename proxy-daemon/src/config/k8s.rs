@@ -21,6 +21,10 @@ pub struct ObjectMeta {
     pub owner_references: Vec<OwnerReference>,
     #[serde(default)]
     pub generate_name: Option<String>,
+    /// RFC 3339, set by the API server; local files may set it. Where several objects
+    /// compete (one VirtualService per host, one service per hostname), the oldest wins.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -23,6 +23,15 @@ pub struct MeshConfig {
     pub extension_providers: Vec<ExtensionProvider>,
     #[serde(default)]
     pub default_providers: Option<DefaultProviders>,
+    /// `exportTo` of VirtualServices that set none (Istio's default: `*`).
+    #[serde(default)]
+    pub default_virtual_service_export_to: Vec<String>,
+    /// `exportTo` of DestinationRules that set none.
+    #[serde(default)]
+    pub default_destination_rule_export_to: Vec<String>,
+    /// `exportTo` of Services and ServiceEntries that set none.
+    #[serde(default)]
+    pub default_service_export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

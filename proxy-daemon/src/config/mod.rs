@@ -97,6 +97,59 @@ pub enum Object {
     MeshConfig(mesh::MeshConfig),
 }
 
+impl Object {
+    /// The object's metadata (the mesh config and ignored Gateways carry none we keep).
+    pub fn metadata(&self) -> Option<&k8s::ObjectMeta> {
+        match self {
+            Object::Namespace(o) => Some(&o.metadata),
+            Object::Pod(o) => Some(&o.metadata),
+            Object::Service(o) => Some(&o.metadata),
+            Object::EndpointSlice(o) => Some(&o.metadata),
+            Object::VirtualService(o) => Some(&o.metadata),
+            Object::DestinationRule(o) => Some(&o.metadata),
+            Object::ServiceEntry(o) => Some(&o.metadata),
+            Object::Sidecar(o) => Some(&o.metadata),
+            Object::EnvoyFilter(o) => Some(&o.metadata),
+            Object::Gateway | Object::MeshConfig(_) => None,
+        }
+    }
+}
+
+/// Where an object stands among competitors, oldest first, as Istio orders them
+/// (`creationTimestamp`, then name, then namespace). Objects without a timestamp (local
+/// files that set none) come after those with one, in the order they were read.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct CreationOrder {
+    /// Seconds and nanoseconds since the epoch; `None` sorts last.
+    #[serde(skip)]
+    created: (bool, i64, i32),
+    /// Position in the configuration as read (0 for timestamped objects: name decides).
+    #[serde(skip)]
+    seq: usize,
+    name: String,
+    namespace: String,
+}
+
+impl CreationOrder {
+    /// The key of `o`, read `seq`-th from its source.
+    pub fn of(o: &Located<Object>, seq: usize) -> Self {
+        let created = o
+            .value
+            .metadata()
+            .and_then(|m| m.creation_timestamp.as_deref())
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        Self {
+            created: match created {
+                Some(t) => (false, t.as_second(), t.subsec_nanosecond()),
+                None => (true, 0, 0),
+            },
+            seq: if created.is_some() { 0 } else { seq },
+            name: o.object_ref.name.clone(),
+            namespace: o.object_ref.namespace.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Located<T> {
     pub origin: Origin,

@@ -113,9 +113,7 @@ pub fn format(
                 out.push_str(k);
                 out.push('=');
                 match v {
-                    Value::Str(s) if s.is_empty() || s.contains([' ', '"', '=', '\n']) => {
-                        let _ = write!(out, "{s:?}");
-                    }
+                    Value::Str(s) if s.is_empty() || s.chars().any(needs_quoting) => quoted(s, out),
                     Value::Str(s) => out.push_str(s),
                     Value::U64(n) => {
                         let _ = write!(out, "{n}");
@@ -128,6 +126,38 @@ pub fn format(
             out.push('\n');
         }
     }
+}
+
+/// Characters that a text line cannot carry bare: separators, quotes, backslashes, and
+/// anything a terminal would act on (control characters, escape sequences, the bidi
+/// overrides that reorder what a reader sees). Values come from the wire (Host, SNI,
+/// paths): a request must not be able to write a line of its own or hide one.
+fn needs_quoting(c: char) -> bool {
+    matches!(c, ' ' | '"' | '=' | '\\') || c.is_control() || is_bidi_control(c)
+}
+
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` in double quotes, with `"`, `\` and line breaks escaped and every other character
+/// that needs it written as `\u{…}`.
+fn quoted(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() || is_bidi_control(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// A JSON string literal (RFC 8259 escapes).
@@ -175,6 +205,27 @@ mod tests {
         assert_eq!(v["fields"]["response_code"], 200);
         assert_eq!(v["fields"]["duration_ms"], 1.25);
         assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn hostile_values_cannot_break_a_text_line_or_hide_in_it() {
+        let mut out = String::new();
+        let sni =
+            "evil.example\r\n2026-01-01T00:00:00Z  INFO access_log: forged\u{1b}[2J\u{202e}txt";
+        format(
+            LogFormat::Text,
+            SystemTime::UNIX_EPOCH,
+            "connection",
+            &[("sni", Value::Str(sni)), ("path", Value::Str("/a\\b\"c"))],
+            &mut out,
+        );
+        assert_eq!(out.matches('\n').count(), 1, "one line: {out:?}");
+        assert!(
+            !out.contains('\r') && !out.contains('\u{1b}') && !out.contains('\u{202e}'),
+            "{out:?}"
+        );
+        assert!(out.contains(r#"sni="evil.example\r\n2026-01-01T00:00:00Z  INFO access_log: forged\u{1b}[2J\u{202e}txt""#), "{out}");
+        assert!(out.contains(r#"path="/a\\b\"c""#), "{out}");
     }
 
     #[test]

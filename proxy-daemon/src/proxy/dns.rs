@@ -310,7 +310,7 @@ pub fn parse_hosts(text: &str) -> HashMap<String, Vec<IpAddr>> {
 /// endpoint addresses that are names.
 pub fn names_to_resolve(snap: &Snapshot) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for svc in snap.registry.services.values() {
+    for svc in snap.registry.all() {
         let ServiceKind::ServiceEntry { resolution, .. } = &svc.kind else {
             continue;
         };

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::route::{endpoint_for, is_dns, labels_for, pick_weighted, tls_of, upstream_tls};
 use crate::state::routes::{ConnectionPool, HashKey, LoadBalancer};
 use crate::{
-    metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
+    metrics::{unnamed_service, DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     state::registry::{PortInfo, ServiceInfo, CLUSTER_DOMAIN},
     state::routes::{
         selects, ClusterRef, HeaderOps, HttpAction, HttpMatch, HttpRule, Matcher, RoutePatch,
@@ -206,8 +206,8 @@ fn service_for<'a>(
     candidates
         .iter()
         .filter(|c| !c.is_empty())
-        .find_map(|c| snap.registry.by_host(c))
-        .or_else(|| snap.registry.by_addr(SocketAddr::V4(dst)))
+        .find_map(|c| snap.registry.by_host(c, &src.namespace))
+        .or_else(|| snap.registry.by_addr(SocketAddr::V4(dst), &src.namespace))
         // A service the client does not see (exportTo, Sidecar egress hosts) is not in
         // its registry.
         .filter(|s| super::route::sees_service(snap, src, s))
@@ -269,7 +269,7 @@ fn first_rule<'a>(
 
 fn passthrough_labels(req: &RequestView) -> DestinationLabels {
     DestinationLabels {
-        service: host_only(req.authority).to_string(),
+        service: unnamed_service(Some(host_only(req.authority)), SocketAddr::V4(req.dst)),
         service_name: PASSTHROUGH_CLUSTER.into(),
         service_namespace: UNKNOWN.into(),
     }
@@ -391,7 +391,10 @@ pub fn decide(
                     body: "route not found\n".into(),
                     location: None,
                     labels: DestinationLabels {
-                        service: host_only(req.authority).into(),
+                        service: unnamed_service(
+                            Some(host_only(req.authority)),
+                            SocketAddr::V4(req.dst),
+                        ),
                         service_name: BLACKHOLE_CLUSTER.into(),
                         service_namespace: UNKNOWN.into(),
                     },
@@ -403,7 +406,7 @@ pub fn decide(
                 subset,
                 host,
             }) => {
-                let Some(target) = snap.registry.by_host(host) else {
+                let Some(target) = snap.registry.by_host(host, &src.namespace) else {
                     return no_route(req, "NR");
                 };
                 let labels = labels_for(target);
@@ -433,7 +436,12 @@ pub fn decide(
     };
     let vss: Vec<_> = snap
         .routes
-        .virtual_services_for(&svc.hostname, &src.namespace, &src.labels)
+        .virtual_services_for(
+            &svc.hostname,
+            &src.namespace,
+            &src.labels,
+            snap.registry.kubernetes_owner(&svc.hostname),
+        )
         .collect();
     // The rules in order, borrowed from the snapshot (never cloned per request).
     let rules = || vss.iter().flat_map(|vs| vs.http.iter());
@@ -450,14 +458,14 @@ pub fn decide(
             // resolution NONE: the address the app dialled (at the entry's targetPort), with
             // the entry's TLS policy; named by Host only, it must be where the entry points.
             if super::route::registry_only(snap, src, policy)
-                && !super::route::dst_within(snap, svc, req.dst)
+                && !super::route::dst_within(snap, svc, req.dst, &src.namespace)
             {
                 return spoofed(req, svc);
             }
             let tls = upstream_tls(snap, svc, None, port, &src.namespace);
             let pool = snap
                 .routes
-                .destination_rule(&svc.hostname, &src.namespace)
+                .destination_rule(&svc.hostname, &src.namespace, Some(&svc.namespace))
                 .and_then(|dr| dr.effective(Some(port), None).connection_pool);
             return plain_forward(
                 (
@@ -545,7 +553,7 @@ pub fn decide(
             response_headers.push(dest.headers.response.clone());
             let Some(target) = snap
                 .registry
-                .by_host(&dest.destination.host)
+                .by_host(&dest.destination.host, &src.namespace)
                 .filter(|t| super::route::sees_service(snap, src, t))
             else {
                 return no_route(req, "NR");
@@ -711,7 +719,7 @@ fn pick(
     // One merge of the destination's policy gives both the balancer and the TLS.
     let policy = snap
         .routes
-        .destination_rule(&target.hostname, &src.namespace)
+        .destination_rule(&target.hostname, &src.namespace, Some(&target.namespace))
         .map(|dr| dr.effective(Some(port), subset));
     let lb = policy.as_ref().and_then(|p| p.load_balancer.clone());
     let (hash, cookie) = hash_key(&lb, req, src);
@@ -837,7 +845,7 @@ fn unanswered_and_elsewhere(
         && super::route::registry_only(snap, src, policy)
         // Its resolved set is empty: only addresses the entry lists can vouch for the
         // destination.
-        && (target.addresses.is_empty() || !super::route::dst_within(snap, target, req.dst))
+        && (target.addresses.is_empty() || !super::route::dst_within(snap, target, req.dst, &src.namespace))
 }
 
 /// A Host naming a registered entry, sent to an address that is not the entry's, from a
@@ -854,7 +862,7 @@ fn blackhole(req: &RequestView) -> HttpDecision {
         body: "destination not in the service registry\n".into(),
         location: None,
         labels: DestinationLabels {
-            service: host_only(req.authority).into(),
+            service: unnamed_service(Some(host_only(req.authority)), SocketAddr::V4(req.dst)),
             service_name: BLACKHOLE_CLUSTER.into(),
             service_namespace: UNKNOWN.into(),
         },

@@ -309,7 +309,7 @@ async fn handle_connection(
     let declared = {
         let snap = inputs.config.load();
         snap.registry
-            .by_addr(SocketAddr::V4(dst.0))
+            .by_addr(SocketAddr::V4(dst.0), &pod.workload.namespace)
             .and_then(|s| s.port(dst.0.port() as u32))
             .map(|p| sniff::Declared::from(p.class))
             .unwrap_or(sniff::Declared::Undeclared)

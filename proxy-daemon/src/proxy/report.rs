@@ -451,6 +451,8 @@ pub struct TcpLog<'a> {
     pub peer: &'a PeerLabels,
     pub upstream: Option<SocketAddr>,
     pub original_dst: SocketAddr,
+    /// The SNI the app's ClientHello carried (Envoy's %REQUESTED_SERVER_NAME%).
+    pub requested_server_name: Option<&'a str>,
     pub flags: &'a str,
     pub received: u64,
     pub sent: u64,
@@ -481,6 +483,10 @@ pub fn log_tcp(l: TcpLog) {
                 Value::Str(upstream.as_deref().unwrap_or("-")),
             ),
             ("original_destination", Value::Str(&original)),
+            (
+                "requested_server_name",
+                Value::Str(l.requested_server_name.unwrap_or("-")),
+            ),
             ("source_workload", Value::Str(&w.workload)),
             ("source_namespace", Value::Str(&w.namespace)),
             ("source_pod", Value::Str(&w.pod_name)),

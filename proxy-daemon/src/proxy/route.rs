@@ -7,7 +7,7 @@ use super::balance::HashTable;
 use crate::{
     config::istio::OutboundMode,
     config::istio::{Resolution, SimpleLb},
-    metrics::{DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
+    metrics::{unnamed_service, DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     proxy::Endpoints,
     state::registry::{ServiceInfo, ServiceKind},
     state::routes::{selects, L4Match, WeightedDestination},
@@ -55,9 +55,11 @@ pub fn upstream_tls(
     port: u32,
     client_namespace: &str,
 ) -> Option<std::sync::Arc<crate::proxy::tls::UpstreamTls>> {
-    let dr = snap
-        .routes
-        .destination_rule(&target.hostname, client_namespace)?;
+    let dr = snap.routes.destination_rule(
+        &target.hostname,
+        client_namespace,
+        Some(&target.namespace),
+    )?;
     tls_of(&dr.effective(Some(port), subset), target)
 }
 
@@ -75,7 +77,7 @@ pub fn tcp_idle_timeout(
 ) -> Option<std::time::Duration> {
     let configured = snap
         .routes
-        .destination_rule(&target.hostname, client_namespace)
+        .destination_rule(&target.hostname, client_namespace, Some(&target.namespace))
         .and_then(|dr| dr.effective(Some(port), subset).connection_pool)
         .and_then(|p| p.tcp_idle_timeout);
     match configured.unwrap_or(DEFAULT_TCP_IDLE_TIMEOUT) {
@@ -174,12 +176,12 @@ pub struct Choice<'a> {
     pub dialled: Option<SocketAddr>,
 }
 
-pub fn dst_within(snap: &Snapshot, svc: &ServiceInfo, dst: SocketAddrV4) -> bool {
+pub fn dst_within(snap: &Snapshot, svc: &ServiceInfo, dst: SocketAddrV4, client: &str) -> bool {
     svc.port(dst.port() as u32).is_some()
         && (svc.addresses.is_empty()
             || snap
                 .registry
-                .by_addr(SocketAddr::V4(dst))
+                .by_addr(SocketAddr::V4(dst), client)
                 .is_some_and(|s| s.hostname == svc.hostname))
 }
 
@@ -219,13 +221,13 @@ pub fn decide(
 ) -> L4Decision {
     let (src, scope) = (&*pod.workload, &pod.source_labels);
     // The SNI of the app's own TLS names the service when the registry knows it.
-    let by_sni = sni.and_then(|h| snap.registry.by_host(h));
+    let by_sni = sni.and_then(|h| snap.registry.by_host(h, &src.namespace));
     // A ServiceEntry not exported to the client's namespace is not in its registry.
     let Some(svc) = by_sni
-        .or_else(|| snap.registry.by_addr(SocketAddr::V4(dst)))
+        .or_else(|| snap.registry.by_addr(SocketAddr::V4(dst), &src.namespace))
         .filter(|s| sees_service(snap, src, s))
     else {
-        let named = sni.map(str::to_string).unwrap_or_else(|| dst.to_string());
+        let named = unnamed_service(sni, SocketAddr::V4(dst));
         return if registry_only(snap, src, default_policy) {
             L4Decision::Refuse {
                 labels: DestinationLabels {
@@ -251,7 +253,12 @@ pub fn decide(
     // VirtualService tcp[] rules for the service's host: first match wins.
     let rule_dest = snap
         .routes
-        .virtual_services_for(&svc.hostname, &src.namespace, &src.labels)
+        .virtual_services_for(
+            &svc.hostname,
+            &src.namespace,
+            &src.labels,
+            snap.registry.kubernetes_owner(&svc.hostname),
+        )
         .flat_map(|vs| {
             if sni.is_some() {
                 vs.tls.iter()
@@ -275,7 +282,7 @@ pub fn decide(
     let (target, subset, port) = match rule_dest {
         Some(d) => match snap
             .registry
-            .by_host(&d.destination.host)
+            .by_host(&d.destination.host, &src.namespace)
             .filter(|t| sees_service(snap, src, t))
         {
             Some(t) => (
@@ -306,8 +313,8 @@ pub fn decide(
         // by its own address: the app resolved it itself, so the original destination is
         // the endpoint. Named only by SNI, it must also be where the entry points, or a
         // registry-only pod could reach any IP by naming an allowed host.
-        let vouched =
-            dst_within(snap, target, dst) && (!is_dns(target) || !target.addresses.is_empty());
+        let vouched = dst_within(snap, target, dst, &src.namespace)
+            && (!is_dns(target) || !target.addresses.is_empty());
         if registry_only(snap, src, default_policy) && !vouched {
             return L4Decision::Refuse {
                 labels: DestinationLabels {
@@ -325,7 +332,7 @@ pub fn decide(
             tls,
         };
     }
-    let hash = match lb_policy(snap, &target.hostname, subset, port, &src.namespace) {
+    let hash = match lb_policy(snap, target, subset, port, &src.namespace) {
         Some(LoadBalancer::ConsistentHash {
             key: crate::state::routes::HashKey::SourceIp,
             ..
@@ -356,13 +363,13 @@ pub fn decide(
 /// `subset` of `host`.
 pub fn lb_policy(
     snap: &Snapshot,
-    host: &str,
+    target: &ServiceInfo,
     subset: Option<&str>,
     port: u32,
     client_namespace: &str,
 ) -> Option<LoadBalancer> {
     snap.routes
-        .destination_rule(host, client_namespace)
+        .destination_rule(&target.hostname, client_namespace, Some(&target.namespace))
         .and_then(|dr| dr.effective(Some(port), subset).load_balancer)
 }
 
@@ -388,7 +395,7 @@ pub fn endpoint_for(
     let subset_labels = match subset {
         Some(s) => Some(
             snap.routes
-                .destination_rule(&target.hostname, client_namespace)
+                .destination_rule(&target.hostname, client_namespace, Some(&target.namespace))
                 .and_then(|dr| dr.subsets.get(s))
                 .map(|sp| sp.labels.clone())
                 .ok_or("NR")?,
@@ -397,7 +404,7 @@ pub fn endpoint_for(
     };
     let policy = snap
         .routes
-        .destination_rule(&target.hostname, client_namespace)
+        .destination_rule(&target.hostname, client_namespace, Some(&target.namespace))
         .map(|dr| dr.effective(Some(port), subset));
     if let (
         Some(LoadBalancer::Simple {

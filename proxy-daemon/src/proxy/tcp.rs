@@ -67,6 +67,7 @@ pub async fn proxy(
                 peer: &PeerLabels::unknown(),
                 upstream: None,
                 original_dst: SocketAddr::V4(dst.0),
+                requested_server_name: sni.as_deref(),
                 flags,
                 received: 0,
                 sent: 0,
@@ -80,7 +81,11 @@ pub async fn proxy(
     let pool = {
         let snap = inputs.config.load();
         snap.routes
-            .destination_rule(&destination.service, &pod.workload.namespace)
+            .destination_rule(
+                &destination.service,
+                &pod.workload.namespace,
+                Some(&destination.service_namespace),
+            )
             .and_then(|dr| {
                 dr.effective(Some(dst.0.port() as u32), None)
                     .connection_pool
@@ -149,18 +154,16 @@ pub async fn proxy(
             daemon.upstream_connect_failures.inc();
             let failed = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "UF");
             tcp.close(&failed);
-            log_close(
-                inputs,
-                pod,
+            let facts = ConnectionFacts {
                 start_time,
                 started,
-                &destination,
-                &peer,
-                upstream_addr,
+                dest: &destination,
+                peer: &peer,
+                upstream: upstream_addr,
                 dst,
-                "UF",
-                (0, 0),
-            );
+                sni: sni.as_deref(),
+            };
+            log_close(inputs, pod, &facts, "UF", (0, 0));
             // Reset, so the app sees the connection fail rather than a clean empty close.
             // (SO_LINGER 0 never blocks on drop: it discards instead of waiting.)
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
@@ -253,31 +256,35 @@ pub async fn proxy(
         flags,
     ));
     let totals = result.as_ref().map(|(r, s)| (*r, *s)).unwrap_or((0, 0));
-    log_close(
-        inputs,
-        pod,
+    let facts = ConnectionFacts {
         start_time,
         started,
-        &destination,
-        &peer,
-        upstream_addr,
+        dest: &destination,
+        peer: &peer,
+        upstream: upstream_addr,
         dst,
-        flags,
-        totals,
-    );
+        sni: sni.as_deref(),
+    };
+    log_close(inputs, pod, &facts, flags, totals);
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the access log line of a forwarded connection says besides its outcome.
+struct ConnectionFacts<'a> {
+    start_time: std::time::SystemTime,
+    started: std::time::Instant,
+    dest: &'a DestinationLabels,
+    peer: &'a PeerLabels,
+    upstream: SocketAddr,
+    dst: OrigDstAddr,
+    /// The SNI of the app's own TLS, when it sent a ClientHello.
+    sni: Option<&'a str>,
+}
+
 fn log_close(
     inputs: &ProxyInputs,
     pod: &PodContext,
-    start_time: std::time::SystemTime,
-    started: std::time::Instant,
-    dest: &DestinationLabels,
-    peer: &PeerLabels,
-    upstream: SocketAddr,
-    dst: OrigDstAddr,
+    c: &ConnectionFacts,
     flags: &str,
     (received, sent): (u64, u64),
 ) {
@@ -285,12 +292,13 @@ fn log_close(
     super::report::log_tcp(super::report::TcpLog {
         pod,
         snap: &snap,
-        start_time,
-        duration: started.elapsed(),
-        dest,
-        peer,
-        upstream: Some(upstream),
-        original_dst: SocketAddr::V4(dst.0),
+        start_time: c.start_time,
+        duration: c.started.elapsed(),
+        dest: c.dest,
+        peer: c.peer,
+        upstream: Some(c.upstream),
+        original_dst: SocketAddr::V4(c.dst.0),
+        requested_server_name: c.sni,
         flags,
         received,
         sent,

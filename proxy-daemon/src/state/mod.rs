@@ -36,6 +36,65 @@ pub struct CaptureSettings {
     pub node_name: String,
     #[serde(serialize_with = "ser_fail_mode")]
     pub default_fail_mode: FailMode,
+    /// `--default-export-to`: the `exportTo` of VirtualServices, DestinationRules and
+    /// ServiceEntries that set none (empty: `*`, Istio's default). The mesh config's
+    /// `default*ExportTo` fields override it per kind.
+    pub default_export_to: Vec<String>,
+}
+
+/// The `exportTo` an object gets when it sets none, per kind (Istio's MeshConfig
+/// `defaultVirtualServiceExportTo`, `defaultDestinationRuleExportTo`,
+/// `defaultServiceExportTo`). Empty means `*`: every namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExportDefaults {
+    pub virtual_service: Vec<String>,
+    pub destination_rule: Vec<String>,
+    pub service_entry: Vec<String>,
+    /// Kubernetes Services: only the mesh config's `defaultServiceExportTo` changes it
+    /// (the flag does not: a Service is its namespace's own name, meant to be called).
+    pub service: Vec<String>,
+}
+
+impl ExportDefaults {
+    /// The flag's value for every kind, each replaced by the mesh config's where it sets one.
+    fn of(settings: &CaptureSettings, mesh: Option<&crate::config::mesh::MeshConfig>) -> Self {
+        let pick = |from_mesh: Option<&Vec<String>>| {
+            from_mesh
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .unwrap_or_else(|| settings.default_export_to.clone())
+        };
+        Self {
+            virtual_service: pick(mesh.map(|m| &m.default_virtual_service_export_to)),
+            destination_rule: pick(mesh.map(|m| &m.default_destination_rule_export_to)),
+            service_entry: pick(mesh.map(|m| &m.default_service_export_to)),
+            service: mesh
+                .map(|m| m.default_service_export_to.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Checks an `exportTo` list as Istio's validation does: `*` alone, `.`, `~` (alone) or
+/// namespace names.
+pub fn check_export_to(list: &[String]) -> Result<(), String> {
+    for e in list {
+        let name_ok = !e.is_empty()
+            && e.len() <= 63
+            && e.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !e.starts_with('-')
+            && !e.ends_with('-');
+        if !(name_ok || e == "*" || e == "." || e == "~") {
+            return Err(format!(
+                "exportTo {e:?} is neither \"*\", \".\", \"~\" nor a namespace name"
+            ));
+        }
+        if (e == "*" || e == "~") && list.len() > 1 {
+            return Err(format!("exportTo {e:?} must be the only entry"));
+        }
+    }
+    Ok(())
 }
 
 fn ser_fail_mode<S: serde::Serializer>(m: &FailMode, s: S) -> Result<S::Ok, S::Error> {
@@ -78,6 +137,9 @@ pub struct Snapshot {
     pub routes: crate::state::routes::RouteTable,
     /// Warnings and notes of the compile that produced this snapshot.
     pub findings: Vec<String>,
+    /// The same, with their places (`validate` prints them).
+    #[serde(skip)]
+    pub diagnostics: Vec<ConfigError>,
     pub namespaces: BTreeMap<String, NamespaceState>,
     /// Captured pods on this node, by uid.
     pub pods: BTreeMap<String, CapturedPod>,
@@ -88,6 +150,11 @@ pub struct Snapshot {
     pub peers: HashMap<std::net::IpAddr, Arc<workload::PeerLabels>>,
     /// Tracing settings of Istio's mesh config (ConfigMap istio-system/istio), if given.
     pub mesh_tracing: Option<crate::config::mesh::MeshTracing>,
+    /// The `exportTo` of objects that set none.
+    pub export_defaults: ExportDefaults,
+    /// What one object tried to take from another and was refused or outranked (each is
+    /// also a finding at its line).
+    pub conflicts: Vec<crate::state::registry::Conflict>,
 }
 
 fn parse_fail_mode(v: &str) -> Option<FailMode> {
@@ -105,25 +172,35 @@ pub fn compile(
     generation: u64,
 ) -> Result<Snapshot, Vec<ConfigError>> {
     let mut errors = Vec::new();
-    let mut seen: BTreeMap<ObjectRef, &Origin> = BTreeMap::new();
-    let err = |o: &Located<Object>, message: String| o.error(0, message);
-    for o in objects {
-        if let Some(first) = seen.insert(o.object_ref.clone(), &o.origin) {
-            errors.push(err(
-                o,
-                format!(
-                    "duplicate object (first defined at {}:{})",
-                    first.path.display(),
-                    first.line
-                ),
-            ));
-        }
-    }
-
     let mut snap = Snapshot {
         generation,
         ..Default::default()
     };
+    let latest;
+    let objects = match latest_definitions(objects, &mut errors) {
+        Some(kept) => {
+            snap.conflicts.extend(std::iter::repeat_n(
+                crate::state::registry::Conflict::RedefinedObject,
+                objects.len() - kept.len(),
+            ));
+            latest = kept;
+            &latest[..]
+        }
+        None => objects,
+    };
+    let err = |o: &Located<Object>, message: String| o.error(0, message);
+    for o in objects {
+        let stamp = o
+            .value
+            .metadata()
+            .and_then(|m| m.creation_timestamp.as_deref());
+        if let Some(t) = stamp.filter(|t| t.parse::<jiff::Timestamp>().is_err()) {
+            errors.push(err(
+                o,
+                format!("metadata.creationTimestamp {t:?} is not an RFC 3339 time"),
+            ));
+        }
+    }
     for o in objects {
         if let Object::Namespace(ns) = &o.value {
             let captured =
@@ -181,14 +258,26 @@ pub fn compile(
             );
         }
     }
+    let mut mesh_config = None;
     for o in objects {
         if let Object::MeshConfig(mesh) = &o.value {
             match mesh.tracing() {
                 Ok(t) => snap.mesh_tracing = Some(t),
                 Err(e) => errors.push(err(o, e)),
             }
+            for list in [
+                &mesh.default_virtual_service_export_to,
+                &mesh.default_destination_rule_export_to,
+                &mesh.default_service_export_to,
+            ] {
+                if let Err(e) = check_export_to(list) {
+                    errors.push(err(o, format!("mesh config: {e}")));
+                }
+            }
+            mesh_config = Some(mesh);
         }
     }
+    snap.export_defaults = ExportDefaults::of(settings, mesh_config);
     for o in objects {
         let Object::Pod(pod) = &o.value else { continue };
         if let Some(ip) = pod
@@ -265,14 +354,54 @@ pub fn compile(
             },
         );
     }
-    snap.registry = crate::state::registry::build(objects, &mut errors);
-    snap.routes = crate::state::routes::build(objects, &snap.registry, &mut errors);
+    snap.registry = crate::state::registry::build(objects, &snap.export_defaults, &mut errors);
+    snap.routes =
+        crate::state::routes::build(objects, &snap.registry, &snap.export_defaults, &mut errors);
+    snap.conflicts
+        .extend(snap.registry.conflicts.iter().copied());
+    snap.conflicts.extend(snap.routes.conflicts.iter().copied());
     sort_findings(&mut errors);
     if errors.iter().any(ConfigError::is_error) {
         return Err(errors);
     }
     snap.findings = errors.iter().map(ToString::to_string).collect();
+    snap.diagnostics = errors;
     Ok(snap)
+}
+
+/// The objects without those a later definition of the same kind, namespace and name
+/// replaces — what `kubectl apply` of the files in order leaves — each replacement a warning
+/// naming both places. `None` when nothing is defined twice.
+fn latest_definitions(
+    objects: &[Located<Object>],
+    findings: &mut Vec<ConfigError>,
+) -> Option<Vec<Located<Object>>> {
+    let mut last: BTreeMap<&ObjectRef, usize> = BTreeMap::new();
+    for (i, o) in objects.iter().enumerate() {
+        if let Some(earlier) = last.insert(&o.object_ref, i) {
+            let first: &Origin = &objects[earlier].origin;
+            findings.push(o.finding(
+                crate::config::Severity::Warning,
+                0,
+                format!(
+                    "replaces the definition at {}:{} (the later one is used, as `kubectl apply` of these files in order would leave it)",
+                    first.path.display(),
+                    first.line
+                ),
+            ));
+        }
+    }
+    if last.len() == objects.len() {
+        return None;
+    }
+    Some(
+        objects
+            .iter()
+            .enumerate()
+            .filter(|(i, o)| last.get(&o.object_ref) == Some(i))
+            .map(|(_, o)| o.clone())
+            .collect(),
+    )
 }
 
 /// What [`compile_valid`] made: the snapshot, the errors of what it left out or restored,
@@ -402,6 +531,9 @@ impl Default for Published {
 }
 
 #[cfg(test)]
+mod tenancy_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::local;
@@ -419,6 +551,7 @@ mod tests {
             label_value: "enabled".into(),
             node_name: "n1".into(),
             default_fail_mode: FailMode::Open,
+            default_export_to: Vec::new(),
         }
     }
 
@@ -496,7 +629,7 @@ mod tests {
         let snap = compile(&objects(&yaml), &settings(), 1).expect("compiles");
         let host = |ip: &str, port: u16| {
             snap.registry
-                .by_addr(std::net::SocketAddr::new(ip.parse().unwrap(), port))
+                .by_addr(std::net::SocketAddr::new(ip.parse().unwrap(), port), "shop")
                 .map(|s| s.hostname.clone())
         };
         assert_eq!(host("10.1.2.3", 80).as_deref(), Some("one.ext"));

@@ -6,11 +6,17 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use crate::config::{
-    istio::{Location, Resolution},
-    k8s::{self, IntOrString},
-    ConfigError, Located, Object, Severity,
+use crate::{
+    config::{
+        istio::{Location, Resolution},
+        k8s::{self, IntOrString},
+        ConfigError, CreationOrder, Located, Object, Severity,
+    },
+    state::ExportDefaults,
 };
+
+/// Istio's annotation for a Kubernetes Service's `exportTo` (comma-separated).
+pub const SERVICE_EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
 
 pub const CLUSTER_DOMAIN: &str = "svc.cluster.local";
 
@@ -126,7 +132,14 @@ impl ServiceInfo {
 #[derive(Debug, Clone, serde::Serialize)]
 struct Cidr {
     net: ipnet::IpNet,
+    service: ServiceKey,
+}
+
+/// A service among those of one hostname: the hostname and the namespace defining it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+struct ServiceKey {
     hostname: String,
+    namespace: String,
 }
 
 /// A CIDR, or a bare address as its /32 or /128.
@@ -136,61 +149,250 @@ fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
         .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
+/// What one namespace's object tried to take from another's and was refused, counted
+/// in `proxy_daemon_config_conflicts{kind,reason}` (each also a finding at its line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Conflict {
+    /// A ServiceEntry address that is a Kubernetes Service's cluster IP: the Service keeps it.
+    AddressOwnedByService,
+    /// A ServiceEntry host that is a Kubernetes Service's name in another namespace: only
+    /// the entry's own namespace uses it.
+    HostOwnedByService,
+    /// Several services of one hostname: each client uses one (its own namespace's, a
+    /// Kubernetes Service, else the oldest).
+    DuplicateHost,
+    /// A VirtualService for a host a Kubernetes Service of another namespace owns: it
+    /// routes its own namespace's clients only.
+    RouteForAnotherNamespacesService,
+    /// Several VirtualServices for one host: each client uses one (Istio's IST0109).
+    ConflictingVirtualServices,
+    /// Two DestinationRules for one host in one namespace: the oldest is used.
+    ConflictingDestinationRules,
+    /// The same object defined twice in a set of files: the later definition is used.
+    RedefinedObject,
+}
+
+impl Conflict {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Conflict::AddressOwnedByService
+            | Conflict::HostOwnedByService
+            | Conflict::DuplicateHost => "ServiceEntry",
+            Conflict::RouteForAnotherNamespacesService | Conflict::ConflictingVirtualServices => {
+                "VirtualService"
+            }
+            Conflict::ConflictingDestinationRules => "DestinationRule",
+            Conflict::RedefinedObject => "any",
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Conflict::AddressOwnedByService => "address_owned_by_service",
+            Conflict::HostOwnedByService => "host_owned_by_service",
+            Conflict::DuplicateHost => "duplicate_host",
+            Conflict::RouteForAnotherNamespacesService => "host_owned_by_another_namespace",
+            Conflict::ConflictingVirtualServices => "conflicting_virtual_services",
+            Conflict::ConflictingDestinationRules => "conflicting_destination_rules",
+            Conflict::RedefinedObject => "redefined_object",
+        }
+    }
+}
+
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Registry {
-    /// By hostname (FQDN for Kubernetes services; as written for ServiceEntry hosts).
-    pub services: BTreeMap<String, ServiceInfo>,
+    /// By hostname (FQDN for Kubernetes services; as written for ServiceEntry hosts): every
+    /// service of that name, oldest first. Several namespaces may define one hostname;
+    /// which one a client uses is [`Registry::by_host`]'s choice.
+    pub services: BTreeMap<String, Vec<ServiceInfo>>,
     #[serde(skip)]
-    by_addr: HashMap<SocketAddr, String>,
+    by_addr: HashMap<SocketAddr, Vec<ServiceKey>>,
     #[serde(skip)]
     wildcard_hosts: Vec<String>,
     #[serde(skip)]
     cidrs: Vec<Cidr>,
+    /// Cluster IPs of Kubernetes Services: no ServiceEntry of any namespace takes them.
+    #[serde(skip)]
+    service_ips: HashMap<IpAddr, ServiceKey>,
+    /// What the build refused, by kind.
+    #[serde(skip)]
+    pub conflicts: Vec<Conflict>,
+}
+
+/// Istio's choice among the services of one hostname for a client of namespace `client`
+/// (its SidecarScope): only those exported to it; its own namespace's first, then a
+/// Kubernetes Service (a ServiceEntry elsewhere never squats a Service's name), then one
+/// exported to it by name, then the oldest. `list` is oldest first.
+fn choose<'a>(list: &'a [ServiceInfo], client: &str) -> Option<&'a ServiceInfo> {
+    list.iter()
+        .filter(|s| s.visible_to(client))
+        .min_by_key(|s| preference(s, client))
+}
+
+/// Lower is preferred; ties keep the list's (age) order.
+fn preference(s: &ServiceInfo, client: &str) -> (bool, bool, bool) {
+    (
+        s.namespace != client,
+        s.kind != ServiceKind::Kubernetes,
+        !s.export_to.iter().any(|e| e == client),
+    )
 }
 
 impl Registry {
-    /// The service an original destination `ip:port` belongs to.
-    pub fn by_addr(&self, addr: SocketAddr) -> Option<&ServiceInfo> {
-        if let Some(host) = self.by_addr.get(&addr) {
-            return self.services.get(host);
+    /// Every service, each hostname's in order.
+    pub fn all(&self) -> impl Iterator<Item = &ServiceInfo> {
+        self.services.values().flatten()
+    }
+
+    fn get(&self, key: &ServiceKey) -> Option<&ServiceInfo> {
+        self.services
+            .get(&key.hostname)?
+            .iter()
+            .find(|s| s.namespace == key.namespace)
+    }
+
+    /// The service an original destination `ip:port` belongs to, for a client of namespace
+    /// `client`.
+    pub fn by_addr(&self, addr: SocketAddr, client: &str) -> Option<&ServiceInfo> {
+        if let Some(keys) = self.by_addr.get(&addr) {
+            return keys
+                .iter()
+                .filter_map(|k| self.get(k))
+                .filter(|s| s.visible_to(client))
+                .min_by_key(|s| preference(s, client));
         }
         self.cidrs
             .iter()
-            .find(|c| c.net.contains(&addr.ip()))
-            .and_then(|c| self.services.get(&c.hostname))
-            .filter(|s| s.port(addr.port() as u32).is_some())
+            .filter(|c| c.net.contains(&addr.ip()))
+            .filter_map(|c| self.get(&c.service))
+            .find(|s| s.port(addr.port() as u32).is_some() && s.visible_to(client))
     }
 
-    /// The service for a Host/authority or SNI, exact names before wildcard entries
-    /// (the longest wildcard suffix wins).
-    pub fn by_host(&self, host: &str) -> Option<&ServiceInfo> {
-        let host = host.to_ascii_lowercase();
-        if let Some(s) = self.services.get(&host) {
+    /// The service for a Host/authority or SNI, for a client of namespace `client`: exact
+    /// names before wildcard entries (the longest wildcard suffix wins).
+    pub fn by_host(&self, host: &str, client: &str) -> Option<&ServiceInfo> {
+        let lower;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = host.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            host
+        };
+        if let Some(s) = self.services.get(host).and_then(|l| choose(l, client)) {
             return Some(s);
         }
         self.wildcard_hosts
             .iter()
-            .filter(|p| host_matches(p, &host))
-            .max_by_key(|p| p.len())
-            .and_then(|p| self.services.get(p))
+            .filter(|p| host_matches(p, host))
+            .filter_map(|p| Some((p, choose(self.services.get(p.as_str())?, client)?)))
+            .max_by_key(|(p, _)| p.len())
+            .map(|(_, s)| s)
     }
 
+    /// The service named `host` for the daemon's own use (its collectors), with no client
+    /// namespace: a Kubernetes Service, else the oldest entry.
+    pub fn by_host_unscoped(&self, host: &str) -> Option<&ServiceInfo> {
+        let list = self.services.get(&host.to_ascii_lowercase())?;
+        list.iter()
+            .find(|s| s.kind == ServiceKind::Kubernetes)
+            .or_else(|| list.first())
+    }
+
+    /// Whether any namespace defines `host` (compile-time checks of references).
     pub fn contains_host(&self, host: &str) -> bool {
-        self.by_host(host).is_some()
+        let host = host.to_ascii_lowercase();
+        self.services.contains_key(&host)
+            || self.wildcard_hosts.iter().any(|p| host_matches(p, &host))
+    }
+
+    /// The namespace of the Kubernetes Service named `host`, if one is.
+    pub fn kubernetes_owner(&self, host: &str) -> Option<&str> {
+        self.services
+            .get(host)?
+            .iter()
+            .find(|s| s.kind == ServiceKind::Kubernetes)
+            .map(|s| s.namespace.as_str())
+    }
+
+    /// A ServiceEntry's `addresses` without the cluster IPs of Kubernetes Services: a
+    /// Service's address is its own, and an entry of any namespace naming it would take
+    /// that Service's connections (another tenant's database, say). Each one refused is
+    /// reported at its line. Kubernetes Services must be in already.
+    fn unclaimed_addresses(
+        &mut self,
+        o: &Located<Object>,
+        addresses: &[serde_saphyr::Spanned<String>],
+        findings: &mut Vec<ConfigError>,
+    ) -> Vec<String> {
+        let mut kept = Vec::with_capacity(addresses.len());
+        for a in addresses {
+            let owner = parse_cidr(&a.value)
+                .filter(|n| n.prefix_len() == n.max_prefix_len())
+                .and_then(|n| self.service_ips.get(&n.addr()))
+                .and_then(|k| self.get(k));
+            match owner {
+                Some(owner) => {
+                    findings.push(o.finding(
+                        Severity::Warning,
+                        a.referenced.line(),
+                        format!(
+                            "address {} is the cluster IP of {}: the Service keeps it; this entry does not use the address",
+                            a.value, owner.source
+                        ),
+                    ));
+                    self.conflicts.push(Conflict::AddressOwnedByService);
+                }
+                None => kept.push(a.value.clone()),
+            }
+        }
+        kept
     }
 
     fn insert(
         &mut self,
         svc: ServiceInfo,
         findings: &mut Vec<ConfigError>,
-        at: &dyn Fn(String) -> ConfigError,
+        at: &dyn Fn(Severity, String) -> ConfigError,
     ) {
-        if let Some(existing) = self.services.get(&svc.hostname) {
-            findings.push(at(format!(
-                "host {} is already defined by {}",
-                svc.hostname, existing.source
-            )));
+        let key = ServiceKey {
+            hostname: svc.hostname.clone(),
+            namespace: svc.namespace.clone(),
+        };
+        let others = self.services.entry(svc.hostname.clone()).or_default();
+        if let Some(same) = others.iter().find(|o| o.namespace == svc.namespace) {
+            // One namespace, one service per name: the first (Kubernetes Services are
+            // read first, then the oldest entry) keeps it.
+            findings.push(at(
+                Severity::Warning,
+                format!(
+                    "host {} is already defined in this namespace by {}; that one is used",
+                    svc.hostname, same.source
+                ),
+            ));
+            self.conflicts.push(Conflict::DuplicateHost);
             return;
+        }
+        if svc.kind != ServiceKind::Kubernetes {
+            if let Some(owner) = others.iter().find(|o| o.kind == ServiceKind::Kubernetes) {
+                findings.push(at(
+                    Severity::Warning,
+                    format!(
+                        "host {} is the name of {}: other namespaces keep using that Service; this entry serves namespace {}'s own workloads only",
+                        svc.hostname, owner.source, svc.namespace
+                    ),
+                ));
+                self.conflicts.push(Conflict::HostOwnedByService);
+            } else if let Some(first) = others.first() {
+                findings.push(at(
+                    Severity::Warning,
+                    format!(
+                        "host {} is also defined by {}: each workload uses its own namespace's, else the oldest",
+                        svc.hostname, first.source
+                    ),
+                ));
+                self.conflicts.push(Conflict::DuplicateHost);
+            }
         }
         for a in &svc.addresses {
             // A host prefix (`/32`, `/128`) is one address: looked up by hash like a plain
@@ -201,9 +403,17 @@ impl Registry {
                     .map(|n| n.addr())
             });
             if let Some(ip) = single {
+                if svc.kind == ServiceKind::Kubernetes {
+                    self.service_ips.insert(ip, key.clone());
+                }
                 for p in &svc.ports {
-                    self.by_addr
-                        .insert(SocketAddr::new(ip, p.port as u16), svc.hostname.clone());
+                    let keys = self
+                        .by_addr
+                        .entry(SocketAddr::new(ip, p.port as u16))
+                        .or_default();
+                    if !keys.contains(&key) {
+                        keys.push(key.clone());
+                    }
                 }
             } else if let Some(net) = parse_cidr(a) {
                 // Longest prefix first: the first range that contains an address is the
@@ -215,15 +425,18 @@ impl Registry {
                     at,
                     Cidr {
                         net,
-                        hostname: svc.hostname.clone(),
+                        service: key.clone(),
                     },
                 );
             }
         }
-        if svc.hostname.starts_with('*') {
+        if svc.hostname.starts_with('*') && !self.wildcard_hosts.contains(&svc.hostname) {
             self.wildcard_hosts.push(svc.hostname.clone());
         }
-        self.services.insert(svc.hostname.clone(), svc);
+        self.services
+            .entry(svc.hostname.clone())
+            .or_default()
+            .push(svc);
     }
 }
 
@@ -248,8 +461,13 @@ fn named_container_port(pod: &k8s::Pod, name: &str) -> Option<u32> {
         .and_then(|p| p.container_port)
 }
 
-/// Builds the registry; problems are pushed to `findings`.
-pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Registry {
+/// Builds the registry; problems are pushed to `findings`. Kubernetes Services go in
+/// first (their names and cluster IPs are theirs), then ServiceEntries oldest first.
+pub fn build(
+    objects: &[Located<Object>],
+    export_defaults: &ExportDefaults,
+    findings: &mut Vec<ConfigError>,
+) -> Registry {
     let mut reg = Registry::default();
     let pods: Vec<&k8s::Pod> = objects
         .iter()
@@ -290,7 +508,17 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
         }
     }
 
-    for o in objects {
+    let mut entries: Vec<(CreationOrder, &Located<Object>)> = objects
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches!(o.value, Object::ServiceEntry(_)))
+        .map(|(i, o)| (CreationOrder::of(o, i), o))
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let services = objects
+        .iter()
+        .filter(|o| matches!(o.value, Object::Service(_)));
+    for o in services.chain(entries.into_iter().map(|(_, o)| o)) {
         match &o.value {
             Object::Service(svc) => {
                 let ns = o.object_ref.namespace.clone();
@@ -412,7 +640,15 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                     addresses,
                     ports,
                     endpoints,
-                    export_to: Vec::new(),
+                    // Istio reads a Service's visibility from this annotation.
+                    export_to: match svc.metadata.annotations.get(SERVICE_EXPORT_TO_ANNOTATION) {
+                        Some(list) => list
+                            .split(',')
+                            .map(|e| e.trim().to_string())
+                            .filter(|e| !e.is_empty())
+                            .collect(),
+                        None => export_defaults.service.clone(),
+                    },
                     source: format!(
                         "{} ({}:{})",
                         o.object_ref,
@@ -420,7 +656,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                         o.origin.line
                     ),
                 };
-                reg.insert(info, findings, &|m| o.error(0, m));
+                reg.insert(info, findings, &|sev, m| o.finding(sev, 0, m));
             }
             Object::ServiceEntry(se) => {
                 let spec = &se.spec;
@@ -490,6 +726,7 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                         weight: e.value.weight.filter(|w| *w > 0).unwrap_or(1),
                     })
                     .collect();
+                let addresses = reg.unclaimed_addresses(o, &spec.addresses, findings);
                 for h in &spec.hosts {
                     if h.value.contains('*')
                         && matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin)
@@ -511,10 +748,14 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                             location,
                             resolution,
                         },
-                        addresses: spec.addresses.iter().map(|a| a.value.clone()).collect(),
+                        addresses: addresses.clone(),
                         ports: ports.clone(),
                         endpoints: endpoints.clone(),
-                        export_to: spec.export_to.clone(),
+                        export_to: if spec.export_to.is_empty() {
+                            export_defaults.service_entry.clone()
+                        } else {
+                            spec.export_to.clone()
+                        },
                         source: format!(
                             "{} ({}:{})",
                             o.object_ref,
@@ -522,14 +763,16 @@ pub fn build(objects: &[Located<Object>], findings: &mut Vec<ConfigError>) -> Re
                             o.origin.line
                         ),
                     };
-                    reg.insert(info, findings, &|m| o.error(h.referenced.line(), m));
+                    reg.insert(info, findings, &|sev, m| {
+                        o.finding(sev, h.referenced.line(), m)
+                    });
                 }
             }
             _ => {}
         }
     }
     // Strings become types once, here: the data path never parses configuration.
-    for svc in reg.services.values_mut() {
+    for svc in reg.services.values_mut().flatten() {
         for p in &mut svc.ports {
             p.class = ProtocolClass::of(&p.protocol);
         }

@@ -122,6 +122,7 @@ fn main() {
         label_value: "enabled".into(),
         node_name: "node-0".into(),
         default_fail_mode: FailMode::Open,
+        default_export_to: Vec::new(),
     };
     let before = live();
     let store = ClusterStore::new(&keys);
@@ -184,7 +185,7 @@ fn main() {
         compile_ms.push(t.elapsed().as_secs_f64() * 1e3);
         snapshot_bytes = live() - before;
         assert!(rejected.is_empty(), "{:?}", rejected.first());
-        assert_eq!(snap.registry.services.len(), SERVICES);
+        assert_eq!(snap.registry.all().count(), SERVICES);
         assert_eq!(snap.pods.len(), PODS / 100, "this node's pods are captured");
     }
     // One event: a pod of this node is relabelled; the daemon recompiles everything.

@@ -75,6 +75,7 @@ fn main() {
         label_value: "enabled".into(),
         node_name: "n".into(),
         default_fail_mode: FailMode::Open,
+        default_export_to: Vec::new(),
     };
     let mut parse_ms = Vec::new();
     let mut compile_ms = Vec::new();
@@ -93,7 +94,7 @@ fn main() {
         let after_drop = live();
         let _ = before;
         held = after_drop;
-        assert_eq!(snap.registry.services.len(), n);
+        assert_eq!(snap.registry.all().count(), n);
         if round == 0 {
             let Snapshot {
                 registry, routes, ..
@@ -144,7 +145,7 @@ fn main() {
     let t = Instant::now();
     let snap = state::compile(&again.objects, &settings, 9).expect("compile");
     let reload_compile_ms = t.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(snap.registry.services.len(), n);
+    assert_eq!(snap.registry.all().count(), n);
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "{n} files, one changed: first load {first_ms:.0} ms; reload parses in {reload_parse_ms:.0} ms (cached files reused) + compile {reload_compile_ms:.0} ms"

@@ -29,6 +29,9 @@ enum Cmd {
         /// Keep trying until a connect succeeds or this much time passed.
         #[arg(long, default_value_t = 0)]
         retry_for_ms: u64,
+        /// SO_MARK on the socket first (needs CAP_NET_RAW, which runtimes grant).
+        #[arg(long)]
+        mark: Option<u32>,
     },
     /// Many concurrent connections, spread over targets; each checks it reached its own.
     Probe {
@@ -145,8 +148,22 @@ enum Cmd {
     TlsHello {
         #[arg(long)]
         to: SocketAddr,
-        #[arg(long)]
+        #[arg(long, default_value = "")]
         sni: String,
+        /// A server name of any bytes (hex), which no TLS library would send: rustls's
+        /// hello for a placeholder of the same length, with these bytes put in its place.
+        #[arg(long)]
+        sni_hex: Option<String>,
+    },
+    /// One connection to each of `--count` ports of `--to` from `--from` on: send a line,
+    /// read until the peer closes. Tallies how each went.
+    Ports {
+        #[arg(long)]
+        to: std::net::Ipv4Addr,
+        #[arg(long)]
+        from: u16,
+        #[arg(long)]
+        count: u16,
     },
     /// HTTP/2 prior knowledge (h2c): N requests multiplexed on one connection.
     H2 {
@@ -548,6 +565,28 @@ fn exchange(
     Ok((line.trim_end().to_string(), local, peer))
 }
 
+/// [`exchange`] over a socket carrying `mark` (SO_MARK) from before its connect.
+fn marked_exchange(
+    to: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> std::io::Result<(String, SocketAddr, SocketAddr)> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_mark(mark)?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    let s: TcpStream = socket.into();
+    s.set_read_timeout(Some(timeout))?;
+    let (local, peer) = (s.local_addr()?, s.peer_addr()?);
+    (&s).write_all(b"marked\n")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    Ok((line.trim_end().to_string(), local, peer))
+}
+
 /// Status, headers (lower-case names) and body of a response.
 type HttpResponse = (u16, Vec<(String, String)>, String);
 
@@ -725,6 +764,36 @@ fn client_hello(sni: &str) -> Vec<u8> {
     let mut out = Vec::new();
     conn.write_tls(&mut out).expect("client hello");
     out
+}
+
+/// rustls's ClientHello for a placeholder name as long as `name`, with `name`'s bytes in
+/// the placeholder's place (the name is sent verbatim in the server_name extension).
+fn client_hello_with_name(name: &[u8]) -> Vec<u8> {
+    assert!((5..=63).contains(&name.len()), "4 < name length <= 63");
+    let placeholder = format!("{}.io", "q".repeat(name.len() - 3));
+    let mut hello = client_hello(&placeholder);
+    let at = hello
+        .windows(name.len())
+        .position(|w| w == placeholder.as_bytes())
+        .expect("placeholder in the hello");
+    hello[at..at + name.len()].copy_from_slice(name);
+    hello
+}
+
+fn tls_hello_raw(to: SocketAddr, name: &[u8]) -> serde_json::Value {
+    let hello = client_hello_with_name(name);
+    let run = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(&hello)?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        Ok(line.trim_end().to_string())
+    };
+    match run() {
+        Ok(reply) => json!({"result": "ok", "reply": reply}),
+        Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
+    }
 }
 
 fn tls_hello(to: SocketAddr, sni: &str) -> serde_json::Value {
@@ -981,7 +1050,18 @@ fn main() {
         Cmd::Connect {
             to,
             timeout_ms,
+            retry_for_ms: _,
+            mark: Some(mark),
+        } => match marked_exchange(to, mark, Duration::from_millis(timeout_ms)) {
+            Ok((reply, local, peer)) => json!({"result": "ok", "reply": reply,
+                "local": local.to_string(), "peer": peer.to_string()}),
+            Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
+        },
+        Cmd::Connect {
+            to,
+            timeout_ms,
             retry_for_ms,
+            mark: None,
         } => {
             let started = Instant::now();
             let mut attempts = 0u32;
@@ -1360,7 +1440,33 @@ fn main() {
                 Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
             }
         }
-        Cmd::TlsHello { to, sni } => tls_hello(to, &sni),
+        Cmd::TlsHello { to, sni, sni_hex } => match sni_hex {
+            Some(hex_name) => {
+                let name = hex::decode(hex_name).expect("--sni-hex: hex");
+                tls_hello_raw(to, &name)
+            }
+            None => tls_hello(to, &sni),
+        },
+        Cmd::Ports { to, from, count } => {
+            let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
+            for port in from..from.saturating_add(count) {
+                let addr = SocketAddr::from((to, port));
+                let outcome = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    Ok(mut s) => {
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let _ = s.write_all(b"hello\r\n");
+                        let mut sink = Vec::new();
+                        match s.read_to_end(&mut sink) {
+                            Ok(_) => "closed".to_string(),
+                            Err(e) => classify(&e).to_string(),
+                        }
+                    }
+                    Err(e) => classify(&e).to_string(),
+                };
+                *outcomes.entry(outcome).or_default() += 1;
+            }
+            json!({"outcomes": outcomes})
+        }
         Cmd::H2 {
             to,
             authority,

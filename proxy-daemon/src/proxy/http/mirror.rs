@@ -68,7 +68,7 @@ pub(super) fn send_mirror(
         let snap = inputs.config.load();
         let Some(target) = snap
             .registry
-            .by_host(&dest.host)
+            .by_host(&dest.host, &pod.workload.namespace)
             .filter(|t| route::sees_service(&snap, &pod.workload, t))
         else {
             return dropped("no_destination");

@@ -147,9 +147,59 @@ pub struct CompiledDestinationRule {
     /// Boxed: a B-tree node reserves room for eleven values, and a policy is ~500 bytes.
     pub subsets: BTreeMap<String, Box<SubsetPolicy>>,
     pub source: String,
+    /// Whether the rule set a top-level `trafficPolicy` (merging keeps the first one set).
+    #[serde(skip)]
+    pub has_traffic_policy: bool,
+    /// Rules of the same namespace and host merged into this one (their sources).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<String>,
 }
 
 impl CompiledDestinationRule {
+    /// Merges a younger rule of the same namespace and host into this one, as Istio does:
+    /// subsets are joined (a name already defined keeps its first definition) and the
+    /// first top-level traffic policy set is used. Returns what to report.
+    pub fn merge(&mut self, younger: CompiledDestinationRule) -> String {
+        let mut dropped = Vec::new();
+        for (name, subset) in younger.subsets {
+            match self.subsets.entry(name) {
+                std::collections::btree_map::Entry::Occupied(e) => dropped.push(e.key().clone()),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(subset);
+                }
+            }
+        }
+        let policy_note = if self.has_traffic_policy && younger.has_traffic_policy {
+            "; its trafficPolicy is ignored (the older rule's applies)"
+        } else {
+            ""
+        };
+        if !self.has_traffic_policy && younger.has_traffic_policy {
+            self.policy = younger.policy;
+            self.port_policies = younger.port_policies;
+            self.has_traffic_policy = true;
+        }
+        if self.export_to != younger.export_to {
+            // Istio keeps such rules apart; one rule per namespace here: the older
+            // exportTo stands.
+            self.merged.push(format!(
+                "{} (exportTo differs: the older rule's applies)",
+                younger.source
+            ));
+        } else {
+            self.merged.push(younger.source.clone());
+        }
+        let subsets_note = if dropped.is_empty() {
+            String::new()
+        } else {
+            format!("; subsets {dropped:?} are already defined there and keep that definition")
+        };
+        format!(
+            "{} is merged into {} (both are DestinationRules for {} in namespace {}, as Istio merges them){subsets_note}{policy_note}",
+            younger.source, self.source, self.host, self.namespace
+        )
+    }
+
     /// Every merged policy this rule can produce, keyed `*`, `port 80`, `subset v1`,
     /// `subset v1 port 80` (for /config_dump; the data path calls [`Self::effective`]).
     pub fn effective_all(&self) -> BTreeMap<String, Policy> {
@@ -484,5 +534,7 @@ pub(super) fn compile_destination_rule(
         port_policies,
         subsets,
         source: cx.source(0),
+        has_traffic_policy: dr.spec.traffic_policy.is_some(),
+        merged: Vec::new(),
     }
 }

@@ -22,7 +22,7 @@ use crate::{
     config::{
         duration,
         istio::{self, OutboundMode, SimpleLb, TlsMode},
-        ConfigError, Located, Object, Severity,
+        ConfigError, CreationOrder, Located, Object, Severity,
     },
     state::registry::{resolve_host, Registry},
 };
@@ -41,36 +41,44 @@ pub const ROOT_NAMESPACE: &str = "istio-system";
 
 #[derive(Debug, Default, Serialize)]
 pub struct RouteTable {
-    /// host (FQDN or wildcard) → VirtualServices for it, in configuration order.
+    /// host (FQDN or wildcard) → VirtualServices for it, oldest first (creationTimestamp,
+    /// name, namespace; file order without timestamps). Each client uses one of them.
     pub virtual_services: BTreeMap<String, Vec<std::sync::Arc<CompiledVirtualService>>>,
-    /// host → DestinationRule (one per host; most specific namespace first at lookup).
+    /// host → DestinationRules for it, one per namespace (a namespace's several rules for
+    /// one host are merged, as Istio merges them).
     pub destination_rules: BTreeMap<String, Vec<CompiledDestinationRule>>,
     pub envoy_filters: Vec<CompiledEnvoyFilter>,
     /// EnvoyFilters Istio accepts but that patch what a node proxy does not have
     /// (listeners, clusters, inbound, gateways): skipped, each with a warning.
     pub skipped_envoy_filters: u64,
     pub sidecars: Vec<CompiledSidecar>,
+    /// What the build outranked or refused (each also a finding).
+    #[serde(skip)]
+    pub conflicts: Vec<crate::state::registry::Conflict>,
 }
 
 impl RouteTable {
-    /// DestinationRule for `host` as seen from `namespace`: one in the client's namespace
-    /// first, then one in the host's own namespace, then any (Istio's lookup order).
+    /// The DestinationRule for `host` as a client of namespace `client` sees it, in
+    /// Istio's lookup order: one in the client's own namespace, then one in the namespace
+    /// of the service the host names (`service_namespace`), then one in the root
+    /// namespace — each only if exported to the client. Never another namespace's: a
+    /// rule of a third namespace cannot steer (or slow, or re-credential) the traffic of
+    /// clients elsewhere.
     pub fn destination_rule(
         &self,
         host: &str,
-        namespace: &str,
+        client: &str,
+        service_namespace: Option<&str>,
     ) -> Option<&CompiledDestinationRule> {
         let list = self.destination_rules.get(host)?;
-        // Only rules exported to the client's namespace (exportTo) are candidates: a rule
-        // one namespace keeps to itself never steers another's traffic.
-        let visible = || {
+        let in_namespace = |ns: &str| {
             list.iter()
-                .filter(move |d| exported_to(&d.export_to, &d.namespace, namespace))
+                .find(|d| d.namespace == ns)
+                .filter(|d| exported_to(&d.export_to, &d.namespace, client))
         };
-        visible()
-            .find(|d| d.namespace == namespace)
-            .or_else(|| visible().find(|d| host.split('.').nth(1) == Some(d.namespace.as_str())))
-            .or_else(|| visible().next())
+        in_namespace(client)
+            .or_else(|| service_namespace.and_then(in_namespace))
+            .or_else(|| in_namespace(ROOT_NAMESPACE))
     }
 
     /// The Sidecar governing a workload: one in its namespace whose selector matches wins
@@ -132,30 +140,60 @@ impl RouteTable {
                 .is_none_or(|sc| sc.imports(client, owner, host))
     }
 
-    /// VirtualServices for a host that a workload (namespace `client`, `labels`) sees:
-    /// exact name first, then the longest wildcard, each only if one of its rules is seen.
+    /// The VirtualService (at most one) that routes `host` for a workload of namespace
+    /// `client` with `labels`: of those it sees (exportTo, its Sidecar's imports), for the
+    /// exact name first, then the longest wildcard. Several may claim the host: its own
+    /// namespace's wins, then one exported to its namespace by name, then the oldest —
+    /// one VirtualService per host, as each Istio sidecar gets. A host that a Kubernetes
+    /// Service owns (`owner`: the Service's namespace) is routed only by that namespace's
+    /// VirtualServices, the client's own and the root namespace's: a third namespace's
+    /// rule (a mirror to its own sink, say) never reaches other namespaces' requests.
     pub fn virtual_services_for<'a>(
         &'a self,
         host: &'a str,
         client: &'a str,
         labels: &'a BTreeMap<String, String>,
+        owner: Option<&'a str>,
     ) -> impl Iterator<Item = &'a std::sync::Arc<CompiledVirtualService>> + 'a {
-        let seen = move |vs: &std::sync::Arc<CompiledVirtualService>| {
-            self.sees(client, labels, &vs.export_to, &vs.namespace, host)
+        let eligible = move |vs: &std::sync::Arc<CompiledVirtualService>| {
+            may_route(&vs.namespace, client, owner)
+                && self.sees(client, labels, &vs.export_to, &vs.namespace, host)
         };
         let list = match self.virtual_services.get(host) {
-            Some(v) if v.iter().any(seen) => v.as_slice(),
+            Some(v) if v.iter().any(eligible) => v.as_slice(),
             _ => self
                 .virtual_services
                 .iter()
                 .filter(|(p, v)| {
-                    crate::state::registry::host_matches(p, host) && v.iter().any(seen)
+                    crate::state::registry::host_matches(p, host) && v.iter().any(eligible)
                 })
                 .max_by_key(|(p, _)| p.len())
                 .map(|(_, v)| v.as_slice())
                 .unwrap_or(&[]),
         };
-        list.iter().filter(move |vs| seen(vs))
+        list.iter()
+            .filter(move |vs| eligible(vs))
+            .min_by_key(|vs| claim_rank(vs, client))
+            .into_iter()
+    }
+}
+
+/// Whether a VirtualService of namespace `route_ns` may route a client of `client` to a
+/// host a Kubernetes Service of namespace `owner` owns: the owner's, the client's own
+/// (a consumer's override for itself) and the root namespace's (which speaks for all).
+pub fn may_route(route_ns: &str, client: &str, owner: Option<&str>) -> bool {
+    owner.is_none_or(|o| route_ns == o || route_ns == client || route_ns == ROOT_NAMESPACE)
+}
+
+/// Which of several VirtualServices for one host a client uses (lower first; ties go to
+/// the oldest): its own namespace's, then one exported to it by name, then the rest.
+fn claim_rank(vs: &CompiledVirtualService, client: &str) -> u8 {
+    if vs.namespace == client {
+        0
+    } else if vs.export_to.iter().any(|e| e == client) {
+        1
+    } else {
+        2
     }
 }
 
@@ -296,24 +334,38 @@ impl Ctx<'_> {
 pub fn build(
     objects: &[Located<Object>],
     registry: &Registry,
+    export_defaults: &crate::state::ExportDefaults,
     findings: &mut Vec<ConfigError>,
 ) -> RouteTable {
     let mut table = RouteTable::default();
-    for o in objects {
+    // Oldest first: where objects compete, the oldest wins (Istio's order).
+    let mut ordered: Vec<(CreationOrder, &Located<Object>)> = objects
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (CreationOrder::of(o, i), o))
+        .collect();
+    ordered.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, o) in &ordered {
         if let Object::DestinationRule(dr) = &o.value {
-            let c = compile_destination_rule(o, dr, registry, findings);
-            let list = table.destination_rules.entry(c.host.clone()).or_default();
-            if let Some(other) = list.iter().find(|d| d.namespace == c.namespace) {
-                findings.push(o.error(
-                    dr.spec.host.referenced.line(),
-                    format!(
-                        "conflicts with {}: both are DestinationRules for {} in namespace {}",
-                        other.source, c.host, c.namespace
-                    ),
-                ));
-                continue;
+            let mut c = compile_destination_rule(o, dr, registry, findings);
+            if c.export_to.is_empty() {
+                c.export_to = export_defaults.destination_rule.clone();
             }
-            list.push(c);
+            let list = table.destination_rules.entry(c.host.clone()).or_default();
+            match list.iter_mut().find(|d| d.namespace == c.namespace) {
+                Some(first) => {
+                    let note = first.merge(c);
+                    findings.push(o.finding(
+                        Severity::Warning,
+                        dr.spec.host.referenced.line(),
+                        note,
+                    ));
+                    table
+                        .conflicts
+                        .push(crate::state::registry::Conflict::ConflictingDestinationRules);
+                }
+                None => list.push(c),
+            }
         }
     }
     let subsets: BTreeMap<String, Vec<String>> = table
@@ -333,19 +385,22 @@ pub fn build(
         subsets: &subsets,
     };
     let mut regexes = std::collections::HashMap::new();
-    for o in objects {
+    for (_, o) in &ordered {
         match &o.value {
             Object::VirtualService(vs) => {
-                if let Some(c) = compile_virtual_service(o, vs, &check, findings, &mut regexes) {
+                if let Some(mut c) = compile_virtual_service(o, vs, &check, findings, &mut regexes)
+                {
+                    if c.export_to.is_empty() {
+                        c.export_to = export_defaults.virtual_service.clone();
+                    }
                     let c = std::sync::Arc::new(c);
                     for (h, spanned) in c.hosts.iter().zip(&vs.spec.hosts) {
+                        let line = spanned.referenced.line();
                         let list = table.virtual_services.entry(h.clone()).or_default();
-                        if let Some(other) = list.iter().find(|v| v.namespace == c.namespace) {
-                            findings.push(o.error(
-                                spanned.referenced.line(),
-                                format!("conflicts with {}: both route host {h} in namespace {} (Istio would pick one arbitrarily)", other.source, c.namespace),
-                            ));
-                            continue;
+                        if let Some(conflict) =
+                            claim_conflict(o, &c, h, line, list, registry, findings)
+                        {
+                            table.conflicts.push(conflict);
                         }
                         list.push(c.clone());
                     }
@@ -364,5 +419,50 @@ pub fn build(
             _ => {}
         }
     }
+    // EnvoyFilters and Sidecars are in creation order too: Istio applies EnvoyFilters of
+    // equal priority oldest first, and of a namespace's several default Sidecars uses the
+    // oldest.
     table
+}
+
+/// What to say when a VirtualService claims host `h` (written at `line`) that `earlier`
+/// (older) ones already claim, or that a Kubernetes Service of another namespace owns.
+fn claim_conflict(
+    o: &Located<Object>,
+    vs: &CompiledVirtualService,
+    h: &str,
+    line: u64,
+    earlier: &[std::sync::Arc<CompiledVirtualService>],
+    registry: &Registry,
+    findings: &mut Vec<ConfigError>,
+) -> Option<crate::state::registry::Conflict> {
+    use crate::state::registry::Conflict;
+    let owner = if h.contains('*') {
+        None
+    } else {
+        registry.kubernetes_owner(h)
+    };
+    if let Some(owner) = owner.filter(|ow| !may_route(&vs.namespace, "", Some(ow))) {
+        findings.push(o.finding(
+            Severity::Warning,
+            line,
+            format!(
+                "host {h} belongs to a Service of namespace {owner}: this VirtualService routes namespace {}'s own workloads only; other namespaces' requests to it keep their own routes",
+                vs.namespace
+            ),
+        ));
+        return Some(Conflict::RouteForAnotherNamespacesService);
+    }
+    let first = earlier
+        .iter()
+        .find(|e| may_route(&e.namespace, "", owner))?;
+    findings.push(o.finding(
+        Severity::Warning,
+        line,
+        format!(
+            "(IST0109) host {h} is also routed by {}: a workload uses one VirtualService per host — its own namespace's, then one exported to its namespace by name, then the oldest — so this one is ignored wherever that one applies",
+            first.source
+        ),
+    ));
+    Some(Conflict::ConflictingVirtualServices)
 }
