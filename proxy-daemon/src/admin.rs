@@ -1,7 +1,7 @@
 //! The three small HTTP endpoints (SPEC.md): admin (config_dump, logging, quitquitquit),
 //! metrics (Prometheus text) and health (readiness). Handlers are synchronous: each
 //! answers from in-memory state and never waits on the data path.
-use std::{convert::Infallible, sync::Arc};
+use std::{collections::HashMap, convert::Infallible, net::IpAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -32,15 +32,115 @@ fn not_found() -> Response<Body> {
     respond(StatusCode::NOT_FOUND, "text/plain", "not found\n")
 }
 
+/// Connections one endpoint serves at once, and from one address: the metrics and health
+/// ports listen on the node's addresses, which every pod can reach. A scraper needs one or
+/// two; a pod that opens hundreds and never sends is refused past the cap, counted in
+/// `proxy_daemon_endpoint_connections_refused_total{endpoint,reason}`.
+pub const MAX_ENDPOINT_CONNECTIONS: usize = 64;
+pub const MAX_ENDPOINT_CONNECTIONS_PER_PEER: usize = 8;
+/// A request head must arrive within this long (slow-header clients are cut off)...
+const ENDPOINT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// ...and no connection is held longer than this (scrapers reconnect).
+const ENDPOINT_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Which endpoint a listener is, for its limits' counter.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub name: &'static str,
+    pub refused: prometheus_client::metrics::family::Family<
+        crate::metrics::EndpointRefusalLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+/// Connections in flight on one endpoint, in all and per peer address.
+#[derive(Default)]
+struct Admission {
+    by_peer: std::sync::Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted connection; gives its place back when dropped.
+struct Admitted {
+    admission: Arc<Admission>,
+    peer: IpAddr,
+}
+
+impl Admission {
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, &'static str> {
+        let mut guard = self.by_peer.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_peer) = &mut *guard;
+        if *total >= MAX_ENDPOINT_CONNECTIONS {
+            return Err("endpoint_limit");
+        }
+        let mine = per_peer.entry(peer).or_default();
+        if *mine >= MAX_ENDPOINT_CONNECTIONS_PER_PEER {
+            return Err("peer_limit");
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(Admitted {
+            admission: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut guard = self
+            .admission
+            .by_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (total, per_peer) = &mut *guard;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// Serves `handler` on `listener` until the task is dropped. With `token`, every request
-/// must carry `Authorization: Bearer <token>` (401 otherwise).
-pub async fn serve(listener: TcpListener, handler: Handler, token: Option<Arc<str>>) {
+/// must carry `Authorization: Bearer <token>` (401 otherwise). Connections are bounded in
+/// number (per peer too), head read time and lifetime; a failing accept backs off.
+pub async fn serve(
+    listener: TcpListener,
+    handler: Handler,
+    token: Option<Arc<str>>,
+    endpoint: Endpoint,
+) {
+    let admission = Arc::new(Admission::default());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                debug!(endpoint = endpoint.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admitted = match admission.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(reason) => {
+                endpoint
+                    .refused
+                    .get_or_create(&crate::metrics::EndpointRefusalLabels {
+                        endpoint: endpoint.name,
+                        reason,
+                    })
+                    .inc();
+                // A reset, not a FIN: the peer learns at once, and no TIME_WAIT stays here.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                continue;
+            }
         };
         let (handler, token) = (handler.clone(), token.clone());
         tokio::spawn(async move {
+            let _admitted = admitted;
             let service = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 let authorized = token.as_deref().is_none_or(|t| {
@@ -82,11 +182,12 @@ pub async fn serve(listener: TcpListener, handler: Handler, token: Option<Arc<st
                     Ok::<_, Infallible>(resp)
                 }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %e, "admin connection");
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ENDPOINT_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Ok(Err(e)) = tokio::time::timeout(ENDPOINT_CONNECTION_LIFETIME, conn).await {
+                debug!(error = %e, "endpoint connection");
             }
         });
     }

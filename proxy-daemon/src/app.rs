@@ -1244,11 +1244,16 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     }
     let (quit_tx, quit_rx) = watch::channel(false);
     let admin_token = settings.admin_token.as_ref().map(|t| t.0.clone());
+    let endpoint = |name| admin::Endpoint {
+        name,
+        refused: metrics.daemon.endpoint_connections_refused.clone(),
+    };
     let servers = [
         tokio::spawn(admin::serve(
             admin_listener,
             admin::admin_handler(Arc::new(dump), logs, quit_tx),
             admin_token,
+            endpoint("admin"),
         )),
         tokio::spawn(admin::serve(
             metrics_listener,
@@ -1262,11 +1267,13 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
                 })
             }),
             None,
+            endpoint("metrics"),
         )),
         tokio::spawn(admin::serve(
             health_listener,
             admin::health_handler(ready.clone()),
             None,
+            endpoint("health"),
         )),
     ];
     let watcher = match cluster_store {

@@ -815,6 +815,16 @@ pub struct DaemonMetrics {
     pub config_conflicts: Family<ConflictLabels, Gauge>,
     /// Enrolled pods with a power over their own capture worth an operator's look.
     pub pods_flagged: Family<FlagLabels, Gauge>,
+    /// Connections to the admin, metrics and health ports refused past their caps.
+    pub endpoint_connections_refused: Family<EndpointRefusalLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointRefusalLabels {
+    /// admin | metrics | health
+    pub endpoint: &'static str,
+    /// endpoint_limit | peer_limit
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -1010,6 +1020,11 @@ impl Metrics {
             "config_rejected_objects",
             "Objects skipped because they failed validation (cluster mode), by kind",
             daemon.config_rejected_objects.clone(),
+        );
+        sub.register(
+            "endpoint_connections_refused",
+            "Connections to the admin, metrics and health ports reset at accept: past the endpoint's cap, or the peer address's",
+            daemon.endpoint_connections_refused.clone(),
         );
         sub.register(
             "handover_peers_refused",

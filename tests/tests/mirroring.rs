@@ -347,8 +347,8 @@ spec:
     assert!(wait_for(Duration::from_secs(5), || {
         daemon.config_dump()["snapshot"]["registry"]["services"]["resetter.azar.svc.cluster.local"]
             [0]
-            .is_object()
-            .then_some(())
+        .is_object()
+        .then_some(())
     })
     .is_some());
     let (ok, b, w) = interleaved_p99(&client, "100", "60");

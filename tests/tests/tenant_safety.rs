@@ -1038,3 +1038,78 @@ fn without_colours(line: &str) -> String {
     out.push_str(rest);
     out
 }
+
+/// The metrics and health ports listen on the node's addresses, which every pod can reach:
+/// a pod that opens connections and never finishes a request head must not hold the
+/// node's descriptors there, nor keep Prometheus or the kubelet out. (Here the attacker is
+/// 127.0.0.2, the scraper 127.0.0.1: two peers, as a pod and Prometheus are.)
+#[test]
+fn a_pod_cannot_hold_the_metrics_and_health_ports() {
+    use std::io::{Read as _, Write as _};
+    let t = tenants("endpoints", "holder", "", &[]);
+    let daemon = &t.daemon;
+    let pid = daemon.pid().expect("pid");
+    let fds_before = proxy_tests::open_fds(pid);
+    let connect_from = |to: std::net::SocketAddr| -> Option<std::net::TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+        s.bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into())
+            .ok()?;
+        s.connect_timeout(&to.into(), Duration::from_secs(1)).ok()?;
+        Some(s.into())
+    };
+    // 200 connections to each port, each with half a request head that never ends.
+    let mut held = Vec::new();
+    for to in [daemon.metrics, daemon.health] {
+        for _ in 0..200 {
+            if let Some(mut s) = connect_from(to) {
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+                held.push(s);
+            }
+        }
+    }
+    let refused = |endpoint: &str| {
+        daemon.metric_sum(
+            "proxy_daemon_endpoint_connections_refused_total",
+            &[("endpoint", endpoint), ("reason", "peer_limit")],
+        )
+    };
+    // Past the peer's share, reset at accept and counted.
+    assert!(
+        proxy_tests::wait_for(Duration::from_secs(5), || (refused("metrics") >= 190.0
+            && refused("health") >= 190.0)
+            .then_some(()))
+        .is_some(),
+        "metrics {} health {}",
+        refused("metrics"),
+        refused("health")
+    );
+    // Prometheus and the kubelet still get their answers, while the attack goes on.
+    for _ in 0..10 {
+        let (code, body) = proxy_tests::http_get(daemon.metrics, "/metrics").expect("scrape");
+        assert_eq!(code, 200);
+        assert!(body.contains("proxy_daemon_build_info"));
+        let (code, _) = proxy_tests::http_get(daemon.health, "/healthz/ready").expect("probe");
+        assert_eq!(code, 200);
+    }
+    // The descriptors the attack holds are the share's, not 400.
+    let fds_during = proxy_tests::open_fds(pid);
+    assert!(
+        fds_during < fds_before + 2 * 8 + 10,
+        "daemon fds {fds_before} -> {fds_during}"
+    );
+    // The heads that never end are cut off (5 s), and the places come back.
+    let cut = held
+        .iter_mut()
+        .map(|s| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(8)));
+            let mut buf = [0u8; 256];
+            // Reset at accept (an error) or closed after the header timeout (0, or a 408).
+            !matches!(s.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut)
+        })
+        .filter(|cut| *cut)
+        .count();
+    assert_eq!(cut, held.len(), "connections left hanging");
+    drop(held);
+    let s = connect_from(daemon.metrics).expect("connect again");
+    drop(s);
+}

@@ -83,6 +83,8 @@ pub struct ClusterMetrics {
     pub watch_errors: Family<WatchErrorLabels, Counter>,
     pub watch_synced: Family<KindLabels, Gauge>,
     pub events: Family<KindLabels, Counter>,
+    /// credentialNames left out: past a namespace's [`MAX_CREDENTIALS_PER_NAMESPACE`].
+    pub credentials_over_cap: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +117,11 @@ impl ClusterMetrics {
             "kubernetes_events",
             "Watch events received from the Kubernetes API, by kind",
             m.events.clone(),
+        );
+        registry.register(
+            "kubernetes_credentials_over_cap",
+            "DestinationRule credentialNames not loaded because their namespace's rules name more than a node loads for one namespace (64)",
+            m.credentials_over_cap.clone(),
         );
         m
     }
@@ -186,6 +193,8 @@ pub struct ClusterStore {
     changed: watch::Sender<u64>,
     /// `(namespace, credentialName)` of every DestinationRule: the Secrets to watch.
     credentials: watch::Sender<BTreeSet<(String, String)>>,
+    /// `proxy_daemon_kubernetes_credentials_over_cap`.
+    credentials_over_cap: Gauge,
 }
 
 /// Objects to compile, and the ones that failed to parse.
@@ -201,7 +210,14 @@ impl ClusterStore {
             kinds: Mutex::new(keys.iter().map(|k| (*k, KindState::default())).collect()),
             changed: watch::channel(0).0,
             credentials: watch::channel(BTreeSet::new()).0,
+            credentials_over_cap: Gauge::default(),
         }
+    }
+
+    /// Counts credentialNames past their namespace's cap in `gauge`.
+    fn counting_credentials_in(mut self, gauge: Gauge) -> Self {
+        self.credentials_over_cap = gauge;
+        self
     }
 
     fn with<R>(&self, key: &'static str, f: impl FnOnce(&mut KindState) -> R) -> R {
@@ -323,6 +339,27 @@ impl ClusterStore {
             }
         }
         drop(kinds);
+        // At most MAX_CREDENTIALS_PER_NAMESPACE per namespace (by name order, so every
+        // node keeps the same ones).
+        let mut per_namespace: BTreeMap<String, usize> = BTreeMap::new();
+        let mut over: BTreeMap<String, usize> = BTreeMap::new();
+        wanted.retain(|(ns, _)| {
+            let n = per_namespace.entry(ns.clone()).or_default();
+            *n += 1;
+            if *n > MAX_CREDENTIALS_PER_NAMESPACE {
+                *over.entry(ns.clone()).or_default() += 1;
+                false
+            } else {
+                true
+            }
+        });
+        let left_out = over.values().sum::<usize>() as i64;
+        if self.credentials_over_cap.set(left_out) == left_out {
+            over.clear();
+        }
+        for (ns, n) in &over {
+            warn!(namespace = %ns, left_out = n, cap = MAX_CREDENTIALS_PER_NAMESPACE, "the namespace's DestinationRules name more credentials than a node loads for one namespace; the rest are not loaded");
+        }
         self.credentials.send_if_modified(|cur| {
             if *cur != wanted {
                 *cur = wanted;
@@ -810,8 +847,10 @@ async fn run_istio_kind(
     }
 }
 
-/// Keeps one field-selected watch per Secret that a DestinationRule names, writing each
-/// Secret's TLS keys to `dir/<namespace>/<name>/` for the TLS originator.
+/// Keeps one list+watch of Secrets per namespace whose DestinationRules name credentials
+/// (and that has pods on this node), writing only the named Secrets' TLS keys to
+/// `dir/<namespace>/<name>/` for the TLS originator. One watch per namespace, whatever
+/// the rules name: a rule naming thousands of Secrets costs one watch, not thousands.
 async fn run_secrets(
     client: Client,
     store: Arc<ClusterStore>,
@@ -819,30 +858,44 @@ async fn run_secrets(
     dir: PathBuf,
 ) {
     let mut wanted = store.credentials.subscribe();
-    let mut running: BTreeMap<(String, String), JoinHandle<()>> = BTreeMap::new();
+    let mut running: BTreeMap<String, (BTreeSet<String>, JoinHandle<()>)> = BTreeMap::new();
     loop {
-        let now = wanted.borrow_and_update().clone();
-        running.retain(|key, task| {
-            let keep = now.contains(key);
+        let mut by_namespace: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (ns, name) in wanted.borrow_and_update().iter() {
+            by_namespace
+                .entry(ns.clone())
+                .or_default()
+                .insert(name.clone());
+        }
+        running.retain(|ns, (names, task)| {
+            let keep = by_namespace.get(ns) == Some(names);
             if !keep {
                 task.abort();
-                let _ = std::fs::remove_dir_all(dir.join(&key.0).join(&key.1));
-                info!(namespace = %key.0, secret = %key.1, "secret no longer referenced; forgotten");
+                // Names no longer wanted lose their files; the others are rewritten by the
+                // new watch's list.
+                let still = by_namespace.get(ns);
+                for name in names.iter() {
+                    if still.is_none_or(|s| !s.contains(name)) {
+                        let _ = std::fs::remove_dir_all(dir.join(ns).join(name));
+                        info!(namespace = %ns, secret = %name, "secret no longer referenced; forgotten");
+                    }
+                }
             }
             keep
         });
-        for key in now {
-            if running.contains_key(&key) {
+        for (ns, names) in by_namespace {
+            if running.contains_key(&ns) {
                 continue;
             }
-            info!(namespace = %key.0, secret = %key.1, "watching secret named by a DestinationRule credentialName");
-            let task = tokio::spawn(watch_secret(
+            info!(namespace = %ns, secrets = names.len(), "watching the namespace's secrets named by DestinationRule credentialNames");
+            let task = tokio::spawn(watch_namespace_secrets(
                 client.clone(),
-                key.clone(),
+                ns.clone(),
+                names.clone(),
                 metrics.clone(),
                 dir.clone(),
             ));
-            running.insert(key, task);
+            running.insert(ns, (names, task));
         }
         if wanted.changed().await.is_err() {
             return;
@@ -853,32 +906,40 @@ async fn run_secrets(
 /// Secret keys the TLS originator reads (Kubernetes TLS Secrets and Istio's generic ones).
 const SECRET_KEYS: [&str; 6] = ["tls.crt", "tls.key", "ca.crt", "cert", "key", "cacert"];
 
-async fn watch_secret(
+/// Credentials (distinct `credentialName`s) one namespace's rules may have loaded on a
+/// node; past it the rest are left out, said once and counted
+/// (`proxy_daemon_kubernetes_credentials_over_cap`), and TLS origination needing them
+/// fails as for a missing Secret.
+pub const MAX_CREDENTIALS_PER_NAMESPACE: usize = 64;
+
+async fn watch_namespace_secrets(
     client: Client,
-    (namespace, name): (String, String),
+    namespace: String,
+    names: BTreeSet<String>,
     metrics: Arc<ClusterMetrics>,
     dir: PathBuf,
 ) {
     use k8s_openapi::api::core::v1::Secret;
     let api: Api<Secret> = Api::namespaced(client, &namespace);
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut stream = watcher::watcher(api, config).boxed();
-    let target = dir.join(&namespace).join(&name);
+    let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
     let labels = KindLabels {
         kind: "Secret".into(),
     };
     let mut backoff = Backoff::new();
-    let mut seen_in_list = false;
+    let mut seen_in_list: BTreeSet<String> = BTreeSet::new();
     while let Some(item) = stream.next().await {
         match item {
             Ok(event) => {
                 backoff.reset();
                 metrics.events.get_or_create(&labels).inc();
+                let named = |s: &Secret| s.metadata.name.clone().filter(|n| names.contains(n));
                 match event {
-                    watcher::Event::Init => seen_in_list = false,
+                    watcher::Event::Init => seen_in_list.clear(),
                     watcher::Event::InitApply(s) | watcher::Event::Apply(s) => {
-                        seen_in_list = true;
-                        match write_secret(&target, &s) {
+                        // Every other Secret of the namespace is looked at and dropped.
+                        let Some(name) = named(&s) else { continue };
+                        seen_in_list.insert(name.clone());
+                        match write_secret(&dir.join(&namespace).join(&name), &s) {
                             Ok(n) => {
                                 info!(%namespace, secret = %name, keys = n, "TLS credentials from secret updated")
                             }
@@ -887,13 +948,14 @@ async fn watch_secret(
                             }
                         }
                     }
-                    watcher::Event::Delete(_) => {
-                        let _ = std::fs::remove_dir_all(&target);
+                    watcher::Event::Delete(s) => {
+                        let Some(name) = named(&s) else { continue };
+                        let _ = std::fs::remove_dir_all(dir.join(&namespace).join(&name));
                         warn!(%namespace, secret = %name, "secret deleted: TLS origination that needs it fails until it is back");
                     }
                     watcher::Event::InitDone => {
-                        if !seen_in_list {
-                            let _ = std::fs::remove_dir_all(&target);
+                        for name in names.difference(&seen_in_list) {
+                            let _ = std::fs::remove_dir_all(dir.join(&namespace).join(name));
                             warn!(%namespace, secret = %name, "secret named by credentialName does not exist (yet)");
                         }
                     }
@@ -909,7 +971,7 @@ async fn watch_secret(
                     })
                     .inc();
                 if code != Some(410) {
-                    warn!(%namespace, secret = %name, error = %e, "secret watch failed; retrying with backoff");
+                    warn!(%namespace, error = %e, "secret watch failed; retrying with backoff");
                     tokio::time::sleep(backoff.next()).await;
                 }
             }
@@ -981,7 +1043,9 @@ pub fn start(
         MESH_CONFIG,
     ];
     keys.extend(ISTIO_KINDS.iter().map(|(k, _)| *k));
-    let store = Arc::new(ClusterStore::new(&keys));
+    let store = Arc::new(
+        ClusterStore::new(&keys).counting_credentials_in(metrics.credentials_over_cap.clone()),
+    );
     let watches = [
         Watch {
             key: "Namespace",

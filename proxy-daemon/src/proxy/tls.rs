@@ -70,6 +70,11 @@ pub struct UpstreamTls {
     pub sni: String,
     /// Distinguishes pooled connections made with different settings to the same address.
     pub pool_key: u64,
+    /// The settings in full (SNI and every field): what a built client configuration is
+    /// cached under. Never a hash of them: a namespace owner chooses free text in its rule
+    /// (SNI, SANs) and could make a hash equal another tenant's, and be handed that
+    /// tenant's configuration, client certificate included.
+    pub settings_key: Arc<str>,
 }
 
 impl UpstreamTls {
@@ -79,11 +84,13 @@ impl UpstreamTls {
             return None;
         }
         let sni = settings.sni.clone().unwrap_or_else(|| host.to_string());
-        let pool_key = crate::proxy::balance::fnv1a(format!("{sni}|{settings:?}").as_bytes()) | 1;
+        let settings_key: Arc<str> = format!("{sni}|{settings:?}").into();
+        let pool_key = crate::proxy::balance::fnv1a(settings_key.as_bytes()) | 1;
         Some(Self {
             settings: settings.clone(),
             sni,
             pool_key,
+            settings_key,
         })
     }
 }
@@ -108,8 +115,13 @@ pub struct Originator {
     /// the cluster source); local mode: `<dir>/<name>`.
     namespaced: bool,
     session_cache: usize,
-    cache: Mutex<HashMap<(u64, &'static [u8]), Cached>>,
+    /// Built configurations by (full settings, ALPN, client namespace): each tenant's own,
+    /// session resumption cache included.
+    cache: Mutex<HashMap<ConfigKey, Cached>>,
 }
+
+/// (full settings, ALPN, client namespace).
+type ConfigKey = (Arc<str>, &'static [u8], String);
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
@@ -181,13 +193,15 @@ impl Originator {
         })
     }
 
-    /// The client configuration for `tls` offering `alpn`, built or reused.
+    /// The client configuration for `tls` offering `alpn` to pods of `client_namespace`,
+    /// built or reused.
     pub fn config(
         &self,
         tls: &UpstreamTls,
         alpn: &'static [u8],
+        client_namespace: &str,
     ) -> Result<Arc<ClientConfig>, TlsError> {
-        let key = (tls.pool_key, alpn);
+        let key = (tls.settings_key.clone(), alpn, client_namespace.to_string());
         {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = cache.get_mut(&key) {
@@ -328,7 +342,9 @@ impl Originator {
                 .to_string());
             }
         }
-        let config = self.config(tls, alpn).map_err(|e| e.to_string())?;
+        let config = self
+            .config(tls, alpn, client_namespace)
+            .map_err(|e| e.to_string())?;
         let name =
             ServerName::try_from(tls.sni.clone()).map_err(|e| format!("SNI {:?}: {e}", tls.sni))?;
         let s = tokio_rustls::TlsConnector::from(config)
@@ -582,6 +598,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cached_client_configuration_is_never_another_tenants_whatever_the_hash() {
+        let originator = Originator::new(None, 8);
+        let settings = |sni: &str| TlsOrigination {
+            mode: TlsMode::Simple,
+            client_certificate: None,
+            private_key: None,
+            ca_certificates: None,
+            credential_name: None,
+            credential_namespace: "shop".into(),
+            subject_alt_names: Vec::new(),
+            sni: Some(sni.into()),
+            insecure_skip_verify: true,
+        };
+        let theirs = UpstreamTls::new(&settings("victim.example"), "h").unwrap();
+        let mut mine = UpstreamTls::new(&settings("attacker.example"), "h").unwrap();
+        // As if the attacker had found settings whose hash equals the victim's.
+        mine.pool_key = theirs.pool_key;
+        let a = originator.config(&theirs, b"http/1.1", "prod").unwrap();
+        let b = originator.config(&mine, b"http/1.1", "prod").unwrap();
+        assert!(
+            !Arc::ptr_eq(&a, &b),
+            "a colliding hash got the victim's configuration"
+        );
+        // The same settings used by two namespaces: two configurations (and two session
+        // caches), so no tenant resumes another's TLS sessions.
+        let c = originator.config(&theirs, b"http/1.1", "aaa").unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert!(Arc::ptr_eq(
+            &a,
+            &originator.config(&theirs, b"http/1.1", "prod").unwrap()
+        ));
+    }
+
+    #[test]
     fn mutual_without_a_client_certificate_fails_instead_of_downgrading() {
         let dir = std::env::temp_dir().join(format!("pd-tls-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("shop/partner")).unwrap();
@@ -598,7 +648,7 @@ mod tests {
             insecure_skip_verify: false,
         };
         let tls = UpstreamTls::new(&settings, "api.example.com").unwrap();
-        let Err(err) = originator.config(&tls, b"http/1.1") else {
+        let Err(err) = originator.config(&tls, b"http/1.1", "shop") else {
             panic!("MUTUAL accepted without a client certificate")
         };
         assert!(
@@ -612,7 +662,7 @@ mod tests {
             ..settings
         };
         let tls = UpstreamTls::new(&simple, "api.example.com").unwrap();
-        assert!(originator.config(&tls, b"http/1.1").is_ok());
+        assert!(originator.config(&tls, b"http/1.1", "shop").is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -9,10 +9,32 @@ use crate::{proxy::http_route::UpstreamProtocol, state::routes::ConnectionPool};
 pub struct UpstreamPool {
     /// Idle HTTP/1 senders.
     pub(super) idle: Mutex<HashMap<PoolKey, Vec<Parked>>>,
-    pub(super) h2: Mutex<HashMap<PoolKey, client_http2::SendRequest<Body>>>,
+    /// Shared HTTP/2 connections, one per upstream and TLS setting, at most
+    /// [`MAX_H2_PER_POD`]; each is counted in the node's idle budget while pooled (it
+    /// holds a descriptor whether or not a request uses it).
+    pub(super) h2: Mutex<HashMap<PoolKey, SharedH2>>,
     /// The node-wide count and cap of idle connections, shared by every pod's pool.
     budget: Arc<IdleBudget>,
 }
+
+/// A pooled HTTP/2 connection and when it was last used.
+pub(super) struct SharedH2 {
+    sender: client_http2::SendRequest<Body>,
+    last_used: tokio::time::Instant,
+    /// `http.idleTimeout` (0: never).
+    idle_timeout: Duration,
+}
+
+impl SharedH2 {
+    fn expired(&self, now: tokio::time::Instant) -> bool {
+        !self.idle_timeout.is_zero() && now.duration_since(self.last_used) >= self.idle_timeout
+    }
+}
+
+/// Shared HTTP/2 upstream connections one pod keeps: one per upstream address and TLS
+/// setting, so a pod dialling many addresses (passthrough h2c, say) cannot hold a
+/// connection to each for ever; past it, a new connection serves its request and closes.
+pub(super) const MAX_H2_PER_POD: usize = 256;
 
 /// An idle HTTP/1 connection in a pool.
 pub(super) struct Parked {
@@ -49,10 +71,12 @@ impl IdleBudget {
 pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// (address, TLS setting's pool key; 0 for plain connections).
-pub(super) type PoolKey = (SocketAddr, u64);
+/// An upstream address and the TLS settings in full (never a hash a rule's free text
+/// could make equal to another rule's).
+pub(super) type PoolKey = (SocketAddr, Option<std::sync::Arc<str>>);
 
 pub(super) fn pool_key(upstream: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
-    (upstream, tls.map(|t| t.pool_key).unwrap_or(0))
+    (upstream, tls.map(|t| t.settings_key.clone()))
 }
 
 /// Idle connections a pod keeps per upstream: Envoy's default circuit breaker
@@ -72,10 +96,10 @@ impl UpstreamPool {
         }
     }
 
-    pub(super) fn take(&self, addr: PoolKey) -> Option<(Sender, u32)> {
+    pub(super) fn take(&self, addr: &PoolKey) -> Option<(Sender, u32)> {
         let now = tokio::time::Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(addr)?;
         while let Some(p) = list.pop() {
             self.budget.gauge.dec();
             if p.expires.is_some_and(|e| e <= now) {
@@ -135,7 +159,48 @@ impl UpstreamPool {
         self.h2
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, s| !s.is_closed());
+            .retain(|_, c| {
+                let expired = c.expired(now);
+                let keep = !expired && !c.sender.is_closed();
+                if !keep {
+                    self.budget.gauge.dec();
+                    if expired {
+                        self.budget.closed_idle.inc();
+                    }
+                }
+                keep
+            });
+    }
+
+    /// The pod's shared HTTP/2 connection to `key`, if it has a live one; marks it used.
+    fn shared_h2(&self, key: &PoolKey) -> Option<client_http2::SendRequest<Body>> {
+        let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let c = h2.get_mut(key).filter(|c| !c.sender.is_closed())?;
+        c.last_used = tokio::time::Instant::now();
+        Some(c.sender.clone())
+    }
+
+    /// Pools a new HTTP/2 connection, unless the pod has [`MAX_H2_PER_POD`] or the node is
+    /// at its idle cap (then it serves the request that made it and closes). Replaces a
+    /// closed one for the same key.
+    fn share_h2(&self, key: PoolKey, sender: client_http2::SendRequest<Body>, idle: Duration) {
+        let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if h2.remove(&key).is_some() {
+            self.budget.gauge.dec();
+        }
+        if h2.len() >= MAX_H2_PER_POD || self.budget.gauge.get() >= self.budget.cap {
+            self.budget.closed_at_cap.inc();
+            return;
+        }
+        h2.insert(
+            key,
+            SharedH2 {
+                sender,
+                last_used: tokio::time::Instant::now(),
+                idle_timeout: idle,
+            },
+        );
+        self.budget.gauge.inc();
     }
 }
 
@@ -143,7 +208,8 @@ impl Drop for UpstreamPool {
     fn drop(&mut self) {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let n: usize = idle.values().map(Vec::len).sum();
-        self.budget.gauge.dec_by(n as i64);
+        let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner()).len();
+        self.budget.gauge.dec_by((n + h2) as i64);
     }
 }
 
@@ -225,13 +291,10 @@ pub(super) async fn forward_h2(
     tls: Option<&UpstreamTls>,
     req: Request<Body>,
     timeout: Option<Duration>,
-    connect_timeout: Duration,
+    (connect_timeout, idle_timeout): (Duration, Duration),
 ) -> Result<Response<Body>, UpstreamError> {
     let key = pool_key(upstream, tls);
-    let existing = {
-        let h2 = pod.http_pool.h2.lock().unwrap_or_else(|p| p.into_inner());
-        h2.get(&key).filter(|s| !s.is_closed()).cloned()
-    };
+    let existing = pod.http_pool.shared_h2(&key);
     let mut sender = match existing {
         Some(s) => s,
         None => {
@@ -246,11 +309,7 @@ pub(super) async fn forward_h2(
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            pod.http_pool
-                .h2
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key, sender.clone());
+            pod.http_pool.share_h2(key, sender.clone(), idle_timeout);
             sender
         }
     };
@@ -312,7 +371,11 @@ pub(super) async fn forward(
         translate_request(&mut req, h2, tls.is_some());
     }
     if h2 {
-        let resp = forward_h2(inputs, pod, upstream, tls, req, timeout, connect_timeout).await?;
+        let timeouts = (
+            connect_timeout,
+            idle_timeout.unwrap_or(DEFAULT_HTTP_IDLE_TIMEOUT),
+        );
+        let resp = forward_h2(inputs, pod, upstream, tls, req, timeout, timeouts).await?;
         return Ok(translate_response(resp, client_version));
     }
     let key = pool_key(upstream, tls);
@@ -320,7 +383,7 @@ pub(super) async fn forward(
     let pooled = if upgrade {
         None
     } else {
-        pod.http_pool.take(key)
+        pod.http_pool.take(&key)
     };
     let send = async {
         let (mut sender, mut uses) = match pooled {
@@ -502,5 +565,67 @@ mod translation_tests {
         let cookies: Vec<_> = req.headers().get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, vec!["a=1; b=2"]);
         assert_eq!(req.version(), http::Version::HTTP_11);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real HTTP/2 client connection to a local h2c server that answers nothing.
+    async fn h2_sender() -> client_http2::SendRequest<Body> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                            bytes::Bytes,
+                        >::new(
+                        )))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), service)
+                        .await;
+                });
+            }
+        });
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = client_http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    #[tokio::test]
+    async fn shared_h2_connections_are_capped_per_pod_counted_and_closed_when_idle() {
+        let metrics = crate::metrics::Metrics::new();
+        let budget = Arc::new(IdleBudget::new(10_000, &metrics.daemon));
+        let pool = UpstreamPool::new(budget);
+        let sender = h2_sender().await;
+        let key = |i: u16| (SocketAddr::from(([198, 18, 0, 9], 10_000 + i)), None);
+        // A pod dialling 300 addresses keeps at most MAX_H2_PER_POD connections.
+        for i in 0..300 {
+            pool.share_h2(key(i), sender.clone(), Duration::from_millis(100));
+        }
+        assert_eq!(pool.h2.lock().unwrap().len(), MAX_H2_PER_POD);
+        assert_eq!(
+            metrics.daemon.upstream_idle_connections.get(),
+            MAX_H2_PER_POD as i64
+        );
+        assert!(pool.shared_h2(&key(0)).is_some());
+        // Idle past http.idleTimeout: closed by the sweep and given back to the budget;
+        // one used meanwhile stays.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(pool.shared_h2(&key(1)).is_some());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        pool.sweep();
+        assert_eq!(pool.h2.lock().unwrap().len(), 1);
+        assert_eq!(metrics.daemon.upstream_idle_connections.get(), 1);
+        assert!(metrics.daemon.upstream_idle_closed_idle.get() >= 255);
+        drop(pool);
+        assert_eq!(metrics.daemon.upstream_idle_connections.get(), 0);
     }
 }
