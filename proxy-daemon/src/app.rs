@@ -119,6 +119,11 @@ pub struct Settings {
     pub max_passthrough_lines_per_workload: usize,
     /// Downstream connection budgets (node, per source namespace).
     pub max_connections: usize,
+    /// The memory the daemon may use (`--memory-limit`, else its cgroup's limit): the
+    /// connection budgets stay within it and pressure sheds the heaviest tenant.
+    pub memory_limit: Option<u64>,
+    /// Where usage is read (the daemon's memory cgroup), if known.
+    pub memory_cgroup: Option<crate::memory::CgroupMemory>,
     pub max_connections_per_namespace: usize,
     pub max_idle_upstream_connections: usize,
     pub header_read_timeout: Option<Duration>,
@@ -208,6 +213,53 @@ async fn apply_mesh_tracing(
 /// A collector named by host (cluster mode: a Service, `otel-collector.observability`)
 /// is found in the daemon's own registry: a ready endpoint at the port's target port,
 /// else the service's address.
+/// Samples the daemon's memory four times a second: above `memory::PRESSURE_ON` of its
+/// limit, namespaces over their fair share of connections get no new ones until usage is
+/// below `memory::PRESSURE_OFF` (so one tenant's connections cannot get the shared daemon
+/// OOM-killed, whatever they hold: request heads, buffered bodies, socket buffers).
+async fn watch_memory(inputs: Arc<ProxyInputs>, settings: Arc<Settings>) {
+    let Some(limit) = settings.memory_limit else {
+        return;
+    };
+    let daemon = &inputs.metrics.daemon;
+    daemon
+        .memory_limit_bytes
+        .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    // The cgroup's own count when its limit is the one in force, else the resident set.
+    let cgroup = settings
+        .memory_cgroup
+        .clone()
+        .filter(|c| c.limit().is_some());
+    let mut on = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let used = cgroup
+            .as_ref()
+            .and_then(crate::memory::CgroupMemory::working_set)
+            .unwrap_or_else(crate::memory::resident_bytes);
+        daemon
+            .memory_working_set_bytes
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
+        let share = used as f64 / limit as f64;
+        let next = if on {
+            share >= crate::memory::PRESSURE_OFF
+        } else {
+            share >= crate::memory::PRESSURE_ON
+        };
+        if next != on {
+            on = next;
+            inputs.connections.set_memory_pressure(on);
+            daemon.memory_pressure.set(i64::from(on));
+            if on {
+                warn!(used, limit, "memory pressure: namespaces over their fair share of connections get no new ones");
+            } else {
+                info!(used, limit, "memory pressure over");
+            }
+        }
+    }
+}
+
 /// `--default-export-to`, checked as Istio checks an `exportTo` list.
 fn default_export_to(list: &[String]) -> Result<Vec<String>, AppError> {
     let list: Vec<String> = list
@@ -346,6 +398,14 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
             "--kubernetes needs the node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)",
         ));
     }
+    let memory_cgroup = crate::memory::CgroupMemory::own();
+    let memory_limit = match &args.memory_limit {
+        Some(text) => Some(
+            crate::memory::parse_quantity(text)
+                .map_err(|e| startup(format!("--memory-limit (PROXY_MEMORY_LIMIT): {e}")))?,
+        ),
+        None => memory_cgroup.as_ref().and_then(|m| m.limit()),
+    };
     Ok(Settings {
         config_dir,
         cluster,
@@ -399,6 +459,8 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         max_series_per_workload: args.max_series_per_workload,
         max_passthrough_lines_per_workload: args.max_passthrough_lines_per_workload,
         max_connections: args.max_connections,
+        memory_limit,
+        memory_cgroup,
         max_connections_per_namespace: args.max_connections_per_namespace,
         max_idle_upstream_connections: args.max_idle_upstream_connections,
         header_read_timeout: (args.http_header_read_timeout_ms > 0)
@@ -892,6 +954,16 @@ fn connection_budgets(settings: &Settings) -> (usize, usize, usize) {
         0 => (nofile.saturating_sub(1024 + idle) / 2).max(64),
         n => n,
     };
+    // And within memory: what the limit leaves after the daemon's own reserve, at
+    // memory::CONNECTION_MEMORY a connection.
+    let node = match (settings.max_connections, settings.memory_limit) {
+        (0, Some(limit)) => {
+            let by_memory = limit.saturating_sub(crate::memory::reserve(limit))
+                / crate::memory::CONNECTION_MEMORY;
+            node.min(by_memory as usize).max(64)
+        }
+        _ => node,
+    };
     let per_namespace = match settings.max_connections_per_namespace {
         0 => (node / 2).max(1),
         n => n.min(node),
@@ -1076,6 +1148,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         node = node_budget,
         per_namespace = namespace_budget,
         idle_upstream = idle_budget,
+        memory_limit = settings.memory_limit,
         "connection budgets"
     );
     let idle_upstream = Arc::new(crate::proxy::http::IdleBudget::new(
@@ -1106,8 +1179,10 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         tracer: tracer.clone(),
         draining: drain_rx,
         connections: crate::proxy::limits::ConnectionBudget::new(node_budget, namespace_budget),
+        bodies: Default::default(),
         idle_upstream,
     });
+    tokio::spawn(watch_memory(inputs.clone(), settings.clone()));
     tokio::spawn(apply_mesh_tracing(
         tracer.clone(),
         published.clone(),

@@ -270,6 +270,12 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
+    /// The memory the daemon may use, as a byte count or a Kubernetes quantity (`512Mi`);
+    /// default: its cgroup's limit. Connection budgets stay within it (a quarter, at least
+    /// 48 MiB, kept for the daemon itself; 64 KiB reckoned per connection), and above 85 %
+    /// of it a namespace holding more than its fair share of connections gets no new ones.
+    #[arg(long, env = "PROXY_MEMORY_LIMIT")]
+    pub memory_limit: Option<String>,
     /// Downstream connections in flight per source namespace at most (0: half the node's),
     /// so that one tenant cannot take every place.
     #[arg(long, env = "PROXY_MAX_CONNECTIONS_PER_NAMESPACE", default_value_t = 0)]

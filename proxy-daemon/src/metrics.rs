@@ -815,6 +815,11 @@ pub struct DaemonMetrics {
     pub config_conflicts: Family<ConflictLabels, Gauge>,
     /// Enrolled pods with a power over their own capture worth an operator's look.
     pub pods_flagged: Family<FlagLabels, Gauge>,
+    /// The memory limit the daemon keeps to (`--memory-limit` or its cgroup's), its working
+    /// set, and whether it is under pressure (1).
+    pub memory_limit_bytes: Gauge,
+    pub memory_working_set_bytes: Gauge,
+    pub memory_pressure: Gauge,
     /// Connections to the admin, metrics and health ports refused past their caps.
     pub endpoint_connections_refused: Family<EndpointRefusalLabels, Counter>,
 }
@@ -1020,6 +1025,21 @@ impl Metrics {
             "config_rejected_objects",
             "Objects skipped because they failed validation (cluster mode), by kind",
             daemon.config_rejected_objects.clone(),
+        );
+        sub.register(
+            "memory_limit_bytes",
+            "The memory limit the daemon keeps its connection budgets within (--memory-limit, else its cgroup's; absent: none)",
+            daemon.memory_limit_bytes.clone(),
+        );
+        sub.register(
+            "memory_working_set_bytes",
+            "The daemon's memory in use (its cgroup's working set, else its resident set), sampled four times a second",
+            daemon.memory_working_set_bytes.clone(),
+        );
+        sub.register(
+            "memory_pressure",
+            "1 while the daemon is above 85 % of its memory limit (until below 75 %): namespaces over their fair share of connections are refused new ones",
+            daemon.memory_pressure.clone(),
         );
         sub.register(
             "endpoint_connections_refused",

@@ -153,6 +153,7 @@ impl InProcess {
             )
             .0,
             connections: crate::proxy::limits::ConnectionBudget::new(4096, 4096),
+            bodies: Default::default(),
             idle_upstream: Arc::new(crate::proxy::http::IdleBudget::new(4096, &metrics.daemon)),
             // Draining once the test says so (`start_drain`).
             draining,

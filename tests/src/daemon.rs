@@ -102,24 +102,32 @@ impl Daemon {
 
     /// Starts the daemon without waiting for readiness (to watch it become ready).
     pub fn spawn(node: &Node, extra: &[&str]) -> Self {
-        Self::spawn_in(node, extra, None)
+        Self::spawn_in(node, extra, &[])
     }
 
-    /// [`Daemon::spawn`] with the daemon's process in `cgroup` from its first instruction
-    /// (as a DaemonSet pod's container is).
-    pub fn spawn_in(node: &Node, extra: &[&str], cgroup: Option<&std::path::Path>) -> Self {
+    /// [`Daemon::spawn`] with the daemon's process in `cgroups` (of any hierarchy: a v1
+    /// memory cgroup with a limit, say) from its first instruction (as a DaemonSet pod's
+    /// container is).
+    pub fn spawn_in(node: &Node, extra: &[&str], cgroups: &[&std::path::Path]) -> Self {
         let (mut cmd, admin, metrics, health, log) = Self::command(node, extra);
-        if let Some(cg) = cgroup {
+        if !cgroups.is_empty() {
             use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
-            let procs = fs::OpenOptions::new()
-                .write(true)
-                .open(cg.join("cgroup.procs"))
-                .expect("cgroup.procs");
-            // SAFETY: only write(2) between fork and exec, on a file opened before.
+            let procs: Vec<fs::File> = cgroups
+                .iter()
+                .map(|cg| {
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(cg.join("cgroup.procs"))
+                        .expect("cgroup.procs")
+                })
+                .collect();
+            // SAFETY: only write(2) between fork and exec, on files opened before.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
+                    for p in &procs {
+                        if libc::write(p.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
@@ -170,7 +178,21 @@ impl Daemon {
         http_get(self.health, "/healthz/ready").ok()
     }
 
+    /// [`Daemon::start`] with the daemon also in `cgroups` (another hierarchy's).
+    pub fn start_in(node: &Node, extra: &[&str], cgroups: &[&std::path::Path]) -> Self {
+        Self::try_start_in(node, extra, cgroups)
+            .unwrap_or_else(|log| panic!("daemon exited before becoming ready; log:\n{log}"))
+    }
+
     fn try_start(node: &Node, extra: &[&str]) -> Result<Self, String> {
+        Self::try_start_in(node, extra, &[])
+    }
+
+    fn try_start_in(
+        node: &Node,
+        extra: &[&str],
+        cgroups: &[&std::path::Path],
+    ) -> Result<Self, String> {
         // Inside the node's cgroup tree but in no pod, as a DaemonSet pod is: the sock_ops
         // program (attached at that root) then sees the daemon's own sockets too.
         static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -179,7 +201,9 @@ impl Daemon {
             .cgroup_root
             .join(format!("system.slice/proxy-daemon-{n}"));
         fs::create_dir_all(&cgroup).expect("daemon cgroup");
-        let mut d = Self::spawn_in(node, extra, Some(&cgroup));
+        let mut all = vec![cgroup.as_path()];
+        all.extend_from_slice(cgroups);
+        let mut d = Self::spawn_in(node, extra, &all);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.is_ready() {
             // A daemon that exited will never be ready: say so now, with its log.

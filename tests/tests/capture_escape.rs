@@ -257,7 +257,7 @@ fn the_node_proxy_never_captures_its_own_pod() {
             + &pod_yaml(&own, &[("app", "proxy-daemon")])
             + &pod_yaml(&app, &[("app", "web")])),
     );
-    let daemon = Daemon::spawn_in(&node, &[], Some(&own.app_cgroup()));
+    let daemon = Daemon::spawn_in(&node, &[], &[&own.app_cgroup()]);
     daemon.wait_ready(Duration::from_secs(20));
     daemon.wait_enrolled(&app.uid, Duration::from_secs(5));
     let state = daemon.workload_state(&own.uid).expect("own pod listed");

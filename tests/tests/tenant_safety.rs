@@ -1113,3 +1113,157 @@ fn a_pod_cannot_hold_the_metrics_and_health_ports() {
     let s = connect_from(daemon.metrics).expect("connect again");
     drop(s);
 }
+
+/// A memory cgroup of the test's own with a hard limit, where the daemon runs (as in a
+/// pod with `resources.limits.memory`): the v1 memory controller where the host keeps it
+/// there (hybrid layout), else a cgroup2 one. Removed when dropped.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    fn new(limit: u64) -> Self {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let v1 = mounts.lines().find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            let (fs, _, opts) = (r.next()?, r.next()?, r.next()?);
+            let mount_point = left.split_whitespace().nth(4)?;
+            (fs == "cgroup" && opts.split(',').any(|o| o == "memory"))
+                .then(|| std::path::PathBuf::from(mount_point))
+        });
+        let name = format!("pdt-mem-{:08x}", rand::random::<u32>());
+        let (dir, v2, file) = match v1 {
+            Some(root) => (root.join(&name), false, "memory.limit_in_bytes"),
+            None => {
+                let root = proxy_tests::node::cgroup2_mount();
+                let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
+                (root.join(&name), true, "memory.max")
+            }
+        };
+        std::fs::create_dir_all(&dir).expect("memory cgroup");
+        std::fs::write(dir.join(file), limit.to_string()).expect("memory limit");
+        Self { dir, v2 }
+    }
+
+    /// OOM kills in the cgroup so far.
+    fn oom_kills(&self) -> u64 {
+        let (file, key) = if self.v2 {
+            ("memory.events", "oom_kill ")
+        } else {
+            ("memory.oom_control", "oom_kill ")
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The daemon under a 128 MiB memory limit (the chart's is 512 MiB), and one pod opening
+/// 6,000 connections that each wait for a request head: by the descriptor budget alone the
+/// namespace could hold ~4,100 of them (~22 KiB each in this build, ~90 MiB: with the
+/// daemon's own, over the limit). The budget comes from the memory limit as well: the pod
+/// gets its share of what the limit leaves, the kernel never kills the daemon, and another
+/// namespace's requests all succeed meanwhile.
+#[test]
+fn one_namespace_cannot_get_the_daemon_killed_for_memory() {
+    let limit: u64 = 128 << 20;
+    let memcg = MemoryCgroup::new(limit);
+    let mut node = Node::new("memlimit");
+    let servers = Servers::new();
+    let upstream = node.host("backend");
+    servers.http_echo(
+        &upstream,
+        80,
+        HttpEcho {
+            name: "backend".into(),
+            ..Default::default()
+        },
+    );
+    let attacker = node.pod("noisy", "loris-0");
+    let victim = node.pod("quiet", "web-0");
+    node.write_config(
+        "cluster.yaml",
+        &(namespace_yaml("noisy", true, None)
+            + &namespace_yaml("quiet", true, None)
+            + &pod_yaml(&attacker, &[("app", "loris")])
+            + &pod_yaml(&victim, &[("app", "web")])),
+    );
+    let daemon = Daemon::start_in(
+        &node,
+        &["--http-header-read-timeout-ms", "20000"],
+        &[&memcg.dir],
+    );
+    for p in [&attacker, &victim] {
+        daemon.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    assert_eq!(
+        daemon.metric_sum("proxy_daemon_memory_limit_bytes", &[]),
+        limit as f64,
+        "the limit is read from the daemon's own cgroup"
+    );
+    let to = upstream.addr(80).to_string();
+    let mut loris = proxy_tests::KillOnDrop(
+        attacker
+            .host
+            .command(
+                Some(&attacker.app_cgroup()),
+                &proxy_tests::target_bin("pdtool"),
+                &[
+                    "slowloris",
+                    "--to",
+                    &to,
+                    "--host",
+                    "backend",
+                    "--count",
+                    "6000",
+                    "--every-ms",
+                    "1000",
+                    "--ms",
+                    "8000",
+                ],
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("slowloris"),
+    );
+    let mut out = std::io::BufReader::new(loris.0.stdout.take().expect("stdout"));
+    let mut opened = String::new();
+    std::io::BufRead::read_line(&mut out, &mut opened).expect("slowloris reports");
+    // The other namespace, during the flood: every request answered.
+    for _ in 0..3 {
+        let ok = victim.pdtool(&["http", "--to", &to, "--host", "backend", "--count", "100"]);
+        assert_eq!(ok["statuses"]["200"], 100, "{ok}");
+    }
+    let refused = daemon.metric_sum(
+        "proxy_daemon_connections_refused_total",
+        &[("namespace", "noisy")],
+    );
+    let opened: serde_json::Value = serde_json::from_str(opened.trim()).expect("JSON");
+    let held = opened["opened"].as_f64().unwrap_or(0.0) - refused;
+    let working_set = daemon.metric_sum("proxy_daemon_memory_working_set_bytes", &[]);
+    eprintln!(
+        "memory limit {limit}: slowloris held {held} connections (refused {refused}), working set {working_set}, OOM kills {}",
+        memcg.oom_kills()
+    );
+    // Its share of what the limit leaves: (128 - 48) MiB at 64 KiB, halved; not ~4,100.
+    assert!(held > 100.0 && held <= 640.0 + 8.0, "held {held}");
+    assert_eq!(memcg.oom_kills(), 0, "the daemon was OOM-killed");
+    assert!(daemon.is_ready(), "{}", daemon.log_text());
+    drop(loris);
+    drop(daemon);
+}

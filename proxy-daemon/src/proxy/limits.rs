@@ -213,6 +213,9 @@ pub enum Refusal {
     Node,
     /// The source namespace's share is spent: one tenant cannot starve the others.
     Namespace,
+    /// The daemon is near its memory limit and the namespace holds more than its fair
+    /// share of the connections: it gets no new ones until the pressure passes.
+    MemoryPressure,
 }
 
 impl Refusal {
@@ -220,6 +223,7 @@ impl Refusal {
         match self {
             Refusal::Node => "node_limit",
             Refusal::Namespace => "namespace_limit",
+            Refusal::MemoryPressure => "memory_pressure",
         }
     }
 }
@@ -229,9 +233,16 @@ impl Refusal {
 /// daemon clear of "too many open files".
 pub struct ConnectionBudget {
     node: Arc<Semaphore>,
+    node_size: usize,
     per_namespace: usize,
     namespaces: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Set while the daemon is under memory pressure (see `memory::PRESSURE_ON`).
+    pressure: std::sync::atomic::AtomicBool,
 }
+
+/// Under memory pressure a namespace keeps getting connections up to this many whatever
+/// its share: a small tenant is never the one refused.
+const PRESSURE_FLOOR: usize = 16;
 
 /// A connection's place in both budgets, held for its life.
 pub struct ConnectionPermit {
@@ -243,23 +254,35 @@ impl ConnectionBudget {
     pub fn new(node: usize, per_namespace: usize) -> Self {
         Self {
             node: Arc::new(Semaphore::new(node.max(1))),
+            node_size: node.max(1),
             per_namespace: per_namespace.max(1),
             namespaces: Mutex::new(HashMap::new()),
+            pressure: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Memory pressure on or off (the daemon's memory watch sets it).
+    pub fn set_memory_pressure(&self, on: bool) {
+        self.pressure.store(on, Ordering::Relaxed);
     }
 
     /// A place for one more connection from `namespace`, or why there is none (never waits).
     pub fn admit(&self, namespace: &str) -> Result<ConnectionPermit, Refusal> {
+        let pressure = self.pressure.load(Ordering::Relaxed);
         let ns = {
             let mut map = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
             // Looked up before inserting: an accept allocates only for a new namespace.
-            match map.get(namespace) {
+            let ns = match map.get(namespace) {
                 Some(s) => s.clone(),
                 None => map
                     .entry(namespace.to_string())
                     .or_insert_with(|| Arc::new(Semaphore::new(self.per_namespace)))
                     .clone(),
+            };
+            if pressure && self.over_fair_share(&ns, &map) {
+                return Err(Refusal::MemoryPressure);
             }
+            ns
         };
         let namespace = ns.try_acquire_owned().map_err(|_| Refusal::Namespace)?;
         let node = self
@@ -271,6 +294,62 @@ impl ConnectionBudget {
             _node: node,
             _namespace: namespace,
         })
+    }
+}
+
+impl ConnectionBudget {
+    /// Whether the namespace of `ns` holds more connections than the node's in use shared
+    /// evenly among the namespaces that hold any (and more than [`PRESSURE_FLOOR`]).
+    fn over_fair_share(&self, ns: &Semaphore, all: &HashMap<String, Arc<Semaphore>>) -> bool {
+        let held =
+            |s: &Semaphore| self.per_namespace - s.available_permits().min(self.per_namespace);
+        let mine = held(ns);
+        if mine < PRESSURE_FLOOR {
+            return false;
+        }
+        let in_use = self.node_size - self.node.available_permits().min(self.node_size);
+        let holders = all.values().filter(|s| held(s) > 0).count().max(1);
+        mine * holders > in_use
+    }
+}
+
+/// Request bodies held in memory for a retry (at most `RETRY_BUFFER_LIMIT` each), per
+/// source namespace: one tenant's many concurrent uploads (h2 streams on one connection
+/// need only one connection's place) stream through unbuffered past its share, and are
+/// not retried, rather than fill the daemon's memory.
+pub struct BodyBudget {
+    per_namespace_kib: usize,
+    namespaces: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Bytes of buffered request bodies one namespace may hold at once.
+pub const BODY_BUFFER_PER_NAMESPACE: usize = 32 << 20;
+
+impl Default for BodyBudget {
+    fn default() -> Self {
+        Self {
+            per_namespace_kib: BODY_BUFFER_PER_NAMESPACE / 1024,
+            namespaces: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl BodyBudget {
+    /// Room to hold `bytes` of `namespace`'s request body while the request lasts, or
+    /// None (then it streams).
+    pub fn reserve(&self, namespace: &str, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).ok()?;
+        let ns = {
+            let mut map = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(namespace) {
+                Some(s) => s.clone(),
+                None => map
+                    .entry(namespace.to_string())
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.per_namespace_kib)))
+                    .clone(),
+            }
+        };
+        ns.try_acquire_many_owned(kib).ok()
     }
 }
 
@@ -292,6 +371,38 @@ mod budget_tests {
             "places come back when connections end"
         );
         drop((quiet, third));
+    }
+
+    #[test]
+    fn under_memory_pressure_only_a_namespace_over_its_fair_share_is_refused() {
+        let b = ConnectionBudget::new(1000, 600);
+        let noisy: Vec<_> = (0..500).map(|_| b.admit("noisy").unwrap()).collect();
+        let quiet: Vec<_> = (0..20).map(|_| b.admit("quiet").unwrap()).collect();
+        b.set_memory_pressure(true);
+        assert_eq!(b.admit("noisy").err(), Some(Refusal::MemoryPressure));
+        assert!(b.admit("quiet").is_ok(), "20 of 520 is under half");
+        assert!(
+            b.admit("new").is_ok(),
+            "a namespace with nothing gets its floor"
+        );
+        b.set_memory_pressure(false);
+        assert!(b.admit("noisy").is_ok());
+        drop((noisy, quiet));
+    }
+
+    #[test]
+    fn buffered_bodies_are_a_namespaces_share_and_come_back() {
+        let b = BodyBudget::default();
+        let held: Vec<_> = (0..512)
+            .map(|_| b.reserve("noisy", 64 * 1024).expect("within the share"))
+            .collect();
+        assert!(
+            b.reserve("noisy", 1).is_none(),
+            "32 MiB held: the next streams"
+        );
+        assert!(b.reserve("quiet", 64 * 1024).is_some());
+        drop(held);
+        assert!(b.reserve("noisy", 64 * 1024).is_some());
     }
 }
 

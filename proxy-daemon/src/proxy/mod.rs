@@ -186,6 +186,8 @@ pub struct ProxyInputs {
     pub tracer: Arc<crate::spans::Tracer>,
     /// Downstream connections in flight, node-wide and per source namespace.
     pub connections: limits::ConnectionBudget,
+    /// Request bodies held for retries, per source namespace.
+    pub bodies: limits::BodyBudget,
     /// Idle upstream connections of all pods: count and cap.
     pub idle_upstream: Arc<http::IdleBudget>,
     /// Turns true when the daemon starts draining: HTTP connections finish the request in

@@ -390,6 +390,15 @@ async fn handle(
             .size_hint()
             .upper()
             .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
+    // Held until the request ends: the namespace's buffered bodies stay within its share;
+    // past it the body streams through (and the request is not retried).
+    let _body_room = retriable_body
+        .then(|| {
+            let bytes = body.size_hint().upper().unwrap_or(RETRY_BUFFER_LIMIT);
+            inputs.bodies.reserve(&pod.workload.namespace, bytes)
+        })
+        .flatten();
+    let retriable_body = retriable_body && _body_room.is_some();
     let (buffered, mut streaming) = if retriable_body {
         match body.collect().await {
             Ok(b) => {
