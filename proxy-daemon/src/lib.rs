@@ -17,6 +17,7 @@ pub mod config;
 #[cfg(any(test, feature = "testing"))]
 pub mod fuzzing;
 pub mod handover;
+pub mod identity;
 pub mod memory;
 pub mod metrics;
 pub mod proxy;
