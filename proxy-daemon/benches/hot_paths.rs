@@ -79,6 +79,7 @@ fn snapshot(n: usize) -> state::Snapshot {
         node_name: "bench-node".into(),
         default_fail_mode: FailMode::Open,
         default_export_to: Vec::new(),
+        trust_domain: "cluster.local".into(),
     };
     state::compile(&objects, &settings, 1).unwrap_or_else(|e| panic!("{} errors", e.len()))
 }

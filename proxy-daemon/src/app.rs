@@ -94,6 +94,12 @@ pub struct Settings {
     /// `--sockmap`: pod ↔ listener messages skip loopback TCP (eBPF capture only).
     pub sockmap: bool,
     pub outbound_port: u16,
+    /// HBONE and plaintext inbound listeners on each captured pod's address.
+    pub hbone_port: u16,
+    pub inbound_port: u16,
+    /// Where workload certificates come from, and for how long they are valid.
+    pub ca: CaSettings,
+    pub cert_ttl: Duration,
     pub outbound_traffic_policy: crate::cli::OutboundTrafficPolicyArg,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -260,6 +266,56 @@ async fn watch_memory(inputs: Arc<ProxyInputs>, settings: Arc<Settings>) {
     }
 }
 
+/// `--ca` and its files, checked at start.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CaSettings {
+    /// The built-in CA with this certificate (chain) and key.
+    Builtin { cert: PathBuf, key: PathBuf },
+    /// The built-in CA with a root made at start (one node on its own).
+    Ephemeral,
+}
+
+fn ca_settings(args: &RunArgs) -> Result<CaSettings, AppError> {
+    match (args.ca, &args.ca_cert, &args.ca_key) {
+        (crate::cli::CaArg::Istio, _, _) => Err(startup(
+            "--ca istio (PROXY_CA): Istio's CA API is not supported by this build yet; use --ca builtin with --ca-cert/--ca-key",
+        )),
+        (crate::cli::CaArg::Builtin, Some(cert), Some(key)) => Ok(CaSettings::Builtin {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (crate::cli::CaArg::Builtin, _, _) => Ok(CaSettings::Ephemeral),
+    }
+}
+
+/// The certificate authority the settings name (its files read now: a bad file stops the
+/// start with its reason).
+fn certificate_authority(
+    settings: &Settings,
+) -> Result<Arc<dyn crate::identity::CertificateAuthority>, AppError> {
+    use crate::identity::ca::BuiltinCa;
+    match &settings.ca {
+        CaSettings::Builtin { cert, key } => {
+            let read = |p: &PathBuf, flag: &str| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| startup(format!("{flag} {}: {e}", p.display())))
+            };
+            let ca = BuiltinCa::from_pem(&read(cert, "--ca-cert")?, &read(key, "--ca-key")?)
+                .map_err(|e| startup(format!("--ca-cert/--ca-key: {e}")))?;
+            Ok(Arc::new(ca))
+        }
+        CaSettings::Ephemeral => {
+            if settings.cluster.is_some() {
+                warn!("no --ca-cert/--ca-key: this node's workload certificates come from a root made at start, which no other node trusts; mTLS between nodes fails until every node has the mesh's CA");
+            }
+            let ca = BuiltinCa::ephemeral(&settings.capture.trust_domain)
+                .map_err(|e| startup(e.to_string()))?;
+            Ok(Arc::new(ca))
+        }
+    }
+}
+
 /// `--default-export-to`, checked as Istio checks an `exportTo` list.
 fn default_export_to(list: &[String]) -> Result<Vec<String>, AppError> {
     let list: Vec<String> = list
@@ -419,10 +475,15 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
                 FailModeArg::Closed => FailMode::Closed,
             },
             default_export_to: default_export_to(&args.default_export_to)?,
+            trust_domain: args.trust_domain.clone(),
         },
         capture_mode: args.capture,
         sockmap: args.sockmap,
         outbound_port: args.outbound_port,
+        hbone_port: args.hbone_port,
+        inbound_port: args.inbound_port,
+        ca: ca_settings(args)?,
+        cert_ttl: Duration::from_secs(args.cert_ttl_secs.max(60)),
         outbound_traffic_policy: args.outbound_traffic_policy,
         admin_addr: args.admin_addr,
         metrics_addr: args.metrics_addr,
@@ -1155,6 +1216,19 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         idle_budget,
         &metrics.daemon,
     ));
+    // Workload certificates: issued per identity of the pods enrolled here, renewed at
+    // half-life.
+    let certs = Arc::new(crate::identity::CertManager::new(
+        certificate_authority(&settings)?,
+        &settings.capture.trust_domain,
+        settings.cert_ttl,
+        crate::identity::manager::CertMetrics {
+            issued: metrics.daemon.workload_certificates_issued.clone(),
+            failed: metrics.daemon.workload_certificates_failed.clone(),
+            held: metrics.daemon.workload_certificates.clone(),
+        },
+    ));
+    tokio::spawn(certs.clone().run_renewals());
     let inputs = Arc::new(ProxyInputs {
         orig_dst,
         metrics: metrics.clone(),
@@ -1170,6 +1244,9 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             },
             mirror_max_body_bytes: settings.mirror_max_body_bytes,
             header_read_timeout: settings.header_read_timeout,
+            outbound_port: settings.outbound_port,
+            hbone_port: settings.hbone_port,
+            inbound_port: settings.inbound_port,
         },
         config: published.clone(),
         endpoints: crate::proxy::Endpoints::new(dns.clone()),
@@ -1180,6 +1257,8 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         draining: drain_rx,
         connections: crate::proxy::limits::ConnectionBudget::new(node_budget, namespace_budget),
         bodies: Default::default(),
+        certs: certs.clone(),
+        enrolled: Default::default(),
         idle_upstream,
     });
     tokio::spawn(watch_memory(inputs.clone(), settings.clone()));

@@ -61,6 +61,17 @@ pub enum CaptureArg {
     Iptables,
 }
 
+/// Where workload certificates come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaArg {
+    /// A CA in the daemon: the root (or intermediate and chain) of --ca-cert/--ca-key; without
+    /// them a root made at start, trusted by this daemon alone (one node, the demo).
+    Builtin,
+    /// Istio's CA API (istiod or istio-csr): `IstioCertificateService/CreateCertificate`.
+    Istio,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailModeArg {
@@ -139,6 +150,43 @@ pub struct RunArgs {
         default_value = "*"
     )]
     pub default_export_to: Vec<String>,
+    /// SPIFFE trust domain of workload identities (`spiffe://<domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "PROXY_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Where workload certificates come from.
+    #[arg(long, env = "PROXY_CA", value_enum, default_value_t = CaArg::Builtin)]
+    pub ca: CaArg,
+    /// Built-in CA: its certificate (PEM; an intermediate followed by its chain up to the
+    /// root the mesh trusts). Every node of a mesh needs the same root.
+    #[arg(long, env = "PROXY_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Built-in CA: its private key (PEM).
+    #[arg(long, env = "PROXY_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Istio CA: the address of IstioCertificateService.
+    #[arg(
+        long,
+        env = "PROXY_CA_ADDRESS",
+        default_value = "https://istiod.istio-system.svc:15012"
+    )]
+    pub ca_address: String,
+    /// Istio CA: the root certificate (PEM) to verify the CA's server with.
+    #[arg(long, env = "PROXY_CA_ROOT_CERT")]
+    pub ca_root_cert: Option<PathBuf>,
+    /// Istio CA: the service-account token sent with each request (a projected token,
+    /// audience `istio-ca`).
+    #[arg(long, env = "PROXY_CA_TOKEN_FILE")]
+    pub ca_token_file: Option<PathBuf>,
+    /// How long a workload certificate is valid; renewed at half its life.
+    #[arg(long, env = "PROXY_CERT_TTL_SECS", default_value_t = 24 * 3600)]
+    pub cert_ttl_secs: u64,
+    /// HBONE (HTTP/2 CONNECT over mutual TLS) listener on each captured pod's address.
+    #[arg(long, env = "PROXY_HBONE_PORT", default_value_t = 15008)]
+    pub hbone_port: u16,
+    /// Plaintext inbound listener in each captured pod's network namespace (connections
+    /// to the pod that did not come over HBONE).
+    #[arg(long, env = "PROXY_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
     /// Namespaces with this label are captured.
     #[arg(
         long,

@@ -79,6 +79,7 @@ pub fn yaml(data: &[u8]) {
         node_name: "fuzz-node".into(),
         default_fail_mode: proxy_common::FailMode::Open,
         default_export_to: Vec::new(),
+        trust_domain: "cluster.local".into(),
     };
     if let Err(errors) = state::compile(&objects, &settings, 1) {
         for e in errors {

@@ -50,8 +50,31 @@ pub fn is_host_name(name: &str) -> bool {
 }
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 
+/// Which proxy reports a series: the client's (outbound) or the server's (inbound).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// Who the two ends of a mutual TLS connection proved to be (SPIFFE IDs).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Principals {
+    pub source: String,
+    pub destination: String,
+}
+
 /// Istio's TCP metric labels, in full (values outside our view are `unknown`). Cloning
-/// costs three reference counts: the halves are shared.
+/// costs a few reference counts: the halves are shared.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct IstioTcpLabels {
     pub source: Arc<SourceLabels>,
@@ -59,6 +82,9 @@ pub struct IstioTcpLabels {
     pub service: Arc<DestinationLabels>,
     pub request_protocol: &'static str,
     pub response_flags: Cow<'static, str>,
+    pub reporter: Reporter,
+    /// Mutual TLS (HBONE): `connection_security_policy="mutual_tls"` and the principals.
+    pub mtls: Option<Arc<Principals>>,
 }
 
 impl IstioTcpLabels {
@@ -77,25 +103,54 @@ impl IstioTcpLabels {
                 "" => Cow::Borrowed("-"),
                 f => Cow::Owned(f.to_string()),
             },
+            reporter: Reporter::Source,
+            mtls: None,
         }
+    }
+
+    /// The same series over mutual TLS between these principals.
+    pub fn with_mtls(mut self, principals: Option<Arc<Principals>>) -> Self {
+        self.mtls = principals;
+        self
+    }
+
+    /// The same series with other response flags.
+    pub fn with_flags(&self, flags: &str) -> Self {
+        Self {
+            response_flags: match flags {
+                "" => Cow::Borrowed("-"),
+                f => Cow::Owned(f.to_string()),
+            },
+            ..self.clone()
+        }
+    }
+
+    /// The same series as the destination's proxy reports it.
+    pub fn reported_by(mut self, reporter: Reporter) -> Self {
+        self.reporter = reporter;
+        self
     }
 
     /// Istio's TCP label set, in Istio's order.
     fn pairs(&self) -> [(&'static str, &str); 23] {
         let (s, p, d) = (&self.source, &self.peer, &self.service);
+        let (source_principal, destination_principal, security) = match &self.mtls {
+            Some(m) => (m.source.as_str(), m.destination.as_str(), "mutual_tls"),
+            None => (UNKNOWN, UNKNOWN, "unknown"),
+        };
         [
-            ("reporter", "source"),
+            ("reporter", self.reporter.label()),
             ("source_workload", &s.workload),
             ("source_canonical_service", &s.canonical_service),
             ("source_canonical_revision", &s.canonical_revision),
             ("source_workload_namespace", &s.namespace),
-            ("source_principal", UNKNOWN),
+            ("source_principal", source_principal),
             ("source_app", &s.app),
             ("source_version", &s.version),
             ("source_cluster", UNKNOWN),
             ("destination_workload", &p.workload),
             ("destination_workload_namespace", &p.namespace),
-            ("destination_principal", UNKNOWN),
+            ("destination_principal", destination_principal),
             ("destination_app", &p.app),
             ("destination_version", &p.version),
             ("destination_service", &d.service),
@@ -106,7 +161,7 @@ impl IstioTcpLabels {
             ("destination_cluster", UNKNOWN),
             ("request_protocol", self.request_protocol),
             ("response_flags", &self.response_flags),
-            ("connection_security_policy", "unknown"),
+            ("connection_security_policy", security),
         ]
     }
 }
@@ -820,6 +875,16 @@ pub struct DaemonMetrics {
     pub memory_limit_bytes: Gauge,
     pub memory_working_set_bytes: Gauge,
     pub memory_pressure: Gauge,
+    /// Workload certificates held (one per identity of the pods enrolled here), issued
+    /// (renewals included) and failed.
+    pub workload_certificates: Gauge,
+    pub workload_certificates_issued: Counter,
+    pub workload_certificates_failed: Counter,
+    /// HBONE connections this node opened (TLS handshakes; streams reuse them).
+    pub hbone_handshakes: Counter,
+    /// HBONE connections or CONNECTs this node's pods refused (bad certificate, another
+    /// pod's address asked for…).
+    pub hbone_refused: Counter,
     /// Connections to the admin, metrics and health ports refused past their caps.
     pub endpoint_connections_refused: Family<EndpointRefusalLabels, Counter>,
 }
@@ -1040,6 +1105,31 @@ impl Metrics {
             "memory_pressure",
             "1 while the daemon is above 85 % of its memory limit (until below 75 %): namespaces over their fair share of connections are refused new ones",
             daemon.memory_pressure.clone(),
+        );
+        sub.register(
+            "workload_certificates",
+            "Workload certificates held: one per identity of the pods enrolled on this node (keys in memory only)",
+            daemon.workload_certificates.clone(),
+        );
+        sub.register(
+            "workload_certificates_issued",
+            "Workload certificates issued by the CA, renewals included",
+            daemon.workload_certificates_issued.clone(),
+        );
+        sub.register(
+            "workload_certificates_failed",
+            "Workload certificates the CA could not issue (the identity's pods wait in their fail mode)",
+            daemon.workload_certificates_failed.clone(),
+        );
+        sub.register(
+            "hbone_handshakes",
+            "HBONE (mutual TLS + HTTP/2) connections opened by this node's pods; each carries many tunnels",
+            daemon.hbone_handshakes.clone(),
+        );
+        sub.register(
+            "hbone_refused",
+            "HBONE connections or CONNECT requests refused by this node's pods: a client certificate not of the mesh, a CONNECT for another address",
+            daemon.hbone_refused.clone(),
         );
         sub.register(
             "endpoint_connections_refused",

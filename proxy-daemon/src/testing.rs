@@ -101,6 +101,7 @@ impl InProcess {
             node_name: "test-node".into(),
             default_fail_mode: FailMode::Open,
             default_export_to: Vec::new(),
+            trust_domain: "cluster.local".into(),
         };
         let snap = state::compile(&objects, &settings, 1).unwrap_or_else(|errors| {
             panic!(
@@ -136,6 +137,9 @@ impl InProcess {
                 outbound_policy: OutboundPolicy::AllowAny,
                 mirror_max_body_bytes: 1024 * 1024,
                 header_read_timeout: Some(Duration::from_secs(30)),
+                outbound_port: 15001,
+                hbone_port: 15008,
+                inbound_port: 15006,
             },
             config: published.clone(),
             endpoints: Endpoints::new(dns),
@@ -154,6 +158,13 @@ impl InProcess {
             .0,
             connections: crate::proxy::limits::ConnectionBudget::new(4096, 4096),
             bodies: Default::default(),
+            certs: Arc::new(crate::identity::CertManager::new(
+                Arc::new(crate::identity::ca::BuiltinCa::ephemeral("cluster.local").expect("CA")),
+                "cluster.local",
+                Duration::from_secs(3600),
+                Default::default(),
+            )),
+            enrolled: Default::default(),
             idle_upstream: Arc::new(crate::proxy::http::IdleBudget::new(4096, &metrics.daemon)),
             // Draining once the test says so (`start_drain`).
             draining,
@@ -164,6 +175,7 @@ impl InProcess {
             netns: Arc::new(LocalSockets),
             netns_cookie: 0,
             http_pool: Arc::new(UpstreamPool::new(inputs.idle_upstream.clone())),
+            hbone: Default::default(),
         }));
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await

@@ -34,6 +34,7 @@ pub fn problems(paths: &[PathBuf]) -> Vec<ConfigError> {
         node_name: String::new(),
         default_fail_mode: FailMode::Open,
         default_export_to: Vec::new(),
+        trust_domain: "cluster.local".into(),
     };
     match state::compile(&objects, &settings, 0) {
         Err(errors) => out.extend(errors),

@@ -29,6 +29,7 @@ fn settings() -> CaptureSettings {
         node_name: "n".into(),
         default_fail_mode: FailMode::Open,
         default_export_to: Vec::new(),
+        trust_domain: "cluster.local".into(),
     }
 }
 

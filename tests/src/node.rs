@@ -452,6 +452,43 @@ impl Node {
         self.pod_at(namespace, name, uid, &rel, containers)
     }
 
+    /// A second node on this machine: its own cgroup subtree, pin directory and node name
+    /// for a second daemon; its pods share this node's bridge, so traffic between the two
+    /// "nodes" crosses real sockets (and, between mesh pods, real mutual TLS).
+    pub fn second_node(&self, name: &str) -> SecondNode {
+        let cgroup_root = self.cgroup_top.join(format!("node-{name}"));
+        fs::create_dir_all(cgroup_root.join("kubepods.slice/kubepods-besteffort.slice"))
+            .expect("second node's cgroup root");
+        SecondNode {
+            name: name.to_string(),
+            cgroup_root,
+            pin_dir: PathBuf::from(format!("{}-{name}", self.pin_dir.display())),
+        }
+    }
+
+    /// A pod of `node` (see [`Node::second_node`]).
+    pub fn pod_on(&mut self, node: &SecondNode, namespace: &str, name: &str) -> Pod {
+        let uid = self.new_uid();
+        let rel = node
+            .cgroup_root
+            .strip_prefix(&self.cgroup_root)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| node.cgroup_root.clone())
+            .join(pod_cgroup_layout(
+                CgroupDriver::Systemd,
+                Qos::BestEffort,
+                &uid,
+            ));
+        let containers = [
+            ("app".to_string(), "cri-containerd-app.scope".to_string()),
+            (
+                "pause".to_string(),
+                "cri-containerd-pause.scope".to_string(),
+            ),
+        ];
+        self.pod_at(namespace, name, &uid, &rel, containers)
+    }
+
     /// A started pod with its cgroup at `rel` below the cgroup root; `containers` are the
     /// app's and the sandbox's (id, cgroup directory name).
     fn pod_at(
@@ -505,6 +542,44 @@ pub fn namespace_yaml(name: &str, captured: bool, fail_mode: Option<&str>) -> St
         .unwrap_or_default();
     format!(
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n{labels}{annotations}---\n"
+    )
+}
+
+/// A second node's cgroup root, pin directory and name (see [`Node::second_node`]).
+pub struct SecondNode {
+    pub name: String,
+    pub cgroup_root: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl SecondNode {
+    /// The flags that make a daemon this node's.
+    pub fn daemon_flags(&self) -> Vec<String> {
+        vec![
+            "--cgroup-root".into(),
+            self.cgroup_root.display().to_string(),
+            "--bpf-pin-dir".into(),
+            self.pin_dir.display().to_string(),
+            "--node-name".into(),
+            self.name.clone(),
+        ]
+    }
+}
+
+/// The node name the harness's first daemon runs as.
+pub const FIRST_NODE: &str = "test-node";
+
+/// [`pod_yaml`] for a pod scheduled on `node_name`, running as `service_account`.
+pub fn pod_yaml_on(
+    pod: &Pod,
+    labels: &[(&str, &str)],
+    node_name: &str,
+    service_account: &str,
+) -> String {
+    pod_yaml(pod, labels).replacen(
+        "spec:\n",
+        &format!("spec:\n  nodeName: {node_name}\n  serviceAccountName: {service_account}\n"),
+        1,
     )
 }
 

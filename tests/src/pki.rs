@@ -9,6 +9,8 @@ use rcgen::{
 
 pub struct TestCa {
     pub cert_pem: String,
+    /// The CA's own key (for a daemon's built-in CA: `--ca-key`).
+    pub key_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -28,7 +30,20 @@ impl TestCa {
         let cert = params.self_signed(&key).expect("ca cert");
         Self {
             cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// The CA of `cert_pem` and `key_pem` (written by [`TestCa::new`] earlier).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Self {
+        let key = KeyPair::from_pem(key_pem).expect("ca key");
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
+            .expect("ca cert");
+        Self {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer: Issuer::from_ca_cert_der(&der, key).expect("issuer"),
         }
     }
 
@@ -48,6 +63,25 @@ impl TestCa {
             rcgen::string::Ia5String::try_from(uri).expect("URI SAN"),
         )];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A workload certificate as a mesh CA issues it: only the URI SAN `uri` (a SPIFFE
+    /// identity), for client and server use.
+    pub fn workload(&self, uri: &str) -> Leaf {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(uri).expect("URI SAN"),
+        )];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
         Leaf {

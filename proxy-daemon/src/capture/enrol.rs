@@ -48,6 +48,15 @@ pub enum EnrolError {
     PidLeft { pid: u32 },
     #[error("{0}")]
     Iptables(#[from] crate::capture::iptables::IptablesError),
+    /// The pod's workload certificate could not be had (the CA is down, or refuses):
+    /// the pod waits in its fail mode.
+    #[error("{0}")]
+    Certificate(#[from] crate::identity::manager::Unavailable),
+    #[error("HBONE listener {addr} in pod netns: {source}")]
+    Hbone {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// What /config_dump shows of each captured pod.
@@ -381,6 +390,7 @@ impl Enroller {
                         netns: current.netns.clone(),
                         netns_cookie: current.netns_cookie,
                         http_pool: current.http_pool.clone(),
+                        hbone: current.hbone.clone(),
                     }));
                 }
                 if p.fail_mode != want.fail_mode {
@@ -540,7 +550,27 @@ impl Enroller {
             .set(self.pods.len() as i64);
         self.metrics.daemon.listeners.set(self.pods.len() as i64);
         self.check_capabilities();
+        self.publish_mesh_state();
         self.publish_status(&snapshot.pods);
+    }
+
+    /// Tells the data path which of this node's pods speak HBONE now, and lets the
+    /// certificates of identities with no pod left here go.
+    fn publish_mesh_state(&self) {
+        let td = self.inputs.certs.trust_domain().to_string();
+        let mut ips = std::collections::HashSet::new();
+        let mut identities = std::collections::HashSet::new();
+        for p in self.pods.values() {
+            let ctx = p.ctx.load();
+            if let Some(ip) = ctx.workload.ip.as_deref().and_then(|ip| ip.parse().ok()) {
+                ips.insert(ip);
+            }
+            identities.insert(ctx.workload.identity(&td));
+        }
+        if **self.inputs.enrolled.load() != ips {
+            self.inputs.enrolled.store(Arc::new(ips));
+        }
+        self.inputs.certs.retain(&identities);
     }
 
     /// Looks again (every [`CAPABILITY_RECHECK`]) at which enrolled pods have processes
@@ -605,7 +635,17 @@ impl Enroller {
         // The proxy's ports, reserved in the pod's namespace before the listener is made:
         // a socket of the pod that binds port 0, connects or listens without a bind never
         // gets one, whatever local port range the pod spec set (a "safe" sysctl).
-        let local_port_range = match worker.reserve_ports(vec![self.outbound_port]).await {
+        // Its workload certificate first: a pod whose identity cannot be had (the CA is
+        // down) waits in its fail mode rather than speak without it.
+        let identity = want.workload.identity(self.inputs.certs.trust_domain());
+        self.inputs.certs.fetch(&identity).await?;
+        let settings = &self.inputs.settings;
+        let ports = vec![
+            self.outbound_port,
+            settings.hbone_port,
+            settings.inbound_port,
+        ];
+        let local_port_range = match worker.reserve_ports(ports).await {
             Ok(range) => Some(range),
             Err(e) => {
                 warn!(pod = %want.workload.pod_name, error = %e, "reserving the proxy's ports in the pod's network namespace failed");
@@ -662,6 +702,28 @@ impl Enroller {
                 port: self.outbound_port,
                 source,
             })?;
+        // HBONE on the pod's own address (port 15008), in its namespace: what mesh pods
+        // of any node connect to.
+        let pod_ip = want
+            .workload
+            .ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+        let hbone_listener = match pod_ip {
+            Some(ip) => {
+                let addr = SocketAddr::new(ip, self.inputs.settings.hbone_port);
+                let l = worker
+                    .listener(addr, token)
+                    .await
+                    .and_then(|l| TcpListener::from_std(l).map_err(netns::NetnsError::Socket))
+                    .map_err(|e| EnrolError::Hbone {
+                        addr,
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                Some(l)
+            }
+            None => None,
+        };
         let netns_inode = worker.inode;
         let ctx: PodHandle = Arc::new(ArcSwap::from_pointee(PodContext {
             source_labels: crate::state::workload::SourceLabels::of(&want.workload),
@@ -671,12 +733,18 @@ impl Enroller {
             http_pool: Arc::new(crate::proxy::http::UpstreamPool::new(
                 self.inputs.idle_upstream.clone(),
             )),
+            hbone: Default::default(),
         }));
-        let listener_task = tokio::spawn(proxy::run_outbound_listener(
-            self.inputs.clone(),
-            ctx.clone(),
-            listener,
-        ));
+        let outbound = proxy::run_outbound_listener(self.inputs.clone(), ctx.clone(), listener);
+        let listener_task = match hbone_listener {
+            Some(l) => {
+                let hbone = proxy::hbone::serve(self.inputs.clone(), ctx.clone(), l);
+                tokio::spawn(async move {
+                    tokio::join!(outbound, hbone);
+                })
+            }
+            None => tokio::spawn(outbound),
+        };
         let pod = EnrolledPod {
             pod_id: self.next_pod_id,
             netns_inode,

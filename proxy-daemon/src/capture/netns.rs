@@ -279,6 +279,11 @@ fn refill(stock: &std::sync::Mutex<Vec<OwnedFd>>, mark: Option<u32>) {
 fn make_listener(addr: SocketAddr, token: u32) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // The pod-address listeners (HBONE, inbound) are bound by a successor daemon while
+    // the predecessor still holds them (a hand-over): both accept until it lets go.
+    if !addr.ip().is_loopback() {
+        socket.set_reuse_port(true)?;
+    }
     // Priority only orders packets in qdiscs, and loopback has none: harmless to the
     // connections, and values above 6 need CAP_NET_ADMIN, which the daemon has.
     socket.set_priority(token)?;

@@ -70,6 +70,12 @@ pub struct Pod {
 pub struct PodSpec {
     #[serde(default)]
     pub node_name: Option<String>,
+    /// The pod's service account: with its namespace, its workload identity.
+    #[serde(default)]
+    pub service_account_name: Option<String>,
+    /// The older spelling of the same.
+    #[serde(default)]
+    pub service_account: Option<String>,
     #[serde(default)]
     pub containers: Vec<Container>,
     /// Istio's native-sidecar injection puts `istio-proxy` here.

@@ -4,6 +4,7 @@
 pub mod access_log;
 pub mod balance;
 pub mod dns;
+pub mod hbone;
 pub mod http;
 pub mod http_route;
 pub mod limits;
@@ -85,6 +86,8 @@ pub struct PodContext {
     /// Idle HTTP/1 upstream connections, made in this pod's netns (kept across identity
     /// updates).
     pub http_pool: Arc<http::UpstreamPool>,
+    /// HBONE connections to mesh pods, made in this pod's netns.
+    pub hbone: Arc<hbone::Pool>,
 }
 
 /// A pod's current context: replaced whole when the pod's labels change, so new
@@ -104,6 +107,8 @@ pub enum ProxyError {
     ConnectTimeout(SocketAddr),
     #[error("TLS to {0}: {1}")]
     Tls(SocketAddr, String),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] hbone::HboneError),
     #[error("refused by policy ({0}) for {1:?}")]
     Refused(&'static str, OrigDstAddr),
 }
@@ -162,6 +167,11 @@ pub struct ProxySettings {
     pub mirror_max_body_bytes: usize,
     /// An HTTP/1 request head must arrive within this (slowloris); None: no limit.
     pub header_read_timeout: Option<Duration>,
+    /// The proxy's ports in each captured pod: outbound listener (127.0.0.1), HBONE and
+    /// plaintext inbound (the pod's address).
+    pub outbound_port: u16,
+    pub hbone_port: u16,
+    pub inbound_port: u16,
 }
 
 /// What every connection handler shares.
@@ -188,6 +198,11 @@ pub struct ProxyInputs {
     pub connections: limits::ConnectionBudget,
     /// Request bodies held for retries, per source namespace.
     pub bodies: limits::BodyBudget,
+    /// Workload certificates of the pods enrolled here (HBONE's mutual TLS).
+    pub certs: Arc<crate::identity::CertManager>,
+    /// Addresses of the pods this daemon has enrolled: a mesh pod of this node speaks
+    /// HBONE only once it has.
+    pub enrolled: Arc<arc_swap::ArcSwap<std::collections::HashSet<std::net::IpAddr>>>,
     /// Idle upstream connections of all pods: count and cap.
     pub idle_upstream: Arc<http::IdleBudget>,
     /// Turns true when the daemon starts draining: HTTP connections finish the request in
@@ -212,6 +227,17 @@ impl ProxyInputs {
 
 /// Opens a connection to `dst` from inside the pod's network namespace, so the
 /// destination sees the pod's IP (and NetworkPolicy keeps applying).
+/// The mesh pod at `addr` if it speaks HBONE now: one on another node (its node's proxy, or
+/// ztunnel, serves its port 15008), or one of this node enrolled by this daemon.
+pub fn hbone_peer(
+    inputs: &ProxyInputs,
+    snap: &crate::state::Snapshot,
+    addr: SocketAddr,
+) -> Option<Arc<crate::state::MeshPeer>> {
+    let peer = snap.mesh.get(&addr.ip())?;
+    (!peer.this_node || inputs.enrolled.load().contains(&addr.ip())).then(|| peer.clone())
+}
+
 pub async fn connect_from_pod(
     pod: &PodContext,
     dst: SocketAddr,

@@ -141,7 +141,22 @@ impl Finish {
             ));
         }
         let dest = Arc::new(self.dest);
-        let mut base = IstioTcpLabels::new(&self.pod.source_labels, &peer, &dest, &flags);
+        // Over HBONE (a mesh destination) both identities are known and were checked.
+        let mtls = self
+            .upstream
+            .and_then(|u| crate::proxy::hbone_peer(&self.inputs, &snap, u))
+            .map(|m| {
+                Arc::new(crate::metrics::Principals {
+                    source: self
+                        .pod
+                        .workload
+                        .identity(self.inputs.certs.trust_domain())
+                        .to_string(),
+                    destination: m.identity.to_string(),
+                })
+            });
+        let mut base =
+            IstioTcpLabels::new(&self.pod.source_labels, &peer, &dest, &flags).with_mtls(mtls);
         base.request_protocol = if self.grpc { "grpc" } else { "http" };
         let grpc_response_status = if self.grpc {
             // A gRPC response without a status (e.g. a local reply) is UNKNOWN (2), and so

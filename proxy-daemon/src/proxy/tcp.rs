@@ -92,7 +92,19 @@ pub async fn proxy(
             })
     };
     let peer = super::report::peer_for(&snapshot, &destination, Some(upstream_addr));
+    let mesh_peer = super::hbone_peer(inputs, &snapshot, upstream_addr);
     drop(snapshot);
+    // Over HBONE both ends are known: who this pod is, and who the destination must prove
+    // to be (the tunnel is refused otherwise).
+    let principals = mesh_peer.as_ref().map(|m| {
+        Arc::new(crate::metrics::Principals {
+            source: pod
+                .workload
+                .identity(inputs.certs.trust_domain())
+                .to_string(),
+            destination: m.identity.to_string(),
+        })
+    });
     let Ok(_permit) = inputs
         .endpoints
         .host_limits
@@ -111,7 +123,8 @@ pub async fn proxy(
         return Err(ProxyError::Refused("UO", dst));
     };
     let _load = inputs.endpoints.in_flight.start(upstream_addr);
-    let labels = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "");
+    let labels =
+        IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "").with_mtls(principals);
     tcp.open(&labels);
 
     // connectionPool.tcp.connectTimeout bounds the connect (and TLS handshake), as
@@ -120,40 +133,62 @@ pub async fn proxy(
         .as_ref()
         .and_then(|p| p.connect_timeout)
         .unwrap_or(inputs.settings.connect_timeout);
-    let connected = match connect_from_pod(pod, upstream_addr, connect_timeout).await {
-        Ok(s) => match &tls {
-            None => Ok(UpstreamIo::Plain(s)),
-            Some(t) => {
-                // DestinationRule tls on a TCP port: the bytes go out inside TLS.
-                let handshake = tokio::time::timeout(
-                    connect_timeout,
-                    inputs.tls.connect(t, b"", s, &pod.workload.namespace),
-                )
-                .await
-                .unwrap_or_else(|_| Err("handshake timed out".into()));
-                let result = match &handshake {
-                    Ok((_, crate::proxy::tls::Handshake::Full)) => "full",
-                    Ok((_, crate::proxy::tls::Handshake::Resumed)) => "resumed",
-                    Err(_) => "failed",
-                };
-                daemon
-                    .upstream_tls_handshakes
-                    .get_or_create(&crate::metrics::TlsHandshakeLabels { result })
-                    .inc();
-                handshake.map(|(io, _)| io).map_err(|reason| {
+    let connected = if let Some(mesh) = &mesh_peer {
+        super::hbone::open(
+            inputs,
+            pod,
+            super::hbone::TunnelRequest {
+                target: upstream_addr,
+                peer: &mesh.identity,
+                service: Some(destination.service.as_str()),
+                connect_timeout,
+            },
+        )
+        .await
+        .map(|t| UpstreamIo::Tunnel(Box::new(t)))
+        .map_err(|e| {
+            tracing::warn!(upstream = %upstream_addr, error = %e, "HBONE tunnel failed");
+            ProxyError::from(e)
+        })
+    } else {
+        match connect_from_pod(pod, upstream_addr, connect_timeout).await {
+            Ok(s) => match &tls {
+                None => Ok(UpstreamIo::Plain(s)),
+                Some(t) => {
+                    // DestinationRule tls on a TCP port: the bytes go out inside TLS.
+                    let handshake = tokio::time::timeout(
+                        connect_timeout,
+                        inputs.tls.connect(t, b"", s, &pod.workload.namespace),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err("handshake timed out".into()));
+                    let result = match &handshake {
+                        Ok((_, crate::proxy::tls::Handshake::Full)) => "full",
+                        Ok((_, crate::proxy::tls::Handshake::Resumed)) => "resumed",
+                        Err(_) => "failed",
+                    };
+                    daemon
+                        .upstream_tls_handshakes
+                        .get_or_create(&crate::metrics::TlsHandshakeLabels { result })
+                        .inc();
+                    handshake.map(|(io, _)| io).map_err(|reason| {
                     tracing::warn!(upstream = %upstream_addr, sni = %t.sni, %reason, "upstream TLS handshake failed");
                     ProxyError::Tls(upstream_addr, reason)
                 })
-            }
-        },
-        Err(e) => Err(e),
+                }
+            },
+            Err(e) => Err(e),
+        }
     };
     let upstream = match connected {
         Ok(s) => s,
         Err(e) => {
             daemon.upstream_connect_failures.inc();
-            let failed = IstioTcpLabels::new(&pod.source_labels, &peer, &destination, "UF");
-            tcp.close(&failed);
+            let flag = match &e {
+                ProxyError::Hbone(h) => h.flag(),
+                _ => "UF",
+            };
+            tcp.close(&labels.with_flags(flag));
             let facts = ConnectionFacts {
                 start_time,
                 started,
@@ -249,12 +284,7 @@ pub async fn proxy(
     if let Err(e) = &result {
         debug!(dst = %dst.0, error = %e, "copy ended with error");
     }
-    tcp.close(&IstioTcpLabels::new(
-        &pod.source_labels,
-        &peer,
-        &destination,
-        flags,
-    ));
+    tcp.close(&labels.with_flags(flags));
     let totals = result.as_ref().map(|(r, s)| (*r, *s)).unwrap_or((0, 0));
     let facts = ConnectionFacts {
         start_time,
@@ -368,6 +398,26 @@ async fn until_idle<T>(
 /// The first read buffer of each direction: an idle connection holds this much, not
 /// [`COPY_BUFFER`] (one that moves data grows to it after a full read).
 const FIRST_BUFFER: usize = 4 * 1024;
+
+/// Copies both ways between `a` and `b` until both directions end (each half-closed in
+/// turn), counting the bytes from `a` in `counters.0` and those from `b` in `counters.1`.
+pub(super) async fn copy_pair<A, B>(
+    a: &mut A,
+    b: &mut B,
+    counters: (&Counter, &Counter),
+) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Activity::new();
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    tokio::try_join!(
+        copy_counted(&mut a_read, &mut b_write, counters.0, (&activity, 0)),
+        copy_counted(&mut b_read, &mut a_write, counters.1, (&activity, 1)),
+    )
+}
 
 /// Copies until EOF, then shuts down the write side (half-close), counting as it goes
 /// (direction 0: client → upstream, 1: upstream → client).

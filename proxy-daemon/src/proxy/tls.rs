@@ -551,6 +551,8 @@ impl ServerCertVerifier for NoVerification {
 pub enum UpstreamIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// An HBONE tunnel to a mesh pod (mutual TLS, HTTP/2 CONNECT).
+    Tunnel(Box<crate::proxy::hbone::TunnelIo>),
 }
 
 impl AsyncRead for UpstreamIo {
@@ -562,6 +564,7 @@ impl AsyncRead for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            UpstreamIo::Tunnel(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -575,6 +578,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            UpstreamIo::Tunnel(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -582,6 +586,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            UpstreamIo::Tunnel(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -589,6 +594,7 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            UpstreamIo::Tunnel(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

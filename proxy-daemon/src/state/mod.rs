@@ -36,6 +36,8 @@ pub struct CaptureSettings {
     pub node_name: String,
     #[serde(serialize_with = "ser_fail_mode")]
     pub default_fail_mode: FailMode,
+    /// `--trust-domain`: the SPIFFE trust domain of workload identities.
+    pub trust_domain: String,
     /// `--default-export-to`: the `exportTo` of VirtualServices, DestinationRules and
     /// ServiceEntries that set none (empty: `*`, Istio's default). The mesh config's
     /// `default*ExportTo` fields override it per kind.
@@ -127,6 +129,8 @@ pub struct NamespaceState {
     /// `nodeproxy.io/trace-sampling`: percentage of new traces sampled for this
     /// namespace's pods (None: the node's setting).
     pub trace_sampling: Option<f64>,
+    /// `istio.io/dataplane-mode: ambient`: ztunnel's pods, which speak HBONE too.
+    pub ambient: bool,
 }
 
 /// The compiled configuration.
@@ -148,6 +152,8 @@ pub struct Snapshot {
     /// Workload labels of every pod with an IP: the destination_* labels of mesh traffic.
     #[serde(skip)]
     pub peers: HashMap<std::net::IpAddr, Arc<workload::PeerLabels>>,
+    /// Pod addresses that speak HBONE (the mesh), with the identity each must prove.
+    pub mesh: HashMap<std::net::IpAddr, Arc<MeshPeer>>,
     /// Tracing settings of Istio's mesh config (ConfigMap istio-system/istio), if given.
     pub mesh_tracing: Option<crate::config::mesh::MeshTracing>,
     /// The `exportTo` of objects that set none.
@@ -254,6 +260,8 @@ pub fn compile(
                     fail_mode,
                     access_log,
                     trace_sampling,
+                    ambient: ns.metadata.labels.get(AMBIENT_LABEL).map(String::as_str)
+                        == Some("ambient"),
                 },
             );
         }
@@ -308,37 +316,27 @@ pub fn compile(
             ));
             continue;
         }
-        let reason = match (
-            snap.namespaces.get(&o.object_ref.namespace),
-            pod.spec.node_name.as_deref(),
-        ) {
-            (_, Some(node)) if node != settings.node_name => Some(format!("on node {node}")),
-            (None, _) => Some("namespace not defined".to_string()),
-            (Some(ns), _) if !ns.captured => Some("namespace not captured".to_string()),
-            _ if pod
-                .metadata
-                .labels
-                .get(CAPTURE_LABEL_KEY)
-                .map(String::as_str)
-                == Some("disabled") =>
-            {
-                Some(format!("pod opted out ({CAPTURE_LABEL_KEY}=disabled)"))
-            }
-            // Never capture the node's own network namespace.
-            _ if pod.spec.host_network => Some("host network".to_string()),
-            // During a migration from sidecars, a pod that still has one is left to it, so
-            // nothing is proxied twice.
-            _ if has_istio_sidecar(pod) => Some(format!(
-                "runs an Istio sidecar ({ISTIO_SIDECAR_CONTAINER} container or {ISTIO_SIDECAR_ANNOTATION} annotation)"
-            )),
-            _ if matches!(
-                pod.status.phase.as_deref(),
-                Some("Succeeded") | Some("Failed")
-            ) =>
-            {
-                Some("pod finished".to_string())
-            }
-            _ => None,
+        let namespace = snap.namespaces.get(&o.object_ref.namespace);
+        let reason = not_captured_because(pod, namespace);
+        // Wherever it runs, a captured pod (or a pod of ztunnel's, in an ambient namespace)
+        // speaks HBONE on its port 15008: connections to it are tunnelled, mutual TLS.
+        let ambient = namespace.is_some_and(|ns| ns.ambient)
+            && pod.metadata.labels.get(AMBIENT_LABEL).map(String::as_str) != Some("none");
+        if let Some(ip) = pod_ip(pod).filter(|_| reason.is_none() || ambient) {
+            let node = pod.spec.node_name.as_deref();
+            snap.mesh.insert(
+                ip,
+                Arc::new(MeshPeer {
+                    identity: WorkloadInfo::from_pod(pod).identity(&settings.trust_domain),
+                    uid: uid.clone(),
+                    this_node: node.is_none_or(|n| n == settings.node_name),
+                    ztunnel: reason.is_some(),
+                }),
+            );
+        }
+        let reason = match pod.spec.node_name.as_deref() {
+            Some(node) if node != settings.node_name => Some(format!("on node {node}")),
+            _ => reason,
         };
         if let Some(reason) = reason {
             snap.not_captured.insert(key, reason);
@@ -415,6 +413,65 @@ pub struct Compiled {
 
 pub const ISTIO_SIDECAR_CONTAINER: &str = "istio-proxy";
 pub const ISTIO_SIDECAR_ANNOTATION: &str = "sidecar.istio.io/status";
+
+/// Istio's namespace (and pod) label for ambient capture by ztunnel.
+pub const AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
+
+/// A pod address that speaks HBONE on port 15008: a pod this proxy captures (on any node)
+/// or one of ztunnel's (an ambient namespace).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MeshPeer {
+    /// Who its certificate must name.
+    pub identity: crate::identity::Identity,
+    pub uid: String,
+    /// On this node: it speaks HBONE only once this daemon enrolled it.
+    pub this_node: bool,
+    /// Captured by ztunnel, not by a proxy-daemon.
+    pub ztunnel: bool,
+}
+
+fn pod_ip(pod: &crate::config::k8s::Pod) -> Option<std::net::IpAddr> {
+    pod.status.pod_ip.as_deref()?.parse().ok()
+}
+
+/// Why a pod of a namespace in `namespace` state is not captured (wherever it runs).
+fn not_captured_because(
+    pod: &crate::config::k8s::Pod,
+    namespace: Option<&NamespaceState>,
+) -> Option<String> {
+    match namespace {
+        None => return Some("namespace not defined".to_string()),
+        Some(ns) if !ns.captured => return Some("namespace not captured".to_string()),
+        Some(_) => {}
+    }
+    if pod
+        .metadata
+        .labels
+        .get(CAPTURE_LABEL_KEY)
+        .map(String::as_str)
+        == Some("disabled")
+    {
+        return Some(format!("pod opted out ({CAPTURE_LABEL_KEY}=disabled)"));
+    }
+    // Never capture the node's own network namespace.
+    if pod.spec.host_network {
+        return Some("host network".to_string());
+    }
+    // During a migration from sidecars, a pod that still has one is left to it, so
+    // nothing is proxied twice.
+    if has_istio_sidecar(pod) {
+        return Some(format!(
+            "runs an Istio sidecar ({ISTIO_SIDECAR_CONTAINER} container or {ISTIO_SIDECAR_ANNOTATION} annotation)"
+        ));
+    }
+    if matches!(
+        pod.status.phase.as_deref(),
+        Some("Succeeded") | Some("Failed")
+    ) {
+        return Some("pod finished".to_string());
+    }
+    None
+}
 
 fn has_istio_sidecar(pod: &crate::config::k8s::Pod) -> bool {
     pod.metadata
@@ -552,6 +609,7 @@ mod tests {
             node_name: "n1".into(),
             default_fail_mode: FailMode::Open,
             default_export_to: Vec::new(),
+            trust_domain: "cluster.local".into(),
         }
     }
 

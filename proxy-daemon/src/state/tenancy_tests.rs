@@ -22,6 +22,7 @@ fn settings(default_export_to: &[&str]) -> CaptureSettings {
         node_name: "n1".into(),
         default_fail_mode: FailMode::Open,
         default_export_to: default_export_to.iter().map(|s| s.to_string()).collect(),
+        trust_domain: "cluster.local".into(),
     }
 }
 

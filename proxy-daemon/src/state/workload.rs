@@ -19,6 +19,9 @@ pub struct WorkloadInfo {
     pub labels: BTreeMap<String, String>,
     /// status.podIP (consistent hashing on the source IP).
     pub ip: Option<String>,
+    /// `spec.serviceAccountName` (`default` when unset): with the namespace, the workload's
+    /// identity.
+    pub service_account: String,
 }
 
 pub const UNKNOWN: &str = "unknown";
@@ -54,6 +57,11 @@ fn cronjob_of_job(job: &str) -> Option<String> {
 }
 
 impl WorkloadInfo {
+    /// The workload's SPIFFE identity in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> crate::identity::Identity {
+        crate::identity::Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+
     pub fn from_pod(pod: &Pod) -> Self {
         let meta = &pod.metadata;
         let labels = &meta.labels;
@@ -102,6 +110,13 @@ impl WorkloadInfo {
             canonical_revision,
             labels: labels.clone(),
             ip: pod.status.pod_ip.clone(),
+            service_account: pod
+                .spec
+                .service_account_name
+                .clone()
+                .or_else(|| pod.spec.service_account.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".to_string()),
         }
     }
 }
@@ -121,6 +136,23 @@ pub struct SourceLabels {
 }
 
 impl SourceLabels {
+    /// A caller seen by the destination, as the cluster state names its address.
+    pub fn from_peer(p: &PeerLabels) -> Arc<Self> {
+        Arc::new(Self {
+            workload: p.workload.clone(),
+            namespace: p.namespace.clone(),
+            app: p.app.clone(),
+            version: p.version.clone(),
+            canonical_service: p.canonical_service.clone(),
+            canonical_revision: p.canonical_revision.clone(),
+        })
+    }
+
+    /// A caller the cluster state does not know.
+    pub fn unknown() -> Arc<Self> {
+        Self::from_peer(&PeerLabels::unknown())
+    }
+
     pub fn of(w: &WorkloadInfo) -> Arc<Self> {
         Arc::new(Self {
             workload: w.workload.clone(),

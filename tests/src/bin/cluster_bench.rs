@@ -123,6 +123,7 @@ fn main() {
         node_name: "node-0".into(),
         default_fail_mode: FailMode::Open,
         default_export_to: Vec::new(),
+        trust_domain: "cluster.local".into(),
     };
     let before = live();
     let store = ClusterStore::new(&keys);

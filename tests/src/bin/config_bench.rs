@@ -76,6 +76,7 @@ fn main() {
         node_name: "n".into(),
         default_fail_mode: FailMode::Open,
         default_export_to: Vec::new(),
+        trust_domain: "cluster.local".into(),
     };
     let mut parse_ms = Vec::new();
     let mut compile_ms = Vec::new();

@@ -33,6 +33,7 @@ fn workload(i: usize) -> WorkloadInfo {
         canonical_revision: "v1".into(),
         labels: BTreeMap::new(),
         ip: None,
+        service_account: "default".into(),
     }
 }
 

@@ -155,6 +155,21 @@ enum Cmd {
         #[arg(long)]
         sni_hex: Option<String>,
     },
+    /// HBONE as a mesh peer speaks it: TLS 1.3 + ALPN h2 to `--to` (a pod's 15008), with the
+    /// client certificate `--cert`/`--key` if given, then one HTTP/2 CONNECT for
+    /// `--authority`; on 200, sends `--send` and a newline and reads one line back.
+    Hbone {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        authority: String,
+        #[arg(long)]
+        cert: Option<std::path::PathBuf>,
+        #[arg(long)]
+        key: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "hbone")]
+        send: String,
+    },
     /// One connection to each of `--count` ports of `--to` from `--from` on: send a line,
     /// read until the peer closes. Tallies how each went.
     Ports {
@@ -883,6 +898,128 @@ fn h2_run(
     })
 }
 
+/// Accepts any server certificate: the HBONE client here tests the server's checks.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn hbone_connect(
+    to: SocketAddr,
+    authority: &str,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+    send: &str,
+) -> serde_json::Value {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match identity {
+        Some((cert, key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .expect("cert file")
+                .collect::<Result<_, _>>()
+                .expect("certs");
+            let key = PrivateKeyDer::from_pem_file(key).expect("key file");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client cert")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.enable_sni = false;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let tcp = match tokio::net::TcpStream::connect(to).await {
+            Ok(s) => s,
+            Err(e) => return json!({"result": classify(&e), "error": e.to_string()}),
+        };
+        let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let tls = match tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => return json!({"result": "tls_error", "error": e.to_string()}),
+        };
+        let (mut sender, conn) = match hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        {
+            // With TLS 1.3 a refused client certificate shows here, at the first read.
+            Ok(x) => x,
+            Err(e) => return json!({"result": "tls_error", "error": e.to_string()}),
+        };
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .version(hyper::Version::HTTP_2)
+            .uri(authority)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => return json!({"result": "tls_error", "error": e.to_string()}),
+        };
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return json!({"result": "status", "status": status});
+        }
+        let mut io = match hyper::upgrade::on(resp).await {
+            Ok(u) => hyper_util::rt::TokioIo::new(u),
+            Err(e) => return json!({"result": "error", "error": e.to_string()}),
+        };
+        if io.write_all(format!("{send}\n").as_bytes()).await.is_err() {
+            return json!({"result": "error", "error": "write"});
+        }
+        let mut line = String::new();
+        let _ = tokio::io::BufReader::new(&mut io)
+            .read_line(&mut line)
+            .await;
+        json!({"result": "ok", "status": 200, "reply": line.trim_end()})
+    })
+}
+
 fn https_get(to: SocketAddr, sni: &str, ca: &std::path::Path, path: &str) -> serde_json::Value {
     use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
     let run = || -> Result<HttpResponse, String> {
@@ -1447,6 +1584,13 @@ fn main() {
             }
             None => tls_hello(to, &sni),
         },
+        Cmd::Hbone {
+            to,
+            authority,
+            cert,
+            key,
+            send,
+        } => hbone_connect(to, &authority, cert.as_deref().zip(key.as_deref()), &send),
         Cmd::Ports { to, from, count } => {
             let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
             for port in from..from.saturating_add(count) {

@@ -223,6 +223,30 @@ pub(super) async fn open_upstream(
     alpn: &'static [u8],
     connect_timeout: Duration,
 ) -> Result<UpstreamIo, UpstreamError> {
+    // A mesh pod: the request goes inside an HBONE tunnel (mutual TLS, the destination's
+    // identity checked), whatever TLS the route would originate.
+    let mesh = {
+        let snap = inputs.config.load();
+        crate::proxy::hbone_peer(inputs, &snap, upstream)
+    };
+    if let Some(peer) = mesh {
+        let tunnel = crate::proxy::hbone::open(
+            inputs,
+            pod,
+            crate::proxy::hbone::TunnelRequest {
+                target: upstream,
+                peer: &peer.identity,
+                service: None,
+                connect_timeout,
+            },
+        )
+        .await
+        .map_err(|e| {
+            warn!(%upstream, error = %e, "HBONE tunnel failed");
+            UpstreamError::Connect(ProxyError::Hbone(e))
+        })?;
+        return Ok(UpstreamIo::Tunnel(Box::new(tunnel)));
+    }
     let stream = connect_from_pod(pod, upstream, connect_timeout)
         .await
         .map_err(UpstreamError::Connect)?;
