@@ -27,8 +27,25 @@ pub mod maps {
     /// connection of a pod enrolled with [`super::ENROLMENT_SOCKMAP`]. Not pinned: each
     /// daemon has its own, with its own sk_msg program attached.
     pub const SOCK_PAIRS: &str = "PD_SOCK_PAIRS";
+    /// Pod IPv4 (network order) → [`super::InboundPod`]: the pods whose inbound
+    /// connections the sk_lookup program steers, and the ports it leaves alone.
+    pub const INBOUND_PODS: &str = "PD_INBOUND_PODS";
+    /// Pod IPv4 (network order) → the daemon's plaintext inbound listener in that pod's
+    /// netns (a sockhash: the kernel assigns connections to it).
+    pub const INBOUND_LISTENERS: &str = "PD_INBOUND_LSN";
+    /// IPv4 (network order) → 1: the node's own addresses. Connections from them (the
+    /// kubelet's probes) reach the app directly, as in Istio.
+    pub const NODE_ADDRS: &str = "PD_NODE_ADDRS";
     /// Every map the daemon pins, in one place for cleanup.
-    pub const ALL: [&str; 4] = [ENROLLED, SOCK_ORIG_DST, CLIENT_ORIG_DST, CAPTURE_STATS];
+    pub const ALL: [&str; 7] = [
+        ENROLLED,
+        SOCK_ORIG_DST,
+        CLIENT_ORIG_DST,
+        CAPTURE_STATS,
+        INBOUND_PODS,
+        INBOUND_LISTENERS,
+        NODE_ADDRS,
+    ];
 }
 
 /// Program names (the Rust function names in proxy-ebpf).
@@ -43,6 +60,7 @@ pub mod programs {
     pub const POST_BIND4: &str = "pd_post_bind4";
     pub const POST_BIND6: &str = "pd_post_bind6";
     pub const SK_MSG: &str = "pd_sk_msg";
+    pub const SK_LOOKUP: &str = "pd_sk_lookup";
 }
 
 /// Capacity of the enrolment map (pods per node; kubelet's default limit is 110).
@@ -73,6 +91,24 @@ pub const ENROLMENT_SOCKMAP: u8 = 2;
 /// Capacity of [`maps::SOCK_PAIRS`] (two entries per connection). When it is full, a
 /// connection simply goes through loopback TCP.
 pub const MAX_SOCK_PAIRS: u32 = 65_536;
+
+/// Capacity of [`maps::NODE_ADDRS`].
+pub const MAX_NODE_ADDRS: u32 = 256;
+
+/// Inbound capture of one pod: value of [`maps::INBOUND_PODS`], keyed by the pod's IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundPod {
+    /// Ports left to the normal socket lookup (host order): the daemon's own listeners in
+    /// the pod (HBONE, plaintext inbound, outbound).
+    pub hbone_port: u16,
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    /// [`FailMode`] as u8: what a connection gets while the daemon's inbound listener is
+    /// gone (fail-closed: refused, the client gets a reset; fail-open: the app itself).
+    pub fail_mode: u8,
+    pub _pad: u8,
+}
 
 /// Enrolment of one pod: value of [`maps::ENROLLED`], keyed by the pod cgroup's id.
 #[repr(C)]
@@ -199,6 +235,17 @@ pub enum CaptureStat {
     /// A pod socket that the kernel gave the listener port to (`bind` to port 0 with the
     /// local port range set to it): the bind was undone.
     AutobindRefused = 13,
+    /// An inbound connection to a pod handed to the daemon's inbound listener (sk_lookup).
+    InboundRedirected = 14,
+    /// An inbound connection from one of the node's own addresses (a kubelet probe): left
+    /// to reach the app directly.
+    InboundFromNode = 15,
+    /// An inbound connection while the daemon's inbound listener was gone, pod fail-open:
+    /// reached the app directly.
+    InboundBypassFailOpen = 16,
+    /// An inbound connection while the daemon's inbound listener was gone, pod
+    /// fail-closed: refused (reset).
+    InboundRefusedFailClosed = 17,
 }
 
 /// Number of [`CaptureStat`] slots: room to spare, so a new counter does not change the
@@ -212,6 +259,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::SockPairKey {}
+    unsafe impl aya::Pod for super::InboundPod {}
 }
 
 #[cfg(test)]

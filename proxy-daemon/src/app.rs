@@ -274,13 +274,25 @@ pub enum CaSettings {
     Builtin { cert: PathBuf, key: PathBuf },
     /// The built-in CA with a root made at start (one node on its own).
     Ephemeral,
+    /// Istio's CA API (istiod, istio-csr).
+    Istio(crate::identity::istio_ca::IstioCaSettings),
 }
 
 fn ca_settings(args: &RunArgs) -> Result<CaSettings, AppError> {
     match (args.ca, &args.ca_cert, &args.ca_key) {
-        (crate::cli::CaArg::Istio, _, _) => Err(startup(
-            "--ca istio (PROXY_CA): Istio's CA API is not supported by this build yet; use --ca builtin with --ca-cert/--ca-key",
-        )),
+        (crate::cli::CaArg::Istio, _, _) => {
+            let root_cert = args.ca_root_cert.clone().ok_or_else(|| {
+                startup("--ca istio needs --ca-root-cert (the root that signed the CA's serving certificate)")
+            })?;
+            Ok(CaSettings::Istio(
+                crate::identity::istio_ca::IstioCaSettings {
+                    address: args.ca_address.clone(),
+                    root_cert,
+                    token_file: args.ca_token_file.clone(),
+                    cluster_id: args.ca_cluster_id.clone(),
+                },
+            ))
+        }
         (crate::cli::CaArg::Builtin, Some(cert), Some(key)) => Ok(CaSettings::Builtin {
             cert: cert.clone(),
             key: key.clone(),
@@ -303,6 +315,11 @@ fn certificate_authority(
             };
             let ca = BuiltinCa::from_pem(&read(cert, "--ca-cert")?, &read(key, "--ca-key")?)
                 .map_err(|e| startup(format!("--ca-cert/--ca-key: {e}")))?;
+            Ok(Arc::new(ca))
+        }
+        CaSettings::Istio(istio) => {
+            let ca = crate::identity::istio_ca::IstioCa::new(istio.clone())
+                .map_err(|e| startup(e.to_string()))?;
             Ok(Arc::new(ca))
         }
         CaSettings::Ephemeral => {
@@ -1142,23 +1159,24 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     let iptables = settings.capture_mode == crate::cli::CaptureArg::Iptables;
     // Under `--capture iptables` nothing is loaded into the kernel: the rules go into each
     // pod's netns at enrolment and the original destination comes from the socket.
-    let (attached, enrolment) = if iptables {
+    let (attached, enrolment, inbound) = if iptables {
         if settings.capture.default_fail_mode == FailMode::Open {
             warn!("--capture iptables: a pod whose listener is gone is refused, not let out directly (fail-open needs --capture ebpf)");
         }
-        (None, bpf::EnrolmentMaps::in_memory())
+        (None, bpf::EnrolmentMaps::in_memory(), None)
     } else {
         let loaded = bpf::load_and_attach(&settings.cgroup_root, &settings.bpf_pin_dir)
             .map_err(|e| AppError::Runtime(anyhow::anyhow!("attaching eBPF programs: {e}")))?;
         let bpf::Loaded {
             attached,
             enrolment,
+            inbound,
             logger,
         } = loaded;
         if let Some(logger) = logger {
             tokio::spawn(drain_ebpf_logs(logger));
         }
-        (Some(attached), enrolment)
+        (Some(attached), enrolment, Some(inbound))
     };
     let orig_dst: Box<dyn crate::proxy::OrigDstLookup> = match &attached {
         Some(a) => Box::new(
@@ -1299,6 +1317,10 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
             taken: taken_pods,
         },
     );
+    let enroller = match inbound {
+        Some(inbound) => enroller.with_inbound(inbound),
+        None => enroller,
+    };
     let enroller = if iptables {
         enroller.with_iptables()
     } else if settings.sockmap {

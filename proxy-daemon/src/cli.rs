@@ -177,6 +177,9 @@ pub struct RunArgs {
     /// audience `istio-ca`).
     #[arg(long, env = "PROXY_CA_TOKEN_FILE")]
     pub ca_token_file: Option<PathBuf>,
+    /// Istio CA: the `ClusterID` sent with each request (istiod's cluster name).
+    #[arg(long, env = "PROXY_CA_CLUSTER_ID", default_value = "Kubernetes")]
+    pub ca_cluster_id: String,
     /// How long a workload certificate is valid; renewed at half its life.
     #[arg(long, env = "PROXY_CERT_TTL_SECS", default_value_t = 24 * 3600)]
     pub cert_ttl_secs: u64,

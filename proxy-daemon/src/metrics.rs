@@ -136,6 +136,9 @@ impl IstioTcpLabels {
         let (s, p, d) = (&self.source, &self.peer, &self.service);
         let (source_principal, destination_principal, security) = match &self.mtls {
             Some(m) => (m.source.as_str(), m.destination.as_str(), "mutual_tls"),
+            // The destination knows a connection without a client certificate is
+            // plaintext; the source cannot tell what the other end does.
+            None if self.reporter == Reporter::Destination => (UNKNOWN, UNKNOWN, "none"),
             None => (UNKNOWN, UNKNOWN, "unknown"),
         };
         [
@@ -431,7 +434,11 @@ impl UnnamedBudget {
 
 /// What the series index needs of one family's label sets.
 trait SeriesLabels: Clone + std::hash::Hash + Eq {
-    fn source(&self) -> &SourceLabels;
+    /// The workload of this node a series belongs to (namespace, workload): the source
+    /// for the series it reports as the source, the destination for those it reports as
+    /// the destination. Its caps and its expiry when it leaves the node follow that
+    /// workload.
+    fn owner(&self) -> (&str, &str);
     /// Whether the destination is one the configuration does not name (the pod chose it).
     fn unnamed(&self) -> bool;
     /// The same source's overflow series for a named destination.
@@ -472,18 +479,42 @@ fn overflow_destination() -> (Arc<PeerLabels>, Arc<DestinationLabels>) {
     )
 }
 
+/// The source half of a destination-reported overflow series.
+fn overflow_source() -> Arc<SourceLabels> {
+    Arc::new(SourceLabels {
+        workload: OVERFLOW.into(),
+        namespace: UNKNOWN.into(),
+        app: UNKNOWN.into(),
+        version: UNKNOWN.into(),
+        canonical_service: UNKNOWN.into(),
+        canonical_revision: UNKNOWN.into(),
+    })
+}
+
 impl SeriesLabels for IstioTcpLabels {
-    fn source(&self) -> &SourceLabels {
-        &self.source
+    fn owner(&self) -> (&str, &str) {
+        match self.reporter {
+            Reporter::Source => (&self.source.namespace, &self.source.workload),
+            Reporter::Destination => (&self.peer.namespace, &self.peer.workload),
+        }
     }
 
     fn unnamed(&self) -> bool {
-        self.service.service_name == PASSTHROUGH_CLUSTER
-            || self.service.service_name == BLACKHOLE_CLUSTER
+        self.reporter == Reporter::Source
+            && (self.service.service_name == PASSTHROUGH_CLUSTER
+                || self.service.service_name == BLACKHOLE_CLUSTER)
     }
 
-    /// The same source, protocol and flags, with the overflow destination.
+    /// The same source, protocol and flags, with the overflow destination (as the
+    /// destination reports it: the same destination, with the overflow source).
     fn overflowed(&self) -> Self {
+        if self.reporter == Reporter::Destination {
+            return Self {
+                source: overflow_source(),
+                mtls: None,
+                ..self.clone()
+            };
+        }
         let (peer, service) = overflow_destination();
         Self {
             peer,
@@ -505,16 +536,21 @@ impl SeriesLabels for IstioTcpLabels {
     }
 
     fn saturated(&self) -> Self {
+        let spent = if self.reporter == Reporter::Destination {
+            self.overflowed()
+        } else {
+            self.unnamed_overflow()
+        };
         Self {
             response_flags: Cow::Borrowed("-"),
-            ..self.unnamed_overflow()
+            ..spent
         }
     }
 }
 
 impl SeriesLabels for RequestLabels {
-    fn source(&self) -> &SourceLabels {
-        &self.base.source
+    fn owner(&self) -> (&str, &str) {
+        self.base.owner()
     }
 
     fn unnamed(&self) -> bool {
@@ -612,8 +648,8 @@ impl<L: SeriesLabels> SeriesIndex<L> {
             }
             let series = {
                 let mut index = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
-                let source = labels.source();
-                let key = (source.namespace.clone(), source.workload.clone());
+                let (namespace, workload) = labels.owner();
+                let key = (namespace.to_string(), workload.to_string());
                 let set = index.entry(key.clone()).or_default();
                 if set.contains(labels) {
                     labels.clone()
@@ -701,6 +737,11 @@ impl HttpMetrics {
 
 /// Why a connection was refused, and whose it was (namespaces are bounded by the node's).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundRefusalLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     /// node_limit | namespace_limit
     pub reason: &'static str,
@@ -749,7 +790,8 @@ pub struct MapLabels {
 pub struct DecisionLabels {
     /// redirected | fail_open_bypass | fail_closed_refused | netns_mismatch | not_listening |
     /// bind_refused | ipv6_direct | ipv6_refused | too_deep | foreign_listener |
-    /// sockmap_* | autobind_refused
+    /// sockmap_* | autobind_refused | inbound_redirected | inbound_from_node |
+    /// inbound_fail_open_bypass | inbound_fail_closed_refused
     pub decision: &'static str,
 }
 
@@ -885,6 +927,8 @@ pub struct DaemonMetrics {
     /// HBONE connections or CONNECTs this node's pods refused (bad certificate, another
     /// pod's address asked for…).
     pub hbone_refused: Counter,
+    /// Connections for a pod's app refused at the destination, by reason.
+    pub inbound_refused: Family<InboundRefusalLabels, Counter>,
     /// Connections to the admin, metrics and health ports refused past their caps.
     pub endpoint_connections_refused: Family<EndpointRefusalLabels, Counter>,
 }
@@ -1130,6 +1174,11 @@ impl Metrics {
             "hbone_refused",
             "HBONE connections or CONNECT requests refused by this node's pods: a client certificate not of the mesh, a CONNECT for another address",
             daemon.hbone_refused.clone(),
+        );
+        sub.register(
+            "inbound_refused",
+            "Connections for a pod's app refused at the destination: plaintext_strict (no client certificate where PeerAuthentication is STRICT), proxy_port (a port of the proxy itself)",
+            daemon.inbound_refused.clone(),
         );
         sub.register(
             "endpoint_connections_refused",

@@ -11,16 +11,16 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sk_msg, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
-    CaptureStat, ClientKey, Enrolment, FailMode, OrigDst, SockPairKey, CAPTURE_STAT_SLOTS,
-    ENROLMENT_LISTENING, ENROLMENT_SOCKMAP, MAX_CGROUP_DEPTH, MAX_ENROLLED, MAX_SOCK_PAIRS,
-    MAX_TRACKED_CONNECTIONS,
+    CaptureStat, ClientKey, Enrolment, FailMode, InboundPod, OrigDst, SockPairKey,
+    CAPTURE_STAT_SLOTS, ENROLMENT_LISTENING, ENROLMENT_SOCKMAP, MAX_CGROUP_DEPTH, MAX_ENROLLED,
+    MAX_NODE_ADDRS, MAX_SOCK_PAIRS, MAX_TRACKED_CONNECTIONS,
 };
 
 /// Return values of cgroup sock_addr programs.
@@ -589,6 +589,75 @@ pub fn pd_getpeername6(ctx: SockAddrContext) -> i32 {
         }
     }
     ALLOW
+}
+
+#[map(name = "PD_INBOUND_PODS")]
+static INBOUND_PODS: HashMap<u32, InboundPod> = HashMap::pinned(MAX_ENROLLED, 0);
+
+#[map(name = "PD_INBOUND_LSN")]
+static INBOUND_LISTENERS: SockHash<u32> = SockHash::pinned(MAX_ENROLLED, 0);
+
+#[map(name = "PD_NODE_ADDRS")]
+static NODE_ADDRS: HashMap<u32, u8> = HashMap::pinned(MAX_NODE_ADDRS, 0);
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+/// Every network namespace's loopback device has index 1.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Inbound capture, attached to each captured pod's network namespace: a TCP connection
+/// to the pod's address goes to the daemon's inbound listener in that namespace, which
+/// accepts it with the original destination as its local address. Left alone: the
+/// daemon's own ports (HBONE arrives on its listener by the normal lookup), connections
+/// from loopback addresses (the daemon's to the app come from 127.0.0.6) or from the pod
+/// itself, and connections from the node's own addresses (kubelet probes).
+#[sk_lookup]
+pub fn pd_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands a valid bpf_sk_lookup for the program's lifetime.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.family != AF_INET || lookup.protocol != IPPROTO_TCP {
+        return sk_action::SK_PASS;
+    }
+    let pod_ip = lookup.local_ip4;
+    // SAFETY: value is Copy and read at once.
+    let Some(pod) = (unsafe { INBOUND_PODS.get(&pod_ip) }).copied() else {
+        return sk_action::SK_PASS;
+    };
+    let port = lookup.local_port as u16;
+    if port == pod.hbone_port || port == pod.inbound_port || port == pod.outbound_port {
+        return sk_action::SK_PASS;
+    }
+    // Connections from loopback (the daemon's to the app, from 127.0.0.6) and the pod's
+    // calls to itself: local, not the network's. (Traffic to the pod's own address does
+    // not show loopback as its ingress device, so the source decides.)
+    let remote_net = u32::from_be(lookup.remote_ip4) >> 24;
+    if lookup.ingress_ifindex == LOOPBACK_IFINDEX
+        || remote_net == LOOPBACK_NET
+        || lookup.remote_ip4 == pod_ip
+    {
+        return sk_action::SK_PASS;
+    }
+    // A copy on the stack: the verifier takes no map key from the context.
+    let remote_ip = lookup.remote_ip4;
+    // SAFETY: read-only lookup of a scalar.
+    if unsafe { NODE_ADDRS.get(&remote_ip) }.is_some() {
+        count(CaptureStat::InboundFromNode);
+        return sk_action::SK_PASS;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, pod_ip, 0) {
+        Ok(()) => {
+            count(CaptureStat::InboundRedirected);
+            sk_action::SK_PASS
+        }
+        Err(_) if pod.fail_mode == FailMode::Closed as u8 => {
+            count(CaptureStat::InboundRefusedFailClosed);
+            sk_action::SK_DROP
+        }
+        Err(_) => {
+            count(CaptureStat::InboundBypassFailOpen);
+            sk_action::SK_PASS
+        }
+    }
 }
 
 #[panic_handler]

@@ -97,6 +97,7 @@ fn decode_otlp(body: &[u8]) -> Vec<ReceivedSpan> {
                     service: service.clone(),
                     kind: match span::SpanKind::try_from(s.kind) {
                         Ok(span::SpanKind::Client) => "CLIENT".into(),
+                        Ok(span::SpanKind::Server) => "SERVER".into(),
                         Ok(k) => format!("{k:?}"),
                         Err(_) => "?".into(),
                     },

@@ -4,6 +4,7 @@
 pub mod collector;
 pub mod counting_alloc;
 pub mod daemon;
+pub mod istio_ca;
 pub mod kube_api;
 pub mod node;
 pub mod pki;
@@ -266,4 +267,12 @@ pub fn promtool_check(scrape: &str) -> Result<(), String> {
             out.status.code()
         ))
     }
+}
+
+/// A tool of the test venv (`cargo xtask setup` installs tests/tools-requirements.txt
+/// into target/tools/venv): `envoy`, `python`.
+pub fn venv_tool(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools/venv/bin")
+        .join(name)
 }

@@ -90,6 +90,40 @@ impl TestCa {
         }
     }
 
+    /// Signs a CSR as a mesh CA does: the CSR's own SANs, client and server use, valid for
+    /// `ttl` from now (less a minute of clock slack). Err when the CSR does not parse or
+    /// its signature is wrong.
+    pub fn sign_csr(&self, csr_pem: &str, ttl: std::time::Duration) -> Result<String, String> {
+        let mut csr =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| e.to_string())?;
+        let now = std::time::SystemTime::now();
+        csr.params.not_before = (now - std::time::Duration::from_secs(60)).into();
+        csr.params.not_after = (now + ttl).into();
+        csr.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        csr.signed_by(&self.issuer)
+            .map(|c| c.pem())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The URI SANs a CSR asks for.
+    pub fn csr_uris(csr_pem: &str) -> Vec<String> {
+        rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map(|csr| {
+                csr.params
+                    .subject_alt_names
+                    .iter()
+                    .filter_map(|san| match san {
+                        rcgen::SanType::URI(u) => Some(u.as_str().to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// A client certificate (CN and SAN `name`).
     pub fn client(&self, name: &str) -> Leaf {
         self.leaf(&[name], ExtendedKeyUsagePurpose::ClientAuth, false)

@@ -483,8 +483,19 @@ fn a_pod_cannot_be_handed_the_listener_port_by_its_local_port_range() {
     // The one port of its range is reserved: a bind to port 0 finds none.
     let out = pod.pdtool(&["bind", "--addr", "127.0.0.1:0"]);
     assert_ne!(out["result"], "ok", "{out}");
-    // With a usable range, the pod is proxied as usual.
+    // No daemon (killed), and the reservation cleared (a pod with CAP_NET_ADMIN can): the
+    // kernel would now pick the listener port; the post-bind program refuses it. (Before
+    // any connection through the listener: one that the proxy closed first would hold the
+    // port in TIME-WAIT, and the kernel would find no port at all.)
+    daemon.kill9();
+    set_pod_sysctl(&pod, "ip_local_reserved_ports", "");
+    let out = pod.pdtool(&["bind", "--addr", "127.0.0.1:0"]);
+    assert_eq!(out["result"], "eperm", "{out}");
     set_pod_sysctl(&pod, "ip_local_port_range", "40000 40100");
+    let daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert!(decisions(&daemon, "autobind_refused") >= 1.0);
+    // With a usable range, the pod is proxied as usual.
     let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
     assert_eq!(out["result"], "ok", "{out}");
     assert!(
@@ -494,17 +505,6 @@ fn a_pod_cannot_be_handed_the_listener_port_by_its_local_port_range() {
             .starts_with("127.0.0.1:"),
         "{out}"
     );
-    // No daemon (killed), and the reservation cleared (a pod with CAP_NET_ADMIN can): the
-    // kernel would now pick the listener port; the post-bind program refuses it.
-    daemon.kill9();
-    set_pod_sysctl(&pod, "ip_local_reserved_ports", "");
-    set_pod_sysctl(&pod, "ip_local_port_range", "15001 15001");
-    let out = pod.pdtool(&["bind", "--addr", "127.0.0.1:0"]);
-    assert_eq!(out["result"], "eperm", "{out}");
-    set_pod_sysctl(&pod, "ip_local_port_range", "40000 40100");
-    let daemon = Daemon::start(&node, &[]);
-    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
-    assert!(decisions(&daemon, "autobind_refused") >= 1.0);
     assert!(pod_sysctl(&pod, "ip_local_reserved_ports")
         .split(',')
         .any(|p| p == "15001"));

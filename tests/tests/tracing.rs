@@ -147,28 +147,39 @@ fn received_trace_id(out: &serde_json::Value) -> String {
         .to_string()
 }
 
-/// Both hops as Istio shows them: web's client span to api is the root, api's client
-/// span to backend its child; names, services, tags and durations.
+/// Both hops as Istio's sidecars show them: web's client span to api is the root; api's
+/// proxy's server span (the destination side) its child; api's client span to backend
+/// the server span's child (the app forwards the context its proxy handed it). Names,
+/// services, kinds, tags and durations.
 fn assert_two_hop_tree(spans: &[ReceivedSpan], out: &serde_json::Value, scene: &Scene) {
-    assert_eq!(spans.len(), 2, "{spans:#?}");
+    assert_eq!(spans.len(), 3, "{spans:#?}");
     let root = spans
         .iter()
         .find(|s| s.service == "web.azar")
         .unwrap_or_else(|| panic!("web's span: {spans:#?}"));
+    let server = spans
+        .iter()
+        .find(|s| s.service == "api.azar" && s.kind == "SERVER")
+        .unwrap_or_else(|| panic!("api's server span: {spans:#?}"));
     let child = spans
         .iter()
-        .find(|s| s.service == "api.azar")
-        .unwrap_or_else(|| panic!("api's span: {spans:#?}"));
+        .find(|s| s.service == "api.azar" && s.kind == "CLIENT")
+        .unwrap_or_else(|| panic!("api's client span: {spans:#?}"));
     assert_eq!(root.name, "api.azar.svc.cluster.local:80/*");
+    assert_eq!(server.name, "api.azar.svc.cluster.local:8080/*");
     assert_eq!(child.name, "backend.shop.svc.cluster.local:80/*");
     assert_eq!(root.parent_id, None, "web sent no context: a new trace");
     assert_eq!(
-        child.parent_id.as_deref(),
+        server.parent_id.as_deref(),
         Some(root.span_id.as_str()),
-        "api's call is a child of web's: {spans:#?}"
+        "api's proxy continues web's trace: {spans:#?}"
     );
-    for s in [root, child] {
-        assert_eq!(s.kind, "CLIENT");
+    assert_eq!(
+        child.parent_id.as_deref(),
+        Some(server.span_id.as_str()),
+        "api's call is a child of the request it serves: {spans:#?}"
+    );
+    for s in [root, server, child] {
         assert_eq!(s.tag("component"), "proxy");
         assert_eq!(s.tag("http.method"), "GET");
         assert_eq!(s.tag("http.status_code"), "200");
@@ -182,18 +193,27 @@ fn assert_two_hop_tree(spans: &[ReceivedSpan], out: &serde_json::Value, scene: &
             s.duration_us
         );
     }
+    assert_eq!(root.kind, "CLIENT");
+    assert_eq!(child.kind, "CLIENT");
     assert_eq!(root.tag("istio.canonical_service"), "web");
+    assert_eq!(server.tag("istio.canonical_service"), "api");
     assert_eq!(child.tag("istio.canonical_service"), "api");
     assert_eq!(
         root.tag("upstream_cluster"),
         "outbound|80||api.azar.svc.cluster.local"
     );
+    assert_eq!(server.tag("upstream_cluster"), "inbound|8080||");
     assert_eq!(
         child.tag("upstream_cluster"),
         "outbound|80||backend.shop.svc.cluster.local"
     );
     assert_eq!(root.tag("http.url"), "http://api/");
     assert_eq!(root.tag("peer.address"), scene.web.host.ip.to_string());
+    assert_eq!(server.tag("peer.address"), scene.web.host.ip.to_string());
+    assert_eq!(
+        server.tag("source_principal"),
+        "spiffe://cluster.local/ns/azar/sa/default"
+    );
     assert_eq!(child.tag("peer.address"), scene.api.host.ip.to_string());
     assert_eq!(
         root.tag("guid:x-request-id"),
@@ -204,12 +224,14 @@ fn assert_two_hop_tree(spans: &[ReceivedSpan], out: &serde_json::Value, scene: &
         root.tag("guid:x-request-id"),
         child.tag("guid:x-request-id")
     );
-    // The root contains the child: it starts first and ends last.
-    assert!(root.start_us <= child.start_us, "{root:?} {child:?}");
-    assert!(
-        root.start_us + root.duration_us >= child.start_us + child.duration_us,
-        "{root:?} {child:?}"
-    );
+    // Each contains the next: it starts first and ends last.
+    for (outer, inner) in [(root, server), (server, child)] {
+        assert!(outer.start_us <= inner.start_us, "{outer:?} {inner:?}");
+        assert!(
+            outer.start_us + outer.duration_us >= inner.start_us + inner.duration_us,
+            "{outer:?} {inner:?}"
+        );
+    }
     assert!(
         root.events
             .iter()
@@ -241,20 +263,23 @@ fn a_request_across_two_hops_is_one_trace_in_otlp_and_zipkin() {
     let h = &out["first"]["body"]["trace_headers"];
     assert_eq!(h["x-b3-traceid"], trace, "{out}");
     assert_eq!(h["x-b3-sampled"], "1", "{out}");
-    let spans = spans_of(&otlp, &trace, 2);
+    let spans = spans_of(&otlp, &trace, 3);
     assert_two_hop_tree(&spans, &out, &scene);
-    let root = spans.iter().find(|s| s.service == "web.azar").unwrap();
+    let server = spans
+        .iter()
+        .find(|s| s.service == "api.azar" && s.kind == "SERVER")
+        .unwrap();
     assert_eq!(
         h["x-b3-spanid"].as_str(),
-        Some(root.span_id.as_str()),
-        "the upstream's parent is web's span"
+        Some(server.span_id.as_str()),
+        "the app's parent is its proxy's server span"
     );
     assert!(h["traceparent"]
         .as_str()
         .unwrap()
-        .contains(&format!("-{}-01", root.span_id)));
-    // Zipkin receives the same two spans.
-    let zspans = spans_of(&zipkin, &trace, 2);
+        .contains(&format!("-{}-01", server.span_id)));
+    // Zipkin receives the same three spans.
+    let zspans = spans_of(&zipkin, &trace, 3);
     assert_two_hop_tree(&zspans, &out, &scene);
     let mut ids: Vec<_> = spans.iter().map(|s| s.span_id.clone()).collect();
     let mut zids: Vec<_> = zspans.iter().map(|s| s.span_id.clone()).collect();
@@ -262,18 +287,18 @@ fn a_request_across_two_hops_is_one_trace_in_otlp_and_zipkin() {
     zids.sort();
     assert_eq!(ids, zids);
     // The warm-up call said b3: 0: not one span of it anywhere.
-    assert_eq!(otlp.spans().len(), 2, "{:#?}", otlp.spans());
+    assert_eq!(otlp.spans().len(), 3, "{:#?}", otlp.spans());
     // Counters and /config_dump.
     let d = &scene.daemon;
     wait_for(Duration::from_secs(3), || {
         (d.metric_sum(
             "proxy_daemon_spans_exported_total",
             &[("protocol", "otlp_http")],
-        ) >= 2.0
+        ) >= 3.0
             && d.metric_sum(
                 "proxy_daemon_spans_exported_total",
                 &[("protocol", "zipkin")],
-            ) >= 2.0)
+            ) >= 3.0)
             .then_some(())
     })
     .expect("exports counted");
@@ -283,7 +308,7 @@ fn a_request_across_two_hops_is_one_trace_in_otlp_and_zipkin() {
         "{}",
         dump["tracing"]
     );
-    assert!(dump["tracing"]["spans"]["exported"].as_u64().unwrap() >= 4);
+    assert!(dump["tracing"]["spans"]["exported"].as_u64().unwrap() >= 6);
 }
 
 #[test]
@@ -310,7 +335,7 @@ fn sampling_zero_forced_traces_and_upstream_decisions_in_every_format() {
     }
     // A forced trace under 0 %: both hops recorded.
     let out = call(web, &["x-envoy-force-trace: true"]);
-    let spans = spans_of(&otlp, &received_trace_id(&out), 2);
+    let spans = spans_of(&otlp, &received_trace_id(&out), 3);
     assert_two_hop_tree(&spans, &out, &scene);
 
     // An upstream decision to sample, in each format: recorded, the caller's trace id and
@@ -367,16 +392,19 @@ fn sampling_zero_forced_traces_and_upstream_decisions_in_every_format() {
                 "{format}: {got}"
             ),
         }
-        let spans = spans_of(&otlp, trace, 2);
+        let spans = spans_of(&otlp, trace, 3);
         let root = spans.iter().find(|s| s.service == "web.azar").unwrap();
         assert_eq!(
             root.parent_id.as_deref(),
             Some(parent),
             "{format}: the caller's span is the parent"
         );
-        let child = spans.iter().find(|s| s.service == "api.azar").unwrap();
+        let server = spans
+            .iter()
+            .find(|s| s.service == "api.azar" && s.kind == "SERVER")
+            .unwrap();
         assert_eq!(
-            child.parent_id.as_deref(),
+            server.parent_id.as_deref(),
             Some(root.span_id.as_str()),
             "{format}"
         );
@@ -404,9 +432,9 @@ fn sampling_zero_forced_traces_and_upstream_decisions_in_every_format() {
             .metric_sum("proxy_daemon_trace_context_invalid_total", &[])
             >= before + 3.0
     );
-    // No other spans than the five traces above (2 spans each).
+    // No other spans than the five traces above (3 spans each).
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(otlp.spans().len(), 10, "{:#?}", otlp.spans());
+    assert_eq!(otlp.spans().len(), 15, "{:#?}", otlp.spans());
 }
 
 #[test]
@@ -418,7 +446,7 @@ fn a_namespace_annotation_overrides_the_node_sampling() {
         "  annotations:\n    nodeproxy.io/trace-sampling: \"100\"\n",
     );
     let out = call(&scene.web, &[]);
-    let spans = spans_of(&otlp, &received_trace_id(&out), 2);
+    let spans = spans_of(&otlp, &received_trace_id(&out), 3);
     assert_two_hop_tree(&spans, &out, &scene);
     // A caller's "no" still wins over the namespace's 100 %.
     otlp.clear();
@@ -549,7 +577,7 @@ fn the_mesh_config_changes_sampling_and_collectors_on_reload() {
     node.write_config("mesh.yaml", &mesh_config(&mesh));
     wait_tracing(d, 100.0, "ConfigMap istio-system/istio");
     let out = call(web, &[]);
-    let spans = spans_of(&mesh_collector, &received_trace_id(&out), 2);
+    let spans = spans_of(&mesh_collector, &received_trace_id(&out), 3);
     assert_two_hop_tree(&spans, &out, &scene);
     // A bad edit is rejected and the last good settings keep working.
     node.write_config(
@@ -561,7 +589,7 @@ fn the_mesh_config_changes_sampling_and_collectors_on_reload() {
     })
     .unwrap_or_else(|| panic!("the rejection is logged: {}", d.log_text()));
     let out = call(web, &[]);
-    spans_of(&mesh_collector, &received_trace_id(&out), 2);
+    spans_of(&mesh_collector, &received_trace_id(&out), 3);
     // Without the mesh config, the flags again: 0 %, nothing recorded anywhere.
     node.remove_config("mesh.yaml");
     wait_tracing(d, 0.0, "flags");

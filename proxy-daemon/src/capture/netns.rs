@@ -6,7 +6,7 @@
 //! listener, and every upstream socket, so destinations see the pod's own IP.
 use std::{
     fs::File,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     os::{
         fd::{AsFd, AsRawFd, OwnedFd},
         unix::fs::MetadataExt as _,
@@ -137,6 +137,24 @@ fn reserve_ports(ports: &[u16]) -> std::io::Result<LocalPortRange> {
     }
 }
 
+/// The link-local source Istio's CNI gives the kubelet's probes in ambient mode: treated
+/// as the node's, so probes SNATed to it reach the app as well.
+pub const AMBIENT_PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
+
+/// The IPv4 addresses of the daemon's (the node's) network namespace, except loopback,
+/// with [`AMBIENT_PROBE_SOURCE`]: connections from them to a pod are the kubelet's probes.
+pub fn node_ipv4_addrs() -> std::collections::BTreeSet<Ipv4Addr> {
+    let mut addrs: std::collections::BTreeSet<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+        .map(|list| {
+            list.filter_map(|ifa| ifa.address?.as_sockaddr_in().map(|a| a.ip()))
+                .filter(|ip| !ip.is_loopback())
+                .collect()
+        })
+        .unwrap_or_default();
+    addrs.insert(AMBIENT_PROBE_SOURCE);
+    addrs
+}
+
 /// Ready-made upstream sockets kept per pod, so a connection usually takes one without a
 /// round trip to the netns thread; the thread tops the stock up in the background.
 const SPARE_SOCKETS: usize = 16;
@@ -146,6 +164,8 @@ pub struct NetnsWorker {
     tx: mpsc::Sender<Request>,
     spares: std::sync::Arc<std::sync::Mutex<Vec<OwnedFd>>>,
     pub inode: u64,
+    /// The namespace itself (programs attach to it).
+    netns: File,
 }
 
 impl NetnsWorker {
@@ -160,8 +180,14 @@ impl NetnsWorker {
         })?;
         let inode = file
             .metadata()
-            .map_err(|source| NetnsError::Open { path, source })?
+            .map_err(|source| NetnsError::Open {
+                path: path.clone(),
+                source,
+            })?
             .ino();
+        let netns = file
+            .try_clone()
+            .map_err(|source| NetnsError::Open { path, source })?;
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let spares = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(SPARE_SOCKETS)));
@@ -196,11 +222,21 @@ impl NetnsWorker {
         match ready_rx.recv() {
             Ok(Ok(())) => {
                 let _ = tx.send(Request::Refill);
-                Ok(Self { tx, spares, inode })
+                Ok(Self {
+                    tx,
+                    spares,
+                    inode,
+                    netns,
+                })
             }
             Ok(Err(source)) => Err(NetnsError::Setns { pid, source }),
             Err(_) => Err(NetnsError::WorkerGone),
         }
+    }
+
+    /// The pod's network namespace.
+    pub fn netns_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.netns.as_fd()
     }
 
     /// A non-blocking listener bound inside the pod netns, carrying `token` as its

@@ -198,6 +198,9 @@ fn explain_unknown_field(message: &str) -> String {
     }
 }
 
+/// The `security.istio.io` versions (one schema).
+const SECURITY_ISTIO: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+
 const ISTIO_NETWORKING: [&str; 3] = [
     "networking.istio.io/v1",
     "networking.istio.io/v1beta1",
@@ -291,6 +294,9 @@ pub fn parse_document(
         (_, "Sidecar") if istio => istio_kind!(Sidecar),
         (_, "EnvoyFilter") if istio => istio_kind!(EnvoyFilter),
         (_, "Gateway") if istio => Object::Gateway,
+        (api, "PeerAuthentication") if SECURITY_ISTIO.contains(&api) => {
+            istio_kind!(PeerAuthentication)
+        }
         ("v1", "ConfigMap")
             if ns == super::mesh::MESH_CONFIG_NAMESPACE
                 && meta.metadata.name == super::mesh::MESH_CONFIG_NAME =>
@@ -321,7 +327,7 @@ pub fn parse_document(
         // out: a warning (the rest of the configuration is used), saying what is lost.
         (api, kind) if api.starts_with("security.istio.io/") => {
             return Err(warning(format!(
-                "{kind} ({api}) is not enforced by proxy-daemon (it captures outbound traffic; authorization and authentication belong to the destination); ignored"
+                "{kind} ({api}) is not enforced by proxy-daemon yet; ignored"
             )))
         }
         (api, kind) if api.contains("istio.io") => {

@@ -5,6 +5,7 @@ pub mod istio;
 pub mod k8s;
 pub mod local;
 pub mod mesh;
+pub mod security;
 
 use std::{fmt, path::PathBuf};
 
@@ -91,6 +92,7 @@ pub enum Object {
     ServiceEntry(istio::IstioObject<istio::ServiceEntrySpec>),
     Sidecar(istio::IstioObject<istio::SidecarSpec>),
     EnvoyFilter(istio::IstioObject<istio::EnvoyFilterSpec>),
+    PeerAuthentication(istio::IstioObject<security::PeerAuthenticationSpec>),
     /// Ingress gateways are not the node proxy's job; kept to explain what is ignored.
     Gateway,
     /// ConfigMap `istio-system/istio`: the mesh config (its tracing part).
@@ -110,6 +112,7 @@ impl Object {
             Object::ServiceEntry(o) => Some(&o.metadata),
             Object::Sidecar(o) => Some(&o.metadata),
             Object::EnvoyFilter(o) => Some(&o.metadata),
+            Object::PeerAuthentication(o) => Some(&o.metadata),
             Object::Gateway | Object::MeshConfig(_) => None,
         }
     }

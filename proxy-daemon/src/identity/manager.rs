@@ -58,8 +58,15 @@ pub struct CertManager {
     certs: Mutex<HashMap<Identity, Arc<ArcSwap<WorkloadCert>>>>,
     /// Serialises first issuance per identity (a burst of connections asks once).
     issuing: tokio::sync::Mutex<()>,
+    /// The last failure per identity: asked again within [`RETRY_AFTER`], the answer is
+    /// the same at once (a CA that is down must not hold every enrolment pass for its
+    /// timeout, pod after pod).
+    failures: Mutex<HashMap<Identity, (std::time::Instant, Unavailable)>>,
     metrics: CertMetrics,
 }
+
+/// How long a failed issuance is not tried again for the same identity.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// `proxy_daemon_workload_certificates{result}` and the count held.
 #[derive(Clone, Default)]
@@ -82,6 +89,7 @@ impl CertManager {
             ttl,
             certs: Mutex::new(HashMap::new()),
             issuing: tokio::sync::Mutex::new(()),
+            failures: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -95,17 +103,41 @@ impl CertManager {
         if let Some(c) = self.current(id) {
             return Ok(c);
         }
+        if let Some(recent) = self.recent_failure(id) {
+            return Err(recent);
+        }
         let _one_at_a_time = self.issuing.lock().await;
         if let Some(c) = self.current(id) {
             return Ok(c);
         }
-        let cert = Arc::new(self.issue(id).await?);
+        if let Some(recent) = self.recent_failure(id) {
+            return Err(recent);
+        }
+        let cert = match self.issue(id).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+                failures.retain(|_, (at, _)| at.elapsed() < RETRY_AFTER);
+                failures.insert(id.clone(), (std::time::Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         self.certs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), Arc::new(ArcSwap::new(cert.clone())));
         self.metrics.held.inc();
         Ok(cert)
+    }
+
+    fn recent_failure(&self, id: &Identity) -> Option<Unavailable> {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, e) = failures.get(id)?;
+        (at.elapsed() < RETRY_AFTER).then(|| e.clone())
     }
 
     /// The identity's certificate if one is held (and still valid).

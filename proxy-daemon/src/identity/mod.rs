@@ -4,6 +4,7 @@
 //! workload identity's, never the node's: a daemon holds keys only for identities of pods
 //! running on its node, in memory.
 pub mod ca;
+pub mod istio_ca;
 pub mod manager;
 pub mod tls;
 

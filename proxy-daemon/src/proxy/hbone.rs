@@ -6,7 +6,7 @@
 //! the pod's network namespace, and connects to the app there.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -19,17 +19,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::{PodContext, PodHandle, ProxyInputs};
-use crate::{
-    identity::{identities_of, Identity},
-    metrics::{IstioTcpLabels, PeerLabels, Principals, Reporter, SourceLabels},
-};
+use crate::identity::{identities_of, Identity};
 
 /// The upgraded CONNECT stream, as a byte stream.
 pub type TunnelIo = TokioIo<hyper::upgrade::Upgraded>;
-
-/// Where the destination side connects to the app from, in the pod's namespace (Istio's
-/// sidecars use the same address; the app sees it as its peer).
-pub const INBOUND_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 /// Streams one pooled connection carries at most before another is opened (ztunnel's
 /// default).
@@ -327,78 +320,54 @@ impl Inbound {
             info!(pod = %self.pod.workload.pod_name, caller = %self.caller, %target, "HBONE CONNECT for another address: refused");
             return status(StatusCode::BAD_REQUEST);
         }
-        let settings = &self.inputs.settings;
-        if [
-            settings.hbone_port,
-            settings.inbound_port,
-            settings.outbound_port,
-        ]
-        .contains(&target.port())
-        {
+        let arrival = super::inbound::Arrival {
+            pod: self.pod.clone(),
+            target,
+            peer: self.peer,
+            caller: Some(self.caller.clone()),
+            own: self.own.clone(),
+            forwarded_host: forwarded_host(&req),
+        };
+        let snap = self.inputs.config.load();
+        if let Err(denial) = super::inbound::admit(&snap, &self.inputs.settings, &arrival) {
+            super::inbound::refuse(&self.inputs, &arrival, denial);
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
-        let service = forwarded_host(&req);
-        let labels = self.labels(service.as_deref());
-        let tcp = &self.inputs.metrics.tcp;
-        tcp.open(&labels);
-        let app = match connect_to_app(&self.pod, target, settings.connect_timeout).await {
+        let destination = super::inbound::describe(&snap, &arrival);
+        let app = match super::inbound::connect_to_app(
+            &self.pod,
+            target,
+            self.inputs.settings.connect_timeout,
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 debug!(%target, error = %e, "HBONE: the app did not accept");
-                tcp.close(&labels.with_flags("UF"));
+                let labels = destination.labels.with_flags("UF");
+                self.inputs.metrics.tcp.open(&labels);
+                self.inputs.metrics.tcp.close(&labels);
                 return status(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
         let upgrade = hyper::upgrade::on(&mut req);
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
-            let tcp = &inputs.metrics.tcp;
-            let Ok(upgraded) = upgrade.await else {
-                tcp.close(&labels.with_flags("UC"));
-                return;
-            };
-            let handles = tcp.handles(&labels);
-            let (mut tunnel, mut app) = (TokioIo::new(upgraded), app);
-            let result = super::tcp::copy_pair(
-                &mut tunnel,
-                &mut app,
-                (&handles.received_bytes, &handles.sent_bytes),
-            )
-            .await;
-            tcp.close(&labels.with_flags(if result.is_ok() { "" } else { "UC" }));
+            match upgrade.await {
+                Ok(upgraded) => {
+                    super::inbound::deliver(
+                        inputs,
+                        arrival,
+                        destination,
+                        TokioIo::new(upgraded),
+                        app,
+                    )
+                    .await
+                }
+                Err(e) => debug!(error = %e, "HBONE: the CONNECT stream did not open"),
+            }
         });
         status(StatusCode::OK)
-    }
-
-    /// The destination's series: the caller's workload as the cluster state names its
-    /// address, this pod, both principals.
-    fn labels(&self, service: Option<&str>) -> IstioTcpLabels {
-        let snap = self.inputs.config.load();
-        let source = snap
-            .peers
-            .get(&self.peer.ip())
-            .map(|p| SourceLabels::from_peer(p))
-            .unwrap_or_else(SourceLabels::unknown);
-        let destination = PeerLabels::of(&self.pod.workload);
-        let service = Arc::new(crate::metrics::DestinationLabels {
-            service: service
-                .unwrap_or(crate::state::workload::UNKNOWN)
-                .to_string(),
-            service_name: service
-                .and_then(|s| s.split('.').next())
-                .unwrap_or(crate::state::workload::UNKNOWN)
-                .to_string(),
-            service_namespace: service
-                .and_then(|s| s.split('.').nth(1))
-                .unwrap_or(crate::state::workload::UNKNOWN)
-                .to_string(),
-        });
-        IstioTcpLabels::new(&source, &destination, &service, "")
-            .reported_by(Reporter::Destination)
-            .with_mtls(Some(Arc::new(Principals {
-                source: self.caller.to_string(),
-                destination: self.own.to_string(),
-            })))
     }
 }
 
@@ -410,25 +379,4 @@ fn forwarded_host(req: &Request<hyper::body::Incoming>) -> Option<String> {
         .find_map(|part| part.trim().strip_prefix("host="))
         .map(|h| h.trim_matches('"').to_string())
         .filter(|h| crate::metrics::is_host_name(h))
-}
-
-/// Connects to the app at `target` (this pod's address) from inside the pod's namespace,
-/// from [`INBOUND_SOURCE`]: a loopback source, which the inbound capture leaves alone.
-async fn connect_to_app(
-    pod: &PodContext,
-    target: SocketAddr,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let fd = pod
-        .netns
-        .tcp_socket(socket2::Domain::for_address(target))
-        .await?;
-    let socket = socket2::Socket::from(fd);
-    if target.is_ipv4() {
-        socket.bind(&SocketAddr::from((INBOUND_SOURCE, 0)).into())?;
-    }
-    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-    tokio::time::timeout(timeout, socket.connect(target))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }

@@ -7,6 +7,7 @@ pub mod dns;
 pub mod hbone;
 pub mod http;
 pub mod http_route;
+pub mod inbound;
 pub mod limits;
 pub mod outlier;
 pub mod report;

@@ -110,7 +110,7 @@ pub fn head_bytes(headers: &http::HeaderMap, first_line: usize) -> u64 {
         + 2) as u64
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
     headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
@@ -267,6 +267,7 @@ fn span_record(
         tags.push(("mirror", "true".into()));
     }
     crate::spans::SpanRecord {
+        kind: crate::spans::SpanKind::Client,
         context: draft.trace.context,
         name: format!("{}:{}/*", dest.service, draft.port),
         service: format!("{}.{}", w.canonical_service, w.namespace),
@@ -341,8 +342,27 @@ pub fn request_fields<'a>(
     ]
 }
 
+/// What reports a request once its response body has ended.
+pub trait ReportAtEnd: Send + Sync + Unpin + 'static {
+    /// The upstream reset the body midway (Envoy's `UR`), unless a flag is already set.
+    fn upstream_reset(&mut self);
+    fn done(self, response_bytes: u64, grpc: Option<u16>, downstream_gone: bool);
+}
+
+impl ReportAtEnd for Finish {
+    fn upstream_reset(&mut self) {
+        if self.flags.is_empty() {
+            self.flags = Cow::Borrowed("UR");
+        }
+    }
+
+    fn done(self, response_bytes: u64, grpc: Option<u16>, downstream_gone: bool) {
+        Finish::done(self, response_bytes, grpc, downstream_gone)
+    }
+}
+
 /// Wraps a response so it is reported when its body ends (or the client goes away).
-pub fn metered(resp: Response<Body>, finish: Finish) -> Response<Body> {
+pub fn metered<R: ReportAtEnd>(resp: Response<Body>, finish: R) -> Response<Body> {
     let head = head_bytes(resp.headers(), 17);
     let header_grpc = grpc_status(resp.headers());
     resp.map(|inner| {
@@ -356,14 +376,14 @@ pub fn metered(resp: Response<Body>, finish: Finish) -> Response<Body> {
     })
 }
 
-struct Metered {
+struct Metered<R: ReportAtEnd> {
     inner: Body,
     bytes: u64,
     grpc: Option<u16>,
-    finish: Option<Finish>,
+    finish: Option<R>,
 }
 
-impl Metered {
+impl<R: ReportAtEnd> Metered<R> {
     fn complete(&mut self, downstream_gone: bool) {
         if let Some(f) = self.finish.take() {
             f.done(self.bytes, self.grpc, downstream_gone);
@@ -371,35 +391,34 @@ impl Metered {
     }
 }
 
-impl hyper::body::Body for Metered {
+impl<R: ReportAtEnd> hyper::body::Body for Metered<R> {
     type Data = Bytes;
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // Metered is Unpin (Body is a boxed body, R is owned data).
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    self.bytes += d.len() as u64;
+                    this.bytes += d.len() as u64;
                 } else if let Some(t) = frame.trailers_ref() {
-                    self.bytes += head_bytes(t, 0);
+                    this.bytes += head_bytes(t, 0);
                     if let Some(g) = grpc_status(t) {
-                        self.grpc = Some(g);
+                        this.grpc = Some(g);
                     }
                 }
             }
-            Poll::Ready(None) => self.complete(false),
+            Poll::Ready(None) => this.complete(false),
             Poll::Ready(Some(Err(_))) => {
-                if let Some(f) = self.finish.as_mut() {
-                    if f.flags.is_empty() {
-                        // The upstream reset mid-body (Envoy: UR, upstream remote reset).
-                        f.flags = Cow::Borrowed("UR");
-                    }
+                if let Some(f) = this.finish.as_mut() {
+                    f.upstream_reset();
                 }
-                self.complete(false);
+                this.complete(false);
             }
             Poll::Pending => {}
         }
@@ -415,7 +434,7 @@ impl hyper::body::Body for Metered {
     }
 }
 
-impl Drop for Metered {
+impl<R: ReportAtEnd> Drop for Metered<R> {
     fn drop(&mut self) {
         // Dropped before its end: the client went away (Envoy: DC), unless the body was
         // complete and simply never polled to its end.

@@ -48,7 +48,10 @@ fn otlp_span(s: &SpanRecord) -> Span {
             .unwrap_or_default(),
         flags: SAMPLED_FLAG,
         name: s.name.clone(),
-        kind: span::SpanKind::Client as i32,
+        kind: match s.kind {
+            super::SpanKind::Client => span::SpanKind::Client as i32,
+            super::SpanKind::Server => span::SpanKind::Server as i32,
+        },
         start_time_unix_nano: nanos(s.start),
         end_time_unix_nano: nanos(end),
         attributes: s.tags.iter().map(|(k, v)| kv(k, v)).collect(),
@@ -143,7 +146,7 @@ pub fn zipkin_json(spans: &[SpanRecord]) -> Vec<u8> {
                 "traceId": s.context.trace_hex(),
                 "id": format!("{:016x}", s.context.span_id),
                 "name": s.name,
-                "kind": "CLIENT",
+                "kind": zipkin_kind(s.kind),
                 "timestamp": micros(s.start),
                 // Zipkin rejects 0: a span shorter than a microsecond lasts one.
                 "duration": (s.duration.as_micros() as u64).max(1),
@@ -184,6 +187,13 @@ pub fn zipkin_json(spans: &[SpanRecord]) -> Vec<u8> {
     serde_json::to_vec(&list).unwrap_or_default()
 }
 
+fn zipkin_kind(kind: super::SpanKind) -> &'static str {
+    match kind {
+        super::SpanKind::Client => "CLIENT",
+        super::SpanKind::Server => "SERVER",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +202,7 @@ mod tests {
 
     fn span() -> SpanRecord {
         SpanRecord {
+            kind: crate::spans::SpanKind::Client,
             context: Outgoing {
                 trace_id: 0x0af7651916cd43dd8448eb211c80319c,
                 span_id: 0xb7ad6b7169203331,

@@ -203,10 +203,18 @@ pub struct SpanEvent {
     pub attributes: Vec<(&'static str, String)>,
 }
 
+/// Which side of a call a span is: the caller's proxy or the callee's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanKind {
+    Client,
+    Server,
+}
+
 /// A finished span, ready for export.
 #[derive(Debug, Clone)]
 pub struct SpanRecord {
     pub context: Outgoing,
+    pub kind: SpanKind,
     pub name: String,
     /// The source workload as Istio names it (`<canonical service>.<namespace>`).
     pub service: String,

@@ -2,6 +2,7 @@
 //! turns it into an immutable [`Snapshot`] the rest of the daemon reads without locks.
 pub mod registry;
 pub mod routes;
+pub mod security;
 pub mod workload;
 
 use std::{
@@ -161,6 +162,8 @@ pub struct Snapshot {
     /// What one object tried to take from another and was refused or outranked (each is
     /// also a finding at its line).
     pub conflicts: Vec<crate::state::registry::Conflict>,
+    /// Which inbound connections may arrive without mutual TLS.
+    pub peer_authentication: security::PeerAuthentication,
 }
 
 fn parse_fail_mode(v: &str) -> Option<FailMode> {
@@ -355,6 +358,8 @@ pub fn compile(
     snap.registry = crate::state::registry::build(objects, &snap.export_defaults, &mut errors);
     snap.routes =
         crate::state::routes::build(objects, &snap.registry, &snap.export_defaults, &mut errors);
+    snap.peer_authentication =
+        security::build(objects, crate::state::routes::ROOT_NAMESPACE, &mut errors);
     snap.conflicts
         .extend(snap.registry.conflicts.iter().copied());
     snap.conflicts.extend(snap.routes.conflicts.iter().copied());

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use crate::{
@@ -218,6 +219,20 @@ pub struct Registry {
     /// What the build refused, by kind.
     #[serde(skip)]
     pub conflicts: Vec<Conflict>,
+    /// Kubernetes Services by the endpoint address and port they send to: what a pod's
+    /// inbound connection to that port is a call of (the destination side's metrics and
+    /// protocol).
+    #[serde(skip)]
+    by_endpoint: HashMap<SocketAddr, Arc<ServedPort>>,
+}
+
+/// A Service port as its endpoints serve it.
+#[derive(Debug)]
+pub struct ServedPort {
+    pub hostname: String,
+    pub name: String,
+    pub namespace: String,
+    pub class: ProtocolClass,
 }
 
 /// Istio's choice among the services of one hostname for a client of namespace `client`
@@ -780,7 +795,48 @@ pub fn build(
             ep.ip = ep.address.parse().ok();
         }
     }
+    reg.index_endpoints();
     reg
+}
+
+impl Registry {
+    /// The Service (oldest first) whose port `addr` serves as an endpoint.
+    pub fn served_at(&self, addr: SocketAddr) -> Option<&Arc<ServedPort>> {
+        self.by_endpoint.get(&addr)
+    }
+
+    fn index_endpoints(&mut self) {
+        let mut index: HashMap<SocketAddr, Arc<ServedPort>> = HashMap::new();
+        for svc in self.services.values().flatten() {
+            if svc.kind != ServiceKind::Kubernetes {
+                continue;
+            }
+            for p in &svc.ports {
+                let served = Arc::new(ServedPort {
+                    hostname: svc.hostname.clone(),
+                    name: svc.name.clone(),
+                    namespace: svc.namespace.clone(),
+                    class: p.class,
+                });
+                for ep in &svc.endpoints {
+                    let Some(ip) = ep.ip else { continue };
+                    let port = ep
+                        .ports
+                        .get(&p.name)
+                        .copied()
+                        .or(p.target_port)
+                        .unwrap_or(p.port);
+                    let Ok(port) = u16::try_from(port) else {
+                        continue;
+                    };
+                    index
+                        .entry(SocketAddr::new(ip, port))
+                        .or_insert_with(|| served.clone());
+                }
+            }
+        }
+        self.by_endpoint = index;
+    }
 }
 
 /// Istio's protocol selection by port name prefix (`http-web`, `grpc`, `tcp-db`…).

@@ -13,7 +13,7 @@ pub(super) const HOP_BY_HOP: [&str; 7] = [
     "upgrade",
 ];
 
-pub(super) fn is_upgrade(headers: &http::HeaderMap) -> bool {
+pub(crate) fn is_upgrade(headers: &http::HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers
             .get(header::CONNECTION)

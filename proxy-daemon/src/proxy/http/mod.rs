@@ -8,6 +8,7 @@ mod pool;
 mod retry;
 
 use errors::*;
+pub(crate) use headers::is_upgrade;
 use headers::*;
 pub use mirror::MIRROR_CONCURRENCY;
 use mirror::*;
