@@ -252,10 +252,11 @@ fn setup() -> Result<()> {
             &format!("cargo-deny@{CARGO_DENY_VERSION}"),
         ]))?;
     }
-    // promtool (the metrics test checks the scrape with it), taken out of Debian's
-    // `prometheus` package without installing the package (which would start a server).
+    // promtool (the metrics test checks the scrape with it) and prometheus (the Kiali
+    // query test scrapes two nodes with it), taken out of Debian's `prometheus` package
+    // without installing the package (which would start a server).
     let tools = workspace_root().join("target/tools");
-    if !have("promtool") && !tools.join("promtool").exists() {
+    if !tools.join("promtool").exists() || !tools.join("prometheus").exists() {
         let dl = tools.join("dl");
         let _ = std::fs::remove_dir_all(&dl);
         std::fs::create_dir_all(&dl)?;
@@ -279,6 +280,7 @@ fn setup() -> Result<()> {
             .arg(&deb)
             .arg(dl.join("x")))?;
         std::fs::copy(dl.join("x/usr/bin/promtool"), tools.join("promtool"))?;
+        std::fs::copy(dl.join("x/usr/bin/prometheus"), tools.join("prometheus"))?;
         let _ = std::fs::remove_dir_all(&dl);
     }
     Ok(())
