@@ -85,7 +85,8 @@ fn mtls_percent(
         .filter(|(l, _)| l["connection_security_policy"] == "mutual_tls")
         .map(|(_, v)| v)
         .sum();
-    (total > 0.0).then(|| 100.0 * mtls / total)
+    // Kiali shows whole percents.
+    (total > 0.0).then(|| (100.0 * mtls / total).round())
 }
 
 #[test]
