@@ -20,7 +20,7 @@ const DB: &str = "spiffe://cluster.local/ns/prod/sa/db";
 /// `db.prod` (198.18.0.250).
 struct TwoNodes {
     node: Node,
-    _servers: Servers,
+    servers: Servers,
     b: SecondNode,
     web: Pod,
     db: Pod,
@@ -64,7 +64,7 @@ spec:
     );
     TwoNodes {
         node,
-        _servers: servers,
+        servers,
         b,
         web,
         db,
@@ -467,4 +467,82 @@ spec:
         "{}",
         bd.metrics_text()
     );
+}
+
+/// DestinationRule `tls.mode: ISTIO_MUTUAL` (what Istio users write for mesh mTLS): to a
+/// mesh pod it is the HBONE tunnel, and its `subjectAltNames` must name the pod's
+/// identity; to an endpoint outside the mesh nothing goes out in plaintext.
+#[test]
+fn istio_mutual_means_hbone_checks_its_subject_alt_names_and_never_falls_back_to_plaintext() {
+    let mut t = two_nodes("istiomutual");
+    let outside = t.node.host("outside");
+    let outside_seen = t.servers.identity(&outside, 7000);
+    let dr = |sans: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: prod}}
+spec:
+  host: db.prod.svc.cluster.local
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+      subjectAltNames: [{sans}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: legacy, namespace: shop}}
+spec:
+  hosts: [legacy.example]
+  addresses: [198.18.0.240]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 7000, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: {outside_ip}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: legacy, namespace: shop}}
+spec:
+  host: legacy.example
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+---
+",
+            outside_ip = outside.ip
+        )
+    };
+    t.node.write_config("dr.yaml", &dr(&format!("\"{DB}\"")));
+    let (a, _b) = t.daemons();
+    let out = t.web.pdtool(&["connect", "--to", "198.18.0.250:7000"]);
+    assert_eq!(
+        out["result"], "ok",
+        "the pod's identity is among the SANs: {out}"
+    );
+    // A host outside the mesh under ISTIO_MUTUAL: refused, nothing sent to it.
+    let out = t.web.pdtool(&["connect", "--to", "198.18.0.240:7000"]);
+    assert_ne!(out["result"], "ok", "{out}");
+    assert!(outside_seen.peers().is_empty(), "no plaintext left the pod");
+    // SANs that do not name the pod: refused before any tunnel.
+    t.node.write_config(
+        "dr.yaml",
+        &dr("\"spiffe://cluster.local/ns/prod/sa/other\""),
+    );
+    let refused = wait_for(Duration::from_secs(5), || {
+        let out = t.web.pdtool(&["connect", "--to", "198.18.0.250:7000"]);
+        (out["result"] != "ok").then_some(out)
+    });
+    assert!(refused.is_some(), "a SAN mismatch refuses the connection");
+    assert!(
+        a.metric_sum(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service", "db.prod.svc.cluster.local"),
+                ("response_flags", "UF")
+            ]
+        ) >= 1.0,
+        "{}",
+        a.metrics_text()
+    );
+    assert!(a.log_text().contains("is not among subjectAltNames"));
 }

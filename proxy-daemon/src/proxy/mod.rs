@@ -239,6 +239,34 @@ pub fn hbone_peer(
     (!peer.this_node || inputs.enrolled.load().contains(&addr.ip())).then(|| peer.clone())
 }
 
+/// Whether a connection to a (possibly mesh) endpoint may go ahead under its
+/// DestinationRule TLS: `ISTIO_MUTUAL` means mutual TLS with workload identities, so it
+/// only goes over HBONE (never in plaintext to an endpoint outside the mesh), and its
+/// `subjectAltNames`, when given, must name the destination's identity.
+pub fn istio_mutual_check(
+    tls: Option<&tls::UpstreamTls>,
+    mesh: Option<&crate::state::MeshPeer>,
+) -> Result<(), String> {
+    let Some(t) = tls.filter(|t| t.settings.mode == crate::config::istio::TlsMode::IstioMutual)
+    else {
+        return Ok(());
+    };
+    let Some(mesh) = mesh else {
+        return Err(
+            "tls mode ISTIO_MUTUAL: the endpoint is not a mesh pod (no HBONE), so not sending it plaintext"
+                .into(),
+        );
+    };
+    let sans = &t.settings.subject_alt_names;
+    let identity = mesh.identity.to_string();
+    if !sans.is_empty() && !sans.iter().any(|s| *s == identity) {
+        return Err(format!(
+            "tls mode ISTIO_MUTUAL: the endpoint's identity {identity} is not among subjectAltNames {sans:?}"
+        ));
+    }
+    Ok(())
+}
+
 pub async fn connect_from_pod(
     pod: &PodContext,
     dst: SocketAddr,

@@ -133,7 +133,12 @@ pub async fn proxy(
         .as_ref()
         .and_then(|p| p.connect_timeout)
         .unwrap_or(inputs.settings.connect_timeout);
-    let connected = if let Some(mesh) = &mesh_peer {
+    let connected = if let Err(reason) =
+        super::istio_mutual_check(tls.as_deref(), mesh_peer.as_deref())
+    {
+        tracing::warn!(upstream = %upstream_addr, %reason, "upstream refused");
+        Err(ProxyError::Tls(upstream_addr, reason))
+    } else if let Some(mesh) = &mesh_peer {
         super::hbone::open(
             inputs,
             pod,

@@ -229,6 +229,14 @@ pub(super) async fn open_upstream(
         let snap = inputs.config.load();
         crate::proxy::hbone_peer(inputs, &snap, upstream)
     };
+    if let Err(reason) = crate::proxy::istio_mutual_check(tls, mesh.as_deref()) {
+        warn!(%upstream, %reason, "upstream refused");
+        return Err(UpstreamError::Tls {
+            reason,
+            upstream,
+            sni: tls.map(|t| t.sni.clone()).unwrap_or_default(),
+        });
+    }
     if let Some(peer) = mesh {
         let tunnel = crate::proxy::hbone::open(
             inputs,

@@ -444,11 +444,28 @@ pub(super) fn level_policy(
                 );
             }
         }
+        // Istio's rule: ISTIO_MUTUAL uses the workload's own certificate and the mesh's
+        // roots; naming others is an error.
         if t.mode == TlsMode::IstioMutual {
-            cx.err(
-                line,
-                "tls mode ISTIO_MUTUAL is not supported: proxy-daemon has no mesh identity yet",
-            );
+            for (set, field) in [
+                (t.client_certificate.is_some(), "clientCertificate"),
+                (t.private_key.is_some(), "privateKey"),
+                (t.ca_certificates.is_some(), "caCertificates"),
+                (t.credential_name.is_some(), "credentialName"),
+            ] {
+                if set {
+                    cx.err(
+                        line,
+                        format!("tls mode ISTIO_MUTUAL takes no {field}: the workload's own certificate and the mesh's roots are used"),
+                    );
+                }
+            }
+            for san in t.subject_alt_names.iter().filter(|s| !s.starts_with("spiffe://")) {
+                cx.err(
+                    line,
+                    format!("subjectAltNames entry {san:?}: ISTIO_MUTUAL checks workload identities (spiffe://…)"),
+                );
+            }
         }
         TlsOrigination {
             mode: t.mode,
