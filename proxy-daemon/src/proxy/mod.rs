@@ -259,7 +259,7 @@ pub fn istio_mutual_check(
     };
     let sans = &t.settings.subject_alt_names;
     let identity = mesh.identity.to_string();
-    if !sans.is_empty() && !sans.iter().any(|s| *s == identity) {
+    if !sans.is_empty() && !sans.contains(&identity) {
         return Err(format!(
             "tls mode ISTIO_MUTUAL: the endpoint's identity {identity} is not among subjectAltNames {sans:?}"
         ));
