@@ -1275,6 +1275,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         draining: drain_rx,
         connections: crate::proxy::limits::ConnectionBudget::new(node_budget, namespace_budget),
         bodies: Default::default(),
+        handshakes: Default::default(),
         certs: certs.clone(),
         enrolled: Default::default(),
         idle_upstream,

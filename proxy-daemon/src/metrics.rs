@@ -1177,7 +1177,7 @@ impl Metrics {
         );
         sub.register(
             "inbound_refused",
-            "Connections for a pod's app refused at the destination: plaintext_strict (no client certificate where PeerAuthentication is STRICT), proxy_port (a port of the proxy itself)",
+            "Connections for a pod's app refused at the destination: plaintext_strict (no client certificate where PeerAuthentication is STRICT), proxy_port (a port of the proxy itself), tls_handshake (no or an untrusted client certificate, another trust domain), no_identity, other_address (HBONE CONNECT for another pod's address), handshake_budget (the caller's namespace has too many handshakes in progress), connection_budget, no_certificate, http2",
             daemon.inbound_refused.clone(),
         );
         sub.register(

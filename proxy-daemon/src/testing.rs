@@ -158,6 +158,7 @@ impl InProcess {
             .0,
             connections: crate::proxy::limits::ConnectionBudget::new(4096, 4096),
             bodies: Default::default(),
+            handshakes: Default::default(),
             certs: Arc::new(crate::identity::CertManager::new(
                 Arc::new(crate::identity::ca::BuiltinCa::ephemeral("cluster.local").expect("CA")),
                 "cluster.local",

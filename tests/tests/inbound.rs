@@ -372,3 +372,60 @@ fn without_the_daemon_a_fail_closed_pod_refuses_inbound_and_a_fail_open_pod_is_r
         drop(d2);
     }
 }
+
+/// A flood of TLS handshakes that never finish, at a pod's HBONE port: the caller's
+/// namespace holds at most 64 handshakes in progress on the node; the rest are reset at
+/// accept, counted and logged once, and a meshed pod of another namespace still gets its
+/// tunnel at once.
+#[test]
+fn a_flood_of_stalled_handshakes_is_held_to_the_callers_namespace_budget() {
+    let s = setup("hsflood", "closed");
+    let d = s.daemon();
+    let hbone = format!("{}:15008", s.db.host.ip);
+    let flood = s
+        .outsider
+        .command(
+            None,
+            &target_bin("pdtool"),
+            &["stall", "--to", &hbone, "--count", "200", "--ms", "2000"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("pdtool stall");
+    // While the flood holds its handshakes, the mesh works.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let out = s.web.pdtool(&["connect", "--to", "198.18.0.250:7000"]);
+    assert_eq!(out["result"], "ok", "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the tunnel waited {:?}",
+        started.elapsed()
+    );
+    let out = flood.wait_with_output().expect("flood");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    // Exactly the budget held on; every other attempt was reset (at accept, or before
+    // its connect completed: the kernel's queue for the port is short).
+    assert_eq!(report["still_open"], 64, "{report}");
+    let reset = report["ended_by_peer"].as_u64().unwrap_or(0);
+    assert_eq!(
+        reset + report["failed"].as_u64().unwrap_or(0),
+        200 - 64,
+        "{report}"
+    );
+    assert!(
+        d.metric_sum(
+            "proxy_daemon_inbound_refused_total",
+            &[("reason", "handshake_budget")]
+        ) >= reset as f64,
+        "{}",
+        d.metrics_text()
+    );
+    assert_eq!(
+        d.log_text()
+            .matches("HBONE connection reset at accept")
+            .count(),
+        1,
+        "logged once"
+    );
+}

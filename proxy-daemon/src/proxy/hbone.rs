@@ -221,31 +221,108 @@ pub async fn serve(inputs: Arc<ProxyInputs>, pod: PodHandle, listener: TcpListen
             }
         };
         let (inputs, pod) = (inputs.clone(), pod.load_full());
+        // The caller's namespace, as the cluster state names its address: its handshakes
+        // and connections count against its own budgets, not the node's alone.
+        let source_namespace = inputs
+            .config
+            .load()
+            .peers
+            .get(&peer.ip())
+            .map(|p| p.namespace.clone())
+            .unwrap_or_else(|| crate::state::workload::UNKNOWN.to_string());
+        let Some(handshake) = inputs.handshakes.begin(&source_namespace) else {
+            refuse_at_accept(&inputs, &pod, &stream, peer, "handshake_budget");
+            continue;
+        };
+        let permit = match inputs.connections.admit(&source_namespace) {
+            Ok(p) => p,
+            Err(refusal) => {
+                inputs
+                    .metrics
+                    .daemon
+                    .connections_refused
+                    .get_or_create(&crate::metrics::RefusalLabels {
+                        reason: refusal.label(),
+                        namespace: source_namespace,
+                    })
+                    .inc();
+                refuse_at_accept(&inputs, &pod, &stream, peer, "connection_budget");
+                continue;
+            }
+        };
         tokio::spawn(async move {
-            if let Err(reason) = serve_connection(&inputs, pod.clone(), stream, peer).await {
-                inputs.metrics.daemon.hbone_refused.inc();
-                info!(pod = %pod.workload.pod_name, %peer, %reason, "HBONE connection refused");
+            let _permit = permit;
+            match serve_connection(&inputs, pod.clone(), stream, peer, handshake).await {
+                Ok(()) => {}
+                // A connection that was served and ended badly was not refused.
+                Err(("http2", detail)) => {
+                    debug!(pod = %pod.workload.pod_name, %peer, %detail, "HBONE connection ended");
+                }
+                Err((reason, detail)) => {
+                    count_refusal(&inputs, reason);
+                    let key = format!("{}/{}/{reason}", pod.workload.pod_name, peer.ip());
+                    if super::inbound::log_first(&key) {
+                        info!(pod = %pod.workload.pod_name, %peer, reason, %detail, "HBONE connection refused (logged once per pod, peer and reason; counted in proxy_daemon_inbound_refused_total)");
+                    } else {
+                        debug!(pod = %pod.workload.pod_name, %peer, reason, %detail, "HBONE connection refused");
+                    }
+                }
             }
         });
     }
 }
 
+fn count_refusal(inputs: &ProxyInputs, reason: &'static str) {
+    inputs.metrics.daemon.hbone_refused.inc();
+    inputs
+        .metrics
+        .daemon
+        .inbound_refused
+        .get_or_create(&crate::metrics::InboundRefusalLabels { reason })
+        .inc();
+}
+
+/// Resets a connection at accept (over a budget), counted and logged once.
+fn refuse_at_accept(
+    inputs: &ProxyInputs,
+    pod: &PodContext,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    reason: &'static str,
+) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+    count_refusal(inputs, reason);
+    let key = format!("{}/{}/{reason}", pod.workload.pod_name, peer.ip());
+    if super::inbound::log_first(&key) {
+        warn!(pod = %pod.workload.pod_name, %peer, reason, "HBONE connection reset at accept (logged once per pod, peer and reason)");
+    }
+}
+
+/// Serves one HBONE connection: mutual TLS (holding `handshake`, a place in the caller's
+/// namespace's handshake budget, until it completes), then HTTP/2 CONNECTs. Err: why it
+/// was refused (a metric label) and the detail.
 async fn serve_connection(
     inputs: &Arc<ProxyInputs>,
     pod: Arc<PodContext>,
     stream: TcpStream,
     peer: SocketAddr,
-) -> Result<(), String> {
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), (&'static str, String)> {
     let own = pod.workload.identity(inputs.certs.trust_domain());
-    let cert = inputs.certs.fetch(&own).await.map_err(|e| e.to_string())?;
+    let cert = inputs
+        .certs
+        .fetch(&own)
+        .await
+        .map_err(|e| ("no_certificate", e.to_string()))?;
     let _ = stream.set_nodelay(true);
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_rustls::TlsAcceptor::from(cert.server.clone()).accept(stream),
     )
     .await
-    .map_err(|_| "TLS handshake timed out".to_string())?
-    .map_err(|e| format!("TLS handshake: {e}"))?;
+    .map_err(|_| ("tls_handshake", "TLS handshake timed out".to_string()))?
+    .map_err(|e| ("tls_handshake", format!("TLS handshake: {e}")))?;
+    drop(handshake);
     let caller = tls
         .get_ref()
         .1
@@ -253,7 +330,10 @@ async fn serve_connection(
         .and_then(|c| c.first())
         .map(|c| identities_of(c))
         .and_then(|ids| ids.into_iter().next())
-        .ok_or("the client certificate names no identity")?;
+        .ok_or((
+            "no_identity",
+            "the client certificate names no identity".to_string(),
+        ))?;
     let conn = Arc::new(Inbound {
         inputs: inputs.clone(),
         pod,
@@ -273,7 +353,7 @@ async fn serve_connection(
         .max_concurrent_streams(200)
         .serve_connection(TokioIo::new(tls), service)
         .await
-        .map_err(|e| format!("HTTP/2: {e}"))
+        .map_err(|e| ("http2", format!("HTTP/2: {e}")))
 }
 
 /// One mutual-TLS connection to a pod's 15008, and who made it.
@@ -316,8 +396,14 @@ impl Inbound {
             .as_deref()
             .and_then(|ip| ip.parse::<IpAddr>().ok());
         if Some(target.ip()) != own_ip {
-            self.inputs.metrics.daemon.hbone_refused.inc();
-            info!(pod = %self.pod.workload.pod_name, caller = %self.caller, %target, "HBONE CONNECT for another address: refused");
+            count_refusal(&self.inputs, "other_address");
+            let key = format!(
+                "{}/{}/other_address",
+                self.pod.workload.pod_name, self.caller
+            );
+            if super::inbound::log_first(&key) {
+                info!(pod = %self.pod.workload.pod_name, caller = %self.caller, %target, "HBONE CONNECT for another address: refused (logged once per pod and caller)");
+            }
             return status(StatusCode::BAD_REQUEST);
         }
         let arrival = super::inbound::Arrival {

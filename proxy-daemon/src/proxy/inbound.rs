@@ -192,7 +192,7 @@ pub fn refuse(inputs: &ProxyInputs, arrival: &Arrival, denial: Denial) {
 }
 
 /// Whether `key` is logged for the first time (a bounded memory of what was said).
-fn log_first(key: &str) -> bool {
+pub(super) fn log_first(key: &str) -> bool {
     static SAID: std::sync::LazyLock<Mutex<HashSet<String>>> =
         std::sync::LazyLock::new(Default::default);
     let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());

@@ -313,6 +313,50 @@ impl ConnectionBudget {
     }
 }
 
+/// TLS handshakes in progress at the pods' HBONE ports, per source namespace (the
+/// caller's address as the cluster state names it; callers it does not know share one
+/// place). A pod that opens connections faster than they complete, or stalls them midway,
+/// holds at most this many of its namespace's handshakes at once; the rest are reset at
+/// accept, and other namespaces' handshakes are not held up by it.
+pub struct HandshakeBudget {
+    per_namespace: usize,
+    inflight: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Handshakes one source namespace may have in progress on this node.
+pub const HANDSHAKES_PER_NAMESPACE: usize = 64;
+
+impl Default for HandshakeBudget {
+    fn default() -> Self {
+        Self::new(HANDSHAKES_PER_NAMESPACE)
+    }
+}
+
+impl HandshakeBudget {
+    pub fn new(per_namespace: usize) -> Self {
+        Self {
+            per_namespace: per_namespace.max(1),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for one more handshake of `namespace`'s, held until it completes.
+    pub fn begin(&self, namespace: &str) -> Option<OwnedSemaphorePermit> {
+        let sem = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            // Namespaces with nothing in progress are forgotten as others arrive.
+            if map.len() > 1024 {
+                let full = self.per_namespace;
+                map.retain(|_, s| s.available_permits() < full);
+            }
+            map.entry(namespace.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_namespace)))
+                .clone()
+        };
+        sem.try_acquire_owned().ok()
+    }
+}
+
 /// Request bodies held in memory for a retry (at most `RETRY_BUFFER_LIMIT` each), per
 /// source namespace: one tenant's many concurrent uploads (h2 streams on one connection
 /// need only one connection's place) stream through unbuffered past its share, and are

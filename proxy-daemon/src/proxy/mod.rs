@@ -198,6 +198,8 @@ pub struct ProxyInputs {
     /// Downstream connections in flight, node-wide and per source namespace.
     pub connections: limits::ConnectionBudget,
     /// Request bodies held for retries, per source namespace.
+    /// TLS handshakes in progress at the pods' HBONE ports, per source namespace.
+    pub handshakes: limits::HandshakeBudget,
     pub bodies: limits::BodyBudget,
     /// Workload certificates of the pods enrolled here (HBONE's mutual TLS).
     pub certs: Arc<crate::identity::CertManager>,

@@ -79,6 +79,16 @@ enum Cmd {
         #[arg(long)]
         ms: u64,
     },
+    /// Open `--count` connections that send nothing (a TLS client that never says hello)
+    /// and hold them `--ms`; prints how many the far side reset or closed meanwhile.
+    Stall {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        ms: u64,
+    },
     /// Listen on `--addr` (an app taking a port) and hold it for `--ms`; prints the result
     /// of the bind at once.
     Bind {
@@ -1344,6 +1354,45 @@ fn main() {
                 Ok(v) => v,
                 Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
             }
+        }
+        Cmd::Stall { to, count, ms } => {
+            raise_nofile();
+            let started = Instant::now();
+            let mut open = Vec::new();
+            let mut failed = 0u64;
+            for _ in 0..count {
+                match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                    Ok(s) => {
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(5)));
+                        open.push(s);
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            let mut ended = 0u64;
+            let mut buf = [0u8; 64];
+            while started.elapsed() < Duration::from_millis(ms) {
+                std::thread::sleep(Duration::from_millis(100));
+                open.retain_mut(|s| match s.read(&mut buf) {
+                    Ok(0) => {
+                        ended += 1;
+                        false
+                    }
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        true
+                    }
+                    Ok(_) => true,
+                    Err(_) => {
+                        ended += 1;
+                        false
+                    }
+                });
+            }
+            json!({"connected": count as u64 - failed, "failed": failed, "ended_by_peer": ended,
+                "still_open": open.len()})
         }
         Cmd::Slowloris {
             to,
