@@ -46,6 +46,10 @@ enum Cmd {
         /// reports in target/bench/profile-*.txt.
         #[arg(long)]
         profile: bool,
+        /// Only the cross-node section (plaintext vs HBONE between two nodes), report in
+        /// target/bench/report-cross-node.md.
+        #[arg(long)]
+        cross_node: bool,
     },
     /// The long versions of the tests CI runs short: 200 pods churned over two minutes
     /// under traffic, ten hand-overs under load, a 20,000-connection slowloris, 100,000
@@ -506,7 +510,11 @@ fn main() -> Result<()> {
             run(Command::new(workspace_root().join("target/debug/demo"))
                 .current_dir(workspace_root()))
         }
-        Cmd::Bench { quick, profile } => {
+        Cmd::Bench {
+            quick,
+            profile,
+            cross_node,
+        } => {
             setup()?;
             // The peer, the upstream and the load generators (bench only: CI never needs
             // them).
@@ -541,8 +549,11 @@ fn main() -> Result<()> {
             if profile {
                 suite.arg("--profile");
             }
+            if cross_node {
+                suite.arg("--cross-node-only");
+            }
             run(&mut suite)?;
-            if quick || profile {
+            if quick || profile || cross_node {
                 return Ok(());
             }
             run(Command::new(workspace_root().join("target/release/bench"))

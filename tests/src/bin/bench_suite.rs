@@ -21,7 +21,7 @@ use std::{
 
 use proxy_tests::{
     daemon::Daemon,
-    node::{namespace_yaml, pod_yaml, Node, Pod},
+    node::{namespace_yaml, pod_yaml, pod_yaml_on, Node, Pod, FIRST_NODE},
     Host,
 };
 
@@ -250,6 +250,12 @@ spec:
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--cross-node-only") {
+        let md = cross_node(quick);
+        print!("{md}");
+        write_report("report-cross-node.md", &md);
+        return;
+    }
     let mut node = Node::new("suite");
     let nginx_host = node.host("nginx");
     let haproxy_host = node.host("haproxy");
@@ -783,10 +789,233 @@ fn main() {
         daemon_skm.metric_sum("proxy_daemon_capture_decisions", &[("decision", "sockmap_fallback")])
     );
     drop(daemon_skm);
-    print!("{md}");
     drop(daemon_ipt);
+    drop(daemon);
+    md.push_str(&cross_node(quick));
+    print!("{md}");
+    write_report("report.md", &md);
+}
+
+fn write_report(name: &str, md: &str) {
     let report = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&report);
-    let _ = std::fs::write(report.join("report.md"), &md);
-    drop(daemon);
+    let _ = std::fs::write(report.join(name), md);
+}
+
+/// The cross-node path: a client pod on node A calling a pod on node B, plaintext (the
+/// server's namespace not captured: node A's proxy, then straight to the pod) and over
+/// HBONE (both captured: node A's proxy, mutual TLS, node B's proxy). Keep-alive and
+/// `Connection: close` requests, the added latency of a new app connection over a pooled
+/// tunnel, and of a new HBONE connection (handshake included).
+fn cross_node(quick: bool) -> String {
+    let mut node = Node::new("xnode");
+    let b = node.second_node("node-b");
+    let client = node.pod("xa", "client-0");
+    let mesh_srv = node.pod_on(&b, "xb", "srv-0");
+    let plain_srv = node.pod_on(&b, "xplain", "srv-1");
+    let ca = proxy_tests::pki::TestCa::new("bench-mesh-root");
+    let work = node.work_dir.join("xnode");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let (cert, key) = (work.join("ca.pem"), work.join("ca-key.pem"));
+    std::fs::write(&cert, &ca.cert_pem).expect("ca");
+    std::fs::write(&key, &ca.key_pem).expect("ca key");
+    node.write_config(
+        "bench.yaml",
+        &(namespace_yaml("xa", true, None)
+            + &namespace_yaml("xb", true, None)
+            + &namespace_yaml("xplain", false, None)
+            + &pod_yaml_on(&client, &[("app", "client")], FIRST_NODE, "client")
+            + &pod_yaml_on(&mesh_srv, &[("app", "srv")], &b.name, "srv")
+            + &pod_yaml_on(&plain_srv, &[("app", "srv")], &b.name, "srv")
+            + "apiVersion: v1\nkind: Service\nmetadata: {name: srv, namespace: xb}\nspec:\n  clusterIP: 198.18.0.210\n  selector: {app: srv}\n  ports: [{name: http, port: 80}, {name: tcp-echo, port: 7000}]\n---\n"
+            + "apiVersion: v1\nkind: Service\nmetadata: {name: srv, namespace: xplain}\nspec:\n  clusterIP: 198.18.0.211\n  selector: {app: srv}\n  ports: [{name: http, port: 80}, {name: tcp-echo, port: 7000}]\n---\n"),
+    );
+    let ca_flags = [
+        "--ca-cert".to_string(),
+        cert.display().to_string(),
+        "--ca-key".to_string(),
+        key.display().to_string(),
+        "--log-level".to_string(),
+        "warn".to_string(),
+    ];
+    let a_flags: Vec<&str> = ca_flags.iter().map(String::as_str).collect();
+    let daemon_a = Daemon::start(&node, &a_flags);
+    let mut b_flags = b.daemon_flags();
+    b_flags.extend(ca_flags.iter().cloned());
+    let b_flags: Vec<&str> = b_flags.iter().map(String::as_str).collect();
+    let daemon_b = Daemon::start(&node, &b_flags);
+    daemon_a.wait_enrolled(&client.uid, Duration::from_secs(5));
+    daemon_b.wait_enrolled(&mesh_srv.uid, Duration::from_secs(5));
+    let servers = proxy_tests::servers::Servers::new();
+    let mut nginxes = Vec::new();
+    for (name, pod) in [("mesh", &mesh_srv), ("plain", &plain_srv)] {
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir).expect("nginx dir");
+        let conf = nginx_conf(&dir);
+        nginxes.push(spawn_in(
+            &pod.host,
+            "nginx",
+            &[
+                "-p",
+                dir.to_str().unwrap_or_default(),
+                "-c",
+                conf.to_str().unwrap_or_default(),
+                "-g",
+                "daemon off;",
+            ],
+        ));
+        servers.identity(&pod.host, 7000);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let suite = Suite {
+        quick,
+        secs: if quick { 3 } else { 10 },
+        rounds: if quick { 1 } else { 3 },
+        pods: vec![client],
+    };
+    let targets = [("198.18.0.211", "plaintext"), ("198.18.0.210", "HBONE")];
+    for (ip, _) in targets {
+        let _ = suite.run(
+            0,
+            "wrk",
+            &["-t", "1", "-c", "4", "-d", "1s", &format!("http://{ip}/1k")],
+        );
+    }
+    let mut keep = [Vec::new(), Vec::new()];
+    let mut keep_p50 = [Vec::new(), Vec::new()];
+    let mut close = [Vec::new(), Vec::new()];
+    let mut new_conn = [Vec::new(), Vec::new()];
+    let count = if quick { "500" } else { "2000" };
+    for _ in 0..suite.rounds {
+        for (i, (ip, _)) in targets.iter().enumerate() {
+            let path = BenchPath {
+                pod: 0,
+                to: format!("{ip}:80"),
+                proxy: None,
+            };
+            let (r, _) = suite.wrk(&path, "/1k", 16, &[]);
+            keep[i].push(r.rps);
+            keep_p50[i].push(r.p50_us);
+            let (r, _) = suite.wrk(&path, "/1k", 16, &["-H", "Connection: close"]);
+            close[i].push(r.rps);
+            let out = suite.run(
+                0,
+                &proxy_tests::target_bin("pdtool").display().to_string(),
+                &["latency", "--to", &format!("{ip}:7000"), "--count", count],
+            );
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            new_conn[i].push(v["p50_us"].as_f64().unwrap_or(f64::NAN));
+        }
+    }
+    // A new HBONE connection of its own (TLS 1.3 handshake with a workload certificate,
+    // HTTP/2, CONNECT, one exchange), from the client pod's address, beside a plain TCP
+    // connect and exchange to the same pod.
+    let leaf = ca.workload("spiffe://cluster.local/ns/xa/sa/client");
+    let (lc, lk) = (work.join("client.pem"), work.join("client-key.pem"));
+    std::fs::write(&lc, &leaf.cert_pem).expect("leaf");
+    std::fs::write(&lk, &leaf.key_pem).expect("leaf key");
+    let n = if quick { "100" } else { "400" };
+    let hbone = suite.pods[0]
+        .host
+        .command(
+            None,
+            &proxy_tests::target_bin("pdtool"),
+            &[
+                "hbone",
+                "--to",
+                &format!("{}:15008", mesh_srv.host.ip),
+                "--authority",
+                &format!("{}:7000", mesh_srv.host.ip),
+                "--cert",
+                lc.to_str().unwrap_or_default(),
+                "--key",
+                lk.to_str().unwrap_or_default(),
+                "--count",
+                n,
+            ],
+        )
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let hbone: serde_json::Value = serde_json::from_str(&hbone).unwrap_or_default();
+    let plain = suite.pods[0]
+        .host
+        .command(
+            None,
+            &proxy_tests::target_bin("pdtool"),
+            &[
+                "latency",
+                "--to",
+                &format!("{}:7000", plain_srv.host.ip),
+                "--count",
+                n,
+            ],
+        )
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let plain: serde_json::Value = serde_json::from_str(&plain).unwrap_or_default();
+    let handshakes = daemon_a.metric_sum("proxy_daemon_hbone_handshakes_total", &[]);
+    for mut c in nginxes {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let m = |v: &Vec<f64>| median(v.clone());
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}×", a / b)
+        } else {
+            "—".into()
+        }
+    };
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\n## Cross-node: pod on node A → pod on node B (medians of {} round{}, {} s per run)\n\n| scenario | plaintext | HBONE (mutual TLS) | HBONE / plaintext |\n|---|---|---|---|",
+        suite.rounds,
+        if suite.rounds == 1 { "" } else { "s" },
+        suite.secs
+    );
+    let _ = writeln!(
+        md,
+        "| keep-alive 1 KiB, 16 conns: req/s | {:.0} | {:.0} | {} |",
+        m(&keep[0]),
+        m(&keep[1]),
+        ratio(m(&keep[1]), m(&keep[0]))
+    );
+    let _ = writeln!(
+        md,
+        "| keep-alive: p50 | {:.0} µs | {:.0} µs | {:+.0} µs |",
+        m(&keep_p50[0]),
+        m(&keep_p50[1]),
+        m(&keep_p50[1]) - m(&keep_p50[0])
+    );
+    let _ = writeln!(
+        md,
+        "| Connection: close, 16 clients: req/s | {:.0} | {:.0} | {} |",
+        m(&close[0]),
+        m(&close[1]),
+        ratio(m(&close[1]), m(&close[0]))
+    );
+    let _ = writeln!(
+        md,
+        "| new app connection + one exchange, p50 (HBONE: over the pooled tunnel) | {:.0} µs | {:.0} µs | {:+.0} µs |",
+        m(&new_conn[0]),
+        m(&new_conn[1]),
+        m(&new_conn[1]) - m(&new_conn[0])
+    );
+    let _ = writeln!(
+        md,
+        "| a connection that needs its own handshake (plain TCP vs TLS 1.3 + HTTP/2 + CONNECT), p50 | {:.0} µs | {:.0} µs | {:+.0} µs |",
+        plain["p50_us"].as_f64().unwrap_or(f64::NAN),
+        hbone["p50_us"].as_f64().unwrap_or(f64::NAN),
+        hbone["p50_us"].as_f64().unwrap_or(f64::NAN) - plain["p50_us"].as_f64().unwrap_or(f64::NAN)
+    );
+    let _ = writeln!(
+        md,
+        "\nHBONE connections node A opened for all of the above: {handshakes} (pooled: one per source identity and destination pod)."
+    );
+    drop(daemon_b);
+    drop(daemon_a);
+    md
 }

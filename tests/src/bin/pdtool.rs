@@ -179,6 +179,10 @@ enum Cmd {
         key: Option<std::path::PathBuf>,
         #[arg(long, default_value = "hbone")]
         send: String,
+        /// Repeat this many times, each a new connection (TLS handshake, HTTP/2, CONNECT,
+        /// one exchange); reports the p50 and p99 of each whole.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
     },
     /// One connection to each of `--count` ports of `--to` from `--from` on: send a line,
     /// read until the peer closes. Tallies how each went.
@@ -1639,7 +1643,31 @@ fn main() {
             cert,
             key,
             send,
-        } => hbone_connect(to, &authority, cert.as_deref().zip(key.as_deref()), &send),
+            count,
+        } => {
+            let identity = cert.as_deref().zip(key.as_deref());
+            if count <= 1 {
+                hbone_connect(to, &authority, identity, &send)
+            } else {
+                let mut samples = Vec::with_capacity(count);
+                let mut last = serde_json::Value::Null;
+                for _ in 0..count {
+                    let t = Instant::now();
+                    last = hbone_connect(to, &authority, identity, &send);
+                    if last["result"] == "ok" {
+                        samples.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                }
+                samples.sort_by(f64::total_cmp);
+                let pct = |p: f64| {
+                    samples
+                        .get(((samples.len() as f64 - 1.0) * p) as usize)
+                        .copied()
+                        .unwrap_or(0.0)
+                };
+                json!({"ok": samples.len(), "p50_us": pct(0.5), "p99_us": pct(0.99), "last": last})
+            }
+        }
         Cmd::Ports { to, from, count } => {
             let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
             for port in from..from.saturating_add(count) {
