@@ -30,8 +30,9 @@ pub mod maps {
     /// Pod IPv4 (network order) → [`super::InboundPod`]: the pods whose inbound
     /// connections the sk_lookup program steers, and the ports it leaves alone.
     pub const INBOUND_PODS: &str = "PD_INBOUND_PODS";
-    /// Pod IPv4 (network order) → the daemon's plaintext inbound listener in that pod's
-    /// netns (a sockhash: the kernel assigns connections to it).
+    /// [`super::ListenerKey`] → the daemon's listener of that kind in that pod's netns (a
+    /// sockhash: the kernel assigns connections to it, so a successor daemon takes them
+    /// over by replacing the entry).
     pub const INBOUND_LISTENERS: &str = "PD_INBOUND_LSN";
     /// IPv4 (network order) → 1: the node's own addresses. Connections from them (the
     /// kubelet's probes) reach the app directly, as in Istio.
@@ -91,6 +92,21 @@ pub const ENROLMENT_SOCKMAP: u8 = 2;
 /// Capacity of [`maps::SOCK_PAIRS`] (two entries per connection). When it is full, a
 /// connection simply goes through loopback TCP.
 pub const MAX_SOCK_PAIRS: u32 = 65_536;
+
+/// [`ListenerKey::kind`]: the plaintext inbound listener.
+pub const LISTENER_PLAINTEXT: u32 = 0;
+/// [`ListenerKey::kind`]: the HBONE listener.
+pub const LISTENER_HBONE: u32 = 1;
+
+/// Key of [`maps::INBOUND_LISTENERS`]: a pod's address and which of its listeners.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// The pod's IPv4 address, network order.
+    pub ip_be: u32,
+    /// [`LISTENER_PLAINTEXT`] or [`LISTENER_HBONE`].
+    pub kind: u32,
+}
 
 /// Capacity of [`maps::NODE_ADDRS`].
 pub const MAX_NODE_ADDRS: u32 = 256;
@@ -260,6 +276,7 @@ mod user {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::SockPairKey {}
     unsafe impl aya::Pod for super::InboundPod {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }
 
 #[cfg(test)]

@@ -272,7 +272,7 @@ async fn watch_memory(inputs: Arc<ProxyInputs>, settings: Arc<Settings>) {
 pub enum CaSettings {
     /// The built-in CA with this certificate (chain) and key.
     Builtin { cert: PathBuf, key: PathBuf },
-    /// The built-in CA with a root made at start (one node on its own).
+    /// The built-in CA with the node's own root (one node on its own).
     Ephemeral,
     /// Istio's CA API (istiod, istio-csr).
     Istio(crate::identity::istio_ca::IstioCaSettings),
@@ -305,6 +305,8 @@ fn ca_settings(args: &RunArgs) -> Result<CaSettings, AppError> {
 /// start with its reason).
 fn certificate_authority(
     settings: &Settings,
+    previous_root: Option<&str>,
+    handover: &crate::handover::Table,
 ) -> Result<Arc<dyn crate::identity::CertificateAuthority>, AppError> {
     use crate::identity::ca::BuiltinCa;
     match &settings.ca {
@@ -324,10 +326,14 @@ fn certificate_authority(
         }
         CaSettings::Ephemeral => {
             if settings.cluster.is_some() {
-                warn!("no --ca-cert/--ca-key: this node's workload certificates come from a root made at start, which no other node trusts; mTLS between nodes fails until every node has the mesh's CA");
+                warn!("no --ca-cert/--ca-key: this node's workload certificates come from this node's own root, which no other node trusts; mTLS between nodes fails until every node has the mesh's CA");
             }
-            let ca = BuiltinCa::ephemeral(&settings.capture.trust_domain)
+            let (ca, pem) = BuiltinCa::node_local(previous_root, &settings.capture.trust_domain)
                 .map_err(|e| startup(e.to_string()))?;
+            match crate::handover::sealed(&pem) {
+                Ok(fd) => handover.set(crate::handover::Item::NodeRoot, Arc::new(fd)),
+                Err(e) => warn!(error = %e, "the node's root cannot be kept for a successor"),
+            }
             Ok(Arc::new(ca))
         }
     }
@@ -1110,6 +1116,11 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         .as_mut()
         .map(|t| std::mem::take(&mut t.pods))
         .unwrap_or_default();
+    let taken_inbound = taken
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.inbound))
+        .unwrap_or_default();
+    let taken_root = taken.as_mut().and_then(|t| t.node_root.take());
 
     let mut daemon_metrics = Metrics::new();
     // Each component registers its own metrics under the daemon's prefix.
@@ -1237,7 +1248,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
     // Workload certificates: issued per identity of the pods enrolled here, renewed at
     // half-life.
     let certs = Arc::new(crate::identity::CertManager::new(
-        certificate_authority(&settings)?,
+        certificate_authority(&settings, taken_root.as_deref(), &handover_table)?,
         &settings.capture.trust_domain,
         settings.cert_ttl,
         crate::identity::manager::CertMetrics {
@@ -1316,6 +1327,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         crate::handover::PodListeners {
             table: handover_table.clone(),
             taken: taken_pods,
+            taken_inbound,
         },
     );
     let enroller = match inbound {

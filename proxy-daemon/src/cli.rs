@@ -66,7 +66,8 @@ pub enum CaptureArg {
 #[serde(rename_all = "kebab-case")]
 pub enum CaArg {
     /// A CA in the daemon: the root (or intermediate and chain) of --ca-cert/--ca-key; without
-    /// them a root made at start, trusted by this daemon alone (one node, the demo).
+    /// them the node's own root, made at the first start and handed to each successor in
+    /// memory, trusted by this node alone (one node, the demo).
     Builtin,
     /// Istio's CA API (istiod or istio-csr): `IstioCertificateService/CreateCertificate`.
     Istio,

@@ -59,6 +59,19 @@ pub enum Item {
         /// The listener's SO_PRIORITY token, which its kernel entry carries.
         token: u32,
     },
+    /// A pod's HBONE or plaintext inbound listener, on the pod's address.
+    PodInbound {
+        uid: String,
+        netns_inode: u64,
+        addr: std::net::SocketAddr,
+    },
+    /// The node's own root certificate and key (PEM, in a sealed memfd), when no CA is
+    /// configured: the successor issues under the same root.
+    NodeRoot,
+    /// A kind a newer daemon hands over that this one does not know (a rollback): its
+    /// socket is closed and the hand-over goes on.
+    #[serde(other)]
+    Unknown,
 }
 
 /// What this daemon listens on, kept current by the app (ports) and the enroller (pods),
@@ -77,7 +90,10 @@ impl Table {
 
     pub fn remove_pod(&self, uid: &str) {
         let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
-        items.retain(|(i, _)| !matches!(i, Item::Pod { uid: u, .. } if u == uid));
+        items.retain(|(i, _)| match i {
+            Item::Pod { uid: u, .. } | Item::PodInbound { uid: u, .. } => u != uid,
+            _ => true,
+        });
     }
 
     fn snapshot(&self) -> Vec<(Item, Arc<OwnedFd>)> {
@@ -88,6 +104,14 @@ impl Table {
 fn same_slot(a: &Item, b: &Item) -> bool {
     match (a, b) {
         (Item::Pod { uid: x, .. }, Item::Pod { uid: y, .. }) => x == y,
+        (
+            Item::PodInbound {
+                uid: x, addr: ax, ..
+            },
+            Item::PodInbound {
+                uid: y, addr: ay, ..
+            },
+        ) => x == y && ax == ay,
         _ => std::mem::discriminant(a) == std::mem::discriminant(b),
     }
 }
@@ -95,17 +119,26 @@ fn same_slot(a: &Item, b: &Item) -> bool {
 /// Where the daemon using `pin_dir` serves its hand-over socket: one per pin directory, so
 /// that only daemons sharing programs and maps hand over to each other.
 pub fn socket_path(run_dir: &Path, pin_dir: &Path) -> PathBuf {
+    run_dir.join(format!("handover-{:016x}.sock", pin_dir_hash(pin_dir)))
+}
+
+/// FNV-1a of the pin directory's path.
+fn pin_dir_hash(pin_dir: &Path) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for b in pin_dir.as_os_str().as_encoded_bytes() {
         hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
     }
-    run_dir.join(format!("handover-{hash:016x}.sock"))
+    hash
 }
 
 /// Sockets taken from the previous daemon.
 pub struct Taken {
     pub ports: HashMap<&'static str, OwnedFd>,
     pub pods: HashMap<String, TakenListener>,
+    /// Pods' HBONE and plaintext inbound listeners, by pod uid.
+    pub inbound: HashMap<String, Vec<TakenInbound>>,
+    /// The node's own root (PEM), if the previous daemon had one.
+    pub node_root: Option<String>,
     /// The connection to the previous daemon, to say "ready" on.
     conn: OwnedFd,
 }
@@ -115,6 +148,15 @@ pub struct Taken {
 pub struct PodListeners {
     pub table: Arc<Table>,
     pub taken: HashMap<String, TakenListener>,
+    pub taken_inbound: HashMap<String, Vec<TakenInbound>>,
+}
+
+/// A pod's inbound listener taken from the previous daemon: the very socket, so the
+/// kernel's steering entry and the connections in its backlog stay as they are.
+pub struct TakenInbound {
+    pub netns_inode: u64,
+    pub addr: std::net::SocketAddr,
+    pub fd: OwnedFd,
 }
 
 pub struct TakenListener {
@@ -202,6 +244,8 @@ pub fn take(path: &Path) -> Result<Option<Taken>, HandoverError> {
     let mut taken = Taken {
         ports: HashMap::new(),
         pods: HashMap::new(),
+        inbound: HashMap::new(),
+        node_root: None,
         conn,
     };
     loop {
@@ -230,14 +274,55 @@ pub fn take(path: &Path) -> Result<Option<Taken>, HandoverError> {
                     fd,
                 },
             )),
+            Item::PodInbound {
+                uid,
+                netns_inode,
+                addr,
+            } => taken.inbound.entry(uid).or_default().push(TakenInbound {
+                netns_inode,
+                addr,
+                fd,
+            }),
+            Item::NodeRoot => taken.node_root = read_sealed(fd),
+            Item::Unknown => {}
         }
     }
     info!(
         ports = taken.ports.len(),
         pod_listeners = taken.pods.len(),
+        inbound_listeners = taken.inbound.values().map(Vec::len).sum::<usize>(),
         "took over the running daemon's sockets"
     );
     Ok(Some(taken))
+}
+
+/// `text` in an anonymous memory file, sealed against change, to hand over: secrets
+/// passed this way never touch a file system.
+pub fn sealed(text: &str) -> std::io::Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fd = memfd_create(
+        c"proxy-daemon-handover",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )?;
+    let file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut &file, text.as_bytes())?;
+    let seals = nix::fcntl::SealFlag::F_SEAL_SEAL
+        | nix::fcntl::SealFlag::F_SEAL_SHRINK
+        | nix::fcntl::SealFlag::F_SEAL_GROW
+        | nix::fcntl::SealFlag::F_SEAL_WRITE;
+    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(seals))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// What a sealed memory file holds (read from its start, whatever its offset), at most
+/// 64 KiB.
+fn read_sealed(fd: OwnedFd) -> Option<String> {
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::File::from(fd);
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    buf.truncate(n);
+    String::from_utf8(buf).ok()
 }
 
 /// One message and the socket it carries, if any.

@@ -3,9 +3,9 @@
 use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, sk_action, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_NOEXIST,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_SK_LOOKUP_F_NO_REUSEPORT, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
@@ -18,9 +18,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
-    CaptureStat, ClientKey, Enrolment, FailMode, InboundPod, OrigDst, SockPairKey,
-    CAPTURE_STAT_SLOTS, ENROLMENT_LISTENING, ENROLMENT_SOCKMAP, MAX_CGROUP_DEPTH, MAX_ENROLLED,
-    MAX_NODE_ADDRS, MAX_SOCK_PAIRS, MAX_TRACKED_CONNECTIONS,
+    CaptureStat, ClientKey, Enrolment, FailMode, InboundPod, ListenerKey, OrigDst, SockPairKey,
+    CAPTURE_STAT_SLOTS, ENROLMENT_LISTENING, ENROLMENT_SOCKMAP, LISTENER_HBONE, LISTENER_PLAINTEXT,
+    MAX_CGROUP_DEPTH, MAX_ENROLLED, MAX_NODE_ADDRS, MAX_SOCK_PAIRS, MAX_TRACKED_CONNECTIONS,
 };
 
 /// Return values of cgroup sock_addr programs.
@@ -595,7 +595,7 @@ pub fn pd_getpeername6(ctx: SockAddrContext) -> i32 {
 static INBOUND_PODS: HashMap<u32, InboundPod> = HashMap::pinned(MAX_ENROLLED, 0);
 
 #[map(name = "PD_INBOUND_LSN")]
-static INBOUND_LISTENERS: SockHash<u32> = SockHash::pinned(MAX_ENROLLED, 0);
+static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(2 * MAX_ENROLLED, 0);
 
 #[map(name = "PD_NODE_ADDRS")]
 static NODE_ADDRS: HashMap<u32, u8> = HashMap::pinned(MAX_NODE_ADDRS, 0);
@@ -624,7 +624,19 @@ pub fn pd_sk_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     };
     let port = lookup.local_port as u16;
-    if port == pod.hbone_port || port == pod.inbound_port || port == pod.outbound_port {
+    // HBONE goes to this daemon's listener (the one in the table: after a hand-over the
+    // successor's, never the predecessor's still in the port's reuseport group). Without
+    // one, the normal lookup decides.
+    if port == pod.hbone_port {
+        let key = ListenerKey {
+            ip_be: pod_ip,
+            kind: LISTENER_HBONE,
+        };
+        let _ =
+            INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, BPF_SK_LOOKUP_F_NO_REUSEPORT as u64);
+        return sk_action::SK_PASS;
+    }
+    if port == pod.inbound_port || port == pod.outbound_port {
         return sk_action::SK_PASS;
     }
     // Connections from loopback (the daemon's to the app, from 127.0.0.6) and the pod's
@@ -644,7 +656,11 @@ pub fn pd_sk_lookup(ctx: SkLookupContext) -> u32 {
         count(CaptureStat::InboundFromNode);
         return sk_action::SK_PASS;
     }
-    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, pod_ip, 0) {
+    let key = ListenerKey {
+        ip_be: pod_ip,
+        kind: LISTENER_PLAINTEXT,
+    };
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, BPF_SK_LOOKUP_F_NO_REUSEPORT as u64) {
         Ok(()) => {
             count(CaptureStat::InboundRedirected);
             sk_action::SK_PASS

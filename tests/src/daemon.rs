@@ -69,6 +69,8 @@ impl Daemon {
             ("--metrics-addr", metrics.to_string()),
             ("--health-addr", health.to_string()),
             ("--node-name", "test-node".to_string()),
+            // The hand-over socket and the node's own root, gone with the node.
+            ("--run-dir", node.run_dir().display().to_string()),
             ("--log-level", "info,proxy_daemon=debug".to_string()),
             // Never the machine's resolvers: a DNS ServiceEntry in a test resolves only
             // against the test's own DNS server (nothing listens on the discard port).

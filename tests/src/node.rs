@@ -623,6 +623,13 @@ pub fn endpoint_pod_yaml(
     y
 }
 
+impl Node {
+    /// The `--run-dir` the node's daemons share (hand-over socket, the node's own root).
+    pub fn run_dir(&self) -> PathBuf {
+        self.work_dir.join("run")
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         remove_cgroup_tree(&self.cgroup_top);

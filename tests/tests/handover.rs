@@ -565,10 +565,7 @@ fn only_another_daemon_may_take_the_sockets_or_offer_its_own() {
     );
     let mut daemon = Daemon::start(&node, &[]);
     daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
-    let path = proxy_daemon::handover::socket_path(
-        std::path::Path::new("/run/proxy-daemon"),
-        &node.pin_dir,
-    );
+    let path = proxy_daemon::handover::socket_path(&node.run_dir(), &node.pin_dir);
     let taken = proxy_daemon::handover::take(&path);
     assert!(
         !taken.as_ref().is_ok_and(|t| t.is_some()),
@@ -614,4 +611,116 @@ fn only_another_daemon_may_take_the_sockets_or_offer_its_own() {
     );
     let out = pod.pdtool(&["connect", "--to", &upstream.addr(80).to_string()]);
     assert_eq!(out["result"], "ok", "{out}");
+}
+
+/// The destination side across hand-overs: a captured pod calling another over HBONE
+/// (keep-alive and a new connection each time) and a host outside the mesh calling it in
+/// plaintext, while the node's daemon is replaced: each successor takes the very HBONE
+/// and inbound listening sockets (their kernel steering entries and backlogs stay), the
+/// old daemon stops accepting on them, its keep-alive connections close after their
+/// next request, and both issue under the node's one root, so no request is refused or
+/// lost and no drain waits for its timeout.
+#[test]
+fn hand_overs_keep_the_inbound_and_hbone_sides_whole() {
+    let handovers: usize = proxy_tests::env_size("PDT_HANDOVERS", 4);
+    let mut node = Node::new("handover-in");
+    let servers = Servers::new();
+    let client = node.pod("shop", "web-0");
+    let server = node.pod("prod", "db-0");
+    let outsider = node.host("outsider");
+    servers.http_echo(
+        &server.host,
+        8080,
+        HttpEcho {
+            name: "db".into(),
+            ..Default::default()
+        },
+    );
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("shop", true, None)
+            + &namespace_yaml("prod", true, Some("closed"))
+            + &pod_yaml(&client, &[("app", "web")])
+            + &pod_yaml(&server, &[("app", "db")])
+            + "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: prod}\nspec:\n  clusterIP: 198.18.0.250\n  selector: {app: db}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\n"),
+    );
+    let (admin, metrics, health) = (free_addr(), free_addr(), free_addr());
+    let flags = [
+        "--admin-addr",
+        admin.as_str(),
+        "--metrics-addr",
+        metrics.as_str(),
+        "--health-addr",
+        health.as_str(),
+        "--drain-timeout-secs",
+        "20",
+    ];
+    let mut current = Daemon::start(&node, &flags);
+    for pod in [&client, &server] {
+        current.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    }
+    let load_ms = (handovers as u64 * 1500 + 3000).to_string();
+    let direct = server.host.addr(8080).to_string();
+    let load =
+        |cgroup: Option<&std::path::Path>, host: &proxy_tests::Host, to: &str, extra: &[&str]| {
+            let mut args = vec![
+                "load", "--to", to, "--host", "db", "--ms", &load_ms, "--rate", "100",
+            ];
+            args.extend_from_slice(extra);
+            host.command(cgroup, &proxy_tests::target_bin("pdtool"), &args)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("load")
+        };
+    let client_cg = client.app_cgroup();
+    let mesh_keep_alive = load(Some(&client_cg), &client.host, "198.18.0.250:80", &[]);
+    let mesh_new = load(
+        Some(&client_cg),
+        &client.host,
+        "198.18.0.250:80",
+        &["--new-connections"],
+    );
+    let plaintext_new = load(None, &outsider, &direct, &["--new-connections"]);
+    for i in 0..handovers {
+        std::thread::sleep(Duration::from_millis(500));
+        let started = std::time::Instant::now();
+        let next = Daemon::start(&node, &flags);
+        let code = current.wait_exit(Duration::from_secs(25));
+        assert_eq!(code, Some(0), "hand-over {i}: {}", current.log_text());
+        // Every connection the old daemon served ends with its request, or a grace after
+        // the drain starts: none holds the drain to its timeout (20 s here).
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "hand-over {i} took {:?}: {}",
+            started.elapsed(),
+            current.log_text()
+        );
+        current = next;
+    }
+    let read = |child: std::process::Child| -> serde_json::Value {
+        let out = child.wait_with_output().expect("load output");
+        serde_json::from_slice(&out.stdout).expect("load JSON")
+    };
+    for (name, out) in [
+        ("HBONE keep-alive", read(mesh_keep_alive)),
+        ("HBONE new connections", read(mesh_new)),
+        ("plaintext inbound", read(plaintext_new)),
+    ] {
+        assert_eq!(out["errors"], serde_json::json!([]), "{name}: {out}");
+        let requests = out["requests"].as_u64().unwrap_or(0);
+        assert!(requests > 100, "{name}: {out}");
+        assert_eq!(
+            out["statuses"]["200"].as_u64(),
+            Some(requests),
+            "{name}: {out}"
+        );
+    }
+    assert_eq!(
+        current.metric_sum(
+            "proxy_daemon_capture_decisions",
+            &[("decision", "inbound_fail_closed_refused")]
+        ),
+        0.0
+    );
+    assert_eq!(current.terminate(), Some(0));
 }

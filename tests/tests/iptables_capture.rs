@@ -229,3 +229,84 @@ fn a_pod_setting_the_daemons_mark_is_redirected_all_the_same() {
     );
     assert_eq!(seen.peers().len(), 1);
 }
+
+/// Inbound under `--capture iptables`: a PREROUTING redirect sends connections arriving at
+/// a captured pod to the daemon's plaintext inbound listener (the original destination from
+/// conntrack), so PeerAuthentication applies as with the eBPF program; the probe address
+/// reaches the app directly.
+#[test]
+fn inbound_plaintext_goes_through_the_daemon_and_strict_refuses_it_without_ebpf() {
+    let mut node = proxy_tests::Node::new("ipt-inbound");
+    let servers = proxy_tests::servers::Servers::new();
+    let db = node.pod("prod", "db-0");
+    let outsider = node.host("outsider");
+    let kubelet = node.host_at("kubelet", "169.254.7.127".parse().unwrap());
+    db.host.route_to("169.254.7.127".parse().unwrap());
+    let seen = servers.identity(&db.host, 7000);
+    let base = namespace_yaml("prod", true, None) + &pod_yaml(&db, &[("app", "db")]);
+    node.write_config("all.yaml", &base);
+    let d = Daemon::start(&node, IPTABLES);
+    d.wait_enrolled(&db.uid, Duration::from_secs(5));
+    let rules = nat_rules(&db);
+    assert!(
+        rules.contains("-A PREROUTING -p tcp -j PROXY_DAEMON_INBOUND")
+            && rules.contains("--to-ports 15006"),
+        "{rules}"
+    );
+    let connect = |from: &proxy_tests::Host| -> serde_json::Value {
+        let out = from
+            .command(
+                None,
+                &proxy_tests::target_bin("pdtool"),
+                &["connect", "--to", &db.host.addr(7000).to_string()],
+            )
+            .output()
+            .expect("pdtool");
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let last_peer = || {
+        seen.peers()
+            .last()
+            .map(|(p, _)| p.ip().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(connect(&outsider)["result"], "ok");
+    assert_eq!(last_peer(), "127.0.0.6", "through the daemon");
+    assert!(
+        wait_for(Duration::from_secs(3), || (d.metric_sum(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_workload", "db"),
+                ("connection_security_policy", "none")
+            ]
+        ) == 1.0)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        d.metrics_text()
+    );
+    assert_eq!(connect(&kubelet)["result"], "ok");
+    assert_eq!(
+        last_peer(),
+        "169.254.7.127",
+        "the probe goes straight to the app"
+    );
+    node.write_config(
+        "all.yaml",
+        &(base
+            + "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: prod}\nspec: {mtls: {mode: STRICT}}\n"),
+    );
+    let refused = wait_for(Duration::from_secs(5), || {
+        let out = connect(&outsider);
+        (out["result"] != "ok").then_some(out)
+    });
+    assert!(refused.is_some(), "STRICT refuses plaintext");
+    assert!(
+        d.metric_sum(
+            "proxy_daemon_inbound_refused_total",
+            &[("reason", "plaintext_strict")]
+        ) >= 1.0
+    );
+    assert_eq!(connect(&kubelet)["result"], "ok");
+}

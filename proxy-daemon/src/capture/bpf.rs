@@ -542,7 +542,12 @@ fn pins_compatible(pin_dir: &Path) -> Result<(), String> {
             MAX_ENROLLED,
         ),
         // A sockhash's values are socket descriptors (4 bytes) as the kernel sees them.
-        (maps::INBOUND_LISTENERS, 4, 4, MAX_ENROLLED),
+        (
+            maps::INBOUND_LISTENERS,
+            size(std::mem::size_of::<proxy_common::ListenerKey>()),
+            4,
+            2 * MAX_ENROLLED,
+        ),
         (maps::NODE_ADDRS, 4, 1, proxy_common::MAX_NODE_ADDRS),
     ];
     for (name, key, value, max) in expected {
@@ -826,7 +831,7 @@ pub struct InboundCapture {
     program: SkLookup,
     program_id: Option<u32>,
     pods: HashMap<MapData, u32, InboundPod>,
-    listeners: SockHash<MapData, u32>,
+    listeners: SockHash<MapData, proxy_common::ListenerKey>,
     node_addrs: HashMap<MapData, u32, u8>,
     pin_dir: PathBuf,
 }
@@ -868,8 +873,9 @@ impl InboundCapture {
         })
     }
 
-    /// Steers a pod's inbound connections to `listener`: its entry and listener first,
-    /// then the program on its namespace (replacing a predecessor's link).
+    /// Steers a pod's inbound connections to `listener` (plaintext) and its HBONE
+    /// connections to `hbone`: entries and listeners first, then the program on its
+    /// namespace (replacing a predecessor's link).
     pub fn capture(
         &mut self,
         netns: std::os::fd::BorrowedFd<'_>,
@@ -877,11 +883,26 @@ impl InboundCapture {
         pod_ip: std::net::Ipv4Addr,
         pod: InboundPod,
         listener: std::os::fd::BorrowedFd<'_>,
+        hbone: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<(), BpfError> {
         let key = u32::from(pod_ip).to_be();
+        let listener_key = |kind| proxy_common::ListenerKey { ip_be: key, kind };
         self.listeners
-            .insert(key, listener.as_raw_fd(), 0)
+            .insert(
+                listener_key(proxy_common::LISTENER_PLAINTEXT),
+                listener.as_raw_fd(),
+                0,
+            )
             .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        if let Some(hbone) = hbone {
+            self.listeners
+                .insert(
+                    listener_key(proxy_common::LISTENER_HBONE),
+                    hbone.as_raw_fd(),
+                    0,
+                )
+                .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        }
         self.pods
             .insert(key, pod, 0)
             .map_err(map_err(maps::INBOUND_PODS))?;
@@ -914,9 +935,7 @@ impl InboundCapture {
         }
         let _ = fs::remove_file(&path);
         if let Some(ip) = pod_ip {
-            let key = u32::from(ip).to_be();
-            let _ = self.pods.remove(&key);
-            let _ = self.listeners.remove(&key);
+            self.forget(u32::from(ip).to_be());
         }
     }
 
@@ -947,9 +966,21 @@ impl InboundCapture {
         let keys: Vec<u32> = self.pods.keys().filter_map(Result::ok).collect();
         for key in keys {
             if !live.contains(&std::net::Ipv4Addr::from(u32::from_be(key))) {
-                let _ = self.pods.remove(&key);
-                let _ = self.listeners.remove(&key);
+                self.forget(key);
             }
+        }
+    }
+
+    /// Drops a pod's entry and both its listeners' (by its address, network order).
+    fn forget(&mut self, ip_be: u32) {
+        let _ = self.pods.remove(&ip_be);
+        for kind in [
+            proxy_common::LISTENER_PLAINTEXT,
+            proxy_common::LISTENER_HBONE,
+        ] {
+            let _ = self
+                .listeners
+                .remove(&proxy_common::ListenerKey { ip_be, kind });
         }
     }
 

@@ -146,6 +146,12 @@ struct EnrolledPod {
     token: u32,
     ctx: PodHandle,
     listener_task: JoinHandle<()>,
+    /// The HBONE and plaintext inbound listeners' accept loop. Stopped with the outbound
+    /// one when the daemon stops: after a hand-over the successor holds the same sockets,
+    /// and a draining daemon that kept accepting would take a share of the new
+    /// connections. Connections already accepted are served to their end (counted, so the
+    /// drain waits for them).
+    inbound_task: JoinHandle<()>,
     enrolled_at: SystemTime,
     entry_written_at: SystemTime,
     entry_written_by: &'static str,
@@ -191,6 +197,8 @@ pub struct Enroller {
     handover: Arc<crate::handover::Table>,
     /// Listeners taken from the previous daemon, by pod uid, not yet adopted.
     taken: std::collections::HashMap<String, crate::handover::TakenListener>,
+    /// Inbound (HBONE, plaintext) listeners taken from the previous daemon, by pod uid.
+    taken_inbound: std::collections::HashMap<String, Vec<crate::handover::TakenInbound>>,
     /// Pods of captured namespaces left alone on purpose, already logged.
     skipped: std::collections::BTreeSet<String>,
     next_pod_id: u32,
@@ -239,6 +247,7 @@ impl Enroller {
             wake: Arc::new(tokio::sync::Notify::new()),
             handover: listeners.table,
             taken: listeners.taken,
+            taken_inbound: listeners.taken_inbound,
             skipped: Default::default(),
             next_pod_id: 1,
             status: Arc::new(ArcSwap::from_pointee(Vec::new())),
@@ -314,7 +323,14 @@ impl Enroller {
         let mut stopped = Vec::new();
         for (_, pod) in std::mem::take(&mut self.pods) {
             pod.listener_task.abort();
+            pod.inbound_task.abort();
             stopped.push(pod.listener_task);
+            stopped.push(pod.inbound_task);
+            // Idle upstream connections (plain or HBONE) will not be used again: closed
+            // now, they do not hold the drain (a tunnel's far end counts its stream).
+            let ctx = pod.ctx.load();
+            ctx.http_pool.clear();
+            ctx.hbone.clear();
         }
         // An aborted task may be in the middle of a poll on another worker; waiting for
         // each to end means every connection it accepted is already counted when the drain
@@ -357,12 +373,14 @@ impl Enroller {
 
     /// Gives the inbound program the node's current addresses (probes come from them).
     fn refresh_node_addrs(&mut self) {
-        let Some(inbound) = &mut self.inbound else {
+        if self.inbound.is_none() && !self.iptables {
             return;
-        };
+        }
         let addrs = netns::node_ipv4_addrs();
         if addrs != self.node_addrs {
-            inbound.set_node_addrs(&addrs);
+            if let Some(inbound) = &mut self.inbound {
+                inbound.set_node_addrs(&addrs);
+            }
             debug!(addresses = ?addrs, "node addresses for inbound capture");
             self.node_addrs = addrs;
         }
@@ -395,6 +413,8 @@ impl Enroller {
         let before = self.taken.len();
         if snapshot.generation > 0 {
             self.taken.retain(|uid, _| snapshot.pods.contains_key(uid));
+            self.taken_inbound
+                .retain(|uid, _| snapshot.pods.contains_key(uid));
         }
         if self.taken.len() < before {
             info!(
@@ -766,17 +786,27 @@ impl Enroller {
             .ip
             .as_deref()
             .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+        let mut taken_inbound = self
+            .taken_inbound
+            .remove(&want.workload.uid)
+            .unwrap_or_default();
+        taken_inbound.retain(|t| t.netns_inode == worker.inode);
+        let mut inbound_handover = Vec::new();
         let hbone_listener = match pod_ip {
             Some(ip) => {
                 let addr = SocketAddr::new(ip, self.inputs.settings.hbone_port);
-                let l = worker
-                    .listener(addr, token)
-                    .await
-                    .and_then(|l| TcpListener::from_std(l).map_err(netns::NetnsError::Socket))
-                    .map_err(|e| EnrolError::Hbone {
-                        addr,
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
+                let l = match adopt_inbound(&mut taken_inbound, addr) {
+                    Some(l) => Ok(l),
+                    None => worker.listener(addr, token).await,
+                }
+                .and_then(|l| {
+                    inbound_handover.push((addr, clone_fd(&l)?));
+                    TcpListener::from_std(l).map_err(netns::NetnsError::Socket)
+                })
+                .map_err(|e| EnrolError::Hbone {
+                    addr,
+                    source: std::io::Error::other(e.to_string()),
+                })?;
                 Some(l)
             }
             None => None,
@@ -787,16 +817,21 @@ impl Enroller {
             std::net::IpAddr::V4(v4) => Some(v4),
             std::net::IpAddr::V6(_) => None,
         });
-        let inbound_listener = match pod_ipv4.filter(|_| self.inbound.is_some()) {
+        let inbound_listener = match pod_ipv4.filter(|_| self.inbound.is_some() || self.iptables) {
             Some(ip) => {
                 let addr = SocketAddr::from((ip, self.inputs.settings.inbound_port));
-                let l = worker
-                    .listener(addr, token)
-                    .await
-                    .map_err(|e| EnrolError::Inbound {
-                        addr,
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
+                let l = match adopt_inbound(&mut taken_inbound, addr) {
+                    Some(l) => Ok(l),
+                    None => worker.listener(addr, token).await,
+                }
+                .and_then(|l| {
+                    inbound_handover.push((addr, clone_fd(&l)?));
+                    Ok(l)
+                })
+                .map_err(|e| EnrolError::Inbound {
+                    addr,
+                    source: std::io::Error::other(e.to_string()),
+                })?;
                 Some((ip, l))
             }
             None => None,
@@ -825,6 +860,7 @@ impl Enroller {
                         ip,
                         inbound_entry(&self.inputs.settings, want.fail_mode),
                         std::os::fd::AsFd::as_fd(&l),
+                        hbone_listener.as_ref().map(std::os::fd::AsFd::as_fd),
                     )
                 });
                 if let Some(Err(e)) = steered {
@@ -851,7 +887,8 @@ impl Enroller {
         let outbound = proxy::run_outbound_listener(self.inputs.clone(), ctx.clone(), listener);
         let hbone =
             hbone_listener.map(|l| proxy::hbone::serve(self.inputs.clone(), ctx.clone(), l));
-        let listener_task = tokio::spawn(async move {
+        let listener_task = tokio::spawn(outbound);
+        let inbound_task = tokio::spawn(async move {
             let hbone = async move {
                 if let Some(h) = hbone {
                     h.await
@@ -862,7 +899,7 @@ impl Enroller {
                     i.await
                 }
             };
-            tokio::join!(outbound, hbone, inbound);
+            tokio::join!(hbone, inbound);
         });
         let pod = EnrolledPod {
             pod_id: self.next_pod_id,
@@ -875,6 +912,7 @@ impl Enroller {
             token,
             ctx,
             listener_task,
+            inbound_task,
             enrolled_at: SystemTime::now(),
             entry_written_at: self
                 .pending
@@ -896,10 +934,17 @@ impl Enroller {
         self.next_pod_id = self.next_pod_id.wrapping_add(1);
         if self.iptables {
             let closed = matches!(want.fail_mode, FailMode::Closed);
+            let inbound = crate::capture::iptables::InboundRules {
+                inbound_port: self.inputs.settings.inbound_port,
+                hbone_port: self.inputs.settings.hbone_port,
+                node_addrs: &self.node_addrs,
+            };
+            let inbound = inbound_ip.map(|_| inbound);
             if let Err(e) =
-                crate::capture::iptables::redirect(pid, self.outbound_port, closed).await
+                crate::capture::iptables::redirect(pid, self.outbound_port, closed, inbound).await
             {
                 pod.listener_task.abort();
+                pod.inbound_task.abort();
                 return Err(e.into());
             }
         }
@@ -909,6 +954,7 @@ impl Enroller {
             enrolment_entry(&pod, self.outbound_port, self.extra_flags),
         ) {
             pod.listener_task.abort();
+            pod.inbound_task.abort();
             if let Some(inbound) = &mut self.inbound {
                 inbound.release(pod.netns_inode, pod.inbound_ip);
             }
@@ -923,6 +969,16 @@ impl Enroller {
             },
             Arc::new(handover_fd),
         );
+        for (addr, fd) in inbound_handover {
+            self.handover.set(
+                crate::handover::Item::PodInbound {
+                    uid: want.workload.uid.clone(),
+                    netns_inode: pod.netns_inode,
+                    addr,
+                },
+                Arc::new(fd),
+            );
+        }
         Ok(pod)
     }
 
@@ -1009,6 +1065,7 @@ impl Enroller {
         }
         self.handover.remove_pod(uid);
         pod.listener_task.abort();
+        pod.inbound_task.abort();
         let started = Instant::now();
         let forgotten = self.maps.forget_netns(pod.netns_cookie);
         let ctx = pod.ctx.load();
@@ -1136,4 +1193,23 @@ fn fail_mode_effect(mode: FailMode) -> &'static str {
         FailMode::Closed => "fail-closed: its connects are refused",
         FailMode::Open => "fail-open: its connects go direct",
     }
+}
+
+/// The previous daemon's listener on `addr` in this pod, if it handed one over: the same
+/// socket keeps its place in the kernel's steering table and its backlog.
+fn adopt_inbound(
+    taken: &mut Vec<crate::handover::TakenInbound>,
+    addr: SocketAddr,
+) -> Option<std::net::TcpListener> {
+    let at = taken.iter().position(|t| t.addr == addr)?;
+    let l = std::net::TcpListener::from(taken.swap_remove(at).fd);
+    l.set_nonblocking(true).ok()?;
+    Some(l)
+}
+
+/// A second descriptor of `l`, for the hand-over table.
+fn clone_fd(l: &std::net::TcpListener) -> Result<std::os::fd::OwnedFd, netns::NetnsError> {
+    std::os::fd::AsFd::as_fd(l)
+        .try_clone_to_owned()
+        .map_err(netns::NetnsError::Socket)
 }

@@ -24,6 +24,42 @@ use tokio::io::AsyncWriteExt;
 pub const UPSTREAM_MARK: u32 = 0x539;
 /// Our chain in the pod's nat table (and filter table, for IPv6), jumped to from `OUTPUT`.
 pub const CHAIN: &str = "PROXY_DAEMON_OUTPUT";
+/// Our inbound chain in the pod's nat table, jumped to from `PREROUTING`.
+pub const INBOUND_CHAIN: &str = "PROXY_DAEMON_INBOUND";
+
+/// What the inbound redirect leaves alone and where it sends the rest.
+pub struct InboundRules<'a> {
+    /// The plaintext inbound listener's port.
+    pub inbound_port: u16,
+    /// The HBONE listener's port (reached directly).
+    pub hbone_port: u16,
+    /// The node's addresses: the kubelet's probes reach the app directly.
+    pub node_addrs: &'a std::collections::BTreeSet<std::net::Ipv4Addr>,
+}
+
+/// The nat rules for connections arriving at the pod: everything but the HBONE port, the
+/// inbound port itself and the node's addresses goes to the inbound listener (which reads
+/// the original destination with `SO_ORIGINAL_DST`). Connections made inside the pod
+/// (loopback, and the daemon's own to the app) are NATed, if at all, in `OUTPUT`, never
+/// here.
+fn inbound_rules(r: &InboundRules) -> String {
+    let mut rules = format!(
+        "*nat\n\
+         :{INBOUND_CHAIN} - [0:0]\n\
+         -A {INBOUND_CHAIN} -i lo -j RETURN\n\
+         -A {INBOUND_CHAIN} -p tcp --dport {} -j RETURN\n\
+         -A {INBOUND_CHAIN} -p tcp --dport {} -j RETURN\n",
+        r.hbone_port, r.inbound_port
+    );
+    for addr in r.node_addrs {
+        rules.push_str(&format!("-A {INBOUND_CHAIN} -s {addr}/32 -j RETURN\n"));
+    }
+    rules.push_str(&format!(
+        "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {}\nCOMMIT\n",
+        r.inbound_port
+    ));
+    rules
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IptablesError {
@@ -135,8 +171,21 @@ async fn in_netns(pid: u32, script: &str, input: &str) -> Result<(), IptablesErr
 
 /// Installs (or replaces: the chain is flushed and refilled, the jump added once) the
 /// redirect in the pod's netns. Idempotent, so a restarted daemon re-applies it as is.
-pub async fn redirect(pid: u32, port: u16, fail_closed: bool) -> Result<(), IptablesError> {
+pub async fn redirect(
+    pid: u32,
+    port: u16,
+    fail_closed: bool,
+    inbound: Option<InboundRules<'_>>,
+) -> Result<(), IptablesError> {
     let daemon_cgroup = own_cgroup()?;
+    if let Some(inbound) = inbound {
+        let script = format!(
+            "iptables-restore -w --noflush && \
+             {{ iptables -w -t nat -C PREROUTING -p tcp -j {INBOUND_CHAIN} 2>/dev/null || \
+                iptables -w -t nat -A PREROUTING -p tcp -j {INBOUND_CHAIN}; }}"
+        );
+        in_netns(pid, &script, &inbound_rules(&inbound)).await?;
+    }
     let nat = format!(
         "iptables-restore -w --noflush && \
          {{ iptables -w -t nat -C OUTPUT -p tcp -j {CHAIN} 2>/dev/null || \
@@ -161,6 +210,9 @@ pub async fn remove(pid: u32) {
     let script = format!(
         "iptables -w -t nat -D OUTPUT -p tcp -j {CHAIN} 2>/dev/null; \
          iptables -w -t nat -F {CHAIN} 2>/dev/null; iptables -w -t nat -X {CHAIN} 2>/dev/null; \
+         iptables -w -t nat -D PREROUTING -p tcp -j {INBOUND_CHAIN} 2>/dev/null; \
+         iptables -w -t nat -F {INBOUND_CHAIN} 2>/dev/null; \
+         iptables -w -t nat -X {INBOUND_CHAIN} 2>/dev/null; \
          command -v ip6tables >/dev/null || exit 0; \
          ip6tables -w -D OUTPUT -p tcp -j {CHAIN} 2>/dev/null; \
          ip6tables -w -F {CHAIN} 2>/dev/null; ip6tables -w -X {CHAIN} 2>/dev/null; exit 0"
@@ -173,6 +225,20 @@ pub async fn remove(pid: u32) {
 /// Marks a socket the daemon makes in a pod netns, so the redirect lets it through.
 pub fn mark_upstream(socket: &socket2::Socket) -> std::io::Result<()> {
     socket.set_mark(UPSTREAM_MARK)
+}
+
+/// Where a connection redirected to one of the pod's listeners was going (conntrack's
+/// `SO_ORIGINAL_DST`), None if it was not redirected.
+pub fn original_destination(socket: BorrowedFd<'_>) -> Option<std::net::SocketAddrV4> {
+    let addr =
+        nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::OriginalDst).ok()?;
+    if i32::from(addr.sin_family) != libc::AF_INET {
+        return None;
+    }
+    Some(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+        u16::from_be(addr.sin_port),
+    ))
 }
 
 /// The data path's original destination in this mode: conntrack's, asked of the accepted
@@ -214,6 +280,21 @@ mod tests {
             "a mark a pod can set lets nothing through: {r}"
         );
         assert!(r.starts_with("*nat\n") && r.ends_with("COMMIT\n"), "{r}");
+        let nodes: std::collections::BTreeSet<std::net::Ipv4Addr> =
+            ["169.254.7.127".parse().unwrap()].into();
+        let inbound = inbound_rules(&InboundRules {
+            inbound_port: 15006,
+            hbone_port: 15008,
+            node_addrs: &nodes,
+        });
+        let redirect = inbound.find("REDIRECT --to-ports 15006").expect(&inbound);
+        for exempt in [
+            "-i lo -j RETURN",
+            "--dport 15008 -j RETURN",
+            "-s 169.254.7.127/32 -j RETURN",
+        ] {
+            assert!(inbound.find(exempt).expect(exempt) < redirect, "{inbound}");
+        }
         let r6 = ip6_rules("/a");
         assert!(r6.find("-d ::1/128 -j RETURN") < r6.find("REJECT"), "{r6}");
         assert!(!r6.contains("--mark"), "{r6}");

@@ -78,9 +78,36 @@ impl BuiltinCa {
         })
     }
 
-    /// A root made now, for one node on its own (the local demo): nothing outside this
-    /// daemon trusts it, and it is gone with the process.
+    /// The node's own root: the one the previous daemon on this node handed over (its
+    /// certificate and key in PEM), or a new one. Daemons that follow one another in a
+    /// hand-over thus issue under one root, and a tunnel one opens to a pod the other
+    /// serves is trusted. Nothing outside the node trusts it, and it never touches disk:
+    /// it passes from daemon to daemon in memory (a sealed memfd). Also returns the PEM to
+    /// hand to the next daemon.
+    pub fn node_local(
+        previous: Option<&str>,
+        trust_domain: &str,
+    ) -> Result<(Self, String), CaError> {
+        if let Some(pem) = previous {
+            // The certificate, then the key.
+            if let Some(at) = pem.find("-----BEGIN PRIVATE KEY-----") {
+                if let Ok(ca) = Self::from_pem(&pem[..at], &pem[at..]) {
+                    return Ok((ca, pem.to_string()));
+                }
+            }
+        }
+        let (ca, cert_pem, key_pem) = Self::generate(trust_domain)?;
+        Ok((ca, cert_pem + &key_pem))
+    }
+
+    /// A root made now, for one node on its own: nothing outside this daemon trusts it,
+    /// and it is gone with the process.
     pub fn ephemeral(trust_domain: &str) -> Result<Self, CaError> {
+        Self::generate(trust_domain).map(|(ca, _, _)| ca)
+    }
+
+    /// A new self-signed root, with its certificate and key in PEM.
+    fn generate(trust_domain: &str) -> Result<(Self, String, String), CaError> {
         let fail = |reason: rcgen::Error| CaError::Load {
             what: "ephemeral root".into(),
             reason: reason.to_string(),
@@ -97,11 +124,13 @@ impl BuiltinCa {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(fail)?;
         let cert = params.self_signed(&key).map_err(fail)?;
         let der = cert.der().clone();
-        Ok(Self {
+        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        let ca = Self {
             issuer: rcgen::Issuer::new(params, key),
             chain: vec![der.clone()],
             roots: vec![der],
-        })
+        };
+        Ok((ca, cert_pem, key_pem))
     }
 
     /// The roots this CA's certificates chain to.
@@ -182,5 +211,17 @@ mod tests {
         let from_files = BuiltinCa::from_pem(&pem(root.der()), &key.serialize_pem()).unwrap();
         assert_eq!(from_files.roots(), &[root.der().clone()]);
         assert!(BuiltinCa::from_pem("", &key.serialize_pem()).is_err());
+    }
+
+    /// Daemons that follow one another on a node issue under one root: the second is
+    /// given the first one's; something that is not a root is replaced, not fatal.
+    #[test]
+    fn the_node_root_passes_to_the_next_daemon() {
+        let (first, pem) = BuiltinCa::node_local(None, "cluster.local").unwrap();
+        let (second, again) = BuiltinCa::node_local(Some(&pem), "cluster.local").unwrap();
+        assert_eq!(first.roots(), second.roots());
+        assert_eq!(pem, again);
+        let (third, _) = BuiltinCa::node_local(Some("not a root"), "cluster.local").unwrap();
+        assert_ne!(third.roots(), first.roots());
     }
 }

@@ -63,12 +63,25 @@ impl HboneError {
 #[derive(Default)]
 pub struct Pool {
     senders: Mutex<HashMap<(SocketAddr, Identity), Sender>>,
+    /// Set by [`Self::clear`]: a connection opened during the drain is not kept.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// The sending half of a pooled HBONE connection.
 type Sender = client_http2::SendRequest<Empty<Bytes>>;
 
 impl Pool {
+    /// Forgets every pooled connection (the daemon is draining): each closes once its
+    /// streams in flight end.
+    pub fn clear(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.senders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     fn pooled(
         &self,
         key: &(SocketAddr, Identity),
@@ -78,6 +91,9 @@ impl Pool {
     }
 
     fn keep(&self, key: (SocketAddr, Identity), sender: Sender) {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
         senders.retain(|_, s| !s.is_closed());
         senders.insert(key, sender);
@@ -438,7 +454,9 @@ impl Inbound {
         };
         let upgrade = hyper::upgrade::on(&mut req);
         let inputs = self.inputs.clone();
+        let active = super::ActiveGuard::count(&inputs);
         tokio::spawn(async move {
+            let _active = active;
             match upgrade.await {
                 Ok(upgraded) => {
                     super::inbound::deliver(

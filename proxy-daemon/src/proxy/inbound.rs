@@ -233,9 +233,12 @@ pub async fn serve_plaintext(inputs: Arc<ProxyInputs>, handle: PodHandle, listen
                 continue;
             }
         };
+        // Counted from the accept, so a drain waits for it.
+        let active = super::ActiveGuard::count(&inputs);
         let inputs = inputs.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _active = active;
             plaintext_connection(&inputs, pod, stream, peer).await;
         });
     }
@@ -247,9 +250,18 @@ async fn plaintext_connection(
     stream: TcpStream,
     peer: SocketAddr,
 ) {
-    // The inbound program kept the address the caller dialled as the local address.
-    let Ok(target) = stream.local_addr() else {
+    // The inbound program kept the address the caller dialled as the local address;
+    // under `--capture iptables` the redirect made it this port, and conntrack knows.
+    let Ok(local) = stream.local_addr() else {
         return;
+    };
+    let target = if local.port() == inputs.settings.inbound_port {
+        let fd = std::os::fd::AsFd::as_fd(&stream);
+        crate::capture::iptables::original_destination(fd)
+            .map(SocketAddr::V4)
+            .unwrap_or(local)
+    } else {
+        local
     };
     let _ = stream.set_nodelay(true);
     let own = pod.workload.identity(inputs.certs.trust_domain());
@@ -410,25 +422,66 @@ where
         }
     };
     let sender = Arc::new(sender);
+    let requests = super::http::RequestSeen::new();
+    let seen = requests.clone();
+    let draining = call.inputs.draining.clone();
     let service = hyper::service::service_fn(move |req| {
         let (call, sender) = (call.clone(), sender.clone());
-        async move { Ok::<_, std::convert::Infallible>(forward(call, sender, req).await) }
+        seen.arrived();
+        async move {
+            let mut resp = forward(call.clone(), sender, req).await;
+            // As on the way out: during a drain an HTTP/1 answer closes its connection
+            // (the caller's pool opens the next one to the successor).
+            let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if !h2 && !upgrade && *call.inputs.draining.borrow() {
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let io = TokioIo::new(client);
     let result = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .serve_connection(io, service)
-            .await
+            .serve_connection(io, service);
+        drain_gracefully(conn, draining, &requests, |c| c.graceful_shutdown()).await
     } else {
-        hyper::server::conn::http1::Builder::new()
+        let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .serve_connection(io, service)
-            .with_upgrades()
-            .await
+            .with_upgrades();
+        drain_gracefully(conn, draining, &requests, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         debug!(error = %e, "inbound HTTP connection ended");
+    }
+}
+
+/// Serves `conn` to its end; when the daemon drains, lets the next request in (or waits
+/// a grace for it), then shuts the connection down gracefully, so a keep-alive caller
+/// does not hold the drain to its timeout.
+async fn drain_gracefully<C, T, E>(
+    conn: C,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+    requests: &super::http::RequestSeen,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<T, E>
+where
+    C: std::future::Future<Output = Result<T, E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = super::http::wait_true(&mut draining) => {
+            match requests.wait_while_serving(conn.as_mut()).await {
+                Some(ended) => ended,
+                None => {
+                    shutdown(conn.as_mut());
+                    conn.await
+                }
+            }
+        }
     }
 }
 

@@ -285,7 +285,17 @@ pub async fn connect_from_pod(
 
 /// Accepts on one pod's listener until the task is aborted (un-enrolment or shutdown).
 /// Keeps `proxy_daemon_active_connections` right however the handler ends.
-struct ActiveGuard(prometheus_client::metrics::gauge::Gauge);
+pub(crate) struct ActiveGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl ActiveGuard {
+    /// Counts one more connection in `proxy_daemon_active_connections` (what the drain
+    /// waits for) until dropped.
+    pub(crate) fn count(inputs: &ProxyInputs) -> Self {
+        let gauge = inputs.metrics.daemon.active_connections.clone();
+        gauge.inc();
+        Self(gauge)
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {

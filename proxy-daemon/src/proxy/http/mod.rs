@@ -138,17 +138,17 @@ pub(super) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 /// Counts a connection's requests as they reach the service, so a drain can wait for the
 /// next one.
 #[derive(Clone)]
-struct RequestSeen(Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>);
+pub(super) struct RequestSeen(Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>);
 
 impl RequestSeen {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self(Arc::new((
             std::sync::atomic::AtomicU64::new(0),
             tokio::sync::Notify::new(),
         )))
     }
 
-    fn arrived(&self) {
+    pub(super) fn arrived(&self) {
         self.0 .0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.0 .1.notify_one();
     }
@@ -156,7 +156,7 @@ impl RequestSeen {
     /// Keeps serving `conn` until its next request has reached the service (it is then in
     /// flight, and a graceful shutdown lets it finish), or the grace is over; or the
     /// connection ends by itself meanwhile: then its result.
-    async fn wait_while_serving<F: std::future::Future + Unpin>(
+    pub(super) async fn wait_while_serving<F: std::future::Future + Unpin>(
         &self,
         mut conn: F,
     ) -> Option<F::Output> {
@@ -231,7 +231,7 @@ pub(super) async fn drained_for(flag: &mut tokio::sync::watch::Receiver<bool>, g
 }
 
 /// Resolves once the flag is true (never, if its sender is gone while false).
-async fn wait_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
+pub(super) async fn wait_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
     if flag.wait_for(|v| *v).await.is_err() {
         std::future::pending::<()>().await;
     }

@@ -15,6 +15,8 @@ pub struct UpstreamPool {
     pub(super) h2: Mutex<HashMap<PoolKey, SharedH2>>,
     /// The node-wide count and cap of idle connections, shared by every pod's pool.
     budget: Arc<IdleBudget>,
+    /// Set by [`Self::clear`]: a connection finishing its request is closed, not parked.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// A pooled HTTP/2 connection and when it was last used.
@@ -93,6 +95,7 @@ impl UpstreamPool {
             idle: Default::default(),
             h2: Default::default(),
             budget,
+            closed: Default::default(),
         }
     }
 
@@ -119,6 +122,9 @@ impl UpstreamPool {
         let idle_timeout = idle.unwrap_or(DEFAULT_HTTP_IDLE_TIMEOUT);
         // 0s: disabled (Envoy's meaning), never closed for idleness.
         let expires = (!idle_timeout.is_zero()).then(|| tokio::time::Instant::now() + idle_timeout);
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if self.budget.gauge.get() >= self.budget.cap {
             self.budget.closed_at_cap.inc();
             return;
@@ -133,6 +139,22 @@ impl UpstreamPool {
             });
             self.budget.gauge.inc();
         }
+    }
+
+    /// Closes every idle upstream connection and parks none from now on (the daemon is
+    /// draining: none will be used again, and one held open would hold a tunnel stream,
+    /// and the drain, with it).
+    pub fn clear(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut pools = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let idle: usize = pools.values().map(Vec::len).sum();
+        pools.clear();
+        drop(pools);
+        let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = h2.len();
+        h2.clear();
+        self.budget.gauge.dec_by((idle + shared) as i64);
     }
 
     /// Closes parked connections past their idle timeout or closed by the server, and
@@ -187,6 +209,9 @@ impl UpstreamPool {
         let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         if h2.remove(&key).is_some() {
             self.budget.gauge.dec();
+        }
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
         }
         if h2.len() >= MAX_H2_PER_POD || self.budget.gauge.get() >= self.budget.cap {
             self.budget.closed_at_cap.inc();
