@@ -741,6 +741,17 @@ pub struct InboundRefusalLabels {
     pub reason: &'static str,
 }
 
+/// `policy` is `namespace.name` of the policy that decided (or `no_allow_policy_matched`,
+/// `no_allow_policy`); `decision` is allow, deny, audit, dry_run_allow or dry_run_deny.
+/// Policy objects are few (each is a configuration object), so the series are bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorizationLabels {
+    pub policy: String,
+    pub decision: &'static str,
+    /// tcp (a connection) or http (a request).
+    pub layer: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     /// node_limit | namespace_limit
@@ -931,6 +942,8 @@ pub struct DaemonMetrics {
     pub inbound_refused: Family<InboundRefusalLabels, Counter>,
     /// Connections to the admin, metrics and health ports refused past their caps.
     pub endpoint_connections_refused: Family<EndpointRefusalLabels, Counter>,
+    /// AuthorizationPolicy decisions at the destination, by deciding policy and outcome.
+    pub authorization: Family<AuthorizationLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -1179,6 +1192,11 @@ impl Metrics {
             "inbound_refused",
             "Connections for a pod's app refused at the destination: plaintext_strict (no client certificate where PeerAuthentication is STRICT), proxy_port (a port of the proxy itself), tls_handshake (no or an untrusted client certificate, another trust domain), no_identity, other_address (HBONE CONNECT for another pod's address), handshake_budget (the caller's namespace has too many handshakes in progress), connection_budget, no_certificate, http2",
             daemon.inbound_refused.clone(),
+        );
+        sub.register(
+            "authorization",
+            "AuthorizationPolicy decisions at the destination: the deciding policy (namespace.name, or no_allow_policy_matched) and allow, deny, audit, dry_run_allow or dry_run_deny, per request (http) or connection (tcp)",
+            daemon.authorization.clone(),
         );
         sub.register(
             "endpoint_connections_refused",

@@ -46,14 +46,18 @@ const THIS_NODE_PODS: &str = "Pod (this node)";
 /// The watch of other nodes' pods (labels for subsets and destination metrics).
 const OTHER_NODE_PODS: &str = "Pod (other nodes)";
 const ISTIO_GROUP: &str = "networking.istio.io";
+const SECURITY_GROUP: &str = "security.istio.io";
 /// Versions in the order we prefer them when the server's preferred one lacks a kind.
 const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
-const ISTIO_KINDS: [(&str, &str); 5] = [
-    ("VirtualService", "virtualservices"),
-    ("DestinationRule", "destinationrules"),
-    ("ServiceEntry", "serviceentries"),
-    ("Sidecar", "sidecars"),
-    ("EnvoyFilter", "envoyfilters"),
+/// The Istio kinds watched, with their API group.
+const ISTIO_KINDS: [(&str, &str); 7] = [
+    ("VirtualService", ISTIO_GROUP),
+    ("DestinationRule", ISTIO_GROUP),
+    ("ServiceEntry", ISTIO_GROUP),
+    ("Sidecar", ISTIO_GROUP),
+    ("EnvoyFilter", ISTIO_GROUP),
+    ("PeerAuthentication", SECURITY_GROUP),
+    ("AuthorizationPolicy", SECURITY_GROUP),
 ];
 /// Istio objects larger than this (as JSON) are rejected rather than parsed on the
 /// daemon's threads; real VirtualServices are a few KiB.
@@ -709,11 +713,16 @@ pub fn core(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
-/// The version of `networking.istio.io` that serves `kind`, if any: the server's preferred
-/// version when it has the kind, else the first of v1, v1beta1, v1alpha3 that does.
-async fn istio_resource(client: &Client, kind: &str) -> Result<Option<ApiResource>, kube::Error> {
+/// The version of the Istio API group `group_name` that serves `kind`, if any: the server's
+/// preferred version when it has the kind, else the first of v1, v1beta1, v1alpha3 that
+/// does.
+async fn istio_resource(
+    client: &Client,
+    group_name: &str,
+    kind: &str,
+) -> Result<Option<ApiResource>, kube::Error> {
     let groups = client.list_api_groups().await?;
-    let Some(group) = groups.groups.iter().find(|g| g.name == ISTIO_GROUP) else {
+    let Some(group) = groups.groups.iter().find(|g| g.name == group_name) else {
         return Ok(None);
     };
     let served: Vec<&str> = group.versions.iter().map(|v| v.version.as_str()).collect();
@@ -727,7 +736,7 @@ async fn istio_resource(client: &Client, kind: &str) -> Result<Option<ApiResourc
         }
     }
     for version in order {
-        let gv = format!("{ISTIO_GROUP}/{version}");
+        let gv = format!("{group_name}/{version}");
         let resources = match client.list_api_group_resources(&gv).await {
             Ok(r) => r,
             Err(kube::Error::Api(s)) if s.code == 404 => continue,
@@ -739,7 +748,7 @@ async fn istio_resource(client: &Client, kind: &str) -> Result<Option<ApiResourc
             .find(|r| r.kind == kind && !r.name.contains('/'))
         {
             return Ok(Some(ApiResource {
-                group: ISTIO_GROUP.into(),
+                group: group_name.into(),
                 version: version.into(),
                 api_version: gv,
                 kind: kind.into(),
@@ -754,7 +763,7 @@ async fn istio_resource(client: &Client, kind: &str) -> Result<Option<ApiResourc
 /// installed, or removed), keep it empty and look again every `rediscovery`.
 async fn run_istio_kind(
     client: Client,
-    kind: &'static str,
+    (kind, group): (&'static str, &'static str),
     store: Arc<ClusterStore>,
     metrics: Arc<ClusterMetrics>,
     rediscovery: Duration,
@@ -768,14 +777,14 @@ async fn run_istio_kind(
     let (mut was_served, mut misses) = (false, 0u32);
     let labels = KindLabels { kind: kind.into() };
     loop {
-        let found = istio_resource(&client, kind).await;
+        let found = istio_resource(&client, group, kind).await;
         if found.is_ok() {
             failing = false;
         }
         match found {
             Err(e) => {
                 if !failing {
-                    warn!(kind, error = %e, "API discovery of networking.istio.io failed; retrying with backoff");
+                    warn!(kind, group, error = %e, "API discovery failed; retrying with backoff");
                     failing = true;
                 }
                 metrics
@@ -1110,11 +1119,11 @@ pub fn start(
             }
         });
     }
-    for (kind, _) in ISTIO_KINDS {
+    for (kind, group) in ISTIO_KINDS {
         let guard = ready.register_task(&format!("kubernetes: initial list of {kind}"));
         tokio::spawn(run_istio_kind(
             client.clone(),
-            kind,
+            (kind, group),
             store.clone(),
             metrics.clone(),
             settings.rediscovery,

@@ -297,6 +297,9 @@ pub fn parse_document(
         (api, "PeerAuthentication") if SECURITY_ISTIO.contains(&api) => {
             istio_kind!(PeerAuthentication)
         }
+        (api, "AuthorizationPolicy") if SECURITY_ISTIO.contains(&api) => {
+            istio_kind!(AuthorizationPolicy)
+        }
         ("v1", "ConfigMap")
             if ns == super::mesh::MESH_CONFIG_NAMESPACE
                 && meta.metadata.name == super::mesh::MESH_CONFIG_NAME =>

@@ -93,6 +93,7 @@ pub enum Object {
     Sidecar(istio::IstioObject<istio::SidecarSpec>),
     EnvoyFilter(istio::IstioObject<istio::EnvoyFilterSpec>),
     PeerAuthentication(istio::IstioObject<security::PeerAuthenticationSpec>),
+    AuthorizationPolicy(istio::IstioObject<security::AuthorizationPolicySpec>),
     /// Ingress gateways are not the node proxy's job; kept to explain what is ignored.
     Gateway,
     /// ConfigMap `istio-system/istio`: the mesh config (its tracing part).
@@ -113,6 +114,7 @@ impl Object {
             Object::Sidecar(o) => Some(&o.metadata),
             Object::EnvoyFilter(o) => Some(&o.metadata),
             Object::PeerAuthentication(o) => Some(&o.metadata),
+            Object::AuthorizationPolicy(o) => Some(&o.metadata),
             Object::Gateway | Object::MeshConfig(_) => None,
         }
     }

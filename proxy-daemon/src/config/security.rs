@@ -92,3 +92,111 @@ impl PeerAuthenticationSpec {
         }
     }
 }
+
+/// AuthorizationPolicy: who may call a workload, and how (`security.istio.io`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    pub selector: Option<SecuritySelector>,
+    /// Deprecated single form of `targetRefs`.
+    pub target_ref: Option<PolicyTargetRef>,
+    pub target_refs: Option<Vec<PolicyTargetRef>>,
+    /// Absent: the policy matches nothing (with ALLOW: allow-nothing).
+    pub rules: Option<Vec<Spanned<AuthzRule>>>,
+    #[serde(default)]
+    pub action: AuthzAction,
+    /// The extension provider of a CUSTOM policy.
+    pub provider: Option<AuthzProvider>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthzAction {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzProvider {
+    #[serde(default)]
+    pub name: String,
+}
+
+/// What a policy is attached to, when not to workloads by selector.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTargetRef {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    pub namespace: Option<String>,
+}
+
+/// One rule: matches when any `from` and any `to` entry and every `when` condition match.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzRule {
+    pub from: Option<Vec<Spanned<AuthzFrom>>>,
+    pub to: Option<Vec<Spanned<AuthzTo>>>,
+    pub when: Option<Vec<Spanned<AuthzCondition>>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzFrom {
+    pub source: Option<AuthzSource>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzTo {
+    pub operation: Option<AuthzOperation>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzSource {
+    pub principals: Option<Vec<String>>,
+    pub not_principals: Option<Vec<String>>,
+    pub request_principals: Option<Vec<String>>,
+    pub not_request_principals: Option<Vec<String>>,
+    pub namespaces: Option<Vec<String>>,
+    pub not_namespaces: Option<Vec<String>>,
+    pub service_accounts: Option<Vec<String>>,
+    pub not_service_accounts: Option<Vec<String>>,
+    pub ip_blocks: Option<Vec<String>>,
+    pub not_ip_blocks: Option<Vec<String>>,
+    pub remote_ip_blocks: Option<Vec<String>>,
+    pub not_remote_ip_blocks: Option<Vec<String>>,
+    pub trust_domains: Option<Vec<String>>,
+    pub not_trust_domains: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzOperation {
+    pub hosts: Option<Vec<String>>,
+    pub not_hosts: Option<Vec<String>>,
+    pub ports: Option<Vec<String>>,
+    pub not_ports: Option<Vec<String>>,
+    pub methods: Option<Vec<String>>,
+    pub not_methods: Option<Vec<String>>,
+    pub paths: Option<Vec<String>>,
+    pub not_paths: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzCondition {
+    #[serde(default)]
+    pub key: String,
+    pub values: Option<Vec<String>>,
+    pub not_values: Option<Vec<String>>,
+}

@@ -436,6 +436,17 @@ impl Inbound {
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
         let destination = super::inbound::describe(&snap, &arrival);
+        if let super::inbound::ConnectionAuthz::Denied(_) =
+            super::inbound::authorize_connection(&self.inputs, &snap, &arrival, &destination)
+        {
+            // As ztunnel answers a CONNECT its policies deny.
+            super::inbound::refuse(
+                &self.inputs,
+                &arrival,
+                super::inbound::Denial::Authorization,
+            );
+            return status(StatusCode::UNAUTHORIZED);
+        }
         let app = match super::inbound::connect_to_app(
             &self.pod,
             target,

@@ -32,7 +32,7 @@ use crate::{
         RequestRecord, SourceLabels,
     },
     proxy::access_log::Value,
-    state::{security::EffectiveMode, Snapshot},
+    state::{authz, security::EffectiveMode, Snapshot},
 };
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
@@ -72,6 +72,8 @@ pub enum Denial {
     PlaintextUnderStrict,
     /// A port of the proxy itself (no loops through the daemon).
     ProxyPort,
+    /// An AuthorizationPolicy denied the connection.
+    Authorization,
 }
 
 impl Denial {
@@ -79,6 +81,7 @@ impl Denial {
         match self {
             Denial::PlaintextUnderStrict => "plaintext_strict",
             Denial::ProxyPort => "proxy_port",
+            Denial::Authorization => "authorization",
         }
     }
 }
@@ -164,6 +167,126 @@ pub fn describe(snap: &Snapshot, arrival: &Arrival) -> Destination {
         declared: served
             .map(|s| sniff::Declared::from(s.class))
             .unwrap_or(sniff::Declared::Undeclared),
+    }
+}
+
+// ---- AuthorizationPolicy
+
+/// What the AuthorizationPolicies say of a connection before its first byte.
+pub enum ConnectionAuthz {
+    Allowed,
+    Denied(authz::Decision),
+    /// A policy names HTTP fields: decided per request (HTTP) or once the protocol is
+    /// known (TCP).
+    Later,
+}
+
+/// The workload (and Service, when known) a connection is for, as the policies see it.
+fn authz_target<'a>(arrival: &'a Arrival, service: &'a str) -> authz::Target<'a> {
+    let w = &arrival.pod.workload;
+    authz::Target {
+        namespace: &w.namespace,
+        labels: &w.labels,
+        service: (service != crate::state::workload::UNKNOWN).then_some(service),
+    }
+}
+
+fn authz_attributes<'a>(
+    arrival: &'a Arrival,
+    http: Option<authz::HttpAttributes<'a>>,
+) -> authz::Attributes<'a> {
+    authz::Attributes {
+        peer: arrival.caller.as_ref(),
+        source_ip: Some(arrival.peer.ip()),
+        destination: Some(arrival.target),
+        sni: None,
+        http,
+    }
+}
+
+/// Decides a connection at its start when no policy binding the pod needs HTTP to decide.
+pub fn authorize_connection(
+    inputs: &ProxyInputs,
+    snap: &Snapshot,
+    arrival: &Arrival,
+    destination: &Destination,
+) -> ConnectionAuthz {
+    let policies = snap
+        .authorization
+        .for_target(&authz_target(arrival, &destination.labels.service.service));
+    if policies.is_empty() {
+        return ConnectionAuthz::Allowed;
+    }
+    if policies.iter().any(|p| p.needs_http()) {
+        return ConnectionAuthz::Later;
+    }
+    let decision = authz::decide(&policies, &authz_attributes(arrival, None));
+    if decision.denied() {
+        // (An allowed connection is counted once its protocol is known.)
+        record_authz(inputs, arrival, &decision, "tcp");
+        ConnectionAuthz::Denied(decision)
+    } else {
+        ConnectionAuthz::Allowed
+    }
+}
+
+/// The decision for a connection once it is known not to be HTTP (None: no policy).
+fn authorize_tcp(inputs: &ProxyInputs, call: &Call) -> Option<authz::Decision> {
+    let snap = inputs.config.load();
+    let policies = snap
+        .authorization
+        .for_target(&authz_target(&call.arrival, &call.labels.service.service));
+    if policies.is_empty() {
+        return None;
+    }
+    Some(authz::decide(
+        &policies,
+        &authz_attributes(&call.arrival, None),
+    ))
+}
+
+/// Counts a decision (and the AUDIT and dry-run policies it met), and logs each denying
+/// or dry-run policy once per pod.
+fn record_authz(
+    inputs: &ProxyInputs,
+    arrival: &Arrival,
+    decision: &authz::Decision,
+    layer: &'static str,
+) {
+    let family = &inputs.metrics.daemon.authorization;
+    let count = |policy: String, decision: &'static str| {
+        family
+            .get_or_create(&crate::metrics::AuthorizationLabels {
+                policy,
+                decision,
+                layer,
+            })
+            .inc();
+    };
+    let w = &arrival.pod.workload;
+    let policy = decision.policy();
+    count(
+        policy.clone(),
+        if decision.denied() { "deny" } else { "allow" },
+    );
+    if decision.denied() && log_first(&format!("authz/{}/{}/{policy}", w.namespace, w.pod_name)) {
+        info!(pod = %w.pod_name, namespace = %w.namespace, peer = %arrival.peer, policy = %policy, "AuthorizationPolicy denied a {layer} call (logged once per pod and policy; counted in proxy_daemon_authorization_total)");
+    }
+    for audited in &decision.audited {
+        count(audited.clone(), "audit");
+    }
+    for (dry, would_deny) in &decision.dry_run {
+        count(
+            dry.clone(),
+            if *would_deny {
+                "dry_run_deny"
+            } else {
+                "dry_run_allow"
+            },
+        );
+        if *would_deny && log_first(&format!("dry/{}/{}/{dry}", w.namespace, w.pod_name)) {
+            info!(pod = %w.pod_name, namespace = %w.namespace, peer = %arrival.peer, policy = %dry, "dry-run AuthorizationPolicy would deny (not enforced; logged once per pod and policy)");
+        }
     }
 }
 
@@ -281,6 +404,12 @@ async fn plaintext_connection(
         return;
     }
     let destination = describe(&snap, &arrival);
+    if let ConnectionAuthz::Denied(_) = authorize_connection(inputs, &snap, &arrival, &destination)
+    {
+        refuse(inputs, &arrival, Denial::Authorization);
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        return;
+    }
     let app = match connect_to_app(&arrival.pod, target, inputs.settings.connect_timeout).await {
         Ok(app) => app,
         Err(e) => {
@@ -321,7 +450,16 @@ pub async fn deliver<I>(
     match protocol {
         sniff::Protocol::Http1 => serve_http(call, client, app, false).await,
         sniff::Protocol::Http2 => serve_http(call, client, app, true).await,
-        sniff::Protocol::Tls | sniff::Protocol::Opaque => copy_tcp(call, client, app).await,
+        sniff::Protocol::Tls | sniff::Protocol::Opaque => {
+            if let Some(decision) = authorize_tcp(&call.inputs, &call) {
+                record_authz(&call.inputs, &call.arrival, &decision, "tcp");
+                if decision.denied() {
+                    refuse(&call.inputs, &call.arrival, Denial::Authorization);
+                    return;
+                }
+            }
+            copy_tcp(call, client, app).await
+        }
     }
 }
 
@@ -372,16 +510,46 @@ where
     let start_time = SystemTime::now();
     tcp.open(&call.labels);
     let handles = tcp.handles(&call.labels);
-    let result = super::tcp::copy_pair(
+    let copied = super::tcp::copy_pair(
         &mut client,
         &mut app,
         (&handles.received_bytes, &handles.sent_bytes),
-    )
-    .await;
-    let flags = if result.is_ok() { "" } else { "UC" };
+    );
+    let (result, revoked) = tokio::select! {
+        r = copied => (r, false),
+        _ = revoked(&call) => (Err(std::io::Error::other("denied by a policy update")), true),
+    };
+    let flags = match (&result, revoked) {
+        (_, true) => "DENY",
+        (Ok(_), _) => "",
+        (Err(_), _) => "UC",
+    };
     tcp.close(&call.labels.with_flags(flags));
     let (received, sent) = result.unwrap_or_default();
     log_connection(&call, start_time, started.elapsed(), flags, received, sent);
+}
+
+/// How often an open TCP connection looks for a configuration change that now denies it.
+const AUTHZ_RECHECK: Duration = Duration::from_secs(1);
+
+/// Resolves when a new configuration's policies deny this connection (Istio closes open
+/// L4 connections that a policy update denies).
+async fn revoked(call: &Call) {
+    let mut seen = call.inputs.config.load().generation;
+    loop {
+        tokio::time::sleep(AUTHZ_RECHECK).await;
+        let generation = call.inputs.config.load().generation;
+        if generation == seen {
+            continue;
+        }
+        seen = generation;
+        if let Some(decision) = authorize_tcp(&call.inputs, call) {
+            if decision.denied() {
+                record_authz(&call.inputs, &call.arrival, &decision, "tcp");
+                return;
+            }
+        }
+    }
 }
 
 // ---- HTTP at the destination
@@ -498,6 +666,7 @@ async fn forward(
     let started = Instant::now();
     let start_time = SystemTime::now();
     let snap = call.inputs.config.load();
+    let denied_by = authorize_request(&call, &snap, &req);
     let namespace_sampling = snap
         .namespaces
         .get(&call.arrival.pod.workload.namespace)
@@ -552,6 +721,7 @@ async fn forward(
         grpc,
         flags: Cow::Borrowed(""),
         code: 0,
+        policy: None,
         trace,
         user_agent: req
             .headers()
@@ -559,6 +729,23 @@ async fn forward(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
     };
+    if let Some(policy) = denied_by {
+        // Istio's answer; the request never reaches the app.
+        finish.flags = Cow::Borrowed("DENY");
+        finish.code = 403;
+        finish.policy = Some(policy);
+        let mut r = Response::new(
+            Full::new(Bytes::from_static(b"RBAC: access denied"))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *r.status_mut() = StatusCode::FORBIDDEN;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        return super::report::metered(r, finish);
+    }
     let req = req.map(|inner| {
         super::report::CountingBody {
             inner: inner.boxed(),
@@ -622,6 +809,8 @@ struct Finish {
     grpc: bool,
     flags: Cow<'static, str>,
     code: u16,
+    /// The AuthorizationPolicy that denied the request (`namespace.name`).
+    policy: Option<String>,
     trace: crate::spans::RequestTrace,
     user_agent: Option<String>,
 }
@@ -781,9 +970,50 @@ impl Finish {
                     Value::Str(security_policy(&self.call)),
                 ),
                 ("reporter", Value::Str("destination")),
+                (
+                    "authorization_policy",
+                    Value::Str(self.policy.as_deref().unwrap_or("-")),
+                ),
             ],
         );
     }
+}
+
+/// The policy that denies this request (`namespace.name`, or what decided), if one does.
+fn authorize_request(
+    call: &Call,
+    snap: &Snapshot,
+    req: &Request<hyper::body::Incoming>,
+) -> Option<String> {
+    if snap.authorization.is_empty() {
+        return None;
+    }
+    let policies = snap
+        .authorization
+        .for_target(&authz_target(&call.arrival, &call.labels.service.service));
+    if policies.is_empty() {
+        return None;
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or_default();
+    let path = authz::normalize_path(req.uri().path());
+    let http = authz::HttpAttributes {
+        method: req.method().as_str(),
+        host,
+        path: &path,
+        headers: req.headers(),
+    };
+    let decision = authz::decide(&policies, &authz_attributes(&call.arrival, Some(http)));
+    record_authz(&call.inputs, &call.arrival, &decision, "http");
+    decision.denied().then(|| decision.policy())
 }
 
 fn principals(call: &Call) -> (String, String) {

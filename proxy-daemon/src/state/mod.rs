@@ -1,5 +1,6 @@
 //! Store → compile → snapshot. The store holds what the source last gave us; compiling
 //! turns it into an immutable [`Snapshot`] the rest of the daemon reads without locks.
+pub mod authz;
 pub mod registry;
 pub mod routes;
 pub mod security;
@@ -164,6 +165,7 @@ pub struct Snapshot {
     pub conflicts: Vec<crate::state::registry::Conflict>,
     /// Which inbound connections may arrive without mutual TLS.
     pub peer_authentication: security::PeerAuthentication,
+    pub authorization: authz::Authorization,
 }
 
 fn parse_fail_mode(v: &str) -> Option<FailMode> {
@@ -360,6 +362,7 @@ pub fn compile(
         crate::state::routes::build(objects, &snap.registry, &snap.export_defaults, &mut errors);
     snap.peer_authentication =
         security::build(objects, crate::state::routes::ROOT_NAMESPACE, &mut errors);
+    snap.authorization = authz::build(objects, crate::state::routes::ROOT_NAMESPACE, &mut errors);
     snap.conflicts
         .extend(snap.registry.conflicts.iter().copied());
     snap.conflicts.extend(snap.routes.conflicts.iter().copied());
