@@ -293,3 +293,56 @@ spec:
         .contains("dry-run AuthorizationPolicy would deny"));
     assert_eq!(d.terminate(), Some(0));
 }
+
+/// A policy update closes open TCP connections it now denies (Istio's behaviour for L4),
+/// and leaves those it still allows.
+#[test]
+fn a_policy_update_closes_the_open_connections_it_denies() {
+    let m = mesh("authz-revoke");
+    let mut d = m.start("");
+    let to = format!("{SERVICE}:7000");
+    let hold = |pod: &Pod| {
+        pod.host
+            .command(
+                Some(&pod.app_cgroup()),
+                &proxy_tests::target_bin("pdtool"),
+                &["stall", "--to", &to, "--count", "3", "--ms", "5000"],
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("pdtool stall")
+    };
+    let (web, spy) = (hold(&m.web), hold(&m.spy));
+    std::thread::sleep(Duration::from_millis(1500));
+    m.node.write_config(
+        "cluster.yaml",
+        &(m.base.clone()
+            + "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-shop, namespace: prod}
+spec:
+  rules:
+  - from: [{source: {namespaces: [shop]}}]
+---
+"),
+    );
+    let read = |child: std::process::Child| -> serde_json::Value {
+        let out = child.wait_with_output().expect("stall output");
+        serde_json::from_slice(&out.stdout).expect("stall JSON")
+    };
+    let (web, spy) = (read(web), read(spy));
+    assert_eq!(web["connected"], 3, "{web}");
+    assert_eq!(
+        web["still_open"], 3,
+        "the allowed namespace keeps its connections: {web}"
+    );
+    assert_eq!(spy["connected"], 3, "{spy}");
+    assert_eq!(spy["ended_by_peer"], 3, "the denied ones are closed: {spy}");
+    assert!(
+        d.metric_sum(
+            "istio_tcp_connections_closed_total",
+            &[("reporter", "destination"), ("response_flags", "DENY")],
+        ) >= 3.0
+    );
+    assert_eq!(d.terminate(), Some(0));
+}

@@ -28,6 +28,9 @@ use crate::{
     identity::Identity,
 };
 
+/// What `validate` says of the fields that need a verified JWT.
+const NO_JWT: &str = "requestPrincipals and request.auth.* need RequestAuthentication, which proxy-daemon does not support yet: no request carries a verified JWT, so these values never match (their not* forms always do)";
+
 /// Istio's annotation for a policy that is only evaluated and reported.
 const DRY_RUN: &str = "istio.io/dry-run";
 
@@ -94,9 +97,11 @@ impl PathMatch {
             match segment {
                 "{*}" => pattern.push_str("[^/]+"),
                 "{**}" => pattern.push_str(".*"),
-                s if s.contains('{') || s.contains('}') => return Err(format!(
+                s if s.contains('{') || s.contains('}') => {
+                    return Err(format!(
                     "invalid path template {v:?}: only whole segments {{*}} and {{**}} are allowed"
-                )),
+                ))
+                }
                 s => pattern.push_str(&regex::escape(s)),
             }
         }
@@ -762,6 +767,9 @@ fn compile(
                 None => err(findings, fl, "`from.source` must not be empty".into()),
                 Some(s) => match source(s, namespace) {
                     Ok((src, http)) => {
+                        if http {
+                            warn(findings, fl, NO_JWT.into());
+                        }
                         compiled.http_only_fields |= http;
                         compiled.from.push(src);
                     }
@@ -785,6 +793,15 @@ fn compile(
         for c in rule.when.iter().flatten() {
             match condition(&c.value) {
                 Ok(cond) => {
+                    if matches!(
+                        cond.key,
+                        ConditionKey::AuthPrincipal
+                            | ConditionKey::AuthAudiences
+                            | ConditionKey::AuthPresenter
+                            | ConditionKey::AuthClaims(_)
+                    ) {
+                        warn(findings, c.referenced.line(), NO_JWT.into());
+                    }
                     compiled.http_only_fields |= cond.key.http_only();
                     compiled.when.push(cond);
                 }

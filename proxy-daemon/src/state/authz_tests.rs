@@ -471,3 +471,41 @@ fn istios_policies_validate_as_istio_says() {
         );
     }
 }
+
+/// The fields the integration cases do not reach, each with the call it lets in beside
+/// the one it keeps out.
+#[test]
+fn remote_ip_blocks_trust_domains_hosts_and_absent_attributes() {
+    let policy = |rules: &str| {
+        table(
+            &format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: ns1}}\nspec:\n  rules:\n{rules}"
+            ),
+            "ns1",
+        )
+    };
+    let t = policy("  - from: [{source: {remoteIpBlocks: [10.0.1.0/24]}}]\n");
+    assert!(Call::get("/").allowed(&t));
+    assert!(!Call::get("/").denied_caller().allowed(&t));
+    let t = policy("  - from: [{source: {notTrustDomains: [cluster.local]}}]\n");
+    assert!(!Call::get("/").allowed(&t));
+    let t = policy("  - from: [{source: {trustDomains: [cluster.local]}}]\n");
+    assert!(Call::get("/").allowed(&t));
+    let t = policy("  - to: [{operation: {hosts: [\"B.NS1.svc.cluster.local\"]}}]\n");
+    assert!(
+        Call::get("/").allowed(&t),
+        "hosts compare case-insensitively"
+    );
+    let t = policy("  - to: [{operation: {hosts: [other.example]}}]\n");
+    assert!(!Call::get("/").allowed(&t));
+    // No SNI and no Envoy metadata here: values never match, notValues always do.
+    let t = policy("  - when: [{key: connection.sni, values: [\"*\"]}]\n");
+    assert!(!Call::get("/").allowed(&t));
+    let t = policy("  - when: [{key: connection.sni, notValues: [x]}]\n");
+    assert!(Call::get("/").allowed(&t));
+    let t = policy("  - when: [{key: \"experimental.envoy.filters.a.b[c]\", values: [x]}]\n");
+    assert!(!Call::get("/").allowed(&t));
+    // A requestPrincipals rule cannot match until RequestAuthentication exists.
+    let t = policy("  - from: [{source: {requestPrincipals: [\"*\"]}}]\n");
+    assert!(!Call::get("/").allowed(&t));
+}
