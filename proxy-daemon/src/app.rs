@@ -1287,6 +1287,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         connections: crate::proxy::limits::ConnectionBudget::new(node_budget, namespace_budget),
         bodies: Default::default(),
         handshakes: Default::default(),
+        jwks: Default::default(),
         certs: certs.clone(),
         enrolled: Default::default(),
         idle_upstream,

@@ -745,6 +745,11 @@ pub struct InboundRefusalLabels {
 /// `no_allow_policy`); `decision` is allow, deny, audit, dry_run_allow or dry_run_deny.
 /// Policy objects are few (each is a configuration object), so the series are bounded.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwtRejectionLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthorizationLabels {
     pub policy: String,
     pub decision: &'static str,
@@ -944,6 +949,8 @@ pub struct DaemonMetrics {
     pub endpoint_connections_refused: Family<EndpointRefusalLabels, Counter>,
     /// AuthorizationPolicy decisions at the destination, by deciding policy and outcome.
     pub authorization: Family<AuthorizationLabels, Counter>,
+    /// Requests refused by RequestAuthentication, by reason.
+    pub jwt_rejected: Family<JwtRejectionLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -1197,6 +1204,11 @@ impl Metrics {
             "authorization",
             "AuthorizationPolicy decisions at the destination: the deciding policy (namespace.name, or no_allow_policy_matched) and allow, deny, audit, dry_run_allow or dry_run_deny, per request (http) or connection (tcp)",
             daemon.authorization.clone(),
+        );
+        sub.register(
+            "jwt_rejected",
+            "Requests refused by RequestAuthentication at the destination: missing (presence REQUIRED), malformed, unknown_issuer, expired, not_yet_valid, audience (403), no_matching_key, signature, jwks_fetch",
+            daemon.jwt_rejected.clone(),
         );
         sub.register(
             "endpoint_connections_refused",

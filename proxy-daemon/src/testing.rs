@@ -159,6 +159,7 @@ impl InProcess {
             connections: crate::proxy::limits::ConnectionBudget::new(4096, 4096),
             bodies: Default::default(),
             handshakes: Default::default(),
+            jwks: Default::default(),
             certs: Arc::new(crate::identity::CertManager::new(
                 Arc::new(crate::identity::ca::BuiltinCa::ephemeral("cluster.local").expect("CA")),
                 "cluster.local",

@@ -346,3 +346,122 @@ spec:
     );
     assert_eq!(d.terminate(), Some(0));
 }
+
+/// A JWKS server on the node's loopback (the daemon fetches keys from its own network):
+/// answers every GET with `body`, counting the requests.
+fn jwks_server(
+    body: String,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind JWKS server");
+    let addr = listener.local_addr().expect("addr");
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(100) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (addr, hits)
+}
+
+fn test_token(name: &str) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/istio-security/jwt/tests_common_jwt_tokens.json"
+    ))
+    .expect("tokens");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("tokens JSON");
+    v["tokens"]
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["name"] == name))
+        .and_then(|t| t["token"].as_str())
+        .expect("token")
+        .to_string()
+}
+
+/// RequestAuthentication end to end: keys fetched once from a JWKS URI, a valid token's
+/// principal allowed by AuthorizationPolicy and its claim handed to the app (the token
+/// itself is not), an expired token refused with 401, no token refused by the policy
+/// with 403, a path that needs no token open.
+#[test]
+fn jwt_principals_from_a_jwks_uri_decide_with_authorization_policy() {
+    let m = mesh("authz-jwt");
+    let jwks = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/istio-security/jwt/tests_common_jwt_jwks.json"
+    ))
+    .expect("JWKS");
+    let (server, fetches) = jwks_server(jwks);
+    let mut d = m.start(&format!(
+        "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: db-jwt, namespace: prod}}
+spec:
+  selector: {{matchLabels: {{app: db}}}}
+  jwtRules:
+  - issuer: test-issuer-1@istio.io
+    jwksUri: http://{server}/jwks.json
+    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: db-users, namespace: prod}}
+spec:
+  selector: {{matchLabels: {{app: db}}}}
+  rules:
+  - from: [{{source: {{requestPrincipals: [test-issuer-1@istio.io/sub-1]}}}}]
+    to: [{{operation: {{paths: [/secure]}}}}]
+  - to: [{{operation: {{paths: [/open]}}}}]
+---
+"
+    ));
+    let to = format!("{SERVICE}:80");
+    let call = |path: &str, token: Option<&str>| -> serde_json::Value {
+        let auth = token.map(|t| format!("Authorization: Bearer {}", test_token(t)));
+        let mut args = vec!["http", "--to", &to, "--host", "db.prod", "--path", path];
+        if let Some(a) = &auth {
+            args.extend(["-H", a.as_str()]);
+        }
+        m.web.pdtool(&args)["first"].clone()
+    };
+    let ok = call("/secure", Some("TokenIssuer1"));
+    assert_eq!(ok["status"], 200, "{ok}");
+    let headers = &ok["body"]["headers"];
+    assert_eq!(headers["x-jwt-sub"], "sub-1", "{ok}");
+    assert!(
+        headers.get("authorization").is_none(),
+        "the token stays at the proxy: {ok}"
+    );
+    let expired = call("/secure", Some("TokenExpired"));
+    assert_eq!(
+        (expired["status"].as_u64(), expired["body"].as_str()),
+        (Some(401), Some("Jwt is expired")),
+        "{expired}"
+    );
+    assert_eq!(call("/secure", None)["status"], 403);
+    assert_eq!(
+        call("/secure", Some("TokenIssuer2"))["status"],
+        401,
+        "an issuer no rule names"
+    );
+    assert_eq!(call("/open", None)["status"], 200);
+    assert_eq!(
+        fetches.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the keys are fetched once and cached"
+    );
+    assert!(d.metric_sum("proxy_daemon_jwt_rejected_total", &[("reason", "expired")]) >= 1.0);
+    assert_eq!(d.terminate(), Some(0));
+}

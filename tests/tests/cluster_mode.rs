@@ -504,7 +504,7 @@ fn readiness_waits_for_the_first_sync_and_bad_objects_are_skipped() {
     );
     assert_eq!(
         log.matches("not served by this cluster").count(),
-        7,
+        8,
         "one line per kind, not one per retry:\n{log}"
     );
 

@@ -50,7 +50,7 @@ const SECURITY_GROUP: &str = "security.istio.io";
 /// Versions in the order we prefer them when the server's preferred one lacks a kind.
 const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
 /// The Istio kinds watched, with their API group.
-const ISTIO_KINDS: [(&str, &str); 7] = [
+const ISTIO_KINDS: [(&str, &str); 8] = [
     ("VirtualService", ISTIO_GROUP),
     ("DestinationRule", ISTIO_GROUP),
     ("ServiceEntry", ISTIO_GROUP),
@@ -58,6 +58,7 @@ const ISTIO_KINDS: [(&str, &str); 7] = [
     ("EnvoyFilter", ISTIO_GROUP),
     ("PeerAuthentication", SECURITY_GROUP),
     ("AuthorizationPolicy", SECURITY_GROUP),
+    ("RequestAuthentication", SECURITY_GROUP),
 ];
 /// Istio objects larger than this (as JSON) are rejected rather than parsed on the
 /// daemon's threads; real VirtualServices are a few KiB.

@@ -300,6 +300,9 @@ pub fn parse_document(
         (api, "AuthorizationPolicy") if SECURITY_ISTIO.contains(&api) => {
             istio_kind!(AuthorizationPolicy)
         }
+        (api, "RequestAuthentication") if SECURITY_ISTIO.contains(&api) => {
+            istio_kind!(RequestAuthentication)
+        }
         ("v1", "ConfigMap")
             if ns == super::mesh::MESH_CONFIG_NAMESPACE
                 && meta.metadata.name == super::mesh::MESH_CONFIG_NAME =>

@@ -94,6 +94,7 @@ pub enum Object {
     EnvoyFilter(istio::IstioObject<istio::EnvoyFilterSpec>),
     PeerAuthentication(istio::IstioObject<security::PeerAuthenticationSpec>),
     AuthorizationPolicy(istio::IstioObject<security::AuthorizationPolicySpec>),
+    RequestAuthentication(istio::IstioObject<security::RequestAuthenticationSpec>),
     /// Ingress gateways are not the node proxy's job; kept to explain what is ignored.
     Gateway,
     /// ConfigMap `istio-system/istio`: the mesh config (its tracing part).
@@ -115,6 +116,7 @@ impl Object {
             Object::EnvoyFilter(o) => Some(&o.metadata),
             Object::PeerAuthentication(o) => Some(&o.metadata),
             Object::AuthorizationPolicy(o) => Some(&o.metadata),
+            Object::RequestAuthentication(o) => Some(&o.metadata),
             Object::Gateway | Object::MeshConfig(_) => None,
         }
     }

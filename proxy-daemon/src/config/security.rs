@@ -200,3 +200,52 @@ pub struct AuthzCondition {
     pub values: Option<Vec<String>>,
     pub not_values: Option<Vec<String>>,
 }
+
+/// RequestAuthentication: which JWTs a workload accepts, and what it tells the app.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    pub selector: Option<SecuritySelector>,
+    pub target_ref: Option<PolicyTargetRef>,
+    pub target_refs: Option<Vec<PolicyTargetRef>>,
+    /// An entry may be null in YAML (`-`): Istio's schema refuses it, so do we.
+    pub jwt_rules: Option<Vec<Spanned<Option<JwtRule>>>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtRule {
+    #[serde(default)]
+    pub issuer: String,
+    pub audiences: Option<Vec<String>>,
+    pub jwks_uri: Option<String>,
+    /// A JWKS document, inline.
+    pub jwks: Option<String>,
+    pub from_headers: Option<Vec<JwtHeader>>,
+    pub from_params: Option<Vec<String>>,
+    pub from_cookies: Option<Vec<String>>,
+    pub output_payload_to_header: Option<String>,
+    pub output_claim_to_headers: Option<Vec<Option<ClaimToHeader>>>,
+    #[serde(default)]
+    pub forward_original_token: bool,
+    pub timeout: Option<String>,
+    pub space_delimited_claims: Option<Vec<String>>,
+    pub presence: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtHeader {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimToHeader {
+    #[serde(default)]
+    pub header: String,
+    #[serde(default)]
+    pub claim: String,
+}

@@ -201,6 +201,7 @@ fn authz_attributes<'a>(
         destination: Some(arrival.target),
         sni: None,
         http,
+        request_auth: None,
     }
 }
 
@@ -666,7 +667,11 @@ async fn forward(
     let started = Instant::now();
     let start_time = SystemTime::now();
     let snap = call.inputs.config.load();
-    let denied_by = authorize_request(&call, &snap, &req);
+    let request_auth = match authenticate(&call, &snap, &mut req).await {
+        Ok(auth) => auth,
+        Err(rejection) => return jwt_refusal(&call, &req, rejection),
+    };
+    let denied_by = authorize_request(&call, &snap, &req, request_auth.as_ref());
     let namespace_sampling = snap
         .namespaces
         .get(&call.arrival.pod.workload.namespace)
@@ -979,11 +984,94 @@ impl Finish {
     }
 }
 
+/// The request's verified JWT (None without a token), under the RequestAuthentications
+/// bound to the pod; or why it is refused.
+async fn authenticate(
+    call: &Call,
+    snap: &Snapshot,
+    req: &mut Request<hyper::body::Incoming>,
+) -> Result<Option<authz::RequestAuth>, super::jwt::Rejection> {
+    if snap.request_authn.is_empty() {
+        return Ok(None);
+    }
+    let providers = snap
+        .request_authn
+        .providers_for(&authz_target(&call.arrival, &call.labels.service.service));
+    if providers.is_empty() {
+        return Ok(None);
+    }
+    super::jwt::authenticate(&call.inputs.jwks, &providers, req).await
+}
+
+/// Envoy's answer to a request whose token does not verify (never sent to the app),
+/// reported like any other request, and counted by reason.
+fn jwt_refusal(
+    call: &Arc<Call>,
+    req: &Request<hyper::body::Incoming>,
+    rejection: super::jwt::Rejection,
+) -> Response<Body> {
+    call.inputs
+        .metrics
+        .daemon
+        .jwt_rejected
+        .get_or_create(&crate::metrics::JwtRejectionLabels {
+            reason: rejection.label(),
+        })
+        .inc();
+    let w = &call.arrival.pod.workload;
+    if log_first(&format!(
+        "jwt/{}/{}/{}",
+        w.namespace,
+        w.pod_name,
+        rejection.label()
+    )) {
+        info!(pod = %w.pod_name, namespace = %w.namespace, peer = %call.arrival.peer, reason = rejection.message(), "RequestAuthentication refused a request (logged once per pod and reason; counted in proxy_daemon_jwt_rejected_total)");
+    }
+    let finish = Finish {
+        call: call.clone(),
+        started: Instant::now(),
+        start_time: SystemTime::now(),
+        method: req.method().clone(),
+        authority: req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "/".into()),
+        protocol: "HTTP/1.1",
+        head: 0,
+        body_bytes: Arc::new(AtomicU64::new(0)),
+        grpc: false,
+        flags: Cow::Borrowed(""),
+        code: rejection.status().as_u16(),
+        policy: None,
+        trace: call.inputs.tracer.begin(req.headers(), None),
+        user_agent: None,
+    };
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(rejection.message().as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = rejection.status();
+    r.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"proxy-daemon\", error=\"invalid_token\""),
+    );
+    super::report::metered(r, finish)
+}
+
 /// The policy that denies this request (`namespace.name`, or what decided), if one does.
 fn authorize_request(
     call: &Call,
     snap: &Snapshot,
     req: &Request<hyper::body::Incoming>,
+    request_auth: Option<&authz::RequestAuth>,
 ) -> Option<String> {
     if snap.authorization.is_empty() {
         return None;
@@ -1011,7 +1099,9 @@ fn authorize_request(
         path: &path,
         headers: req.headers(),
     };
-    let decision = authz::decide(&policies, &authz_attributes(&call.arrival, Some(http)));
+    let mut attributes = authz_attributes(&call.arrival, Some(http));
+    attributes.request_auth = request_auth;
+    let decision = authz::decide(&policies, &attributes);
     record_authz(&call.inputs, &call.arrival, &decision, "http");
     decision.denied().then(|| decision.policy())
 }

@@ -8,6 +8,7 @@ pub mod hbone;
 pub mod http;
 pub mod http_route;
 pub mod inbound;
+pub mod jwt;
 pub mod limits;
 pub mod outlier;
 pub mod report;
@@ -200,6 +201,8 @@ pub struct ProxyInputs {
     /// Request bodies held for retries, per source namespace.
     /// TLS handshakes in progress at the pods' HBONE ports, per source namespace.
     pub handshakes: limits::HandshakeBudget,
+    /// JWKS documents RequestAuthentication rules name by URI.
+    pub jwks: jwt::JwksCache,
     pub bodies: limits::BodyBudget,
     /// Workload certificates of the pods enrolled here (HBONE's mutual TLS).
     pub certs: Arc<crate::identity::CertManager>,

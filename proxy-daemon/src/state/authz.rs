@@ -28,9 +28,6 @@ use crate::{
     identity::Identity,
 };
 
-/// What `validate` says of the fields that need a verified JWT.
-const NO_JWT: &str = "requestPrincipals and request.auth.* need RequestAuthentication, which proxy-daemon does not support yet: no request carries a verified JWT, so these values never match (their not* forms always do)";
-
 /// Istio's annotation for a policy that is only evaluated and reported.
 const DRY_RUN: &str = "istio.io/dry-run";
 
@@ -115,6 +112,55 @@ impl PathMatch {
         match self {
             PathMatch::Str(s) => s.matches(path),
             PathMatch::Template(r, _) => r.is_match(path),
+        }
+    }
+}
+
+/// What a verified token says, as AuthorizationPolicy reads it.
+#[derive(Debug, Clone, Default)]
+pub struct RequestAuth {
+    /// `<iss>/<sub>`.
+    pub principal: String,
+    pub audiences: Vec<String>,
+    /// `azp`.
+    pub presenter: Option<String>,
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// Claims whose string value is a space-separated list.
+    pub space_delimited: Vec<String>,
+}
+
+impl RequestAuth {
+    /// The values of the claim at `path` (a string, each element of a list of strings, or
+    /// the words of a space-delimited claim).
+    pub fn claim_values(&self, path: &[String]) -> Vec<String> {
+        let mut at: Option<&serde_json::Value> = None;
+        for (i, key) in path.iter().enumerate() {
+            at = if i == 0 {
+                self.claims.get(key)
+            } else {
+                at.and_then(|v| v.get(key))
+            };
+        }
+        let split = path.len() == 1 && self.space_delimited.iter().any(|c| c == &path[0]);
+        match at {
+            Some(serde_json::Value::String(s)) if split => s
+                .split(' ')
+                .filter(|w| !w.is_empty())
+                .map(str::to_string)
+                .collect(),
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .filter_map(|v| match v {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    serde_json::Value::Bool(b) => Some(b.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            Some(serde_json::Value::Number(n)) => vec![n.to_string()],
+            Some(serde_json::Value::Bool(b)) => vec![b.to_string()],
+            _ => Vec::new(),
         }
     }
 }
@@ -268,6 +314,104 @@ pub enum Scope {
     Services(Vec<String>),
 }
 
+impl Scope {
+    /// Whether a policy of this scope (in the target's namespace, or the root namespace)
+    /// binds `target`.
+    pub fn binds(&self, target: &Target) -> bool {
+        match self {
+            Scope::Namespace => true,
+            Scope::Selector(s) => s.iter().all(|(k, v)| target.labels.get(k) == Some(v)),
+            Scope::Services(hosts) => target.service.is_some_and(|s| hosts.iter().any(|h| h == s)),
+        }
+    }
+}
+
+/// The scope of a security policy from its `selector` or `targetRef(s)`, checked as
+/// Istio's schema checks them; also what a target that binds nothing is worth a warning.
+pub fn target_scope(
+    selector: Option<&crate::config::security::SecuritySelector>,
+    target_ref: Option<&crate::config::security::PolicyTargetRef>,
+    target_refs: Option<&[crate::config::security::PolicyTargetRef]>,
+    namespace: &str,
+) -> Result<(Scope, Vec<String>), String> {
+    let mut targets: Vec<&crate::config::security::PolicyTargetRef> = Vec::new();
+    targets.extend(target_ref);
+    targets.extend(target_refs.into_iter().flatten());
+    if (target_ref.is_some() && target_refs.is_some())
+        || (!targets.is_empty() && selector.is_some())
+    {
+        return Err("only one of targetRefs or selector can be set".into());
+    }
+    let group_ok = regex_lite_dns(true);
+    let mut services = Vec::new();
+    let mut warnings = Vec::new();
+    for t in &targets {
+        if t.name.is_empty() {
+            return Err("spec.targetRef.name: Required value".into());
+        }
+        if !group_ok(&t.group) {
+            return Err(format!(
+                "spec.targetRef.group in body should match '^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$': {:?}",
+                t.group
+            ));
+        }
+        let kind_ok = t
+            .kind
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+            && t.kind
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !kind_ok {
+            return Err(format!(
+                "spec.targetRef.kind in body should match '^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$': {:?}",
+                t.kind
+            ));
+        }
+        if t.namespace
+            .as_deref()
+            .is_some_and(|n| !n.is_empty() && n != namespace)
+        {
+            return Err("cross namespace referencing is not currently supported".into());
+        }
+        if t.kind == "Service" && (t.group.is_empty() || t.group == "core") {
+            services.push(format!("{}.{namespace}.svc.cluster.local", t.name));
+        } else {
+            warnings.push(format!(
+                "targetRef {}/{} {}: only Services are targets here (Gateways are waypoints' and gateways'); this reference applies to nothing",
+                t.group, t.kind, t.name
+            ));
+        }
+    }
+    let scope = if !targets.is_empty() {
+        Scope::Services(services)
+    } else {
+        match selector.map(|s| &s.match_labels) {
+            Some(l) if !l.is_empty() => Scope::Selector(l.clone()),
+            _ => Scope::Namespace,
+        }
+    };
+    Ok((scope, warnings))
+}
+
+/// A DNS-subdomain check (empty allowed when `empty_ok`), for API groups.
+fn regex_lite_dns(empty_ok: bool) -> impl Fn(&str) -> bool {
+    move |g: &str| {
+        if g.is_empty() {
+            return empty_ok;
+        }
+        g.split('.').all(|label| {
+            !label.is_empty()
+                && label.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && label.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+    }
+}
+
 /// One AuthorizationPolicy, compiled.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Policy {
@@ -315,6 +459,8 @@ pub struct Attributes<'a> {
     pub sni: Option<&'a str>,
     /// None: not an HTTP request (a TCP connection).
     pub http: Option<HttpAttributes<'a>>,
+    /// The request's verified JWT, if it carried one.
+    pub request_auth: Option<&'a RequestAuth>,
 }
 
 /// The HTTP part of a request.
@@ -385,15 +531,7 @@ impl Authorization {
         let mut out = Vec::new();
         let mut add = |ns: &str| {
             for p in self.policies.get(ns).into_iter().flatten() {
-                let applies = match &p.scope {
-                    Scope::Namespace => true,
-                    Scope::Selector(s) => s.iter().all(|(k, v)| target.labels.get(k) == Some(v)),
-                    // A Service of the policy's own namespace (the root's too).
-                    Scope::Services(hosts) => {
-                        target.service.is_some_and(|s| hosts.iter().any(|h| h == s))
-                    }
-                };
-                if applies {
+                if p.scope.binds(target) {
                     out.push(p.clone());
                 }
             }
@@ -494,8 +632,10 @@ fn source_matches(s: &Source, a: &Attributes) -> bool {
     };
     let domain_is = |m: &StrMatch| a.peer.is_some_and(|p| m.matches(&p.trust_domain));
     let ip_in = |n: &ipnet::IpNet| a.source_ip.is_some_and(|ip| n.contains(&ip));
-    // No RequestAuthentication yet: no request carries a verified JWT principal.
-    let request_principal_is = |_: &StrMatch| false;
+    let request_principal_is = |m: &StrMatch| {
+        a.request_auth
+            .is_some_and(|r| !r.principal.is_empty() && m.matches(&r.principal))
+    };
     let http = a.http.is_some();
     any_of(&s.principals, principal_is)
         && none_of(&s.not_principals, principal_is)
@@ -574,8 +714,7 @@ fn condition_matches(c: &Condition, a: &Attributes) -> bool {
             .map(|p| format!("{}/{}", p.namespace, p.service_account)),
         ConditionKey::SourceTrustDomain => a.peer.map(|p| p.trust_domain.clone()),
         ConditionKey::ConnectionSni => a.sni.map(str::to_string),
-        // No verified JWT (RequestAuthentication is not supported yet) and no Envoy
-        // metadata: on HTTP these attributes are absent; on TCP they are left out.
+        // A verified JWT's (on TCP these keys are left out).
         ConditionKey::AuthPrincipal
         | ConditionKey::AuthAudiences
         | ConditionKey::AuthPresenter
@@ -583,7 +722,17 @@ fn condition_matches(c: &Condition, a: &Attributes) -> bool {
             if a.http.is_none() {
                 return true;
             }
-            None
+            let values: Vec<String> = match (&c.key, a.request_auth) {
+                (_, None) => Vec::new(),
+                (ConditionKey::AuthPrincipal, Some(r)) => vec![r.principal.clone()],
+                (ConditionKey::AuthAudiences, Some(r)) => r.audiences.clone(),
+                (ConditionKey::AuthPresenter, Some(r)) => r.presenter.clone().into_iter().collect(),
+                (ConditionKey::AuthClaims(path), Some(r)) => r.claim_values(path),
+                _ => Vec::new(),
+            };
+            let hit = |m: &StrMatch| values.iter().any(|v| m.matches(v));
+            return (c.values.is_empty() || c.values.iter().any(hit))
+                && none_of(&c.not_values, hit);
         }
         ConditionKey::Experimental(_) => None,
     };
@@ -686,25 +835,24 @@ fn compile(
     let warn = |findings: &mut Vec<ConfigError>, line: u64, m: String| {
         findings.push(o.finding(Severity::Warning, line, format!("AuthorizationPolicy: {m}")));
     };
-    let mut targets: Vec<&crate::config::security::PolicyTargetRef> = Vec::new();
-    if let Some(t) = &spec.target_ref {
-        targets.push(t);
-    }
-    targets.extend(spec.target_refs.iter().flatten());
-    if spec.target_ref.is_some() && spec.target_refs.is_some() {
-        err(
-            findings,
-            0,
-            "only one of targetRef or targetRefs can be set".into(),
-        );
-    }
-    if !targets.is_empty() && spec.selector.is_some() {
-        err(
-            findings,
-            0,
-            "only one of targetRefs or workloadSelector can be set".into(),
-        );
-    }
+    let namespace = &o.object_ref.namespace;
+    let scope = match target_scope(
+        spec.selector.as_ref(),
+        spec.target_ref.as_ref(),
+        spec.target_refs.as_deref(),
+        namespace,
+    ) {
+        Ok((scope, warnings)) => {
+            for w in warnings {
+                warn(findings, 0, w);
+            }
+            scope
+        }
+        Err(m) => {
+            err(findings, 0, m);
+            Scope::Namespace
+        }
+    };
     match (spec.action, &spec.provider) {
         (AuthzAction::Custom, None) => err(
             findings,
@@ -723,39 +871,6 @@ fn compile(
         ),
         _ => {}
     }
-    let namespace = &o.object_ref.namespace;
-    let mut services = Vec::new();
-    for t in &targets {
-        let kind_ok = t.kind == "Service" && (t.group.is_empty() || t.group == "core");
-        if t.name.is_empty() {
-            err(findings, 0, "targetRef name must be set".into());
-        } else if t.namespace.as_deref().is_some_and(|n| n != namespace) {
-            err(
-                findings,
-                0,
-                format!("targetRef {} must be in the policy's namespace", t.name),
-            );
-        } else if kind_ok {
-            services.push(format!("{}.{namespace}.svc.cluster.local", t.name));
-        } else {
-            warn(
-                findings,
-                0,
-                format!(
-                    "targetRef {}/{} {}: only Services are targets here (Gateways are waypoints' and gateways'); this reference applies to nothing",
-                    t.group, t.kind, t.name
-                ),
-            );
-        }
-    }
-    let scope = if !targets.is_empty() {
-        Scope::Services(services)
-    } else {
-        match spec.selector.as_ref().map(|s| &s.match_labels) {
-            Some(l) if !l.is_empty() => Scope::Selector(l.clone()),
-            _ => Scope::Namespace,
-        }
-    };
     let mut rules = Vec::new();
     for r in spec.rules.iter().flatten() {
         let line = r.referenced.line();
@@ -767,9 +882,6 @@ fn compile(
                 None => err(findings, fl, "`from.source` must not be empty".into()),
                 Some(s) => match source(s, namespace) {
                     Ok((src, http)) => {
-                        if http {
-                            warn(findings, fl, NO_JWT.into());
-                        }
                         compiled.http_only_fields |= http;
                         compiled.from.push(src);
                     }
@@ -793,15 +905,6 @@ fn compile(
         for c in rule.when.iter().flatten() {
             match condition(&c.value) {
                 Ok(cond) => {
-                    if matches!(
-                        cond.key,
-                        ConditionKey::AuthPrincipal
-                            | ConditionKey::AuthAudiences
-                            | ConditionKey::AuthPresenter
-                            | ConditionKey::AuthClaims(_)
-                    ) {
-                        warn(findings, c.referenced.line(), NO_JWT.into());
-                    }
                     compiled.http_only_fields |= cond.key.http_only();
                     compiled.when.push(cond);
                 }

@@ -84,6 +84,7 @@ struct Call<'a> {
     path: &'a str,
     headers: Vec<(&'a str, &'a str)>,
     http: bool,
+    auth: Option<RequestAuth>,
 }
 
 impl<'a> Call<'a> {
@@ -96,6 +97,7 @@ impl<'a> Call<'a> {
             path,
             headers: Vec::new(),
             http: true,
+            auth: None,
         }
     }
 
@@ -143,6 +145,7 @@ impl<'a> Call<'a> {
                 path: &path,
                 headers: &headers,
             }),
+            request_auth: self.auth.as_ref(),
         };
         decide(&policies, &attrs)
     }
@@ -505,7 +508,7 @@ fn remote_ip_blocks_trust_domains_hosts_and_absent_attributes() {
     assert!(Call::get("/").allowed(&t));
     let t = policy("  - when: [{key: \"experimental.envoy.filters.a.b[c]\", values: [x]}]\n");
     assert!(!Call::get("/").allowed(&t));
-    // A requestPrincipals rule cannot match until RequestAuthentication exists.
+    // Without a verified JWT there is no request principal.
     let t = policy("  - from: [{source: {requestPrincipals: [\"*\"]}}]\n");
     assert!(!Call::get("/").allowed(&t));
 }

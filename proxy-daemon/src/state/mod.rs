@@ -1,6 +1,7 @@
 //! Store → compile → snapshot. The store holds what the source last gave us; compiling
 //! turns it into an immutable [`Snapshot`] the rest of the daemon reads without locks.
 pub mod authz;
+pub mod jwt;
 pub mod registry;
 pub mod routes;
 pub mod security;
@@ -166,6 +167,7 @@ pub struct Snapshot {
     /// Which inbound connections may arrive without mutual TLS.
     pub peer_authentication: security::PeerAuthentication,
     pub authorization: authz::Authorization,
+    pub request_authn: jwt::RequestAuthn,
 }
 
 fn parse_fail_mode(v: &str) -> Option<FailMode> {
@@ -363,6 +365,7 @@ pub fn compile(
     snap.peer_authentication =
         security::build(objects, crate::state::routes::ROOT_NAMESPACE, &mut errors);
     snap.authorization = authz::build(objects, crate::state::routes::ROOT_NAMESPACE, &mut errors);
+    snap.request_authn = jwt::build(objects, crate::state::routes::ROOT_NAMESPACE, &mut errors);
     snap.conflicts
         .extend(snap.registry.conflicts.iter().copied());
     snap.conflicts.extend(snap.routes.conflicts.iter().copied());
