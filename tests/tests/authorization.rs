@@ -465,3 +465,242 @@ spec:
     assert!(d.metric_sum("proxy_daemon_jwt_rejected_total", &[("reason", "expired")]) >= 1.0);
     assert_eq!(d.terminate(), Some(0));
 }
+
+/// Across two nodes over mutual TLS: node B's proxy decides for its pod with the
+/// identities node A's pods proved, and both nodes report the denial as Istio's two
+/// proxies would (403 at the source and the destination; a refused tunnel as DENY).
+#[test]
+fn across_nodes_the_destinations_node_decides_with_the_callers_proven_identity() {
+    let mut node = Node::new("authz-2n");
+    let servers = Servers::new();
+    let b = node.second_node("node-b");
+    let web = node.pod("shop", "web-0");
+    let spy = node.pod("aaa", "spy-0");
+    let db = node.pod_on(&b, "prod", "db-0");
+    servers.http_echo(
+        &db.host,
+        8080,
+        HttpEcho {
+            name: "db".into(),
+            ..Default::default()
+        },
+    );
+    let _ = servers.identity(&db.host, 7000);
+    let ca = proxy_tests::pki::TestCa::new("mesh-root");
+    let (cert, key) = (
+        node.work_dir.join("ca.pem"),
+        node.work_dir.join("ca-key.pem"),
+    );
+    std::fs::write(&cert, &ca.cert_pem).unwrap();
+    std::fs::write(&key, &ca.key_pem).unwrap();
+    node.write_config(
+        "cluster.yaml",
+        &(namespace_yaml("shop", true, None)
+            + &namespace_yaml("aaa", true, None)
+            + &namespace_yaml("prod", true, None)
+            + &pod_yaml_on(&web, &[("app", "web")], FIRST_NODE, "web")
+            + &pod_yaml_on(&spy, &[("app", "spy")], FIRST_NODE, "spy")
+            + &pod_yaml_on(&db, &[("app", "db")], &b.name, "db")
+            + &format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: prod}}
+spec:
+  clusterIP: {SERVICE}
+  selector: {{app: db}}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080}}
+  - {{name: tcp-ident, port: 7000}}
+---
+"
+            )
+            + POLICIES),
+    );
+    let ca_flags = [
+        "--ca-cert".to_string(),
+        cert.display().to_string(),
+        "--ca-key".to_string(),
+        key.display().to_string(),
+    ];
+    let flags: Vec<&str> = ca_flags.iter().map(String::as_str).collect();
+    let mut a = Daemon::start(&node, &flags);
+    let mut b_flags = b.daemon_flags();
+    b_flags.extend(ca_flags.iter().cloned());
+    let b_flags: Vec<&str> = b_flags.iter().map(String::as_str).collect();
+    let mut bd = Daemon::start(&node, &b_flags);
+    for p in [&web, &spy] {
+        a.wait_enrolled(&p.uid, Duration::from_secs(5));
+    }
+    bd.wait_enrolled(&db.uid, Duration::from_secs(5));
+    assert_eq!(Mesh::call(&web, "/api/items", false).0, 200);
+    let (status, body) = Mesh::call(&spy, "/api/items", false);
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(Mesh::call(&web, "/api/admin", false).0, 403);
+    assert!(Mesh::tcp_ok(&web));
+    assert!(!Mesh::tcp_ok(&spy));
+    // Node B, the destination: the denial with the caller's proven identity.
+    assert!(
+        bd.metric_sum(
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("response_code", "403"),
+                ("response_flags", "DENY"),
+                ("source_principal", "spiffe://cluster.local/ns/aaa/sa/spy"),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        ) >= 1.0
+    );
+    // The refused TCP connection, at the destination (the policy names HTTP fields, so
+    // the tunnel opens and node B closes it once it sees the connection is not HTTP).
+    assert!(
+        bd.metric_sum(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("response_flags", "DENY"),
+                ("source_principal", "spiffe://cluster.local/ns/aaa/sa/spy"),
+            ],
+        ) >= 1.0
+    );
+    // Node A, the source: the same request as the app saw it.
+    assert!(
+        a.metric_sum(
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("response_code", "403"),
+                ("source_workload", "spy"),
+            ],
+        ) >= 1.0
+    );
+    assert_eq!(bd.terminate(), Some(0));
+    assert_eq!(a.terminate(), Some(0));
+}
+
+/// An HTTP external authorizer on the node's loopback, as Istio's `samples/extauthz`
+/// behaves: allows a request carrying `x-ext-authz: allow` (answering
+/// `x-ext-authz-check-result: allowed`), denies the rest with 403, a body and
+/// `x-ext-authz-check-result: denied`. Records the paths it was asked about.
+fn ext_authz_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ext_authz");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(200) {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split(' ').nth(1).unwrap_or("").to_string();
+            let mut allow = false;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if h.to_ascii_lowercase().trim() == "x-ext-authz: allow" {
+                    allow = true;
+                }
+            }
+            record.lock().unwrap().push(path);
+            let mut s = stream;
+            let _ = if allow {
+                write!(s, "HTTP/1.1 200 OK\r\nx-ext-authz-check-result: allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            } else {
+                let body = "denied by ext_authz";
+                write!(s, "HTTP/1.1 403 Forbidden\r\nx-ext-authz-check-result: denied\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+            };
+        }
+    });
+    (addr, seen)
+}
+
+/// CUSTOM: the mesh config's HTTP authorizer decides the requests the policy matches
+/// (under its path prefix, with the headers it asks for), passes its headers on as
+/// configured, and is not asked about the others.
+#[test]
+fn custom_policies_ask_the_mesh_configs_external_authorizer() {
+    let m = mesh("authz-ext");
+    let (server, seen) = ext_authz_server();
+    let mut d = m.start(&format!(
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |
+    extensionProviders:
+    - name: sample-ext-authz-http
+      envoyExtAuthzHttp:
+        service: {ip}
+        port: {port}
+        pathPrefix: /check
+        includeRequestHeadersInCheck: [x-ext-authz]
+        headersToUpstreamOnAllow: [x-ext-authz-check-result]
+        headersToDownstreamOnDeny: [x-ext-authz-check-result]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ext-authz, namespace: prod}}
+spec:
+  selector: {{matchLabels: {{app: db}}}}
+  action: CUSTOM
+  provider: {{name: sample-ext-authz-http}}
+  rules:
+  - to: [{{operation: {{paths: [\"/guarded*\"]}}}}]
+---
+",
+        ip = server.ip(),
+        port = server.port()
+    ));
+    let to = format!("{SERVICE}:80");
+    let call = |path: &str, allow: bool| -> serde_json::Value {
+        let mut args = vec!["http", "--to", &to, "--host", "db.prod", "--path", path];
+        if allow {
+            args.extend(["-H", "x-ext-authz: allow"]);
+        }
+        m.web.pdtool(&args)["first"].clone()
+    };
+    let allowed = call("/guarded/a", true);
+    assert_eq!(allowed["status"], 200, "{allowed}");
+    assert_eq!(
+        allowed["body"]["headers"]["x-ext-authz-check-result"], "allowed",
+        "the authorizer's header reaches the app: {allowed}"
+    );
+    let denied = call("/guarded/a", false);
+    assert_eq!(denied["status"], 403, "{denied}");
+    assert_eq!(denied["body"], "denied by ext_authz", "{denied}");
+    assert_eq!(
+        denied["headers"]["x-ext-authz-check-result"], "denied",
+        "{denied}"
+    );
+    assert_eq!(call("/open", false)["status"], 200);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            "/check/guarded/a".to_string(),
+            "/check/guarded/a".to_string()
+        ],
+        "asked about the matching requests only, under the prefix"
+    );
+    assert!(
+        d.metric_sum(
+            "istio_requests_total",
+            &[("reporter", "destination"), ("response_flags", "UAEX")],
+        ) >= 1.0
+    );
+    assert!(
+        d.metric_sum(
+            "proxy_daemon_authorization_total",
+            &[("policy", "prod.ext-authz"), ("decision", "custom_deny")],
+        ) >= 1.0
+    );
+    assert_eq!(d.terminate(), Some(0));
+}

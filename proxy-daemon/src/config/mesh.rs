@@ -65,6 +65,45 @@ pub struct ExtensionProvider {
     pub opentelemetry: Option<OpenTelemetryProvider>,
     #[serde(default)]
     pub zipkin: Option<ZipkinProvider>,
+    /// An HTTP external authorizer (AuthorizationPolicy CUSTOM).
+    #[serde(default)]
+    pub envoy_ext_authz_http: Option<ExtAuthzHttp>,
+    /// A gRPC external authorizer: not called by proxy-daemon (CUSTOM policies naming it
+    /// deny what they match).
+    #[serde(default)]
+    pub envoy_ext_authz_grpc: Option<serde_json::Value>,
+}
+
+/// Istio's `envoyExtAuthzHttp` extension provider.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtAuthzHttp {
+    /// `host` or `namespace/host`: a Service host name, or an address.
+    pub service: String,
+    pub port: u32,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default)]
+    pub status_on_error: Option<String>,
+    #[serde(default)]
+    pub include_request_headers_in_check: Vec<String>,
+    /// Deprecated; used when `includeRequestHeadersInCheck` is empty.
+    #[serde(default)]
+    pub include_headers_in_check: Vec<String>,
+    #[serde(default)]
+    pub include_additional_headers_in_check: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_deny: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_allow: Vec<String>,
+    #[serde(default)]
+    pub include_request_body_in_check: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -221,7 +221,10 @@ pub fn authorize_connection(
     if policies.iter().any(|p| p.needs_http()) {
         return ConnectionAuthz::Later;
     }
-    let decision = authz::decide(&policies, &authz_attributes(arrival, None));
+    let decision = tcp_custom(
+        snap,
+        authz::decide(&policies, &authz_attributes(arrival, None)),
+    );
     if decision.denied() {
         // (An allowed connection is counted once its protocol is known.)
         record_authz(inputs, arrival, &decision, "tcp");
@@ -240,10 +243,25 @@ fn authorize_tcp(inputs: &ProxyInputs, call: &Call) -> Option<authz::Decision> {
     if policies.is_empty() {
         return None;
     }
-    Some(authz::decide(
-        &policies,
-        &authz_attributes(&call.arrival, None),
+    Some(tcp_custom(
+        &snap,
+        authz::decide(&policies, &authz_attributes(&call.arrival, None)),
     ))
+}
+
+/// On TCP, an HTTP authorizer has nothing to check (Istio adds no TCP filter for it); a
+/// CUSTOM match whose provider is unknown or not callable here is denied.
+fn tcp_custom(snap: &Snapshot, mut decision: authz::Decision) -> authz::Decision {
+    if let Some((policy, provider)) = &decision.custom {
+        let usable = matches!(
+            snap.authorization.providers.get(provider),
+            Some(authz::ExtAuthz::Http(_))
+        );
+        if !usable && !decision.denied() {
+            decision.verdict = authz::Verdict::Deny(Some(policy.clone()));
+        }
+    }
+    decision
 }
 
 /// Counts a decision (and the AUDIT and dry-run policies it met), and logs each denying
@@ -671,7 +689,19 @@ async fn forward(
         Ok(auth) => auth,
         Err(rejection) => return jwt_refusal(&call, &req, rejection),
     };
-    let denied_by = authorize_request(&call, &snap, &req, request_auth.as_ref());
+    let mut denied_by = None;
+    let mut ext_denial = None;
+    match authorize_request(&call, &snap, &req, request_auth.as_ref()) {
+        RequestAuthz::Denied(policy) => denied_by = Some(policy),
+        RequestAuthz::Allowed => {}
+        RequestAuthz::Custom { policy, provider } => {
+            match ask_custom(&call, &snap, &mut req, &policy, &provider).await {
+                CustomOutcome::Allowed => {}
+                CustomOutcome::Unavailable => denied_by = Some(policy),
+                CustomOutcome::Denied(denial) => ext_denial = Some((policy, denial)),
+            }
+        }
+    }
     let namespace_sampling = snap
         .namespaces
         .get(&call.arrival.pod.workload.namespace)
@@ -734,6 +764,18 @@ async fn forward(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
     };
+    if let Some((policy, (status, body, headers))) = ext_denial {
+        // The external authorizer's answer, as Envoy passes it on.
+        finish.flags = Cow::Borrowed("UAEX");
+        finish.code = status.as_u16();
+        finish.policy = Some(policy);
+        let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+        *r.status_mut() = status;
+        for (name, value) in headers {
+            r.headers_mut().append(name, value);
+        }
+        return super::report::metered(r, finish);
+    }
     if let Some(policy) = denied_by {
         // Istio's answer; the request never reaches the app.
         finish.flags = Cow::Borrowed("DENY");
@@ -1067,20 +1109,84 @@ fn jwt_refusal(
 }
 
 /// The policy that denies this request (`namespace.name`, or what decided), if one does.
+/// What the policies say of a request before any external authorizer is asked.
+enum RequestAuthz {
+    Allowed,
+    /// Denied by this policy (`namespace.name`, or what decided).
+    Denied(String),
+    /// Allowed by the rest, if this CUSTOM policy's provider allows too.
+    Custom {
+        policy: String,
+        provider: String,
+    },
+}
+
+/// What a CUSTOM policy's provider said.
+enum CustomOutcome {
+    Allowed,
+    /// No usable provider of that name: what the policy matches is denied.
+    Unavailable,
+    /// The authorizer's status, body and headers for the caller.
+    Denied((StatusCode, Bytes, Vec<(http::HeaderName, HeaderValue)>)),
+}
+
+/// Asks the provider of a matching CUSTOM policy; its allow may set request headers.
+async fn ask_custom(
+    call: &Call,
+    snap: &Snapshot,
+    req: &mut Request<hyper::body::Incoming>,
+    policy: &str,
+    provider: &str,
+) -> CustomOutcome {
+    let count = |decision: &'static str| {
+        call.inputs
+            .metrics
+            .daemon
+            .authorization
+            .get_or_create(&crate::metrics::AuthorizationLabels {
+                policy: policy.to_string(),
+                decision,
+                layer: "http",
+            })
+            .inc();
+    };
+    let Some(authz::ExtAuthz::Http(p)) = snap.authorization.providers.get(provider) else {
+        count("custom_unavailable");
+        return CustomOutcome::Unavailable;
+    };
+    match super::ext_authz::check(p, snap, req).await {
+        super::ext_authz::Verdict::Allow { upstream } => {
+            count("custom_allow");
+            for (name, value) in upstream {
+                req.headers_mut().insert(name, value);
+            }
+            CustomOutcome::Allowed
+        }
+        super::ext_authz::Verdict::Deny {
+            status,
+            body,
+            headers,
+        } => {
+            count("custom_deny");
+            CustomOutcome::Denied((status, body, headers))
+        }
+    }
+}
+
 fn authorize_request(
     call: &Call,
     snap: &Snapshot,
     req: &Request<hyper::body::Incoming>,
     request_auth: Option<&authz::RequestAuth>,
-) -> Option<String> {
+) -> RequestAuthz {
     if snap.authorization.is_empty() {
-        return None;
+        return RequestAuthz::Allowed;
     }
     let policies = snap
         .authorization
         .for_target(&authz_target(&call.arrival, &call.labels.service.service));
     if policies.is_empty() {
-        return None;
+        return RequestAuthz::Allowed;
     }
     let host = req
         .uri()
@@ -1103,7 +1209,14 @@ fn authorize_request(
     attributes.request_auth = request_auth;
     let decision = authz::decide(&policies, &attributes);
     record_authz(&call.inputs, &call.arrival, &decision, "http");
-    decision.denied().then(|| decision.policy())
+    match (&decision.custom, decision.denied()) {
+        (_, true) => RequestAuthz::Denied(decision.policy()),
+        (Some((policy, provider)), false) => RequestAuthz::Custom {
+            policy: policy.clone(),
+            provider: provider.clone(),
+        },
+        (None, false) => RequestAuthz::Allowed,
+    }
 }
 
 fn principals(call: &Call) -> (String, String) {

@@ -4,6 +4,7 @@
 pub mod access_log;
 pub mod balance;
 pub mod dns;
+pub mod ext_authz;
 pub mod hbone;
 pub mod http;
 pub mod http_route;

@@ -493,6 +493,9 @@ pub struct Decision {
     pub audited: Vec<String>,
     /// Dry-run policies and what they would have done (`true`: denied).
     pub dry_run: Vec<(String, bool)>,
+    /// A CUSTOM policy matched: (`ns.name`, provider) — the external authorizer decides
+    /// too.
+    pub custom: Option<(String, String)>,
 }
 
 impl Decision {
@@ -519,6 +522,17 @@ pub struct Authorization {
     root_namespace: String,
     /// By namespace, oldest first.
     policies: BTreeMap<String, Vec<Arc<Policy>>>,
+    /// The mesh config's external authorizers, by name.
+    pub providers: BTreeMap<String, ExtAuthz>,
+}
+
+/// An external authorizer a CUSTOM policy may name.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtAuthz {
+    Http(Arc<crate::config::mesh::ExtAuthzHttp>),
+    /// gRPC (`envoyExtAuthzGrpc`): not called here; what it would check is denied.
+    Unsupported(String),
 }
 
 impl Authorization {
@@ -551,16 +565,17 @@ pub fn decide(policies: &[Arc<Policy>], attrs: &Attributes) -> Decision {
         allowed_by: None,
         audited: Vec::new(),
         dry_run: Vec::new(),
+        custom: None,
     };
     let matched = |p: &Policy| p.rules.iter().any(|r| rule_matches(r, p, attrs));
-    // CUSTOM: no external authorizer is reachable from here yet; a request it would have
-    // checked is denied (Istio's own answer to a CUSTOM policy it cannot serve).
+    // CUSTOM: the provider of the first matching policy is asked (by the caller, which
+    // can reach it); on TCP an HTTP provider has nothing to check, as in Istio.
     for p in policies.iter().filter(|p| p.action == AuthzAction::Custom) {
         if matched(p) {
             if p.dry_run {
                 decision.dry_run.push((p.label(), true));
-            } else if !decision.denied() {
-                decision.verdict = Verdict::Deny(Some(p.label()));
+            } else if decision.custom.is_none() {
+                decision.custom = Some((p.label(), p.provider.clone().unwrap_or_default()));
             }
         }
     }
@@ -793,6 +808,34 @@ pub fn normalize_path(raw: &str) -> String {
 
 // ---- compile
 
+/// What Istio refuses in an `envoyExtAuthzHttp` provider.
+fn check_ext_authz_http(h: &crate::config::mesh::ExtAuthzHttp) -> Result<(), String> {
+    if h.port == 0 || h.port > 65535 {
+        return Err(format!("port {} is not a valid port", h.port));
+    }
+    if let Some(p) = &h.path_prefix {
+        if !p.starts_with('/') {
+            return Err(format!("pathPrefix {p:?} must start with /"));
+        }
+    }
+    if let Some(code) = &h.status_on_error {
+        if !code.parse::<u16>().is_ok_and(|c| (200..600).contains(&c)) {
+            return Err(format!("statusOnError {code:?} is not an HTTP status"));
+        }
+    }
+    let host = h.service.rsplit('/').next().unwrap_or_default();
+    if host.parse::<IpAddr>().is_err() && !host.contains('.') {
+        return Err(format!(
+            "service {:?} must be a fully qualified host name (or an address)",
+            h.service
+        ));
+    }
+    if let Some(t) = &h.timeout {
+        crate::config::duration::parse(t).map_err(|e| format!("timeout: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Compiles the AuthorizationPolicies among `objects`; problems go to `findings` at their
 /// line (errors reject the configuration, warnings say what a field will not do).
 pub fn build(
@@ -803,12 +846,56 @@ pub fn build(
     let mut table = Authorization {
         root_namespace: root_namespace.to_string(),
         policies: BTreeMap::new(),
+        providers: BTreeMap::new(),
     };
+    for o in objects {
+        if let Object::MeshConfig(mesh) = &o.value {
+            for p in &mesh.extension_providers {
+                if let Some(h) = &p.envoy_ext_authz_http {
+                    match check_ext_authz_http(h) {
+                        Ok(()) => {
+                            table
+                                .providers
+                                .insert(p.name.clone(), ExtAuthz::Http(Arc::new(h.clone())));
+                        }
+                        // Istio's answer to a provider it cannot use: what CUSTOM policies
+                        // naming it match is denied.
+                        Err(m) => {
+                            findings.push(o.finding(
+                                Severity::Warning,
+                                0,
+                                format!("mesh config: extension provider {}: {m}; CUSTOM policies naming it deny what they match", p.name),
+                            ));
+                            table
+                                .providers
+                                .insert(p.name.clone(), ExtAuthz::Unsupported(m));
+                        }
+                    }
+                } else if p.envoy_ext_authz_grpc.is_some() {
+                    table.providers.insert(
+                        p.name.clone(),
+                        ExtAuthz::Unsupported(
+                            "gRPC external authorizers are not called by proxy-daemon".into(),
+                        ),
+                    );
+                }
+            }
+        }
+    }
     for o in objects {
         let Object::AuthorizationPolicy(ap) = &o.value else {
             continue;
         };
         if let Some(policy) = compile(o, ap, findings) {
+            if let Some(name) = &policy.provider {
+                if !table.providers.contains_key(name) {
+                    findings.push(o.finding(
+                        Severity::Warning,
+                        0,
+                        format!("AuthorizationPolicy: provider {name:?} is not among the mesh config's extensionProviders: the requests this policy matches are denied"),
+                    ));
+                }
+            }
             table
                 .policies
                 .entry(o.object_ref.namespace.clone())
@@ -859,11 +946,7 @@ fn compile(
             0,
             "must specify provider when using CUSTOM action".into(),
         ),
-        (AuthzAction::Custom, Some(_)) => warn(
-            findings,
-            0,
-            "CUSTOM: no external authorizer is called yet; requests its rules match are denied (fail closed)".into(),
-        ),
+        (AuthzAction::Custom, Some(_)) => {}
         (_, Some(_)) => err(
             findings,
             0,
