@@ -375,6 +375,19 @@ fn a_pod_process_still_in_the_nodes_network_namespace_is_never_taken_for_the_pod
     }
     let _sandbox = proxy_tests::KillOnDrop(sandbox.spawn().expect("sandbox process"));
     let sandbox_entered = Instant::now() + Duration::from_millis(400);
+    // The daemon has seen the pod's cgroup (its kernel entry holds the pod's connects)
+    // before the app starts: a kubelet starts containers long after it makes the pod's
+    // cgroup, and the window this test is about is the first process's 400 ms in the
+    // node's namespace, not the daemon's first sight of a new directory (under a loaded
+    // machine that took more than the app's start: 6 connects in 12 ms went direct).
+    assert!(
+        wait_for(Duration::from_secs(2), || daemon
+            .workload_state(&pod.uid)
+            .filter(|w| w["state"] != "waiting for cgroup"))
+        .is_some(),
+        "the daemon never saw the pod's cgroup"
+    );
+    assert!(Instant::now() < sandbox_entered, "too late to test the window");
     let to = upstream.addr(80).to_string();
     let app = pod
         .host
