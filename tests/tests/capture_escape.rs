@@ -387,7 +387,10 @@ fn a_pod_process_still_in_the_nodes_network_namespace_is_never_taken_for_the_pod
         .is_some(),
         "the daemon never saw the pod's cgroup"
     );
-    assert!(Instant::now() < sandbox_entered, "too late to test the window");
+    assert!(
+        Instant::now() < sandbox_entered,
+        "too late to test the window"
+    );
     let to = upstream.addr(80).to_string();
     let app = pod
         .host
