@@ -807,6 +807,60 @@ fn write_report(name: &str, md: &str) {
 /// HBONE (both captured: node A's proxy, mutual TLS, node B's proxy). Keep-alive and
 /// `Connection: close` requests, the added latency of a new app connection over a pooled
 /// tunnel, and of a new HBONE connection (handshake included).
+/// A 20-rule L7 AuthorizationPolicy on the server: 19 rules for other callers and paths,
+/// the allowing one last, so each request is checked against every rule.
+fn twenty_rule_policy() -> String {
+    let mut rules = String::new();
+    for i in 1..20 {
+        rules.push_str(&format!(
+            "  - from: [{{source: {{principals: [cluster.local/ns/other{i}/sa/app]}}}}]\n    to: [{{operation: {{methods: [GET, POST], paths: [\"/p{i}/*\"]}}}}]\n"
+        ));
+    }
+    rules.push_str(
+        "  - from: [{source: {principals: [cluster.local/ns/xa/sa/client]}}]\n    to: [{operation: {methods: [GET], paths: [\"/1k\"]}}]\n",
+    );
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bench-20-rules, namespace: xb}}\nspec:\n  selector: {{matchLabels: {{app: srv}}}}\n  rules:\n{rules}---\n"
+    )
+}
+
+/// The destination proxy's CPU per request over HBONE keep-alive, without and with the
+/// 20-rule policy, interleaved round by round.
+fn authz_cost(suite: &Suite, node: &Node, daemon_b: &Daemon) -> String {
+    let path = BenchPath {
+        pod: 0,
+        to: "198.18.0.210:80".into(),
+        proxy: daemon_b.pid(),
+    };
+    let (mut bare, mut with, mut rps_bare, mut rps_with) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..suite.rounds {
+        node.write_config("authz.yaml", "");
+        std::thread::sleep(Duration::from_millis(1500));
+        let (r, cpu) = suite.wrk(&path, "/1k", 16, &[]);
+        bare.push(cpu);
+        rps_bare.push(r.rps);
+        node.write_config("authz.yaml", &twenty_rule_policy());
+        std::thread::sleep(Duration::from_millis(1500));
+        let (r, cpu) = suite.wrk(&path, "/1k", 16, &[]);
+        with.push(cpu);
+        rps_with.push(r.rps);
+    }
+    node.write_config("authz.yaml", "");
+    let allowed = daemon_b.metric_sum(
+        "proxy_daemon_authorization_total",
+        &[("policy", "xb.bench-20-rules"), ("decision", "allow")],
+    );
+    let (b, w) = (median(bare), median(with));
+    format!(
+        "\n### AuthorizationPolicy on the destination (node B), HBONE keep-alive, 16 conns\n\n| | no policy | 20-rule L7 policy (the allowing rule last) | change |\n|---|---|---|---|\n| node B's CPU per request | {b:.1} µs | {w:.1} µs | {:+.1} % |\n| req/s | {:.0} | {:.0} | {:+.1} % |\n\nRequests the policy allowed (proxy_daemon_authorization_total): {allowed}.\n",
+        (w / b - 1.0) * 100.0,
+        median(rps_bare.clone()),
+        median(rps_with.clone()),
+        (median(rps_with) / median(rps_bare) - 1.0) * 100.0
+    )
+}
+
 fn cross_node(quick: bool) -> String {
     let mut node = Node::new("xnode");
     let b = node.second_node("node-b");
@@ -956,6 +1010,7 @@ fn cross_node(quick: bool) -> String {
         .unwrap_or_default();
     let plain: serde_json::Value = serde_json::from_str(&plain).unwrap_or_default();
     let handshakes = daemon_a.metric_sum("proxy_daemon_hbone_handshakes_total", &[]);
+    let authz = authz_cost(&suite, &node, &daemon_b);
     for mut c in nginxes {
         let _ = c.kill();
         let _ = c.wait();
@@ -1015,6 +1070,7 @@ fn cross_node(quick: bool) -> String {
         md,
         "\nHBONE connections node A opened for all of the above: {handshakes} (pooled: one per source identity and destination pod)."
     );
+    md.push_str(&authz);
     drop(daemon_b);
     drop(daemon_a);
     md
