@@ -824,6 +824,11 @@ fn groups(shared: &Shared) -> Vec<Value> {
             "versions": st.istio_versions.iter().map(|v| gv(store::ISTIO_GROUP, v)).collect::<Vec<_>>(),
             "preferredVersion": gv(store::ISTIO_GROUP, preferred),
         }));
+        out.push(json!({
+            "name": store::SECURITY_GROUP,
+            "versions": [gv(store::SECURITY_GROUP, "v1"), gv(store::SECURITY_GROUP, "v1beta1")],
+            "preferredVersion": gv(store::SECURITY_GROUP, "v1"),
+        }));
     }
     out
 }

@@ -1011,3 +1011,118 @@ fn a_rule_naming_hundreds_of_credentials_costs_one_watch_and_a_bounded_set() {
         .log_text()
         .contains("name more credentials than a node loads"));
 }
+
+/// Istio's security kinds from the API: an AuthorizationPolicy created after start
+/// denies at the destination pod from its next request, and deleting it lets the
+/// request through again; a PeerAuthentication STRICT refuses plaintext from outside the
+/// mesh.
+#[test]
+fn security_policies_from_the_api_apply_at_the_destination() {
+    let mut c = Cluster::new("k8sauthz");
+    c.api.install_istio_crds(&["v1"]);
+    let client = c.pod_on("client-1", NODE, &[("app", "client")]);
+    let api_pod = c.pod_on("api-1", NODE, &[("app", "api")]);
+    c.servers.http_echo(
+        &api_pod.host,
+        8080,
+        HttpEcho {
+            name: "api".into(),
+            ..Default::default()
+        },
+    );
+    c.api.apply(service_json(
+        "shop",
+        "api",
+        "198.18.0.240",
+        &[("http", 80, 8080)],
+        &[("app", "api")],
+    ));
+    c.api.apply(endpointslice_json(
+        "shop",
+        Some("api-x1"),
+        "api",
+        &[(&api_pod.host.ip.to_string(), NODE, "api-1", true)],
+        &[("http", 8080)],
+    ));
+    let daemon = c.daemon(&[]);
+    daemon.wait_enrolled(&client.uid, Duration::from_secs(10));
+    daemon.wait_enrolled(&api_pod.uid, Duration::from_secs(10));
+    let status = |path: &str| -> u64 {
+        let out = client.pdtool(&[
+            "http",
+            "--to",
+            "198.18.0.240:80",
+            "--host",
+            "api.shop",
+            "--path",
+            path,
+        ]);
+        out["first"]["status"].as_u64().unwrap_or(0)
+    };
+    assert_eq!(status("/admin"), 200);
+    let policy = json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-admin", "namespace": "shop"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "api"}},
+            "action": "DENY",
+            "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}],
+        },
+    });
+    c.api.apply(policy);
+    wait_for(Duration::from_secs(5), || {
+        (status("/admin") == 403).then_some(())
+    })
+    .expect("the policy from the API denies");
+    assert_eq!(status("/other"), 200);
+    c.api.delete(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        "shop",
+        "no-admin",
+    );
+    wait_for(Duration::from_secs(5), || {
+        (status("/admin") == 200).then_some(())
+    })
+    .expect("deleted, the request passes again");
+    // PeerAuthentication from the API: STRICT refuses plaintext from a host outside the
+    // mesh, while the mesh client keeps its mutual TLS.
+    let outsider = c.node.host("outsider");
+    let plain = || {
+        outsider
+            .command(
+                None,
+                &proxy_tests::target_bin("pdtool"),
+                &[
+                    "connect",
+                    "--to",
+                    &format!("{}:8080", api_pod.host.ip),
+                    "--timeout-ms",
+                    "1000",
+                ],
+            )
+            .output()
+            .expect("pdtool connect");
+    };
+    let refused = || {
+        daemon.metric_sum(
+            "proxy_daemon_inbound_refused_total",
+            &[("reason", "plaintext_strict")],
+        )
+    };
+    plain();
+    assert_eq!(refused(), 0.0, "PERMISSIVE before the policy");
+    c.api.apply(json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "shop"},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    }));
+    wait_for(Duration::from_secs(5), || {
+        plain();
+        (refused() > 0.0).then_some(())
+    })
+    .expect("STRICT from the API refuses plaintext");
+    assert_eq!(status("/other"), 200, "the mesh client still gets through");
+}

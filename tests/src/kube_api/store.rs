@@ -7,6 +7,10 @@ use serde_json::{json, Value};
 use super::util;
 
 pub(crate) const ISTIO_GROUP: &str = "networking.istio.io";
+/// Istio's security kinds, installed with the networking CRDs (as Istio's base chart
+/// does), served at v1 and v1beta1.
+pub(crate) const SECURITY_GROUP: &str = "security.istio.io";
+const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
 /// One resource type, as discovery describes it.
 pub(crate) struct ResDef {
@@ -26,7 +30,7 @@ pub(crate) struct ResDef {
 
 impl ResDef {
     pub(crate) fn is_istio(&self) -> bool {
-        self.group == ISTIO_GROUP
+        self.group == ISTIO_GROUP || self.group == SECURITY_GROUP
     }
 
     pub(crate) fn group_version(&self, version: &str) -> String {
@@ -64,6 +68,7 @@ const POD_FIELDS: &[&str] = &[
     "status.nominatedNodeName",
 ];
 const ISTIO_CATEGORIES: &[&str] = &["istio-io", "networking-istio-io"];
+const SECURITY_CATEGORIES: &[&str] = &["istio-io", "security-istio-io"];
 
 pub(crate) static RESOURCES: &[ResDef] = &[
     ResDef {
@@ -210,6 +215,42 @@ pub(crate) static RESOURCES: &[ResDef] = &[
         fields: &[],
         storage_hash: "8zTrVTzPzTk=",
     },
+    ResDef {
+        group: SECURITY_GROUP,
+        version: "",
+        plural: "peerauthentications",
+        singular: "peerauthentication",
+        kind: "PeerAuthentication",
+        namespaced: true,
+        short_names: &["pa"],
+        categories: SECURITY_CATEGORIES,
+        fields: &[],
+        storage_hash: "S5uSRBqDYS0=",
+    },
+    ResDef {
+        group: SECURITY_GROUP,
+        version: "",
+        plural: "authorizationpolicies",
+        singular: "authorizationpolicy",
+        kind: "AuthorizationPolicy",
+        namespaced: true,
+        short_names: &["ap"],
+        categories: SECURITY_CATEGORIES,
+        fields: &[],
+        storage_hash: "LxJC2FTK2Vs=",
+    },
+    ResDef {
+        group: SECURITY_GROUP,
+        version: "",
+        plural: "requestauthentications",
+        singular: "requestauthentication",
+        kind: "RequestAuthentication",
+        namespaced: true,
+        short_names: &["ra"],
+        categories: SECURITY_CATEGORIES,
+        fields: &[],
+        storage_hash: "1VwmJ1ZgJfA=",
+    },
 ];
 
 pub(crate) fn def(idx: usize) -> &'static ResDef {
@@ -311,6 +352,12 @@ impl Store {
     pub(crate) fn versions(&self, def: &ResDef) -> Vec<String> {
         if !def.is_istio() {
             return vec![def.version.to_string()];
+        }
+        if def.group == SECURITY_GROUP {
+            if self.istio_versions.is_empty() {
+                return Vec::new();
+            }
+            return SECURITY_VERSIONS.iter().map(|v| v.to_string()).collect();
         }
         if def.plural == "envoyfilters" {
             // EnvoyFilter's CRD has only v1alpha3.
