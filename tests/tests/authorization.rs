@@ -704,3 +704,77 @@ spec:
     );
     assert_eq!(d.terminate(), Some(0));
 }
+
+/// Istio's integration cases for the field families the other tests do not reach, through
+/// the node: `when` conditions (a request header, the source namespace), serviceAccounts,
+/// notMethods, and an AUDIT policy that marks without blocking.
+#[test]
+fn conditions_service_accounts_not_methods_and_audit_through_the_node() {
+    let m = mesh("authz-when");
+    let mut d = m.start(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-when, namespace: prod}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - to: [{operation: {paths: [/request-headers]}}]
+    when: [{key: \"request.headers[x-foo]\", values: [foo]}]
+  - to: [{operation: {paths: [/source-namespace]}}]
+    when: [{key: source.namespace, values: [shop]}]
+  - from: [{source: {serviceAccounts: [shop/web]}}]
+    to: [{operation: {paths: [/by-account], notMethods: [PUT, POST]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-audit, namespace: prod}
+spec:
+  action: AUDIT
+  rules:
+  - to: [{operation: {paths: [/request-headers]}}]
+---
+",
+    );
+    let to = format!("{SERVICE}:80");
+    let call = |pod: &Pod, path: &str, header: Option<&str>, post: bool| -> u64 {
+        let mut args = vec!["http", "--to", &to, "--host", "db.prod", "--path", path];
+        if let Some(h) = header {
+            args.extend(["-H", h]);
+        }
+        if post {
+            args.extend(["--body-bytes", "4"]);
+        }
+        pod.pdtool(&args)["first"]["status"].as_u64().unwrap_or(0)
+    };
+    assert_eq!(
+        call(&m.web, "/request-headers", Some("x-foo: foo"), false),
+        200
+    );
+    assert_eq!(
+        call(&m.web, "/request-headers", Some("x-foo: bar"), false),
+        403
+    );
+    assert_eq!(call(&m.web, "/request-headers", None, false), 403);
+    assert_eq!(call(&m.web, "/source-namespace", None, false), 200);
+    assert_eq!(call(&m.spy, "/source-namespace", None, false), 403);
+    assert_eq!(call(&m.web, "/by-account", None, false), 200);
+    assert_eq!(
+        call(&m.web, "/by-account", None, true),
+        403,
+        "POST is a notMethod"
+    );
+    assert_eq!(
+        call(&m.spy, "/by-account", None, false),
+        403,
+        "another account"
+    );
+    // AUDIT marked the three /request-headers calls and blocked none of them.
+    assert_eq!(
+        d.metric_sum(
+            "proxy_daemon_authorization_total",
+            &[("policy", "prod.db-audit"), ("decision", "audit")],
+        ),
+        3.0
+    );
+    assert_eq!(d.terminate(), Some(0));
+}
