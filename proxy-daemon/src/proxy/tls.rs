@@ -133,6 +133,9 @@ struct Files {
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    /// A Secret's directory, watched too: a file the Secret did not have yet when the
+    /// configuration was built (it arrived after the first request) changes it.
+    dir: Option<PathBuf>,
 }
 
 impl Originator {
@@ -184,12 +187,14 @@ impl Originator {
                 ca: first("ca.crt", "cacert").or_else(|| t.ca_certificates.clone().map(Into::into)),
                 cert: first("tls.crt", "cert"),
                 key: first("tls.key", "key"),
+                dir: Some(dir),
             });
         }
         Ok(Files {
             ca: t.ca_certificates.clone().map(Into::into),
             cert: t.client_certificate.clone().map(Into::into),
             key: t.private_key.clone().map(Into::into),
+            dir: None,
         })
     }
 
@@ -217,7 +222,7 @@ impl Originator {
         }
         let files = self.files(&tls.settings)?;
         let config = Arc::new(self.build(&tls.settings, &files, alpn)?);
-        let watched = [&files.ca, &files.cert, &files.key]
+        let watched = [&files.ca, &files.cert, &files.key, &files.dir]
             .into_iter()
             .flatten()
             .map(|p| (p.clone(), stamp(p)))
