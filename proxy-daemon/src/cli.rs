@@ -19,8 +19,13 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Check YAML files or directories; print `PATH:LINE: KIND/NAMESPACE/NAME: message`.
     Validate {
+        /// YAML files or directories, taken together as one configuration (as `kubectl
+        /// apply -f a -f b` takes them).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// No summary line on standard error (the problems are still printed).
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Live view of the busiest source → destination pairs (req/s, success %, p50/p99),
     /// read from the node's metrics endpoint.
@@ -39,6 +44,7 @@ pub enum Command {
     /// do, so capture and fail-closed hold across restarts). Programs a running daemon still
     /// holds detach when it exits.
     Uninstall {
+        /// The pin directory the daemon used (--bpf-pin-dir).
         #[arg(
             long,
             env = "PROXY_BPF_PIN_DIR",
@@ -211,15 +217,20 @@ pub struct RunArgs {
     #[arg(long, env = "PROXY_OUTBOUND_PORT", default_value_t = proxy_common::DEFAULT_OUTBOUND_PORT)]
     pub outbound_port: u16,
 
+    /// Admin endpoint (/config_dump, /logging, /quitquitquit); loopback by default, as
+    /// it can change the daemon (see --admin-token-file).
     #[arg(long, env = "PROXY_ADMIN_ADDR", default_value = "127.0.0.1:15300")]
     pub admin_addr: SocketAddr,
 
+    /// Prometheus metrics endpoint (/metrics, /stats/prometheus).
     #[arg(long, env = "PROXY_METRICS_ADDR", default_value = "0.0.0.0:15320")]
     pub metrics_addr: SocketAddr,
 
+    /// Health endpoint (/healthz/ready) for the kubelet's probes.
     #[arg(long, env = "PROXY_HEALTH_ADDR", default_value = "0.0.0.0:15321")]
     pub health_addr: SocketAddr,
 
+    /// The daemon's own log lines (access log lines included): text or JSON.
     #[arg(long, env = "PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
@@ -362,4 +373,28 @@ pub struct RunArgs {
     /// some is answered in its own formats): any of `w3c`, `b3`, `b3-single`.
     #[arg(long, env = "PROXY_TRACE_PROPAGATION", default_value = "w3c,b3")]
     pub trace_propagation: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// `--help` explains every flag and argument of every command.
+    #[test]
+    fn every_flag_has_help_text() {
+        let cli = super::Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{} {id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }

@@ -11,7 +11,7 @@ fn main() -> ExitCode {
             println!("proxy-daemon {}", proxy_daemon::version::VERSION);
             ExitCode::SUCCESS
         }
-        Command::Validate { paths } => proxy_daemon::validate::run(&paths),
+        Command::Validate { paths, quiet } => proxy_daemon::validate::run(&paths, quiet),
         Command::Top {
             metrics_addr,
             interval_ms,

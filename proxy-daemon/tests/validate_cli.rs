@@ -55,6 +55,14 @@ fn validate_passes_good_files_and_fails_on_a_directory_with_a_bad_one() {
         String::from_utf8_lossy(&ok.stdout)
     );
     assert!(ok.stdout.is_empty());
+    // One line on standard error says what was checked, unless -q.
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stderr).trim(),
+        "validate: 5 objects in 2 paths: valid (0 errors, 0 warnings, 0 notes)"
+    );
+    let quiet = run(&["-q", "subsets-weights.yaml"]);
+    assert_eq!(quiet.status.code(), Some(0));
+    assert!(quiet.stderr.is_empty() && quiet.stdout.is_empty());
     let bad = run(&["."]);
     assert_eq!(bad.status.code(), Some(1));
     let text = String::from_utf8_lossy(&bad.stdout);
