@@ -230,3 +230,28 @@ impl Drop for InProcess {
         self.task.abort();
     }
 }
+
+/// The objects of a YAML text (as file `t.yaml`, objects without a namespace in
+/// `default_ns`), and the documents that did not parse.
+pub fn parse_yaml(
+    yaml: &str,
+    default_ns: &str,
+) -> (
+    Vec<crate::config::Located<crate::config::Object>>,
+    Vec<crate::config::ConfigError>,
+) {
+    let mut errors = Vec::new();
+    let objects = crate::config::local::split_documents(std::path::Path::new("t.yaml"), yaml)
+        .iter()
+        .filter_map(
+            |d| match crate::config::local::parse_document(d, default_ns) {
+                Ok(o) => o,
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            },
+        )
+        .collect();
+    (objects, errors)
+}

@@ -260,18 +260,7 @@ fn tokens_are_read_only_where_the_rule_says() {
 #[test]
 fn istios_request_authentication_cases_validate_as_istio_says() {
     let parse = |text: &str| {
-        let mut errors = Vec::new();
-        let objects: Vec<Located<Object>> =
-            local::split_documents(std::path::Path::new("t.yaml"), text)
-                .iter()
-                .filter_map(|d| match local::parse_document(d, "foo") {
-                    Ok(o) => o,
-                    Err(e) => {
-                        errors.push(e);
-                        None
-                    }
-                })
-                .collect();
+        let (objects, mut errors) = crate::testing::parse_yaml(text, "foo");
         state_jwt::build(&objects, "istio-system", &mut errors);
         errors
     };

@@ -326,6 +326,76 @@ impl Scope {
     }
 }
 
+/// Where a competing policy stands, as Istio orders them: `creationTimestamp`, then
+/// name (the oldest first).
+pub type Rank = (Option<jiff::Timestamp>, String);
+
+/// The rank of an object with this metadata.
+pub fn rank_of(meta: &crate::config::k8s::ObjectMeta) -> Rank {
+    (
+        meta.creation_timestamp
+            .as_deref()
+            .and_then(|t| t.parse().ok()),
+        meta.name.clone(),
+    )
+}
+
+/// A security policy kind bound to workloads by [`Scope`].
+pub trait Scoped {
+    fn scope(&self) -> &Scope;
+    fn rank(&self) -> &Rank;
+}
+
+/// Policies of one kind by namespace, oldest first: what AuthorizationPolicy and
+/// RequestAuthentication share.
+#[derive(Debug, serde::Serialize)]
+#[serde(transparent)]
+pub struct ByNamespace<P> {
+    policies: BTreeMap<String, Vec<Arc<P>>>,
+}
+
+impl<P> Default for ByNamespace<P> {
+    fn default() -> Self {
+        Self {
+            policies: BTreeMap::new(),
+        }
+    }
+}
+
+impl<P: Scoped> ByNamespace<P> {
+    pub fn insert(&mut self, namespace: &str, policy: P) {
+        self.policies
+            .entry(namespace.to_string())
+            .or_default()
+            .push(Arc::new(policy));
+    }
+
+    /// Puts each namespace's policies oldest first (after the last insert).
+    pub fn sort(&mut self) {
+        for policies in self.policies.values_mut() {
+            policies.sort_by(|a, b| a.rank().cmp(b.rank()));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The policies that bind `target`: its namespace's, then the root namespace's.
+    pub fn bound(&self, root_namespace: &str, target: &Target) -> Vec<Arc<P>> {
+        let mut namespaces = vec![target.namespace];
+        if root_namespace != target.namespace {
+            namespaces.push(root_namespace);
+        }
+        namespaces
+            .into_iter()
+            .flat_map(|ns| self.policies.get(ns).into_iter().flatten())
+            .filter(|p| p.scope().binds(target))
+            .cloned()
+            .collect()
+    }
+}
+
 /// The scope of a security policy from its `selector` or `targetRef(s)`, checked as
 /// Istio's schema checks them; also what a target that binds nothing is worth a warning.
 pub fn target_scope(
@@ -424,7 +494,16 @@ pub struct Policy {
     /// The CUSTOM provider's name.
     pub provider: Option<String>,
     #[serde(skip)]
-    rank: (Option<jiff::Timestamp>, String),
+    rank: Rank,
+}
+
+impl Scoped for Policy {
+    fn scope(&self) -> &Scope {
+        &self.scope
+    }
+    fn rank(&self) -> &Rank {
+        &self.rank
+    }
 }
 
 impl Policy {
@@ -520,8 +599,7 @@ impl Decision {
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Authorization {
     root_namespace: String,
-    /// By namespace, oldest first.
-    policies: BTreeMap<String, Vec<Arc<Policy>>>,
+    policies: ByNamespace<Policy>,
     /// The mesh config's external authorizers, by name.
     pub providers: BTreeMap<String, ExtAuthz>,
 }
@@ -542,19 +620,7 @@ impl Authorization {
 
     /// The policies that bind `target`: its namespace's and the root namespace's.
     pub fn for_target(&self, target: &Target) -> Vec<Arc<Policy>> {
-        let mut out = Vec::new();
-        let mut add = |ns: &str| {
-            for p in self.policies.get(ns).into_iter().flatten() {
-                if p.scope.binds(target) {
-                    out.push(p.clone());
-                }
-            }
-        };
-        add(target.namespace);
-        if self.root_namespace != target.namespace {
-            add(&self.root_namespace);
-        }
-        out
+        self.policies.bound(&self.root_namespace, target)
     }
 }
 
@@ -845,7 +911,7 @@ pub fn build(
 ) -> Authorization {
     let mut table = Authorization {
         root_namespace: root_namespace.to_string(),
-        policies: BTreeMap::new(),
+        policies: ByNamespace::default(),
         providers: BTreeMap::new(),
     };
     for o in objects {
@@ -896,16 +962,10 @@ pub fn build(
                     ));
                 }
             }
-            table
-                .policies
-                .entry(o.object_ref.namespace.clone())
-                .or_default()
-                .push(Arc::new(policy));
+            table.policies.insert(&o.object_ref.namespace, policy);
         }
     }
-    for policies in table.policies.values_mut() {
-        policies.sort_by(|a, b| a.rank.cmp(&b.rank));
-    }
+    table.policies.sort();
     table
 }
 
@@ -1015,13 +1075,7 @@ fn compile(
         .annotations
         .get(DRY_RUN)
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let rank = (
-        ap.metadata
-            .creation_timestamp
-            .as_deref()
-            .and_then(|t| t.parse().ok()),
-        ap.metadata.name.clone(),
-    );
+    let rank = rank_of(&ap.metadata);
     Some(Policy {
         object: o.object_ref.clone(),
         scope,

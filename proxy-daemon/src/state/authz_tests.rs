@@ -1,6 +1,5 @@
 //! AuthorizationPolicy semantics against Istio's own test data (tests/fixtures/istio-security).
 use super::*;
-use crate::config::local;
 
 const FIXTURES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -8,18 +7,7 @@ const FIXTURES: &str = concat!(
 );
 
 fn parse(yaml: &str, default_ns: &str) -> (Vec<Located<Object>>, Vec<ConfigError>) {
-    let mut errors = Vec::new();
-    let objects = local::split_documents(std::path::Path::new("t.yaml"), yaml)
-        .iter()
-        .filter_map(|d| match local::parse_document(d, default_ns) {
-            Ok(o) => o,
-            Err(e) => {
-                errors.push(e);
-                None
-            }
-        })
-        .collect();
-    (objects, errors)
+    crate::testing::parse_yaml(yaml, default_ns)
 }
 
 fn table(yaml: &str, default_ns: &str) -> Authorization {

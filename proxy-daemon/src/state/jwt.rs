@@ -2,11 +2,11 @@
 //! are read from, and what a verified token tells the app. Bound as AuthorizationPolicy is
 //! (selector, namespace, root namespace, targetRefs to a Service); the rules of every
 //! policy bound to a workload are combined, as in Istio.
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use http::HeaderName;
 
-use super::authz::{Scope, Target};
+use super::authz::{rank_of, ByNamespace, Rank, Scope, Scoped, Target};
 use crate::config::{
     istio::IstioObject,
     security::{JwtRule, RequestAuthenticationSpec},
@@ -54,14 +54,23 @@ pub struct AuthnPolicy {
     pub scope: Scope,
     pub providers: Vec<Arc<JwtProvider>>,
     #[serde(skip)]
-    rank: (Option<jiff::Timestamp>, String),
+    rank: Rank,
+}
+
+impl Scoped for AuthnPolicy {
+    fn scope(&self) -> &Scope {
+        &self.scope
+    }
+    fn rank(&self) -> &Rank {
+        &self.rank
+    }
 }
 
 /// Every RequestAuthentication of the configuration.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct RequestAuthn {
     root_namespace: String,
-    policies: BTreeMap<String, Vec<Arc<AuthnPolicy>>>,
+    policies: ByNamespace<AuthnPolicy>,
 }
 
 impl RequestAuthn {
@@ -71,19 +80,11 @@ impl RequestAuthn {
 
     /// The providers of every policy bound to `target`.
     pub fn providers_for(&self, target: &Target) -> Vec<Arc<JwtProvider>> {
-        let mut out = Vec::new();
-        let mut add = |ns: &str| {
-            for p in self.policies.get(ns).into_iter().flatten() {
-                if p.scope.binds(target) {
-                    out.extend(p.providers.iter().cloned());
-                }
-            }
-        };
-        add(target.namespace);
-        if self.root_namespace != target.namespace {
-            add(&self.root_namespace);
-        }
-        out
+        self.policies
+            .bound(&self.root_namespace, target)
+            .iter()
+            .flat_map(|p| p.providers.iter().cloned())
+            .collect()
     }
 }
 
@@ -102,23 +103,17 @@ pub fn build(
 ) -> RequestAuthn {
     let mut table = RequestAuthn {
         root_namespace: root_namespace.to_string(),
-        policies: BTreeMap::new(),
+        policies: ByNamespace::default(),
     };
     for o in objects {
         let Object::RequestAuthentication(ra) = &o.value else {
             continue;
         };
         if let Some(policy) = compile(o, ra, findings) {
-            table
-                .policies
-                .entry(o.object_ref.namespace.clone())
-                .or_default()
-                .push(Arc::new(policy));
+            table.policies.insert(&o.object_ref.namespace, policy);
         }
     }
-    for policies in table.policies.values_mut() {
-        policies.sort_by(|a, b| a.rank.cmp(&b.rank));
-    }
+    table.policies.sort();
     table
 }
 
@@ -164,13 +159,7 @@ fn compile(
     if findings[before..].iter().any(ConfigError::is_error) {
         return None;
     }
-    let rank = (
-        ra.metadata
-            .creation_timestamp
-            .as_deref()
-            .and_then(|t| t.parse().ok()),
-        ra.metadata.name.clone(),
-    );
+    let rank = rank_of(&ra.metadata);
     Some(AuthnPolicy {
         object: o.object_ref.clone(),
         scope,

@@ -170,7 +170,6 @@ fn compile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::local;
 
     const FIXTURES: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -178,18 +177,7 @@ mod tests {
     );
 
     fn objects(yaml: &str, default_ns: &str) -> (Vec<Located<Object>>, Vec<ConfigError>) {
-        let mut errors = Vec::new();
-        let objects = local::split_documents(std::path::Path::new("t.yaml"), yaml)
-            .iter()
-            .filter_map(|d| match local::parse_document(d, default_ns) {
-                Ok(o) => o,
-                Err(e) => {
-                    errors.push(e);
-                    None
-                }
-            })
-            .collect();
-        (objects, errors)
+        crate::testing::parse_yaml(yaml, default_ns)
     }
 
     fn table(yaml: &str) -> PeerAuthentication {
