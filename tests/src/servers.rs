@@ -182,6 +182,22 @@ async fn read_head(
     Some((request_line, headers))
 }
 
+/// Request headers by (lowercase) name; a header sent several times shows every value,
+/// joined with `,` in the order received (as RFC 9110 combines them, and as the Gateway API
+/// conformance echo reports them) — never only the last.
+pub fn joined(headers: &[(String, String)]) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::<String, String>::new();
+    for (k, v) in headers {
+        out.entry(k.clone())
+            .and_modify(|e| {
+                e.push(',');
+                e.push_str(v);
+            })
+            .or_insert_with(|| v.clone());
+    }
+    out
+}
+
 impl Servers {
     /// A minimal HTTP/1.1 server: answers each request with JSON describing it (server name,
     /// method, path, headers, peer); keep-alive; an Upgrade request gets 101 and then an
@@ -214,7 +230,7 @@ impl Servers {
                         if let Some(log) = &cfg.log {
                             log.lock().unwrap().push(serde_json::json!({
                                 "request_line": request_line,
-                                "headers": headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                                "headers": joined(&headers),
                                 "body_len": len,
                             }));
                         }
@@ -267,7 +283,7 @@ impl Servers {
                             "server": cfg.name,
                             "method": method,
                             "path": path,
-                            "headers": headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                            "headers": joined(&headers),
                             "peer": peer.ip().to_string(),
                             "peer_port": peer.port(),
                             "body_len": len,
@@ -400,8 +416,14 @@ impl Servers {
                             }));
                         }
                         let req = hyper::Request::from_parts(parts, ());
+                        let pairs: Vec<(String, String)> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                            .collect();
                         let body = serde_json::json!({
                             "server": name,
+                            "headers": joined(&pairs),
                             "path": req.uri().path(),
                             "authority": req.uri().authority().map(|a| a.to_string()),
                             "proto": format!("{:?}", req.version()),

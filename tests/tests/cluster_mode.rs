@@ -499,12 +499,13 @@ fn readiness_waits_for_the_first_sync_and_bad_objects_are_skipped() {
     daemon.wait_enrolled(&client.uid, Duration::from_secs(5));
     let log = daemon.log_text();
     assert!(
-        log.contains("Istio CRDs not installed"),
+        log.contains("its CRD is not installed"),
         "one line says the Istio kinds are absent:\n{log}"
     );
+    // Istio's 8 kinds and the Gateway API's HTTPRoute and GRPCRoute.
     assert_eq!(
         log.matches("not served by this cluster").count(),
-        8,
+        10,
         "one line per kind, not one per retry:\n{log}"
     );
 

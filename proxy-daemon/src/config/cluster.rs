@@ -47,10 +47,11 @@ const THIS_NODE_PODS: &str = "Pod (this node)";
 const OTHER_NODE_PODS: &str = "Pod (other nodes)";
 const ISTIO_GROUP: &str = "networking.istio.io";
 const SECURITY_GROUP: &str = "security.istio.io";
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 /// Versions in the order we prefer them when the server's preferred one lacks a kind.
 const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
 /// The Istio kinds watched, with their API group.
-const ISTIO_KINDS: [(&str, &str); 8] = [
+const ISTIO_KINDS: [(&str, &str); 10] = [
     ("VirtualService", ISTIO_GROUP),
     ("DestinationRule", ISTIO_GROUP),
     ("ServiceEntry", ISTIO_GROUP),
@@ -59,6 +60,10 @@ const ISTIO_KINDS: [(&str, &str); 8] = [
     ("PeerAuthentication", SECURITY_GROUP),
     ("AuthorizationPolicy", SECURITY_GROUP),
     ("RequestAuthentication", SECURITY_GROUP),
+    // The Gateway API's mesh routes (GAMMA): watched like Istio's kinds, from whenever
+    // their CRDs are installed.
+    ("HTTPRoute", GATEWAY_GROUP),
+    ("GRPCRoute", GATEWAY_GROUP),
 ];
 /// Istio objects larger than this (as JSON) are rejected rather than parsed on the
 /// daemon's threads; real VirtualServices are a few KiB.
@@ -814,7 +819,7 @@ async fn run_istio_kind(
                     info!(
                         kind,
                         recheck_secs = rediscovery.as_secs_f64(),
-                        "not served by this cluster (Istio CRDs not installed): no {kind} objects until they are"
+                        "not served by this cluster (its CRD is not installed): no {kind} objects until it is"
                     );
                     said_missing = true;
                 }

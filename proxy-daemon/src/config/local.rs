@@ -303,6 +303,20 @@ pub fn parse_document(
         (api, "RequestAuthentication") if SECURITY_ISTIO.contains(&api) => {
             istio_kind!(RequestAuthentication)
         }
+        (api, "HTTPRoute") if super::gateway::GATEWAY_API_VERSIONS.contains(&api) => {
+            istio_kind!(HttpRoute)
+        }
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => istio_kind!(GrpcRoute),
+        // Gateways are ingress (not the node proxy's job); ReferenceGrants are not needed
+        // by mesh routes. Other route kinds are valid but not carried out: a warning.
+        (api, kind)
+            if api.starts_with("gateway.networking.k8s.io/")
+                && kind.ends_with("Route") =>
+        {
+            return Err(warning(format!(
+                "{kind} ({api}) is not supported by proxy-daemon (HTTPRoute and GRPCRoute are); ignored"
+            )))
+        }
         ("v1", "ConfigMap")
             if ns == super::mesh::MESH_CONFIG_NAMESPACE
                 && meta.metadata.name == super::mesh::MESH_CONFIG_NAME =>

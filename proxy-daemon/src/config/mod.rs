@@ -1,6 +1,7 @@
 //! Configuration objects (the same YAML a user would `kubectl apply`) and where they come from.
 pub mod cluster;
 pub mod duration;
+pub mod gateway;
 pub mod istio;
 pub mod k8s;
 pub mod local;
@@ -95,6 +96,9 @@ pub enum Object {
     PeerAuthentication(istio::IstioObject<security::PeerAuthenticationSpec>),
     AuthorizationPolicy(istio::IstioObject<security::AuthorizationPolicySpec>),
     RequestAuthentication(istio::IstioObject<security::RequestAuthenticationSpec>),
+    /// Gateway API routes; those whose parent is a Service are the mesh's (GAMMA).
+    HttpRoute(istio::IstioObject<gateway::HttpRouteSpec>),
+    GrpcRoute(istio::IstioObject<gateway::GrpcRouteSpec>),
     /// Ingress gateways are not the node proxy's job; kept to explain what is ignored.
     Gateway,
     /// ConfigMap `istio-system/istio`: the mesh config (its tracing part).
@@ -117,6 +121,8 @@ impl Object {
             Object::PeerAuthentication(o) => Some(&o.metadata),
             Object::AuthorizationPolicy(o) => Some(&o.metadata),
             Object::RequestAuthentication(o) => Some(&o.metadata),
+            Object::HttpRoute(o) => Some(&o.metadata),
+            Object::GrpcRoute(o) => Some(&o.metadata),
             Object::Gateway | Object::MeshConfig(_) => None,
         }
     }

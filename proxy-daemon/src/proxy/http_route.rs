@@ -13,7 +13,8 @@ use crate::{
     metrics::{unnamed_service, DestinationLabels, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     state::registry::{PortInfo, ServiceInfo, CLUSTER_DOMAIN},
     state::routes::{
-        selects, ClusterRef, HeaderOps, HttpAction, HttpMatch, HttpRule, Matcher, RoutePatch,
+        selects, virtual_service_wins, ClusterRef, HeaderOps, HttpAction, HttpMatch, HttpRule,
+        Matcher, PathModifier, RoutePatch,
     },
     state::workload::{WorkloadInfo, UNKNOWN},
     state::Snapshot,
@@ -416,6 +417,17 @@ pub fn decide(
             None => {}
         }
     }
+    let ask = Ask {
+        snap,
+        eps,
+        src,
+        req,
+        policy,
+        roll,
+    };
+    if let Some(d) = mesh_route(&ask, &edits, timeout) {
+        return d;
+    }
     let Some(svc) = service_for(snap, host_only(req.authority), src, req.dst) else {
         if super::route::registry_only(snap, src, policy) {
             return blackhole(req);
@@ -434,6 +446,7 @@ pub fn decide(
             timeout,
         );
     };
+    let svc = frontend_bound(snap, src, req, svc);
     let vss: Vec<_> = snap
         .routes
         .virtual_services_for(
@@ -496,6 +509,154 @@ pub fn decide(
             flags: "NR",
         };
     };
+    apply_rule(&ask, svc, rule, matched, edits, timeout)
+}
+
+/// What every step of one request's routing reads.
+struct Ask<'a, 'r> {
+    snap: &'a Snapshot,
+    eps: &'a Endpoints,
+    src: &'a WorkloadInfo,
+    req: &'a RequestView<'r>,
+    policy: crate::proxy::OutboundPolicy,
+    roll: u32,
+}
+
+/// The Gateway API routes bound to the Service port the app dialled — matched by its
+/// ClusterIP and port, never by Host, and never for a pod's own address — unless a
+/// VirtualService for that Service wins (Istio's order). A request no rule matches
+/// answers 404.
+fn mesh_route(ask: &Ask, edits: &RequestEdits, timeout: Option<Duration>) -> Option<HttpDecision> {
+    let (snap, src, req) = (ask.snap, ask.src, ask.req);
+    if snap.routes.mesh_routes.is_empty() {
+        return None;
+    }
+    let svc = snap
+        .registry
+        .by_addr(SocketAddr::V4(req.dst), &src.namespace)
+        .filter(|s| matches!(s.kind, crate::state::registry::ServiceKind::Kubernetes))?;
+    let (group, consumer) =
+        snap.routes
+            .mesh_routes_for(&svc.hostname, req.dst.port() as u32, &src.namespace)?;
+    let vs = snap
+        .routes
+        .virtual_services_for(
+            &svc.hostname,
+            &src.namespace,
+            &src.labels,
+            snap.registry.kubernetes_owner(&svc.hostname),
+        )
+        .find(|vs| !vs.http.is_empty());
+    if vs.is_some_and(|vs| virtual_service_wins(vs, group, consumer, &src.namespace)) {
+        return None;
+    }
+    let hit = group
+        .entries
+        .iter()
+        .find(|e| matches(&e.rule.matches[e.match_index], req, src));
+    let Some(e) = hit else {
+        return Some(HttpDecision::Respond {
+            status: 404,
+            body: "no route matched\n".into(),
+            location: None,
+            labels: labels_for(svc),
+            flags: "NR",
+        });
+    };
+    let matched = Some(&e.rule.matches[e.match_index]);
+    Some(apply_rule(
+        ask,
+        svc,
+        &e.rule,
+        matched,
+        edits.clone(),
+        timeout,
+    ))
+}
+
+/// The Gateway API binds routes to a Service's frontend (MeshClusterIPMatching): a
+/// request that dials one Service's ClusterIP with a Host naming another Service that has
+/// routes is the dialled Service's traffic — a Host header never reaches another
+/// Service's routes.
+fn frontend_bound<'a>(
+    snap: &'a Snapshot,
+    src: &WorkloadInfo,
+    req: &RequestView,
+    named: &'a ServiceInfo,
+) -> &'a ServiceInfo {
+    if !snap.routes.mesh_routes.contains_key(&named.hostname) {
+        return named;
+    }
+    snap.registry
+        .by_addr(SocketAddr::V4(req.dst), &src.namespace)
+        .filter(|d| matches!(d.kind, crate::state::registry::ServiceKind::Kubernetes))
+        .unwrap_or(named)
+}
+
+/// The PathPrefix a request matched by, if it matched by one.
+fn matched_prefix(matched: Option<&HttpMatch>) -> Option<&str> {
+    match matched.and_then(|m| m.uri.as_ref()) {
+        Some(Matcher::PathPrefix(p) | Matcher::Prefix(p)) => Some(p.as_str()),
+        _ => None,
+    }
+}
+
+/// The Gateway API's redirect `Location`: what the filter leaves unset comes from the
+/// request (its Host without the port; the scheme's port when the scheme is set, else the
+/// port dialled), and the default ports of http and https are left out.
+fn gateway_location(
+    req: &RequestView,
+    redirect: (
+        &Option<String>,
+        &Option<String>,
+        Option<u32>,
+        &Option<PathModifier>,
+    ),
+    matched: Option<&HttpMatch>,
+) -> String {
+    let (scheme, hostname, port, path) = redirect;
+    let scheme_out = scheme.clone().unwrap_or_else(|| "http".into());
+    let host = hostname
+        .clone()
+        .unwrap_or_else(|| host_only(req.authority).to_string());
+    let port = port.unwrap_or(match scheme.as_deref() {
+        Some("https") => 443,
+        Some(_) => 80,
+        None => req.dst.port() as u32,
+    });
+    let port_part = match (scheme_out.as_str(), port) {
+        ("http", 80) | ("https", 443) => String::new(),
+        _ => format!(":{port}"),
+    };
+    let path = match path {
+        Some(p) => p.apply(req.path, matched_prefix(matched)),
+        None => req.path.to_string(),
+    };
+    let query = match req.query {
+        Some(q) if !q.is_empty() => format!("?{q}"),
+        _ => String::new(),
+    };
+    format!("{scheme_out}://{host}{port_part}{path}{query}")
+}
+
+/// Carries out the rule a request matched (of a VirtualService or a Gateway API route).
+fn apply_rule(
+    ask: &Ask,
+    svc: &ServiceInfo,
+    rule: &HttpRule,
+    matched: Option<&HttpMatch>,
+    mut edits: RequestEdits,
+    mut timeout: Option<Duration>,
+) -> HttpDecision {
+    let Ask {
+        snap,
+        eps,
+        src,
+        req,
+        policy,
+        roll,
+    } = *ask;
+    let port = req.dst.port() as u32;
     edits.headers.push(rule.headers.request.clone());
     let mut response_headers = vec![rule.headers.response.clone()];
     if let Some(uri) = &rule.rewrite_uri {
@@ -505,9 +666,29 @@ pub fn decide(
         });
         edits.rewrite_uri = Some((prefix, uri.clone()));
     }
+    if let Some(p) = &rule.path_rewrite {
+        edits.rewrite_uri = Some((None, p.apply(req.path, matched_prefix(matched))));
+    }
     edits.rewrite_authority = rule.rewrite_authority.clone();
     timeout = timeout.or(rule.timeout);
     match &rule.action {
+        HttpAction::GatewayRedirect {
+            scheme,
+            hostname,
+            port: rport,
+            path,
+            code,
+        } => HttpDecision::Respond {
+            status: *code as u16,
+            body: bytes::Bytes::new(),
+            location: Some(gateway_location(
+                req,
+                (scheme, hostname, *rport, path),
+                matched,
+            )),
+            labels: labels_for(svc),
+            flags: "",
+        },
         HttpAction::Redirect {
             uri,
             authority,
@@ -556,6 +737,17 @@ pub fn decide(
                 .by_host(&dest.destination.host, &src.namespace)
                 .filter(|t| super::route::sees_service(snap, src, t))
             else {
+                if rule.api.is_gateway() {
+                    // The Gateway API: a backend that does not resolve answers 500 for
+                    // its share of requests (Envoy's "no cluster").
+                    return HttpDecision::Respond {
+                        status: 500,
+                        body: "backend not found\n".into(),
+                        location: None,
+                        labels: labels_for(svc),
+                        flags: "NC",
+                    };
+                }
                 return no_route(req, "NR");
             };
             let labels = labels_for(target);

@@ -8,6 +8,9 @@ use super::*;
 pub enum Matcher {
     Exact(String),
     Prefix(String),
+    /// The Gateway API's PathPrefix: whole path segments (`/v2` matches `/v2` and `/v2/x`,
+    /// not `/v2x`); kept without its trailing `/` (`""` is `/`, every path).
+    PathPrefix(String),
     /// Shared: one compiled automaton (and cache pool) per distinct pattern.
     Regex(#[serde(serialize_with = "ser_regex")] std::sync::Arc<regex::Regex>),
 }
@@ -28,6 +31,15 @@ impl Matcher {
                 value.len() >= p.len() && value[..p.len()].eq_ignore_ascii_case(p)
             }
             Matcher::Prefix(p) => value.starts_with(p.as_str()),
+            Matcher::PathPrefix(p) => {
+                let head = value.get(..p.len());
+                let same = match head {
+                    Some(h) if ignore_case => h.eq_ignore_ascii_case(p),
+                    Some(h) => h == p,
+                    None => false,
+                };
+                same && matches!(value.as_bytes().get(p.len()), None | Some(b'/'))
+            }
             Matcher::Regex(r) => r.is_match(value),
         }
     }

@@ -3,12 +3,14 @@
 //! outbound policies. Everything here is immutable once built; the data path reads it.
 mod destination_rule;
 mod envoy_filter;
+mod gateway;
 mod matchers;
 mod sidecar;
 mod virtual_service;
 
 pub use destination_rule::*;
 pub use envoy_filter::*;
+pub use gateway::*;
 pub use matchers::*;
 pub use sidecar::*;
 pub use virtual_service::*;
@@ -52,6 +54,10 @@ pub struct RouteTable {
     /// (listeners, clusters, inbound, gateways): skipped, each with a warning.
     pub skipped_envoy_filters: u64,
     pub sidecars: Vec<CompiledSidecar>,
+    /// Service FQDN → port → the Gateway API routes (HTTPRoute, GRPCRoute) bound there.
+    pub mesh_routes: BTreeMap<String, BTreeMap<u32, BoundRoutes>>,
+    /// Parents where a route is not accepted (e.g. Conflicted), as its status says.
+    pub mesh_route_status: Vec<ParentStatus>,
     /// What the build outranked or refused (each also a finding).
     #[serde(skip)]
     pub conflicts: Vec<crate::state::registry::Conflict>,
@@ -289,7 +295,11 @@ impl Ctx<'_> {
         if let Some(p) = &sm.prefix {
             return Some(Matcher::Prefix(p.clone()));
         }
-        let r = sm.regex.as_deref().unwrap_or("");
+        self.regex(m.referenced.line(), sm.regex.as_deref().unwrap_or(""), what)
+    }
+    /// A whole-value regex matcher (one shared automaton per pattern); an invalid one is
+    /// an error at `line`.
+    fn regex(&mut self, line: u64, r: &str, what: &str) -> Option<Matcher> {
         if let Some(re) = self.regexes.get(r) {
             return Some(Matcher::Regex(re.clone()));
         }
@@ -301,7 +311,7 @@ impl Ctx<'_> {
             }
             Err(e) => {
                 self.err(
-                    m.referenced.line(),
+                    line,
                     format!(
                         "{what}: invalid regex {r:?}: {}",
                         e.to_string()
@@ -385,11 +395,12 @@ pub fn build(
         subsets: &subsets,
     };
     let mut regexes = std::collections::HashMap::new();
-    for (_, o) in &ordered {
+    for (order, o) in &ordered {
         match &o.value {
             Object::VirtualService(vs) => {
                 if let Some(mut c) = compile_virtual_service(o, vs, &check, findings, &mut regexes)
                 {
+                    c.order = order.clone();
                     if c.export_to.is_empty() {
                         c.export_to = export_defaults.virtual_service.clone();
                     }
@@ -419,6 +430,7 @@ pub fn build(
             _ => {}
         }
     }
+    build_mesh_routes(&ordered, registry, &mut table, findings, &mut regexes);
     // EnvoyFilters and Sidecars are in creation order too: Istio applies EnvoyFilters of
     // equal priority oldest first, and of a namespace's several default Sidecars uses the
     // oldest.

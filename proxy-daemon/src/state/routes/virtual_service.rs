@@ -72,6 +72,16 @@ pub enum HttpAction {
         #[serde(serialize_with = "body_as_text")]
         body: Option<bytes::Bytes>,
     },
+    /// The Gateway API's RequestRedirect: what it leaves unset comes from the request
+    /// (hostname without its port; the scheme's own port when the scheme is set, else the
+    /// port dialled; 80 and 443 left out of `Location`).
+    GatewayRedirect {
+        scheme: Option<String>,
+        hostname: Option<String>,
+        port: Option<u32>,
+        path: Option<PathModifier>,
+        code: u32,
+    },
 }
 
 /// A direct response's body in `/config_dump`: as text (binary bytes shown lossily).
@@ -103,6 +113,37 @@ pub struct HttpRule {
     pub mirrors: Vec<MirrorPolicy>,
     /// Where it was written, e.g. `vs.yaml:12`.
     pub source: String,
+    /// The API that wrote it.
+    pub api: RouteApi,
+    /// A Gateway API URLRewrite of the path (a VirtualService uses `rewrite_uri`).
+    pub path_rewrite: Option<PathModifier>,
+}
+
+impl HttpRule {
+    /// A rule of a Gateway API route; filters are filled in by the caller.
+    pub fn gateway(
+        api: RouteApi,
+        name: Option<String>,
+        matches: Vec<HttpMatch>,
+        action: HttpAction,
+        source: String,
+    ) -> Self {
+        HttpRule {
+            name,
+            matches,
+            action,
+            rewrite_uri: None,
+            rewrite_authority: None,
+            headers: HeaderPolicy::default(),
+            timeout: None,
+            retries: None,
+            fault: None,
+            mirrors: Vec::new(),
+            source,
+            api,
+            path_rewrite: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,6 +163,10 @@ pub struct CompiledVirtualService {
     pub tcp: Vec<L4Rule>,
     pub tls: Vec<L4Rule>,
     pub source: String,
+    /// Its age among competitors (a Gateway API route on the same Service is compared
+    /// with it).
+    #[serde(skip)]
+    pub order: CreationOrder,
 }
 
 impl CompiledVirtualService {
@@ -566,6 +611,8 @@ pub(super) fn compile_virtual_service(
             fault,
             mirrors,
             source: cx.source(line),
+            api: RouteApi::VirtualService,
+            path_rewrite: None,
         });
     }
     let l4 =
@@ -631,6 +678,7 @@ pub(super) fn compile_virtual_service(
         })
         .collect();
     Some(CompiledVirtualService {
+        order: CreationOrder::of(o, 0),
         name: o.object_ref.name.clone(),
         namespace: ns.clone(),
         hosts: spec
