@@ -5,6 +5,8 @@ pub mod access_log;
 pub mod balance;
 pub mod dns;
 pub mod ext_authz;
+#[cfg(test)]
+mod gamma_tests;
 pub mod hbone;
 pub mod http;
 pub mod http_route;

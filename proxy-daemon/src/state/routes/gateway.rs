@@ -427,33 +427,43 @@ impl Ctx<'_> {
     }
 
     fn filter(&mut self, line: u64, f: &HttpRouteFilter, registry: &Registry) -> Filter {
+        // (type, its field, whether the field is set): the CRD's CEL rules pair them.
         let set = [
-            ("RequestHeaderModifier", f.request_header_modifier.is_some()),
+            (
+                "RequestHeaderModifier",
+                "requestHeaderModifier",
+                f.request_header_modifier.is_some(),
+            ),
             (
                 "ResponseHeaderModifier",
+                "responseHeaderModifier",
                 f.response_header_modifier.is_some(),
             ),
-            ("RequestMirror", f.request_mirror.is_some()),
-            ("RequestRedirect", f.request_redirect.is_some()),
-            ("URLRewrite", f.url_rewrite.is_some()),
-            ("ExtensionRef", f.extension_ref.is_some()),
-            ("CORS", f.cors.is_some()),
+            ("RequestMirror", "requestMirror", f.request_mirror.is_some()),
+            (
+                "RequestRedirect",
+                "requestRedirect",
+                f.request_redirect.is_some(),
+            ),
+            ("URLRewrite", "urlRewrite", f.url_rewrite.is_some()),
+            ("ExtensionRef", "extensionRef", f.extension_ref.is_some()),
+            ("CORS", "cors", f.cors.is_some()),
         ];
-        if !set.iter().any(|(t, _)| *t == f.filter_type) {
+        if !set.iter().any(|(t, _, _)| *t == f.filter_type) {
             self.err(line, format!("filter type {:?} is not one of RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, RequestRedirect, URLRewrite, ExtensionRef, CORS", f.filter_type));
             return Filter::Unsupported;
         }
-        for (t, present) in set {
+        for (t, field, present) in set {
             if present && t != f.filter_type {
                 self.err(
                     line,
-                    format!("filter field for {t} must be nil if the filter.type is not {t}"),
+                    format!("filter.{field} must be nil if the filter.type is not {t}"),
                 );
             }
             if !present && t == f.filter_type {
                 self.err(
                     line,
-                    format!("filter for {t} must be specified for {t} filter.type"),
+                    format!("filter.{field} must be specified for {t} filter.type"),
                 );
                 return Filter::Unsupported;
             }
