@@ -71,6 +71,8 @@ fn base_services() -> String {
 struct Mesh {
     node: Node,
     _servers: Servers,
+    /// Requests each echo host served (v1, v2).
+    hits: Vec<std::sync::Arc<std::sync::atomic::AtomicU32>>,
     daemon: Daemon,
     /// The client pod of the mesh namespace and of the consumer namespace.
     client: Pod,
@@ -84,23 +86,47 @@ impl Mesh {
         let servers = Servers::new();
         let mut yaml = namespace_yaml(NS, true, None) + &namespace_yaml(CONSUMER_NS, true, None);
         let mut hosts = Vec::new();
+        let mut hits = Vec::new();
         for v in ["v1", "v2"] {
             let host = node.host(&format!("echo-{v}"));
             let pod_name: &'static str =
                 Box::leak(format!("echo-{v}-5d8f7c9b4-x2k{v}").into_boxed_str());
-            servers.http_echo(
+            hits.push(servers.http_echo(
                 &host,
                 8080,
                 HttpEcho {
                     name: pod_name.to_string(),
                     ..Default::default()
                 },
-            );
+            ));
             servers.h2c_echo(&host, 7070, pod_name);
             yaml += &endpoint_pod_yaml(&host, pod_name, NS, &[("app", "echo"), ("version", v)]);
             hosts.push(host);
         }
         yaml += &base_services();
+        // Not in the base manifests: a backend that answers after 600 ms, for timeouts.
+        let slow = node.host("echo-slow");
+        servers.http_echo(
+            &slow,
+            8080,
+            HttpEcho {
+                name: "echo-slow".into(),
+                delay: Duration::from_millis(600),
+                ..Default::default()
+            },
+        );
+        yaml += &endpoint_pod_yaml(&slow, "echo-slow-0", NS, &[("app", "echo-slow")]);
+        yaml += &format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: echo-slow, namespace: {NS}}}
+spec:
+  clusterIP: 198.18.0.163
+  selector: {{app: echo-slow}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+"
+        );
         let client = node.pod(NS, "client-7f6d");
         let consumer = node.pod(CONSUMER_NS, "client-c41b");
         yaml += &pod_yaml(&client, &[("app", "client")]);
@@ -113,6 +139,7 @@ impl Mesh {
         Mesh {
             node,
             _servers: servers,
+            hits,
             daemon,
             client,
             consumer,
@@ -122,7 +149,12 @@ impl Mesh {
 
     /// Applies one upstream test's manifest and waits until every route in it is bound.
     fn apply(&self, test_yaml: &str) {
-        let text = fixture(&format!("tests/{test_yaml}"));
+        self.apply_text(test_yaml, &fixture(&format!("tests/{test_yaml}")));
+    }
+
+    /// Applies routes written here (`what` names them in messages).
+    fn apply_text(&self, test_yaml: &str, text: &str) {
+        let text = text.to_string();
         self.node.write_config("test.yaml", &text);
         let names: Vec<String> = text
             .split("\n---")
@@ -135,6 +167,7 @@ impl Mesh {
                 Some(format!("{kind}/{ns}/{name}"))
             })
             .collect();
+        assert!(!names.is_empty(), "{test_yaml}: no route found to wait for");
         let bound = wait_for(Duration::from_secs(10), || {
             let dump = self.daemon.config_dump()["snapshot"]["routes"]["mesh_routes"].to_string();
             names
@@ -817,5 +850,101 @@ fn mesh_grpc_route_header_modifiers() {
             ("x-header-add-2", "add-header-2,header-add-2"),
         ],
         &["x-header-remove-1", "x-header-remove-2"],
+    );
+}
+
+#[test]
+fn mesh_mirrors_timeouts_and_istio_metrics_apply_to_routes() {
+    let m = Mesh::start("gammafilters");
+    let c = &m.client;
+    m.apply_text(
+        "filters",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: filters
+  namespace: {NS}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: echo, port: 80}}]
+  rules:
+  - matches: [{{path: {{value: /mirrored}}}}]
+    filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {{name: echo-v2, port: 80}}
+        fraction: {{numerator: 1, denominator: 2}}
+    backendRefs: [{{name: echo-v1, port: 80}}]
+  - matches: [{{path: {{value: /slow}}}}]
+    timeouts: {{request: 200ms}}
+    backendRefs: [{{name: echo-slow, port: 80}}]
+  - matches: [{{path: {{value: /patient}}}}]
+    timeouts: {{request: 2s}}
+    backendRefs: [{{name: echo-slow, port: 80}}]
+"
+        ),
+    );
+    // RequestMirror with a fraction: 1/2 of 400 requests copied to echo-v2 (binomial:
+    // 200 ± 10; 140–260 is 6 standard deviations), the primary always answered by v1.
+    let before = m.hits[1].load(std::sync::atomic::Ordering::Relaxed);
+    let to = format!("{}:80", cluster_ip("echo"));
+    let out = c.pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        "echo",
+        "--path",
+        "/mirrored",
+        "--count",
+        "400",
+    ]);
+    assert_eq!(out["statuses"]["200"], 400, "{out}");
+    assert_eq!(
+        out["servers"].as_object().map(|s| s.len()),
+        Some(1),
+        "{out}"
+    );
+    let copies = wait_for(Duration::from_secs(5), || {
+        let n = m.hits[1].load(std::sync::atomic::Ordering::Relaxed) - before;
+        (n >= 140).then_some(n)
+    })
+    .unwrap_or_else(|| m.hits[1].load(std::sync::atomic::Ordering::Relaxed) - before);
+    assert!(
+        (140..=260).contains(&copies),
+        "{copies} copies of 400 at 1/2"
+    );
+
+    // timeouts.request: 504 after 200 ms from a backend that takes 600 ms; 2 s waits.
+    let out = m.get(c, "echo", 80, "echo", "/slow", &[]);
+    expect(&out, 504, None, "request timeout");
+    // Three are enough to show a 2 s timeout waits (each takes 600 ms).
+    let out = c.pdtool(&[
+        "http", "--to", &to, "--host", "echo", "--path", "/patient", "--count", "3",
+    ]);
+    assert_eq!(out["statuses"]["200"], 3, "under the timeout: {out}");
+    assert_eq!(out["first"]["body"]["server"], "echo-slow", "{out}");
+
+    // Istio's standard metrics name the backend the route chose, as for a VirtualService.
+    let labels = [
+        ("reporter", "source"),
+        (
+            "destination_service",
+            "echo-v1.gateway-conformance-mesh.svc.cluster.local",
+        ),
+        ("destination_service_name", "echo-v1"),
+        ("destination_service_namespace", NS),
+        ("source_workload_namespace", NS),
+        ("response_code", "200"),
+    ];
+    assert_eq!(m.daemon.metric_sum("istio_requests_total", &labels), 400.0);
+    let labels = [
+        ("destination_service_name", "echo-slow"),
+        ("response_code", "504"),
+        ("response_flags", "UT"),
+    ];
+    assert_eq!(
+        m.daemon.metric_sum("istio_requests_total", &labels),
+        N as f64
     );
 }
