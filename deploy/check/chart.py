@@ -103,7 +103,13 @@ ALLOWED_RESOURCES = {
     ("networking.istio.io", "virtualservices"), ("networking.istio.io", "destinationrules"),
     ("networking.istio.io", "serviceentries"), ("networking.istio.io", "sidecars"),
     ("networking.istio.io", "envoyfilters"),
+    ("security.istio.io", "peerauthentications"), ("security.istio.io", "authorizationpolicies"),
+    ("security.istio.io", "requestauthentications"),
+    ("gateway.networking.k8s.io", "httproutes"), ("gateway.networking.k8s.io", "grpcroutes"),
 }
+# The one write: the Gateway API routes' status subresource, patch only.
+STATUS_RULE = {"apiGroups": ["gateway.networking.k8s.io"],
+               "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["patch"]}
 # The one named object the daemon may read: Istio's mesh config (tracing settings).
 MESH_CONFIG_RULE = {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["istio"],
                     "verbs": ["get", "list", "watch"]}
@@ -205,8 +211,10 @@ def check_rbac(docs: list[Doc]) -> str:
     granted = set()
     mesh = [ref for ref, rule in rbac_rules(docs) if rule == MESH_CONFIG_RULE]
     assert mesh == [f"Role/istio-system/{RELEASE}-mesh-config"], mesh
+    status = [ref for ref, rule in rbac_rules(docs) if rule == STATUS_RULE]
+    assert status == [f"ClusterRole/{RELEASE}"], status
     for ref, rule in rbac_rules(docs):
-        if rule == MESH_CONFIG_RULE:
+        if rule in (MESH_CONFIG_RULE, STATUS_RULE):
             continue
         verbs = set(rule.get("verbs", []))
         assert verbs <= ALLOWED_VERBS, f"{ref} grants {sorted(verbs - ALLOWED_VERBS)}"
@@ -218,7 +226,8 @@ def check_rbac(docs: list[Doc]) -> str:
                 granted.add(pair)
     missing = ALLOWED_RESOURCES - granted - {("", "secrets")}
     assert not missing, f"not granted: {sorted(missing)}"
-    return f"get/list/watch on {len(granted)} resources and ConfigMap istio-system/istio"
+    return (f"get/list/watch on {len(granted)} resources and ConfigMap istio-system/istio; "
+            "patch on httproutes/status and grpcroutes/status only")
 
 
 def cluster_secrets(docs: list[Doc]) -> bool:

@@ -1355,7 +1355,16 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         .map_err(|e| AppError::Runtime(anyhow::anyhow!("{e}")))?;
 
     let cluster_store = match (kube_client, &settings.cluster) {
-        (Some(client), Some(c)) => Some(cluster::start(client, c, cluster_metrics.clone(), &ready)),
+        (Some(client), Some(c)) => {
+            // The routes' status follows the published snapshots (complete ones only:
+            // cluster mode publishes once every kind has been listed).
+            tokio::spawn(crate::config::route_status::run(
+                client.clone(),
+                published.clone(),
+                cluster_metrics.route_status_writes.clone(),
+            ));
+            Some(cluster::start(client, c, cluster_metrics.clone(), &ready))
+        }
         _ => None,
     };
     let mut dump = ConfigDump::default();

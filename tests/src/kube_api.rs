@@ -415,6 +415,12 @@ users:
         self.shared.notify();
     }
 
+    /// Installs the Gateway API's HTTPRoute (v1, v1beta1) and GRPCRoute (v1) CRDs.
+    pub fn install_gateway_crds(&self) {
+        self.shared.store.lock().unwrap().gateway_installed = true;
+        self.shared.notify();
+    }
+
     /// Removes the Istio CRDs: every Istio object is deleted (DELETED events), then the
     /// group is gone (404, absent from /apis) and open watches on it end.
     pub fn uninstall_istio_crds(&self) {
@@ -423,7 +429,7 @@ users:
             let keys: Vec<_> = st
                 .objects
                 .keys()
-                .filter(|k| def(k.0).is_istio())
+                .filter(|k| def(k.0).is_istio() && def(k.0).group != store::GATEWAY_GROUP)
                 .cloned()
                 .collect();
             for k in keys {
@@ -753,6 +759,14 @@ async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -> Resp {
         .to_string();
     let format = negotiate(&accept, &query);
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if method == "PATCH" {
+        use http_body_util::BodyExt as _;
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return bad_request("unreadable body"),
+        };
+        return patch_status(&shared, &segs, &body);
+    }
     let get = method == "GET";
     match segs.as_slice() {
         ["version"] if get => json_resp(200, &version_json()),
@@ -830,6 +844,13 @@ fn groups(shared: &Shared) -> Vec<Value> {
             "preferredVersion": gv(store::SECURITY_GROUP, "v1"),
         }));
     }
+    if st.gateway_installed {
+        out.push(json!({
+            "name": store::GATEWAY_GROUP,
+            "versions": [gv(store::GATEWAY_GROUP, "v1"), gv(store::GATEWAY_GROUP, "v1beta1")],
+            "preferredVersion": gv(store::GATEWAY_GROUP, "v1"),
+        }));
+    }
     out
 }
 
@@ -895,6 +916,75 @@ fn resource_list(shared: &Shared, group: &str, version: &str) -> Option<Value> {
         "groupVersion": group_version,
         "resources": resources,
     }))
+}
+
+/// A JSON merge patch (RFC 7386) of `patch` onto `target`.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+/// `PATCH /apis/G/V/namespaces/NS/PLURAL/NAME/status` with a merge patch: only `status`
+/// changes (as the status subresource does); a `metadata.resourceVersion` in the patch
+/// is a precondition (409 Conflict when the object has moved on). Other PATCHes: 405.
+fn patch_status(shared: &Shared, segs: &[&str], body: &[u8]) -> Resp {
+    let ["apis", g, v, "namespaces", ns, plural, name, "status"] = segs else {
+        return status_resp(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+            Some(json!({})),
+        );
+    };
+    let Some(idx) = def_by_plural(g, plural) else {
+        return not_found();
+    };
+    let d = def(idx);
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+        return bad_request("the body is not JSON");
+    };
+    let stored = {
+        let mut st = shared.store.lock().unwrap();
+        if !st.serves(idx, v) {
+            return not_found();
+        }
+        let key = (idx, ns.to_string(), name.to_string());
+        let Some(current) = st.objects.get(&key).cloned() else {
+            return status_resp(
+                404,
+                "NotFound",
+                &format!("{} \"{name}\" not found", d.qualified()),
+                Some(resource_details(d, Some(name))),
+            );
+        };
+        if let Some(want) = patch["metadata"]["resourceVersion"].as_str() {
+            if current["metadata"]["resourceVersion"].as_str() != Some(want) {
+                return status_resp(
+                    409,
+                    "Conflict",
+                    &format!("Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again", d.qualified()),
+                    Some(resource_details(d, Some(name))),
+                );
+            }
+        }
+        let mut updated = current.clone();
+        let mut status = current["status"].clone();
+        merge_patch(&mut status, &patch["status"]);
+        updated["status"] = status;
+        st.put(idx, updated)
+    };
+    shared.notify();
+    json_resp(200, &present(d, v, &stored))
 }
 
 /// A request under /api/v1 or /apis/G/V.

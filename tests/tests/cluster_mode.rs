@@ -1127,3 +1127,135 @@ fn security_policies_from_the_api_apply_at_the_destination() {
     .expect("STRICT from the API refuses plaintext");
     assert_eq!(status("/other"), 200, "the mesh client still gets through");
 }
+
+/// The Gateway API from the API server: HTTPRoute's CRD installed after the daemons start
+/// is picked up without a restart; the route binds the Service's ClusterIP; and its
+/// `status.parents` is written once for two nodes (each computes the same; the second
+/// finds it in place) with the conditions the spec asks for, Istio's entry kept.
+#[test]
+fn gateway_routes_from_the_api_apply_and_two_nodes_write_their_status_once() {
+    let mut c = Cluster::new("k8sgamma");
+    let client = c.pod_on("client-1", NODE, &[("app", "client")]);
+    let v2 = c._backends[1].ip.to_string();
+    c.api.apply(service_json(
+        "backend",
+        "reviews-v2",
+        "198.18.0.241",
+        &[("http", 80, 9080)],
+        &[("app", "reviews"), ("version", "v2")],
+    ));
+    c.api.apply(endpointslice_json(
+        "backend",
+        Some("reviews-v2-p8x2z"),
+        "reviews-v2",
+        &[(&v2, "other-node", "reviews-v2-7f9c6-abcde", true)],
+        &[("http", 9080)],
+    ));
+    let b = c.node.second_node("node-b");
+    let a = c.daemon(&[]);
+    let mut b_args = b.daemon_flags();
+    b_args.extend(c.args());
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let bd = Daemon::start(&c.node, &b_args);
+    a.wait_enrolled(&client.uid, Duration::from_secs(10));
+    bd.wait_ready(Duration::from_secs(20));
+
+    c.api.install_gateway_crds();
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "canary", "namespace": "backend"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 80}],
+            "rules": [
+                {"matches": [{"headers": [{"name": "x-canary", "value": "yes"}]}],
+                 "backendRefs": [{"name": "reviews-v2", "port": 80}]},
+                {"backendRefs": [{"name": "reviews", "port": 80},
+                                 {"name": "reviews-v9", "port": 80, "weight": 0}]},
+            ],
+        },
+        // Another controller's entry, which must stay.
+        "status": {"parents": [{
+            "parentRef": {"group": "", "kind": "Service", "name": "reviews"},
+            "controllerName": "istio.io/gateway-controller",
+            "conditions": [],
+        }]},
+    });
+    c.api.apply(route);
+    let canary = |n: usize| {
+        client.pdtool(&[
+            "http",
+            "--to",
+            &format!("{CLUSTER_IP}:80"),
+            "--host",
+            "reviews.backend",
+            "-H",
+            "x-canary: yes",
+            "--count",
+            &n.to_string(),
+        ])
+    };
+    wait_for(Duration::from_secs(10), || {
+        a.config_dump()["snapshot"]["routes"]["mesh_routes"]
+            .to_string()
+            .contains("HTTPRoute/backend/canary")
+            .then_some(())
+    })
+    .expect("the route from the API applies once its CRD is installed");
+    let out = canary(20);
+    assert_eq!(out["servers"]["reviews-v2"], 20, "{out}");
+
+    let status = wait_for(Duration::from_secs(10), || {
+        let r = c.api.get(
+            "gateway.networking.k8s.io/v1",
+            "HTTPRoute",
+            "backend",
+            "canary",
+        )?;
+        let parents = r["status"]["parents"].as_array()?.clone();
+        (parents.len() == 2).then_some(parents)
+    })
+    .expect("status written");
+    let ours = status
+        .iter()
+        .find(|p| p["controllerName"] == "proxy-daemon.io/mesh")
+        .expect("our entry");
+    assert!(
+        status
+            .iter()
+            .any(|p| p["controllerName"] == "istio.io/gateway-controller"),
+        "the other controller's entry is kept: {status:?}"
+    );
+    assert_eq!(ours["parentRef"]["name"], "reviews", "{ours}");
+    assert_eq!(ours["parentRef"]["port"], 80, "{ours}");
+    let cond = |t: &str| {
+        ours["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|x| x["type"] == t).cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(cond("Accepted")["status"], "True", "{ours}");
+    assert_eq!(cond("ResolvedRefs")["status"], "False", "{ours}");
+    assert_eq!(cond("ResolvedRefs")["reason"], "BackendNotFound", "{ours}");
+    assert_eq!(cond("Accepted")["observedGeneration"], 1, "{ours}");
+    assert!(cond("Accepted")["lastTransitionTime"].is_string(), "{ours}");
+
+    // Both nodes carry the route; one write between them, and none while nothing changes.
+    let patches = || {
+        c.api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("PATCH ") && r.contains("/httproutes/canary/status"))
+            .count()
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(patches(), 1, "{:?}", c.api.requests());
+    let writes = |d: &Daemon, result: &str| {
+        d.metric_sum(
+            "proxy_daemon_route_status_writes_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(writes(&a, "written") + writes(&bd, "written"), 1.0);
+    assert_eq!(writes(&a, "unchanged") + writes(&bd, "unchanged"), 1.0);
+}

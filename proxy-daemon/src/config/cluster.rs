@@ -95,6 +95,8 @@ pub struct ClusterMetrics {
     pub events: Family<KindLabels, Counter>,
     /// credentialNames left out: past a namespace's [`MAX_CREDENTIALS_PER_NAMESPACE`].
     pub credentials_over_cap: Gauge,
+    /// Gateway API route status writes, by kind and result.
+    pub route_status_writes: super::route_status::WriteMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +134,11 @@ impl ClusterMetrics {
             "kubernetes_credentials_over_cap",
             "DestinationRule credentialNames not loaded because their namespace's rules name more than a node loads for one namespace (64)",
             m.credentials_over_cap.clone(),
+        );
+        registry.register(
+            "route_status_writes",
+            "Gateway API route status.parents updates, by kind and result (written, unchanged: already as computed, conflict: another node wrote first, error)",
+            m.route_status_writes.clone(),
         );
         m
     }

@@ -26,6 +26,25 @@ pub struct ParentReference {
 }
 
 impl ParentReference {
+    /// The parentRef as `status.parents[].parentRef` echoes it (the fields written).
+    pub fn status_ref(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({ "name": self.name });
+        for (k, val) in [
+            ("group", &self.group),
+            ("kind", &self.kind),
+            ("namespace", &self.namespace),
+            ("sectionName", &self.section_name),
+        ] {
+            if let Some(val) = val {
+                v[k] = val.clone().into();
+            }
+        }
+        if let Some(p) = self.port {
+            v["port"] = p.into();
+        }
+        v
+    }
+
     /// Whether this parent is a Service (the mesh's attachment), not a Gateway.
     pub fn is_service(&self) -> bool {
         self.group.as_deref() == Some("") && self.kind.as_deref().unwrap_or("Gateway") == "Service"

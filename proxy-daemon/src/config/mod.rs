@@ -6,6 +6,7 @@ pub mod istio;
 pub mod k8s;
 pub mod local;
 pub mod mesh;
+pub mod route_status;
 pub mod security;
 
 use std::{fmt, path::PathBuf};

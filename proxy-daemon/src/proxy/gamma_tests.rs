@@ -320,11 +320,11 @@ spec:
     );
     assert!(
         snap.routes
-            .mesh_route_status
+            .route_status
             .iter()
-            .any(|s| s.route == "HTTPRoute/mesh/h" && s.accepted == (false, "Conflicted")),
+            .any(|s| s.kind == "HTTPRoute" && s.name == "h" && s.accepted == (false, "Conflicted")),
         "{:?}",
-        snap.routes.mesh_route_status
+        snap.routes.route_status
     );
 }
 

@@ -7,6 +7,8 @@ use serde_json::{json, Value};
 use super::util;
 
 pub(crate) const ISTIO_GROUP: &str = "networking.istio.io";
+/// The Gateway API's group (its CRDs installed on their own, as clusters do).
+pub(crate) const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 /// Istio's security kinds, installed with the networking CRDs (as Istio's base chart
 /// does), served at v1 and v1beta1.
 pub(crate) const SECURITY_GROUP: &str = "security.istio.io";
@@ -29,8 +31,9 @@ pub(crate) struct ResDef {
 }
 
 impl ResDef {
+    /// A custom resource (Istio's or the Gateway API's): served only once its CRDs are.
     pub(crate) fn is_istio(&self) -> bool {
-        self.group == ISTIO_GROUP || self.group == SECURITY_GROUP
+        self.group == ISTIO_GROUP || self.group == SECURITY_GROUP || self.group == GATEWAY_GROUP
     }
 
     pub(crate) fn group_version(&self, version: &str) -> String {
@@ -251,6 +254,30 @@ pub(crate) static RESOURCES: &[ResDef] = &[
         fields: &[],
         storage_hash: "1VwmJ1ZgJfA=",
     },
+    ResDef {
+        group: GATEWAY_GROUP,
+        version: "",
+        plural: "httproutes",
+        singular: "httproute",
+        kind: "HTTPRoute",
+        namespaced: true,
+        short_names: &[],
+        categories: &["gateway-api"],
+        fields: &[],
+        storage_hash: "Ok0n6sUDmFY=",
+    },
+    ResDef {
+        group: GATEWAY_GROUP,
+        version: "",
+        plural: "grpcroutes",
+        singular: "grpcroute",
+        kind: "GRPCRoute",
+        namespaced: true,
+        short_names: &[],
+        categories: &["gateway-api"],
+        fields: &[],
+        storage_hash: "VXqZ3Sx8v2E=",
+    },
 ];
 
 pub(crate) fn def(idx: usize) -> &'static ResDef {
@@ -345,6 +372,8 @@ pub(crate) struct Store {
     pub objects: BTreeMap<Key, Value>,
     pub history: Vec<Event>,
     pub istio_versions: Vec<String>,
+    /// Whether the Gateway API's route CRDs are installed.
+    pub gateway_installed: bool,
 }
 
 impl Store {
@@ -352,6 +381,13 @@ impl Store {
     pub(crate) fn versions(&self, def: &ResDef) -> Vec<String> {
         if !def.is_istio() {
             return vec![def.version.to_string()];
+        }
+        if def.group == GATEWAY_GROUP {
+            return match (self.gateway_installed, def.plural) {
+                (false, _) => Vec::new(),
+                (true, "httproutes") => vec!["v1".into(), "v1beta1".into()],
+                (true, _) => vec!["v1".into()],
+            };
         }
         if def.group == SECURITY_GROUP {
             if self.istio_versions.is_empty() {

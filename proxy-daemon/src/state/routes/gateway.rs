@@ -91,10 +91,15 @@ pub struct BoundRoutes {
 struct CompiledRoute {
     api: RouteApi,
     object: String,
+    name: String,
     namespace: String,
     order: CreationOrder,
-    /// (service FQDN, service namespace, port) for every port the route binds.
-    binds: Vec<(String, String, u32)>,
+    /// Each Service parent: the ports it binds, or why it binds none.
+    parents: Vec<ParentBinding>,
+    /// Why the route is not accepted at all (a feature proxy-daemon does not carry out).
+    unsupported: Option<String>,
+    /// A backend that does not resolve: (reason, message).
+    unresolved: Option<(&'static str, String)>,
     /// Each rule with, per match, its precedence key.
     rules: Vec<(Arc<HttpRule>, Vec<PrecedenceKey>)>,
 }
@@ -104,17 +109,100 @@ struct CompiledRoute {
 /// headers); then the route's age and name, then rule and match order.
 type PrecedenceKey = (u8, Reverse<usize>, u8, Reverse<usize>, Reverse<usize>);
 
-/// A route's status for one parent, as `status.parents[]` would carry it.
+/// One Service parent of a route: the ports it binds (FQDN, namespace, port), or why it
+/// binds none.
+struct ParentBinding {
+    parent_ref: serde_json::Value,
+    binds: Vec<(String, String, u32)>,
+    problem: Option<(&'static str, String)>,
+}
+
+/// A route's status for one Service parent, as its `status.parents[]` entry carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParentStatus {
-    pub route: String,
-    pub parent: String,
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    /// The parentRef as the route wrote it.
+    pub parent_ref: serde_json::Value,
+    /// (status, reason) of the `Accepted` condition.
     pub accepted: (bool, &'static str),
+    /// (status, reason) of the `ResolvedRefs` condition.
     pub resolved_refs: (bool, &'static str),
     pub message: String,
 }
 
 pub const CONTROLLER_NAME: &str = "proxy-daemon.io/mesh";
+
+/// The conditions of one parent: the first problem found decides `Accepted`.
+fn parent_status(r: &CompiledRoute, parent: &ParentBinding, conflicted: bool) -> ParentStatus {
+    let (accepted, message) = if let Some(m) = &r.unsupported {
+        ((false, "UnsupportedValue"), m.clone())
+    } else if let Some((reason, m)) = &parent.problem {
+        ((false, *reason), m.clone())
+    } else if conflicted {
+        (
+            (false, "Conflicted"),
+            "a GRPCRoute of the same namespace binds this Service port; GRPCRoute takes precedence"
+                .to_string(),
+        )
+    } else {
+        ((true, "Accepted"), String::new())
+    };
+    let (resolved_refs, message) = match &r.unresolved {
+        Some((reason, m)) => (
+            (false, *reason),
+            if message.is_empty() {
+                m.clone()
+            } else {
+                message
+            },
+        ),
+        None => ((true, "ResolvedRefs"), message),
+    };
+    ParentStatus {
+        kind: match r.api {
+            RouteApi::GrpcRoute => "GRPCRoute",
+            _ => "HTTPRoute",
+        },
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        parent_ref: parent.parent_ref.clone(),
+        accepted,
+        resolved_refs,
+        message,
+    }
+}
+
+/// The first backendRef that does not resolve to a Service: (reason, message).
+fn unresolved<'a>(
+    refs: impl Iterator<Item = &'a gw::BackendRef>,
+    ns: &str,
+    registry: &Registry,
+) -> Option<(&'static str, String)> {
+    for b in refs {
+        if !b.object().is_service() {
+            return Some((
+                "InvalidKind",
+                format!("backendRef {} is not a Service", b.name),
+            ));
+        }
+        let bns = b.namespace.as_deref().unwrap_or(ns);
+        let host = format!(
+            "{}.{bns}.{}",
+            b.name,
+            crate::state::registry::CLUSTER_DOMAIN
+        );
+        if !registry.contains_host(&host) {
+            return Some((
+                "BackendNotFound",
+                format!("backend Service {bns}/{} does not exist", b.name),
+            ));
+        }
+    }
+    None
+}
 
 impl RouteTable {
     /// The Gateway API routes on Service port `host:port` for a client of namespace
@@ -175,33 +263,37 @@ pub(super) fn build_mesh_routes(
             compiled.push(r);
         }
     }
+    // A route proxy-daemon cannot carry out in full binds nothing (Accepted=False).
+    let bound = |r: &&CompiledRoute| r.unsupported.is_none();
     // GRPCRoute beats HTTPRoute on one Service port (GEP-1426); the loser is Conflicted.
     let grpc_ports: std::collections::BTreeSet<(String, u32, String)> = compiled
         .iter()
+        .filter(bound)
         .filter(|r| r.api == RouteApi::GrpcRoute)
         .flat_map(|r| {
-            r.binds
+            r.parents
                 .iter()
+                .flat_map(|p| &p.binds)
                 .map(|(h, _, p)| (h.clone(), *p, r.namespace.clone()))
         })
         .collect();
     type GroupKey = (String, u32, String, String);
     let mut groups: BTreeMap<GroupKey, Vec<&CompiledRoute>> = BTreeMap::new();
     for r in &compiled {
-        for (host, svc_ns, port) in &r.binds {
-            let grpc_key = (host.clone(), *port, r.namespace.clone());
-            if r.api == RouteApi::HttpRoute && grpc_ports.contains(&grpc_key) {
-                table.mesh_route_status.push(ParentStatus {
-                    route: r.object.clone(),
-                    parent: format!("{host}:{port}"),
-                    accepted: (false, "Conflicted"),
-                    resolved_refs: (true, "ResolvedRefs"),
-                    message: "a GRPCRoute of the same namespace binds this Service port; GRPCRoute takes precedence".into(),
-                });
-                continue;
+        for parent in &r.parents {
+            let mut conflicted = false;
+            for (host, svc_ns, port) in parent.binds.iter().filter(|_| r.unsupported.is_none()) {
+                let grpc_key = (host.clone(), *port, r.namespace.clone());
+                if r.api == RouteApi::HttpRoute && grpc_ports.contains(&grpc_key) {
+                    conflicted = true;
+                    continue;
+                }
+                let key = (host.clone(), *port, r.namespace.clone(), svc_ns.clone());
+                groups.entry(key).or_default().push(r);
             }
-            let key = (host.clone(), *port, r.namespace.clone(), svc_ns.clone());
-            groups.entry(key).or_default().push(r);
+            table
+                .route_status
+                .push(parent_status(r, parent, conflicted));
         }
     }
     for ((host, port, route_ns, svc_ns), routes) in groups {
@@ -257,7 +349,7 @@ impl Ctx<'_> {
         &mut self,
         refs: &[Spanned<ParentReference>],
         registry: &Registry,
-    ) -> Vec<(String, String, u32)> {
+    ) -> Vec<ParentBinding> {
         let ns = self.o.object_ref.namespace.clone();
         let mut out = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
@@ -287,6 +379,11 @@ impl Ctx<'_> {
                 );
                 continue;
             }
+            let mut binding = ParentBinding {
+                parent_ref: pr.status_ref(),
+                binds: Vec::new(),
+                problem: None,
+            };
             let host = format!(
                 "{}.{pns}.{}",
                 pr.name,
@@ -296,10 +393,10 @@ impl Ctx<'_> {
                 .by_host_unscoped(&host)
                 .filter(|s| matches!(s.kind, crate::state::registry::ServiceKind::Kubernetes))
             else {
-                self.warn(
-                    line,
-                    format!("parent Service {pns}/{} does not exist: the route binds nothing until it does (Accepted=False, NoMatchingParent)", pr.name),
-                );
+                let message = format!("parent Service {pns}/{} does not exist: the route binds nothing until it does (Accepted=False, NoMatchingParent)", pr.name);
+                self.warn(line, message.clone());
+                binding.problem = Some(("NoMatchingParent", message));
+                out.push(binding);
                 continue;
             };
             let ports: Vec<u32> = svc
@@ -310,20 +407,19 @@ impl Ctx<'_> {
                 .map(|sp| sp.port)
                 .collect();
             if ports.is_empty() {
-                self.warn(
-                    line,
-                    format!(
-                        "parent Service {pns}/{} has no port {}: the route binds nothing there (Accepted=False, NoMatchingParent)",
-                        pr.name,
-                        pr.port.map(|p| p.to_string()).or(pr.section_name.clone()).unwrap_or_default()
-                    ),
+                let message = format!(
+                    "parent Service {pns}/{} has no port {}: the route binds nothing there (Accepted=False, NoMatchingParent)",
+                    pr.name,
+                    pr.port.map(|p| p.to_string()).or(pr.section_name.clone()).unwrap_or_default()
                 );
+                self.warn(line, message.clone());
+                binding.problem = Some(("NoMatchingParent", message));
             }
-            out.extend(
-                ports
-                    .into_iter()
-                    .map(|port| (svc.hostname.clone(), pns.clone(), port)),
-            );
+            binding.binds = ports
+                .into_iter()
+                .map(|port| (svc.hostname.clone(), pns.clone(), port))
+                .collect();
+            out.push(binding);
         }
         out
     }
@@ -747,7 +843,7 @@ fn compile_http_route(
     spec: &gw::HttpRouteSpec,
     registry: &Registry,
 ) -> Option<CompiledRoute> {
-    let binds = cx.parents(&spec.parent_refs, registry);
+    let parents = cx.parents(&spec.parent_refs, registry);
     let default_rules;
     let rules: &[Spanned<gw::HttpRouteRule>] = match &spec.rules {
         Some(r) => r,
@@ -890,15 +986,16 @@ fn compile_http_route(
         compiled.retries = retries;
         out_rules.push((Arc::new(compiled), keys));
     }
-    if !accepted {
-        return None;
-    }
+    let ns = cx.o.object_ref.namespace.clone();
     Some(CompiledRoute {
         api: RouteApi::HttpRoute,
         object,
-        namespace: cx.o.object_ref.namespace.clone(),
+        name: cx.o.object_ref.name.clone(),
+        unsupported: (!accepted).then(|| "the route uses a feature proxy-daemon does not carry out (see the warnings at its lines)".to_string()),
+        unresolved: unresolved(rules.iter().flat_map(|r| &r.value.backend_refs).map(|b| &b.value), &ns, registry),
+        namespace: ns,
         order: CreationOrder::of(cx.o, 0),
-        binds,
+        parents,
         rules: out_rules,
     })
 }
@@ -977,7 +1074,7 @@ fn compile_grpc_route(
     spec: &gw::GrpcRouteSpec,
     registry: &Registry,
 ) -> Option<CompiledRoute> {
-    let binds = cx.parents(&spec.parent_refs, registry);
+    let parents = cx.parents(&spec.parent_refs, registry);
     if spec.rules.len() > 16 {
         cx.err(
             0,
@@ -1047,15 +1144,16 @@ fn compile_grpc_route(
         compiled.mirrors = f.mirrors;
         out_rules.push((Arc::new(compiled), keys));
     }
-    if !accepted {
-        return None;
-    }
+    let ns = cx.o.object_ref.namespace.clone();
     Some(CompiledRoute {
         api: RouteApi::GrpcRoute,
         object,
-        namespace: cx.o.object_ref.namespace.clone(),
+        name: cx.o.object_ref.name.clone(),
+        unsupported: (!accepted).then(|| "the route uses a feature proxy-daemon does not carry out (see the warnings at its lines)".to_string()),
+        unresolved: unresolved(spec.rules.iter().flat_map(|r| &r.value.backend_refs).map(|b| &b.value), &ns, registry),
+        namespace: ns,
         order: CreationOrder::of(cx.o, 0),
-        binds,
+        parents,
         rules: out_rules,
     })
 }

@@ -56,8 +56,8 @@ pub struct RouteTable {
     pub sidecars: Vec<CompiledSidecar>,
     /// Service FQDN → port → the Gateway API routes (HTTPRoute, GRPCRoute) bound there.
     pub mesh_routes: BTreeMap<String, BTreeMap<u32, BoundRoutes>>,
-    /// Parents where a route is not accepted (e.g. Conflicted), as its status says.
-    pub mesh_route_status: Vec<ParentStatus>,
+    /// Every Service parent of every route, with the conditions its status carries.
+    pub route_status: Vec<ParentStatus>,
     /// What the build outranked or refused (each also a finding).
     #[serde(skip)]
     pub conflicts: Vec<crate::state::registry::Conflict>,
