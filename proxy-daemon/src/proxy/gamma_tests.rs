@@ -129,6 +129,21 @@ struct Ask<'a> {
 
 impl Ask<'_> {
     fn get(&self, client: &str, dst: (Ipv4Addr, u16), path: &str, headers: &[(&str, &str)]) -> Got {
+        match self.decide(client, dst, path, headers) {
+            HttpDecision::Forward { labels, .. } => Got::To(labels.service),
+            HttpDecision::Respond {
+                status, location, ..
+            } => Got::Status(status, location),
+        }
+    }
+
+    fn decide(
+        &self,
+        client: &str,
+        dst: (Ipv4Addr, u16),
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> HttpDecision {
         let pod = self
             .pods
             .iter()
@@ -158,12 +173,7 @@ impl Ask<'_> {
             avoid: &[],
             scope: &scope,
         };
-        match decide(self.snap, &eps, &src, &req, OutboundPolicy::AllowAny, 0) {
-            HttpDecision::Forward { labels, .. } => Got::To(labels.service),
-            HttpDecision::Respond {
-                status, location, ..
-            } => Got::Status(status, location),
-        }
+        decide(self.snap, &eps, &src, &req, OutboundPolicy::AllowAny, 0)
     }
 }
 
@@ -535,4 +545,90 @@ fn path_modifiers_and_whole_segment_prefixes() {
     assert!(m.matches("/v2", false) && m.matches("/v2/", false) && m.matches("/v2/x", false));
     assert!(!m.matches("/v2x", false) && !m.matches("/v", false) && !m.matches("/x/v2", false));
     assert!(Matcher::PathPrefix(String::new()).matches("/anything", false));
+}
+
+#[test]
+fn section_names_hostnames_mirror_percent_and_rewritten_hosts() {
+    let yaml = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: mesh}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo, sectionName: http}]
+  hostnames: [somewhere.else.example]
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: echo-v1, port: 80}, percent: 25}
+    - type: URLRewrite
+      urlRewrite: {hostname: rewritten.example}
+    backendRefs: [{name: echo-v2, port: 80}]
+---
+";
+    let (snap, findings, pods) = world(yaml);
+    assert!(errors(&findings).is_empty(), "{findings:?}");
+    let ask = Ask {
+        snap: &snap,
+        pods: &pods,
+    };
+    // sectionName `http` binds port 80 only; hostnames do not narrow a mesh route.
+    assert_eq!(ask.get("client-a", (ECHO, 7070), "/", &[]), to("echo"));
+    let HttpDecision::Forward {
+        labels,
+        mirrors,
+        edits,
+        ..
+    } = ask.decide("client-a", (ECHO, 80), "/", &[])
+    else {
+        panic!("forwarded");
+    };
+    assert_eq!(labels.service, "echo-v2.mesh.svc.cluster.local");
+    assert_eq!(mirrors.len(), 1);
+    assert_eq!(mirrors[0].0.host, "echo-v1.mesh.svc.cluster.local");
+    assert_eq!(mirrors[0].1, 25.0);
+    assert_eq!(
+        edits.rewrite_authority.as_deref(),
+        Some("rewritten.example")
+    );
+}
+
+#[test]
+fn retry_and_backend_request_timeout_become_the_routes_retry_policy() {
+    let yaml = http_route(
+        "r",
+        "mesh",
+        "2026-01-01T00:00:00Z",
+        ECHO_PARENT,
+        "  - matches: [{path: {value: /retry}}]
+    retry: {codes: [503, 429], attempts: 5}
+    timeouts: {request: 10s, backendRequest: 2s}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - backendRefs: [{name: echo-v1, port: 80}]",
+    );
+    let (snap, findings, pods) = world(&yaml);
+    assert!(errors(&findings).is_empty(), "{findings:?}");
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.severity == Severity::Note && f.message.contains("experimental")),
+        "{findings:?}"
+    );
+    let ask = Ask {
+        snap: &snap,
+        pods: &pods,
+    };
+    let retry_of = |path: &str| match ask.decide("client-a", (ECHO, 80), path, &[]) {
+        HttpDecision::Forward { retry, timeout, .. } => (retry, timeout),
+        other => panic!("{other:?}"),
+    };
+    let (retry, timeout) = retry_of("/retry");
+    assert_eq!(retry.attempts, 5);
+    assert_eq!(
+        retry.per_try_timeout,
+        Some(std::time::Duration::from_secs(2))
+    );
+    assert!(retry.on.iter().any(|c| c == "503") && retry.on.iter().any(|c| c == "429"));
+    assert_eq!(timeout, Some(std::time::Duration::from_secs(10)));
+    // Without `retry`, Istio's default policy, as for a VirtualService.
+    let (retry, _) = retry_of("/other");
+    assert_eq!(retry, crate::proxy::http_route::Retry::istio_default());
 }
