@@ -7,7 +7,7 @@ mod compat;
 
 use std::{collections::BTreeSet, path::PathBuf};
 
-use compat::{code_spans, doc, model_fields, read};
+use compat::{code_spans, doc, manifest_dir, model_fields, read};
 
 /// The statuses a field row may have, in the order of the totals table's columns.
 const STATUSES: [&str; 4] = [
@@ -16,10 +16,6 @@ const STATUSES: [&str; 4] = [
     "ignored for the mesh (as the spec says)",
     "accepted but ignored",
 ];
-
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn doc_path() -> PathBuf {
     manifest_dir().join("../docs/gateway-api-compatibility.md")

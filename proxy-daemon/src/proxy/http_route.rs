@@ -447,15 +447,7 @@ pub fn decide(
         );
     };
     let svc = frontend_bound(snap, src, req, svc);
-    let vss: Vec<_> = snap
-        .routes
-        .virtual_services_for(
-            &svc.hostname,
-            &src.namespace,
-            &src.labels,
-            snap.registry.kubernetes_owner(&svc.hostname),
-        )
-        .collect();
+    let vss: Vec<_> = super::route::client_virtual_services(snap, svc, src).collect();
     // The rules in order, borrowed from the snapshot (never cloned per request).
     let rules = || vss.iter().flat_map(|vs| vs.http.iter());
     if vss.is_empty() || rules().next().is_none() {
@@ -538,15 +530,7 @@ fn mesh_route(ask: &Ask, edits: &RequestEdits, timeout: Option<Duration>) -> Opt
     let (group, consumer) =
         snap.routes
             .mesh_routes_for(&svc.hostname, req.dst.port() as u32, &src.namespace)?;
-    let vs = snap
-        .routes
-        .virtual_services_for(
-            &svc.hostname,
-            &src.namespace,
-            &src.labels,
-            snap.registry.kubernetes_owner(&svc.hostname),
-        )
-        .find(|vs| !vs.http.is_empty());
+    let vs = super::route::client_virtual_services(snap, svc, src).find(|vs| !vs.http.is_empty());
     if vs.is_some_and(|vs| virtual_service_wins(vs, group, consumer, &src.namespace)) {
         return None;
     }

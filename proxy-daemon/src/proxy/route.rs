@@ -140,6 +140,21 @@ pub fn pick_weighted(dests: &[WeightedDestination], roll: u32) -> Option<&Weight
     dests.last()
 }
 
+/// The VirtualService (at most one) a client of `src` uses for `svc`: Istio's choice
+/// among those it sees, and only those a Service's owner allows to route it.
+pub fn client_virtual_services<'a>(
+    snap: &'a Snapshot,
+    svc: &'a ServiceInfo,
+    src: &'a WorkloadInfo,
+) -> impl Iterator<Item = &'a std::sync::Arc<crate::state::routes::CompiledVirtualService>> + 'a {
+    snap.routes.virtual_services_for(
+        &svc.hostname,
+        &src.namespace,
+        &src.labels,
+        snap.registry.kubernetes_owner(&svc.hostname),
+    )
+}
+
 /// Whether unregistered destinations are refused for `src`: its Sidecar's
 /// outboundTrafficPolicy if one selects it, else the daemon's flag.
 pub fn registry_only(
@@ -251,14 +266,7 @@ pub fn decide(
         };
     };
     // VirtualService tcp[] rules for the service's host: first match wins.
-    let rule_dest = snap
-        .routes
-        .virtual_services_for(
-            &svc.hostname,
-            &src.namespace,
-            &src.labels,
-            snap.registry.kubernetes_owner(&svc.hostname),
-        )
+    let rule_dest = client_virtual_services(snap, svc, src)
         .flat_map(|vs| {
             if sni.is_some() {
                 vs.tls.iter()

@@ -7,6 +7,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// The `proxy-daemon` crate's directory.
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
