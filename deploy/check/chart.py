@@ -207,10 +207,11 @@ def rbac_rules(docs: list[Doc]) -> list[tuple[str, dict[str, Any]]]:
             for rule in d.obj.get("rules", [])]
 
 
-def check_rbac(docs: list[Doc]) -> str:
+def check_rbac(docs: list[Doc], istio: bool = True) -> str:
     granted = set()
     mesh = [ref for ref, rule in rbac_rules(docs) if rule == MESH_CONFIG_RULE]
-    assert mesh == [f"Role/istio-system/{RELEASE}-mesh-config"], mesh
+    want = [f"Role/istio-system/{RELEASE}-mesh-config"] if istio else []
+    assert mesh == want, mesh
     status = [ref for ref, rule in rbac_rules(docs) if rule == STATUS_RULE]
     assert status == [f"ClusterRole/{RELEASE}"], status
     for ref, rule in rbac_rules(docs):
@@ -226,7 +227,8 @@ def check_rbac(docs: list[Doc]) -> str:
                 granted.add(pair)
     missing = ALLOWED_RESOURCES - granted - {("", "secrets")}
     assert not missing, f"not granted: {sorted(missing)}"
-    return (f"get/list/watch on {len(granted)} resources and ConfigMap istio-system/istio; "
+    mesh_config = " and ConfigMap istio-system/istio" if istio else ""
+    return (f"get/list/watch on {len(granted)} resources{mesh_config}; "
             "patch on httproutes/status and grpcroutes/status only")
 
 
@@ -447,6 +449,13 @@ def check_all(manifests_path: Path) -> int:
     c.check(f"renders with {own_token_set}", render_variant("owntoken", own_token_set))
     c.check("renders with adminToken.enabled=false",
             render_variant("notoken", "adminToken.enabled=false"))
+    builtin_set = "mesh.ca.mode=builtin,mesh.ca.builtin.secretName=mesh-ca"
+    c.check(f"renders with {builtin_set}", render_variant("builtin", builtin_set))
+    c.check("renders with istio.enabled=false", render_variant("noistio", "istio.enabled=false"))
+    extra_set = ("extraVolumes[0].name=bundle,extraVolumes[0].configMap.name=ca-bundle,"
+                 "extraVolumeMounts[0].name=bundle,extraVolumeMounts[0].mountPath=/etc/bundle,"
+                 "limits.maxConnections=20000,capture=iptables")
+    c.check(f"renders with {extra_set}", render_variant("extra", extra_set))
 
     def rejects(set_string: str, needle: str) -> Callable[[], str]:
         def fn() -> str:
@@ -638,6 +647,81 @@ def check_all(manifests_path: Path) -> int:
         assert "PROXY_OTLP_ENDPOINT" not in data, "no collector unless one is given"
         return f"{len(data)} PROXY_* variables, each a `run` flag"
     c.check("ConfigMap flags", config_flags)
+
+    def every_flag_has_a_value() -> str:
+        # Flags the chart sets another way, or that have no meaning in a cluster.
+        elsewhere = {
+            "PROXY_CONFIG_DIR": "local mode only",
+            "PROXY_HOSTS_FILE": "local mode only",
+            "PROXY_CREDENTIALS_DIR": "local mode only",
+            "PROXY_KUBECONFIG": "the ServiceAccount's token is used",
+            "PROXY_NODE_NAME": "NODE_NAME from the downward API",
+            "PROXY_RUN_DIR": "the hostPaths.run mount at its default path",
+            "PROXY_MEMORY_LIMIT": "read from the container's cgroup (resources.limits.memory)",
+        }
+        template = (CHART / "templates/configmap.yaml").read_text()
+        in_template = set(re.findall(r"^\s*(PROXY_[A-Z0-9_]+):", template, re.M))
+        missing = sorted(run_flag_envs() - in_template - set(elsewhere))
+        assert not missing, f"`run` flags with no chart value: {missing}"
+        return f"{len(in_template)} flags in the ConfigMap template, {len(elsewhere)} set otherwise"
+    c.check("every `run` flag has a chart value", every_flag_has_a_value)
+
+    def pod_spec(docs: list[Doc]) -> dict[str, Any]:
+        return one(docs, "DaemonSet")["spec"]["template"]["spec"]
+
+    def ca_istio() -> str:
+        data = one(default, "ConfigMap")["data"]
+        assert data["PROXY_CA"] == "istio", data["PROXY_CA"]
+        spec = pod_spec(default)
+        vols = {v["name"]: v for v in spec["volumes"]}
+        token = vols["istio-token"]["projected"]["sources"][0]["serviceAccountToken"]
+        assert token["audience"] == "istio-ca" and token["path"] == "istio-token", token
+        assert vols["istio-ca-root"]["configMap"]["name"] == "istio-ca-root-cert", vols
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert data["PROXY_CA_TOKEN_FILE"].startswith(mounts["istio-token"]["mountPath"] + "/")
+        assert data["PROXY_CA_ROOT_CERT"].startswith(mounts["istio-ca-root"]["mountPath"] + "/")
+        assert "ca" not in vols, "no built-in CA Secret"
+        return "istiod signs: projected token (audience istio-ca), root from istio-ca-root-cert"
+
+    def ca_builtin() -> str:
+        docs = variants["builtin"]
+        data = one(docs, "ConfigMap")["data"]
+        assert data["PROXY_CA"] == "builtin", data
+        spec = pod_spec(docs)
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["ca"]["secret"]["secretName"] == "mesh-ca", vols
+        assert vols["ca"]["secret"]["defaultMode"] == 0o400, vols["ca"]
+        assert "istio-token" not in vols and "PROXY_CA_TOKEN_FILE" not in data
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts["ca"]["readOnly"] is True
+        assert data["PROXY_CA_CERT"] == mounts["ca"]["mountPath"] + "/tls.crt", data
+        try:
+            render("mesh.ca.mode=builtin")
+        except Exception as e:  # noqa: BLE001 - helm's `required` fails the render
+            assert "secretName" in str(e), e
+            return "Secret mesh-ca mounted 0400; without a secretName the render fails"
+        raise AssertionError("mode builtin without a Secret rendered")
+
+    def istio_off() -> str:
+        docs = variants["noistio"]
+        assert not [d for d in docs if d.obj["metadata"].get("namespace") == "istio-system"]
+        return "no object in istio-system; " + check_rbac(docs, istio=False)
+
+    def extras() -> str:
+        docs = variants["extra"]
+        spec = pod_spec(docs)
+        assert {"name": "bundle", "configMap": {"name": "ca-bundle"}} in spec["volumes"]
+        assert {"name": "bundle", "mountPath": "/etc/bundle"} in \
+            spec["containers"][0]["volumeMounts"]
+        data = one(docs, "ConfigMap")["data"]
+        assert data["PROXY_MAX_CONNECTIONS"] == "20000" and data["PROXY_CAPTURE"] == "iptables"
+        return "extraVolumes and extraVolumeMounts in the pod; limits and capture in the ConfigMap"
+
+    c.check("zero trust: Istio's CA by default", ca_istio)
+    c.check("zero trust: the built-in CA from a Secret", ca_builtin)
+    c.check("istio.enabled=false: nothing in istio-system", istio_off)
+    c.check("extraVolumes, extraVolumeMounts, limits", extras)
+    c.check("schema rejects --set mesh.ca.mode=vault", rejects("mesh.ca.mode=vault", "mode"))
 
     def up_to_date() -> str:
         fresh = plain_manifests()
