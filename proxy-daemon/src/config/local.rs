@@ -87,7 +87,40 @@ pub fn split_documents(path: &Path, text: &str) -> Vec<Document> {
             .lines()
             .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
     });
-    docs
+    docs.into_iter().flat_map(expand_list).collect()
+}
+
+/// A `kind: List` document (what `kubectl get -o yaml` prints for several objects) as one
+/// document per item, each keeping its own lines, so that a migration can validate what
+/// the cluster holds. Only kubectl's block form (`items:` then `- ` entries at column 0)
+/// is expanded; any other document is returned as it is.
+fn expand_list(doc: Document) -> Vec<Document> {
+    let lines: Vec<&str> = doc.text.lines().collect();
+    let is_list = lines.iter().any(|l| l.trim_end() == "kind: List");
+    let Some(start) = lines.iter().position(|l| l.trim_end() == "items:") else {
+        return vec![doc];
+    };
+    if !is_list {
+        return vec![doc];
+    }
+    let mut items: Vec<Document> = Vec::new();
+    for (i, line) in lines.iter().enumerate().skip(start + 1) {
+        if let Some(rest) = line.strip_prefix("- ") {
+            items.push(Document {
+                path: doc.path.clone(),
+                first_line: doc.first_line + i,
+                text: format!("{rest}\n"),
+            });
+        } else if line.starts_with("  ") || line.trim().is_empty() {
+            if let Some(item) = items.last_mut() {
+                item.text.push_str(line.get(2..).unwrap_or(""));
+                item.text.push('\n');
+            }
+        } else {
+            break;
+        }
+    }
+    items
 }
 
 /// `text` with every YAML line break (CRLF, CR, LF) as LF.
@@ -601,6 +634,23 @@ mod tests {
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
         assert_eq!(names(&loader.load(&dir)), vec!["bee"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_kubectl_list_is_validated_item_by_item_at_its_lines() {
+        let text = "apiVersion: v1\nitems:\n- apiVersion: networking.istio.io/v1\n  kind: VirtualService\n  metadata:\n    name: a\n    namespace: shop\n  spec:\n    hosts: [a]\n    http: [{route: [{destination: {host: a}}]}]\n- apiVersion: networking.istio.io/v1\n  kind: VirtualService\n  metadata:\n    name: b\n    namespace: shop\n  spec:\n    hosts: [b]\n    bogus: 1\nkind: List\nmetadata:\n  resourceVersion: \"\"\n";
+        let docs = split_documents(Path::new("mesh.yaml"), text);
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].first_line, 3);
+        assert_eq!(docs[1].first_line, 11);
+        let a = parse_document(&docs[0], "default")
+            .expect("a parses")
+            .expect("a kind of ours");
+        assert_eq!(a.object_ref.name, "a");
+        assert_eq!(a.origin.line, 3);
+        let err = parse_document(&docs[1], "default").expect_err("b has an unknown field");
+        assert_eq!(err.line, 18, "{err}");
+        assert!(err.to_string().contains("bogus"), "{err}");
     }
 
     #[test]
