@@ -723,6 +723,31 @@ def check_all(manifests_path: Path) -> int:
     c.check("extraVolumes, extraVolumeMounts, limits", extras)
     c.check("schema rejects --set mesh.ca.mode=vault", rejects("mesh.ca.mode=vault", "mode"))
 
+    def cleanup_daemonset() -> str:
+        path = ROOT / "deploy/kubernetes/proxy-daemon-cleanup.yaml"
+        docs = [Doc(str(path.relative_to(ROOT)), p) for p in
+                re.split(r"(?m)^---[ \t]*$", path.read_text()) if yaml.safe_load(p) is not None]
+        ds = one(docs, "DaemonSet")
+        validate_core(docs[0])
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+        image = f"{values['image']['repository']}:{chart['appVersion']}"
+        spec = ds["spec"]["template"]["spec"]
+        init, main = spec["initContainers"][0], spec["containers"][0]
+        for c_ in (init, main):
+            assert c_["image"] == image, f"{c_['name']}: {c_['image']}, the chart's is {image}"
+            args = c_["args"]
+            assert args[:3] == ["uninstall", "--bpf-pin-dir", values["bpfPinDir"]], args
+        assert "--stay" in main["args"] and "--stay" not in init["args"]
+        bpffs = next(v for v in spec["volumes"] if v["name"] == "bpffs")
+        assert bpffs["hostPath"]["path"] == values["hostPaths"]["bpffs"], bpffs
+        assert spec["tolerations"] == values["tolerations"], spec["tolerations"]
+        daemon = one(default, "DaemonSet")
+        assert ds["metadata"]["namespace"] == daemon["metadata"]["namespace"]
+        return (f"every node (tolerations as the chart's), image {image}, "
+                f"pins {values['bpfPinDir']}, uninstall in an init container, then --stay")
+    c.check("cleanup DaemonSet matches the chart", cleanup_daemonset)
+
     def up_to_date() -> str:
         fresh = plain_manifests()
         current = manifests_path.read_text() if manifests_path.exists() else ""

@@ -51,6 +51,11 @@ pub enum Command {
             default_value = "/sys/fs/bpf/proxy-daemon"
         )]
         bpf_pin_dir: PathBuf,
+        /// After uninstalling, stay running until stopped (SIGTERM): the main container
+        /// of a cleanup DaemonSet, whose pods must stay up for `kubectl rollout status` to
+        /// say every node is done
+        #[arg(long)]
+        stay: bool,
     },
     /// Print the version.
     Version,

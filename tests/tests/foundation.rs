@@ -815,3 +815,59 @@ fn a_drain_finishes_http_requests_in_flight_then_exits() {
     // It waited for the answer (~1.5 s), not for the 10 s drain timeout.
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
 }
+
+/// The cleanup DaemonSet's command (`deploy/kubernetes/proxy-daemon-cleanup.yaml`) on a
+/// node whose daemon was killed: `uninstall --stay` removes the pins the dead daemon left
+/// (its fail-closed pod, refused until then, connects directly at once), then stays up
+/// until SIGTERM, and exits 0.
+#[test]
+fn the_cleanup_command_clears_a_crashed_daemons_pins_and_stays_until_stopped() {
+    let (mut node, _servers, upstream, _seen) = node_with_upstream("cleanup", 80);
+    let pod = node.pod("strict", "api-1");
+    node.write_config(
+        "all.yaml",
+        &(namespace_yaml("strict", true, Some("closed")) + &pod_yaml(&pod, &[("app", "api")])),
+    );
+    let to = upstream.addr(80).to_string();
+    let mut daemon = Daemon::start(&node, &[]);
+    daemon.wait_enrolled(&pod.uid, Duration::from_secs(5));
+    assert_captured(&pod.pdtool(&["connect", "--to", &to]));
+    daemon.kill9();
+    let refused = pod.pdtool(&["connect", "--to", &to]);
+    assert_eq!(
+        refused["result"], "eperm",
+        "fail-closed after the crash: {refused}"
+    );
+    assert!(node.pin_dir.exists());
+
+    let mut cleanup = std::process::Command::new(proxy_tests::target_bin("proxy-daemon"))
+        .args(["uninstall", "--stay", "--bpf-pin-dir"])
+        .arg(&node.pin_dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("uninstall --stay");
+    wait_for(Duration::from_secs(5), || {
+        (!node.pin_dir.exists()).then_some(())
+    })
+    .expect("the pins are removed");
+    let out = pod.pdtool(&["connect", "--to", &to]);
+    assert_direct(&out, &pod);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        cleanup.try_wait().expect("wait").is_none(),
+        "it stays up until stopped"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cleanup.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = wait_for(Duration::from_secs(5), || cleanup.try_wait().ok().flatten())
+        .expect("exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(cleanup.stdout.as_mut().expect("stdout"), &mut printed)
+        .expect("stdout");
+    assert!(printed.contains("removed "), "{printed}");
+    assert!(printed.contains("staying until stopped"), "{printed}");
+}
