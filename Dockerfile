@@ -7,6 +7,8 @@
 # NOT BUILT HERE: the machines this repository's tests and CI run on reach package
 # registries only, not the image registries the base images below come from, so this file
 # is checked by review, not by a build. The recipe is the one `cargo xtask setup` runs.
+# `cargo xtask image` builds the image without any base image (an OCI archive under
+# target/image/), and checks it: prefer that.
 
 # ---- build: the daemon with its eBPF object inside ----------------------------------
 FROM rust:1.95-bookworm AS build

@@ -9,6 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod fuzz;
+mod image;
 mod modgraph;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -72,6 +73,10 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Build the OCI image the chart pulls (release binary, its shared libraries, nothing
+    /// else), packed with umoci into target/image/proxy-daemon-<appVersion>.oci.tar, then
+    /// unpack it again and run `version` and `validate` from it (chroot).
+    Image,
     /// Print the module dependency graph of a crate (proxy-daemon by default), read off
     /// its `use` declarations and `crate::`/`super::`/`self::` paths: every module's
     /// dependencies, the graph of top-level modules, and its cycles.
@@ -599,6 +604,10 @@ fn main() -> Result<()> {
             ])
             .args(["--", "--nocapture"])
             .env("PDT_SLOWLORIS_CONNECTIONS", "20000"))
+        }
+        Cmd::Image => {
+            setup()?;
+            image::build(&workspace_root())
         }
         Cmd::Modgraph {
             root,
