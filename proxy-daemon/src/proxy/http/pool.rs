@@ -72,13 +72,24 @@ impl IdleBudget {
 /// Istio's default `connectionPool.http.idleTimeout`.
 pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// (address, TLS setting's pool key; 0 for plain connections).
-/// An upstream address and the TLS settings in full (never a hash a rule's free text
-/// could make equal to another rule's).
-pub(super) type PoolKey = (SocketAddr, Option<std::sync::Arc<str>>);
+/// An upstream address, the TLS settings in full (never a hash a rule's free text could
+/// make equal to another rule's), and the mesh pod (its uid) when the connection goes
+/// inside an HBONE tunnel.
+pub(super) type PoolKey = (SocketAddr, Option<std::sync::Arc<str>>, Option<String>);
 
-pub(super) fn pool_key(upstream: SocketAddr, tls: Option<&UpstreamTls>) -> PoolKey {
-    (upstream, tls.map(|t| t.settings_key.clone()))
+/// The pool key of a connection to `upstream` now. Whether it is a mesh pod is part of
+/// it: a connection made in plaintext before the pod joined the mesh (a pod whose address
+/// was routed to a moment before its enrolment) is never reused for it afterwards, so no
+/// request bypasses the destination's mutual TLS and policies for a pooled connection's
+/// lifetime.
+pub(super) fn pool_key(
+    inputs: &ProxyInputs,
+    upstream: SocketAddr,
+    tls: Option<&UpstreamTls>,
+) -> PoolKey {
+    let snap = inputs.config.load();
+    let mesh = crate::proxy::hbone_peer(inputs, &snap, upstream).map(|p| p.uid.clone());
+    (upstream, tls.map(|t| t.settings_key.clone()), mesh)
 }
 
 /// Idle connections a pod keeps per upstream: Envoy's default circuit breaker
@@ -350,7 +361,7 @@ pub(super) async fn forward_h2(
     timeout: Option<Duration>,
     (connect_timeout, idle_timeout): (Duration, Duration),
 ) -> Result<Response<Body>, UpstreamError> {
-    let key = pool_key(upstream, tls);
+    let key = pool_key(inputs, upstream, tls);
     let existing = pod.http_pool.shared_h2(&key);
     let mut sender = match existing {
         Some(s) => s,
@@ -435,7 +446,7 @@ pub(super) async fn forward(
         let resp = forward_h2(inputs, pod, upstream, tls, req, timeout, timeouts).await?;
         return Ok(translate_response(resp, client_version));
     }
-    let key = pool_key(upstream, tls);
+    let key = pool_key(inputs, upstream, tls);
     // A pooled connection the server closed meanwhile hands the request back unsent.
     let pooled = if upgrade {
         None
@@ -662,7 +673,7 @@ mod tests {
         let budget = Arc::new(IdleBudget::new(10_000, &metrics.daemon));
         let pool = UpstreamPool::new(budget);
         let sender = h2_sender().await;
-        let key = |i: u16| (SocketAddr::from(([198, 18, 0, 9], 10_000 + i)), None);
+        let key = |i: u16| (SocketAddr::from(([198, 18, 0, 9], 10_000 + i)), None, None);
         // A pod dialling 300 addresses keeps at most MAX_H2_PER_POD connections.
         for i in 0..300 {
             pool.share_h2(key(i), sender.clone(), Duration::from_millis(100));
