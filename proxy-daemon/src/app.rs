@@ -133,6 +133,8 @@ pub struct Settings {
     pub max_connections_per_namespace: usize,
     pub max_idle_upstream_connections: usize,
     pub header_read_timeout: Option<Duration>,
+    /// `--jwks-allow-cidr`: loopback or link-local networks JWKS may still be fetched from.
+    pub jwks_allow: Vec<ipnet::IpNet>,
     /// Tracing as the flags set it (the mesh configuration may replace it on reload).
     pub tracing: crate::spans::TraceSettings,
 }
@@ -549,6 +551,7 @@ fn preflight(args: &RunArgs) -> Result<Settings, AppError> {
         max_idle_upstream_connections: args.max_idle_upstream_connections,
         header_read_timeout: (args.http_header_read_timeout_ms > 0)
             .then(|| Duration::from_millis(args.http_header_read_timeout_ms)),
+        jwks_allow: args.jwks_allow_cidr.clone(),
         tracing,
     })
 }
@@ -1287,7 +1290,7 @@ pub async fn run(args: RunArgs, logs: LogControl) -> Result<(), AppError> {
         connections: crate::proxy::limits::ConnectionBudget::new(node_budget, namespace_budget),
         bodies: Default::default(),
         handshakes: Default::default(),
-        jwks: Default::default(),
+        jwks: crate::proxy::jwt::JwksCache::allowing(settings.jwks_allow.clone()),
         certs: certs.clone(),
         enrolled: Default::default(),
         idle_upstream,

@@ -363,6 +363,13 @@ pub struct RunArgs {
     )]
     pub http_header_read_timeout_ms: u64,
 
+    /// Networks a RequestAuthentication's `jwksUri` (or its issuer's discovery) may be
+    /// fetched from although they are loopback or link-local (comma-separated CIDRs). The
+    /// daemon fetches from the node's network for any namespace's rule, so by default it
+    /// refuses the node's own services and the cloud metadata address
+    #[arg(long, env = "PROXY_JWKS_ALLOW_CIDR", value_delimiter = ',')]
+    pub jwks_allow_cidr: Vec<ipnet::IpNet>,
+
     /// Istio metric series one source workload may have (per family); past it, new label
     /// sets are counted in its overflow series (`destination_service="overflow"`).
     #[arg(long, env = "PROXY_MAX_SERIES_PER_WORKLOAD", default_value_t = crate::metrics::DEFAULT_MAX_SERIES_PER_WORKLOAD)]

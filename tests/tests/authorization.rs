@@ -76,9 +76,13 @@ spec:
 
 impl Mesh {
     fn start(&self, policies: &str) -> Daemon {
+        self.start_with(policies, &[])
+    }
+
+    fn start_with(&self, policies: &str, flags: &[&str]) -> Daemon {
         self.node
             .write_config("cluster.yaml", &(self.base.clone() + policies));
-        let d = Daemon::start(&self.node, &[]);
+        let d = Daemon::start(&self.node, flags);
         for p in [&self.web, &self.spy] {
             d.wait_enrolled(&p.uid, Duration::from_secs(5));
         }
@@ -404,7 +408,7 @@ fn jwt_principals_from_a_jwks_uri_decide_with_authorization_policy() {
     ))
     .expect("JWKS");
     let (server, fetches) = jwks_server(jwks);
-    let mut d = m.start(&format!(
+    let policies = format!(
         "apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {{name: db-jwt, namespace: prod}}
@@ -426,7 +430,7 @@ spec:
   - to: [{{operation: {{paths: [/open]}}}}]
 ---
 "
-    ));
+    );
     let to = format!("{SERVICE}:80");
     let call = |path: &str, token: Option<&str>| -> serde_json::Value {
         let auth = token.map(|t| format!("Authorization: Bearer {}", test_token(t)));
@@ -436,6 +440,35 @@ spec:
         }
         m.web.pdtool(&args)["first"].clone()
     };
+    // A namespace's jwksUri on the node's loopback (where the kubelet's and the daemon's own
+    // ports are): never fetched, its tokens refused, unless the operator allows it.
+    let mut d = m.start(&policies);
+    let refused = call("/secure", Some("TokenIssuer1"));
+    assert_eq!(
+        (refused["status"].as_u64(), refused["body"].as_str()),
+        (Some(401), Some("Jwks remote fetch is failed")),
+        "{refused}"
+    );
+    assert_eq!(
+        fetches.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "never contacted"
+    );
+    assert!(
+        d.log_text().contains("--jwks-allow-cidr"),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        d.metric_sum(
+            "proxy_daemon_jwt_rejected_total",
+            &[("reason", "jwks_fetch")]
+        ) >= 1.0,
+        "{}",
+        d.metrics_text()
+    );
+    assert_eq!(d.terminate(), Some(0));
+    let mut d = m.start_with(&policies, &["--jwks-allow-cidr", "127.0.0.1/32"]);
     let ok = call("/secure", Some("TokenIssuer1"));
     assert_eq!(ok["status"], 200, "{ok}");
     let headers = &ok["body"]["headers"];

@@ -96,9 +96,18 @@ struct Fetched {
 #[derive(Default)]
 pub struct JwksCache {
     entries: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Fetched>>>>>,
+    /// Loopback or link-local networks fetching may still reach (`--jwks-allow-cidr`).
+    allowed: Vec<ipnet::IpNet>,
 }
 
 impl JwksCache {
+    pub fn allowing(allowed: Vec<ipnet::IpNet>) -> Self {
+        Self {
+            allowed,
+            ..Default::default()
+        }
+    }
+
     async fn keys(&self, uri: &str, timeout: Duration) -> Result<Arc<JwkSet>, Rejection> {
         let slot = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -117,7 +126,7 @@ impl JwksCache {
                 return f.keys.clone().ok_or(Rejection::JwksFetchFailed);
             }
         }
-        let keys = match tokio::time::timeout(timeout, fetch_keys(uri)).await {
+        let keys = match tokio::time::timeout(timeout, fetch_keys(uri, &self.allowed)).await {
             Ok(Ok(k)) => Some(Arc::new(k)),
             Ok(Err(e)) => {
                 tracing::warn!(%uri, error = %e, "JWKS fetch failed; tokens of its issuer are refused until it succeeds");
@@ -140,14 +149,18 @@ impl JwksCache {
 
 /// The keys at `uri`; an issuer (a `discover:` URI) is asked for its `jwks_uri` first
 /// (OpenID Connect discovery, as istiod does for a rule without `jwksUri`).
-async fn fetch_keys(uri: &str) -> Result<JwkSet, String> {
+async fn fetch_keys(uri: &str, allowed: &[ipnet::IpNet]) -> Result<JwkSet, String> {
     let Some(issuer) = uri.strip_prefix(DISCOVER) else {
-        return serde_json::from_slice(&fetch(uri).await?).map_err(|e| format!("not a JWKS: {e}"));
+        return serde_json::from_slice(&fetch(uri, allowed).await?)
+            .map_err(|e| format!("not a JWKS: {e}"));
     };
-    let config = fetch(&format!(
-        "{}/.well-known/openid-configuration",
-        issuer.trim_end_matches('/')
-    ))
+    let config = fetch(
+        &format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        ),
+        allowed,
+    )
     .await?;
     let config: serde_json::Value =
         serde_json::from_slice(&config).map_err(|e| format!("OpenID configuration: {e}"))?;
@@ -155,12 +168,46 @@ async fn fetch_keys(uri: &str) -> Result<JwkSet, String> {
         .as_str()
         .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
         .ok_or("OpenID configuration without jwks_uri")?;
-    serde_json::from_slice(&fetch(jwks_uri).await?).map_err(|e| format!("not a JWKS: {e}"))
+    serde_json::from_slice(&fetch(jwks_uri, allowed).await?).map_err(|e| format!("not a JWKS: {e}"))
+}
+
+/// Whether the daemon may fetch from `ip` for a tenant's RequestAuthentication: never the
+/// node's own loopback services (the kubelet's ports, the daemon's admin), link-local
+/// addresses (among them the cloud metadata endpoint 169.254.169.254), AWS's IPv6
+/// metadata address fd00:ec2::254, unspecified, multicast or broadcast addresses —
+/// unless `allowed` names the network.
+pub fn fetch_permitted(ip: std::net::IpAddr, allowed: &[ipnet::IpNet]) -> bool {
+    use std::net::IpAddr;
+    if allowed.iter().any(|n| n.contains(&ip)) {
+        return true;
+    }
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    let metadata_v6 = std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local()
+                || v6 == metadata_v6)
+        }
+    }
 }
 
 /// GET `uri` (http or https, from the daemon's own network): the body, at most
-/// [`MAX_JWKS_BYTES`].
-async fn fetch(uri: &str) -> Result<Bytes, String> {
+/// [`MAX_JWKS_BYTES`]. The name is resolved once and the address checked and dialled is
+/// the same one (no second lookup a rebinding DNS answer could change).
+async fn fetch(uri: &str, allowed: &[ipnet::IpNet]) -> Result<Bytes, String> {
     let parsed: http::Uri = uri.parse().map_err(|e| format!("{e}"))?;
     let https = parsed.scheme_str() == Some("https");
     let host = parsed.host().ok_or("no host")?.to_string();
@@ -169,7 +216,20 @@ async fn fetch(uri: &str) -> Result<Bytes, String> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let tcp = tokio::net::TcpStream::connect((host_for_dial.as_str(), port))
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host_for_dial.as_str(), port))
+        .await
+        .map_err(|e| format!("resolving {host_for_dial}: {e}"))?
+        .collect();
+    let Some(addr) = addrs
+        .iter()
+        .copied()
+        .find(|a| fetch_permitted(a.ip(), allowed))
+    else {
+        return Err(format!(
+            "{host_for_dial} is {addrs:?}: loopback, link-local or otherwise not fetched for a namespace's RequestAuthentication (the node's own services, the cloud metadata endpoint); --jwks-allow-cidr allows a network"
+        ));
+    };
+    let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connecting: {e}"))?;
     let path = parsed
@@ -204,6 +264,11 @@ async fn fetch(uri: &str) -> Result<Bytes, String> {
     } else {
         get(TokioIo::new(tcp), req).await
     }
+}
+
+#[cfg(test)]
+pub(crate) async fn fetch_for_test(uri: &str, allowed: &[ipnet::IpNet]) -> Result<Bytes, String> {
+    fetch(uri, allowed).await
 }
 
 async fn get<I>(io: I, req: Request<Empty<Bytes>>) -> Result<Bytes, String>

@@ -292,3 +292,50 @@ fn istios_request_authentication_cases_validate_as_istio_says() {
     }
     assert_eq!(checked, 20);
 }
+
+#[test]
+fn jwks_is_never_fetched_from_the_nodes_own_services_or_the_metadata_endpoint() {
+    use super::fetch_permitted;
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    for refused in [
+        "127.0.0.1",
+        "127.1.2.3",
+        "169.254.169.254",
+        "169.254.7.127",
+        "0.0.0.0",
+        "224.0.0.1",
+        "255.255.255.255",
+        "::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "fe80::1",
+        "fd00:ec2::254",
+    ] {
+        assert!(!fetch_permitted(ip(refused), &[]), "{refused}");
+    }
+    for permitted in ["10.96.0.10", "198.18.0.5", "8.8.8.8", "2001:db8::1"] {
+        assert!(fetch_permitted(ip(permitted), &[]), "{permitted}");
+    }
+    let allow: Vec<ipnet::IpNet> = vec!["127.0.0.1/32".parse().unwrap()];
+    assert!(fetch_permitted(ip("127.0.0.1"), &allow));
+    assert!(!fetch_permitted(ip("127.0.0.2"), &allow));
+    assert!(!fetch_permitted(ip("169.254.169.254"), &allow));
+
+    // Through the cache, as a request's token is checked: refused before any connection
+    // (nothing listens on the port; the error would otherwise be "connecting").
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt
+        .block_on(super::fetch_for_test("http://127.0.0.1:9/jwks.json", &[]))
+        .expect_err("refused");
+    assert!(err.contains("--jwks-allow-cidr"), "{err}");
+    let err = rt
+        .block_on(super::fetch_for_test(
+            "http://169.254.169.254/latest/meta-data/",
+            &allow,
+        ))
+        .expect_err("refused");
+    assert!(err.contains("not fetched"), "{err}");
+}
