@@ -412,7 +412,9 @@ fn unresolvable_and_zero_weight_backends_and_ruleless_routes() {
   - matches: [{path: {value: /zero}}]
     backendRefs: [{name: echo-v1, port: 80, weight: 0}]
   - matches: [{path: {value: /mixed}}]
-    backendRefs: [{name: echo-v1, port: 80, weight: 1}, {name: echo-v9, port: 80, weight: 0}]",
+    backendRefs: [{name: echo-v1, port: 80, weight: 1}, {name: echo-v9, port: 80, weight: 0}]
+  - matches: [{path: {value: /wrong-port}}]
+    backendRefs: [{name: echo-v1, port: 8080}]",
     ) + "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: empty, namespace: mesh}
@@ -446,6 +448,23 @@ spec:
             to("echo-v1")
         );
     }
+    // A backendRef's port is the Service's (80), not the pods' (8080).
+    assert_eq!(
+        ask.get("client-a", (ECHO, 80), "/wrong-port", &[]),
+        Got::Status(500, None)
+    );
+    let status = snap
+        .routes
+        .route_status
+        .iter()
+        .find(|s| s.name == "r")
+        .expect("status of r");
+    assert_eq!(status.accepted, (true, "Accepted"));
+    assert_eq!(
+        status.resolved_refs,
+        (false, "BackendNotFound"),
+        "{status:?}"
+    );
     // No rules: the CRD's default rule, which has no backend.
     assert_eq!(
         ask.get("client-a", (ECHO_V1, 80), "/", &[]),

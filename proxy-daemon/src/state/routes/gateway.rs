@@ -175,6 +175,14 @@ fn parent_status(r: &CompiledRoute, parent: &ParentBinding, conflicted: bool) ->
     }
 }
 
+/// Whether the Kubernetes Service `host` exists but has no port `port` (a backendRef's
+/// port is the Service's, not the pods').
+fn backend_lacks_port(registry: &Registry, host: &str, port: u32) -> bool {
+    registry
+        .by_host_unscoped(host)
+        .is_some_and(|s| s.port(port).is_none())
+}
+
 /// The first backendRef that does not resolve to a Service: (reason, message).
 fn unresolved<'a>(
     refs: impl Iterator<Item = &'a gw::BackendRef>,
@@ -198,6 +206,12 @@ fn unresolved<'a>(
             return Some((
                 "BackendNotFound",
                 format!("backend Service {bns}/{} does not exist", b.name),
+            ));
+        }
+        if let Some(port) = b.port.filter(|p| backend_lacks_port(registry, &host, *p)) {
+            return Some((
+                "BackendNotFound",
+                format!("backend Service {bns}/{} has no port {port}", b.name),
             ));
         }
     }
@@ -462,6 +476,13 @@ impl Ctx<'_> {
                 format!("backend Service {bns}/{} does not exist: its share of requests answers 500 (ResolvedRefs=False, BackendNotFound)", b.name),
             );
         }
+        let no_such_port = backend_lacks_port(registry, &host, port);
+        if no_such_port {
+            self.warn(
+                line,
+                format!("backend Service {bns}/{} has no port {port}: its share of requests answers 500 (ResolvedRefs=False, BackendNotFound)", b.name),
+            );
+        }
         let mut headers = HeaderPolicy::default();
         for f in &b.filters {
             let fl = f.referenced.line();
@@ -474,7 +495,9 @@ impl Ctx<'_> {
         }
         Some(WeightedDestination {
             destination: DestinationRef {
-                host: if b.object().is_service() {
+                // No host: the request meets no Service and answers 500 (as for a
+                // backend that does not exist).
+                host: if b.object().is_service() && !no_such_port {
                     host
                 } else {
                     String::new()
