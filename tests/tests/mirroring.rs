@@ -226,6 +226,51 @@ spec:
     assert!((26.0..=34.0).contains(&share), "mirrored {share}%");
 }
 
+/// `mirrors[].percentage` at a value other than its default: 20 % of 2,000 requests are
+/// copied. Binomial: 400 ± 17.9; 310–490 is 5 standard deviations each way (a correct
+/// daemon fails it about once in 1.7 million runs), and a daemon that ignored the field
+/// (100 %, the default) or used 30 % would copy 2,000 or ~600.
+#[test]
+fn mirrors_percentage_samples_that_mirrors_copies() {
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: azar}
+spec:
+  hosts: [api]
+  http:
+  - route: [{destination: {host: api}}]
+    mirrors:
+    - destination: {host: api.azar-mirror.svc.cluster.local}
+      percentage: {value: 20}
+";
+    let (_node, _servers, client, _daemon, _primary, mirror) =
+        setup("mirrors20", vs, Duration::ZERO);
+    let out = client.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.230:80",
+        "--host",
+        "api",
+        "--count",
+        "2000",
+    ]);
+    assert_eq!(out["statuses"]["200"], 2000, "{out}");
+    // Copies are sent fire-and-forget: wait until they stop arriving.
+    let mut last = usize::MAX;
+    let copies = wait_for(Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(200));
+        let n = mirror.lock().unwrap().len();
+        let settled = n == last;
+        last = n;
+        settled.then_some(n)
+    })
+    .expect("copies settle");
+    assert!(
+        (310..=490).contains(&copies),
+        "{copies} copies of 2,000 at 20 %"
+    );
+}
+
 #[test]
 fn a_slow_or_missing_mirror_never_delays_or_fails_the_primary() {
     let vs = "apiVersion: networking.istio.io/v1
