@@ -146,15 +146,47 @@ spec:
 "
         )
     };
+    // v2 answers after 50 ms: a least-request balancer would send it far fewer of
+    // concurrent requests; round robin does not look.
     let r = Reviews::builder("rr")
         .yaml(&dr("ROUND_ROBIN"))
+        .v2(proxy_tests::servers::HttpEcho {
+            name: "reviews-v2".into(),
+            delay: std::time::Duration::from_millis(50),
+            ..Default::default()
+        })
         .pod("shop", "client-0", &[("app", "client")])
         .start();
     let out = get(&r.pods[0], "/", &[], "100");
-    // Round robin over two endpoints: an even split, whatever the timing.
+    // Round robin over two endpoints, one request at a time: strict alternation. Random
+    // or least-request picks alternate 99 times in a row once in 2^99.
     let (v1, v2) = (served(&out, "reviews-v1"), served(&out, "reviews-v2"));
     assert_eq!(v1 + v2, 100, "{out}");
-    assert!(v1.abs_diff(v2) <= 2, "ROUND_ROBIN {v1}/{v2}");
+    assert_eq!(
+        repeats(&out),
+        0,
+        "ROUND_ROBIN never picks the same one twice: {out}"
+    );
+    // Concurrently (4 connections × 20), with v2 slow: still an even split, where
+    // least-request would favour the fast one.
+    let to = to();
+    let out = r.pods[0].pdtool(&[
+        "http",
+        "--to",
+        &to,
+        "--host",
+        HOST,
+        "--count",
+        "20",
+        "--parallel",
+        "4",
+    ]);
+    let (v1, v2) = (served(&out, "reviews-v1"), served(&out, "reviews-v2"));
+    assert_eq!(v1 + v2, 80, "{out}");
+    assert!(
+        v1.abs_diff(v2) <= 4,
+        "ROUND_ROBIN with a slow v2: {v1}/{v2}: {out}"
+    );
     drop(r);
     let r = Reviews::builder("random")
         .yaml(&dr("RANDOM"))
@@ -163,8 +195,27 @@ spec:
     let out = get(&r.pods[0], "/", &[], "200");
     let (v1, v2) = (served(&out, "reviews-v1"), served(&out, "reviews-v2"));
     assert_eq!(v1 + v2, 200, "{out}");
-    // Binomial(200, ½): below 60 on one side has odds under 1e-8; and not alternating.
+    // Binomial(200, ½): below 60 on one side has odds under 1e-8.
     assert!(v1 >= 60 && v2 >= 60, "RANDOM {v1}/{v2}");
+    // And independent picks: the next pick repeats the last one half the time. Binomial
+    // (199, ½) = 99.5 ± 7.05: 60–140 is 5.6 standard deviations each way (a false failure
+    // about once in 50 million runs); round robin repeats 0 times.
+    let r = repeats(&out);
+    assert!(
+        (60..=140).contains(&r),
+        "RANDOM repeated its last pick {r} times of 199: {out}"
+    );
+}
+
+/// How many times a request went to the same server as the one before it.
+fn repeats(out: &serde_json::Value) -> usize {
+    let order: Vec<&str> = out["order"]
+        .as_array()
+        .expect("pdtool's order")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    order.windows(2).filter(|w| w[0] == w[1]).count()
 }
 
 #[test]

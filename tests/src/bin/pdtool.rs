@@ -684,6 +684,9 @@ fn http_run(
     let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
     let mut latencies_us: Vec<f64> = Vec::with_capacity(count);
     let mut peer_ports = std::collections::BTreeSet::new();
+    // Which server answered, request by request (the first 1,000): what a balancer's
+    // order shows that tallies cannot (round robin alternates; random repeats).
+    let mut order: Vec<String> = Vec::new();
     for i in 0..count {
         if rate > 0.0 {
             let due = started + Duration::from_secs_f64(i as f64 / rate);
@@ -735,6 +738,9 @@ fn http_run(
                 *statuses.entry(status.to_string()).or_default() += 1;
                 if let Some((_, name)) = headers.iter().find(|(k, _)| k == "x-served-by") {
                     *servers.entry(name.clone()).or_default() += 1;
+                    if order.len() < 1000 {
+                        order.push(name.clone());
+                    }
                 }
                 if let (101, Some(text)) = (status, &upgrade_echo) {
                     let _ = w.write_all(text.as_bytes());
@@ -774,6 +780,7 @@ fn http_run(
     };
     let secs = started.elapsed().as_secs_f64();
     json!({"statuses": statuses, "servers": servers, "first": first, "errors": errors,
+        "order": order,
         "elapsed_ms": secs * 1e3, "per_sec": latencies_us.len() as f64 / secs,
         "upstream_connections": peer_ports.len(),
         "p50_us": pct(0.5), "p99_us": pct(0.99)})
@@ -1577,12 +1584,16 @@ fn main() {
                     .collect()
             });
             let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+            let mut servers = std::collections::BTreeMap::<String, u64>::new();
             for r in &runs {
+                for (k, v) in r["servers"].as_object().into_iter().flatten() {
+                    *servers.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+                }
                 for (k, v) in r["statuses"].as_object().into_iter().flatten() {
                     *statuses.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
                 }
             }
-            json!({"statuses": statuses, "runs": runs})
+            json!({"statuses": statuses, "servers": servers, "runs": runs})
         }
         Cmd::Http {
             to,
