@@ -772,6 +772,38 @@ spec:
     assert!(started.elapsed() >= Duration::from_millis(700));
 }
 
+/// `retries.attempts` is the number of retries, told apart from Istio's default (2) and
+/// from none: every try of 10 requests to an upstream that answers 503 is counted where
+/// it lands — 10 × (1 + 4) = 50.
+#[test]
+fn retry_attempts_are_counted_at_the_upstream() {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (_node, _servers, pods, _daemon) = setup_with(
+        "retryattempts",
+        HttpEcho {
+            name: "reviews-v2".into(),
+            log: Some(log.clone()),
+            ..Default::default()
+        },
+        &v2_only("    retries: {attempts: 4, retryOn: 5xx}\n", ""),
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&[
+        "http",
+        "--to",
+        &to(),
+        "--host",
+        HOST,
+        "--count",
+        "10",
+        "-H",
+        "x-echo-status: 503",
+    ]);
+    assert_eq!(out["statuses"]["503"], 10, "every try failed: {out}");
+    assert_eq!(log.lock().unwrap().len(), 50, "1 try and 4 retries each");
+}
+
 #[test]
 fn attempts_without_retry_on_use_istios_default_conditions() {
     let (_node, _servers, pods, daemon) = setup_with(
