@@ -804,6 +804,46 @@ fn retry_attempts_are_counted_at_the_upstream() {
     assert_eq!(log.lock().unwrap().len(), 50, "1 try and 4 retries each");
 }
 
+/// `retries.perTryTimeout` fires: an upstream that answers after 400 ms, tries of 100 ms,
+/// 2 retries on 5xx (a try that times out counts as a 504): each request ends in 504
+/// after its 3 tries, all 3 seen at the upstream, long before one try would have
+/// answered 200.
+#[test]
+fn per_try_timeout_cuts_each_try_and_retries() {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (_node, _servers, pods, _daemon) = setup_with(
+        "pertry",
+        HttpEcho {
+            name: "reviews-v2".into(),
+            delay: Duration::from_millis(400),
+            log: Some(log.clone()),
+            ..Default::default()
+        },
+        &v2_only(
+            "    retries: {attempts: 2, perTryTimeout: 100ms, retryOn: 5xx}\n",
+            "",
+        ),
+        &[("client-1", &[("app", "client")])],
+        &[],
+    );
+    let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "3"]);
+    assert_eq!(out["statuses"]["504"], 3, "each try timed out: {out}");
+    let tries = wait_for_count(&log, 9);
+    assert_eq!(tries, 9, "3 tries per request at the upstream");
+}
+
+/// The upstream's log once it holds `n` entries (or what it has after 5 s).
+fn wait_for_count(
+    log: &std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    n: usize,
+) -> usize {
+    proxy_tests::wait_for(Duration::from_secs(5), || {
+        let len = log.lock().unwrap().len();
+        (len >= n).then_some(len)
+    })
+    .unwrap_or_else(|| log.lock().unwrap().len())
+}
+
 #[test]
 fn attempts_without_retry_on_use_istios_default_conditions() {
     let (_node, _servers, pods, daemon) = setup_with(
