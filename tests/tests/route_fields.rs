@@ -340,9 +340,10 @@ fn method_scheme_case_rewrites_redirects_faults_and_header_edits_do_what_istio_s
     );
     // Header edits: the rule's request add, the destination's own request set, the
     // rule's response add and remove, the destination's response set.
-    let out = get(pod, "/edit", &[], "1");
+    // The app's own x-added stays: add appends (the echo reports every value, in order).
+    let out = get(pod, "/edit", &["x-added: one"], "1");
     let seen = &out["first"]["body"]["headers"];
-    assert_eq!(seen["x-added"], "two", "{out}");
+    assert_eq!(seen["x-added"], "one,two", "{out}");
     assert_eq!(seen["x-dest"], "v1", "{out}");
     let headers = &out["first"]["headers"];
     assert_eq!(headers["x-resp-added"], "yes", "{out}");
@@ -546,7 +547,11 @@ spec:
     let to = to();
     // Port 80, the generated virtual host: the root filter (priority 0) sends to v1 and
     // appends x-order: zero; then "overwrite" (priority 10, listed first) replaces it.
-    let out = get(pod, "/", &["x-keep: client"], "1");
+    // The app sends its own x-order too: the root filter's append keeps it and adds
+    // "zero"; the later filter's `append: false` replaces every value with "ten". In the
+    // other priority order the result would be "ten,zero"; with append ignored,
+    // "app,zero,ten".
+    let out = get(pod, "/", &["x-keep: client", "x-order: app"], "1");
     let seen = &out["first"]["body"]["headers"];
     assert_eq!(served(&out, "reviews-v1"), 1, "{out}");
     assert_eq!(
