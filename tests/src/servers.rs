@@ -151,8 +151,10 @@ pub struct HttpEcho {
     pub name: String,
     /// Wait this long before answering.
     pub delay: std::time::Duration,
-    /// Answer every Nth request (server-wide) with 503 instead (0: never).
+    /// Answer every Nth request (server-wide) with `fail_status` instead (0: never).
     pub fail_every: u32,
+    /// The status of those failures (None: 503).
+    pub fail_status: Option<u16>,
     /// Where to record every request's JSON description (what this server received).
     pub log: Option<Arc<Mutex<Vec<serde_json::Value>>>>,
 }
@@ -265,7 +267,8 @@ impl Servers {
                             continue;
                         }
                         if cfg.fail_every > 0 && n.is_multiple_of(cfg.fail_every) {
-                            let resp = format!("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nX-Served-By: {}\r\n\r\n", cfg.name);
+                            let code = cfg.fail_status.unwrap_or(503);
+                            let resp = format!("HTTP/1.1 {code} Failed\r\nContent-Length: 0\r\nX-Served-By: {}\r\n\r\n", cfg.name);
                             if w.write_all(resp.as_bytes()).await.is_err() {
                                 return;
                             }

@@ -486,9 +486,37 @@ fn deprecated_consecutive_errors_eject_on_gateway_errors() {
 }
 
 fn outlier_ejects_after_two(tag: &str, threshold: &str) {
+    let failed = outlier_failures(tag, threshold, 503);
+    // Bounded from both sides: two 503s in a row are what ejects (not one, not a third).
+    assert_eq!(
+        failed, 2,
+        "the broken pod got exactly 2 requests before its ejection"
+    );
+}
+
+/// `consecutiveGatewayErrors` alone counts 502, 503 and 504, never another 5xx: a pod
+/// answering 500 to everything is never ejected (half of 100 requests fail), one
+/// answering 502 is after two.
+#[test]
+fn consecutive_gateway_errors_count_gateway_errors_only() {
+    let threshold = "consecutiveGatewayErrors: 2, consecutive5xxErrors: 0";
+    // Never ejected: about half the requests go to it (least-request between two idle
+    // pods alternates; 30–70 leaves room for any fair tie-break), against 2 if it were.
+    let failed = outlier_failures("outlier-gw500", threshold, 500);
+    assert!(
+        (30..=70).contains(&failed),
+        "{failed} of 100 failed with 500"
+    );
+    assert_eq!(outlier_failures("outlier-gw502", threshold, 502), 2);
+}
+
+/// 100 requests, one at a time, to reviews with v2 answering `status` to everything,
+/// under the outlier `threshold`: how many failed.
+fn outlier_failures(tag: &str, threshold: &str, status: u16) -> u64 {
     let broken = HttpEcho {
         name: "reviews-v2".into(),
         fail_every: 1,
+        fail_status: Some(status),
         ..Default::default()
     };
     let dr_and_vs = format!(
@@ -518,17 +546,13 @@ spec:
         &[],
     );
     let out = pods[0].pdtool(&["http", "--to", &to(), "--host", HOST, "--count", "100"]);
-    let failed = out["statuses"]["503"].as_u64().unwrap_or(0);
-    // Bounded from both sides: two 503s in a row are what ejects (not one, not a third).
-    assert_eq!(
-        failed, 2,
-        "the broken pod got exactly consecutive5xxErrors requests: {out}"
-    );
+    let failed = out["statuses"][status.to_string()].as_u64().unwrap_or(0);
     assert_eq!(
         out["statuses"]["200"].as_u64().unwrap_or(0) + failed,
         100,
         "{out}"
     );
+    failed
 }
 
 #[test]
