@@ -68,17 +68,42 @@ struct HostLimit {
     pending: AtomicU32,
 }
 
-/// connectionPool limits per destination host.
-/// connectionPool limits per (source workload, destination host): each sidecar has its
-/// own circuit breakers, so one tenant's overload never opens another's.
+/// Which connectionPool limit a semaphore stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LimitKind {
+    /// `tcp.maxConnections` (Envoy's max_connections): a request waits for a place.
+    Connections,
+    /// `http.http2MaxRequests` (Envoy's max_requests): active requests, none queued.
+    Requests,
+}
+
+/// connectionPool limits per (source workload, destination host, limit): each sidecar has
+/// its own circuit breakers, so one tenant's overload never opens another's.
 #[derive(Default)]
-pub struct HostLimits(Mutex<HashMap<(crate::proxy::outlier::Scope, String), Arc<HostLimit>>>);
+pub struct HostLimits(
+    Mutex<HashMap<(crate::proxy::outlier::Scope, String, LimitKind), Arc<HostLimit>>>,
+);
 
 /// Why admission failed: Envoy's UO (upstream overflow).
 #[derive(Debug)]
 pub struct Overflow;
 
-/// Admits one request (or connection) to `host` under its connectionPool; the permit is
+/// The places a request (or connection) holds under its destination's limits, given back
+/// when dropped.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    request: Option<OwnedSemaphorePermit>,
+    connection: Option<OwnedSemaphorePermit>,
+}
+
+impl Admitted {
+    /// Whether any limit applied.
+    pub fn is_limited(&self) -> bool {
+        self.request.is_some() || self.connection.is_some()
+    }
+}
+
+/// Admits one request (or connection) to `host` under its connectionPool; the places are
 /// held for the request's life. No limit configured: always admitted.
 impl HostLimits {
     /// Forgets hosts with nothing in flight or waiting (their limits are rebuilt from the
@@ -92,43 +117,73 @@ impl HostLimits {
         before - hosts.len()
     }
 
+    /// The limit of `kind` for (`scope`, `host`), rebuilt when its maximum changed.
+    fn limit(
+        &self,
+        scope: &crate::proxy::outlier::Scope,
+        host: &str,
+        kind: LimitKind,
+        max: u32,
+    ) -> Arc<HostLimit> {
+        let mut hosts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = hosts
+            .entry((scope.clone(), host.to_string(), kind))
+            .or_insert_with(|| HostLimit::new(max));
+        if entry.max != max {
+            // The limit changed with the configuration: start over with the new one.
+            *entry = HostLimit::new(max);
+        }
+        entry.clone()
+    }
+
     pub async fn admit(
         &self,
         scope: &crate::proxy::outlier::Scope,
         host: &str,
         pool: Option<&ConnectionPool>,
         http: bool,
-    ) -> Result<Option<OwnedSemaphorePermit>, Overflow> {
-        let Some(pool) = pool else { return Ok(None) };
-        let max = match (pool.max_connections, pool.http2_max_requests, http) {
-            (Some(c), Some(r), true) => Some(c.min(r)),
-            (c, r, true) => c.or(r),
-            (c, _, false) => c,
+    ) -> Result<Admitted, Overflow> {
+        let Some(pool) = pool else {
+            return Ok(Admitted::default());
         };
-        let Some(max) = max else { return Ok(None) };
-        let limit = {
-            let mut hosts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = hosts
-                .entry((scope.clone(), host.to_string()))
-                .or_insert_with(|| {
-                    Arc::new(HostLimit {
-                        max,
-                        slots: Arc::new(Semaphore::new(max as usize)),
-                        pending: AtomicU32::new(0),
-                    })
-                });
-            if entry.max != max {
-                // The limit changed with the configuration: start over with the new one.
-                *entry = Arc::new(HostLimit {
-                    max,
-                    slots: Arc::new(Semaphore::new(max as usize)),
-                    pending: AtomicU32::new(0),
-                });
-            }
-            entry.clone()
+        // Envoy's max_requests counts every active HTTP request (HTTP/1.1 included, as
+        // Istio documents `http2MaxRequests`) and queues none: past it, UO at once.
+        let request = match (http, pool.http2_max_requests) {
+            (true, Some(max)) => Some(
+                self.limit(scope, host, LimitKind::Requests, max)
+                    .slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Overflow)?,
+            ),
+            _ => None,
         };
+        let connection = match pool.max_connections {
+            Some(max) => Some(
+                self.wait_for_connection(scope, host, max, pool, http)
+                    .await?,
+            ),
+            None => None,
+        };
+        Ok(Admitted {
+            request,
+            connection,
+        })
+    }
+
+    /// A place under `tcp.maxConnections`: at once, or after waiting as one of at most
+    /// `http1MaxPendingRequests` (HTTP; a TCP connection never waits).
+    async fn wait_for_connection(
+        &self,
+        scope: &crate::proxy::outlier::Scope,
+        host: &str,
+        max: u32,
+        pool: &ConnectionPool,
+        http: bool,
+    ) -> Result<OwnedSemaphorePermit, Overflow> {
+        let limit = self.limit(scope, host, LimitKind::Connections, max);
         if let Ok(p) = limit.slots.clone().try_acquire_owned() {
-            return Ok(Some(p));
+            return Ok(p);
         }
         // Envoy's default pending limit is large; Istio's examples set it small on purpose.
         let max_pending = if http {
@@ -147,9 +202,19 @@ impl HostLimits {
             tokio::time::timeout(PENDING_WAIT_LIMIT, limit.slots.clone().acquire_owned()).await;
         limit.pending.fetch_sub(1, Ordering::AcqRel);
         match waited {
-            Ok(Ok(p)) => Ok(Some(p)),
+            Ok(Ok(p)) => Ok(p),
             _ => Err(Overflow),
         }
+    }
+}
+
+impl HostLimit {
+    fn new(max: u32) -> Arc<Self> {
+        Arc::new(HostLimit {
+            max,
+            slots: Arc::new(Semaphore::new(max as usize)),
+            pending: AtomicU32::new(0),
+        })
     }
 }
 
@@ -480,16 +545,16 @@ mod breaker_tests {
         };
         let (noisy, quiet) = (scope("noisy"), scope("quiet"));
         let held = limits.admit(&noisy, "h", Some(&pool), true).await;
-        assert!(matches!(held, Ok(Some(_))));
+        assert!(held.as_ref().is_ok_and(Admitted::is_limited));
         assert!(
             limits.admit(&noisy, "h", Some(&pool), true).await.is_err(),
             "the noisy workload's breaker is open (UO)"
         );
         assert!(
-            matches!(
-                limits.admit(&quiet, "h", Some(&pool), true).await,
-                Ok(Some(_))
-            ),
+            limits
+                .admit(&quiet, "h", Some(&pool), true)
+                .await
+                .is_ok_and(|a| a.is_limited()),
             "the quiet one's is its own"
         );
     }

@@ -358,7 +358,7 @@ impl Drop for TeeBody {
 pub(super) struct Guarded {
     pub(super) inner: Body,
     pub(super) _guards: (
-        Option<tokio::sync::OwnedSemaphorePermit>,
+        crate::proxy::limits::Admitted,
         crate::proxy::limits::EndpointLoad,
     ),
 }
