@@ -4,6 +4,7 @@
 pub mod collector;
 pub mod counting_alloc;
 pub mod daemon;
+pub mod envoy;
 pub mod istio_ca;
 pub mod kube_api;
 pub mod node;

@@ -7,10 +7,10 @@ use std::{path::Path, time::Duration};
 
 use proxy_tests::{
     daemon::Daemon,
-    node::{namespace_yaml, pod_yaml_on, Host, Node, FIRST_NODE},
+    node::{namespace_yaml, pod_yaml_on, Node, FIRST_NODE},
     pki::TestCa,
     servers::Servers,
-    target_bin, venv_tool, wait_for, KillOnDrop,
+    target_bin, wait_for,
 };
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -27,53 +27,6 @@ fn workload_files(dir: &Path, ca: &TestCa, name: &str, uri: &str) -> (String, St
     std::fs::write(&c, &leaf.cert_pem).unwrap();
     std::fs::write(&k, &leaf.key_pem).unwrap();
     (c.display().to_string(), k.display().to_string())
-}
-
-/// Runs Envoy with `config` inside `host`'s network namespace until dropped; waits until
-/// `ready_port` accepts there.
-fn envoy(host: &Host, dir: &Path, name: &str, config: &str, ready_port: u16) -> KillOnDrop {
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, config).unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = host
-        .command(
-            None,
-            &venv_tool("envoy"),
-            &[
-                "-c",
-                &path.display().to_string(),
-                "--disable-hot-restart",
-                "--use-dynamic-base-id",
-                "-l",
-                "warning",
-                "--concurrency",
-                "1",
-                // Access log lines at once (the default buffers them for 10 s).
-                "--file-flush-interval-msec",
-                "50",
-            ],
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("envoy (installed by `cargo xtask setup`)");
-    let guard = KillOnDrop(child);
-    let ready = wait_for(Duration::from_secs(20), || {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &host.netns, "ss", "-Hltn"])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.contains(&format!(":{ready_port} ")))
-            .then_some(())
-    });
-    assert!(
-        ready.is_some(),
-        "envoy did not listen on {ready_port}: {}",
-        std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
-    );
-    guard
 }
 
 fn tls_context(cert: &(String, String), root: &str, san: (&str, &str)) -> String {
@@ -162,7 +115,7 @@ fn envoy_tunnels_into_a_pod_over_hbone_and_the_daemon_names_its_identity() {
         db_ip = db.host.ip,
         tls = tls_context(&cert, &root.display().to_string(), ("exact", DB)),
     );
-    let _envoy = envoy(&client, &dir, "envoy-client", &config, 15123);
+    let _envoy = proxy_tests::envoy::run(&client, &dir, "envoy-client", &config, 15123);
     let out = client
         .command(
             None,
@@ -301,7 +254,7 @@ spec:
         log = access_log.display(),
         ip = server_host.ip,
     );
-    let _envoy = envoy(&server_host, &dir, "envoy-server", &config, 15008);
+    let _envoy = proxy_tests::envoy::run(&server_host, &dir, "envoy-server", &config, 15008);
     let d = Daemon::start(
         &node,
         &[

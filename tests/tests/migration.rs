@@ -14,7 +14,7 @@ use proxy_tests::{
     daemon::Daemon,
     node::{namespace_yaml, pod_yaml, Host, Node},
     servers::{HttpEcho, Servers},
-    venv_tool, wait_for, KillOnDrop, Pod,
+    wait_for, KillOnDrop, Pod,
 };
 
 const API_IP: &str = "198.18.0.170";
@@ -55,45 +55,7 @@ fn sidecar(host: &Host, dir: &std::path::Path) -> KillOnDrop {
         log = log.display(),
         ip = host.ip
     );
-    let path = dir.join("sidecar.yaml");
-    std::fs::write(&path, config).expect("envoy config");
-    let out = std::fs::File::create(dir.join("envoy.log")).expect("envoy log");
-    let child = host
-        .command(
-            None,
-            &venv_tool("envoy"),
-            &[
-                "-c",
-                &path.display().to_string(),
-                "--disable-hot-restart",
-                "--use-dynamic-base-id",
-                "-l",
-                "warning",
-                "--concurrency",
-                "1",
-                "--file-flush-interval-msec",
-                "50",
-            ],
-        )
-        .stdout(out.try_clone().expect("log"))
-        .stderr(out)
-        .spawn()
-        .expect("envoy (installed by `cargo xtask setup`)");
-    let guard = KillOnDrop(child);
-    let listening = wait_for(Duration::from_secs(20), || {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &host.netns, "ss", "-Hltn"])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .contains(":15006 ")
-            .then_some(())
-    });
-    assert!(
-        listening.is_some(),
-        "envoy: {}",
-        std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default()
-    );
+    let guard = proxy_tests::envoy::run(host, dir, "sidecar", &config, 15006);
     proxy_tests::sh(&[
         "ip",
         "netns",

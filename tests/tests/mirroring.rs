@@ -197,6 +197,33 @@ fn mirror_api_copies_every_request_with_its_id_body_and_shadow_host() {
     );
 }
 
+/// Copies of 2,000 requests under `vs`, counted once they stop arriving (they are sent
+/// fire-and-forget, so none is waited for by the primary).
+fn copies_of_2000(tag: &str, vs: &str) -> usize {
+    let (_node, _servers, client, _daemon, _primary, mirror) = setup(tag, vs, Duration::ZERO);
+    let out = client.pdtool(&[
+        "http",
+        "--to",
+        "198.18.0.230:80",
+        "--host",
+        "api",
+        "--count",
+        "2000",
+    ]);
+    assert_eq!(out["statuses"]["200"], 2000, "{out}");
+    let mut last = usize::MAX;
+    wait_for(Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(200));
+        let n = mirror.lock().unwrap().len();
+        let settled = n == last;
+        last = n;
+        settled.then_some(n)
+    })
+    .expect("copies settle")
+}
+
+/// `mirrorPercentage` 30: Binomial(2000, 0.3) = 600 ± 20.5; 520–680 is 3.9 standard
+/// deviations each way.
 #[test]
 fn mirror_percentage_samples_requests() {
     let vs = "apiVersion: networking.istio.io/v1
@@ -209,21 +236,11 @@ spec:
     mirror: {host: api.azar-mirror.svc.cluster.local}
     mirrorPercentage: {value: 30}
 ";
-    let (_node, _servers, client, _daemon, _primary, mirror) =
-        setup("mirror30", vs, Duration::ZERO);
-    let out = client.pdtool(&[
-        "http",
-        "--to",
-        "198.18.0.230:80",
-        "--host",
-        "api",
-        "--count",
-        "2000",
-    ]);
-    assert_eq!(out["statuses"]["200"], 2000, "{out}");
-    std::thread::sleep(Duration::from_millis(500));
-    let share = mirror.lock().unwrap().len() as f64 / 20.0;
-    assert!((26.0..=34.0).contains(&share), "mirrored {share}%");
+    let copies = copies_of_2000("mirror30", vs);
+    assert!(
+        (520..=680).contains(&copies),
+        "{copies} copies of 2,000 at 30 %"
+    );
 }
 
 /// `mirrors[].percentage` at a value other than its default: 20 % of 2,000 requests are
@@ -243,28 +260,7 @@ spec:
     - destination: {host: api.azar-mirror.svc.cluster.local}
       percentage: {value: 20}
 ";
-    let (_node, _servers, client, _daemon, _primary, mirror) =
-        setup("mirrors20", vs, Duration::ZERO);
-    let out = client.pdtool(&[
-        "http",
-        "--to",
-        "198.18.0.230:80",
-        "--host",
-        "api",
-        "--count",
-        "2000",
-    ]);
-    assert_eq!(out["statuses"]["200"], 2000, "{out}");
-    // Copies are sent fire-and-forget: wait until they stop arriving.
-    let mut last = usize::MAX;
-    let copies = wait_for(Duration::from_secs(5), || {
-        std::thread::sleep(Duration::from_millis(200));
-        let n = mirror.lock().unwrap().len();
-        let settled = n == last;
-        last = n;
-        settled.then_some(n)
-    })
-    .expect("copies settle");
+    let copies = copies_of_2000("mirrors20", vs);
     assert!(
         (310..=490).contains(&copies),
         "{copies} copies of 2,000 at 20 %"
