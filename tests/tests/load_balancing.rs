@@ -170,7 +170,7 @@ spec:
   trafficPolicy:
     loadBalancer:
       consistentHash:
-        httpCookie: {name: user, path: /, ttl: 3600s}
+        httpCookie: {name: user, path: /shop, ttl: 3600s}
 ---
 ";
     node.write_config(
@@ -197,8 +197,10 @@ spec:
         .unwrap_or_default()
         .to_string();
     assert!(
-        set_cookie.starts_with("user=") && set_cookie.contains("Max-Age=3600"),
-        "{first}"
+        set_cookie.starts_with("user=")
+            && set_cookie.contains("Max-Age=3600")
+            && set_cookie.contains("Path=/shop"),
+        "name, ttl and path as the rule says: {first}"
     );
     let cookie = set_cookie.split(';').next().unwrap().to_string();
     let again = client.pdtool(&[
@@ -221,6 +223,26 @@ spec:
         again["first"]["headers"].get("set-cookie").is_none(),
         "not set again once sent"
     );
+    // The cookie's value is the key: 20 users, each pinned to one pod, spread over the 3
+    // (all 20 on one pod, as a hash that ignored the value would put them, has odds 3^-19).
+    let mut pods = std::collections::BTreeSet::new();
+    for user in 0..20 {
+        let out = client.pdtool(&[
+            "http",
+            "--to",
+            &to,
+            "--host",
+            "httpping-without-sidecar.infra-jinsu-lab",
+            "-H",
+            &format!("Cookie: user=u{user}"),
+            "--count",
+            "3",
+        ]);
+        let servers = out["servers"].as_object().cloned().unwrap_or_default();
+        assert_eq!(servers.len(), 1, "user u{user} sticks: {out}");
+        pods.extend(servers.keys().cloned());
+    }
+    assert!(pods.len() >= 2, "20 users all on {pods:?}");
 }
 
 #[test]
