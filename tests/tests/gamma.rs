@@ -283,6 +283,44 @@ fn mesh_basic_split_same_namespace_and_matching() {
         "echo:8080/v2",
     );
 
+    // A broken route (a CEL rule of the CRD: ReplacePrefixMatch needs a PathPrefix match)
+    // is refused with its line, and the routes in force keep routing.
+    m.node.write_config(
+        "broken.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: broken
+  namespace: {NS}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: echo}}]
+  rules:
+  - matches: [{{path: {{type: Exact, value: /v1}}}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /x}}}}
+    backendRefs: [{{name: echo-v2, port: 8080}}]
+"
+        ),
+    );
+    let refused = wait_for(Duration::from_secs(10), || {
+        (m.daemon.metric_sum("proxy_daemon_config_errors_total", &[]) >= 1.0).then_some(())
+    });
+    assert!(refused.is_some(), "{}", m.daemon.log_text());
+    let last_error = m.daemon.config_dump()["config"]["last_error"].to_string();
+    assert!(
+        last_error.contains("broken.yaml:9:") && last_error.contains("PathPrefix"),
+        "{last_error}"
+    );
+    expect(
+        &m.get(c, "echo", 80, "echo", "/v1", &[]),
+        200,
+        Some("echo-v1"),
+        "still /v1 → v1",
+    );
+    m.node.remove_config("broken.yaml");
+
     // 3 MeshHTTPRouteSimpleSameNamespace: never v2, although Service echo selects it.
     m.apply("httproute-simple-same-namespace.yaml");
     expect(
